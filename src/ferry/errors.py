@@ -1,0 +1,87 @@
+"""The one exception hierarchy of ferry.
+
+Every error a user can meet derives from :class:`FerryError`. Each carries an ``exit_code`` so the
+command line can map failures to distinct exit statuses, and a message that says what to do.
+Low-level ``OSError`` is translated into these at the I/O boundary (``raise X from exc``).
+"""
+
+from __future__ import annotations
+
+
+class ExitCode:
+    """Process exit statuses of the ``ferry`` command (documented in docs/cli.md)."""
+
+    OK = 0
+    ERROR = 1  #: anything not covered below
+    USAGE = 2  #: bad command line or bad input given by the user
+    AUTH = 3  #: wrong password, unknown user, permission to log in refused
+    NOT_FOUND = 4  #: remote path missing, or permission denied on it
+    TRANSFER = 5  #: integrity mismatch, quota, disk full, interrupted transfer
+    CONNECTION = 6  #: could not connect, connection broken, timeout, TLS / pin mismatch
+
+
+class FerryError(Exception):
+    """Base class of every error ferry raises on purpose."""
+
+    exit_code: int = ExitCode.ERROR
+
+
+class UsageError(FerryError):
+    """The caller asked for something malformed (bad URL, port out of range, ...)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ConnectionClosed(FerryError):
+    """The connection was closed by *us*; using it again is a programming error."""
+
+    exit_code = ExitCode.CONNECTION
+
+
+class ConnectionBroken(FerryError):
+    """The peer or the network ended the connection (reset, EOF mid-message, timeout)."""
+
+    exit_code = ExitCode.CONNECTION
+
+
+class FerryTimeout(ConnectionBroken):
+    """An operation did not complete within its time limit."""
+
+
+class AuthError(FerryError):
+    """Authentication failed: wrong password, unknown user, or the account may not do this."""
+
+    exit_code = ExitCode.AUTH
+
+
+class RemoteError(FerryError):
+    """The server refused or failed an operation; ``code`` is the wire error code."""
+
+    exit_code = ExitCode.ERROR
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class NotFound(RemoteError):
+    """The remote path does not exist."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
+class PermissionDenied(RemoteError):
+    """The path is outside the user's home or not permitted."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
+class TransferError(FerryError):
+    """A transfer failed: integrity mismatch, quota, disk full, source vanished."""
+
+    exit_code = ExitCode.TRANSFER
+
+
+class IntegrityError(TransferError):
+    """The received data does not match the sender's hash; the copy was discarded."""
