@@ -18,6 +18,7 @@ from ferry.errors import ExitCode, FerryError
 
 # name -> "module:attribute" of a click command; imported only when used.
 _COMMANDS: dict[str, str] = {
+    "user": "ferry.cli.user:user",
     "net": "ferry.cli.net:net",
 }
 

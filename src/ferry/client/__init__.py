@@ -1,0 +1,1 @@
+"""The ferry client: connecting, TLS certificate pinning, and transfers."""

@@ -1,0 +1,1 @@
+"""The ferry server: accounts, TLS, sessions and request handlers."""
