@@ -85,3 +85,25 @@ class TransferError(FerryError):
 
 class IntegrityError(TransferError):
     """The received data does not match the sender's hash; the copy was discarded."""
+
+
+class AccountError(UsageError):
+    """An account operation was given bad input: invalid user name, empty password, bad quota."""
+
+
+class UserExists(AccountError):
+    """``add`` was asked to create a user that already exists."""
+
+
+class NoSuchUser(AccountError):
+    """An account operation named a user that does not exist (never raised by login: see AuthError)."""
+
+
+class HostKeyMismatch(FerryError):
+    """The server's TLS certificate differs from the one pinned in known_hosts.
+
+    Deliberately *not* a ConnectionBroken: code that retries broken connections must not retry
+    this one, because retrying cannot help and the peer may be an attacker.
+    """
+
+    exit_code = ExitCode.CONNECTION
