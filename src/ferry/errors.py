@@ -107,3 +107,50 @@ class HostKeyMismatch(FerryError):
     """
 
     exit_code = ExitCode.CONNECTION
+
+
+# --- Filesystem errors raised by the server's jail (ferry.server.jail); wire codes in comments. ---
+
+
+class PathRefused(PermissionDenied):
+    """The client path is refused before touching the disk.
+
+    Codes: ``outside-home`` (absolute or ``..``), ``bad-path`` (NUL, empty or ``.`` component, too long),
+    ``symlink`` (the path goes through a symbolic link, which the jail never follows).
+    """
+
+
+class AlreadyExists(RemoteError):
+    """The destination already exists (code ``exists``)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NotADirectory(RemoteError):
+    """A folder was expected but the path is something else (code ``not-a-directory``)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class IsADirectory(RemoteError):
+    """A file was expected but the path is a folder (code ``is-a-directory``)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NotAFile(RemoteError):
+    """The path is a device, FIFO or socket, which ferry never reads or writes (code ``not-a-file``)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DirectoryNotEmpty(RemoteError):
+    """A folder could not be removed because it is not empty (code ``not-empty``)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DiskFull(RemoteError, TransferError):
+    """The server ran out of disk space or quota (codes ``disk-full``, ``quota``)."""
+
+    exit_code = ExitCode.TRANSFER
