@@ -1,0 +1,446 @@
+"""User accounts of ``ferry serve``: argon2id password hashes in SQLite under the server root.
+
+One :class:`Accounts` object owns one SQLite connection (WAL mode, so ``ferry user ...`` can change
+accounts while a server is running and the server sees the change on the next login: nothing is
+cached). The connection is shared between threads behind a lock because the server runs
+:meth:`Accounts.verify` in a thread executor: argon2 is deliberately CPU-heavy (~50 ms), and the
+hashing itself runs *outside* the lock so several logins can be checked in parallel.
+
+Layout and modes (see :mod:`ferry.paths`): ``<root>/users.db`` is 0600, each user's home
+``<root>/homes/<name>/`` is created 0700 when the user is added.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from ferry import paths
+from ferry.errors import AccountError, AuthError, FerryError, NoSuchUser, UserExists
+
+__all__ = [
+    "FIRST_USER",
+    "UNCHANGED",
+    "Accounts",
+    "User",
+    "validate_name",
+]
+
+#: The name of the account ``ensure_first_user`` creates. A fixed name rather than ``$USER``: the
+#: server often runs as root or a service account, and a predictable name is easier to document
+#: and to type on the client than whoever happened to start the server first.
+FIRST_USER: Final = "ferry"
+
+# POSIX-login-like names: they become folder names under homes/, so no '/', no leading '.' or '-'.
+_NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+
+# One message for unknown user and wrong password, so a client cannot probe which names exist.
+_AUTH_FAILED: Final = "wrong user name or password"
+
+_SCHEMA_VERSION: Final = 1
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS users (
+    name          TEXT PRIMARY KEY NOT NULL,
+    hash          TEXT NOT NULL,              -- argon2id PHC string (includes salt and parameters)
+    quota         INTEGER,                    -- bytes; NULL = unlimited
+    exec_allowed  INTEGER NOT NULL DEFAULT 0, -- 0/1
+    exec_allow    TEXT,                       -- JSON list of program names; NULL = any program
+    created       INTEGER NOT NULL DEFAULT (strftime('%s', 'now'))
+) WITHOUT ROWID;
+"""
+
+
+class _Unchanged(enum.Enum):
+    """Type of the :data:`UNCHANGED` sentinel (an enum so mypy can narrow it away)."""
+
+    UNCHANGED = enum.auto()
+
+
+#: Passed to :meth:`Accounts.modify` for "leave this field as it is" (``None`` has a meaning there).
+UNCHANGED: Final = _Unchanged.UNCHANGED
+
+
+@dataclass(frozen=True)
+class User:
+    """One account as stored: what the server needs to authorise a session.
+
+    ``quota`` is in bytes (``None`` = unlimited). ``exec_allowed`` says whether the user may run
+    programs at all; ``exec_allow`` then restricts which ones (``None`` = any program).
+    """
+
+    name: str
+    home: Path
+    quota: int | None
+    exec_allowed: bool
+    exec_allow: tuple[str, ...] | None
+
+    def may_exec(self, program: str) -> bool:
+        """Whether this user may run ``program`` (matched *exactly*, so ``/tmp/x/ls`` is not ``ls``)."""
+        if not self.exec_allowed:
+            return False
+        return self.exec_allow is None or program in self.exec_allow
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid user name, else raise :class:`AccountError` saying why."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise AccountError(
+            f"invalid user name {name!r}: use 1 to 32 characters from a-z, 0-9, '_', '.', '-', "
+            "starting with a letter or '_'"
+        )
+    return name
+
+
+def _validate_password(password: str) -> str:
+    if not isinstance(password, str) or not password:
+        raise AccountError("the password must not be empty")
+    return password
+
+
+def _validate_quota(quota: int | None) -> int | None:
+    # bool is an int subclass; True as a quota is surely a bug.
+    if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool) or quota < 0):
+        raise AccountError(f"invalid quota {quota!r}: use a number of bytes >= 0, or None for unlimited")
+    return quota
+
+
+def _validate_allow(allow: Iterable[str] | None) -> tuple[str, ...] | None:
+    if allow is None:
+        return None
+    if isinstance(allow, str):
+        # tuple("ls") would silently become ('l', 's').
+        raise AccountError("exec_allow must be a list of program names, not a single string")
+    seen: dict[str, None] = {}  # ordered de-duplication
+    for program in allow:
+        if not isinstance(program, str) or not program or any(ord(c) < 32 for c in program):
+            raise AccountError(f"invalid program name {program!r} in the exec allow list")
+        seen[program] = None
+    return tuple(seen)
+
+
+class Accounts:
+    """The account store of one server root (see the module docstring for threading).
+
+    ``hasher`` defaults to argon2-cffi's ``PasswordHasher()``, i.e. the RFC 9106 low-memory
+    profile (argon2id, t=3, m=64 MiB, p=4). Tests pass a cheaper one; changing the parameters is
+    safe because :meth:`verify` re-hashes old hashes on the next successful login.
+    """
+
+    def __init__(self, root: Path, *, hasher: PasswordHasher | None = None) -> None:
+        self.root = Path(root)
+        self.path = paths.users_db(self.root)
+        self._hasher = hasher if hasher is not None else PasswordHasher()
+        self._lock = threading.Lock()
+        self._dummy_hash: str | None = None
+        try:
+            paths.ensure_private_dir(self.root)
+            self._create_private_file(self.path)
+            conn = sqlite3.connect(
+                self.path,
+                # Shared across the executor's threads; every use is serialised by self._lock.
+                check_same_thread=False,
+                # Autocommit: we issue BEGIN IMMEDIATE ourselves so writers take the lock up front
+                # instead of failing on lock upgrade mid-transaction.
+                isolation_level=None,
+                timeout=10.0,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise FerryError(f"cannot open the accounts database {self.path}: {exc}") from exc
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            self._setup(conn)
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    # --- connection plumbing ---------------------------------------------------------------------
+
+    @staticmethod
+    def _create_private_file(path: Path) -> None:
+        """Create the database file 0600 *before* SQLite does, so it is never briefly world-readable.
+
+        SQLite gives its -wal and -shm files the same mode as the database file.
+        """
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, paths.PRIVATE_FILE_MODE)
+        try:
+            # O_CREAT's mode is filtered by the umask and ignored for an existing file: enforce it.
+            os.fchmod(fd, paths.PRIVATE_FILE_MODE)
+        except PermissionError:
+            pass  # not our file (e.g. root inspecting another user's root); leave its mode alone
+        finally:
+            os.close(fd)
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        with self._db_errors():
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against application crashes in WAL mode and much faster than FULL.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            with self._lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    if version > _SCHEMA_VERSION:
+                        raise FerryError(
+                            f"{self.path} was written by a newer ferry (schema {version}); upgrade ferry"
+                        )
+                    # One statement via execute(): executescript() would COMMIT our transaction.
+                    conn.execute(_SCHEMA)
+                    conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+
+    @contextmanager
+    def _db_errors(self) -> Iterator[None]:
+        """Translate SQLite failures (locked, corrupt, disk full) into a FerryError at the boundary."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise FerryError(f"accounts database {self.path}: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise FerryError("the accounts database is closed")
+        return self._conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._db_errors(), self._lock:
+            yield self._connection()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction under the lock; rolled back if the body raises."""
+        with self._db_errors(), self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _user(self, row: tuple[str, int | None, int, str | None]) -> User:
+        name, quota, exec_allowed, exec_allow = row
+        return User(
+            name=name,
+            home=paths.home_dir(self.root, name),
+            quota=quota,
+            exec_allowed=bool(exec_allowed),
+            exec_allow=None if exec_allow is None else tuple(json.loads(exec_allow)),
+        )
+
+    def _make_home(self, name: str) -> None:
+        """Create ``homes/<name>`` 0700; an existing folder (left by a deleted user) is reused."""
+        try:
+            paths.ensure_private_dir(paths.homes_dir(self.root))
+            home = paths.home_dir(self.root, name)
+            home.mkdir(mode=paths.PRIVATE_DIR_MODE, exist_ok=True)
+            os.chmod(home, paths.PRIVATE_DIR_MODE)
+        except OSError as exc:
+            raise FerryError(f"cannot create the home folder of {name!r}: {exc}") from exc
+
+    _COLUMNS: Final = "name, quota, exec_allowed, exec_allow"
+
+    # --- public API ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        password: str,
+        *,
+        quota: int | None = None,
+        exec_allowed: bool = False,
+        exec_allow: Iterable[str] | None = None,
+    ) -> User:
+        """Create a user and its home folder; raises :class:`UserExists` if the name is taken."""
+        validate_name(name)
+        _validate_password(password)
+        quota = _validate_quota(quota)
+        allow = _validate_allow(exec_allow)
+        pw_hash = self._hasher.hash(password)  # slow: outside the lock
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO users (name, hash, quota, exec_allowed, exec_allow) VALUES (?, ?, ?, ?, ?)",
+                    (name, pw_hash, quota, int(exec_allowed), None if allow is None else json.dumps(allow)),
+                )
+            except sqlite3.IntegrityError:
+                raise UserExists(f"user {name!r} already exists") from None
+            # Inside the transaction: if the folder cannot be made, the user is not added either.
+            self._make_home(name)
+        return User(name, paths.home_dir(self.root, name), quota, bool(exec_allowed), allow)
+
+    def delete(self, name: str, *, remove_home: bool = False) -> None:
+        """Delete a user; with ``remove_home`` also delete its home folder and everything in it."""
+        validate_name(name)  # also guarantees the rmtree below stays inside homes/
+        with self._write() as conn:
+            if conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
+                raise NoSuchUser(f"no such user: {name!r}")
+        if remove_home:
+            home = paths.home_dir(self.root, name)
+            try:
+                # After the row is gone: the account (what grants access) disappears even if some
+                # file cannot be removed.
+                shutil.rmtree(home)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise FerryError(
+                    f"user {name!r} deleted, but its home {home} was not fully removed: {exc}"
+                ) from exc
+
+    def set_password(self, name: str, password: str) -> None:
+        """Replace a user's password; raises :class:`NoSuchUser` for an unknown name."""
+        validate_name(name)
+        _validate_password(password)
+        pw_hash = self._hasher.hash(password)
+        with self._write() as conn:
+            if conn.execute("UPDATE users SET hash = ? WHERE name = ?", (pw_hash, name)).rowcount == 0:
+                raise NoSuchUser(f"no such user: {name!r}")
+
+    def modify(
+        self,
+        name: str,
+        *,
+        quota: int | _Unchanged | None = UNCHANGED,
+        exec_allowed: bool | _Unchanged = UNCHANGED,
+        exec_allow: Iterable[str] | _Unchanged | None = UNCHANGED,
+    ) -> User:
+        """Change some of a user's settings (fields left at :data:`UNCHANGED` keep their value).
+
+        ``quota=None`` means unlimited and ``exec_allow=None`` means any program, which is why
+        "unchanged" needs its own sentinel. Returns the updated user.
+        """
+        validate_name(name)
+        sets: builtins.list[str] = []
+        args: builtins.list[object] = []
+        if quota is not UNCHANGED:
+            sets.append("quota = ?")
+            args.append(_validate_quota(quota))
+        if exec_allowed is not UNCHANGED:
+            sets.append("exec_allowed = ?")
+            args.append(int(bool(exec_allowed)))
+        if exec_allow is not UNCHANGED:
+            allow = _validate_allow(exec_allow)
+            sets.append("exec_allow = ?")
+            args.append(None if allow is None else json.dumps(allow))
+        with self._write() as conn:
+            if sets:
+                # The column names come from the fixed strings above, never from the caller.
+                sql = f"UPDATE users SET {', '.join(sets)} WHERE name = ?"
+                if conn.execute(sql, (*args, name)).rowcount == 0:
+                    raise NoSuchUser(f"no such user: {name!r}")
+            row = conn.execute(f"SELECT {self._COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NoSuchUser(f"no such user: {name!r}")
+        return self._user(row)
+
+    def list(self) -> builtins.list[User]:
+        """All users, sorted by name."""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {self._COLUMNS} FROM users ORDER BY name").fetchall()
+        return [self._user(row) for row in rows]
+
+    def get(self, name: str) -> User | None:
+        """The user called ``name``, or ``None`` if there is none (or the name is not even valid)."""
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            return None
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {self._COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else self._user(row)
+
+    def verify(self, name: str, password: str) -> User:
+        """Check a login; return the user, or raise ``AuthError("wrong user name or password")``.
+
+        Unknown names cost the same argon2 work as wrong passwords (a dummy hash is checked), so
+        response time does not reveal which user names exist. CPU-heavy: call it in a thread.
+        If the stored hash used other parameters than the current hasher, it is re-hashed.
+        """
+        row: tuple[str, str] | None = None
+        if isinstance(name, str) and _NAME_RE.fullmatch(name):
+            with self._read() as conn:
+                row = conn.execute("SELECT hash, name FROM users WHERE name = ?", (name,)).fetchone()
+        if row is None or not isinstance(password, str):
+            try:
+                self._hasher.verify(self._get_dummy_hash(), password if isinstance(password, str) else "")
+            except VerificationError:
+                pass
+            raise AuthError(_AUTH_FAILED)
+        stored = row[0]
+        try:
+            self._hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            # InvalidHashError: a corrupt stored hash must lock the account, not crash the server.
+            raise AuthError(_AUTH_FAILED) from None
+        if self._hasher.check_needs_rehash(stored):
+            new_hash = self._hasher.hash(password)
+            with self._write() as conn:
+                # "AND hash = ?": do not overwrite a password changed while we were hashing.
+                conn.execute(
+                    "UPDATE users SET hash = ? WHERE name = ? AND hash = ?", (new_hash, name, stored)
+                )
+        user = self.get(name)
+        if user is None:  # deleted between the check and now
+            raise AuthError(_AUTH_FAILED)
+        return user
+
+    def _get_dummy_hash(self) -> str:
+        # Computed lazily (it costs one hash) with the current parameters, so the dummy check takes
+        # as long as a real one.
+        if self._dummy_hash is None:
+            self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        return self._dummy_hash
+
+    def ensure_first_user(self) -> tuple[User, str] | None:
+        """If there is no user at all, create :data:`FIRST_USER` with a random password.
+
+        Returns ``(user, password)`` so ``ferry serve`` can print the password once (it is not
+        stored anywhere in clear text), or ``None`` if users already exist. Safe against two
+        servers starting at once: only one of them creates the user.
+        """
+        with self._read() as conn:
+            if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None:
+                return None
+        password = secrets.token_urlsafe(18)  # 144 random bits, URL- and shell-safe
+        pw_hash = self._hasher.hash(password)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None:
+                return None
+            conn.execute(
+                "INSERT INTO users (name, hash, quota, exec_allowed, exec_allow) VALUES (?, ?, NULL, 0, NULL)",
+                (FIRST_USER, pw_hash),
+            )
+            self._make_home(FIRST_USER)
+        return User(FIRST_USER, paths.home_dir(self.root, FIRST_USER), None, False, None), password
+
+    def close(self) -> None:
+        """Close the database connection; further calls raise. Closing twice is harmless."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Accounts:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
