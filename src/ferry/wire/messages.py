@@ -1,0 +1,399 @@
+"""Typed protocol messages (msgspec Structs), validated on decode.
+
+Each message is a tagged Struct: on the wire a msgpack map with a ``t`` field naming its type. Decoding
+validates every field's type and bounds, so a handler never sees a wrong type — a bad message
+becomes a :class:`~ferry.wire.errors.MalformedMessage` naming the field. Unknown *fields* are ignored
+(a newer peer may add optional fields); unknown *types* are errors.
+
+Conventions: ``id`` is a request id chosen by the client, echoed by every reply to that request and
+used as the data channel of a transfer or command. Paths are POSIX strings relative to the user's
+home folder.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ferry.wire.errors import LocalProtocolError, MalformedMessage
+
+#: Highest protocol version this code speaks; the handshake picks the highest one both sides share.
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+
+U32 = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
+U64 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+Path = Annotated[str, Meta(max_length=4096)]
+Short = Annotated[str, Meta(max_length=256)]
+Text = Annotated[str, Meta(max_length=8192)]
+Digest = Annotated[bytes, Meta(max_length=64)]
+HashName = Literal["blake3", "md5"]
+
+# Streams of a data channel.
+STDIN = 0  #: client -> server bytes (file upload data, command stdin)
+STDOUT = 1  #: server -> client bytes (file download data, command stdout)
+STDERR = 2  #: server -> client command stderr
+
+
+class Message(msgspec.Struct, tag_field="t", omit_defaults=True):
+    """Base of every protocol message."""
+
+
+# --- handshake and session -------------------------------------------------------------------
+
+
+class Hello(Message, tag="hello"):
+    """First message of the client: the protocol versions it speaks and its software."""
+
+    min_version: Annotated[int, Meta(ge=1, le=65535)]
+    max_version: Annotated[int, Meta(ge=1, le=65535)]
+    software: Short = ""
+    features: Annotated[list[Short], Meta(max_length=64)] = []
+
+
+class Welcome(Message, tag="welcome"):
+    """The server's answer to :class:`Hello`: the chosen version."""
+
+    version: Annotated[int, Meta(ge=1, le=65535)]
+    software: Short = ""
+    features: Annotated[list[Short], Meta(max_length=64)] = []
+
+
+class Auth(Message, tag="auth"):
+    """Password authentication (the connection is already encrypted unless --plain)."""
+
+    user: Short
+    password: Annotated[str, Meta(max_length=1024)]
+
+
+class AuthOk(Message, tag="auth_ok"):
+    """Authentication succeeded; what the account may do."""
+
+    user: Short
+    exec_allowed: bool = False
+    quota: U64 | None = None
+
+
+class Ping(Message, tag="ping"):
+    """Keepalive probe; the peer answers :class:`Pong` with the same nonce."""
+
+    nonce: U64
+
+
+class Pong(Message, tag="pong"):
+    """Answer to :class:`Ping`."""
+
+    nonce: U64
+
+
+class Goodbye(Message, tag="bye"):
+    """Either side is closing the connection on purpose."""
+
+    reason: Text = ""
+
+
+# --- generic replies -----------------------------------------------------------------------
+
+
+class Ok(Message, tag="ok"):
+    """A request succeeded and has nothing else to say."""
+
+    id: U32
+
+
+class Error(Message, tag="error"):
+    """A request failed (``id`` 0 for connection-level errors). ``code`` is machine-readable."""
+
+    id: U32
+    code: Short
+    message: Text
+
+
+# --- file system ---------------------------------------------------------------------------
+
+
+class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One directory entry / stat result."""
+
+    name: Path
+    kind: Literal["file", "dir", "link", "other"]
+    size: U64 = 0
+    mtime: float = 0.0
+    mode: U32 = 0
+
+
+class Stat(Message, tag="stat"):
+    """Ask for the metadata of ``path`` (symlinks are not followed)."""
+
+    id: U32
+    path: Path
+
+
+class StatReply(Message, tag="stat_reply"):
+    """Answer to :class:`Stat`."""
+
+    id: U32
+    entry: Entry
+
+
+class ListDir(Message, tag="list"):
+    """List a directory; ``recursive`` walks the whole tree (entry names are relative paths)."""
+
+    id: U32
+    path: Path
+    recursive: bool = False
+
+
+class ListReply(Message, tag="list_reply"):
+    """A page of entries; ``more`` is True while further pages follow for the same id."""
+
+    id: U32
+    entries: Annotated[list[Entry], Meta(max_length=4096)]
+    more: bool = False
+
+
+class Mkdir(Message, tag="mkdir"):
+    """Create a directory (``parents`` like ``mkdir -p``)."""
+
+    id: U32
+    path: Path
+    parents: bool = False
+
+
+class Remove(Message, tag="rm"):
+    """Remove a file, a symlink, or (``recursive``) a directory tree."""
+
+    id: U32
+    path: Path
+    recursive: bool = False
+
+
+class Rename(Message, tag="mv"):
+    """Rename ``src`` to ``dst`` inside the home."""
+
+    id: U32
+    src: Path
+    dst: Path
+
+
+class Df(Message, tag="df"):
+    """Ask for disk usage and quota."""
+
+    id: U32
+
+
+class DfReply(Message, tag="df_reply"):
+    """Usage of the home in bytes, the quota (None: unlimited) and free space on the server's disk."""
+
+    id: U32
+    used: U64
+    quota: U64 | None
+    free: U64
+
+
+# --- transfers -----------------------------------------------------------------------------
+
+
+class GetFile(Message, tag="get"):
+    """Download ``path``. To resume, send ``chunk_hashes`` of the chunks already held locally:
+    the server answers with the offset up to which they match (re-checking chunks, not the file)."""
+
+    id: U32
+    path: Path
+    hash: HashName = "blake3"
+    chunk_size: Annotated[int, Meta(ge=1 << 16, le=1 << 30)] = 1 << 22
+    chunk_hashes: Annotated[list[Digest], Meta(max_length=1 << 16)] = []
+
+
+class FileInfo(Message, tag="file"):
+    """Start of a download: metadata, and the offset from which data follows on channel ``id``."""
+
+    id: U32
+    size: U64
+    mtime: float
+    mode: U32
+    offset: U64 = 0
+
+
+class FileEnd(Message, tag="file_end"):
+    """End of a file's data (either direction): per-chunk hashes and the file digest.
+
+    The digest is the hash of the concatenated chunk hashes, so it can be built from chunk hashes
+    computed in any order and re-verified per chunk on resume.
+    """
+
+    id: U32
+    size: U64
+    chunk_hashes: Annotated[list[Digest], Meta(max_length=1 << 16)]
+    digest: Digest
+
+
+class PutFile(Message, tag="put"):
+    """Upload ``path`` of ``size`` bytes. ``token`` names a resumable partial upload (same source =
+    same token). Small files may carry their bytes inline in ``data`` (then no data frames follow)."""
+
+    id: U32
+    path: Path
+    size: U64
+    mtime: float
+    mode: U32 = 0o644
+    hash: HashName = "blake3"
+    chunk_size: Annotated[int, Meta(ge=1 << 16, le=1 << 30)] = 1 << 22
+    token: Short = ""
+    overwrite: bool = True
+    data: Annotated[bytes, Meta(max_length=1 << 18)] | None = None
+    chunk_hashes: Annotated[list[Digest], Meta(max_length=1 << 16)] = []
+    digest: Digest = b""
+
+
+class PutReady(Message, tag="put_ready"):
+    """The server accepts an upload; ``chunk_hashes`` describe the partial data it already holds."""
+
+    id: U32
+    chunk_hashes: Annotated[list[Digest], Meta(max_length=1 << 16)] = []
+
+
+class PutFrom(Message, tag="put_from"):
+    """The client will send data from ``offset`` (a chunk boundary where the partial stops matching)."""
+
+    id: U32
+    offset: U64
+
+
+class Cancel(Message, tag="cancel"):
+    """Abort the transfer or command ``id``; partial data stays hidden (and resumable for uploads)."""
+
+    id: U32
+
+
+# --- remote commands -----------------------------------------------------------------------
+
+
+class PtySpec(msgspec.Struct, frozen=True):
+    """Terminal parameters for a command run under a PTY."""
+
+    term: Short = "xterm-256color"
+    rows: Annotated[int, Meta(ge=1, le=10000)] = 24
+    cols: Annotated[int, Meta(ge=1, le=10000)] = 80
+
+
+class Exec(Message, tag="exec"):
+    """Run a command: ``command`` through ``/bin/sh -c`` or ``argv`` directly; ``cwd`` is home-relative."""
+
+    id: U32
+    command: Text | None = None
+    argv: Annotated[list[Text], Meta(max_length=4096)] | None = None
+    env: Annotated[dict[Short, Text], Meta(max_length=256)] = {}
+    cwd: Path = ""
+    pty: PtySpec | None = None
+    window: U32 = 1 << 20
+
+
+class ExecStarted(Message, tag="exec_started"):
+    """The command is running; output follows on channel ``id``."""
+
+    id: U32
+    pid: U32 = 0
+
+
+class Window(Message, tag="window"):
+    """Flow control: the receiver of ``stream`` on channel ``id`` grants ``increment`` more bytes."""
+
+    id: U32
+    stream: Annotated[int, Meta(ge=0, le=255)]
+    increment: U32
+
+
+class Eof(Message, tag="eof"):
+    """No more data will follow on ``stream`` of channel ``id`` (e.g. stdin closed)."""
+
+    id: U32
+    stream: Annotated[int, Meta(ge=0, le=255)]
+
+
+class Signal(Message, tag="signal"):
+    """Deliver a signal (by number) to the command's process group."""
+
+    id: U32
+    signum: Annotated[int, Meta(ge=1, le=64)]
+
+
+class Resize(Message, tag="resize"):
+    """The client's terminal changed size."""
+
+    id: U32
+    rows: Annotated[int, Meta(ge=1, le=10000)]
+    cols: Annotated[int, Meta(ge=1, le=10000)]
+
+
+class ExitStatus(Message, tag="exit"):
+    """The command ended: ``code`` when it exited, ``signal`` when a signal killed it."""
+
+    id: U32
+    code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+
+
+AnyMessage = (
+    Hello
+    | Welcome
+    | Auth
+    | AuthOk
+    | Ping
+    | Pong
+    | Goodbye
+    | Ok
+    | Error
+    | Stat
+    | StatReply
+    | ListDir
+    | ListReply
+    | Mkdir
+    | Remove
+    | Rename
+    | Df
+    | DfReply
+    | GetFile
+    | FileInfo
+    | FileEnd
+    | PutFile
+    | PutReady
+    | PutFrom
+    | Cancel
+    | Exec
+    | ExecStarted
+    | Window
+    | Eof
+    | Signal
+    | Resize
+    | ExitStatus
+)
+
+ALL_MESSAGES: tuple[type[Message], ...] = AnyMessage.__args__
+
+
+class MessageCodec:
+    """Encodes and decodes messages; one per connection (msgspec encoders reuse their buffers)."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+    def encode(self, msg: Message) -> bytes:
+        """Serialise ``msg``; raises LocalProtocolError for an object that is not a message."""
+        if not isinstance(msg, Message):
+            raise LocalProtocolError(f"not a ferry message: {msg!r}")
+        return self._encoder.encode(msg)
+
+    def decode(self, payload: bytes) -> Message:
+        """Parse and validate one message payload; raises MalformedMessage naming the problem."""
+        try:
+            msg: Message = self._decoder.decode(payload)
+        except msgspec.ValidationError as exc:
+            raise MalformedMessage(f"invalid message: {exc}") from exc
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through as-is
+            raise MalformedMessage(f"undecodable message: {exc}") from exc
+        return msg

@@ -1,0 +1,67 @@
+"""Hypothesis strategies for wire messages (shared by the property tests and the fuzz entry point)."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from ferry.wire import messages as m
+
+u32 = st.integers(min_value=0, max_value=(1 << 32) - 1)
+u64 = st.integers(min_value=0, max_value=(1 << 63) - 1)
+paths = st.text(max_size=64)
+digests = st.binary(min_size=0, max_size=64)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+
+entries = st.builds(
+    m.Entry,
+    name=paths,
+    kind=st.sampled_from(["file", "dir", "link", "other"]),
+    size=u64,
+    mtime=floats,
+    mode=u32,
+)
+
+#: Messages that are valid once the connection is open, in either direction.
+open_messages = st.one_of(
+    st.builds(m.Stat, id=u32, path=paths),
+    st.builds(m.ListDir, id=u32, path=paths, recursive=st.booleans()),
+    st.builds(m.ListReply, id=u32, entries=st.lists(entries, max_size=5), more=st.booleans()),
+    st.builds(m.Mkdir, id=u32, path=paths, parents=st.booleans()),
+    st.builds(m.Rename, id=u32, src=paths, dst=paths),
+    st.builds(m.Error, id=u32, code=st.text(max_size=20), message=st.text(max_size=100)),
+    st.builds(m.Ok, id=u32),
+    st.builds(m.FileEnd, id=u32, size=u64, chunk_hashes=st.lists(digests, max_size=4), digest=digests),
+    st.builds(
+        m.PutFile,
+        id=u32,
+        path=paths,
+        size=u64,
+        mtime=floats,
+        data=st.none() | st.binary(max_size=300),
+        token=st.text(max_size=10),
+    ),
+    st.builds(
+        m.Exec,
+        id=u32,
+        argv=st.none() | st.lists(st.text(max_size=10), max_size=4),
+        env=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+    ),
+    st.builds(
+        m.ExitStatus, id=u32, code=st.none() | st.integers(-255, 255), signal=st.none() | st.integers(1, 64)
+    ),
+    st.builds(m.Ping, nonce=u64),
+)
+
+
+@st.composite
+def chunkings(draw: st.DrawFn, blob: bytes) -> list[bytes]:
+    """Split ``blob`` at arbitrary points (including 1-byte pieces and one piece)."""
+    if not blob:
+        return []
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(blob) - 1)), max_size=20, unique=True)))
+    pieces, last = [], 0
+    for c in [*cuts, len(blob)]:
+        if c > last:
+            pieces.append(blob[last:c])
+            last = c
+    return pieces
