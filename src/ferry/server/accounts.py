@@ -142,7 +142,8 @@ class Accounts:
     """
 
     def __init__(self, root: Path, *, hasher: PasswordHasher | None = None) -> None:
-        self.root = Path(root)
+        # Absolute: homes are handed to the server, which must not depend on a later chdir().
+        self.root = Path(root).absolute()
         self.path = paths.users_db(self.root)
         self._hasher = hasher if hasher is not None else PasswordHasher()
         self._lock = threading.Lock()

@@ -1,0 +1,286 @@
+"""``ferry user``: manage the accounts of a ferry server (add, del, passwd, mod, list).
+
+Works directly on the server's data root (``--root``, default ``$FERRY_ROOT`` or
+``~/.local/share/ferry``), also while the server runs: changes apply at the next login.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import click
+
+from ferry import paths
+from ferry.errors import NoSuchUser, UsageError, UserExists
+
+if TYPE_CHECKING:
+    # Typing only: at run time the accounts module (argon2, sqlite3) is imported by the commands
+    # that need it, so `ferry --help` stays fast.
+    from ferry.server.accounts import Accounts, User
+
+# --- sizes ---------------------------------------------------------------------------------------
+
+# GNU coreutils conventions: a bare letter or an "iB" suffix is binary (K = KiB = 1024), "kB"/"KB"
+# etc. is decimal (1000). Case-insensitive, with or without a space, with a fraction ("1.5G").
+_UNITS: Final[dict[str, int]] = {"": 1, "b": 1, "byte": 1, "bytes": 1}
+for _i, _letter in enumerate("kmgtpe", start=1):
+    _UNITS[_letter] = _UNITS[_letter + "i"] = _UNITS[_letter + "ib"] = 1024**_i
+    _UNITS[_letter + "b"] = 1000**_i
+_SIZE_RE: Final = re.compile(r"\s*(\d[\d_]*(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+_UNLIMITED: Final = frozenset({"none", "unlimited", "off"})
+
+
+def parse_size(text: str) -> int | None:
+    """Parse a quota: ``"10G"``, ``"500 MB"``, ``"1.5GiB"``, ``"1048576"``; ``"none"`` -> ``None``.
+
+    K/M/G/T/P/E, Ki..Ei and KiB..EiB are powers of 1024; kB/MB/GB/... are powers of 1000 (as in
+    GNU ``du``/``df``). Fractions are allowed and rounded down to whole bytes.
+    """
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    match = _SIZE_RE.fullmatch(text)
+    factor = _UNITS.get(match.group(2).lower()) if match else None
+    if match is None or factor is None:
+        raise UsageError(
+            f"invalid size {text!r}: use a number with an optional unit, "
+            "e.g. 500M, 10G, 1.5GiB, 2TB, 1048576, or 'none' for unlimited"
+        )
+    try:
+        return int(Decimal(match.group(1).replace("_", "")) * factor)
+    except InvalidOperation:  # pragma: no cover - the regex only lets numbers through
+        raise UsageError(f"invalid size {text!r}") from None
+
+
+def format_size(size: int | None) -> str:
+    """A human-readable size in binary units (``None`` -> ``"unlimited"``)."""
+    if size is None:
+        return "unlimited"
+    for unit, factor in (("EiB", 1024**6), ("PiB", 1024**5), ("TiB", 1024**4), ("GiB", 1024**3),
+                         ("MiB", 1024**2), ("KiB", 1024)):  # fmt: skip
+        if size >= factor:
+            value = size / factor
+            return f"{value:.0f} {unit}" if size % factor == 0 else f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+_root_option = click.option(
+    "--root",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Server data root (default: $FERRY_ROOT, else $XDG_DATA_HOME/ferry, else ~/.local/share/ferry).",
+)
+_password_stdin_option = click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password as one line from standard input instead of prompting.",
+)
+
+
+def _open(root: Path | None) -> Accounts:
+    # Imported here: `ferry --help` should not pay for argon2 and sqlite3.
+    from ferry.server.accounts import Accounts
+
+    return Accounts(root if root is not None else paths.default_root())
+
+
+def _read_password(name: str, from_stdin: bool) -> str:
+    if from_stdin:
+        # Strip only the line ending: leading/trailing spaces may be part of the password.
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise UsageError("no password on standard input (expected one non-empty line)")
+        return password
+    try:
+        first = getpass.getpass(f"New password for {name}: ")
+        second = getpass.getpass("Repeat the password: ")
+    except EOFError:
+        raise UsageError("no password given (use --password-stdin to pipe one in)") from None
+    if first != second:
+        raise UsageError("the passwords do not match; nothing was changed")
+    if not first:
+        raise UsageError("the password must not be empty")
+    return first
+
+
+def _describe(user: User) -> str:
+    if not user.exec_allowed:
+        exec_text = "no"
+    elif user.exec_allow is None:
+        exec_text = "any program"
+    else:
+        exec_text = ", ".join(user.exec_allow) or "(none)"
+    return f"home {user.home}, quota {format_size(user.quota)}, exec {exec_text}"
+
+
+def _user_json(user: User) -> dict[str, Any]:
+    return {
+        "name": user.name,
+        "home": str(user.home),
+        "quota": user.quota,
+        "exec_allowed": user.exec_allowed,
+        "exec_allow": None if user.exec_allow is None else list(user.exec_allow),
+    }
+
+
+def _require_user(accounts: Accounts, name: str) -> None:
+    """Fail before prompting for a password, rather than after."""
+    from ferry.server.accounts import validate_name
+
+    validate_name(name)
+    if accounts.get(name) is None:
+        raise NoSuchUser(f"no such user: {name!r}")
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@click.group()
+def user() -> None:
+    """Manage the accounts of a ferry server (works while the server runs)."""
+
+
+@user.command("add")
+@click.argument("name")
+@_root_option
+@_password_stdin_option
+@click.option(
+    "--quota", metavar="SIZE", help="Storage quota, e.g. 500M, 10G, 1.5GiB, 2TB (default: unlimited)."
+)
+@click.option("--exec/--no-exec", "exec_", default=None, help="May the user run programs? (default: no)")
+@click.option(
+    "--allow",
+    "allow",
+    metavar="PROG",
+    multiple=True,
+    help="Only allow this program (repeatable); implies --exec.",
+)
+def add_cmd(
+    name: str,
+    root: Path | None,
+    password_stdin: bool,
+    quota: str | None,
+    exec_: bool | None,
+    allow: tuple[str, ...],
+) -> None:
+    """Create user NAME with a home folder under the root."""
+    from ferry.server.accounts import validate_name
+
+    validate_name(name)
+    quota_bytes = parse_size(quota) if quota is not None else None
+    with _open(root) as accounts:
+        if accounts.get(name) is not None:
+            raise UserExists(f"user {name!r} already exists")
+        home_existed = paths.home_dir(accounts.root, name).exists()
+        password = _read_password(name, password_stdin)
+        created = accounts.add(
+            name,
+            password,
+            quota=quota_bytes,
+            # Naming allowed programs without --exec would otherwise create a user who can run nothing.
+            exec_allowed=exec_ if exec_ is not None else bool(allow),
+            exec_allow=allow or None,
+        )
+    click.echo(f"created user {created.name}: {_describe(created)}")
+    if home_existed:
+        click.echo(f"note: the existing folder {created.home} was kept and is now {created.name}'s home")
+
+
+@user.command("del")
+@click.argument("name")
+@_root_option
+@click.option("--remove-home", is_flag=True, help="Also delete the user's home folder and all files in it.")
+def del_cmd(name: str, root: Path | None, remove_home: bool) -> None:
+    """Delete user NAME (its home folder is kept unless --remove-home)."""
+    with _open(root) as accounts:
+        home = paths.home_dir(accounts.root, name)
+        accounts.delete(name, remove_home=remove_home)
+    if remove_home:
+        click.echo(f"deleted user {name} and its home folder")
+    else:
+        click.echo(f"deleted user {name} (home folder kept: {home})")
+
+
+@user.command("passwd")
+@click.argument("name")
+@_root_option
+@_password_stdin_option
+def passwd_cmd(name: str, root: Path | None, password_stdin: bool) -> None:
+    """Set a new password for user NAME."""
+    with _open(root) as accounts:
+        _require_user(accounts, name)
+        accounts.set_password(name, _read_password(name, password_stdin))
+    click.echo(f"password of {name} changed")
+
+
+@user.command("mod")
+@click.argument("name")
+@_root_option
+@click.option("--quota", metavar="SIZE|none", help="New quota (e.g. 10G), or 'none' for unlimited.")
+@click.option("--exec/--no-exec", "exec_", default=None, help="Allow or forbid running programs.")
+@click.option(
+    "--allow",
+    "allow",
+    metavar="PROG",
+    multiple=True,
+    help="Replace the allowed programs (repeatable); implies --exec.",
+)
+@click.option("--allow-any", is_flag=True, help="Allow any program (clears the list); implies --exec.")
+def mod_cmd(
+    name: str,
+    root: Path | None,
+    quota: str | None,
+    exec_: bool | None,
+    allow: tuple[str, ...],
+    allow_any: bool,
+) -> None:
+    """Change the quota or program permissions of user NAME."""
+    from ferry.server.accounts import UNCHANGED
+
+    if allow and allow_any:
+        raise UsageError("--allow and --allow-any cannot be combined")
+    if quota is None and exec_ is None and not allow and not allow_any:
+        raise UsageError("nothing to change: give --quota, --exec/--no-exec, --allow or --allow-any")
+    quota_bytes = parse_size(quota) if quota is not None else UNCHANGED
+    exec_allow = allow if allow else (None if allow_any else UNCHANGED)
+    # Naming programs implies --exec (unless --no-exec is given), as in `add`.
+    exec_allowed = exec_ if exec_ is not None else (True if (allow or allow_any) else UNCHANGED)
+    with _open(root) as accounts:
+        changed = accounts.modify(name, quota=quota_bytes, exec_allowed=exec_allowed, exec_allow=exec_allow)
+    click.echo(f"user {changed.name}: {_describe(changed)}")
+
+
+@user.command("list")
+@_root_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (quota in bytes, null = unlimited / any).")
+def list_cmd(root: Path | None, as_json: bool) -> None:
+    """List all users."""
+    with _open(root) as accounts:
+        users = accounts.list()
+    if as_json:
+        click.echo(json.dumps([_user_json(u) for u in users], indent=2))
+        return
+    if not users:
+        click.echo(
+            "no users yet (`ferry user add NAME`, or `ferry serve` creates one on first start)", err=True
+        )
+        return
+    rows = [("NAME", "QUOTA", "EXEC", "HOME")]
+    for u in users:
+        if not u.exec_allowed:
+            exec_text = "no"
+        elif u.exec_allow is None:
+            exec_text = "any"
+        else:
+            exec_text = ",".join(u.exec_allow)
+        rows.append((u.name, format_size(u.quota), exec_text, str(u.home)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for name, quota, exec_text, home in rows:
+        click.echo(f"{name:<{widths[0]}}  {quota:<{widths[1]}}  {exec_text:<{widths[2]}}  {home}")
