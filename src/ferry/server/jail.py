@@ -1,0 +1,919 @@
+"""The jail: the one module through which the server touches a user's files.
+
+Every client path is a POSIX string relative to the user's home. It is checked lexically first
+(:func:`parse_path`: no absolute paths, no ``..``, no NUL, no empty or ``.`` components) and then
+resolved *race-free*: the home is opened once as a directory file descriptor, and each component is
+opened relative to its parent's descriptor with ``O_NOFOLLOW``. The kernel therefore never follows a
+symbolic link on our behalf, not even one swapped into the path while a transfer runs: the swap makes
+the next ``openat`` fail instead of escaping. All operations (stat, mkdir, unlink, rmdir, rename,
+listing, utime, chmod) are then done relative to directory descriptors, never through a path string.
+
+Policy (see docs/security.md): a symbolic link anywhere in a client path is refused with code
+``symlink``, even one that points inside the home. Links are still listed (kind ``"link"``), can be
+inspected with :meth:`Jail.lstat`, renamed, and removed (the link itself, never its target).
+
+Linux is the target platform (``O_DIRECTORY``, ``O_NOFOLLOW``, ``renameat2``); the module needs
+nothing beyond the standard library. A :class:`Jail` holds only its home descriptor, so one instance
+may be used from several threads at once; :meth:`Jail.close` must only be called when none is using it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal
+
+from ferry.errors import (
+    AlreadyExists,
+    DirectoryNotEmpty,
+    DiskFull,
+    FerryError,
+    IsADirectory,
+    NotADirectory,
+    NotAFile,
+    NotFound,
+    PathRefused,
+    PermissionDenied,
+    RemoteError,
+)
+from ferry.textsafe import safe_name
+
+__all__ = [
+    "MAX_PATH_BYTES",
+    "PARTIAL_MARK",
+    "Entry",
+    "EntryKind",
+    "Jail",
+    "is_partial_name",
+    "join_path",
+    "parse_path",
+    "partial_name",
+    "translate_oserror",
+]
+
+#: Longest client path accepted, in bytes of UTF-8 (Linux's PATH_MAX). Bounds the work per request.
+MAX_PATH_BYTES: Final = 4096
+#: Longest single name (NAME_MAX on every Linux filesystem we care about).
+MAX_NAME_BYTES: Final = 255
+#: Marker in the names of partial (in-progress) uploads: ``.<name>.ferry-part-<token>``.
+PARTIAL_MARK: Final = ".ferry-part-"
+
+# A resume token is chosen by the client; keep it to a safe alphabet so it can never smuggle a '/'.
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PARTIAL_RE: Final = re.compile(r"\..+\.ferry-part-[A-Za-z0-9_-]{1,64}", re.DOTALL)
+
+_CLOEXEC: Final = os.O_CLOEXEC
+# O_RDONLY (not O_PATH) so the same descriptor also works for os.scandir() and fsync().
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading must not wait for a writer; O_NOCTTY: a tty in the home must
+# never become our controlling terminal. Both are harmless for regular files.
+_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+_TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+# Partial files are opened read-write: resuming means hashing the prefix already received.
+_PARTIAL_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+
+#: Most directory descriptors a recursive walk (remove, usage) keeps open at once. Deeper trees still
+#: work: ancestors are closed and reopened by name (with O_NOFOLLOW) on the way back up, so a
+#: pathologically deep tree cannot exhaust the server's descriptors.
+MAX_OPEN_DIRS: Final = 64
+
+EntryKind = Literal["file", "dir", "link", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One directory entry as listed by :meth:`Jail.listdir` (never following symbolic links).
+
+    ``kind`` is ``"file"`` (regular file), ``"dir"``, ``"link"`` (a symbolic link; ``size`` is the
+    length of its target string) or ``"other"`` (FIFO, socket, device). ``mtime`` is in seconds since
+    the epoch, ``mode`` holds the permission bits only (``stat.S_IMODE``); the type is in ``kind``.
+    """
+
+    name: str
+    kind: EntryKind
+    size: int
+    mtime: float
+    mode: int
+
+    @classmethod
+    def from_stat(cls, name: str, st: os.stat_result) -> Entry:
+        """Build an entry from an ``lstat`` result."""
+        return cls(name, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
+
+
+def _kind(mode: int) -> EntryKind:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "other"
+
+
+# --------------------------------------------------------------------------------------------------
+# Lexical checks
+
+
+def _show(path: str) -> str:
+    """How a client path appears in an error message: quoted and terminal-safe."""
+    return "your home folder" if path in ("", ".") else f"'{safe_name(path)}'"
+
+
+def parse_path(path: str) -> tuple[str, ...]:
+    """Check a client path and split it into its components; ``""`` and ``"."`` give ``()`` (home).
+
+    Raises :class:`~ferry.errors.PathRefused` with code ``outside-home`` for absolute paths and any
+    ``..`` component, and ``bad-path`` for NUL characters, empty components (``a//b``, a trailing
+    ``/``), ``.`` components (``./a``) and over-long paths or names. The path must be in canonical form
+    (clients normalise before sending): one spelling per path lets the server compare paths as strings.
+    """
+    if not isinstance(path, str):
+        raise PathRefused("bad-path", f"a path must be text, not {type(path).__name__}")
+    if "\x00" in path:
+        raise PathRefused("bad-path", f"{_show(path)}: paths may not contain NUL characters")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError as exc:
+        raise PathRefused("bad-path", f"{_show(path)}: the path is not valid text") from exc
+    if size > MAX_PATH_BYTES:
+        raise PathRefused("bad-path", f"path too long ({size} bytes; at most {MAX_PATH_BYTES})")
+    if path in ("", "."):
+        return ()
+    if path.startswith("/"):
+        raise PathRefused(
+            "outside-home",
+            f"{_show(path)}: absolute paths are not allowed; paths are relative to your home folder "
+            "(drop the leading '/')",
+        )
+    parts = tuple(path.split("/"))
+    # '..' is checked over all parts first so 'a//../x' reports the more important problem.
+    if ".." in parts:
+        raise PathRefused(
+            "outside-home",
+            f"{_show(path)}: paths may not contain '..'; paths are relative to your home folder",
+        )
+    for part in parts:
+        if part == "":
+            raise PathRefused(
+                "bad-path", f"{_show(path)}: empty path component (a doubled, leading or trailing '/')"
+            )
+        if part == ".":
+            raise PathRefused("bad-path", f"{_show(path)}: '.' components are not allowed; drop the './'")
+        if len(os.fsencode(part)) > MAX_NAME_BYTES:
+            raise PathRefused("bad-path", f"{_show(part)}: name too long (at most {MAX_NAME_BYTES} bytes)")
+    return parts
+
+
+def join_path(parts: Sequence[str]) -> str:
+    """Inverse of :func:`parse_path`: ``("a", "b")`` -> ``"a/b"``; ``()`` -> ``""`` (home)."""
+    return "/".join(parts)
+
+
+def is_partial_name(name: str) -> bool:
+    """True if ``name`` (a single component) looks like a ferry partial upload (``.x.ferry-part-T``).
+
+    Listings hide such names by default. A user's own file that happens to match is hidden too; the
+    pattern is unusual enough that this is accepted.
+    """
+    return _PARTIAL_RE.fullmatch(name) is not None
+
+
+def partial_name(name: str, token: str) -> str:
+    """The partial-upload name for final name ``name`` and token ``token``: ``.<name>.ferry-part-<token>``.
+
+    If that would exceed the 255-byte name limit, ``<name>`` is replaced by a hash of it, so the result
+    is still deterministic (needed for resume) and still recognised by :func:`is_partial_name`.
+    """
+    if _TOKEN_RE.fullmatch(token) is None:
+        raise PathRefused("bad-path", "invalid resume token (use 1-64 letters, digits, '-' or '_')")
+    candidate = f".{name}{PARTIAL_MARK}{token}"
+    if len(os.fsencode(candidate)) <= MAX_NAME_BYTES:
+        return candidate
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+    return f".{digest}{PARTIAL_MARK}{token}"
+
+
+# --------------------------------------------------------------------------------------------------
+# OSError -> FerryError
+
+
+def _symlink_refused(path: str) -> PathRefused:
+    return PathRefused(
+        "symlink",
+        f"{_show(path)} is a symbolic link; ferry does not follow symbolic links on the server "
+        "(use the real path of the file or folder instead)",
+    )
+
+
+# errnos whose subject is the destination of a two-path operation (rename, commit).
+_DST_ERRNOS: Final = frozenset({errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY})
+
+
+def translate_oserror(exc: OSError, path: str, dst: str | None = None) -> FerryError:
+    """Map an ``OSError`` raised while working on client path ``path`` to a :class:`FerryError`.
+
+    ``dst`` is the destination of a rename; errors about the destination (exists, is a folder, ...)
+    then name it instead of ``path``. Codes: ``not-found``, ``permission``, ``read-only``,
+    ``disk-full``, ``quota``, ``exists``, ``not-a-directory``, ``is-a-directory``, ``not-empty``,
+    ``symlink``, ``bad-path``, ``cross-device``, ``invalid``, ``busy``, ``io-error``.
+    """
+    code = exc.errno
+    where = _show(dst if dst is not None and code in _DST_ERRNOS else path)
+    if code == errno.ENOENT:
+        return NotFound("not-found", f"{where}: no such file or folder")
+    if code in (errno.EACCES, errno.EPERM):
+        return PermissionDenied("permission", f"{where}: permission denied on the server")
+    if code == errno.EROFS:
+        return PermissionDenied("read-only", f"{where}: the server's storage is read-only")
+    if code == errno.ENOSPC:
+        return DiskFull("disk-full", f"{where}: the server's disk is full")
+    if code == errno.EDQUOT:
+        return DiskFull("quota", f"{where}: disk quota exceeded on the server")
+    if code == errno.EEXIST:
+        return AlreadyExists("exists", f"{where} already exists")
+    if code == errno.ENOTDIR:
+        return NotADirectory("not-a-directory", f"{where}: not a folder (or a part of the path is not)")
+    if code == errno.EISDIR:
+        return IsADirectory("is-a-directory", f"{where} is a folder")
+    if code == errno.ENOTEMPTY:
+        return DirectoryNotEmpty("not-empty", f"{where} is a folder that is not empty")
+    if code == errno.ELOOP:
+        # Every final open/stat here uses O_NOFOLLOW / AT_SYMLINK_NOFOLLOW: ELOOP means a symlink.
+        return _symlink_refused(path)
+    if code == errno.ENAMETOOLONG:
+        return PathRefused("bad-path", f"{where}: name too long")
+    if code == errno.EXDEV:
+        return RemoteError("cross-device", f"{where}: cannot move across filesystems on the server")
+    if code == errno.EINVAL:
+        return RemoteError("invalid", f"{where}: invalid operation (e.g. moving a folder into itself)")
+    if code in (errno.EMFILE, errno.ENFILE, errno.EBUSY, errno.EAGAIN, errno.ETXTBSY):
+        return RemoteError("busy", f"{where}: the server is busy ({exc.strerror}); try again later")
+    return RemoteError("io-error", f"{where}: {exc.strerror or 'I/O error'} on the server")
+
+
+@contextlib.contextmanager
+def _translating(path: str, dst: str | None = None) -> Iterator[None]:
+    """Translate any ``OSError`` escaping the block (FerryErrors pass through untouched)."""
+    try:
+        yield
+    except OSError as exc:
+        raise translate_oserror(exc, path, dst) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# renameat2(RENAME_NOREPLACE): the only atomic "rename unless the target exists" for directories.
+
+_RENAME_NOREPLACE: Final = 1
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28 / musl without it
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2: Final = _load_renameat2()
+
+
+def _rename_noreplace(sfd: int, sname: str, dfd: int, dname: str) -> None:
+    """Rename ``sname`` (in ``sfd``) to ``dname`` (in ``dfd``), failing with EEXIST if it exists."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(sfd, os.fsencode(sname), dfd, os.fsencode(dname), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        # EINVAL: this filesystem does not support the flag; ENOSYS: kernel too old. Fall back.
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+    # Fallback: check, then rename. Not atomic (a racing creator can be overwritten), but only on
+    # filesystems without RENAME_NOREPLACE, and never unsafe: both names stay relative to jail fds.
+    try:
+        os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+
+
+# --------------------------------------------------------------------------------------------------
+# A chain of directory fds for recursive walks
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+class _DirChain:
+    """The directories from a root down to the current one, as fds, for depth-first walks.
+
+    At most ``limit`` descriptors (besides the borrowed root) stay open: when deeper, the ones nearest
+    the root are closed, and reopened by name with O_NOFOLLOW relative to the nearest open ancestor
+    when the walk climbs back. A reopened directory must be the same inode as before, else the walk
+    fails with code ``changed`` rather than work on a directory it did not mean to.
+    """
+
+    def __init__(self, root_fd: int, limit: int) -> None:
+        self._fds: list[int] = [root_fd]  # -1 marks a closed (evicted) ancestor
+        self._names: list[str] = [""]
+        self._ids: list[tuple[int, int]] = [_ident(os.fstat(root_fd))]
+        # Indices of owned open fds, ascending: fds are always opened deeper than every open one.
+        self._open: collections.deque[int] = collections.deque()
+        self._limit = max(1, limit)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def top(self) -> int:
+        """The fd of the current (deepest) directory, reopening it if it was evicted."""
+        i = len(self._fds) - 1
+        if self._fds[i] < 0:
+            self._reopen(i)
+        return self._fds[i]
+
+    def push(self, name: str) -> None:
+        """Enter subdirectory ``name`` of the current directory (raises OSError as ``os.open``)."""
+        parent = self.top()
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        try:
+            ident = _ident(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds.append(fd)
+        self._names.append(name)
+        self._ids.append(ident)
+        self._open.append(len(self._fds) - 1)
+        self._evict()
+
+    def pop(self) -> str:
+        """Leave the current directory (closing its fd); returns its name in its parent."""
+        if len(self._fds) == 1:
+            raise IndexError("cannot pop the root of a _DirChain")
+        fd = self._fds.pop()
+        self._ids.pop()
+        if fd >= 0:
+            self._open.pop()  # the deepest open fd is the one we are popping
+            os.close(fd)
+        return self._names.pop()
+
+    def close(self) -> None:
+        """Close every owned fd (the root is borrowed and left open)."""
+        while self._open:
+            i = self._open.pop()
+            os.close(self._fds[i])
+            self._fds[i] = -1
+
+    def _evict(self) -> None:
+        while len(self._open) > self._limit:
+            i = self._open.popleft()
+            os.close(self._fds[i])
+            self._fds[i] = -1
+
+    def _reopen(self, i: int) -> None:
+        j = i - 1
+        while self._fds[j] < 0:  # index 0 (the root) is never evicted
+            j -= 1
+        for k in range(j + 1, i + 1):
+            fd = os.open(self._names[k], _DIR_FLAGS, dir_fd=self._fds[k - 1])
+            self._fds[k] = fd
+            self._open.append(k)
+            if _ident(os.fstat(fd)) != self._ids[k]:
+                raise RemoteError("changed", "a folder was replaced while ferry was working in it; try again")
+        self._evict()
+
+
+# --------------------------------------------------------------------------------------------------
+# The jail
+
+_UPLOAD_NEEDS_NAME: Final = "an upload needs a file name inside your home folder, not the home folder itself"
+
+
+class Jail:
+    """All file operations of one user, confined to their home folder.
+
+    ``Jail(home)`` opens ``home`` (which must exist; the caller creates it) as a directory descriptor;
+    the home path itself is trusted configuration and may be a symlink. Every method takes client paths
+    as described in :func:`parse_path` and raises :class:`~ferry.errors.FerryError` subclasses only
+    (``PathRefused``, ``NotFound``, ``PermissionDenied``, ``DiskFull``, ...), never a raw ``OSError``.
+    Descriptors returned to the caller are close-on-exec and must be closed by the caller.
+
+    Limit: a local process (not a ferry client) that moves a directory *out* of the home while an
+    operation holds its descriptor would take that operation with it; local users with write access
+    to the home are trusted. No client operation can do that: every rename stays inside the home.
+    """
+
+    def __init__(self, home: str | os.PathLike[str], *, max_open_dirs: int = MAX_OPEN_DIRS) -> None:
+        """Open ``home``; raises :class:`~ferry.errors.NotFound` (code ``no-home``) if missing."""
+        self._home_path = os.fspath(home)
+        self._max_open_dirs = max_open_dirs
+        try:
+            self._fd = os.open(self._home_path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        except FileNotFoundError as exc:
+            raise NotFound("no-home", f"home folder {self._home_path!r} does not exist") from exc
+        except OSError as exc:
+            raise translate_oserror(exc, "") from exc
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    @property
+    def home(self) -> str:
+        """The home folder's path on the server (for logs; never used to reach files)."""
+        return self._home_path
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the home descriptor. Idempotent. No operation may be running in another thread."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Jail:
+        """Use the jail as a context manager; it is closed on exit."""
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close the jail."""
+        self.close()
+
+    def __repr__(self) -> str:
+        """Show the home path and whether the jail is open."""
+        return f"<Jail {self._home_path!r}{' closed' if self.closed else ''}>"
+
+    # -- walking -------------------------------------------------------------------------------------
+
+    def _home_fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("operation on a closed Jail")
+        return self._fd
+
+    def _open_dir_at(self, dir_fd: int, name: str, prefix: str, create_mode: int | None = None) -> int:
+        """Open directory ``name`` in ``dir_fd`` without following links (translating errors).
+
+        ``prefix`` is the client path up to and including ``name``, for messages. With
+        ``create_mode``, a missing directory is created first (``mkdir -p``); if something else
+        creates it at the same moment, the open that follows decides.
+        """
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError as exc:
+            if create_mode is None:
+                raise translate_oserror(exc, prefix) from exc
+            with _translating(prefix), contextlib.suppress(FileExistsError):
+                os.mkdir(name, create_mode, dir_fd=dir_fd)
+            return self._open_dir_at(dir_fd, name, prefix)
+        except OSError as exc:
+            # O_NOFOLLOW|O_DIRECTORY on a symlink gives ENOTDIR on Linux (ELOOP elsewhere): look
+            # at the entry (without following it) to tell the user which of the two it is.
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link_at(dir_fd, name):
+                raise _symlink_refused(prefix) from exc
+            if exc.errno == errno.ENOTDIR:
+                raise NotADirectory("not-a-directory", f"{_show(prefix)} is not a folder") from exc
+            raise translate_oserror(exc, prefix) from exc
+
+    def _walk(self, parts: Sequence[str], create_mode: int | None = None) -> int:
+        """Open the directory at ``parts`` (relative to home) component by component; caller closes."""
+        fd = os.dup(self._home_fd())  # a dup keeps ownership simple: the caller always closes
+        try:
+            for i, name in enumerate(parts):
+                nfd = self._open_dir_at(fd, name, join_path(parts[: i + 1]), create_mode)
+                # Swap before closing so an exception can never close the same fd twice.
+                fd, old = nfd, fd
+                os.close(old)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def _parent(self, parts: Sequence[str], create_mode: int | None = None) -> Iterator[tuple[int, str]]:
+        """Yield ``(fd of the parent directory, final name)`` for a non-empty path; closes the fd."""
+        fd = self._walk(parts[:-1], create_mode)
+        try:
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _needs_name(path: str, refusal: str) -> tuple[str, ...]:
+        """Parse ``path``, refusing the home itself with ``refusal`` (code ``bad-path``)."""
+        parts = parse_path(path)
+        if not parts:
+            raise PathRefused("bad-path", refusal)
+        return parts
+
+    # -- inspection ----------------------------------------------------------------------------------
+
+    def lstat(self, path: str) -> os.stat_result:
+        """Status of ``path`` itself (a final symlink is described, not followed)."""
+        parts = parse_path(path)
+        with _translating(path):
+            if not parts:
+                return os.fstat(self._home_fd())
+            with self._parent(parts) as (pfd, name):
+                return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+
+    def exists(self, path: str) -> bool:
+        """True if ``path`` exists (a final symlink counts, dangling or not); False if missing."""
+        try:
+            self.lstat(path)
+        except NotFound:
+            return False
+        return True
+
+    def iter_dir(self, path: str = "", *, include_partial: bool = False) -> Iterator[Entry]:
+        """Yield the entries of directory ``path`` in directory order, without loading them all.
+
+        Partial uploads are skipped unless ``include_partial``. Entries removed while listing are
+        skipped. The directory fd is closed when the iterator is exhausted or closed; iterate it fully
+        or call ``.close()`` on it (CPython also closes it as soon as it is garbage).
+        """
+        fd = self.open_dir(path)
+        try:
+            with _translating(path), os.scandir(fd) as it:
+                for de in it:
+                    if not include_partial and is_partial_name(de.name):
+                        continue
+                    try:
+                        st = de.stat(follow_symlinks=False)  # fstatat(fd, name, AT_SYMLINK_NOFOLLOW)
+                    except FileNotFoundError:
+                        continue
+                    yield Entry.from_stat(de.name, st)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: str = "", *, include_partial: bool = False) -> list[Entry]:
+        """The entries of directory ``path``, sorted by name (see :meth:`iter_dir`)."""
+        return sorted(self.iter_dir(path, include_partial=include_partial), key=lambda e: e.name)
+
+    def usage(self) -> int:
+        """Total apparent size (``st_size``) in bytes of all regular files under the home.
+
+        Apparent size, not allocated blocks: it is what a user can predict from what they uploaded
+        (sparse files, compression and block rounding do not change it). Partial uploads count (they
+        occupy the disk). A file with several hard links inside the home counts once. Symbolic links
+        are never followed. Cost is one ``lstat`` per entry; callers should cache the result.
+        """
+        total = 0
+        seen: set[tuple[int, int]] = set()
+
+        def scan(fd: int) -> list[str]:
+            nonlocal total
+            subdirs: list[str] = []
+            with os.scandir(fd) as it:
+                for de in it:
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirs.append(de.name)
+                    elif stat.S_ISREG(st.st_mode):
+                        if st.st_nlink > 1:
+                            if _ident(st) in seen:
+                                continue
+                            seen.add(_ident(st))
+                        total += st.st_size
+            return subdirs
+
+        with _translating(""):
+            chain = _DirChain(self._home_fd(), self._max_open_dirs)
+            try:
+                pending = [scan(chain.top())]
+                while pending:
+                    if not pending[-1]:
+                        pending.pop()
+                        if len(chain) > 1:
+                            chain.pop()
+                        continue
+                    name = pending[-1].pop()
+                    try:
+                        chain.push(name)
+                    except OSError as exc:
+                        # Vanished, or swapped for a non-directory/symlink since listed: skip it.
+                        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                            continue
+                        raise
+                    pending.append(scan(chain.top()))
+            finally:
+                chain.close()
+        return total
+
+    # -- opening -------------------------------------------------------------------------------------
+
+    def open_dir(self, path: str = "") -> int:
+        """Open directory ``path`` and return its fd (O_RDONLY, usable with ``os.scandir``)."""
+        parts = parse_path(path)
+        with _translating(path):
+            return self._walk(parts)
+
+    def open_read(self, path: str) -> int:
+        """Open regular file ``path`` for reading and return a blocking fd.
+
+        Folders, symlinks, FIFOs, sockets and devices are refused (``is-a-directory``, ``symlink``,
+        ``not-a-file``). The type is checked before opening (a device is never even opened) and again
+        on the open fd (in case the entry was swapped in between); the open itself is non-blocking so a
+        FIFO swapped in at the last moment cannot hang the server.
+        """
+        parts = parse_path(path)
+        if not parts:
+            raise IsADirectory("is-a-directory", "your home folder is a folder, not a file")
+        with _translating(path), self._parent(parts) as (pfd, name):
+            _require_regular(os.stat(name, dir_fd=pfd, follow_symlinks=False), path)
+            fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
+            try:
+                _require_regular(os.fstat(fd), path)
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+    def create_temp(self, path: str) -> tuple[int, str]:
+        """Create a new, empty temporary file next to ``path`` for an upload to ``path``.
+
+        Returns ``(fd, temp_rel)``: a write-only fd (mode 0o600, created with O_EXCL|O_NOFOLLOW, so it
+        is always a fresh regular file) and its client path ``.<name>.ferry-part-<random>`` in the same
+        folder as ``path`` (so :meth:`commit` is an atomic rename on one filesystem). Fails early with
+        ``is-a-directory`` if ``path`` is an existing folder.
+        """
+        parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
+        with _translating(path), self._parent(parts) as (pfd, name):
+            _refuse_existing_dir(pfd, name, path)
+            for _ in range(16):
+                temp = partial_name(name, secrets.token_hex(8))
+                try:
+                    fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
+                except FileExistsError:
+                    continue  # astronomically unlikely with 64 random bits; just pick another
+                return fd, join_path((*parts[:-1], temp))
+            raise AlreadyExists("exists", f"{_show(path)}: could not create a temporary file")
+
+    def open_partial(self, path: str, token: str) -> tuple[int, str, int]:
+        """Open or create the resumable partial file for an upload to ``path``.
+
+        The name is deterministic, ``.<name>.ferry-part-<token>`` next to ``path``, so a reconnecting
+        client with the same ``token`` (1-64 of ``[A-Za-z0-9_-]``) finds what it sent before. Returns
+        ``(fd, partial_rel, size)``: a blocking read-write fd (read access lets the server hash the
+        prefix it already has before resuming) positioned at the end, the partial's client path, and
+        its current size. A symlink or non-regular file under that name is refused.
+        """
+        parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
+        with _translating(path), self._parent(parts) as (pfd, name):
+            _refuse_existing_dir(pfd, name, path)
+            pname = partial_name(name, token)
+            prel = join_path((*parts[:-1], pname))
+            # Check before opening so a device planted under that name is never opened; the fstat
+            # below catches a swap in between (O_NONBLOCK keeps a swapped-in FIFO from blocking).
+            with contextlib.suppress(FileNotFoundError):
+                _require_regular(os.stat(pname, dir_fd=pfd, follow_symlinks=False), prel)
+            try:
+                fd = os.open(pname, _PARTIAL_FLAGS, 0o600, dir_fd=pfd)
+            except OSError as exc:
+                raise translate_oserror(exc, prel) from exc
+            try:
+                st = os.fstat(fd)
+                _require_regular(st, prel)
+                os.set_blocking(fd, True)
+                os.lseek(fd, 0, os.SEEK_END)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, prel, st.st_size
+
+    # -- changing ------------------------------------------------------------------------------------
+
+    def mkdir(self, path: str, *, parents: bool = False, exist_ok: bool = False, mode: int = 0o777) -> None:
+        """Create folder ``path`` (permissions ``mode & 0o777``, minus the process umask).
+
+        With ``parents``, missing intermediate folders are created too (``mkdir -p``). With
+        ``exist_ok``, an existing *folder* is fine (an existing file still raises ``exists``; an
+        existing symlink raises ``symlink``). The home itself always exists.
+        """
+        parts = parse_path(path)
+        mode &= 0o777
+        if not parts:
+            if exist_ok:
+                return
+            raise AlreadyExists("exists", "your home folder already exists")
+        with _translating(path), self._parent(parts, mode if parents else None) as (pfd, name):
+            try:
+                os.mkdir(name, mode, dir_fd=pfd)
+            except FileExistsError as exc:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise _symlink_refused(path) from exc
+                if not stat.S_ISDIR(st.st_mode):
+                    raise AlreadyExists(
+                        "exists", f"{_show(path)} already exists and is not a folder"
+                    ) from exc
+                if not exist_ok:
+                    raise AlreadyExists("exists", f"{_show(path)} already exists") from exc
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove file, symlink or folder ``path``.
+
+        A symlink is removed itself, never its target. A folder must be empty unless ``recursive``;
+        recursive removal walks with descriptors and O_NOFOLLOW, so a symlink inside the tree (even
+        one swapped in during the removal) is unlinked and never descended into. The home itself
+        cannot be removed.
+        """
+        parts = self._needs_name(path, "your home folder itself cannot be removed")
+        with _translating(path), self._parent(parts) as (pfd, name):
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=pfd)
+            elif recursive:
+                self._rmtree_at(pfd, name)
+            else:
+                try:
+                    os.rmdir(name, dir_fd=pfd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise DirectoryNotEmpty(
+                            "not-empty",
+                            f"{_show(path)} is a folder that is not empty; remove it recursively to "
+                            "delete it and everything in it",
+                        ) from exc
+                    raise
+
+    def _rmtree_at(self, pfd: int, name: str) -> None:
+        """Remove directory ``name`` in ``pfd`` and everything under it (raises OSError)."""
+        chain = _DirChain(pfd, self._max_open_dirs)
+        try:
+            try:
+                chain.push(name)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # no longer a folder: remove the entry
+                    os.unlink(name, dir_fd=pfd)
+                    return
+                raise
+            pending = [_clear_files(chain.top())]
+            while pending:
+                if pending[-1]:
+                    sub = pending[-1].pop()
+                    try:
+                        chain.push(sub)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOENT:
+                            continue
+                        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                            # Swapped for a symlink or file since listed: unlink that entry itself.
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(sub, dir_fd=chain.top())
+                            continue
+                        raise
+                    pending.append(_clear_files(chain.top()))
+                else:
+                    pending.pop()
+                    done = chain.pop()
+                    os.rmdir(done, dir_fd=chain.top())
+        finally:
+            chain.close()
+
+    def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
+        """Rename (move) ``src`` to ``dst`` inside the home, atomically.
+
+        With ``overwrite`` an existing destination is replaced as ``rename(2)`` does (a file replaces
+        a file or symlink, a folder replaces an empty folder); without it an existing destination
+        fails with ``exists`` (atomically via ``renameat2(RENAME_NOREPLACE)`` where supported).
+        A symlink as ``src`` is moved itself. The parent of ``dst`` must exist.
+        """
+        sparts = self._needs_name(src, "your home folder itself cannot be renamed")
+        dparts = self._needs_name(dst, "your home folder itself cannot be replaced")
+        with (
+            _translating(src, dst),
+            self._parent(sparts) as (sfd, sname),
+            self._parent(dparts) as (dfd, dname),
+        ):
+            if overwrite:
+                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            else:
+                _rename_noreplace(sfd, sname, dfd, dname)
+
+    def commit(self, temp_rel: str, final_rel: str, *, durable: bool = True) -> None:
+        """Atomically move a finished upload from ``temp_rel`` (a partial file) to ``final_rel``.
+
+        The caller must ``fsync`` the file's fd *before* committing, so the final name never points at
+        data that a crash could lose. With ``durable`` (default) the jail then fsyncs the folder(s), so
+        the rename itself survives a crash. An existing file at ``final_rel`` is replaced; an existing
+        folder is not (``is-a-directory``). ``temp_rel`` must name a partial file.
+        """
+        tparts = self._needs_name(temp_rel, _UPLOAD_NEEDS_NAME)
+        if not is_partial_name(tparts[-1]):
+            raise PathRefused("bad-path", f"{_show(temp_rel)} is not a ferry partial file")
+        fparts = self._needs_name(final_rel, _UPLOAD_NEEDS_NAME)
+        with (
+            _translating(temp_rel, final_rel),
+            self._parent(tparts) as (sfd, sname),
+            self._parent(fparts) as (dfd, dname),
+        ):
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            if durable:
+                os.fsync(dfd)
+                if tparts[:-1] != fparts[:-1]:
+                    os.fsync(sfd)
+
+    def utime(self, path: str, mtime_ns: int, atime_ns: int | None = None) -> None:
+        """Set the modification time of ``path`` (nanoseconds); the access time is kept unless given.
+
+        A final symlink gets its own times set (it is not followed).
+        """
+        parts = self._needs_name(path, "the times of your home folder cannot be changed")
+        with _translating(path), self._parent(parts) as (pfd, name):
+            if atime_ns is None:
+                atime_ns = os.stat(name, dir_fd=pfd, follow_symlinks=False).st_atime_ns
+            os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def chmod(self, path: str, mode: int) -> None:
+        """Set the permission bits of file or folder ``path`` to ``mode & 0o777``.
+
+        setuid, setgid and sticky bits are dropped on purpose: a server running as a privileged user
+        must not let clients create set-id programs. Symlinks are refused (they have no own mode).
+        """
+        parts = self._needs_name(path, "the permissions of your home folder cannot be changed")
+        mode &= 0o777
+        with _translating(path), self._parent(parts) as (pfd, name):
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise _symlink_refused(path)
+            try:
+                # glibc >= 2.32 implements AT_SYMLINK_NOFOLLOW race-free (O_PATH + /proc/self/fd).
+                os.chmod(name, mode, dir_fd=pfd, follow_symlinks=False)
+                return
+            except (NotImplementedError, ValueError):
+                pass  # older libc, or the entry became a symlink: the path below decides
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise NotAFile("not-a-file", f"{_show(path)} is not a regular file or folder")
+            fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
+            try:
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+
+
+def _is_link_at(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _require_regular(st: os.stat_result, path: str) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise _symlink_refused(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectory("is-a-directory", f"{_show(path)} is a folder, not a file")
+    raise NotAFile(
+        "not-a-file",
+        f"{_show(path)} is not a regular file (a device, FIFO or socket); ferry only reads files",
+    )
+
+
+def _refuse_existing_dir(pfd: int, name: str, path: str) -> None:
+    """Fail early, before any data is sent, if an upload's destination is an existing folder."""
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectory("is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it")
+
+
+def _clear_files(fd: int) -> list[str]:
+    """Unlink every non-directory entry of directory ``fd``; return the names of its subdirectories."""
+    with os.scandir(fd) as it:
+        entries = [(de.name, de.is_dir(follow_symlinks=False)) for de in it]  # list first, then unlink
+    subdirs: list[str] = []
+    for name, is_dir in entries:
+        if is_dir:
+            subdirs.append(name)
+            continue
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:  # replaced by a folder since listed
+            subdirs.append(name)
+    return subdirs
