@@ -356,7 +356,7 @@ def test_default_hasher_is_rfc9106_low_memory(root: Path) -> None:
 def test_not_a_database(root: Path) -> None:
     root.mkdir()
     paths.users_db(root).write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(FerryError, match="users.db"):
+    with pytest.raises(FerryError, match=r"users\.db"):
         Accounts(root, hasher=fast_hasher())
 
 
