@@ -259,6 +259,8 @@ def parse_url(text: str) -> URL:
         if port_text and not port_text.startswith(":"):
             raise UsageError(f"invalid URL {text!r}: junk after IPv6 address")
         port_text = port_text[1:]
+    elif hostport.count(":") > 1:
+        raise UsageError(f"invalid URL {text!r}: write IPv6 addresses in brackets, e.g. http://[::1]:8080/")
     else:
         host_text, _, port_text = hostport.partition(":")
     host = _parse_host(host_text, text)
@@ -295,6 +297,8 @@ class _Exchange:
         self.timeout = timeout
         self.conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
         self.what = format_hostport(url.host, url.port)
+        self.eof = False  # the peer closed its side; h11 errors after this are truncations
+        self.head_seen = False  # the final response head arrived; what follows is the body
 
     def close(self) -> None:
         self.sock.close()
@@ -314,16 +318,18 @@ class _Exchange:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise ProtocolError(f"bad HTTP from {self.what} {doing}: {exc}") from exc
+                if not self.eof:
+                    raise ProtocolError(f"bad HTTP from {self.what} {doing}: {exc}") from exc
+                if self.head_seen:
+                    raise ProtocolError(f"response body from {self.what} cut short: {exc}") from exc
+                raise ProtocolError(f"{self.what} closed the connection {doing}") from exc
             if event is not h11.NEED_DATA:
                 return event
             data = self._recv(doing)
-            try:
-                # b"" tells h11 about EOF: it ends a close-delimited body, and is an error
-                # ("peer closed connection without sending complete message body") otherwise.
-                self.conn.receive_data(data)
-            except h11.RemoteProtocolError as exc:  # pragma: no cover - h11 raises in next_event
-                raise ProtocolError(f"bad HTTP from {self.what}: {exc}") from exc
+            self.eof = not data
+            # b"" tells h11 about EOF: it ends a close-delimited body, and makes the next
+            # next_event() raise if the message was incomplete.
+            self.conn.receive_data(data)
 
     def send_request(self, method: str) -> None:
         """Send the request head; GET and HEAD have no body."""
@@ -356,6 +362,7 @@ class _Exchange:
             if isinstance(event, h11.InformationalResponse):
                 continue  # 100 Continue and friends carry nothing for us
             if isinstance(event, h11.Response):
+                self.head_seen = True
                 return Response(
                     status=event.status_code,
                     reason=event.reason.decode("latin-1"),
@@ -363,7 +370,8 @@ class _Exchange:
                     headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers.raw_items()],
                     url=str(self.url),
                 )
-            raise ProtocolError(f"unexpected {type(event).__name__} from {self.what}")  # pragma: no cover
+            # h11 reports EOF before a response as an error, so this is only a safety net.
+            raise ProtocolError(f"unexpected {type(event).__name__} from {self.what} instead of a response")
 
     def copy_body(self, out: BinaryIO) -> int:
         """Write the body to ``out`` as it arrives; returns its length."""
