@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from conftest import FERRY
 from ferry.cli import main
 from ferry.errors import ConnectionBroken, ExitCode, FerryTimeout, UsageError
 from ferry.net.fetch import (
@@ -30,8 +31,6 @@ from ferry.net.fetch import (
     parse_url,
     resolve_reference,
 )
-
-from conftest import FERRY
 
 pytestmark = pytest.mark.timeout(30)
 
