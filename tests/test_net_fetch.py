@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -265,7 +266,7 @@ def test_parse_url_forms() -> None:
     ],
 )
 def test_bad_urls_are_usage_errors(url: str, fragment: str) -> None:
-    with pytest.raises(UsageError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(UsageError, match=re.escape(fragment)):
         fetch(url, io.BytesIO())
 
 
