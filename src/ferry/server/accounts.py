@@ -200,9 +200,10 @@ class Accounts:
                         raise FerryError(
                             f"{self.path} was written by a newer ferry (schema {version}); upgrade ferry"
                         )
-                    # One statement via execute(): executescript() would COMMIT our transaction.
-                    conn.execute(_SCHEMA)
-                    conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    if version < _SCHEMA_VERSION:
+                        # One statement via execute(): executescript() would COMMIT our transaction.
+                        conn.execute(_SCHEMA)
+                        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
@@ -376,17 +377,19 @@ class Accounts:
         response time does not reveal which user names exist. CPU-heavy: call it in a thread.
         If the stored hash used other parameters than the current hasher, it is re-hashed.
         """
-        row: tuple[str, str] | None = None
+        row: tuple[str, str, int | None, int, str | None] | None = None
         if isinstance(name, str) and _NAME_RE.fullmatch(name):
             with self._read() as conn:
-                row = conn.execute("SELECT hash, name FROM users WHERE name = ?", (name,)).fetchone()
+                row = conn.execute(
+                    f"SELECT hash, {self._COLUMNS} FROM users WHERE name = ?", (name,)
+                ).fetchone()
         if row is None or not isinstance(password, str):
             try:
                 self._hasher.verify(self._get_dummy_hash(), password if isinstance(password, str) else "")
             except VerificationError:
                 pass
             raise AuthError(_AUTH_FAILED)
-        stored = row[0]
+        stored, user = row[0], self._user(row[1:])
         try:
             self._hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):
@@ -399,9 +402,6 @@ class Accounts:
                 conn.execute(
                     "UPDATE users SET hash = ? WHERE name = ? AND hash = ?", (new_hash, name, stored)
                 )
-        user = self.get(name)
-        if user is None:  # deleted between the check and now
-            raise AuthError(_AUTH_FAILED)
         return user
 
     def _get_dummy_hash(self) -> str:
