@@ -388,3 +388,12 @@ def test_concurrent_verify_from_threads(accounts: Accounts) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(login, range(8), timeout=30))
     assert results == ["denied", "u1", "denied", "u3", "denied", "u1", "denied", "u3"]
+
+
+def test_newer_schema_is_refused(root: Path) -> None:
+    Accounts(root, hasher=fast_hasher()).close()
+    conn = sqlite3.connect(paths.users_db(root))
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(FerryError, match="newer ferry"):
+        Accounts(root, hasher=fast_hasher())
