@@ -26,12 +26,18 @@ if TYPE_CHECKING:
 
 # --- sizes ---------------------------------------------------------------------------------------
 
+
 # GNU coreutils conventions: a bare letter or an "iB" suffix is binary (K = KiB = 1024), "kB"/"KB"
 # etc. is decimal (1000). Case-insensitive, with or without a space, with a fraction ("1.5G").
-_UNITS: Final[dict[str, int]] = {"": 1, "b": 1, "byte": 1, "bytes": 1}
-for _i, _letter in enumerate("kmgtpe", start=1):
-    _UNITS[_letter] = _UNITS[_letter + "i"] = _UNITS[_letter + "ib"] = 1024**_i
-    _UNITS[_letter + "b"] = 1000**_i
+def _units() -> dict[str, int]:
+    units = {"": 1, "b": 1, "byte": 1, "bytes": 1}
+    for power, letter in enumerate("kmgtpe", start=1):
+        units[letter] = units[letter + "i"] = units[letter + "ib"] = 1024**power
+        units[letter + "b"] = 1000**power
+    return units
+
+
+_UNITS: Final = _units()
 _SIZE_RE: Final = re.compile(r"\s*(\d[\d_]*(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 _UNLIMITED: Final = frozenset({"none", "unlimited", "off"})
 
