@@ -23,7 +23,8 @@ import click
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
-    help="Seconds to wait for connecting and, with messages, for each reply.",
+    help="Seconds to wait for connecting and, with messages, for each reply; udp without messages: "
+    "for replies after the end of stdin.",
 )
 def send(target: str, messages: tuple[str, ...], proto: str, timeout: float) -> None:
     """Send MESSAGES (each plus a newline) to TARGET and print the replies.
@@ -31,7 +32,9 @@ def send(target: str, messages: tuple[str, ...], proto: str, timeout: float) -> 
     TARGET is HOST:PORT ([::1]:PORT for IPv6) or, with --proto unix, a socket path.
     tcp/unix: after the messages the write side is closed and everything received is printed
     until the server closes. udp: one datagram per message, one reply awaited per datagram.
-    Without MESSAGES, stdin is piped to the socket and the socket to stdout.
+    Without MESSAGES, stdin is piped to the socket and the socket to stdout
+    (binary-safe; at the end of stdin the write side is closed).
+    Exit status: 0 on success, 2 for a malformed target, 6 for network errors and timeouts.
     """
     # Imported here so `ferry --help` does not pay for the toolkit.
     from ferry.net.send import Proto
