@@ -1,0 +1,407 @@
+"""The asyncio client: one connection, many concurrent requests.
+
+A single reader task decodes the connection (sans-IO :class:`~ferry.wire.Connection`) and routes
+every event to the queue of the request id it belongs to; requests are therefore freely pipelined
+and concurrent. Queues of transfers are bounded, so a slow consumer (e.g. a slow disk) stops the
+reader and TCP pushes back on the server instead of buffering without bound. ``OSError`` is
+translated into :class:`~ferry.errors.ConnectionBroken` at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ferry import __version__
+from ferry.client.errors import from_wire
+from ferry.errors import AuthError, ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout, UsageError
+from ferry.paths import DEFAULT_PORT
+from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, ProtocolError, Role
+from ferry.wire import messages as m
+
+Progress = Callable[[int, int], None]
+"""Progress callback: ``(bytes done, bytes total)``."""
+
+READ_SIZE = 1 << 18
+_CLOSED = object()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Disk usage of the home (bytes), the quota (None: unlimited) and the server's free space."""
+
+    used: int
+    quota: int | None
+    free: int
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What the client learned about the server during the handshake."""
+
+    address: str
+    tls: bool
+    fingerprint: str | None
+    pin_status: str | None  # "known", "new" (just pinned) or None (plain)
+    software: str
+    exec_allowed: bool
+
+
+class _Route:
+    """Events for one request id; bounded for transfers so the reader applies backpressure."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+
+
+class AsyncClient:
+    """An authenticated connection to a ferry server. Create with :meth:`connect`.
+
+    Example::
+
+        async with await AsyncClient.connect("127.0.0.1", user="ann", password=pw) as c:
+            await c.put("report.pdf", "inbox/report.pdf")
+            print(await c.listdir("inbox"))
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._conn = conn
+        self._ids = itertools.count(1)
+        self._routes: dict[int, _Route] = {}
+        self._wlock = asyncio.Lock()
+        self._error: FerryError | None = None
+        self._closed = False
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.info: HostInfo | None = None
+        self.plain = writer.get_extra_info("sslcontext") is None
+        #: seconds without any byte from the server, while waiting for one, before giving up
+        self.read_timeout = 60.0
+
+    # --- connecting ------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        user: str,
+        password: str,
+        plain: bool = False,
+        known_hosts: Any = None,
+        timeout: float = 15.0,
+    ) -> AsyncClient:
+        """Connect, verify (pin) the server certificate, and authenticate.
+
+        ``known_hosts`` is a :class:`ferry.client.known_hosts.KnownHosts` (default: the per-user file).
+        Raises :class:`~ferry.errors.AuthError`, :class:`~ferry.errors.HostKeyMismatch`,
+        :class:`~ferry.errors.ConnectionBroken` / :class:`~ferry.errors.FerryTimeout`.
+        """
+        if not 0 < port < 65536:
+            raise UsageError(f"port {port} out of range (1-65535)")
+        ssl_ctx: ssl.SSLContext | None = None
+        if not plain:
+            from ferry.client.tls import client_ssl_context
+
+            ssl_ctx = client_ssl_context()
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None, limit=1 << 20
+                )
+        except TimeoutError as exc:
+            raise FerryTimeout(f"connecting to {host}:{port} timed out after {timeout:g} s") from exc
+        except ssl.SSLError as exc:
+            raise ConnectionBroken(
+                f"TLS handshake with {host}:{port} failed ({exc.reason}); if the server runs with --plain, use --plain too"
+            ) from exc
+        except OSError as exc:
+            raise ConnectionBroken(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+        fp = status = None
+        try:
+            if ssl_ctx is not None:
+                from ferry.client.tls import check_peer
+
+                sslobj = writer.get_extra_info("ssl_object")
+                status, fp = check_peer(sslobj, host, port, known_hosts)
+            client = cls(reader, writer, Connection(Role.CLIENT))
+            welcome, ok = await asyncio.wait_for(client._handshake(user, password), timeout)
+        except BaseException:
+            writer.close()
+            raise
+        client.info = HostInfo(
+            f"{host}:{port}", ssl_ctx is not None, fp, status, welcome.software, ok.exec_allowed
+        )
+        return client
+
+    async def _handshake(self, user: str, password: str) -> tuple[m.Welcome, m.AuthOk]:
+        await self._write(
+            self._conn.send(
+                m.Hello(min_version=1, max_version=m.PROTOCOL_VERSION, software=f"ferry/{__version__}")
+            )
+        )
+        welcome = await self._next_message()
+        if isinstance(welcome, m.Error):
+            raise from_wire(welcome)
+        assert isinstance(welcome, m.Welcome)
+        await self._write(self._conn.send(m.Auth(user=user, password=password)))
+        ok = await self._next_message()
+        if isinstance(ok, m.Error):
+            raise AuthError(f"login as {user!r} refused: {ok.message}")
+        assert isinstance(ok, m.AuthOk)
+        self._task = asyncio.create_task(self._read_loop())
+        return welcome, ok
+
+    async def _next_message(self) -> m.Message:
+        """Handshake-time read (before the reader task runs)."""
+        while True:
+            ev = self._conn.next_event()
+            if ev is CONNECTION_ENDED:
+                raise ConnectionBroken("the server closed the connection during the handshake")
+            if isinstance(ev, m.Message):
+                return ev
+            if ev is NEED_DATA:
+                self._conn.receive_data(await self._read())
+
+    async def _read(self) -> bytes:
+        try:
+            return await self._reader.read(READ_SIZE)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionBroken(f"connection to the server lost: {exc}") from exc
+
+    async def _write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        try:
+            async with self._wlock:
+                self._writer.write(data)
+                await self._writer.drain()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionBroken(f"connection to the server lost: {exc}") from exc
+
+    # --- the reader task -------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        err: FerryError
+        try:
+            while True:
+                ev = self._conn.next_event()
+                if ev is NEED_DATA:
+                    self._conn.receive_data(await self._read())
+                    continue
+                if ev is CONNECTION_ENDED:
+                    err = ConnectionBroken("the server closed the connection")
+                    break
+                if isinstance(ev, Data):
+                    route = self._routes.get(ev.channel)
+                    if route is not None:
+                        await route.queue.put(ev)
+                    continue
+                if isinstance(ev, m.Pong):
+                    fut = self._pings.pop(ev.nonce, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                    continue
+                if isinstance(ev, m.Ping):
+                    await self._write(self._conn.send(m.Pong(nonce=ev.nonce)))
+                    continue
+                if isinstance(ev, m.Goodbye):
+                    err = ConnectionBroken(f"the server closed the connection: {ev.reason or 'goodbye'}")
+                    break
+                req_id = getattr(ev, "id", 0)
+                if isinstance(ev, m.Error) and req_id == 0:
+                    err = from_wire(ev)
+                    break
+                route = self._routes.get(req_id)
+                if route is not None:
+                    await route.queue.put(ev)
+        except asyncio.CancelledError:
+            err = ConnectionClosed("the client was closed")
+            self._fail(err)
+            raise
+        except ProtocolError as exc:
+            err = ConnectionBroken(f"the server broke the protocol: {exc}")
+        except FerryError as exc:
+            err = exc
+        except Exception as exc:  # keep waiters from hanging whatever happens
+            err = ConnectionBroken(f"client reader failed: {exc!r}")
+        self._fail(err)
+
+    def _fail(self, err: FerryError) -> None:
+        if self._error is None:
+            self._error = err
+        for route in self._routes.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                route.queue.put_nowait(_CLOSED)
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    # --- request plumbing -----------------------------------------------------------------
+
+    def _open(self, maxsize: int = 0) -> tuple[int, _Route]:
+        if self._closed:
+            raise ConnectionClosed("this client is closed; connect again")
+        if self._error is not None:
+            raise self._error
+        req_id = next(self._ids)
+        route = _Route(maxsize)
+        self._routes[req_id] = route
+        return req_id, route
+
+    def _close_route(self, req_id: int) -> None:
+        self._routes.pop(req_id, None)
+
+    async def _recv(self, route: _Route, timeout: float | None = None) -> Any:
+        """Next event for a request; raises the connection's error if it broke."""
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else self.read_timeout):
+                ev = await route.queue.get()
+        except TimeoutError as exc:
+            raise FerryTimeout(f"no answer from the server for {self.read_timeout:g} s") from exc
+        if ev is _CLOSED:
+            assert self._error is not None
+            raise self._error
+        return ev
+
+    async def send(self, msg: m.Message) -> None:
+        """Send one message (advanced use: custom requests)."""
+        await self._write(self._conn.send(msg))
+
+    async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:
+        """Send one data frame."""
+        await self._write(self._conn.data_header(channel, stream, len(data)) + bytes(data))
+
+    async def _call(self, build: Callable[[int], m.Message]) -> Any:
+        """Send a request built for a fresh id and return its single reply (raising on Error)."""
+        req_id, route = self._open()
+        try:
+            await self.send(build(req_id))
+            reply = await self._recv(route)
+            if isinstance(reply, m.Error):
+                raise from_wire(reply)
+            return reply
+        finally:
+            self._close_route(req_id)
+
+    # --- file-system API -------------------------------------------------------------------
+
+    async def stat(self, path: str) -> m.Entry:
+        """Metadata of a remote path (links are not followed)."""
+        reply = await self._call(lambda i: m.Stat(id=i, path=path))
+        return reply.entry  # type: ignore[no-any-return]
+
+    async def listdir(self, path: str = "", *, recursive: bool = False) -> list[m.Entry]:
+        """Entries of a remote folder (a file lists as itself); ``recursive`` walks the tree."""
+        out: list[m.Entry] = []
+        async for page in self._list_pages(path, recursive):
+            out.extend(page)
+        return out
+
+    async def _list_pages(self, path: str, recursive: bool) -> AsyncIterator[list[m.Entry]]:
+        req_id, route = self._open()
+        try:
+            await self.send(m.ListDir(id=req_id, path=path, recursive=recursive))
+            while True:
+                reply = await self._recv(route)
+                if isinstance(reply, m.Error):
+                    raise from_wire(reply)
+                assert isinstance(reply, m.ListReply)
+                yield reply.entries
+                if not reply.more:
+                    return
+        finally:
+            self._close_route(req_id)
+
+    async def mkdir(self, path: str, *, parents: bool = False) -> None:
+        """Create a remote folder (``parents``: like ``mkdir -p``)."""
+        await self._call(lambda i: m.Mkdir(id=i, path=path, parents=parents))
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a remote file or link, or (``recursive``) a folder tree."""
+        await self._call(lambda i: m.Remove(id=i, path=path, recursive=recursive))
+
+    async def rename(self, src: str, dst: str) -> None:
+        """Rename/move inside the home."""
+        await self._call(lambda i: m.Rename(id=i, src=src, dst=dst))
+
+    async def df(self) -> Usage:
+        """Usage, quota and free space."""
+        r = await self._call(lambda i: m.Df(id=i))
+        return Usage(r.used, r.quota, r.free)
+
+    async def ping(self) -> float:
+        """Round-trip time to the server in seconds (also a keepalive)."""
+        nonce = next(self._ids)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = fut
+        t0 = time.perf_counter()
+        await self.send(m.Ping(nonce=nonce))
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await fut
+        finally:
+            self._pings.pop(nonce, None)
+        return time.perf_counter() - t0
+
+    # --- transfers (implemented in ferry.client.transfer) ----------------------------------
+
+    async def get(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> Any:
+        """Download a file; see :func:`ferry.client.transfer.get_file` for options."""
+        from ferry.client.transfer import get_file
+
+        return await get_file(self, remote, local, **kw)
+
+    async def put(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> Any:
+        """Upload a file; see :func:`ferry.client.transfer.put_file` for options."""
+        from ferry.client.transfer import put_file
+
+        return await put_file(self, local, remote, **kw)
+
+    async def get_tree(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> Any:
+        """Download a folder tree; see :func:`ferry.client.transfer.get_tree`."""
+        from ferry.client.transfer import get_tree
+
+        return await get_tree(self, remote, local, **kw)
+
+    async def put_tree(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> Any:
+        """Upload a folder tree; see :func:`ferry.client.transfer.put_tree`."""
+        from ferry.client.transfer import put_tree
+
+        return await put_tree(self, local, remote, **kw)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Say goodbye and close the connection (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await self._write(self._conn.send(m.Goodbye(reason="client done")))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                await self._writer.wait_closed()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

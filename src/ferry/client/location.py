@@ -1,0 +1,92 @@
+"""Remote locations as users write them: scp-like ``[USER@]HOST:PATH`` or ``ferry://USER@HOST:PORT/PATH``."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from ferry.errors import UsageError
+from ferry.paths import DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed remote location. ``path`` is relative to the user's home ("" = the home itself)."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    user: str | None = None
+    path: str = ""
+
+    @property
+    def address(self) -> str:
+        """host:port with IPv6 hosts bracketed."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+_SCP = re.compile(r"^(?:(?P<user>[^@/:\[\]]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@/:\[\]]+):(?P<path>.*)$", re.S)
+
+
+def is_remote(spec: str) -> bool:
+    """Whether ``spec`` names a remote location (a URL, or scp-like HOST:PATH) rather than a local path."""
+    if spec.startswith("ferry://"):
+        return True
+    if spec.startswith(("/", "./", "../")) or (os.sep != "/" and os.sep in spec):
+        return False
+    return _SCP.match(spec) is not None
+
+
+def parse_location(spec: str, *, default_user: str | None = None, require_path: bool = False) -> Location:
+    """Parse a remote location; raises UsageError naming what is wrong."""
+    if spec.startswith("ferry://"):
+        parts = urlsplit(spec)
+        if not parts.hostname:
+            raise UsageError(f"{spec!r}: the URL has no host; write ferry://USER@HOST:PORT/PATH")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError as exc:
+            raise UsageError(f"{spec!r}: port out of range (1-65535)") from exc
+        path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+        user = unquote(parts.username) if parts.username else default_user
+        return Location(parts.hostname, port, user, path)
+    if "://" in spec:
+        raise UsageError(f"{spec!r}: unknown scheme; use ferry://USER@HOST:PORT/PATH or USER@HOST:PATH")
+    mt = _SCP.match(spec)
+    if mt is None:
+        if require_path:
+            raise UsageError(
+                f"{spec!r} is not a remote location; write [USER@]HOST:PATH or ferry://USER@HOST/PATH"
+            )
+        mt = _SCP.match(spec + ":")
+        if mt is None:
+            raise UsageError(f"{spec!r} is not a host; write [USER@]HOST or ferry://USER@HOST:PORT")
+    host = mt.group("host").strip("[]")
+    return Location(host, DEFAULT_PORT, mt.group("user") or default_user, mt.group("path"))
+
+
+def parse_target(spec: str, *, default_user: str | None = None) -> Location:
+    """Parse a host target (``[USER@]HOST[:PORT]`` or a URL) for commands that take no path."""
+    if spec.startswith("ferry://") or "://" in spec:
+        return parse_location(spec, default_user=default_user)
+    user = None
+    rest = spec
+    if "@" in spec:
+        user, rest = spec.rsplit("@", 1)
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_s = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, port_s = rest.split(":")
+    else:
+        host, port_s = rest, ""
+    if not host:
+        raise UsageError(f"{spec!r}: no host")
+    port = DEFAULT_PORT
+    if port_s:
+        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise UsageError(f"{spec!r}: port out of range (1-65535)")
+        port = int(port_s)
+    return Location(host, port, user or default_user, "")

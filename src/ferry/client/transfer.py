@@ -1,0 +1,423 @@
+"""Client side of downloads and uploads: verify, resume, atomic local writes, bounded memory.
+
+Local writes go to ``.NAME.ferry-part`` next to the destination and are renamed only after every
+chunk hash and the digest match the server's. An interrupted download leaves that partial; the next
+``get`` hashes its whole chunks, sends the hashes, and the server continues after the matching ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat as statmod
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ferry.client.errors import from_wire
+from ferry.errors import ConnectionBroken, IntegrityError, TransferError, UsageError
+from ferry.hashing import (
+    DEFAULT_CHUNK,
+    ChunkHasher,
+    HashName,
+    hash_bytes,
+    hash_fd_chunks,
+    matching_prefix,
+    tree_digest,
+)
+from ferry.wire import Data
+from ferry.wire import messages as m
+
+if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient
+
+Progress = Callable[[int, int], None]
+BLOCK = 1 << 20
+INLINE_MAX = 1 << 18  # files up to 256 KiB travel inside the PutFile message: one frame, no round trip
+QUEUE_DEPTH = 64  # data pieces buffered per transfer before the reader pushes back
+WINDOW = 64  # pipelined small-file requests in flight in tree transfers
+PART = ".ferry-part"
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What one transfer did."""
+
+    path: str
+    size: int
+    sent: int  # bytes that actually crossed the network
+    resumed_from: int
+    seconds: float
+    digest: str
+
+
+def partial_path(dest: Path) -> Path:
+    """Where the unverified download of ``dest`` is kept (hidden, next to it: same filesystem)."""
+    return dest.with_name(f".{dest.name}{PART}")
+
+
+async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+async def get_file(
+    client: AsyncClient,
+    remote: str,
+    local: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    hash: HashName = "blake3",
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: Progress | None = None,
+) -> TransferResult:
+    """Download ``remote`` to ``local`` (a file path, or an existing folder to put it in)."""
+    t0 = time.monotonic()
+    dest = Path(local)
+    if dest.is_dir():
+        dest = dest / remote.rstrip("/").rsplit("/", 1)[-1]
+    part = partial_path(dest)
+    held: list[bytes] = []
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if resume:
+            size = os.fstat(fd).st_size
+            n = size // chunk_size
+            if n:  # re-check what we hold, chunk by chunk (size alone is not trusted)
+                held = await _thread(hash_fd_chunks, fd, hash, chunk_size, 0, n * chunk_size)
+        req_id, route = client._open(QUEUE_DEPTH)
+        try:
+            await client.send(
+                m.GetFile(id=req_id, path=remote, hash=hash, chunk_size=chunk_size, chunk_hashes=held)
+            )
+            info = await client._recv(route)
+            if isinstance(info, m.Error):
+                raise from_wire(info)
+            assert isinstance(info, m.FileInfo)
+            offset = info.offset
+            os.ftruncate(fd, offset)
+            hasher = ChunkHasher(hash, chunk_size, prefix=held[: offset // chunk_size])
+            writer = _Writer(fd, offset, hasher)
+            done = offset
+            while True:
+                ev = await client._recv(route)
+                if isinstance(ev, Data):
+                    await writer.add(ev.data)
+                    done += len(ev.data)
+                    if progress is not None:
+                        progress(done, info.size)
+                    continue
+                await writer.flush()
+                if isinstance(ev, m.Error):
+                    raise from_wire(ev)
+                assert isinstance(ev, m.FileEnd)
+                hashes, digest = hasher.finish()
+                if writer.pos != info.size or hashes != ev.chunk_hashes or digest != ev.digest:
+                    bad = matching_prefix(hashes, ev.chunk_hashes)
+                    os.close(fd)
+                    fd = -1
+                    part.unlink(missing_ok=True)
+                    raise IntegrityError(
+                        f"{remote}: received data does not match the server's hash (chunk {bad}); "
+                        "the bad copy was deleted, run the command again"
+                    )
+                break
+        finally:
+            client._close_route(req_id)
+        os.fchmod(fd, info.mode & 0o777 or 0o644)
+        os.utime(fd, (info.mtime, info.mtime))
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(part, dest)  # only now does the final name appear
+        return TransferResult(
+            remote, info.size, info.size - offset, offset, time.monotonic() - t0, digest.hex()
+        )
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+class _Writer:
+    """Writes and hashes received data in a thread, ~1 MiB at a time, one batch in flight."""
+
+    def __init__(self, fd: int, pos: int, hasher: ChunkHasher) -> None:
+        self.fd, self.pos, self.hasher = fd, pos, hasher
+        self._buf: list[bytes] = []
+        self._n = 0
+        self._pending: asyncio.Future[None] | None = None
+
+    async def add(self, data: bytes) -> None:
+        self._buf.append(data)
+        self._n += len(data)
+        if self._n >= BLOCK:
+            await self._submit()
+
+    async def _submit(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+        if not self._n:
+            return
+        data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
+        self._buf, self._n = [], 0
+        pos = self.pos
+        self.pos += len(data)
+        fd, hasher = self.fd, self.hasher
+
+        def work() -> None:
+            view = memoryview(data)
+            off = pos
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+            hasher.update(data)
+
+        self._pending = asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def flush(self) -> None:
+        await self._submit()
+        await self._submit()
+
+
+# --- upload --------------------------------------------------------------------------------
+
+
+def upload_token(remote: str, st: os.stat_result) -> str:
+    """Same source file + destination = same token, so an interrupted upload is resumed."""
+    return hash_bytes("blake3", f"{remote}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode())[:12].hex()
+
+
+async def put_file(
+    client: AsyncClient,
+    local: str | os.PathLike[str],
+    remote: str,
+    *,
+    resume: bool = True,
+    hash: HashName = "blake3",
+    chunk_size: int = DEFAULT_CHUNK,
+    overwrite: bool = True,
+    progress: Progress | None = None,
+) -> TransferResult:
+    """Upload the file ``local`` to ``remote`` (verified, atomic on the server, resumable)."""
+    t0 = time.monotonic()
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{local}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not statmod.S_ISREG(st.st_mode):
+            raise UsageError(f"{local} is not a regular file (use -r for folders)")
+        size = st.st_size
+        base = dict(path=remote, size=size, mtime=st.st_mtime, mode=statmod.S_IMODE(st.st_mode), hash=hash)
+        if size <= INLINE_MAX:
+            data = os.pread(fd, size + 1, 0)
+            if len(data) != size:
+                raise TransferError(f"{local} changed while being read; try again")
+            h = ChunkHasher(hash, chunk_size)
+            h.update(data)
+            _, digest = h.finish()
+            await client._call(
+                lambda i: m.PutFile(
+                    id=i, chunk_size=chunk_size, overwrite=overwrite, data=data, digest=digest, **base
+                )  # type: ignore[arg-type]
+            )
+            if progress is not None:
+                progress(size, size)
+            return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex())
+        token = upload_token(remote, st) if resume else ""
+        req_id, route = client._open(QUEUE_DEPTH)
+        try:
+            await client.send(
+                m.PutFile(id=req_id, chunk_size=chunk_size, token=token, overwrite=overwrite, **base)  # type: ignore[arg-type]
+            )
+            ready = await client._recv(route)
+            if isinstance(ready, m.Error):
+                raise from_wire(ready)
+            assert isinstance(ready, m.PutReady)
+            ours = (
+                await _thread(hash_fd_chunks, fd, hash, chunk_size, 0, len(ready.chunk_hashes) * chunk_size)
+                if ready.chunk_hashes
+                else []
+            )
+            k = matching_prefix(ours, ready.chunk_hashes)
+            offset = k * chunk_size
+            await client.send(m.PutFrom(id=req_id, offset=offset))
+            hashes = await _send_body(
+                client, req_id, route, fd, offset, size, hash, chunk_size, ours[:k], progress
+            )
+            digest = tree_digest(hash, size, hashes)
+            await client.send(m.FileEnd(id=req_id, size=size, chunk_hashes=hashes, digest=digest))
+            reply = await client._recv(route)
+            if isinstance(reply, m.Error):
+                raise from_wire(reply)
+        finally:
+            client._close_route(req_id)
+        return TransferResult(remote, size, size - offset, offset, time.monotonic() - t0, digest.hex())
+    finally:
+        os.close(fd)
+
+
+async def _send_body(
+    client: AsyncClient,
+    req_id: int,
+    route: Any,
+    fd: int,
+    offset: int,
+    size: int,
+    hash: HashName,
+    chunk_size: int,
+    prefix: list[bytes],
+    progress: Progress | None,
+) -> list[bytes]:
+    """Stream [offset, size) and return all chunk hashes; stops early if the server reports an error."""
+    loop = asyncio.get_running_loop()
+    hasher = ChunkHasher(hash, chunk_size, prefix=prefix)
+
+    def read_and_hash(pos: int) -> bytes:
+        data = os.pread(fd, min(BLOCK, size - pos), pos)
+        hasher.update(data)  # sequential: one read in flight at a time
+        return data
+
+    pos = offset
+    nxt = loop.run_in_executor(None, read_and_hash, pos) if pos < size else None
+    while nxt is not None:
+        data = await nxt
+        if not data:
+            raise TransferError("the local file shrank while being sent; try again")
+        pos += len(data)
+        nxt = loop.run_in_executor(None, read_and_hash, pos) if pos < size else None
+        if not route.queue.empty():  # the server gave up on this upload (quota, disk full, ...)
+            ev = route.queue.get_nowait()
+            if nxt is not None:
+                with contextlib.suppress(Exception):
+                    await nxt
+            if isinstance(ev, m.Error):
+                raise from_wire(ev)
+            raise ConnectionBroken(f"unexpected reply during upload: {type(ev).__name__}")
+        await client.send_data(req_id, m.STDIN, data)
+        if progress is not None:
+            progress(pos, size)
+    hashes, _ = hasher.finish()
+    return hashes
+
+
+# --- trees ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeResult:
+    """What a folder transfer did."""
+
+    files: int
+    bytes: int
+    seconds: float
+
+
+async def get_tree(
+    client: AsyncClient,
+    remote: str,
+    local: str | os.PathLike[str],
+    *,
+    hash: HashName = "blake3",
+    progress: Progress | None = None,
+    window: int = WINDOW,
+) -> TreeResult:
+    """Download the folder ``remote`` into ``local`` (created); requests are pipelined."""
+    t0 = time.monotonic()
+    root = Path(local)
+    entries = await client.listdir(remote, recursive=True)
+    root.mkdir(parents=True, exist_ok=True)
+    files = [e for e in entries if e.kind == "file"]
+    for e in entries:
+        if e.kind == "dir":
+            (root / e.name).mkdir(parents=True, exist_ok=True)
+    total = sum(e.size for e in files)
+    done = 0
+    sem = asyncio.Semaphore(window)
+    prefix = remote.rstrip("/") + "/" if remote not in ("", ".") else ""
+
+    async def one(e: m.Entry) -> None:
+        nonlocal done
+        async with sem:
+            r = await get_file(
+                client, prefix + e.name, root / e.name, hash=hash, resume=e.size > DEFAULT_CHUNK
+            )
+        done += r.size
+        if progress is not None:
+            progress(done, total)
+
+    await _gather_all([one(e) for e in files])
+    return TreeResult(len(files), total, time.monotonic() - t0)
+
+
+async def put_tree(
+    client: AsyncClient,
+    local: str | os.PathLike[str],
+    remote: str,
+    *,
+    hash: HashName = "blake3",
+    progress: Progress | None = None,
+    window: int = WINDOW,
+) -> TreeResult:
+    """Upload the folder ``local`` as ``remote``: folders first, then files pipelined."""
+    t0 = time.monotonic()
+    root = Path(local)
+    if not root.is_dir():
+        raise UsageError(f"{local} is not a folder")
+    dirs: list[str] = []
+    files: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        dirnames.sort()
+        for d in dirnames:
+            dirs.append(rel + d)
+        for f in sorted(filenames):
+            p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            if statmod.S_ISREG(st.st_mode):
+                files.append((rel + f, st.st_size))
+    base = remote.rstrip("/")
+    join = (lambda r: f"{base}/{r}") if base not in ("", ".") else (lambda r: r)
+    if base not in ("", "."):
+        await client.mkdir(base, parents=True)
+    # Folders must exist before files: pipeline all mkdirs, wait for them, then the files.
+    sem = asyncio.Semaphore(window)
+
+    async def mk(d: str) -> None:
+        async with sem:
+            await client.mkdir(join(d), parents=True)
+
+    await _gather_all([mk(d) for d in dirs])
+    total = sum(s for _, s in files)
+    done = 0
+
+    async def one(rel: str) -> None:
+        nonlocal done
+        async with sem:
+            r = await put_file(client, root / rel, join(rel), hash=hash)
+        done += r.size
+        if progress is not None:
+            progress(done, total)
+
+    await _gather_all([one(rel) for rel, _ in files])
+    return TreeResult(len(files), total, time.monotonic() - t0)
+
+
+async def _gather_all(coros: list[Any]) -> None:
+    """Run all; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

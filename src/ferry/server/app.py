@@ -1,0 +1,202 @@
+"""``ferry serve``: set up the data root, accounts, certificate and logging; accept sessions; shut down.
+
+Zero configuration: the first start creates the root (``ferry.paths.default_root()``), a self-signed
+certificate, and a first user whose password is printed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry import __version__, paths
+from ferry.server.accounts import Accounts
+from ferry.server.context import Limits, ServerContext
+from ferry.server.session import Session
+
+
+@dataclass
+class ServeConfig:
+    """What ``ferry serve`` was asked to do."""
+
+    root: Path
+    host: str = "127.0.0.1"
+    port: int = paths.DEFAULT_PORT
+    plain: bool = False
+    limits: Limits = field(default_factory=Limits)
+    log_to_console: bool = True
+    #: argon2 PasswordHasher override (tests use a cheap one); None = production parameters
+    hasher: Any = None
+
+
+@dataclass
+class Banner:
+    """What the server tells its operator at start-up."""
+
+    address: str
+    root: Path
+    tls: bool
+    fingerprint: str | None
+    first_user: tuple[str, str] | None  # (name, password) when just created
+
+
+def setup_logging(root: Path, console: bool) -> logging.Logger:
+    """The server's logger: a UTF-8 file under the root plus (optionally) the console.
+
+    Handlers are attached to a logger private to this root, replaced (not duplicated) on a restart
+    in the same process.
+    """
+    logfile = paths.log_file(root)
+    paths.ensure_private_dir(logfile.parent)
+    log = logging.getLogger(f"ferry.server.{root}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    fh = logging.FileHandler(logfile, encoding="utf-8")
+    fh.setFormatter(fmt)
+    log.addHandler(fh)
+    if console:
+        ch = logging.StreamHandler(sys.stderr)
+        ch.setFormatter(fmt)
+        log.addHandler(ch)
+    return log
+
+
+class Server:
+    """A running ferry server (one asyncio process, many sessions)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.ctx: ServerContext | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.banner: Banner | None = None
+
+    async def start(self) -> Banner:
+        """Prepare the root and start listening; returns what to tell the operator."""
+        cfg = self.config
+        root = paths.ensure_private_dir(cfg.root)
+        log = setup_logging(root, cfg.log_to_console)
+        accounts = Accounts(root, hasher=cfg.hasher)
+        first = accounts.ensure_first_user()
+        ssl_ctx = None
+        fp = None
+        if not cfg.plain:
+            from ferry.server.tls import ensure_certificate, fingerprint_file, server_ssl_context
+
+            cert, key = ensure_certificate(root)
+            ssl_ctx = server_ssl_context(cert, key)
+            fp = fingerprint_file(cert)
+        self.ctx = ServerContext(
+            root=root,
+            accounts=accounts,
+            ssl_context=ssl_ctx,
+            log=log,
+            limits=cfg.limits,
+            software=f"ferry/{__version__}",
+        )
+        try:
+            self._server = await asyncio.start_server(
+                self._on_client,
+                cfg.host,
+                cfg.port,
+                ssl=ssl_ctx,
+                reuse_address=True,
+                limit=1 << 20,
+                backlog=1024,
+            )
+        except OSError as exc:
+            from ferry.errors import UsageError
+
+            raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
+        sock = self._server.sockets[0].getsockname()
+        host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
+        address = f"{host}:{sock[1]}"
+        log.info("listening on %s tls=%s root=%s", address, not cfg.plain, root)
+        self.banner = Banner(address, root, not cfg.plain, fp, (first[0].name, first[1]) if first else None)
+        return self.banner
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self.ctx is not None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            _keepalive(sock)
+        if len(self._tasks) >= self.ctx.limits.max_sessions:
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await Session(self.ctx, reader, writer).run()
+        finally:
+            self._tasks.discard(task)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, end every session (they say goodbye), wait up to ``grace`` seconds."""
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        if self.ctx is not None:
+            self.ctx.accounts.close()
+            for h in list(self.ctx.log.handlers):
+                self.ctx.log.removeHandler(h)
+                h.close()
+
+
+def _keepalive(sock: object) -> None:
+    """TCP keepalives so a vanished peer is noticed even when nothing is being sent."""
+    import socket
+
+    with contextlib.suppress(OSError, AttributeError):
+        s = sock  # asyncio TransportSocket
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # type: ignore[attr-defined]
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)  # type: ignore[attr-defined]
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)  # type: ignore[attr-defined]
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)  # type: ignore[attr-defined]
+
+
+async def serve_forever(config: ServeConfig, on_ready: Callable[[Banner], None]) -> None:
+    """Run until SIGINT/SIGTERM, then shut down cleanly."""
+    server = Server(config)
+    banner = await server.start()
+    on_ready(banner)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+
+
+def run(config: ServeConfig, on_ready: Callable[[Banner], None]) -> None:
+    """Blocking entry point used by the CLI; uses uvloop when installed (faster TLS)."""
+    if os.environ.get("FERRY_NO_UVLOOP") != "1":
+        try:
+            import uvloop
+
+        except ImportError:
+            pass
+        else:
+            # uvloop's TLS is about twice as fast, but it has no sendfile: plain mode keeps asyncio's
+            # loop so downloads go through the kernel's sendfile.
+            if not config.plain:
+                uvloop.run(serve_forever(config, on_ready))
+                return
+    asyncio.run(serve_forever(config, on_ready))

@@ -1,0 +1,106 @@
+"""Server-wide state shared by every session: configuration, accounts, caches, usage, the logger.
+
+One :class:`ServerContext` per running server (no module globals), handed to each session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferry.server.accounts import Accounts, User
+
+
+@dataclass
+class Limits:
+    """Timeouts and caps; defaults are documented in docs/server.md."""
+
+    hello_timeout: float = 30.0  #: seconds a new connection has to send Hello and authenticate
+    idle_timeout: float = 900.0  #: seconds without any request before an idle session is closed
+    auth_attempts: int = 3  #: wrong passwords per connection before it is dropped
+    auth_fail_delay: float = 0.3  #: pause after a wrong password (slows guessing)
+    max_sessions: int = 1000  #: concurrent sessions; more are refused with a clear error
+    write_high_water: int = 1 << 20  #: transport buffer above which writers wait (bounded memory)
+    read_size: int = 1 << 18  #: bytes per socket read
+    auth_concurrency: int = 2  #: password checks at once (each argon2id check takes 64 MiB and ~50 ms)
+
+
+class HashCache:
+    """Chunk hashes of files, keyed by (device, inode, size, mtime_ns, algorithm, chunk size).
+
+    Lets a resume or a repeated download skip re-hashing unchanged files. In memory, LRU-bounded.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._data: OrderedDict[tuple[object, ...], list[bytes]] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: tuple[object, ...]) -> list[bytes] | None:
+        """Cached chunk hashes for ``key`` or None."""
+        val = self._data.get(key)
+        if val is not None:
+            self._data.move_to_end(key)
+        return val
+
+    def put(self, key: tuple[object, ...], hashes: list[bytes]) -> None:
+        """Remember ``hashes`` for ``key``."""
+        self._data[key] = hashes
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+
+class Usage:
+    """Bytes used per user home, computed lazily once and then kept up to date by operations."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def known(self, user: str) -> int | None:
+        """The cached usage of ``user``, or None when it must be (re)computed."""
+        return self._used.get(user)
+
+    def lock(self, user: str) -> asyncio.Lock:
+        """Serialises the first computation per user."""
+        return self._locks.setdefault(user, asyncio.Lock())
+
+    def set(self, user: str, used: int) -> None:
+        """Store a freshly computed usage."""
+        self._used[user] = used
+
+    def add(self, user: str, delta: int) -> None:
+        """Account for bytes added (or removed, negative) by an operation."""
+        if user in self._used:
+            self._used[user] = max(0, self._used[user] + delta)
+
+    def invalidate(self, user: str) -> None:
+        """Forget the usage (e.g. after a recursive remove) so it is recomputed next time."""
+        self._used.pop(user, None)
+
+
+@dataclass
+class ServerContext:
+    """Everything a session needs from the server."""
+
+    root: Path
+    accounts: Accounts
+    ssl_context: ssl.SSLContext | None
+    log: logging.Logger
+    limits: Limits = field(default_factory=Limits)
+    hash_cache: HashCache = field(default_factory=HashCache)
+    usage: Usage = field(default_factory=Usage)
+    sessions: set[object] = field(default_factory=set)
+    software: str = "ferry"
+    auth_slots: asyncio.Semaphore | None = None
+
+    def __post_init__(self) -> None:
+        self.auth_slots = asyncio.Semaphore(self.limits.auth_concurrency)
+
+    def user_home(self, user: User) -> Path:
+        """The home folder of ``user``."""
+        return user.home

@@ -1,0 +1,173 @@
+"""Request handlers for file-system operations (stat, list, mkdir, rm, mv, df).
+
+Every path goes through the session's :class:`~ferry.server.jail.Jail`; blocking file-system calls run
+in a thread so one slow disk does not stall other sessions. Each operation is logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat as statmod
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
+
+from ferry.server.jail import Entry as JailEntry
+from ferry.server.jail import Jail
+from ferry.textsafe import safe_text
+from ferry.wire import messages as m
+
+if TYPE_CHECKING:
+    from ferry.server.session import Session
+
+T = TypeVar("T")
+PAGE = 1000  # entries per ListReply page: keeps each message far below the frame limit
+
+
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking call in the default executor."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def jail_of(session: Session) -> Jail:
+    """The session's jail (exists once authenticated)."""
+    assert session.jail is not None
+    return session.jail
+
+
+def to_wire(e: JailEntry, name: str | None = None) -> m.Entry:
+    """Convert a jail entry to its wire form."""
+    return m.Entry(
+        name=name if name is not None else e.name, kind=e.kind, size=e.size, mtime=e.mtime, mode=e.mode
+    )
+
+
+def stat_entry(jail: Jail, path: str) -> m.Entry:
+    """Wire entry for ``path`` (lstat semantics)."""
+    st = jail.lstat(path)
+    if statmod.S_ISREG(st.st_mode):
+        kind = "file"
+    elif statmod.S_ISDIR(st.st_mode):
+        kind = "dir"
+    elif statmod.S_ISLNK(st.st_mode):
+        kind = "link"
+    else:
+        kind = "other"
+    name = path.rstrip("/").rsplit("/", 1)[-1] if path not in ("", ".") else "."
+    return m.Entry(name=name, kind=kind, size=st.st_size, mtime=st.st_mtime, mode=statmod.S_IMODE(st.st_mode))  # type: ignore[arg-type]
+
+
+def log_op(session: Session, op: str, path: str, started: float, result: str = "ok", nbytes: int = 0) -> None:
+    """One log line per operation: user, peer, operation, path, bytes, seconds, result."""
+    session.ctx.log.info(
+        "op user=%s peer=%s op=%s path=%s bytes=%d seconds=%.3f result=%s",
+        session.user.name if session.user else "-",
+        session.peer,
+        op,
+        safe_text(path),
+        nbytes,
+        time.monotonic() - started,
+        result,
+    )
+
+
+async def handle_stat(session: Session, msg: m.Stat) -> None:
+    """Reply with the path's metadata."""
+    t0 = time.monotonic()
+    entry = await in_thread(stat_entry, jail_of(session), msg.path)
+    await session.send(m.StatReply(id=msg.id, entry=entry))
+    log_op(session, "stat", msg.path, t0)
+
+
+def walk(jail: Jail, path: str, recursive: bool) -> Iterator[m.Entry]:
+    """Entries of ``path``; with ``recursive``, the whole tree with relative names (dirs first)."""
+    base = "" if path in ("", ".") else path.rstrip("/")
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        where = "/".join(p for p in (base, rel) if p)
+        for e in sorted(jail.listdir(where), key=lambda e: e.name):
+            name = f"{rel}/{e.name}" if rel else e.name
+            yield to_wire(e, name)
+            if recursive and e.kind == "dir":
+                stack.append(name)
+
+
+async def handle_list(session: Session, msg: m.ListDir) -> None:
+    """Reply with pages of entries (a single file lists as itself)."""
+    t0 = time.monotonic()
+    jail = jail_of(session)
+
+    def collect() -> list[m.Entry]:
+        entry = stat_entry(jail, msg.path)
+        if entry.kind != "dir":
+            return [entry]
+        return list(walk(jail, msg.path, msg.recursive))
+
+    # A listing is bounded by what the user can store; pages keep each frame small.
+    entries = await in_thread(collect)
+    for i in range(0, max(len(entries), 1), PAGE):
+        page = entries[i : i + PAGE]
+        await session.send(m.ListReply(id=msg.id, entries=page, more=i + PAGE < len(entries)))
+    log_op(session, "list", msg.path, t0, nbytes=len(entries))
+
+
+async def handle_mkdir(session: Session, msg: m.Mkdir) -> None:
+    """Create a directory."""
+    t0 = time.monotonic()
+    await in_thread(lambda: jail_of(session).mkdir(msg.path, parents=msg.parents, exist_ok=msg.parents))
+    await session.send(m.Ok(id=msg.id))
+    log_op(session, "mkdir", msg.path, t0)
+
+
+async def handle_remove(session: Session, msg: m.Remove) -> None:
+    """Remove a file, link or (recursively) a directory."""
+    t0 = time.monotonic()
+    jail = jail_of(session)
+    assert session.user is not None
+    st = await in_thread(jail.lstat, msg.path)
+    await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
+    if statmod.S_ISREG(st.st_mode):
+        session.ctx.usage.add(session.user.name, -st.st_size)
+    else:
+        session.ctx.usage.invalidate(session.user.name)
+    await session.send(m.Ok(id=msg.id))
+    log_op(session, "rm", msg.path, t0)
+
+
+async def handle_rename(session: Session, msg: m.Rename) -> None:
+    """Rename inside the home."""
+    t0 = time.monotonic()
+    jail = jail_of(session)
+    await in_thread(lambda: jail.rename(msg.src, msg.dst))
+    assert session.user is not None
+    session.ctx.usage.invalidate(session.user.name)  # an overwritten target changes usage
+    await session.send(m.Ok(id=msg.id))
+    log_op(session, "mv", f"{msg.src} -> {msg.dst}", t0)
+
+
+async def current_usage(session: Session) -> int:
+    """Bytes used by the session user's home (computed once, then tracked)."""
+    assert session.user is not None
+    usage = session.ctx.usage
+    name = session.user.name
+    known = usage.known(name)
+    if known is not None:
+        return known
+    async with usage.lock(name):
+        known = usage.known(name)
+        if known is None:
+            known = await in_thread(jail_of(session).usage)
+            usage.set(name, known)
+        return known
+
+
+async def handle_df(session: Session, msg: m.Df) -> None:
+    """Usage, quota and free disk space."""
+    assert session.user is not None
+    used = await current_usage(session)
+    vfs = os.statvfs(session.user.home)
+    await session.send(
+        m.DfReply(id=msg.id, used=used, quota=session.user.quota, free=vfs.f_bavail * vfs.f_frsize)
+    )

@@ -1,0 +1,331 @@
+"""One client connection on the server: handshake, authentication, request dispatch, cleanup.
+
+Structure (asyncssh-style): a *reader* loop turns bytes into wire events and dispatches them by
+message type through :data:`dispatch tables <Session._inline>`; requests that produce replies are
+queued to a single *worker* task that runs them in order (so replies to pipelined requests flow while
+the reader keeps accepting uploads, pings and command input). Every write goes through one lock so a
+``sendfile`` block is never interleaved with another frame. Writers wait on ``drain()``: a client that
+stops reading stalls its own session, never the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ferry.errors import AuthError, FerryError, RemoteError
+from ferry.server import files, transfer
+from ferry.server.accounts import User
+from ferry.server.jail import Jail
+from ferry.textsafe import safe_text
+from ferry.wire import (
+    CONNECTION_ENDED,
+    NEED_DATA,
+    Connection,
+    Data,
+    ProtocolError,
+    Role,
+    choose_version,
+)
+from ferry.wire import messages as m
+
+if TYPE_CHECKING:
+    from ferry.server.context import ServerContext
+
+Handler = Callable[["Session", Any], Awaitable[None]]
+
+_session_ids = itertools.count(1)
+
+#: Requests answered by the ordered worker (their replies may be long, e.g. a download).
+WORKER_HANDLERS: dict[type[m.Message], Handler] = {
+    m.Stat: files.handle_stat,
+    m.ListDir: files.handle_list,
+    m.Mkdir: files.handle_mkdir,
+    m.Remove: files.handle_remove,
+    m.Rename: files.handle_rename,
+    m.Df: files.handle_df,
+    m.GetFile: transfer.handle_get,
+}
+
+#: Messages handled by the reader itself, in arrival order, because data frames follow them.
+READER_HANDLERS: dict[type[m.Message], Handler] = {
+    m.PutFile: transfer.handle_put,
+    m.PutFrom: transfer.handle_put_from,
+    m.FileEnd: transfer.handle_put_end,
+    m.Cancel: transfer.handle_cancel,
+}
+
+
+def error_reply(req_id: int, exc: BaseException) -> m.Error:
+    """The wire Error for an exception raised while serving request ``req_id``."""
+    if isinstance(exc, RemoteError):
+        return m.Error(id=req_id, code=exc.code, message=str(exc))
+    if isinstance(exc, FerryError):
+        return m.Error(id=req_id, code=type(exc).__name__.lower(), message=str(exc))
+    return m.Error(id=req_id, code="internal", message=f"internal server error ({type(exc).__name__})")
+
+
+class Session:
+    """Serves one connection until it ends; never lets an error escape into the server."""
+
+    def __init__(
+        self, ctx: ServerContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.ctx = ctx
+        self.reader = reader
+        self.writer = writer
+        self.sid = next(_session_ids)
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        self.conn = Connection(Role.SERVER)
+        self.user: User | None = None
+        self.jail: Jail | None = None
+        self.plain = writer.get_extra_info("sslcontext") is None
+        self._wlock = asyncio.Lock()
+        self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
+        self._last_rx = time.monotonic()
+        self.busy = 0  # requests in progress; an idle timeout only applies when zero
+        #: channel id -> object receiving data frames (uploads; commands register here too)
+        self.channels: dict[int, Any] = {}
+        #: ids of uploads that failed mid-stream (their remaining data and FileEnd are dropped)
+        self.failed: set[int] = set()
+        #: ids the client cancelled (a download stops at the next block)
+        self.cancelled: set[int] = set()
+        #: optional handler for remote commands (set by ferry.server.exec when the user may exec)
+        self.exec_handler: Any = None
+        transport = writer.transport
+        transport.set_write_buffer_limits(high=ctx.limits.write_high_water)
+
+    # --- output ----------------------------------------------------------------------------
+
+    async def send(self, msg: m.Message) -> None:
+        """Send one message and wait until the transport buffer is below its high-water mark."""
+        async with self._wlock:
+            self.writer.write(self.conn.send(msg))
+            await self.writer.drain()
+
+    async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:
+        """Send one data frame (header and payload in one write)."""
+        async with self._wlock:
+            self.writer.write(self.conn.data_header(channel, stream, len(data)))
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def sendfile(self, channel: int, fileobj: Any, offset: int, count: int) -> int:
+        """Send ``count`` bytes of ``fileobj`` from ``offset`` as one data frame using the kernel's
+        sendfile (plain TCP only). Returns the bytes sent; pads with zeros if the file shrank so the
+        framing stays intact (the caller then reports the change instead of a digest)."""
+        loop = asyncio.get_running_loop()
+        async with self._wlock:
+            self.writer.write(self.conn.data_header(channel, m.STDOUT, count))
+            sent = await loop.sendfile(self.writer.transport, fileobj, offset, count, fallback=True)
+            if sent < count:
+                self.writer.write(bytes(count - sent))
+            await self.writer.drain()
+        return sent
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection; always closes it and releases every resource."""
+        log = self.ctx.log
+        started = time.monotonic()
+        worker: asyncio.Task[None] | None = None
+        watchdog: asyncio.Task[None] | None = None
+        reason = "closed"
+        try:
+            async with asyncio.timeout(self.ctx.limits.hello_timeout):
+                await self._handshake()
+            worker = asyncio.create_task(self._worker())
+            watchdog = asyncio.create_task(self._watchdog())
+            await self._read_loop()
+        except TimeoutError:
+            reason = "timeout"
+            await self._try_send(m.Goodbye(reason="timed out"))
+        except AuthError as exc:
+            reason = f"auth failed: {exc}"
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            await self._try_send(m.Error(id=0, code="protocol", message=str(exc)))
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection lost: {exc.__class__.__name__}"
+        except asyncio.CancelledError:
+            reason = "server shutdown"
+            await self._try_send(m.Goodbye(reason="server shutting down"))
+            raise
+        finally:
+            for task in (worker, watchdog):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            await self._cleanup()
+            log.info(
+                "session %d end user=%s peer=%s seconds=%.3f result=%s",
+                self.sid,
+                self.user.name if self.user else "-",
+                self.peer,
+                time.monotonic() - started,
+                safe_text(reason),
+            )
+
+    async def _try_send(self, msg: m.Message) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                await self.send(msg)
+
+    async def _cleanup(self) -> None:
+        for channel in list(self.channels.values()):
+            with contextlib.suppress(Exception):
+                await channel.abort()
+        self.channels.clear()
+        if self.exec_handler is not None:
+            with contextlib.suppress(Exception):
+                await self.exec_handler.close()
+        if self.jail is not None:
+            self.jail.close()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.writer.wait_closed()
+
+    # --- input -----------------------------------------------------------------------------
+
+    async def next_event(self) -> m.Message | Data | None:
+        """The next wire event; None when the peer closed the connection cleanly."""
+        while True:
+            ev = self.conn.next_event()
+            if ev is CONNECTION_ENDED:
+                return None
+            if ev is not NEED_DATA:
+                return ev  # type: ignore[return-value]
+            data = await self.reader.read(self.ctx.limits.read_size)
+            self._last_rx = time.monotonic()
+            self.conn.receive_data(data)
+
+    async def _handshake(self) -> None:
+        hello = await self.next_event()
+        if hello is None:
+            raise ConnectionResetError("closed before hello")
+        assert isinstance(hello, m.Hello)  # the state table admits nothing else
+        try:
+            version = choose_version(hello)
+        except ProtocolError as exc:
+            await self.send(m.Error(id=0, code="version", message=str(exc)))
+            raise
+        await self.send(m.Welcome(version=version, software=self.ctx.software, features=["exec"]))
+        limits = self.ctx.limits
+        for attempt in range(1, limits.auth_attempts + 1):
+            auth = await self.next_event()
+            if auth is None:
+                raise ConnectionResetError("closed during authentication")
+            if isinstance(auth, m.Ping):
+                await self.send(m.Pong(nonce=auth.nonce))
+                continue
+            assert isinstance(auth, m.Auth)
+            loop = asyncio.get_running_loop()
+            try:
+                # argon2 is deliberately slow: keep it off the event loop so others are served.
+                assert self.ctx.auth_slots is not None
+                async with self.ctx.auth_slots:
+                    user = await loop.run_in_executor(
+                        None, self.ctx.accounts.verify, auth.user, auth.password
+                    )
+            except AuthError as exc:
+                self.ctx.log.warning(
+                    "auth failed user=%s peer=%s attempt=%d", safe_text(auth.user), self.peer, attempt
+                )
+                await asyncio.sleep(limits.auth_fail_delay)
+                await self.send(m.Error(id=0, code="auth", message=str(exc)))
+                if attempt == limits.auth_attempts:
+                    raise
+                continue
+            self.user = user
+            os.makedirs(user.home, mode=0o700, exist_ok=True)
+            self.jail = Jail(user.home)
+            await self.send(m.AuthOk(user=user.name, exec_allowed=user.exec_allowed, quota=user.quota))
+            if user.exec_allowed:
+                from ferry.server.exec import ExecHandler  # imported only for exec users
+
+                self.exec_handler = ExecHandler(self)
+            self.ctx.log.info(
+                "session %d login user=%s peer=%s plain=%s", self.sid, user.name, self.peer, self.plain
+            )
+            return
+        raise AuthError("too many failed attempts")
+
+    async def _read_loop(self) -> None:
+        while True:
+            ev = await self.next_event()
+            if ev is None:
+                return
+            if isinstance(ev, Data):
+                target = self.channels.get(ev.channel)
+                if target is not None:
+                    try:
+                        await target.on_data(ev)
+                    except (ProtocolError, ConnectionError):
+                        raise
+                    except Exception as exc:  # e.g. disk full: fail this transfer, keep the session
+                        await transfer.fail_upload(self, ev.channel, exc)
+                        await self.send(error_reply(ev.channel, transfer.as_remote_error(exc)))
+                continue  # data for a cancelled/failed channel is dropped
+            if isinstance(ev, m.Ping):
+                await self.send(m.Pong(nonce=ev.nonce))
+            elif isinstance(ev, m.Goodbye):
+                return
+            elif type(ev) in WORKER_HANDLERS:
+                await self._queue.put(ev)  # bounded: a flood of requests waits here
+            elif type(ev) in READER_HANDLERS:
+                await self._guarded(READER_HANDLERS[type(ev)], ev)
+            elif isinstance(ev, m.Exec | m.Window | m.Eof | m.Signal | m.Resize):
+                if self.exec_handler is None:
+                    await self.send(
+                        m.Error(
+                            id=ev.id,
+                            code="exec-denied",
+                            message="remote commands are disabled for this user; an admin can enable "
+                            "them with 'ferry user mod NAME --exec'",
+                        )
+                    )
+                else:
+                    await self._guarded(self.exec_handler.handle, ev)
+
+    async def _guarded(self, handler: Handler, msg: Any) -> None:
+        """Run ``handler``; turn its failure into an Error reply for that request id."""
+        self.busy += 1
+        try:
+            await handler(self, msg)
+        except (ProtocolError, ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            req_id = getattr(msg, "id", 0)
+            if not isinstance(exc, FerryError):
+                self.ctx.log.exception("internal error in %s", type(msg).__name__)
+            await self.send(error_reply(req_id, exc))
+        finally:
+            self.busy -= 1
+            self._last_rx = time.monotonic()
+
+    async def _worker(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            if msg is None:
+                return
+            await self._guarded(WORKER_HANDLERS[type(msg)], msg)
+
+    async def _watchdog(self) -> None:
+        idle = self.ctx.limits.idle_timeout
+        while True:
+            await asyncio.sleep(min(idle / 4, 10.0))
+            quiet = time.monotonic() - self._last_rx
+            if quiet > idle and not self.busy and self._queue.empty() and not self.channels:
+                self.ctx.log.info("session %d idle for %.0f s: closing", self.sid, quiet)
+                await self._try_send(m.Goodbye(reason=f"idle for {idle:.0f} s"))
+                self.writer.transport.abort()
+                return

@@ -1,0 +1,392 @@
+"""Downloads and uploads on the server: integrity, resume, atomic commit, quota, bounded memory.
+
+Download (``GetFile``): the client may send hashes of chunks it already holds; the server compares
+them with its own (cached per inode/size/mtime, else computed) and streams from the first mismatch.
+Plain TCP uses the kernel's ``sendfile``; TLS reads 1 MiB blocks in a thread while the previous block
+is being written. The remaining chunk hashes are computed in a thread *concurrently* with sending,
+so hashing never serialises with the network. ``FileEnd`` carries the chunk hashes and digest.
+
+Upload (``PutFile``): data goes to a hidden partial file next to the target (``.NAME.ferry-part-TOKEN``,
+the same token for the same source so an interrupted upload resumes). The server tells the client
+which chunks it already holds (``PutReady``), the client continues from the first one that does not
+match (``PutFrom``), and at ``FileEnd`` the server compares every chunk hash and the digest, fsyncs,
+and only then renames the partial to the final name. Small files travel inline in ``PutFile``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ferry.errors import AlreadyExists, DiskFull, IntegrityError, RemoteError
+from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
+from ferry.server.files import current_usage, in_thread, jail_of, log_op
+from ferry.wire import Data, RemoteProtocolError
+from ferry.wire import messages as m
+
+if TYPE_CHECKING:
+    from ferry.server.session import Session
+
+BLOCK = 1 << 20  # TLS read/write block: large enough to amortise per-frame costs
+SENDFILE_BLOCK = 1 << 26  # plain TCP: one data frame per 64 MiB handed to sendfile
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+async def handle_get(session: Session, msg: m.GetFile) -> None:
+    """Stream a file to the client (resuming after the chunks it proves it has)."""
+    t0 = time.monotonic()
+    jail = jail_of(session)
+    fd = await in_thread(jail.open_read, msg.path)
+    hash_job: asyncio.Future[list[bytes]] | None = None
+    try:
+        st = os.fstat(fd)
+        size, chunk = st.st_size, msg.chunk_size
+        key = (st.st_dev, st.st_ino, size, st.st_mtime_ns, msg.hash, chunk)
+        cached = session.ctx.hash_cache.get(key)
+        offset, prefix = 0, []
+        if msg.chunk_hashes:
+            n = min(len(msg.chunk_hashes), size // chunk)  # only whole chunks can be resumed
+            ours = (
+                cached[:n] if cached else await in_thread(hash_fd_chunks, fd, msg.hash, chunk, 0, n * chunk)
+            )
+            k = matching_prefix(ours, msg.chunk_hashes[:n])
+            offset, prefix = k * chunk, ours[:k]
+        await session.send(
+            m.FileInfo(id=msg.id, size=size, mtime=st.st_mtime, mode=st.st_mode & 0o7777, offset=offset)
+        )
+        if cached is None:
+            # Hash the rest in a thread while the data is on its way (page cache makes it cheap).
+            hash_job = asyncio.ensure_future(in_thread(hash_fd_chunks, fd, msg.hash, chunk, offset, size))
+        complete = await _stream(session, msg.id, fd, offset, size)
+        if complete is None:
+            await session.send(m.Error(id=msg.id, code="cancelled", message="download cancelled"))
+            session.cancelled.discard(msg.id)
+            return
+        if cached is not None:
+            hashes = cached
+        else:
+            assert hash_job is not None
+            hashes = prefix + await hash_job
+        st2 = os.fstat(fd)
+        if not complete or st2.st_size != size or st2.st_mtime_ns != st.st_mtime_ns:
+            await session.send(
+                m.Error(
+                    id=msg.id,
+                    code="changed",
+                    message=f"{msg.path} changed while it was being sent; try again",
+                )
+            )
+            log_op(session, "get", msg.path, t0, "changed", size - offset)
+            return
+        session.ctx.hash_cache.put(key, hashes)
+        await session.send(
+            m.FileEnd(id=msg.id, size=size, chunk_hashes=hashes, digest=tree_digest(msg.hash, size, hashes))
+        )
+        log_op(session, "get", msg.path, t0, "ok" if not offset else f"ok resumed-at={offset}", size - offset)
+    finally:
+        if hash_job is not None and not hash_job.done():
+            with contextlib.suppress(BaseException):
+                await hash_job  # the thread reads fd: let it finish before the fd is closed
+        os.close(fd)
+
+
+async def _stream(session: Session, channel: int, fd: int, offset: int, size: int) -> bool | None:
+    """Send bytes [offset, size) of ``fd``; False if the file shrank (the frames are padded),
+    None if the client cancelled (checked between blocks, where framing allows stopping)."""
+    if session.plain:
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            pos = offset
+            while pos < size:
+                if channel in session.cancelled:
+                    return None
+                count = min(SENDFILE_BLOCK, size - pos)
+                sent = await session.sendfile(channel, f, pos, count)
+                if sent < count:
+                    return False
+                pos += count
+        return True
+    loop = asyncio.get_running_loop()
+    pos = offset
+    ok = True
+    nxt = loop.run_in_executor(None, os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
+    while nxt is not None:
+        data = await nxt
+        if channel in session.cancelled:
+            return None
+        want = min(BLOCK, size - pos)
+        if len(data) < want:
+            data += bytes(want - len(data))  # keep framing; the caller reports the change
+            ok = False
+        pos += want
+        # Read the next block while this one is being encrypted and written.
+        nxt = loop.run_in_executor(None, os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
+        await session.send_data(channel, m.STDOUT, data)
+    return ok
+
+
+# --- upload --------------------------------------------------------------------------------
+
+
+@dataclass
+class Upload:
+    """An upload in progress: the partial file, the running hasher and the pending write."""
+
+    session: Session
+    msg: m.PutFile
+    fd: int
+    partial: str
+    held: list[bytes]  # chunk hashes of the data the partial already held
+    t0: float
+    hasher: ChunkHasher | None = None
+    pos: int = 0
+    started: bool = False
+    _buf: list[bytes] = field(default_factory=list)
+    _buffered: int = 0
+    _pending: asyncio.Future[None] | None = None
+
+    def start(self, offset: int) -> None:
+        """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
+        chunk = self.msg.chunk_size
+        if offset % chunk or offset // chunk > len(self.held) or offset > self.msg.size:
+            raise RemoteProtocolError(f"bad resume offset {offset}")
+        os.ftruncate(self.fd, offset)
+        self.hasher = ChunkHasher(self.msg.hash, chunk, prefix=self.held[: offset // chunk])
+        self.pos = offset
+        self.started = True
+
+    async def on_data(self, ev: Data) -> None:
+        """Buffer a piece of data; write and hash it in a thread in ~1 MiB batches."""
+        if not self.started:
+            raise RemoteProtocolError("upload data before put_from")
+        if self.pos + self._buffered + len(ev.data) > self.msg.size:
+            raise RemoteProtocolError(f"more data than the announced {self.msg.size} bytes")
+        self._buf.append(ev.data)
+        self._buffered += len(ev.data)
+        if self._buffered >= BLOCK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+        if not self._buffered:
+            return
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._buffered = 0
+        pos = self.pos
+        self.pos += len(data)
+        hasher = self.hasher
+        assert hasher is not None
+
+        def write() -> None:
+            view = memoryview(data)
+            off = pos
+            while view:
+                n = os.pwrite(self.fd, view, off)
+                view, off = view[n:], off + n
+            hasher.update(data)  # blake3 releases the GIL: overlaps with the next network read
+
+        # One write in flight: the next batch is collected while this one is written.
+        self._pending = asyncio.get_running_loop().run_in_executor(None, write)
+
+    async def finish(self, end: m.FileEnd) -> None:
+        """Verify everything, fsync, set metadata, and atomically move into place."""
+        await self._flush()
+        await self._flush()  # wait for the last write
+        assert self.hasher is not None
+        hashes, digest = self.hasher.finish()
+        msg = self.msg
+        if self.pos != msg.size or end.size != msg.size:
+            raise IntegrityError(
+                f"{msg.path}: received {self.pos} bytes, expected {msg.size}; nothing was kept"
+            )
+        if hashes != end.chunk_hashes or digest != end.digest:
+            bad = matching_prefix(hashes, end.chunk_hashes)
+            raise IntegrityError(
+                f"{msg.path}: chunk {bad} does not match the sender's hash; nothing was kept"
+            )
+        await in_thread(_finalise, self.fd, msg)
+        jail = jail_of(self.session)
+        await in_thread(jail.commit, self.partial, msg.path)
+
+    async def abort(self) -> None:
+        """Connection lost or cancelled: stop, keep the verified partial for a later resume."""
+        with contextlib.suppress(Exception):
+            await self._flush()
+            await self._flush()
+        self.close()
+
+    def discard(self) -> None:
+        """Remove the partial file (integrity failure, disk full)."""
+        self.close()
+        with contextlib.suppress(Exception):
+            jail_of(self.session).remove(self.partial)
+
+    def close(self) -> None:
+        """Close the partial's descriptor (once)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _finalise(fd: int, msg: m.PutFile) -> None:
+    os.fchmod(fd, msg.mode & 0o777)
+    os.utime(fd, (msg.mtime, msg.mtime))
+    os.fsync(fd)  # data on disk before the name appears: a crash cannot expose a torn file
+
+
+async def _check_quota(session: Session, msg: m.PutFile) -> None:
+    user = session.user
+    assert user is not None
+    if user.quota is None:
+        return
+    used = await current_usage(session)
+    existing = 0
+    with contextlib.suppress(Exception):
+        st = jail_of(session).lstat(msg.path)
+        existing = st.st_size
+    if used - existing + msg.size > user.quota:
+        raise DiskFull(
+            "quota",
+            f"quota exceeded: {msg.path} needs {msg.size} bytes, {max(user.quota - used, 0)} of "
+            f"{user.quota} left; remove files (ferry rm) or ask an admin to raise the quota",
+        )
+
+
+async def handle_put(session: Session, msg: m.PutFile) -> None:
+    """Start an upload (or store a small inline file at once)."""
+    jail = jail_of(session)
+    if not msg.overwrite:
+        with contextlib.suppress(RemoteError):
+            jail.lstat(msg.path)
+            raise AlreadyExists("exists", f"{msg.path} already exists")
+    await _check_quota(session, msg)
+    if msg.data is not None:
+        await _put_inline(session, msg)
+        return
+    token = msg.token or secrets.token_hex(8)
+    if not _TOKEN.match(token):
+        raise RemoteProtocolError("bad upload token")
+    fd, partial, have = await in_thread(jail.open_partial, msg.path, token)
+    try:
+        n = min(have, msg.size) // msg.chunk_size
+        held = (
+            await in_thread(hash_fd_chunks, fd, msg.hash, msg.chunk_size, 0, n * msg.chunk_size) if n else []
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    session.channels[msg.id] = Upload(session, msg, fd, partial, held, time.monotonic())
+    await session.send(m.PutReady(id=msg.id, chunk_hashes=held))
+
+
+async def _put_inline(session: Session, msg: m.PutFile) -> None:
+    t0 = time.monotonic()
+    data = msg.data or b""
+    hasher = ChunkHasher(msg.hash, msg.chunk_size)
+    hasher.update(data)
+    hashes, digest = hasher.finish()
+    if len(data) != msg.size or (msg.digest and digest != msg.digest):
+        raise IntegrityError(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
+    jail = jail_of(session)
+
+    def store() -> None:
+        fd, tmp = jail.create_temp(msg.path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, msg.mode & 0o777)
+            os.utime(fd, (msg.mtime, msg.mtime))
+            # No fsync for small inline files: rename still makes the name appear only complete,
+            # and 10,000 fsyncs would dominate a tree upload (rsync and scp do not fsync either).
+        except BaseException:
+            os.close(fd)
+            jail.remove(tmp)
+            raise
+        os.close(fd)
+        jail.commit(tmp, msg.path)
+
+    try:
+        await in_thread(store)
+    except OSError as exc:
+        raise _os_error(msg.path, exc) from exc
+    assert session.user is not None
+    session.ctx.usage.invalidate(session.user.name) if msg.overwrite else None
+    await session.send(m.Ok(id=msg.id))
+    log_op(session, "put", msg.path, t0, nbytes=len(data))
+
+
+def as_remote_error(exc: BaseException, path: str = "") -> BaseException:
+    """Translate an OSError raised while writing into the matching RemoteError."""
+    return _os_error(path or "upload", exc) if isinstance(exc, OSError) else exc
+
+
+def _os_error(path: str, exc: OSError) -> RemoteError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull("disk-full", f"the server's disk is full while writing {path}; nothing was kept")
+    return RemoteError("io", f"{path}: {exc.strerror or exc}")
+
+
+def _upload(session: Session, req_id: int) -> Upload:
+    up = session.channels.get(req_id)
+    if not isinstance(up, Upload):
+        raise RemoteProtocolError(f"no upload in progress with id {req_id}")
+    return up
+
+
+async def handle_put_from(session: Session, msg: m.PutFrom) -> None:
+    """The client chose where to continue."""
+    _upload(session, msg.id).start(msg.offset)
+
+
+async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
+    """Verify and commit an upload; reply Ok or an Error (and discard a corrupt partial)."""
+    if msg.id in session.failed:
+        session.failed.discard(msg.id)
+        return
+    up = _upload(session, msg.id)
+    del session.channels[msg.id]
+    try:
+        await up.finish(msg)
+    except IntegrityError:
+        up.discard()
+        log_op(session, "put", up.msg.path, up.t0, "integrity-error", up.pos)
+        raise
+    except OSError as exc:
+        up.discard()
+        raise _os_error(up.msg.path, exc) from exc
+    up.close()
+    assert session.user is not None
+    session.ctx.usage.invalidate(session.user.name)
+    await session.send(m.Ok(id=msg.id))
+    log_op(session, "put", up.msg.path, up.t0, nbytes=up.pos)
+
+
+async def fail_upload(session: Session, req_id: int, exc: BaseException) -> None:
+    """An upload's data could not be written: drop it, remember the id, tell the client."""
+    up = session.channels.pop(req_id, None)
+    if isinstance(up, Upload):
+        up.discard()
+    session.failed.add(req_id)
+
+
+async def handle_cancel(session: Session, msg: m.Cancel) -> None:
+    """Stop an upload (keeping its partial for resume) or a command; downloads stop at a block."""
+    target = session.channels.pop(msg.id, None)
+    if target is not None:
+        await target.abort()
+    session.cancelled.add(msg.id)
+    await session.send(m.Ok(id=msg.id))

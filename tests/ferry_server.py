@@ -1,0 +1,85 @@
+"""A real ferry server for tests: runs in a thread with its own event loop, on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+
+from ferry.server.accounts import Accounts
+from ferry.server.app import ServeConfig, Server
+from ferry.server.context import Limits
+
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+PASSWORD = "correct horse battery staple"
+
+
+class ServerThread:
+    """Start with :meth:`start`, stop with :meth:`stop`; ``port``, ``root`` and ``add_user`` for tests."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        plain: bool = False,
+        limits: Limits | None = None,
+        server_cls: type[Server] = Server,
+    ) -> None:
+        self.root = root
+        self.config = ServeConfig(
+            root=root,
+            host="127.0.0.1",
+            port=0,
+            plain=plain,
+            limits=limits or Limits(),
+            log_to_console=False,
+            hasher=CHEAP_HASHER,
+        )
+        self.server = server_cls(self.config)
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def add_user(self, name: str, password: str = PASSWORD, **kw: Any) -> Path:
+        acc = Accounts(self.root, hasher=CHEAP_HASHER)
+        try:
+            return acc.add(name, password, **kw).home
+        finally:
+            acc.close()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("server did not start")
+        if self._error:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                banner = await self.server.start()
+                self.banner = banner
+                self.port = int(banner.address.rsplit(":", 1)[1])
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            await self._stop.wait()
+            await self.server.close(grace=2)
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
