@@ -295,7 +295,7 @@ async def _put_inline(session: Session, msg: m.PutFile) -> None:
     data = msg.data or b""
     hasher = ChunkHasher(msg.hash, msg.chunk_size)
     hasher.update(data)
-    hashes, digest = hasher.finish()
+    _, digest = hasher.finish()
     if len(data) != msg.size or (msg.digest and digest != msg.digest):
         raise IntegrityError(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
     jail = jail_of(session)
