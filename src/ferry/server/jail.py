@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal
@@ -466,7 +466,9 @@ class Jail:
             raise ValueError("operation on a closed Jail")
         return self._fd
 
-    def _open_dir_at(self, dir_fd: int, name: str, prefix: str, create_mode: int | None = None) -> int:
+    def _open_dir_at(
+        self, dir_fd: int, name: str, prefix: str, create_mode: int | None = None, _retries: int = 3
+    ) -> int:
         """Open directory ``name`` in ``dir_fd`` without following links (translating errors).
 
         ``prefix`` is the client path up to and including ``name``, for messages. With
@@ -482,13 +484,17 @@ class Jail:
                 os.mkdir(name, create_mode, dir_fd=dir_fd)
             return self._open_dir_at(dir_fd, name, prefix)
         except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise translate_oserror(exc, prefix) from exc
             # O_NOFOLLOW|O_DIRECTORY on a symlink gives ENOTDIR on Linux (ELOOP elsewhere): look
-            # at the entry (without following it) to tell the user which of the two it is.
-            if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link_at(dir_fd, name):
+            # at the entry (without following it) to tell the user which of the two it is. If it is
+            # a folder again (or gone) by now, it was swapped meanwhile: try again (bounded).
+            kind = _kind_at(dir_fd, name)
+            if kind in ("dir", None) and _retries > 0:
+                return self._open_dir_at(dir_fd, name, prefix, create_mode, _retries - 1)
+            if kind == "link":
                 raise _symlink_refused(prefix) from exc
-            if exc.errno == errno.ENOTDIR:
-                raise NotADirectory("not-a-directory", f"{_show(prefix)} is not a folder") from exc
-            raise translate_oserror(exc, prefix) from exc
+            raise NotADirectory("not-a-directory", f"{_show(prefix)} is not a folder") from exc
 
     def _walk(self, parts: Sequence[str], create_mode: int | None = None) -> int:
         """Open the directory at ``parts`` (relative to home) component by component; caller closes."""
@@ -540,7 +546,7 @@ class Jail:
             return False
         return True
 
-    def iter_dir(self, path: str = "", *, include_partial: bool = False) -> Iterator[Entry]:
+    def iter_dir(self, path: str = "", *, include_partial: bool = False) -> Generator[Entry, None, None]:
         """Yield the entries of directory ``path`` in directory order, without loading them all.
 
         Partial uploads are skipped unless ``include_partial``. Entries removed while listing are
@@ -871,11 +877,12 @@ class Jail:
                 os.close(fd)
 
 
-def _is_link_at(dir_fd: int, name: str) -> bool:
+def _kind_at(dir_fd: int, name: str) -> EntryKind | None:
+    """The kind of entry ``name`` in ``dir_fd`` (not following links); None if it is gone."""
     try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        return _kind(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
-        return False
+        return None
 
 
 def _require_regular(st: os.stat_result, path: str) -> None:
