@@ -148,8 +148,8 @@ def _serve(server: ThreadingHTTPServer) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        host, port = server.server_address[:2]
-        yield f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        host, port = str(server.server_address[0]), int(server.server_address[1])
+        yield f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     finally:
         server.shutdown()
         server.server_close()
@@ -173,7 +173,11 @@ def https_server(ca: trustme.CA) -> Iterator[tuple[int, list[str | None]]]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
     seen_sni: list[str | None] = []
-    context.sni_callback = lambda _sock, name, _ctx: seen_sni.append(name)  # type: ignore[assignment,func-returns-value]
+
+    def record_sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        seen_sni.append(name)
+
+    context.sni_callback = record_sni
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     # Handshakes happen in accept(); a client that rejects our certificate makes accept() raise an
     # OSError, which socketserver ignores: exactly what a test of a failing client needs.

@@ -57,7 +57,9 @@ def open_socket(target: str, proto: Proto, timeout: float | None) -> tuple[socke
 def _io_error(exc: OSError, what: str, timeout: float | None, doing: str) -> FerryError:
     """Translate an OSError from reading or writing the socket into a one-line ferry error."""
     if isinstance(exc, TimeoutError):
-        return FerryTimeout(f"timed out {doing} {what} (no data for {timeout:g} s)")
+        # timeout is None in pipe mode: then the kernel gave up (ETIMEDOUT), not our clock.
+        idle = f" (no data for {timeout:g} s)" if timeout is not None else ""
+        return FerryTimeout(f"timed out {doing} {what}{idle}")
     if isinstance(exc, ConnectionRefusedError):
         # On a connected UDP socket the kernel reports the ICMP "port unreachable" this way.
         return ConnectionBroken(f"connection refused by {what} (nothing listening there?)")
@@ -115,7 +117,8 @@ def send_messages(
                 raise _io_error(exc, what, timeout, "talking to") from exc
             _write(out, reply)  # outside the try: a closed stdout is not the peer's fault
         if missing:
-            raise FerryTimeout(f"no reply from {what} within {timeout:g} s to {missing} of {len(messages)} datagrams")
+            # Only reachable with a timeout: without one, recv() waits for every reply.
+            raise FerryTimeout(f"no reply from {what} within {timeout} s to {missing} of {len(messages)} datagrams")
         return
     try:
         for message in messages:

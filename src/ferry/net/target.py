@@ -113,7 +113,9 @@ def resolve(host: str, port: int, socktype: int) -> list[tuple[int, int, int, tu
 def connect_error(exc: OSError, what: str, timeout: float | None) -> ConnectionBroken:
     """Translate an ``OSError`` from ``connect`` into a one-line ferry error about ``what``."""
     if isinstance(exc, TimeoutError | socket.timeout):
-        return FerryTimeout(f"timed out connecting to {what} (after {timeout:g} s)")
+        # With no timeout of ours this is the kernel giving up (ETIMEDOUT), so no number to quote.
+        after = f" (after {timeout:g} s)" if timeout is not None else ""
+        return FerryTimeout(f"timed out connecting to {what}{after}")
     if isinstance(exc, ConnectionRefusedError):
         return ConnectionBroken(f"connection refused by {what} (nothing listening there?)")
     if isinstance(exc, FileNotFoundError):
