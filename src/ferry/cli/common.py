@@ -1,0 +1,56 @@
+"""Shared pieces of the client commands: where the password comes from, opening a connection.
+
+Passwords never come from the command line (they would show in ``ps`` and shell history): from
+``--password-file``, the ``FERRY_PASSWORD`` environment variable, or a prompt on the terminal.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ferry.client.aclient import AsyncClient
+from ferry.client.location import Location
+from ferry.errors import AuthError, UsageError
+
+
+def default_user() -> str:
+    """The user name when a location names none: $FERRY_USER, else the local login name."""
+    return os.environ.get("FERRY_USER") or getpass.getuser()
+
+
+def resolve_password(loc: Location, password_file: str | None) -> str:
+    """The password for ``loc``: --password-file, $FERRY_PASSWORD, or an interactive prompt."""
+    if password_file:
+        try:
+            return Path(password_file).read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise UsageError(f"cannot read a password from {password_file}: {exc}") from exc
+    env = os.environ.get("FERRY_PASSWORD")
+    if env is not None:
+        return env
+    if sys.stdin.isatty():
+        return getpass.getpass(f"{loc.user}@{loc.address} password: ")
+    raise AuthError("no password: set FERRY_PASSWORD, use --password-file FILE, or run on a terminal to be asked")
+
+
+async def open_client(
+    loc: Location, *, plain: bool = False, password_file: str | None = None, timeout: float = 15.0
+) -> AsyncClient:
+    """Connect and log in; tells the user (on stderr) when a server certificate is pinned for the first time."""
+    user = loc.user or default_user()
+    loc = Location(loc.host, loc.port, user, loc.path)
+    password = resolve_password(loc, password_file)
+    client = await AsyncClient.connect(loc.host, loc.port, user=user, password=password, plain=plain, timeout=timeout)
+    info = client.info
+    if info is not None and info.pin_status == "new":
+        click.echo(
+            f"ferry: first connection to {loc.address}; pinned its certificate {info.fingerprint} "
+            "(compare it with the one 'ferry serve' printed)",
+            err=True,
+        )
+    return client
