@@ -746,6 +746,30 @@ def test_create_temp_and_commit(jail: Jail, home: Path) -> None:
     assert (home / "d" / "report.pdf").read_bytes() == b"v2"
 
 
+def test_commit_without_overwrite(jail: Jail, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(home / "f", b"old")
+    fd, rel = jail.create_temp("f")
+    os.write(fd, b"new")
+    os.close(fd)
+    with raises(AlreadyExists, "exists"):
+        jail.commit(rel, "f", overwrite=False)
+    assert (home / "f").read_bytes() == b"old"
+    jail.commit(rel, "g", overwrite=False)
+    assert (home / "g").read_bytes() == b"new"
+
+
+def test_remove_explains_hidden_partials(jail: Jail, home: Path) -> None:
+    (home / "d").mkdir()
+    fd, _ = jail.create_temp("d/f")
+    os.close(fd)
+    assert jail.listdir("d") == []
+    with raises(DirectoryNotEmpty, "not-empty") as info:
+        jail.remove("d")
+    assert "unfinished uploads" in str(info.value)
+    jail.remove("d", recursive=True)
+    assert not (home / "d").exists()
+
+
 def test_upload_refusals(jail: Jail, home: Path) -> None:
     (home / "d").mkdir()
     write(home / "plain.txt")

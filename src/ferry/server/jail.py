@@ -551,7 +551,9 @@ class Jail:
 
         Partial uploads are skipped unless ``include_partial``. Entries removed while listing are
         skipped. The directory fd is closed when the iterator is exhausted or closed; iterate it fully
-        or call ``.close()`` on it (CPython also closes it as soon as it is garbage).
+        or call ``.close()`` on it (CPython also closes it as soon as it is garbage). Being a
+        generator, it reports errors (missing folder, symlink, ...) on the first ``next()``, not when
+        called; use :meth:`listdir` or :meth:`open_dir` to fail early.
         """
         fd = self.open_dir(path)
         try:
@@ -755,10 +757,12 @@ class Jail:
                     os.rmdir(name, dir_fd=pfd)
                 except OSError as exc:
                     if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        # Listings hide partial uploads, so say why a folder that looks empty is not.
+                        hidden = " (it holds unfinished uploads)" if _only_partials(pfd, name) else ""
                         raise DirectoryNotEmpty(
                             "not-empty",
-                            f"{_show(path)} is a folder that is not empty; remove it recursively to "
-                            "delete it and everything in it",
+                            f"{_show(path)} is a folder that is not empty{hidden}; remove it recursively "
+                            "to delete it and everything in it",
                         ) from exc
                     raise
 
@@ -816,13 +820,15 @@ class Jail:
             else:
                 _rename_noreplace(sfd, sname, dfd, dname)
 
-    def commit(self, temp_rel: str, final_rel: str, *, durable: bool = True) -> None:
+    def commit(self, temp_rel: str, final_rel: str, *, overwrite: bool = True, durable: bool = True) -> None:
         """Atomically move a finished upload from ``temp_rel`` (a partial file) to ``final_rel``.
 
         The caller must ``fsync`` the file's fd *before* committing, so the final name never points at
         data that a crash could lose. With ``durable`` (default) the jail then fsyncs the folder(s), so
-        the rename itself survives a crash. An existing file at ``final_rel`` is replaced; an existing
-        folder is not (``is-a-directory``). ``temp_rel`` must name a partial file.
+        the rename itself survives a crash. An existing file (or symlink: the link is replaced, not
+        its target) at ``final_rel`` is replaced, unless ``overwrite`` is False: then it fails with
+        ``exists``, atomically, so a check made when the upload started cannot be raced. An existing
+        folder is never replaced (``is-a-directory``). ``temp_rel`` must name a partial file.
         """
         tparts = self._needs_name(temp_rel, _UPLOAD_NEEDS_NAME)
         if not is_partial_name(tparts[-1]):
@@ -833,7 +839,10 @@ class Jail:
             self._parent(tparts) as (sfd, sname),
             self._parent(fparts) as (dfd, dname),
         ):
-            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            if overwrite:
+                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            else:
+                _rename_noreplace(sfd, sname, dfd, dname)
             if durable:
                 os.fsync(dfd)
                 if tparts[:-1] != fparts[:-1]:
@@ -906,6 +915,21 @@ def _refuse_existing_dir(pfd: int, name: str, path: str) -> None:
         return
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectory("is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it")
+
+
+def _only_partials(pfd: int, name: str) -> bool:
+    """True if folder ``name`` in ``pfd`` holds only partial uploads (for a clearer message)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+    except OSError:
+        return False
+    try:
+        with os.scandir(fd) as it:
+            return all(is_partial_name(de.name) for de in it)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _clear_files(fd: int) -> list[str]:
