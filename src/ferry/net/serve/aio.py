@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from typing import cast
 
 from ferry.net.serve.common import CHUNK, LINGER, log
 from ferry.net.serve.config import ServeConfig
@@ -85,13 +86,15 @@ class _StreamServer:
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, sock: socket.socket) -> None:
         self.kind = kind
+        self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # Not an isinstance check: the selector loop's datagram transport does not subclass
+        # DatagramTransport on every Python version, though it implements it.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         try:
@@ -99,8 +102,17 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
         except Exception:
             log.exception("bug while answering a %s datagram", self.kind)
             return
-        if reply is not None and self.transport is not None:
+        if reply is None or self.transport is None:
+            return
+        if reply:
             self.transport.sendto(reply, addr)
+            return
+        # asyncio (3.11) silently drops empty datagrams in sendto(), but an empty echo is a
+        # valid reply; send it on the socket directly (a zero-byte datagram cannot block).
+        try:
+            self.sock.sendto(b"", addr)
+        except OSError as exc:
+            log.debug("sendto %s: %s", addr, exc)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("datagram error: %s", exc)
@@ -113,7 +125,7 @@ async def _main(lsock: socket.socket, config: ServeConfig, stop: StopSignal) -> 
     try:
         if config.proto == "udp":
             transport, _proto = await loop.create_datagram_endpoint(
-                lambda: _DatagramProtocol(config.kind), sock=lsock
+                lambda: _DatagramProtocol(config.kind, lsock), sock=lsock
             )
             await stopped.wait()
             transport.close()

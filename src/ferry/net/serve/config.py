@@ -114,5 +114,5 @@ class ServeConfig:
             port=DEFAULT_PORT if port is None else port,
             path=path,
             idle_timeout=DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-            workers=(workers or default_workers()) if model == "prefork" else 1,
+            workers=(default_workers() if workers is None else workers) if model == "prefork" else 1,
         )
