@@ -290,3 +290,20 @@ def test_unknown_host(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_nothing_to_send_is_usage_error(tcp_echo: str) -> None:
     with pytest.raises(UsageError):
         send(tcp_echo, [], out=io.BytesIO())
+
+
+def test_interactive_terminal_session(tcp_echo: str) -> None:
+    # On a terminal each line must go out (and its echo come back) while stdin is still open:
+    # proves the two directions really run concurrently, not "read all stdin, then the socket".
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(FERRY[0], [*FERRY[1:], "net", "send", tcp_echo], timeout=10)
+    try:
+        child.sendline("first line")
+        child.expect("first line\r\n.*first line\r\n")  # the tty's own echo, then the server's
+        child.sendline("second")
+        child.expect("second\r\n.*second\r\n")
+        child.sendeof()  # Ctrl-D: half-close, the echo server closes, ferry exits
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
