@@ -560,3 +560,35 @@ def test_broken_response_is_protocol_error() -> None:
         with pytest.raises(ConnectionBroken, match="bad HTTP"):
             fetch(f"http://127.0.0.1:{port}/", io.BytesIO(), timeout=5)
         t.join(5)
+
+
+def test_connect_timeout() -> None:
+    # A listener whose accept queue is full and that never accepts: Linux drops further SYNs, so
+    # connecting hangs until our timeout. Skipped where the kernel answers differently.
+    fillers: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        try:
+            for _ in range(16):  # bounded: the queue holds one or two on Linux
+                c = socket.socket()
+                fillers.append(c)
+                c.settimeout(0.2)
+                if c.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            else:
+                pytest.skip("could not fill the accept queue on this kernel")
+            start = time.monotonic()
+            try:
+                fetch(f"http://127.0.0.1:{port}/", io.BytesIO(), timeout=0.3)
+            except FerryTimeout as exc:
+                assert "timed out connecting to 127.0.0.1:" in str(exc)
+            except ConnectionBroken as exc:
+                pytest.skip(f"this kernel does not drop SYNs on a full queue: {exc}")
+            else:
+                pytest.fail("fetch returned although nobody could answer")
+            assert time.monotonic() - start < 3
+        finally:
+            for c in fillers:
+                c.close()
