@@ -20,6 +20,16 @@ from ferry.errors import ExitCode, FerryError
 _COMMANDS: dict[str, str] = {
     "user": "ferry.cli.user:user",
     "net": "ferry.cli.net:net",
+    "serve": "ferry.cli.serve:serve",
+    "get": "ferry.cli.files:get",
+    "put": "ferry.cli.files:put",
+    "ls": "ferry.cli.files:ls",
+    "stat": "ferry.cli.files:stat",
+    "mkdir": "ferry.cli.files:mkdir",
+    "rm": "ferry.cli.files:rm",
+    "mv": "ferry.cli.files:mv",
+    "df": "ferry.cli.files:df",
+    "shell": "ferry.cli.shell:shell",
 }
 
 
