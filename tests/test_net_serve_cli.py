@@ -221,7 +221,20 @@ def test_udp_prefork_workers_share_the_socket(start: Start) -> None:
         for i in range(20):
             c.send(f"n{i}".encode())
             assert c.recv(100) == f"N{i}".encode()
-    assert len(children_of(srv.pid)) == 2
+    assert wait_until(lambda: len(children_of(srv.pid)) == 2, 10)
+    assert srv.stop() == 0
+
+
+def test_prefork_replaces_a_dead_worker(start: Start) -> None:
+    srv = start("echo", "--model", "prefork", "--workers", "2", "--port", "0")
+    # The banner comes once the socket is bound; workers are forked right after.
+    assert wait_until(lambda: len(children_of(srv.pid)) == 2, 10)
+    workers = set(children_of(srv.pid))
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)  # a worker we did not start directly, but only its parent reaps
+    assert wait_until(lambda: victim not in children_of(srv.pid) and len(children_of(srv.pid)) == 2, 10)
+    for _ in range(10):  # whichever worker accepts, every connection is served
+        assert echo_roundtrip(srv.address, b"served") == b"served"
     assert srv.stop() == 0
 
 

@@ -31,6 +31,39 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, li
                 pass
 
 
+class _Watchdog:
+    """A connection's idle timer that costs one attribute store per I/O, not a timer per await.
+
+    ``asyncio.timeout`` around every read and drain would schedule and cancel a timer handle per
+    round trip; instead one timer fires at ``last activity + idle`` and re-arms itself if there
+    was activity since, so it wakes at most about once per idle period.
+    """
+
+    def __init__(self, idle: float, task: asyncio.Task[None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = idle
+        self._task = task
+        self.last = self._loop.time()
+        self.fired = False
+        self._handle = self._loop.call_at(self.last + idle, self._check)
+
+    def touch(self) -> None:
+        """Record progress (data received, or output drained)."""
+        self.last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self.last + self._idle
+        if self._loop.time() >= due:
+            self.fired = True
+            self._task.cancel()  # interrupts whatever the client coroutine awaits
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        """Stop the timer (connection finished)."""
+        self._handle.cancel()
+
+
 class _StreamServer:
     def __init__(self, config: ServeConfig) -> None:
         self.kind = config.kind
@@ -42,36 +75,41 @@ class _StreamServer:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
-        polite = False
+        dog = _Watchdog(self.idle, task)
         try:
-            polite = await self._converse(reader, writer)
-        except (OSError, TimeoutError) as exc:  # reset, broken pipe, idle: drop this client only
+            await self._converse(reader, writer, dog)
+            writer.close()
+            # Flushes what is still buffered; the watchdog bounds a client that stopped reading.
+            await writer.wait_closed()
+        except OSError as exc:  # reset, broken pipe: drop this client only
             log.debug("client dropped: %r", exc)
         except asyncio.CancelledError:
-            pass  # server shutdown: fall through to abort; not re-raised so the task ends quietly
+            # Idle timeout (watchdog) or server shutdown: abort below. Not re-raised, so the
+            # task simply ends and nothing logs "Task was destroyed / exception never retrieved".
+            log.debug("client %s", "idle, closing" if dog.fired else "closed by shutdown")
         except Exception:
             log.exception("bug while serving a %s client; dropping it", self.kind)
         finally:
+            dog.cancel()
             self.tasks.discard(task)
-            if polite:
-                writer.close()  # flushes what is still buffered, then closes
-            else:
-                writer.transport.abort()  # don't wait on a client that stopped reading
+            writer.transport.abort()  # no-op after an orderly close; else drop unsent data now
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Run the handler until it closes; True if it ended in an orderly way."""
+    async def _converse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dog: _Watchdog
+    ) -> None:
+        """Run the handler until it asks to close (or the client finished sending)."""
         handler = stream_handler(self.kind)
         got_eof = False
         step: Step = handler.start()
         while True:
             if step.out:
                 writer.write(step.out)
-                async with asyncio.timeout(self.idle):
-                    await writer.drain()
+                await writer.drain()  # returns at once unless the transport's buffer is full
+                dog.touch()
             if step.close:
                 break
-            async with asyncio.timeout(self.idle):
-                data = await reader.read(CHUNK)
+            data = await reader.read(CHUNK)
+            dog.touch()
             if data:
                 step = handler.feed(data)
             else:
@@ -79,10 +117,6 @@ class _StreamServer:
                 step = Step(handler.eof().out, close=True)
         if not got_eof:
             await _linger(reader, writer, self.linger)
-        # Wait (bounded) until the last bytes really left, so close() cannot hang on them.
-        async with asyncio.timeout(self.idle):
-            await writer.drain()
-        return True
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
