@@ -20,6 +20,7 @@ from ferry.errors import ExitCode, FerryError
 _COMMANDS: dict[str, str] = {
     "user": "ferry.cli.user:user",
     "net": "ferry.cli.net:net",
+    "exec": "ferry.cli.exec_cmd:exec_",
     "serve": "ferry.cli.serve:serve",
     "get": "ferry.cli.files:get",
     "put": "ferry.cli.files:put",
