@@ -44,9 +44,11 @@ class Result:
 
     @property
     def rate(self) -> float:
+        """Round trips per second over the whole run."""
         return self.round_trips / self.seconds if self.seconds else 0.0
 
     def percentile(self, q: float) -> float:
+        """Latency (seconds) at quantile ``q`` (nearest rank)."""
         lat = sorted(self.latencies)
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
 

@@ -155,7 +155,14 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 async def _main(lsock: socket.socket, config: ServeConfig, stop: StopSignal) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
-    loop.add_reader(stop.fileno(), stopped.set)
+
+    def on_stop() -> None:
+        # The stop pipe is never drained (other waiters may share it), so stop watching it at
+        # once: a level-triggered reader would otherwise fire on every loop iteration.
+        loop.remove_reader(stop.fileno())
+        stopped.set()
+
+    loop.add_reader(stop.fileno(), on_stop)
     try:
         if config.proto == "udp":
             transport, _proto = await loop.create_datagram_endpoint(

@@ -33,6 +33,7 @@ TERM_GRACE: Final = 5.0
 SUPERVISE_INTERVAL_MS: Final = 500
 
 ChildMain = Callable[[StopSignal], None]
+_STOP_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT}
 
 
 class Children:
@@ -48,13 +49,18 @@ class Children:
         # Flush so buffered output is not written twice (once by each process).
         sys.stdout.flush()
         sys.stderr.flush()
+        # Block TERM/INT across fork(): until the child has its own handlers, the inherited
+        # (parent's) handler would stop the *parent*. Pending signals arrive once unblocked.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN/ENOMEM: too many processes; the caller drops the client
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             log.warning("fork failed: %s", exc.strerror or exc)
             return None
         if pid == 0:  # pragma: no cover - runs in the child; covered by the subprocess tests
-            _child(main, parent_stop, close)
+            _child(main, parent_stop, close, old_mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.pids.add(pid)
         return pid
 
@@ -96,7 +102,12 @@ class Children:
             self.pids.discard(pid)
 
 
-def _child(main: ChildMain, parent_stop: StopSignal, close: tuple[socket.socket, ...]) -> None:
+def _child(
+    main: ChildMain,
+    parent_stop: StopSignal,
+    close: tuple[socket.socket, ...],
+    mask: set[int | signal.Signals],
+) -> None:
     """Body of a forked child: own stop pipe and signal handlers, run ``main``, ``_exit``."""
     code = 0
     try:
@@ -110,6 +121,7 @@ def _child(main: ChildMain, parent_stop: StopSignal, close: tuple[socket.socket,
         # Ctrl-C reaches the whole process group; children then stop like on the parent's TERM.
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for sock in close:
             sock.close()
         main(stop)
