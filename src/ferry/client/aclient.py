@@ -29,7 +29,7 @@ from ferry.wire import messages as m
 Progress = Callable[[int, int], None]
 """Progress callback: ``(bytes done, bytes total)``."""
 
-READ_SIZE = 1 << 18
+READ_SIZE = 1 << 20
 _CLOSED = object()
 
 

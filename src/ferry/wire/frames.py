@@ -95,6 +95,9 @@ class FrameDecoder:
         self.max_data = max_data
         self._buf = bytearray()
         self._pos = 0  # read position in _buf; compacted lazily to avoid O(n^2) memmoves
+        # Bytes fed while nothing was buffered and a data frame was being streamed: handed out
+        # without copying them through _buf (the bulk path of every transfer).
+        self._direct: bytes | None = None
         self._eof = False
         self._seen_frame = False
         # Current data frame being streamed: (channel, stream, bytes still to come).
@@ -103,7 +106,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes fed but not yet turned into events."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + (len(self._direct) if self._direct is not None else 0)
 
     @property
     def eof(self) -> bool:
@@ -119,6 +122,12 @@ class FrameDecoder:
         """Add received bytes; an empty ``data`` means the peer closed its sending side."""
         if not data:
             self._eof = True
+            return
+        if self._direct is not None:  # keep order: the direct bytes come first
+            self._buf += self._direct
+            self._direct = None
+        if self._data is not None and self._pos == len(self._buf) and isinstance(data, bytes):
+            self._direct = data
             return
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
@@ -162,6 +171,18 @@ class FrameDecoder:
     def _next_data_piece(self) -> Data | _NeedData:
         assert self._data is not None
         channel, stream, remaining = self._data
+        direct = self._direct
+        if direct is not None and self._pos == len(self._buf):
+            take = min(len(direct), remaining)
+            piece = direct if take == len(direct) else direct[:take]
+            self._direct = None
+            if take < len(direct):
+                self._buf.clear()
+                self._pos = 0
+                self._buf += memoryview(direct)[take:]
+            remaining -= take
+            self._data = None if remaining == 0 else (channel, stream, remaining)
+            return Data(channel, stream, piece, remaining == 0)
         avail = len(self._buf) - self._pos
         if remaining == 0:  # a zero-length data frame: one empty, final piece
             self._data = None
