@@ -102,7 +102,7 @@ async def get_file(
             offset = info.offset
             os.ftruncate(fd, offset)
             hasher = ChunkHasher(hash, chunk_size, prefix=held[: offset // chunk_size])
-            writer = _Writer(fd, offset, hasher)
+            writer = _Writer(fd, offset, hasher, inline=info.size <= INLINE_MAX)
             done = offset
             while True:
                 ev = await client._recv(route)
@@ -131,7 +131,8 @@ async def get_file(
             client._close_route(req_id)
         os.fchmod(fd, info.mode & 0o777 or 0o644)
         os.utime(fd, (info.mtime, info.mtime))
-        os.fsync(fd)
+        if info.size > INLINE_MAX:  # like the server: no fsync per small file (rename keeps it atomic)
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(part, dest)  # only now does the final name appear
@@ -146,8 +147,10 @@ async def get_file(
 class _Writer:
     """Writes and hashes received data in a thread, ~1 MiB at a time, one batch in flight."""
 
-    def __init__(self, fd: int, pos: int, hasher: ChunkHasher) -> None:
+    def __init__(self, fd: int, pos: int, hasher: ChunkHasher, *, inline: bool = False) -> None:
         self.fd, self.pos, self.hasher = fd, pos, hasher
+        # Small files are written on the loop thread: a thread hop costs more than the write.
+        self.inline = inline
         self._buf: list[bytes] = []
         self._n = 0
         self._pending: asyncio.Future[None] | None = None
@@ -178,6 +181,9 @@ class _Writer:
                 view, off = view[n:], off + n
             hasher.update(data)
 
+        if self.inline:
+            work()
+            return
         self._pending = asyncio.get_running_loop().run_in_executor(None, work)
 
     async def flush(self) -> None:

@@ -109,6 +109,12 @@ class Session:
             self.writer.write(self.conn.send(msg))
             await self.writer.drain()
 
+    async def write_frames(self, frames: list[bytes]) -> None:
+        """Write several already-encoded frames at once (one drain)."""
+        async with self._wlock:
+            self.writer.writelines(frames)
+            await self.writer.drain()
+
     async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:
         """Send one data frame (header and payload in one write)."""
         async with self._wlock:

@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 import secrets
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ from ferry.wire import messages as m
 if TYPE_CHECKING:
     from ferry.server.session import Session
 
+SMALL = 1 << 18  # files up to 256 KiB are read, hashed and sent in one step
 BLOCK = 1 << 20  # TLS read/write block: large enough to amortise per-frame costs
 SENDFILE_BLOCK = 1 << 26  # plain TCP: one data frame per 64 MiB handed to sendfile
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -45,12 +47,18 @@ async def handle_get(session: Session, msg: m.GetFile) -> None:
     """Stream a file to the client (resuming after the chunks it proves it has)."""
     t0 = time.monotonic()
     jail = jail_of(session)
-    fd = await in_thread(jail.open_read, msg.path)
+    # Small files are served on the loop thread in one go: thread hops would cost more than the
+    # few microseconds of page-cache I/O, and a 10,000-file tree must not pay them per file.
+    fd = jail.open_read(msg.path)
     hash_job: asyncio.Future[list[bytes]] | None = None
     try:
         st = os.fstat(fd)
+        if st.st_size <= SMALL and not msg.chunk_hashes:
+            await _get_small(session, msg, fd, st, t0)
+            return
         size, chunk = st.st_size, msg.chunk_size
-        key = (st.st_dev, st.st_ino, size, st.st_mtime_ns, msg.hash, chunk)
+        # ctime too: a rewrite that restores the mtime (rsync -t, touch -r) still changes the ctime.
+        key = (st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, msg.hash, chunk)
         cached = session.ctx.hash_cache.get(key)
         offset, prefix = 0, []
         if msg.chunk_hashes:
@@ -77,7 +85,8 @@ async def handle_get(session: Session, msg: m.GetFile) -> None:
             assert hash_job is not None
             hashes = prefix + await hash_job
         st2 = os.fstat(fd)
-        if not complete or st2.st_size != size or st2.st_mtime_ns != st.st_mtime_ns:
+        changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (size, st.st_mtime_ns, st.st_ctime_ns)
+        if not complete or changed:
             await session.send(
                 m.Error(
                     id=msg.id,
@@ -97,6 +106,25 @@ async def handle_get(session: Session, msg: m.GetFile) -> None:
             with contextlib.suppress(BaseException):
                 await hash_job  # the thread reads fd: let it finish before the fd is closed
         os.close(fd)
+
+
+async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_result, t0: float) -> None:
+    data = os.pread(fd, st.st_size + 1, 0)
+    if len(data) != st.st_size:
+        await session.send(m.Error(id=msg.id, code="changed", message=f"{msg.path} changed while it was being sent"))
+        return
+    hasher = ChunkHasher(msg.hash, msg.chunk_size)
+    hasher.update(data)
+    hashes, digest = hasher.finish()
+    conn = session.conn
+    frames = [
+        conn.send(m.FileInfo(id=msg.id, size=st.st_size, mtime=st.st_mtime, mode=st.st_mode & 0o7777)),
+        conn.data_header(msg.id, m.STDOUT, len(data)),
+        data,
+        conn.send(m.FileEnd(id=msg.id, size=st.st_size, chunk_hashes=hashes, digest=digest)),
+    ]
+    await session.write_frames(frames)
+    log_op(session, "get", msg.path, t0, nbytes=st.st_size)
 
 
 async def _stream(session: Session, channel: int, fd: int, offset: int, size: int) -> bool | None:
@@ -148,6 +176,7 @@ class Upload:
     t0: float
     hasher: ChunkHasher | None = None
     pos: int = 0
+    replaced: int = 0  # size of the file this upload replaces, for usage accounting
     started: bool = False
     _buf: list[bytes] = field(default_factory=list)
     _buffered: int = 0
@@ -300,6 +329,8 @@ async def _put_inline(session: Session, msg: m.PutFile) -> None:
         raise IntegrityError(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
     jail = jail_of(session)
 
+    replaced = _existing_size(session, msg.path)
+
     def store() -> None:
         fd, tmp = jail.create_temp(msg.path)
         try:
@@ -318,13 +349,26 @@ async def _put_inline(session: Session, msg: m.PutFile) -> None:
         jail.commit(tmp, msg.path)
 
     try:
-        await in_thread(store)
+        store()  # small: done on the loop thread, cheaper than a thread hop per file
     except OSError as exc:
         raise _os_error(msg.path, exc) from exc
-    assert session.user is not None
-    session.ctx.usage.invalidate(session.user.name) if msg.overwrite else None
+    _account(session, msg.path, len(data), replaced)
     await session.send(m.Ok(id=msg.id))
     log_op(session, "put", msg.path, t0, nbytes=len(data))
+
+
+def _existing_size(session: Session, path: str) -> int:
+    """Size of the regular file an upload will replace (0 if none): keeps usage incremental."""
+    try:
+        st = jail_of(session).lstat(path)
+    except RemoteError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _account(session: Session, path: str, size: int, replaced: int) -> None:
+    assert session.user is not None
+    session.ctx.usage.add(session.user.name, size - replaced)
 
 
 def as_remote_error(exc: BaseException, path: str = "") -> BaseException:
@@ -359,6 +403,7 @@ async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
         return
     up = _upload(session, msg.id)
     del session.channels[msg.id]
+    up.replaced = _existing_size(session, up.msg.path)
     try:
         await up.finish(msg)
     except IntegrityError:
@@ -369,8 +414,7 @@ async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
         up.discard()
         raise _os_error(up.msg.path, exc) from exc
     up.close()
-    assert session.user is not None
-    session.ctx.usage.invalidate(session.user.name)
+    _account(session, up.msg.path, up.pos, up.replaced)
     await session.send(m.Ok(id=msg.id))
     log_op(session, "put", up.msg.path, up.t0, nbytes=up.pos)
 
