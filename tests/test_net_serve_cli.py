@@ -29,6 +29,7 @@ from test_net_serve_support import (
     recv_all,
     recv_line,
     reset,
+    running,
     wait_until,
 )
 
@@ -236,6 +237,27 @@ def test_prefork_replaces_a_dead_worker(start: Start) -> None:
     for _ in range(10):  # whichever worker accepts, every connection is served
         assert echo_roundtrip(srv.address, b"served") == b"served"
     assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("model", ["fork", "prefork"])
+def test_children_exit_when_the_parent_is_killed(model: str, start: Start) -> None:
+    # SIGKILL leaves the parent no chance to clean up; the lifeline pipe must still end the
+    # children, or orphans would keep serving (and holding the port) forever.
+    srv = start("greet", *model_args(model), "--port", "0")
+    held = connect(srv.address)
+    assert recv_line(held, bytearray()) == b"Welcome!\n"
+    assert wait_until(lambda: len(children_of(srv.pid)) == (1 if model == "fork" else 2), 10)
+    kids = set(children_of(srv.pid))
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(TIMEOUT)
+    try:
+        assert wait_until(lambda: not any(running(pid) for pid in kids), 10), "orphans still running"
+        assert is_closed(held, timeout=5)
+    finally:
+        held.close()
+        for pid in kids:  # if the test failed: don't leave our orphans behind
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("model", ["asyncio", "fork"])

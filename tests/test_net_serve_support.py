@@ -171,10 +171,16 @@ class CliServer:
             self.kill()
 
     def kill(self) -> None:
-        """Last resort (fixture teardown): SIGKILL our own process by PID, reap it."""
+        """Last resort (fixture teardown): SIGKILL our server and its children by PID, reap it."""
         if self.proc.poll() is None:
+            kids = children_of(self.proc.pid)  # fork/prefork children are ours too
             self.proc.kill()
             self.proc.wait(TIMEOUT)
+            for pid in kids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._stderr_file.close()
@@ -237,6 +243,16 @@ def children_of(pid: int) -> dict[int, str]:
         if int(fields[1]) == pid:
             found[int(entry)] = fields[0]
     return found
+
+
+def running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (an orphaned zombie may never be reaped here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
 
 
 def wait_until(predicate: object, timeout: float, interval: float = 0.02) -> bool:

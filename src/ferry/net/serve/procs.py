@@ -13,6 +13,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -41,6 +42,10 @@ class Children:
 
     def __init__(self) -> None:
         self.pids: set[int] = set()
+        # The lifeline: every child keeps only the read end. When this process dies in any way,
+        # even SIGKILL, the kernel closes the write end, children read EOF and shut down instead
+        # of lingering as orphans that still hold the listening socket.
+        self._life_r, self._life_w = os.pipe()
 
     def spawn(
         self, main: ChildMain, parent_stop: StopSignal, *, close: tuple[socket.socket, ...] = ()
@@ -59,7 +64,7 @@ class Children:
             log.warning("fork failed: %s", exc.strerror or exc)
             return None
         if pid == 0:  # pragma: no cover - runs in the child; covered by the subprocess tests
-            _child(main, parent_stop, close, old_mask)
+            _child(main, parent_stop, close, old_mask, self._life_r, self._life_w)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.pids.add(pid)
         return pid
@@ -101,19 +106,44 @@ class Children:
                 pass
             self.pids.discard(pid)
 
+    def close(self) -> None:
+        """Release the lifeline (after :meth:`terminate_all`: no child is left to need it)."""
+        for fd in (self._life_r, self._life_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._life_r = self._life_w = -1
+
+
+def _watch_parent(life_r: int, stop: StopSignal) -> None:
+    """Block on the lifeline; nothing is ever written, so a return means the parent is gone."""
+    try:
+        while os.read(life_r, 1):
+            pass
+    except OSError:
+        pass
+    stop.set()
+
 
 def _child(
     main: ChildMain,
     parent_stop: StopSignal,
     close: tuple[socket.socket, ...],
     mask: set[int | signal.Signals],
+    life_r: int,
+    life_w: int,
 ) -> None:
     """Body of a forked child: own stop pipe and signal handlers, run ``main``, ``_exit``."""
     code = 0
     try:
+        os.close(life_w)  # only the parent may hold the write end, or EOF would never come
         # A fresh pipe: setting the inherited one would also stop the parent (same pipe).
         parent_stop.close()
         stop = StopSignal()
+        threading.Thread(
+            target=_watch_parent, args=(life_r, stop), name="ferry-lifeline", daemon=True
+        ).start()
 
         def on_signal(_signo: int, _frame: FrameType | None) -> None:
             stop.set()
@@ -151,6 +181,7 @@ def serve_forking(lsock: socket.socket, config: ServeConfig, stop: StopSignal) -
             conn.close()  # the child has its own copy; ours would keep the connection open
     finally:
         children.terminate_all()
+        children.close()
 
 
 def serve_prefork(lsock: socket.socket, config: ServeConfig, stop: StopSignal) -> None:
@@ -186,3 +217,4 @@ def serve_prefork(lsock: socket.socket, config: ServeConfig, stop: StopSignal) -
             waiter.poll(SUPERVISE_INTERVAL_MS)
     finally:
         children.terminate_all()
+        children.close()
