@@ -221,7 +221,21 @@ async def put_file(
         if not statmod.S_ISREG(st.st_mode):
             raise UsageError(f"{local} is not a regular file (use -r for folders)")
         size = st.st_size
-        base = dict(path=remote, size=size, mtime=st.st_mtime, mode=statmod.S_IMODE(st.st_mode), hash=hash)
+        mode = statmod.S_IMODE(st.st_mode)
+
+        def put_msg(i: int, **kw: Any) -> m.PutFile:
+            return m.PutFile(
+                id=i,
+                path=remote,
+                size=size,
+                mtime=st.st_mtime,
+                mode=mode,
+                hash=hash,
+                chunk_size=chunk_size,
+                overwrite=overwrite,
+                **kw,
+            )
+
         if size <= INLINE_MAX:
             data = os.pread(fd, size + 1, 0)
             if len(data) != size:
@@ -229,20 +243,14 @@ async def put_file(
             h = ChunkHasher(hash, chunk_size)
             h.update(data)
             _, digest = h.finish()
-            await client._call(
-                lambda i: m.PutFile(
-                    id=i, chunk_size=chunk_size, overwrite=overwrite, data=data, digest=digest, **base
-                )  # type: ignore[arg-type]
-            )
+            await client._call(lambda i: put_msg(i, data=data, digest=digest))
             if progress is not None:
                 progress(size, size)
             return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex())
         token = upload_token(remote, st) if resume else ""
         req_id, route = client._open(QUEUE_DEPTH)
         try:
-            await client.send(
-                m.PutFile(id=req_id, chunk_size=chunk_size, token=token, overwrite=overwrite, **base)  # type: ignore[arg-type]
-            )
+            await client.send(put_msg(req_id, token=token))
             ready = await client._recv(route)
             if isinstance(ready, m.Error):
                 raise from_wire(ready)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from ferry.aio import CorkedWriter
 from ferry.errors import AuthError, FerryError, RemoteError
 from ferry.server import files, transfer
 from ferry.server.accounts import User
@@ -86,7 +87,8 @@ class Session:
         self.user: User | None = None
         self.jail: Jail | None = None
         self.plain = writer.get_extra_info("sslcontext") is None
-        self._wlock = asyncio.Lock()
+        self._wlock = asyncio.Lock()  # held for a whole sendfile block: no frame may interleave
+        self._out = CorkedWriter(writer)
         self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
         self._last_rx = time.monotonic()
         self.busy = 0  # requests in progress; an idle timeout only applies when zero
@@ -105,22 +107,23 @@ class Session:
 
     async def send(self, msg: m.Message) -> None:
         """Send one message and wait until the transport buffer is below its high-water mark."""
-        async with self._wlock:
-            self.writer.write(self.conn.send(msg))
-            await self.writer.drain()
+        async with self._wlock:  # only contended while a sendfile block is going out
+            self._out.write(self.conn.send(msg))
+        await self._out.drain()
 
     async def write_frames(self, frames: list[bytes]) -> None:
         """Write several already-encoded frames at once (one drain)."""
         async with self._wlock:
-            self.writer.writelines(frames)
-            await self.writer.drain()
+            for f in frames:
+                self._out.write(f)
+        await self._out.drain()
 
     async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:
         """Send one data frame (header and payload in one write)."""
         async with self._wlock:
-            self.writer.write(self.conn.data_header(channel, stream, len(data)))
-            self.writer.write(data)
-            await self.writer.drain()
+            self._out.write(self.conn.data_header(channel, stream, len(data)))
+            self._out.write(data)
+        await self._out.drain()
 
     async def sendfile(self, channel: int, fileobj: Any, offset: int, count: int) -> int:
         """Send ``count`` bytes of ``fileobj`` from ``offset`` as one data frame using the kernel's
@@ -128,7 +131,8 @@ class Session:
         framing stays intact (the caller then reports the change instead of a digest)."""
         loop = asyncio.get_running_loop()
         async with self._wlock:
-            self.writer.write(self.conn.data_header(channel, m.STDOUT, count))
+            self._out.write(self.conn.data_header(channel, m.STDOUT, count))
+            self._out.flush()  # sendfile waits for the transport buffer to empty, then takes over
             sent = await loop.sendfile(self.writer.transport, fileobj, offset, count, fallback=True)
             if sent < count:
                 self.writer.write(bytes(count - sent))
