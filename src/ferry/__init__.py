@@ -1,7 +1,49 @@
-"""ferry: fast, verified file transfer and remote commands over plain sockets."""
+"""ferry: fast, verified file transfer and remote commands over plain sockets.
+
+The Python API::
+
+    import ferry
+
+    with ferry.connect("ann@files.example.org", password=pw) as c:   # blocking client
+        c.put("report.pdf", "inbox/report.pdf")
+
+    async with await ferry.AsyncClient.connect("files.example.org", user="ann", password=pw) as c:
+        await c.get("inbox/report.pdf", ".")
+
+``connect``, ``Client`` and ``AsyncClient`` are loaded on first use (module ``__getattr__``), so
+``import ferry`` stays cheap: the command line imports this package on every start.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["AsyncClient", "Client", "__version__", "connect"]
+
+if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient
+    from ferry.client.sync import Client, connect
+
+# name -> module that defines it; imported on first attribute access.
+_LAZY = {
+    "connect": "ferry.client.sync",
+    "Client": "ferry.client.sync",
+    "AsyncClient": "ferry.client.aclient",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ferry' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

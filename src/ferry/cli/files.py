@@ -1,0 +1,547 @@
+"""The file commands of the client: ``get``, ``put``, ``ls``, ``stat``, ``mkdir``, ``rm``, ``mv``, ``df``.
+
+Each command parses its locations, opens one connection (:func:`ferry.cli.common.open_client`),
+calls :class:`~ferry.client.aclient.AsyncClient` and prints through :class:`~ferry.cli.output.Output`.
+Errors are :class:`~ferry.errors.FerryError` subclasses; ``ferry.cli.main`` turns them into one line
+on standard error and the exit status of their class (2 usage, 3 auth, 4 not found/permission,
+5 transfer, 6 connection).
+
+Remote locations are scp-like ``[USER@]HOST:PATH`` (port from ``-P``) or
+``ferry://USER@HOST:PORT/PATH``. Paths are relative to the user's home folder. They are normalised
+lexically before sending (``a//b/`` -> ``a/b``, ``./a`` -> ``a``) because the server accepts only one
+spelling of each path; absolute paths and ``..`` are sent as they are so that the server's refusal
+(with its explanation) reaches the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import click
+
+from ferry.cli.output import (
+    Output,
+    format_time,
+    human_size,
+    mode_string,
+    transfer_record,
+    transfer_summary,
+)
+from ferry.client.location import Location, is_remote, parse_location, parse_target
+from ferry.errors import FerryError, IsADirectory, NotFound, TransferError, UsageError
+from ferry.textsafe import safe_name
+
+if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient
+    from ferry.wire.messages import Entry
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+# --- options shared by every client command --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Common:
+    """The connection and output options every client command takes."""
+
+    port: int | None
+    plain: bool
+    password_file: str | None
+    quiet: bool
+    json: bool
+
+    def output(self) -> Output:
+        """The printing policy these options ask for."""
+        return Output(quiet=self.quiet, json_mode=self.json)
+
+
+def common_options(f: F) -> F:
+    """Add ``-P/--port``, ``--plain``, ``--password-file``, ``-q/--quiet``, ``--json``; pass ``common``."""
+
+    @click.option(
+        "-P",
+        "--port",
+        type=click.IntRange(1, 65535),
+        default=None,
+        help="Server port for HOST:PATH locations (default 7373; a ferry:// URL carries its own).",
+    )
+    @click.option("--plain", is_flag=True, help="Connect without TLS (only to a server run with --plain).")
+    @click.option(
+        "--password-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Read the password from the first line of FILE (else $FERRY_PASSWORD, else a prompt).",
+    )
+    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+    @click.option("--json", "json_mode", is_flag=True, help="One JSON object per result on standard output.")
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any,
+        port: int | None,
+        plain: bool,
+        password_file: str | None,
+        quiet: bool,
+        json_mode: bool,
+        **kwargs: Any,
+    ) -> Any:
+        common = Common(port, plain, password_file, quiet, json_mode)
+        return f(*args, common=common, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def transfer_options(f: F) -> F:
+    """Add ``--hash`` and ``--no-resume``."""
+    f = click.option(
+        "--no-resume",
+        is_flag=True,
+        help="Start over instead of continuing an interrupted transfer of the same file.",
+    )(f)
+    f = click.option(
+        "--hash",
+        "hash_name",
+        type=click.Choice(["blake3", "md5"]),
+        default="blake3",
+        show_default=True,
+        help="Integrity hash (md5 only for peers or tools that need it).",
+    )(f)
+    return f
+
+
+# --- locations and paths ------------------------------------------------------------------------------
+
+
+def clean_remote(path: str) -> str:
+    """The canonical spelling of a remote path: no empty or ``.`` components; ``""`` is the home.
+
+    ``..`` and a leading ``/`` are kept so the server refuses them with its own clear message.
+    """
+    if path.startswith("/"):
+        stripped = path.rstrip("/")
+        return stripped or "/"
+    return "/".join(p for p in path.split("/") if p not in ("", "."))
+
+
+def join_remote(base: str, name: str) -> str:
+    """``base/name`` for clean remote paths (``""`` is the home)."""
+    return f"{base}/{name}" if base else name
+
+
+def remote_basename(path: str) -> str:
+    """The last component of a clean remote path (``""`` for the home)."""
+    return path.rsplit("/", 1)[-1]
+
+
+def _with_port(spec: str, loc: Location, port: int | None) -> Location:
+    if port is None:
+        return loc
+    if spec.startswith("ferry://"):
+        with contextlib.suppress(ValueError):
+            url_port = urlsplit(spec).port
+            if url_port is not None and url_port != port:
+                raise UsageError(f"{spec!r} says port {url_port} but -P says {port}; give only one")
+    return Location(loc.host, port, loc.user, loc.path)
+
+
+def remote_location(spec: str, port: int | None) -> Location:
+    """Parse a ``[USER@]HOST:PATH`` or ``ferry://`` operand; the path is cleaned."""
+    if not is_remote(spec):
+        raise UsageError(
+            f"{spec!r} is not a remote location; write [USER@]HOST:PATH or ferry://USER@HOST:PORT/PATH"
+        )
+    loc = _with_port(spec, parse_location(spec, require_path=True), port)
+    return Location(loc.host, loc.port, loc.user, clean_remote(loc.path))
+
+
+def target_location(spec: str, port: int | None) -> Location:
+    """Parse a ``[USER@]HOST[:PORT]`` (or URL) operand of commands that need no path."""
+    if spec.endswith(":") and not spec.startswith("ferry://"):
+        spec = spec[:-1]  # 'HOST:' as in the other commands means the home: same server
+    return _with_port(spec, parse_target(spec), port)
+
+
+def same_server(locs: list[Location]) -> Location:
+    """The common server of several operands (one connection serves them all)."""
+    first = locs[0]
+    for loc in locs[1:]:
+        if (loc.host, loc.port, loc.user) != (first.host, first.port, first.user):
+            raise UsageError("all remote operands must be on the same server and user")
+    return first
+
+
+def show_remote(loc: Location, path: str | None = None) -> str:
+    """How a remote path appears in messages and JSON: ``host:path``."""
+    host = f"[{loc.host}]" if ":" in loc.host else loc.host
+    return f"{host}:{loc.path if path is None else path}"
+
+
+# --- running a command ------------------------------------------------------------------------------
+
+
+def local_error(exc: OSError, what: str) -> FerryError:
+    """A local OSError as a FerryError: the user's mistake (2) or a failed transfer (5)."""
+    message = f"{what}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST):
+        return UsageError(message)
+    return TransferError(message)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; local I/O errors that escaped the library become FerryErrors."""
+    try:
+        return asyncio.run(coro)
+    except OSError as exc:
+        raise local_error(exc, exc.filename or "local file") from exc
+
+
+@contextlib.asynccontextmanager
+async def connected(loc: Location, common: Common) -> AsyncIterator[AsyncClient]:
+    """An authenticated client for ``loc``, closed on exit."""
+    from ferry.cli.common import open_client
+
+    client = await open_client(loc, plain=common.plain, password_file=common.password_file)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def is_remote_dir(client: AsyncClient, path: str) -> bool | None:
+    """True/False for an existing folder/non-folder, None if ``path`` does not exist."""
+    if path == "":
+        return True
+    try:
+        return (await client.stat(path)).kind == "dir"
+    except NotFound:
+        return None
+
+
+# --- transfers ---------------------------------------------------------------------------------------
+
+
+async def do_get(
+    client: AsyncClient,
+    out: Output,
+    rpath: str,
+    local: str,
+    *,
+    recursive: bool,
+    hash_name: str,
+    resume: bool,
+    shown: str,
+) -> None:
+    """Download ``rpath`` to ``local`` (a file or a tree with ``recursive``) and report it.
+
+    ``local`` may be an existing folder: the download goes inside it under the remote name (as with
+    ``cp``/``scp``).
+    """
+    is_dir = await is_remote_dir(client, rpath) if recursive else False
+    if is_dir:
+        dest = Path(local)
+        if dest.is_dir() and rpath:
+            dest = dest / remote_basename(rpath)
+        with out.progress(safe_name(remote_basename(rpath) or "home")) as cb:
+            result = await client.get_tree(rpath, dest, hash=hash_name, progress=cb)
+    else:
+        dest = Path(local)
+        if dest.is_dir():
+            dest = dest / remote_basename(rpath) if rpath else dest
+        elif not dest.parent.is_dir():
+            raise UsageError(f"{local}: no such local folder to download into")
+        try:
+            with out.progress(safe_name(remote_basename(rpath))) as cb:
+                result = await client.get(rpath, dest, resume=resume, hash=hash_name, progress=cb)
+        except IsADirectory as exc:
+            raise UsageError(f"{safe_name(shown)} is a folder: use -r to download a folder") from exc
+    out.result(
+        transfer_summary("get", shown, str(dest), result), transfer_record("get", shown, str(dest), result)
+    )
+
+
+async def do_put(
+    client: AsyncClient,
+    out: Output,
+    sources: list[str],
+    base: str,
+    *,
+    recursive: bool,
+    hash_name: str,
+    resume: bool,
+    into_dir: bool,
+    shown: Callable[[str], str],
+) -> None:
+    """Upload each of ``sources`` to ``base``: into it when it is a folder, else as it.
+
+    ``into_dir`` asks for folder semantics even if ``base`` does not exist yet (several sources, or a
+    trailing ``/``); the folder must then exist.
+    """
+    target_dir = await is_remote_dir(client, base)
+    if target_dir is None and into_dir:
+        raise NotFound("not-found", f"{safe_name(shown(base))}: no such remote folder")
+    for src in sources:
+        p = Path(src)
+        if not p.exists():
+            raise UsageError(f"{src}: no such local file or folder")
+        name = os.path.basename(os.path.abspath(src))
+        dest = join_remote(base, name) if target_dir else base
+        if p.is_dir():
+            if not recursive:
+                raise UsageError(f"{src} is a folder: use -r to upload a folder")
+            with out.progress(safe_name(name)) as cb:
+                result: Any = await client.put_tree(p, dest, hash=hash_name, progress=cb)
+        else:
+            with out.progress(safe_name(name)) as cb:
+                result = await client.put(p, dest, resume=resume, hash=hash_name, progress=cb)
+        out.result(
+            transfer_summary("put", src, shown(dest), result),
+            transfer_record("put", src, shown(dest), result),
+        )
+
+
+@click.command()
+@click.argument("remote")
+@click.argument("local", required=False, default=".")
+@click.option("-r", "--recursive", is_flag=True, help="Download a folder tree.")
+@transfer_options
+@common_options
+def get(remote: str, local: str, recursive: bool, hash_name: str, no_resume: bool, common: Common) -> None:
+    """Download REMOTE ([USER@]HOST:PATH or ferry://USER@HOST:PORT/PATH) to LOCAL (default: here).
+
+    Data is verified chunk by chunk; an interrupted download is continued by running the same
+    command again (unless --no-resume). The file appears under its final name only when complete.
+    """
+    loc = remote_location(remote, common.port)
+    out = common.output()
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            await do_get(
+                client,
+                out,
+                loc.path,
+                local,
+                recursive=recursive,
+                hash_name=hash_name,
+                resume=not no_resume,
+                shown=show_remote(loc),
+            )
+
+    run(main())
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, metavar="LOCAL... REMOTE")
+@click.option("-r", "--recursive", is_flag=True, help="Upload folders (their whole trees).")
+@transfer_options
+@common_options
+def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool, common: Common) -> None:
+    """Upload LOCAL files (folders with -r) to REMOTE ([USER@]HOST:PATH or ferry://...).
+
+    If REMOTE is an existing folder (or the home, HOST:), each LOCAL goes inside it under its own
+    name. Uploads are verified, appear only when complete, and resume after an interruption.
+    """
+    if len(paths) < 2:
+        raise UsageError("put needs at least one LOCAL and a REMOTE: ferry put FILE... [USER@]HOST:PATH")
+    *sources, target = paths
+    loc = remote_location(target, common.port)
+    out = common.output()
+    raw_path = parse_location(target).path
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            await do_put(
+                client,
+                out,
+                sources,
+                loc.path,
+                recursive=recursive,
+                hash_name=hash_name,
+                resume=not no_resume,
+                into_dir=len(sources) > 1 or raw_path.endswith("/"),
+                shown=lambda p: show_remote(loc, p),
+            )
+
+    run(main())
+
+
+# --- listings and metadata ---------------------------------------------------------------------------
+
+
+def entry_record(e: Entry, path: str | None = None) -> dict[str, Any]:
+    """The JSON object of one entry."""
+    rec: dict[str, Any] = {"name": e.name, "kind": e.kind, "size": e.size, "mtime": e.mtime, "mode": e.mode}
+    if path is not None:
+        rec = {"path": path, **rec}
+    return rec
+
+
+def entry_line(e: Entry, long: bool, width: int = 0) -> str:
+    """One line of ``ls`` output (folders end in ``/`` so they stand out without colour)."""
+    name = safe_name(e.name) + ("/" if e.kind == "dir" else "")
+    if not long:
+        return name
+    return f"{mode_string(e.kind, e.mode)} {e.size:>{width}} {format_time(e.mtime)} {name}"
+
+
+def print_listing(out: Output, entries: list[Entry], long: bool) -> None:
+    """Print entries in ``ls`` style (or JSON lines)."""
+    width = max((len(str(e.size)) for e in entries), default=1)
+    for e in entries:
+        out.result(entry_line(e, long, width), entry_record(e))
+
+
+def stat_lines(path: str, e: Entry) -> list[str]:
+    """Human ``stat`` output."""
+    return [
+        f"  path: {safe_name(path) or '(home)'}",
+        f"  kind: {e.kind}",
+        f"  size: {e.size} bytes ({human_size(e.size)})",
+        f"  mode: {mode_string(e.kind, e.mode)} ({e.mode & 0o7777:04o})",
+        f"  modified: {format_time(e.mtime)}",
+    ]
+
+
+@click.command()
+@click.argument("remote")
+@click.option("-l", "long", is_flag=True, help="Long listing: permissions, size in bytes, time, name.")
+@click.option("-R", "--recursive", is_flag=True, help="List the whole tree (names relative to REMOTE).")
+@common_options
+def ls(remote: str, long: bool, recursive: bool, common: Common) -> None:
+    """List a remote folder (HOST: is your home). A file lists as itself."""
+    loc = remote_location(remote, common.port)
+    out = common.output()
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            entries = await client.listdir(loc.path, recursive=recursive)
+        print_listing(out, entries, long)
+
+    run(main())
+
+
+@click.command()
+@click.argument("remote")
+@common_options
+def stat(remote: str, common: Common) -> None:
+    """Show the metadata of a remote path (links are not followed)."""
+    loc = remote_location(remote, common.port)
+    out = common.output()
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            e = await client.stat(loc.path)
+        out.result("\n".join(stat_lines(loc.path, e)), entry_record(e, loc.path))
+
+    run(main())
+
+
+@click.command()
+@click.argument("remotes", nargs=-1, required=True, metavar="REMOTE...")
+@click.option("-p", "--parents", is_flag=True, help="Create missing parents; no error if it exists.")
+@common_options
+def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
+    """Create remote folders."""
+    locs = [remote_location(r, common.port) for r in remotes]
+    loc = same_server(locs)
+    out = common.output()
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            for one in locs:
+                await client.mkdir(one.path, parents=parents)
+                out.result(None, {"op": "mkdir", "path": one.path, "ok": True})
+
+    run(main())
+
+
+@click.command()
+@click.argument("remotes", nargs=-1, required=True, metavar="REMOTE...")
+@click.option("-r", "--recursive", is_flag=True, help="Remove folders and everything in them.")
+@common_options
+def rm(remotes: tuple[str, ...], recursive: bool, common: Common) -> None:
+    """Remove remote files (and folders with -r)."""
+    locs = [remote_location(r, common.port) for r in remotes]
+    loc = same_server(locs)
+    out = common.output()
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            for one in locs:
+                await client.remove(one.path, recursive=recursive)
+                out.result(None, {"op": "rm", "path": one.path, "ok": True})
+
+    run(main())
+
+
+async def do_mv(client: AsyncClient, src: str, dst: str) -> str:
+    """Rename ``src`` to ``dst``, or into ``dst`` if that is an existing folder; returns the new path."""
+    if await is_remote_dir(client, dst):
+        dst = join_remote(dst, remote_basename(src))
+    await client.rename(src, dst)
+    return dst
+
+
+@click.command()
+@click.argument("source", metavar="REMOTE_SRC")
+@click.argument("dest", metavar="DST_PATH")
+@common_options
+def mv(source: str, dest: str, common: Common) -> None:
+    """Rename or move REMOTE_SRC to DST_PATH on the same server.
+
+    DST_PATH is a path in your home (or a location on the same server); if it is an existing folder,
+    REMOTE_SRC moves into it.
+    """
+    loc = remote_location(source, common.port)
+    if is_remote(dest):
+        dloc = remote_location(dest, common.port)
+        same_server([loc, dloc])
+        dpath = dloc.path
+    else:
+        dpath = clean_remote(dest)
+    out = common.output()
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            final = await do_mv(client, loc.path, dpath)
+        out.result(None, {"op": "mv", "source": loc.path, "dest": final, "ok": True})
+
+    run(main())
+
+
+def df_lines(used: int, quota: int | None, free: int) -> list[str]:
+    """Human ``df`` output."""
+    left = free if quota is None else max(min(quota - used, free), 0)
+    return [
+        f"{'used':<12}{'quota':<12}{'available':<12}{'server free':<12}",
+        f"{human_size(used):<12}{human_size(quota):<12}{human_size(left):<12}{human_size(free):<12}",
+    ]
+
+
+@click.command()
+@click.argument("target", metavar="[USER@]HOST[:PORT]")
+@common_options
+def df(target: str, common: Common) -> None:
+    """Show your disk usage, quota and the server's free space."""
+    loc = target_location(target, common.port)
+    out = common.output()
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            u = await client.df()
+        available = u.free if u.quota is None else max(min(u.quota - u.used, u.free), 0)
+        out.result(
+            "\n".join(df_lines(u.used, u.quota, u.free)),
+            {"used": u.used, "quota": u.quota, "free": u.free, "available": available},
+        )
+
+    run(main())

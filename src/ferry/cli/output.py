@@ -1,0 +1,166 @@
+"""How the client commands talk to people and to scripts.
+
+Three modes, chosen once per command by :class:`Output`:
+
+- **human** (default): results on standard output, notes on standard error, and a rich progress bar
+  (bytes, rate, ETA) for every transfer *when standard error is a terminal*; a pipe or a log file
+  gets no bar, because carriage-return animation in a file is noise.
+- **quiet** (``-q``): nothing but errors.
+- **json** (``--json``): one JSON object per line on standard output for each transfer or result,
+  nothing else on standard output, so ``ferry ... --json | jq`` always parses.
+
+Names that came from the server are shown through :func:`ferry.textsafe.safe_name` in human mode
+(a file name must not be able to drive the terminal); JSON output escapes every control character
+by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import stat as statmod
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from ferry.textsafe import safe_name
+
+Progress = Callable[[int, int], None]
+
+_UNITS = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def human_size(n: int | None) -> str:
+    """``1536`` -> ``"1.5 KiB"`` (binary units, like ``ls -h``); ``None`` -> ``"unlimited"``."""
+    if n is None:
+        return "unlimited"
+    for unit, factor in _UNITS:
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
+
+
+def human_rate(nbytes: int, seconds: float) -> str:
+    """Average rate of a transfer, e.g. ``"512.0 MiB/s"``."""
+    return f"{human_size(int(nbytes / seconds))}/s" if seconds > 0 else "-"
+
+
+def mode_string(kind: str, mode: int) -> str:
+    """``ls -l`` style permissions, e.g. ``drwxr-x---``."""
+    first = {"dir": "d", "link": "l", "file": "-"}.get(kind, "?")
+    return first + statmod.filemode(mode)[1:]
+
+
+def format_time(mtime: float) -> str:
+    """A modification time as ``YYYY-MM-DD HH:MM`` in local time (sortable, unambiguous)."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
+
+
+class Output:
+    """Printing policy of one command invocation (human, quiet or JSON)."""
+
+    def __init__(self, *, quiet: bool = False, json_mode: bool = False, progress: bool | None = None) -> None:
+        self.quiet = quiet
+        self.json = json_mode
+        # Bars only for a person watching: stderr must be a terminal and nothing asked for silence.
+        self.bars = (not quiet and not json_mode and sys.stderr.isatty()) if progress is None else progress
+
+    def name(self, s: str) -> str:
+        """A peer-supplied name made safe for the terminal."""
+        return safe_name(s)
+
+    def result(self, human: str | None, record: dict[str, Any]) -> None:
+        """One result: ``record`` as a JSON line in JSON mode, else ``human`` on stdout (unless quiet)."""
+        if self.json:
+            click.echo(json.dumps(record, ensure_ascii=True, sort_keys=False))
+        elif human is not None and not self.quiet:
+            click.echo(human)
+
+    def note(self, message: str) -> None:
+        """A human note on standard error (suppressed by -q and --json)."""
+        if not self.quiet and not self.json:
+            click.echo(message, err=True)
+
+    @contextlib.contextmanager
+    def progress(self, label: str, total: int | None = None) -> Iterator[Progress | None]:
+        """A ``progress(done, total)`` callback showing a bar while the block runs, or None.
+
+        The bar is removed when the transfer ends (the summary line says what happened), so a
+        sequence of transfers leaves a clean screen. rich is imported only here: it is the slowest
+        import of the client and scripts never need it.
+        """
+        if not self.bars:
+            yield None
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            ProgressColumn,
+            Task,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):
+            """Transfer rate in the same binary units as the byte counts (rich's own is decimal)."""
+
+            def render(self, task: Task) -> Text:
+                speed = task.finished_speed or task.speed
+                shown = "?" if speed is None else f"{human_size(int(speed))}/s"
+                return Text(shown, style="progress.data.speed")
+
+        bar = Progress(
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            RateColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        task = bar.add_task(label, total=total)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        with bar:
+            yield update
+
+
+def transfer_record(op: str, source: str, dest: str, result: Any) -> dict[str, Any]:
+    """The JSON object for a finished transfer (a TransferResult or a TreeResult)."""
+    rec: dict[str, Any] = {"op": op, "source": source, "dest": dest}
+    if hasattr(result, "files"):  # TreeResult
+        rec.update(kind="tree", files=result.files, size=result.bytes, seconds=round(result.seconds, 6))
+    else:
+        rec.update(
+            kind="file",
+            size=result.size,
+            sent=result.sent,
+            resumed_from=result.resumed_from,
+            seconds=round(result.seconds, 6),
+            digest=result.digest,
+        )
+    return rec
+
+
+def transfer_summary(op: str, source: str, dest: str, result: Any) -> str:
+    """The one-line human summary of a finished transfer."""
+    arrow = f"{safe_name(source)} -> {safe_name(dest)}"
+    if hasattr(result, "files"):
+        files = "file" if result.files == 1 else "files"
+        return (
+            f"{op}: {arrow}: {result.files} {files}, {human_size(result.bytes)} "
+            f"in {result.seconds:.2f} s ({human_rate(result.bytes, result.seconds)})"
+        )
+    extra = f", resumed at {human_size(result.resumed_from)}" if result.resumed_from else ""
+    return (
+        f"{op}: {arrow}: {human_size(result.size)} in {result.seconds:.2f} s "
+        f"({human_rate(result.sent, result.seconds)}{extra})"
+    )

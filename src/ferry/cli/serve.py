@@ -1,0 +1,108 @@
+"""``ferry serve``: run the multi-user TLS file server with zero configuration.
+
+The first start creates the data root, a self-signed certificate and a first user, and prints that
+user's password once. The banner goes to standard output and is flushed at once, because scripts and
+tests start the server with ``--port 0`` and read the line ``ferry serve: listening on HOST:PORT``
+to learn the port; the server's log goes to standard error (and to the log file).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from ferry import paths
+
+if TYPE_CHECKING:
+    from ferry.server.app import Banner
+
+#: Prefix of the machine-parsable banner lines (documented in docs/cli.md; tests parse them).
+LISTENING = "ferry serve: listening on "
+FIRST_USER = "ferry serve: created the first user "
+
+
+def _client_host(host: str) -> str:
+    """The host a client on this machine should use: a wildcard address is not connectable."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def banner_lines(banner: Banner, host: str, plain: bool) -> list[str]:
+    """The text ``ferry serve`` prints once it listens."""
+    port = int(banner.address.rsplit(":", 1)[1])
+    chost = _client_host(host)
+    scp_host = f"[{chost}]" if ":" in chost else chost
+    user = banner.first_user[0] if banner.first_user else "USER"
+    opts = ""
+    if port != paths.DEFAULT_PORT:
+        opts += f" -P {port}"
+    if plain:
+        opts += " --plain"
+    lines = [f"{LISTENING}{banner.address}"]
+    if banner.tls:
+        lines.append(f"  TLS certificate: {banner.fingerprint}  (clients pin it on first connection)")
+    else:
+        lines.append("  TLS: OFF (--plain): passwords and data cross the network unencrypted")
+    lines += [
+        f"  data root:       {banner.root}",
+        f"  log file:        {paths.log_file(banner.root)}",
+    ]
+    if banner.first_user:
+        name, password = banner.first_user
+        lines += [
+            f"{FIRST_USER}{name!r} with password: {password}",
+            "  (shown only this once; change it with 'ferry user passwd "
+            f"{name}', add users with 'ferry user add NAME')",
+        ]
+    lines += [
+        "  connect with:",
+        f"    export FERRY_PASSWORD='...'   # the password of {user}",
+        f"    ferry ls{opts} {user}@{scp_host}:",
+        f"    ferry put{opts} FILE {user}@{scp_host}:",
+        "  stop with Ctrl-C (or SIGTERM)",
+    ]
+    return lines
+
+
+@click.command()
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Data folder (accounts, certificate, homes, logs). Default: $FERRY_ROOT or ~/.local/share/ferry.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=paths.DEFAULT_PORT,
+    show_default=True,
+    help="TCP port; 0 picks a free one (printed in the banner).",
+)
+@click.option("--plain", is_flag=True, help="No TLS (trusted networks or benchmarks only).")
+def serve(root: Path | None, host: str, port: int, plain: bool) -> None:
+    """Run the ferry file server until Ctrl-C or SIGTERM.
+
+    With no options it serves ~/.local/share/ferry on 127.0.0.1:7373 over TLS; on first start it
+    creates a self-signed certificate and the user 'ferry', and prints its password once.
+    """
+    # Imported here so `ferry --help` does not load the server (argon2, sqlite, ssl).
+    from ferry.server.app import ServeConfig, run
+
+    config = ServeConfig(
+        root=root if root is not None else paths.default_root(), host=host, port=port, plain=plain
+    )
+
+    def on_ready(banner: Banner) -> None:
+        for line in banner_lines(banner, host, plain):
+            click.echo(line)
+        sys.stdout.flush()  # readers wait for the listening line; never leave it in a buffer
+
+    run(config, on_ready)
+    click.echo("ferry serve: stopped", err=True)

@@ -1,0 +1,529 @@
+"""``ferry shell``: an interactive prompt on one connection (like ``sftp``).
+
+Built on the standard library's :mod:`cmd` (readline gives line editing, history and tab completion
+where available) and on the blocking :class:`ferry.client.sync.Client`. The portal matters here: its
+event loop keeps running in a background thread while the prompt waits for the user, so the
+connection keeps answering the server's pings; a loop run only during commands would not.
+
+The remote working folder is tracked by the client, not the server (the protocol has no "cwd"):
+paths typed at the prompt are joined to it and normalised lexically, ``/`` means the home folder,
+and ``..`` never goes above the home ("already at your home folder"). The server still checks every
+path it receives, so this is convenience, not security.
+
+When standard input is not a terminal the prompt is not printed and commands are read one per line,
+so ``ferry shell HOST < script`` works; the exit status is that of the last failed command (0 if
+none failed). ``ferry shell --pty HOST`` opens a terminal session on the server instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cmd
+import contextlib
+import glob
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ferry.cli.files import (
+    Common,
+    common_options,
+    df_lines,
+    do_get,
+    do_mv,
+    do_put,
+    entry_record,
+    print_listing,
+    show_remote,
+    stat_lines,
+    target_location,
+    transfer_options,
+)
+from ferry.cli.output import Output
+from ferry.client.location import Location
+from ferry.errors import ConnectionBroken, ExitCode, FerryError, HostKeyMismatch, UsageError
+from ferry.textsafe import safe_name, safe_text
+
+if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient
+    from ferry.client.sync import Client
+
+HOME_LIMIT = "already at your home folder"
+_COMPLETION_TTL = 3.0  # seconds a remote folder listing is reused for tab completion
+
+
+def resolve(cwd: str, path: str) -> str:
+    """Join ``path`` to the remote working folder ``cwd`` and normalise it lexically.
+
+    ``""`` is the home; a leading ``/`` starts from the home; ``.`` and empty components vanish;
+    ``..`` goes up one level but never above the home (:class:`UsageError`).
+    """
+    parts = [] if path.startswith("/") else [p for p in cwd.split("/") if p]
+    for comp in path.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not parts:
+                raise UsageError(HOME_LIMIT)
+            parts.pop()
+        else:
+            parts.append(comp)
+    return "/".join(parts)
+
+
+def split_flags(args: list[str], allowed: str) -> tuple[set[str], list[str]]:
+    """Separate single-letter flags (``-l``, ``-rp``) from operands; ``--`` ends the flags."""
+    flags: set[str] = set()
+    rest: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a == "--":
+            rest.extend(it)
+            break
+        if a.startswith("-") and len(a) > 1 and not rest:
+            for ch in a[1:]:
+                if ch not in allowed:
+                    raise UsageError(f"unknown option -{ch}")
+                flags.add(ch)
+        else:
+            rest.append(a)
+    return flags, rest
+
+
+class FerryShell(cmd.Cmd):
+    """The command interpreter. Each ``do_*`` method is one command; its docstring is its help."""
+
+    doc_header = "Commands (help COMMAND for details):"
+
+    def __init__(
+        self,
+        connect: Callable[[], Client],
+        loc: Location,
+        *,
+        hash_name: str = "blake3",
+        resume: bool = True,
+        interactive: bool = True,
+        stdin: Any = None,
+        stdout: Any = None,
+    ) -> None:
+        super().__init__(stdin=stdin, stdout=stdout)
+        self._connect = connect
+        self.client = connect()
+        self.loc = loc
+        self.cwd = ""
+        self.hash_name = hash_name
+        self.resume = resume
+        self.interactive = interactive
+        self.exit_code = ExitCode.OK
+        # Reading a script: no prompt text interleaved with the output.
+        self.use_rawinput = interactive
+        self._cache: dict[str, tuple[float, list[tuple[str, bool]]]] = {}
+        self.out = Output()
+        self._set_prompt()
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _set_prompt(self) -> None:
+        if self.interactive:
+            user = self.loc.user or ""
+            self.prompt = f"ferry {safe_name(user)}@{safe_name(self.loc.host)}:/{safe_name(self.cwd)}> "
+        else:
+            self.prompt = ""
+
+    def emptyline(self) -> bool:
+        """An empty line does nothing (cmd's default would repeat the last command)."""
+        return False
+
+    def default(self, line: str) -> None:
+        """Unknown command."""
+        raise UsageError(f"unknown command {safe_name(line.split()[0])!r}; type 'help'")
+
+    def _fail(self, exc: FerryError) -> None:
+        click.echo(f"ferry: {safe_text(str(exc))}", err=True)
+        self.exit_code = exc.exit_code
+
+    def onecmd(self, line: str) -> bool:
+        """Run one command; errors are reported and the shell goes on (the connection too)."""
+        try:
+            return self._run(line)
+        except HostKeyMismatch as exc:
+            self._fail(exc)
+            return True
+        except ConnectionBroken as exc:
+            # Typically the server closed an idle session. Reconnect and retry once: every shell
+            # command is safe to repeat (transfers resume, listings are read-only).
+            click.echo(f"ferry: {safe_text(str(exc))}; reconnecting", err=True)
+            try:
+                with contextlib.suppress(Exception):
+                    self.client.close()
+                self.client = self._connect()
+                return self._run(line)
+            except FerryError as again:
+                self._fail(again)
+                return isinstance(again, ConnectionBroken | HostKeyMismatch)
+        except FerryError as exc:
+            self._fail(exc)
+            return False
+        except KeyboardInterrupt:
+            click.echo("ferry: interrupted", err=True)
+            self.exit_code = 130
+            return False
+
+    def _run(self, line: str) -> bool:
+        try:
+            return super().onecmd(line)
+        except ValueError as exc:  # shlex: unbalanced quotes
+            raise UsageError(str(exc)) from exc
+
+    def _args(self, arg: str) -> list[str]:
+        return shlex.split(arg)
+
+    def _path(self, path: str) -> str:
+        return resolve(self.cwd, path)
+
+    def _call(self, fn: Callable[[AsyncClient], Any]) -> Any:
+        """Run ``fn(async_client)`` (a coroutine) on the client's loop and wait for it."""
+        aclient = self.client.aclient
+
+        async def go() -> Any:
+            return await fn(aclient)
+
+        return self.client.call(go())
+
+    def _show(self, path: str) -> str:
+        return show_remote(self.loc, path)
+
+    # --- navigation --------------------------------------------------------------------------
+
+    def do_cd(self, arg: str) -> None:
+        """cd [PATH]: change the remote folder (no PATH: your home; '/' is your home too)."""
+        args = self._args(arg)
+        target = self._path(args[0]) if args else ""
+        if target:
+            entry = self.client.stat(target)
+            if entry.kind != "dir":
+                raise UsageError(f"{safe_name(target)} is not a folder")
+        self.cwd = target
+        self._set_prompt()
+
+    def do_pwd(self, arg: str) -> None:
+        """pwd: print the remote folder ('/' is your home)."""
+        click.echo("/" + safe_name(self.cwd), file=self.stdout)
+
+    def do_lcd(self, arg: str) -> None:
+        """lcd [PATH]: change the local folder (no PATH: your local home)."""
+        args = self._args(arg)
+        target = os.path.expanduser(args[0] if args else "~")
+        try:
+            os.chdir(target)
+        except OSError as exc:
+            raise UsageError(f"{target}: {exc.strerror}") from exc
+
+    def do_lpwd(self, arg: str) -> None:
+        """lpwd: print the local folder."""
+        click.echo(os.getcwd(), file=self.stdout)
+
+    def do_lls(self, arg: str) -> None:
+        """lls [PATH]: list a local folder."""
+        args = self._args(arg)
+        target = Path(os.path.expanduser(args[0] if args else "."))
+        try:
+            if target.is_dir():
+                names = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
+            else:
+                target.lstat()
+                names = [str(target)]
+        except OSError as exc:
+            raise UsageError(f"{target}: {exc.strerror}") from exc
+        for n in names:
+            click.echo(safe_name(n), file=self.stdout)
+
+    # --- remote commands -----------------------------------------------------------------------
+
+    def do_ls(self, arg: str) -> None:
+        """ls [-l] [-R] [PATH]: list a remote folder (-l long, -R the whole tree)."""
+        flags, args = split_flags(self._args(arg), "lR")
+        paths = args or [""]
+        for i, p in enumerate(paths):
+            path = self._path(p)
+            entries = self.client.listdir(path, recursive="R" in flags)
+            if len(paths) > 1:
+                click.echo(("\n" if i else "") + f"{safe_name(path) or '/'}:", file=self.stdout)
+            print_listing(self.out, entries, "l" in flags)
+
+    def do_stat(self, arg: str) -> None:
+        """stat PATH: show a remote path's metadata."""
+        for p in self._args(arg) or [""]:
+            path = self._path(p)
+            e = self.client.stat(path)
+            self.out.result("\n".join(stat_lines(path, e)), entry_record(e, path))
+
+    def do_mkdir(self, arg: str) -> None:
+        """mkdir [-p] PATH...: create remote folders (-p: parents too, no error if it exists)."""
+        flags, args = split_flags(self._args(arg), "p")
+        if not args:
+            raise UsageError("mkdir needs a PATH")
+        for p in args:
+            self.client.mkdir(self._path(p), parents="p" in flags)
+        self._cache.clear()
+
+    def do_rm(self, arg: str) -> None:
+        """rm [-r] PATH...: remove remote files (-r: folders and everything in them)."""
+        flags, args = split_flags(self._args(arg), "r")
+        if not args:
+            raise UsageError("rm needs a PATH")
+        for p in args:
+            path = self._path(p)
+            if not path:
+                raise UsageError("your home folder itself cannot be removed")
+            self.client.remove(path, recursive="r" in flags)
+        self._cache.clear()
+
+    def do_mv(self, arg: str) -> None:
+        """mv SRC DST: rename or move (into DST if it is a folder)."""
+        args = self._args(arg)
+        if len(args) != 2:
+            raise UsageError("mv needs SRC and DST")
+        src, dst = self._path(args[0]), self._path(args[1])
+        self._call(lambda c: do_mv(c, src, dst))
+        self._cache.clear()
+
+    def do_df(self, arg: str) -> None:
+        """df: your disk usage, quota and the server's free space."""
+        u = self.client.df()
+        for line in df_lines(u.used, u.quota, u.free):
+            click.echo(line.rstrip(), file=self.stdout)
+
+    def do_ping(self, arg: str) -> None:
+        """ping: round-trip time to the server."""
+        click.echo(f"{self.client.ping() * 1000:.2f} ms", file=self.stdout)
+
+    def do_get(self, arg: str) -> None:
+        """get [-r] REMOTE [LOCAL]: download a file (a folder with -r) to LOCAL (default: here)."""
+        flags, args = split_flags(self._args(arg), "r")
+        if not 1 <= len(args) <= 2:
+            raise UsageError("get needs REMOTE [LOCAL]")
+        rpath = self._path(args[0])
+        local = os.path.expanduser(args[1]) if len(args) == 2 else "."
+        self._call(
+            lambda c: do_get(
+                c,
+                self.out,
+                rpath,
+                local,
+                recursive="r" in flags,
+                hash_name=self.hash_name,
+                resume=self.resume,
+                shown=self._show(rpath),
+            )
+        )
+
+    def do_put(self, arg: str) -> None:
+        """put [-r] LOCAL [REMOTE]: upload a file (a folder with -r) to REMOTE (default: here)."""
+        flags, args = split_flags(self._args(arg), "r")
+        if not 1 <= len(args) <= 2:
+            raise UsageError("put needs LOCAL [REMOTE]")
+        base = self._path(args[1]) if len(args) == 2 else self.cwd
+        into_dir = len(args) == 1 or args[1].endswith("/")
+        src = os.path.expanduser(args[0])
+        self._call(
+            lambda c: do_put(
+                c,
+                self.out,
+                [src],
+                base,
+                recursive="r" in flags,
+                hash_name=self.hash_name,
+                resume=self.resume,
+                into_dir=into_dir,
+                shown=self._show,
+            )
+        )
+        self._cache.clear()
+
+    def do_exit(self, arg: str) -> bool:
+        """exit: leave the shell (also quit, or Ctrl-D)."""
+        return True
+
+    do_quit = do_exit
+
+    def do_EOF(self, arg: str) -> bool:
+        """Ctrl-D leaves the shell."""
+        if self.interactive:
+            click.echo(file=self.stdout)
+        return True
+
+    # --- tab completion ------------------------------------------------------------------------
+
+    def _remote_names(self, folder: str) -> list[tuple[str, bool]]:
+        """(name, is_dir) in a remote folder, cached briefly so each Tab costs at most one request."""
+        now = time.monotonic()
+        hit = self._cache.get(folder)
+        if hit is not None and now - hit[0] < _COMPLETION_TTL:
+            return hit[1]
+        try:
+            entries = self.client.listdir(folder)
+        except FerryError:
+            entries = []
+        names = [(e.name, e.kind == "dir") for e in entries]
+        self._cache[folder] = (now, names)
+        return names
+
+    def complete_remote(self, text: str) -> list[str]:
+        """Completions of a remote path typed relative to the working folder."""
+        head, sep, prefix = text.rpartition("/")
+        try:
+            folder = resolve("", head) if text.startswith("/") else resolve(self.cwd, head)
+        except UsageError:
+            return []
+        lead = head + sep
+        out = []
+        for name, is_dir in self._remote_names(folder):
+            if name.startswith(prefix) and (prefix.startswith(".") or not name.startswith(".")):
+                out.append(lead + name + ("/" if is_dir else ""))
+        return sorted(out)
+
+    @staticmethod
+    def complete_local(text: str) -> list[str]:
+        """Completions of a local path."""
+        expanded = os.path.expanduser(text)
+        out = []
+        for p in glob.glob(glob.escape(expanded) + "*"):
+            shown = text + p[len(expanded) :]
+            out.append(shown + ("/" if os.path.isdir(p) else ""))
+        return sorted(out)
+
+    def _arg_index(self, line: str, begidx: int) -> int:
+        words = [w for w in line[:begidx].split()[1:] if not w.startswith("-")]
+        return len(words)
+
+    def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
+        """Remote paths for every command, except local paths where a command takes one."""
+        command = line.split()[0] if line.split() else ""
+        index = self._arg_index(line, begidx)
+        local = (
+            command in ("lcd", "lls")
+            or (command == "put" and index == 0)
+            or (command == "get" and index == 1)
+        )
+        return self.complete_local(text) if local else self.complete_remote(text)
+
+    def get_names(self) -> list[str]:
+        """Method names cmd uses for help and completion; EOF is a key, not a command to list."""
+        return [n for n in super().get_names() if n not in ("do_EOF", "help_EOF")]
+
+
+def _history_file() -> Path:
+    from ferry import paths
+
+    return paths.client_home() / "shell_history"
+
+
+def _run_interactive(sh: FerryShell) -> None:
+    """cmdloop with readline history, and Ctrl-C at the prompt cancelling the line (not the shell)."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - platforms without readline still get a prompt
+        readline = None  # type: ignore[assignment]
+    hist = _history_file()
+    if readline is not None:
+        # Path characters must not split words, so "dir/na<Tab>" completes as one path.
+        readline.set_completer_delims(" \t\n\"'")
+        with contextlib.suppress(OSError):
+            readline.read_history_file(hist)
+        readline.set_history_length(1000)
+    intro: str | None = (
+        f"Connected to {safe_name(sh.loc.address)} as {safe_name(sh.loc.user or '')}. "
+        "Type 'help' for commands, Ctrl-D to leave."
+    )
+    try:
+        while True:
+            try:
+                sh.cmdloop(intro)
+                break
+            except KeyboardInterrupt:
+                click.echo("^C", file=sh.stdout)
+                intro = None
+    finally:
+        if readline is not None:
+            with contextlib.suppress(OSError):
+                hist.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(hist)
+
+
+@click.command()
+@click.argument("target", metavar="[USER@]HOST[:PORT]")
+@click.option("--pty", is_flag=True, help="Open a terminal session on the server instead of the file prompt.")
+@transfer_options
+@common_options
+def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Common) -> int:
+    """An interactive prompt on one connection: ls, cd, pwd, get, put, mkdir, rm, mv, stat, df,
+    lcd, lls, lpwd, with history and Tab completion of remote paths.
+
+    Commands can also be piped in, one per line: ferry shell HOST < commands.txt
+    """
+    from ferry.cli.common import default_user, resolve_password
+
+    loc = target_location(target, common.port)
+    loc = Location(loc.host, loc.port, loc.user or default_user(), loc.path)
+    # Asked here, on the main thread, once: a prompt must not block the client's loop thread, and a
+    # reconnect (after an idle timeout) must not ask again.
+    password = resolve_password(loc, common.password_file)
+
+    if pty:
+        return _run_pty(loc, password, common)
+
+    from ferry.client.sync import Client
+
+    def connect() -> Client:
+        return Client.open(lambda: _connect(loc, password, common.plain))
+
+    interactive = sys.stdin.isatty()
+    sh = FerryShell(connect, loc, hash_name=hash_name, resume=not no_resume, interactive=interactive)
+    if loc.path:
+        sh.onecmd(f"cd {shlex.quote(loc.path)}")
+    try:
+        if interactive:
+            _run_interactive(sh)
+        else:
+            sh.cmdloop(intro="")
+    finally:
+        sh.client.close()
+    return sh.exit_code
+
+
+async def _connect(loc: Location, password: str, plain: bool) -> AsyncClient:
+    from ferry.client.aclient import AsyncClient
+
+    assert loc.user is not None
+    client = await AsyncClient.connect(loc.host, loc.port, user=loc.user, password=password, plain=plain)
+    info = client.info
+    if info is not None and info.pin_status == "new":
+        click.echo(
+            f"ferry: first connection to {loc.address}; pinned its certificate {info.fingerprint} "
+            "(compare it with the one 'ferry serve' printed)",
+            err=True,
+        )
+    return client
+
+
+def _run_pty(loc: Location, password: str, common: Common) -> int:
+    """``--pty``: hand the connection to the terminal-session client (ferry.client.pty)."""
+    from ferry.client.pty import run_pty_session
+
+    async def main() -> int:
+        client = await _connect(loc, password, common.plain)
+        try:
+            return await run_pty_session(client, command=None)
+        except NotImplementedError as exc:
+            raise UsageError("terminal sessions (--pty) are not available in this version of ferry") from exc
+        finally:
+            await client.close()
+
+    return asyncio.run(main())

@@ -1,0 +1,318 @@
+"""The synchronous client: :func:`connect` and :class:`Client`, a thin "portal" over the async one.
+
+Why a portal and not a second implementation: the protocol (pipelining, resume, verification,
+backpressure) lives in exactly one place, :class:`~ferry.client.aclient.AsyncClient`. A blocking
+client written separately would duplicate all of it and drift. Instead each :class:`Client` owns a
+private event loop running in a daemon thread; the async client lives on that loop, and every method
+call is submitted to it with :func:`asyncio.run_coroutine_threadsafe` and waited for. The cost is one
+thread per client and a few microseconds per call, negligible next to a network round trip.
+
+Consequences worth knowing:
+
+- **Progress callbacks run on the client's loop thread**, not the thread that called ``get``/``put``.
+  Keep them short and thread-safe (updating a counter or a rich progress bar is fine), and do not call
+  the same client from inside a callback: that would wait for the loop the callback is blocking
+  (it raises ``RuntimeError`` instead of deadlocking).
+- **Ctrl-C** (``KeyboardInterrupt``) while a call waits cancels that call on the loop, then re-raises.
+- A client may be used from several threads; calls from different threads run concurrently on the one
+  connection (the async client pipelines them).
+- Methods the async client gains later (``run``, ``stream``, ...) are forwarded generically: a
+  coroutine becomes a blocking call, an async iterator becomes an ordinary iterator.
+
+Example::
+
+    import ferry
+
+    with ferry.connect("ann@files.example.org", password=pw) as c:
+        c.put("report.pdf", "inbox/report.pdf")
+        for e in c.listdir("inbox"):
+            print(e.name, e.size)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import getpass
+import inspect
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ferry.errors import AuthError, UsageError
+
+if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient, HostInfo, Usage
+    from ferry.client.known_hosts import KnownHosts
+    from ferry.client.transfer import TransferResult, TreeResult
+    from ferry.wire.messages import Entry
+
+__all__ = ["Client", "connect"]
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class _Portal:
+    """An event loop in a daemon thread, and a way to run coroutines on it from other threads."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        # Daemon: a client that is never closed must not keep the interpreter alive at exit.
+        self.thread = threading.Thread(target=self._run, name="ferry-client-loop", daemon=True)
+        self.thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            # Cancel whatever is left (a call abandoned by Ctrl-C) so its cleanup code runs.
+            tasks = asyncio.all_tasks(self.loop)
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and return its result (or raise its exception) here."""
+        if threading.get_ident() == self.thread.ident:
+            coro.close()
+            raise RuntimeError(
+                "a ferry Client was called from its own loop thread (e.g. inside a progress "
+                "callback); that would deadlock. Use the AsyncClient there, or call from another thread."
+            )
+        if not self.thread.is_alive():
+            coro.close()
+            raise RuntimeError("this ferry Client is closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            # Stop the work on the loop too, and wait (briefly) for its cleanup before re-raising.
+            fut.cancel()
+            try:
+                fut.result(5)
+            except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, Exception):
+                pass
+            raise
+        except concurrent.futures.CancelledError:
+            raise RuntimeError("the call was cancelled because the client closed") from None
+
+    def stop(self) -> None:
+        """Stop the loop and wait for its thread (idempotent)."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+class Client:
+    """A blocking ferry client: the methods of :class:`~ferry.client.aclient.AsyncClient`, synchronously.
+
+    Create with :func:`ferry.connect`; use as a context manager (or call :meth:`close`). See the
+    module documentation for how calls and progress callbacks are run.
+    """
+
+    def __init__(self, portal: _Portal, aclient: AsyncClient) -> None:
+        self._portal = portal
+        self._aclient = aclient
+
+    @classmethod
+    def open(cls, factory: Callable[[], Awaitable[AsyncClient]]) -> Client:
+        """Start a portal and create its async client with ``factory()`` on the portal's loop.
+
+        For embedders that build the connection themselves, e.g. the CLI's ``open_client``.
+        """
+        portal = _Portal()
+
+        async def make() -> AsyncClient:
+            return await factory()
+
+        try:
+            aclient = portal.call(make())
+        except BaseException:
+            portal.stop()
+            raise
+        return cls(portal, aclient)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def aclient(self) -> AsyncClient:
+        """The underlying async client (use it only from coroutines run with :meth:`call`)."""
+        return self._aclient
+
+    @property
+    def info(self) -> HostInfo | None:
+        """What the handshake told about the server (address, TLS fingerprint, pin status, ...)."""
+        return self._aclient.info
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run any coroutine on this client's loop and wait for its result (advanced use)."""
+        return self._portal.call(coro)
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """A blocking version of an async method (or of one returning an async iterator)."""
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            async def invoke() -> tuple[bool, Any]:
+                result = fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                return hasattr(result, "__anext__"), result
+
+            is_iter, result = self._portal.call(invoke())
+            return self._iterate(result) if is_iter else result
+
+        blocking.__name__ = name
+        blocking.__doc__ = fn.__doc__
+        return blocking
+
+    def _iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
+        """Turn an async iterator living on the loop into a blocking iterator."""
+
+        async def step() -> Any:
+            try:
+                return await agen.__anext__()
+            except StopAsyncIteration:
+                return _DONE
+
+        while True:
+            item = self._portal.call(step())
+            if item is _DONE:
+                return
+            yield item
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names not defined here: forward to the async client, wrapping coroutines.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        attr = getattr(self._aclient, name)
+        if inspect.iscoroutinefunction(attr) or inspect.isasyncgenfunction(attr):
+            return self._wrap(name, attr)
+        return attr
+
+    # --- the file API (explicit for documentation and type checking) ----------------------------
+
+    def stat(self, path: str) -> Entry:
+        """Metadata of a remote path (links are not followed)."""
+        return self._portal.call(self._aclient.stat(path))
+
+    def listdir(self, path: str = "", *, recursive: bool = False) -> list[Entry]:
+        """Entries of a remote folder (a file lists as itself); ``recursive`` walks the tree."""
+        return self._portal.call(self._aclient.listdir(path, recursive=recursive))
+
+    def mkdir(self, path: str, *, parents: bool = False) -> None:
+        """Create a remote folder (``parents``: like ``mkdir -p``)."""
+        self._portal.call(self._aclient.mkdir(path, parents=parents))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a remote file or link, or (``recursive``) a folder tree."""
+        self._portal.call(self._aclient.remove(path, recursive=recursive))
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename/move inside the home."""
+        self._portal.call(self._aclient.rename(src, dst))
+
+    def df(self) -> Usage:
+        """Usage, quota and free space."""
+        return self._portal.call(self._aclient.df())
+
+    def ping(self) -> float:
+        """Round-trip time to the server in seconds."""
+        return self._portal.call(self._aclient.ping())
+
+    def get(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> TransferResult:
+        """Download a file (options as :func:`ferry.client.transfer.get_file`; ``progress`` runs on the loop thread)."""
+        result: TransferResult = self._portal.call(self._aclient.get(remote, local, **kw))
+        return result
+
+    def put(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> TransferResult:
+        """Upload a file (options as :func:`ferry.client.transfer.put_file`; ``progress`` runs on the loop thread)."""
+        result: TransferResult = self._portal.call(self._aclient.put(local, remote, **kw))
+        return result
+
+    def get_tree(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> TreeResult:
+        """Download a folder tree (see :func:`ferry.client.transfer.get_tree`)."""
+        result: TreeResult = self._portal.call(self._aclient.get_tree(remote, local, **kw))
+        return result
+
+    def put_tree(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> TreeResult:
+        """Upload a folder tree (see :func:`ferry.client.transfer.put_tree`)."""
+        result: TreeResult = self._portal.call(self._aclient.put_tree(local, remote, **kw))
+        return result
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection and stop the loop thread (idempotent)."""
+        if self._portal.thread.is_alive():
+            try:
+                self._portal.call(self._aclient.close())
+            finally:
+                self._portal.stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _default_user() -> str:
+    # Same rule as the command line (ferry.cli.common.default_user), repeated here so that the
+    # library does not import click.
+    return os.environ.get("FERRY_USER") or getpass.getuser()
+
+
+def connect(
+    host_or_location: str,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    port: int | None = None,
+    plain: bool = False,
+    known_hosts: KnownHosts | None = None,
+    timeout: float = 15.0,
+) -> Client:
+    """Connect and log in; returns a blocking :class:`Client` (use it in a ``with`` block).
+
+    ``host_or_location`` is a host (``"files.example.org"``, ``"::1"``), ``"USER@HOST[:PORT]"`` or
+    ``"ferry://USER@HOST:PORT"``. Explicit ``user``/``port`` win over the string. The user defaults
+    to ``$FERRY_USER`` or the login name, the password to ``$FERRY_PASSWORD`` (never prompted:
+    this is a library). ``known_hosts`` defaults to the per-user pin file; the first connection
+    to a server pins its certificate (``client.info.pin_status == "new"``), a changed certificate
+    raises :class:`~ferry.errors.HostKeyMismatch`.
+    """
+    from ferry.client.aclient import AsyncClient
+    from ferry.client.location import parse_target
+
+    loc = parse_target(host_or_location)
+    name = user or loc.user or _default_user()
+    if password is None:
+        password = os.environ.get("FERRY_PASSWORD")
+        if password is None:
+            raise AuthError("no password: pass password=... or set FERRY_PASSWORD")
+    the_port = port if port is not None else loc.port
+    if not 0 < the_port < 65536:
+        raise UsageError(f"port {the_port} out of range (1-65535)")
+    pw = password
+
+    def factory() -> Awaitable[AsyncClient]:
+        return AsyncClient.connect(
+            loc.host,
+            the_port,
+            user=name,
+            password=pw,
+            plain=plain,
+            known_hosts=known_hosts,
+            timeout=timeout,
+        )
+
+    return Client.open(factory)
