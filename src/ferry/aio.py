@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 CORK_LIMIT = 1 << 16
 
 
@@ -45,3 +49,15 @@ class CorkedWriter:
     async def drain(self) -> None:
         """Wait while the transport holds more than its high-water mark."""
         await self._writer.drain()
+
+
+def run(coro: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
+    """``asyncio.run`` on uvloop when it is installed (and FERRY_NO_UVLOOP is not 1)."""
+    if use_uvloop and os.environ.get("FERRY_NO_UVLOOP") != "1":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
