@@ -17,6 +17,7 @@ lands on warm pages. Call it right before every timed run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -461,10 +462,28 @@ else:
 """
 
 
+@functools.cache
 def ferry_has_command(name: str) -> bool:
-    """True when the installed ferry CLI has the top-level command ``name`` (e.g. ``serve``, ``get``)."""
-    r = subprocess.run([*FERRY, "--help"], capture_output=True, text=True, timeout=60, check=False)
-    return re.search(rf"^\s+{re.escape(name)}\b", r.stdout, re.MULTILINE) is not None
+    """True when the installed ferry CLI has the command ``name`` (e.g. ``serve``, ``get``).
+
+    Asks ``ferry NAME --help`` (imports only that command's module, so a half-edited unrelated module
+    in a shared tree cannot make the answer wrong).
+    """
+    r = subprocess.run([*FERRY, name, "--help"], capture_output=True, text=True, timeout=60, check=False)
+    return r.returncode == 0 and "Usage:" in r.stdout
+
+
+def source_version(path: Path = PROJECT) -> str:
+    """``git describe``-like identification of the code measured: commit, plus ``+dirty`` if src/ has
+    uncommitted changes (numbers from a shared tree should say what they measured)."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=30, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def ferry_add_user(root: Path, name: str, password: str, env: Mapping[str, str] | None = None) -> None:

@@ -62,6 +62,7 @@ from _common import (
     run_timed,
     same_file_quick,
     scratch_dir,
+    source_version,
     ssh_peer,
     table,
     tree_size,
@@ -270,9 +271,10 @@ class Bench:
         else:
             remote_src, remote_dst = str(src.relative_to(L.home)), str(dst)
         if self.use_cli and profile_to is None:
-            # `ferry get [-r] [--plain] -q --port P USER@HOST:REMOTE LOCAL` / `ferry put ... LOCAL USER@HOST:REMOTE`
+            # `ferry get [-r] [--plain] --json --port P USER@HOST:REMOTE LOCAL` / `ferry put ... LOCAL USER@HOST:REMOTE`
+            # (--json: one result line that carries the transfer's own seconds)
             verb = "put" if upload else "get"
-            argv = [*FERRY, verb, "-q", "--port", str(server.port)]
+            argv = [*FERRY, verb, "--json", "--port", str(server.port)]
             if case is not None and case.tree:
                 argv.append("-r")
             if plain:
@@ -371,10 +373,11 @@ class Bench:
             log("  FAILED " + msg)
             return None
         phases: dict[str, float] = {}
-        if tool in FERRY_TOOLS and not self.use_cli:
+        if tool in FERRY_TOOLS:
             try:
-                phases = json.loads(r.stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError):
+                rec = json.loads(r.stdout.strip().splitlines()[-1])
+                phases = {"transfer": float(rec["seconds"])} if self.use_cli else rec
+            except (ValueError, IndexError, KeyError, TypeError):
                 phases = {}
         return Sample(r.seconds, stream, r.maxrss_mib, srv_rss, phases)
 
@@ -459,8 +462,12 @@ class Bench:
         L = self.L
         out.append(
             f"data: {L.big_size / MiB:,.0f} MiB file; {L.tree_files:,} files x {L.tree_file_size // KiB} KiB; "
-            f"{self.args.repeat} repetition(s), medians; ferry client via "
-            f"{'the ferry CLI' if self.use_cli else 'the Python API (bench/transfer.py _client)'}"
+            f"{self.args.repeat} repetition(s), medians"
+        )
+        servers = {s.via_cli for s in self.servers.values()}
+        out.append(
+            f"ferry {source_version()}: client {'ferry get/put CLI' if self.use_cli else 'Python API (transfer.py _client)'}, "
+            f"server {'ferry serve CLI' if servers == {True} else 'library entry point (ferry.server.app.run)'}"
         )
         for key in self.args.cases:
             case = CASES[key]
@@ -494,7 +501,7 @@ class Bench:
             out.append(table(headers, rows, markdown))
         phases = self.phase_table(markdown)
         if phases:
-            out.append("\nferry client phases (median seconds; API client)")
+            out.append("\nferry client phases (median seconds; rest = wall - transfer)")
             out.append(phases)
         out.append("\ntargets (same run; stream = setup subtracted, wall = as a user waits)")
         out.append(self.targets(markdown))
@@ -504,8 +511,11 @@ class Bench:
         return "\n".join(out)
 
     def phase_table(self, markdown: bool) -> str:
-        """Median seconds per phase of the API client (startup, connect+login, transfer, close)."""
+        """Median seconds per phase of ferry's client: startup, connect+login, transfer, close (API
+        client), or transfer as the CLI reports it; ``rest`` = wall - transfer (start, login, exit)."""
         names = ["startup", "connect+login", "transfer", "close"]
+        if self.use_cli:
+            names = ["transfer"]
         rows = []
         for key in [SETUP, *self.args.cases]:
             for tool in FERRY_TOOLS:
@@ -513,14 +523,12 @@ class Bench:
                 if not s:
                     continue
                 meds = [median(x.phases.get(n, float("nan")) for x in s) for n in names]
+                rest = median(x.seconds - x.phases.get("transfer", float("nan")) for x in s)
+                wall = median(x.seconds for x in s)
                 rows.append(
-                    [
-                        f"{key} {tool}",
-                        *(fmt_num(v, 3) for v in meds),
-                        fmt_num(median(x.seconds for x in s), 3),
-                    ]
+                    [f"{key} {tool}", *(fmt_num(v, 3) for v in meds), fmt_num(rest, 3), fmt_num(wall, 3)]
                 )
-        return table(["case", *names, "wall"], rows, markdown) if rows else ""
+        return table(["case", *names, "rest", "wall"], rows, markdown) if rows else ""
 
     def targets(self, markdown: bool) -> str:
         """Each target with its measured ratio and a verdict."""
