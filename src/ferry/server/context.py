@@ -30,7 +30,8 @@ class Limits:
 
 
 class HashCache:
-    """Chunk hashes of files, keyed by (device, inode, size, mtime_ns, algorithm, chunk size).
+    """Chunk hashes of files, keyed by (device, inode, size, mtime_ns, ctime_ns, algorithm, chunk
+    size).
 
     Lets a resume or a repeated download skip re-hashing unchanged files. In memory, LRU-bounded.
     """
