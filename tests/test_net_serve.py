@@ -114,12 +114,16 @@ def test_udp_kinds(model: str) -> None:
 
 
 @pytest.mark.parametrize("model", UDP_MODELS)
-def test_udp_greet_exit_gets_no_reply(model: str) -> None:
+def test_udp_greet_answers_every_datagram(model: str) -> None:
     with in_process("greet", proto="udp", model=model, port=0) as srv, connect(srv.address, "udp") as c:
-        c.send(b"exit")
-        c.send(b"Bob")
-        # The first datagram back answers "Bob": "exit" was not answered (nothing to close).
-        assert c.recv(65535) == b"Hello, Bob!\n"
+        # One reply per datagram, in order, even for "exit" (UDP has no session to close).
+        for name in ("exit", "Bob", "Zoë"):
+            c.send(name.encode())
+        assert [c.recv(65535) for _ in range(3)] == [
+            b"Hello, exit!\n",
+            b"Hello, Bob!\n",
+            "Hello, Zoë!\n".encode(),
+        ]
 
 
 def test_udp_many_clients_at_once() -> None:

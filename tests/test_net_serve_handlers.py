@@ -110,7 +110,7 @@ def test_datagram_replies() -> None:
     assert datagram_reply("hello", b"anything") == HELLO
     assert datagram_reply("greet", b"Ann\n") == b"Hello, Ann!\n"
     assert datagram_reply("greet", b"Ann") == b"Hello, Ann!\n"
-    assert datagram_reply("greet", b"exit") is None
+    assert datagram_reply("greet", b"exit") == b"Hello, exit!\n"  # no session to end over UDP
     assert datagram_reply("greet", b"\xff") == NOT_UTF8
     assert datagram_reply("upper", b"a\xffb") == b"A\xffB"
     assert datagram_reply("echo", b"\x00") == b"\x00"

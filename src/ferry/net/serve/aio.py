@@ -136,7 +136,7 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
         except Exception:
             log.exception("bug while answering a %s datagram", self.kind)
             return
-        if reply is None or self.transport is None:
+        if self.transport is None:
             return
         if reply:
             self.transport.sendto(reply, addr)

@@ -219,8 +219,7 @@ def serve_datagrams(sock: socket.socket, config: ServeConfig, stop: StopSignal) 
             except Exception:
                 log.exception("bug while answering a %s datagram", config.kind)
                 continue
-            if reply is not None:
-                try:
-                    sock.sendto(reply, addr)
-                except OSError as exc:
-                    log.debug("sendto %s: %s", addr, exc)
+            try:
+                sock.sendto(reply, addr)
+            except OSError as exc:
+                log.debug("sendto %s: %s", addr, exc)

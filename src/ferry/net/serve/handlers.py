@@ -137,20 +137,26 @@ def _strip_eol(line: bytes) -> bytes:
     return line
 
 
-def greeting(line: bytes) -> tuple[bytes | None, bool]:
-    """The ``greet`` answer to one line: ``(reply, close)``; ``reply`` is None for ``exit``.
-
-    Shared by the stream handler and the datagram path so both speak the same protocol.
-    Non-UTF-8 input gets an error reply and ``close=True``: the offending client is dropped.
-    """
-    raw = _strip_eol(line)
+def _greet_text(line: bytes) -> str | None:
+    """The name in a greet line (end of line stripped), or None if it is not UTF-8."""
     try:
-        text = raw.decode("utf-8")
+        return _strip_eol(line).decode("utf-8")
     except UnicodeDecodeError:
-        return NOT_UTF8, True
+        return None
+
+
+def greeting(line: bytes) -> Step:
+    """The stream ``greet`` answer to one line.
+
+    ``exit`` closes without a reply; non-UTF-8 input gets an error line and closes: the
+    offending client is dropped (the server and its other clients carry on).
+    """
+    text = _greet_text(line)
+    if text is None:
+        return Step(NOT_UTF8, close=True)
     if text.strip() == "exit":
-        return None, True
-    return f"Hello, {text}!\n".encode(), False
+        return Step(close=True)
+    return Step(f"Hello, {text}!\n".encode())
 
 
 class GreetHandler(LineHandler):
@@ -162,8 +168,7 @@ class GreetHandler(LineHandler):
 
     def on_line(self, line: bytes) -> Step:
         """Answer one line (see :func:`greeting`)."""
-        reply, close = greeting(line)
-        return Step(reply or b"", close=close)
+        return greeting(line)
 
 
 class UpperHandler(LineHandler):
@@ -195,18 +200,19 @@ def stream_handler(kind: str) -> StreamHandler:
     return _STREAM[kind]()
 
 
-def datagram_reply(kind: str, data: bytes) -> bytes | None:
-    """The reply to one datagram of ``kind``, or None to send nothing.
+def datagram_reply(kind: str, data: bytes) -> bytes:
+    """The reply to one datagram of ``kind``.
 
-    UDP has no connection, so each datagram is answered on its own: ``hello`` answers anything,
-    ``greet`` answers the datagram as one line (``exit`` gets no reply: there is nothing to close),
-    ``upper`` and ``echo`` transform the whole datagram.
+    UDP has no connection, so each datagram is answered on its own, always with exactly one
+    datagram, so a client can pair requests and replies: ``hello`` answers anything, ``greet``
+    answers the datagram as one line (``exit`` is just a name here: there is no session to end;
+    non-UTF-8 gets the error line), ``upper`` and ``echo`` transform the whole datagram.
     """
     if kind == "hello":
         return HELLO
     if kind == "greet":
-        reply, _close = greeting(data)
-        return reply
+        text = _greet_text(data)
+        return NOT_UTF8 if text is None else f"Hello, {text}!\n".encode()
     if kind == "upper":
         return data.upper()
     if kind == "echo":
