@@ -11,6 +11,7 @@ import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ferry.server.accounts import Accounts, User
 
@@ -96,6 +97,8 @@ class ServerContext:
     hash_cache: HashCache = field(default_factory=HashCache)
     usage: Usage = field(default_factory=Usage)
     sessions: set[object] = field(default_factory=set)
+    #: uploads in progress by (home, partial path): one writer per partial file (ferry.server.transfer)
+    uploads: dict[tuple[str, str], Any] = field(default_factory=dict)
     software: str = "ferry"
     auth_slots: asyncio.Semaphore | None = None
 

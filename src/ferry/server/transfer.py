@@ -23,11 +23,12 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ferry.errors import AlreadyExists, DiskFull, IntegrityError, RemoteError
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
 from ferry.server.files import current_usage, in_thread, jail_of, log_op
+from ferry.server.jail import join_path, parse_path, partial_name
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
 
@@ -180,10 +181,14 @@ class Upload:
     started: bool = False
     _buf: list[bytes] = field(default_factory=list)
     _buffered: int = 0
-    _pending: asyncio.Future[None] | None = None
+    #: the thread job using ``fd`` (a write, or the final fsync and rename); never abandoned half-way
+    _pending: asyncio.Future[Any] | None = None
+    key: tuple[str, str] = ("", "")  # (home, partial path): at most one upload writes a partial
+    superseded: bool = False  # a newer upload of the same source took the partial over
 
     def start(self, offset: int) -> None:
         """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
+        self._check_owner()
         chunk = self.msg.chunk_size
         if offset % chunk or offset // chunk > len(self.held) or offset > self.msg.size:
             raise RemoteProtocolError(f"bad resume offset {offset}")
@@ -196,6 +201,7 @@ class Upload:
         """Buffer a piece of data; write and hash it in a thread in ~1 MiB batches."""
         if not self.started:
             raise RemoteProtocolError("upload data before put_from")
+        self._check_owner()
         if self.pos + self._buffered + len(ev.data) > self.msg.size:
             raise RemoteProtocolError(f"more data than the announced {self.msg.size} bytes")
         self._buf.append(ev.data)
@@ -203,10 +209,28 @@ class Upload:
         if self._buffered >= BLOCK:
             await self._flush()
 
+    def _check_owner(self) -> None:
+        if self.superseded:
+            raise RemoteError(
+                "cancelled",
+                f"{self.msg.path}: another upload of the same file took over (a retry from a new "
+                "connection?); this one was stopped",
+            )
+
+    async def _settle(self) -> None:
+        """Wait for the thread job in flight (re-raising its error). Shielded: if this task is
+        cancelled, the job still finishes before the fd is closed (see :meth:`close`)."""
+        pending = self._pending
+        if pending is not None:
+            try:
+                await asyncio.shield(pending)
+            finally:
+                if pending.done() and self._pending is pending:
+                    self._pending = None
+
     async def _flush(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
+        await self._settle()
+        self._check_owner()  # after the wait: a takeover may have happened meanwhile
         if not self._buffered:
             return
         data = b"".join(self._buf)
@@ -216,12 +240,13 @@ class Upload:
         self.pos += len(data)
         hasher = self.hasher
         assert hasher is not None
+        fd = self.fd
 
         def write() -> None:
             view = memoryview(data)
             off = pos
             while view:
-                n = os.pwrite(self.fd, view, off)
+                n = os.pwrite(fd, view, off)
                 view, off = view[n:], off + n
             hasher.update(data)  # blake3 releases the GIL: overlaps with the next network read
 
@@ -244,9 +269,15 @@ class Upload:
             raise IntegrityError(
                 f"{msg.path}: chunk {bad} does not match the sender's hash; nothing was kept"
             )
-        await in_thread(_finalise, self.fd, msg)
-        jail = jail_of(self.session)
-        await in_thread(jail.commit, self.partial, msg.path)
+        fd, partial, jail = self.fd, self.partial, jail_of(self.session)
+
+        def seal() -> None:
+            _finalise(fd, msg)
+            jail.commit(partial, msg.path)
+
+        # Tracked like a write: an upload taking over the partial waits until the rename is done.
+        self._pending = asyncio.get_running_loop().run_in_executor(None, seal)
+        await self._settle()
 
     async def abort(self) -> None:
         """Connection lost or cancelled: stop, keep the verified partial for a later resume."""
@@ -256,16 +287,39 @@ class Upload:
         self.close()
 
     def discard(self) -> None:
-        """Remove the partial file (integrity failure, disk full)."""
+        """Remove the partial file (integrity failure, disk full), unless another upload owns it."""
         self.close()
+        if self.superseded or not self.partial:
+            return
         with contextlib.suppress(Exception):
             jail_of(self.session).remove(self.partial)
 
+    async def supersede(self) -> None:
+        """A newer upload of the same source takes the partial over: stop writing to it once the
+        job in flight is done (so the newcomer hashes and truncates a file nobody else touches)."""
+        self.superseded = True
+        with contextlib.suppress(Exception):
+            await self._settle()
+        self.close()
+
     def close(self) -> None:
-        """Close the partial's descriptor (once)."""
+        """Close the partial's descriptor (once; after the job in flight) and release the partial."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            pending = self._pending
+            if pending is not None and not pending.done():
+                pending.add_done_callback(lambda f: _close_after(f, fd))
+            else:
+                os.close(fd)
+        uploads = self.session.ctx.uploads
+        if uploads.get(self.key) is self:
+            del uploads[self.key]
+
+
+def _close_after(job: asyncio.Future[Any], fd: int) -> None:
+    if not job.cancelled():
+        job.exception()  # retrieved: the upload already failed or was abandoned
+    os.close(fd)
 
 
 def _finalise(fd: int, msg: m.PutFile) -> None:
@@ -306,17 +360,36 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     token = msg.token or secrets.token_hex(8)
     if not _TOKEN.match(token):
         raise RemoteProtocolError("bad upload token")
-    fd, partial, have = await in_thread(jail.open_partial, msg.path, token)
+    if msg.id in session.channels:
+        raise RemoteProtocolError(f"request id {msg.id} is already in use")  # would leak its fd
+    # Two uploads writing one partial (a retry while the server still serves the first connection)
+    # could commit a file the other one truncated: the newest takes over, the older one stops.
+    parts = parse_path(msg.path)
+    key = (jail.home, join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else "")
+    up = Upload(session, msg, -1, "", [], time.monotonic(), key=key)
+    uploads = session.ctx.uploads
+    older = uploads.get(key)
+    uploads[key] = up
     try:
+        if older is not None:
+            await older.supersede()  # before opening: its final rename may still be running
+        up._check_owner()
+        up.fd, up.partial, have = await in_thread(jail.open_partial, msg.path, token)
+        up._check_owner()
         n = min(have, msg.size) // msg.chunk_size
-        held = (
-            await in_thread(hash_fd_chunks, fd, msg.hash, msg.chunk_size, 0, n * msg.chunk_size) if n else []
-        )
+        if n:
+            job = asyncio.get_running_loop().run_in_executor(
+                None, hash_fd_chunks, up.fd, msg.hash, msg.chunk_size, 0, n * msg.chunk_size
+            )
+            up._pending = job
+            await up._settle()
+            up.held = job.result()
+        up._check_owner()
     except BaseException:
-        os.close(fd)
+        up.close()
         raise
-    session.channels[msg.id] = Upload(session, msg, fd, partial, held, time.monotonic())
-    await session.send(m.PutReady(id=msg.id, chunk_hashes=held))
+    session.channels[msg.id] = up
+    await session.send(m.PutReady(id=msg.id, chunk_hashes=up.held))
 
 
 async def _put_inline(session: Session, msg: m.PutFile) -> None:
@@ -413,7 +486,8 @@ async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
     except OSError as exc:
         up.discard()
         raise _os_error(up.msg.path, exc) from exc
-    up.close()
+    finally:
+        up.close()  # every outcome: e.g. a commit refused by the jail must not leak the descriptor
     _account(session, up.msg.path, up.pos, up.replaced)
     await session.send(m.Ok(id=msg.id))
     log_op(session, "put", up.msg.path, up.t0, nbytes=up.pos)
