@@ -15,7 +15,7 @@ import itertools
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -409,3 +409,23 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # --- remote commands (implemented in ferry.client.exec) --------------------------------
+
+    async def run(self, cmd: str | Sequence[str], **kw: Any) -> Any:
+        """Run a command to completion -> Result; see :func:`ferry.client.exec.run`."""
+        from ferry.client.exec import run
+
+        return await run(self, cmd, **kw)
+
+    def stream(self, cmd: str | Sequence[str], **kw: Any) -> Any:
+        """``async for kind, data in client.stream(cmd)``; see :class:`ferry.client.exec.CommandStream`."""
+        from ferry.client.exec import CommandStream
+
+        return CommandStream(self, cmd, kw)
+
+    async def start(self, cmd: str | Sequence[str] | None, **kw: Any) -> Any:
+        """Start a command -> RemoteProcess; see :meth:`ferry.client.exec.RemoteProcess.start`."""
+        from ferry.client.exec import RemoteProcess
+
+        return await RemoteProcess.start(self, cmd, **kw)
