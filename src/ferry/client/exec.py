@@ -1,0 +1,460 @@
+"""Remote commands from the client side: start one, stream its output, or run it to completion.
+
+Three levels, all over one :class:`~ferry.client.aclient.AsyncClient` (several commands may run at
+once on one connection, each under its own request id):
+
+* :func:`run` -> :class:`Result`: run to completion, optionally feeding ``input``; output collected.
+* :class:`CommandStream` (``client.stream(cmd)``): ``async for kind, data in stream`` yields
+  ``("stdout", bytes)`` / ``("stderr", bytes)`` chunks as the command writes them; the exit status is
+  on the stream object afterwards.
+* :class:`RemoteProcess` (``client.start(cmd)``): the full handle: ``read``, ``write``,
+  ``close_stdin``, ``signal``, ``resize``, ``cancel``, ``wait``.
+
+Flow control: the client grants the server a window per output stream (:data:`DEFAULT_WINDOW`
+bytes, topped up as chunks are *consumed*), so unread output never piles up beyond the window in
+memory, and a consumer that only reads stdout does not block stderr or vice versa -- the server
+stops reading the child's pipe for a stream whose window is used up. Stdin is sent only within the
+window the server grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal as _signal
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from ferry.client.errors import from_wire
+from ferry.errors import FerryError, FerryTimeout, UsageError
+from ferry.wire import Data
+from ferry.wire import messages as m
+
+if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient, _Route
+
+__all__ = ["DEFAULT_WINDOW", "CommandStream", "RemoteProcess", "Result", "exit_code_of", "run"]
+
+#: Bytes of each output stream the server may send ahead of what the caller has consumed.
+DEFAULT_WINDOW: Final = 4 << 20
+#: Largest stdin data frame.
+STDIN_CHUNK: Final = 1 << 18
+#: After a client-side timeout the server gets SIGTERM -> SIGKILL (2 s); this is how much longer
+#: we wait for its exit status before giving up on the server.
+_TIMEOUT_SLACK: Final = 10.0
+#: Waiting for a command's next event: commands may be silent for a very long time.
+_NO_LIMIT: Final = 10.0**9
+
+Command = str | Sequence[str]
+"""A command: one string runs through ``/bin/sh -c`` on the server, a sequence is the argv itself."""
+
+Kind = Literal["stdout", "stderr"]
+_KIND: Final[dict[int, Kind]] = {m.STDOUT: "stdout", m.STDERR: "stderr"}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command produced.
+
+    ``exit_code`` follows the shell convention: the exit status, or 128+N when signal N killed the
+    command (``signal`` is then N). ``timed_out`` is True when our ``timeout`` ended it.
+    """
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    signal: int | None = None
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with status 0."""
+        return self.exit_code == 0
+
+
+def exit_code_of(status: m.ExitStatus) -> int:
+    """The shell-style exit code of an :class:`~ferry.wire.messages.ExitStatus` (128+N for signal N)."""
+    if status.signal is not None:
+        return 128 + status.signal
+    return status.code if status.code is not None else 255
+
+
+def _exec_message(
+    req_id: int,
+    cmd: Command | None,
+    env: dict[str, str] | None,
+    cwd: str,
+    pty: m.PtySpec | None,
+    window: int,
+) -> m.Exec:
+    if isinstance(cmd, str):
+        return m.Exec(id=req_id, command=cmd, env=dict(env or {}), cwd=cwd, pty=pty, window=window)
+    if cmd is None:
+        if pty is None:
+            raise UsageError("no command given")
+        return m.Exec(id=req_id, env=dict(env or {}), cwd=cwd, pty=pty, window=window)
+    argv = [str(a) for a in cmd]
+    if not argv:
+        raise UsageError("empty argv: nothing to run")
+    return m.Exec(id=req_id, argv=argv, env=dict(env or {}), cwd=cwd, pty=pty, window=window)
+
+
+class RemoteProcess:
+    """A command running on the server. Create with :meth:`start` (or ``client.start(cmd)``).
+
+    Output is read in arrival order with :meth:`read` (or ``async for kind, data in proc``). A
+    dispatcher task sorts the connection's events for this command so that stdin credit and the exit
+    status are seen even while nobody reads output.
+    """
+
+    def __init__(self, client: AsyncClient, req_id: int, route: _Route, window: int) -> None:
+        self.client = client
+        self.id = req_id
+        self._route = route
+        self.window = window
+        #: the process id on the server (0 if the program could not be started)
+        self.pid = 0
+        #: the exit status once it arrived
+        self.status: m.ExitStatus | None = None
+        #: True when our ``timeout`` ended the command
+        self.timed_out = False
+        self._chunks: deque[tuple[int, bytes]] = deque()
+        self._have = asyncio.Event()
+        self._to_grant = {m.STDOUT: 0, m.STDERR: 0}
+        self._credit = 0  # stdin bytes the server accepts now
+        self._credit_wake = asyncio.Event()
+        self._stdin_closed = False
+        self._done = asyncio.Event()
+        self._error: FerryError | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._aux: set[asyncio.Task[Any]] = set()
+
+    # --- starting ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        client: AsyncClient,
+        cmd: Command | None,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        pty: m.PtySpec | None = None,
+        timeout: float | None = None,
+        window: int = DEFAULT_WINDOW,
+    ) -> RemoteProcess:
+        """Start ``cmd`` on the server and return once it runs.
+
+        ``env``: extra variables (only those the server allows: LANG, LC_*, TZ, TERM, COLUMNS,
+        LINES, FERRY_*); ``cwd``: home-relative working folder; ``pty``: run under a terminal;
+        ``timeout``: seconds after which the command is cancelled (SIGTERM, SIGKILL 2 s later) and
+        :attr:`timed_out` set. Raises :class:`~ferry.errors.PermissionDenied` (``exec-denied``) when
+        the account may not run it, NotFound/PathRefused for a bad ``cwd``.
+        """
+        if timeout is not None and timeout <= 0:
+            raise UsageError("the timeout must be positive")
+        req_id, route = client._open(0)  # unbounded queue: the windows bound what can arrive
+        try:
+            await client.send(_exec_message(req_id, cmd, env, cwd, pty, window))
+            reply = await client._recv(route)
+            if isinstance(reply, m.Error):
+                raise from_wire(reply)
+            if not isinstance(reply, m.ExecStarted):
+                raise FerryError(f"unexpected reply to exec: {type(reply).__name__}")
+        except BaseException:
+            client._close_route(req_id)
+            raise
+        proc = cls(client, req_id, route, window)
+        proc.pid = reply.pid
+        proc._task = asyncio.create_task(proc._dispatch(), name=f"ferry-exec-{req_id}")
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            proc._timers.append(loop.call_later(timeout, proc._on_timeout))
+            proc._timers.append(loop.call_later(timeout + _TIMEOUT_SLACK, proc._on_lost))
+        return proc
+
+    async def _dispatch(self) -> None:
+        err: FerryError | None = None
+        try:
+            while True:
+                ev = await self.client._recv(self._route, timeout=_NO_LIMIT)
+                if isinstance(ev, Data):
+                    if ev.stream in self._to_grant and ev.data:
+                        self._chunks.append((ev.stream, ev.data))
+                        self._have.set()
+                elif isinstance(ev, m.Window):
+                    if ev.stream == m.STDIN:
+                        self._credit += ev.increment
+                        self._credit_wake.set()
+                elif isinstance(ev, m.ExitStatus):
+                    self.status = ev
+                    return
+                elif isinstance(ev, m.Error):
+                    err = from_wire(ev)
+                    return
+                # ExecStarted, Eof of an output (the exit status follows), Ok for a Cancel: nothing.
+        except FerryError as exc:
+            err = exc
+        finally:
+            if err is not None and self._error is None:
+                self._error = err
+            self._finish()
+
+    def _finish(self) -> None:
+        for t in self._timers:
+            t.cancel()
+        self._done.set()
+        self._have.set()
+        self._credit_wake.set()
+        self.client._close_route(self.id)
+
+    def _on_timeout(self) -> None:
+        if self._done.is_set():
+            return
+        self.timed_out = True
+        self._spawn(self.cancel())
+
+    def _on_lost(self) -> None:
+        if not self._done.is_set():
+            self._error = FerryTimeout("the server did not end the timed-out command; giving up on it")
+            self._finish()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._aux.add(task)
+        task.add_done_callback(self._aux.discard)
+
+    # --- state --------------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True once the command ended (or the connection failed)."""
+        return self._done.is_set()
+
+    @property
+    def exit_code(self) -> int | None:
+        """Shell-style exit code once known (128+N for signal N), else None."""
+        return None if self.status is None else exit_code_of(self.status)
+
+    # --- output -------------------------------------------------------------------------------------
+
+    async def read(self) -> tuple[Kind, bytes] | None:
+        """The next output chunk as ``("stdout"|"stderr", bytes)``, or None after the last one.
+
+        Raises the connection's error if it broke, or the server's error for this command.
+        """
+        while not self._chunks:
+            if self._done.is_set():
+                if self._error is not None:
+                    raise self._error
+                return None
+            self._have.clear()
+            await self._have.wait()
+        stream, data = self._chunks.popleft()
+        await self._consumed(stream, len(data))
+        return _KIND[stream], data
+
+    async def _consumed(self, stream: int, n: int) -> None:
+        # Batch window updates: one message per half window consumed (not one per chunk).
+        self._to_grant[stream] += n
+        if self._to_grant[stream] >= self.window // 2 and not self._done.is_set():
+            inc, self._to_grant[stream] = self._to_grant[stream], 0
+            with contextlib.suppress(FerryError):  # a broken connection surfaces in read()
+                await self.client.send(m.Window(id=self.id, stream=stream, increment=inc))
+
+    def __aiter__(self) -> RemoteProcess:
+        return self
+
+    async def __anext__(self) -> tuple[Kind, bytes]:
+        item = await self.read()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    async def collect(self) -> tuple[bytes, bytes]:
+        """Read all remaining output: ``(stdout, stderr)``."""
+        out: list[bytes] = []
+        err: list[bytes] = []
+        while (item := await self.read()) is not None:
+            (out if item[0] == "stdout" else err).append(item[1])
+        return b"".join(out), b"".join(err)
+
+    async def wait(self) -> int:
+        """Wait for the exit and return the exit code; output not read yet is *discarded*."""
+        while await self.read() is not None:
+            pass
+        code = self.exit_code
+        assert code is not None
+        return code
+
+    # --- input and control -----------------------------------------------------------------------
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` to the command's stdin, waiting for the server's window when it is used up.
+
+        Returns silently when the command has already ended (its remaining input is not needed).
+        """
+        if self._stdin_closed:
+            raise UsageError("stdin of this command was already closed")
+        view = memoryview(data).cast("B")
+        while view:
+            while self._credit <= 0:
+                if self._done.is_set():
+                    return
+                self._credit_wake.clear()
+                await self._credit_wake.wait()
+            if self._done.is_set():
+                return
+            n = min(len(view), self._credit, STDIN_CHUNK)
+            self._credit -= n
+            await self.client.send_data(self.id, m.STDIN, view[:n])
+            view = view[n:]
+
+    async def close_stdin(self) -> None:
+        """Signal end of input (the command reads EOF; under a PTY the server types ^D)."""
+        if self._stdin_closed:
+            return
+        self._stdin_closed = True
+        if not self._done.is_set():
+            await self.client.send(m.Eof(id=self.id, stream=m.STDIN))
+
+    async def signal(self, signum: int) -> None:
+        """Send signal ``signum`` to the command's process group (a PTY's foreground job)."""
+        if not self._done.is_set():
+            await self.client.send(m.Signal(id=self.id, signum=int(signum)))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Tell the server the terminal size changed (PTY commands)."""
+        if not self._done.is_set():
+            await self.client.send(m.Resize(id=self.id, rows=max(1, rows), cols=max(1, cols)))
+
+    async def cancel(self) -> None:
+        """Stop the command: SIGTERM to everything it runs, SIGKILL 2 s later (done by the server)."""
+        if not self._done.is_set():
+            with contextlib.suppress(FerryError):
+                await self.client.send(m.Cancel(id=self.id))
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Cancel the command if it still runs and wait (up to ``grace`` s) for it to end."""
+        if not self._done.is_set():
+            await self.cancel()
+            with contextlib.suppress(TimeoutError, FerryError):
+                async with asyncio.timeout(grace):
+                    await self.wait()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        self._finish()
+
+    async def __aenter__(self) -> RemoteProcess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def result(self, stdout: bytes = b"", stderr: bytes = b"") -> Result:
+        """A :class:`Result` for the finished command (with the given collected output)."""
+        if self.status is None:
+            raise UsageError("the command has not finished yet")
+        return Result(exit_code_of(self.status), stdout, stderr, self.status.signal, self.timed_out)
+
+
+class CommandStream:
+    """``async for kind, data in client.stream(cmd)``: output chunks as the command writes them.
+
+    The command starts on the first iteration. Afterwards :attr:`exit_code`, :attr:`status` and
+    :attr:`timed_out` tell how it ended. Use ``async with client.stream(cmd) as s`` to have the
+    command cancelled if you stop iterating early.
+    """
+
+    def __init__(self, client: AsyncClient, cmd: Command, kwargs: dict[str, Any]) -> None:
+        self._client = client
+        self._cmd = cmd
+        self._kwargs = kwargs
+        #: the running process (None until the first iteration)
+        self.process: RemoteProcess | None = None
+
+    async def _ensure(self) -> RemoteProcess:
+        if self.process is None:
+            self.process = await RemoteProcess.start(self._client, self._cmd, **self._kwargs)
+            await self.process.close_stdin()  # a stream has no input
+        return self.process
+
+    def __aiter__(self) -> CommandStream:
+        return self
+
+    async def __anext__(self) -> tuple[Kind, bytes]:
+        proc = await self._ensure()
+        item = await proc.read()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    async def __aenter__(self) -> CommandStream:
+        await self._ensure()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None:
+            await self.process.close()
+
+    @property
+    def status(self) -> m.ExitStatus | None:
+        """The exit status once the stream ended."""
+        return None if self.process is None else self.process.status
+
+    @property
+    def exit_code(self) -> int | None:
+        """Shell-style exit code once the stream ended (128+N for signal N)."""
+        return None if self.process is None else self.process.exit_code
+
+    @property
+    def timed_out(self) -> bool:
+        """True when the stream's ``timeout`` ended the command."""
+        return self.process is not None and self.process.timed_out
+
+
+async def run(
+    client: AsyncClient,
+    cmd: Command,
+    *,
+    input: bytes | None = None,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str = "",
+) -> Result:
+    """Run ``cmd`` to completion and return its :class:`Result` (output collected in memory).
+
+    ``input`` is fed to stdin (then EOF; without it stdin is empty). ``timeout`` cancels the command
+    after that many seconds (SIGTERM, then SIGKILL) and returns with ``timed_out=True``.
+    """
+    proc = await RemoteProcess.start(client, cmd, env=env, cwd=cwd, timeout=timeout)
+    try:
+        feeder: asyncio.Task[None] | None = None
+        if input:
+            feeder = asyncio.create_task(_feed(proc, input))
+        else:
+            await proc.close_stdin()
+        out, err = await proc.collect()
+        if feeder is not None:
+            await feeder
+        return proc.result(out, err)
+    finally:
+        await proc.close()
+
+
+async def _feed(proc: RemoteProcess, data: bytes) -> None:
+    await proc.write(data)
+    await proc.close_stdin()
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15 (or the number when unknown)."""
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
