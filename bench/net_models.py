@@ -1,6 +1,6 @@
 """Benchmark (not a test): ``ferry net serve echo`` under each concurrency MODEL.
 
-For every model a server subprocess is started on loopback; then, for 1, 10 and 100 concurrent
+A server subprocess per model is started on loopback; then, for 1, 10 and 100 concurrent
 clients, each client does a fixed number of 64-byte echo round trips (one outstanding request
 per client: closed loop). Reports round trips per second and p50/p99 latency, the median over
 ``--runs`` runs. Every run is bounded by a round-trip count *and* a time cap.
@@ -168,26 +168,37 @@ def main() -> None:
         f"| {'model':<9} | {'clients':>7} | {'round trips/s':>13} | {'p50 ms':>7} | {'p99 ms':>8} | {'max ms':>8} |"
     )
     print(f"|{'-' * 11}|{'-' * 8}:|{'-' * 14}:|{'-' * 8}:|{'-' * 9}:|{'-' * 9}:|")
-    for model in models:
-        proc, address = start_server(model)
-        try:
-            run_load(address, 1, 200, args.cap)  # warm-up: imports, caches, first fork
-            for clients in levels:
-                rounds = max(1, args.total // clients)
-                results = [run_load(address, clients, rounds, args.cap) for _ in range(args.runs)]
-                rate = statistics.median(r.rate for r in results)
-                p50 = statistics.median(r.percentile(0.50) for r in results) * 1e3
-                p99 = statistics.median(r.percentile(0.99) for r in results) * 1e3
-                # max shows what percentiles hide: e.g. iterative's queued clients waiting for
-                # every client before them (one slow round trip per client, < 1 % of samples).
-                worst = statistics.median(max(r.latencies, default=float("nan")) for r in results) * 1e3
-                mark = "*" if any(r.capped for r in results) else " "
-                print(
-                    f"| {model:<9} | {clients:>7} | {rate:>12.0f}{mark} | {p50:>7.3f} | {p99:>8.3f} | {worst:>8.1f} |",
-                    flush=True,
-                )
-        finally:
+    # All servers run side by side (idle ones cost nothing) and every run cycles through all
+    # models: a burst of load from elsewhere on the machine then hits every model alike
+    # instead of skewing whichever model happened to be measured at that moment.
+    servers: dict[str, tuple[subprocess.Popen[bytes], tuple[str, int]]] = {}
+    try:
+        for model in models:
+            servers[model] = start_server(model)
+            run_load(servers[model][1], 1, 200, args.cap)  # warm-up: imports, caches, first fork
+        results: dict[tuple[str, int], list[Result]] = {(m, c): [] for m in models for c in levels}
+        for run in range(args.runs):
+            print(f"# run {run + 1}/{args.runs}", file=sys.stderr, flush=True)
+            for model in models:
+                for clients in levels:
+                    rounds = max(1, args.total // clients)
+                    results[model, clients].append(run_load(servers[model][1], clients, rounds, args.cap))
+    finally:
+        for proc, _address in servers.values():
             stop_server(proc)
+    for model in models:
+        for clients in levels:
+            rs = results[model, clients]
+            rate = statistics.median(r.rate for r in rs)
+            p50 = statistics.median(r.percentile(0.50) for r in rs) * 1e3
+            p99 = statistics.median(r.percentile(0.99) for r in rs) * 1e3
+            # max shows what percentiles hide: e.g. iterative's queued clients waiting for
+            # every client before them (one slow round trip per client, < 1 % of samples).
+            worst = statistics.median(max(r.latencies, default=float("nan")) for r in rs) * 1e3
+            mark = "*" if any(r.capped for r in rs) else " "
+            print(
+                f"| {model:<9} | {clients:>7} | {rate:>12.0f}{mark} | {p50:>7.3f} | {p99:>8.3f} | {worst:>8.1f} |"
+            )
     print("# * = a run hit the time cap (fewer round trips than asked)")
 
 
