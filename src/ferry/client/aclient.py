@@ -127,7 +127,12 @@ class AsyncClient:
                 f"TLS handshake with {host}:{port} failed ({exc.reason}); if the server runs with --plain, use --plain too"
             ) from exc
         except OSError as exc:
-            raise ConnectionBroken(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+            # A bare ConnectionResetError() has neither strerror nor text: never print an empty reason.
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if ssl_ctx is not None and isinstance(exc, ConnectionResetError | BrokenPipeError):
+                # A --plain server drops the TLS ClientHello as a malformed frame and resets.
+                reason += " during the TLS handshake; if the server runs with --plain, use --plain too"
+            raise ConnectionBroken(f"cannot connect to {host}:{port}: {reason}") from exc
         fp = status = None
         try:
             if ssl_ctx is not None:
@@ -168,7 +173,9 @@ class AsyncClient:
         while True:
             ev = self._conn.next_event()
             if ev is CONNECTION_ENDED:
-                raise ConnectionBroken("the server closed the connection during the handshake")
+                # A TLS server drops a plain Hello it cannot parse as a ClientHello: say what to try.
+                hint = "; if the server uses TLS (the default), drop --plain" if self.plain else ""
+                raise ConnectionBroken(f"the server closed the connection during the handshake{hint}")
             if isinstance(ev, m.Message):
                 return ev
             if ev is NEED_DATA:
