@@ -282,11 +282,12 @@ async def do_put(
 ) -> None:
     """Upload each of ``sources`` to ``base``: into it when it is a folder, else as it.
 
-    ``into_dir`` asks for folder semantics even if ``base`` does not exist yet (several sources, or a
-    trailing ``/``); the folder must then exist.
+    ``into_dir`` says the user meant a folder (several sources, or a trailing ``/``). A missing
+    ``base`` is then an error, except for a single source folder, which is created as ``base``
+    (as ``cp -r DIR NEW/`` does).
     """
     target_dir = await is_remote_dir(client, base)
-    if target_dir is None and into_dir:
+    if target_dir is None and into_dir and not (len(sources) == 1 and Path(sources[0]).is_dir()):
         raise NotFound("not-found", f"{safe_name(shown(base))}: no such remote folder")
     for src in sources:
         p = Path(src)
