@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import select
 import signal as _signal
+import stat
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -35,7 +38,19 @@ from ferry.wire import messages as m
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient, _Route
 
-__all__ = ["DEFAULT_WINDOW", "CommandStream", "RemoteProcess", "Result", "exit_code_of", "run"]
+__all__ = [
+    "DEFAULT_WINDOW",
+    "CommandStream",
+    "Interrupted",
+    "RemoteProcess",
+    "Result",
+    "SignalForwarder",
+    "attach",
+    "exit_code_of",
+    "pump_stdin",
+    "run",
+    "write_all",
+]
 
 #: Bytes of each output stream the server may send ahead of what the caller has consumed.
 DEFAULT_WINDOW: Final = 4 << 20
@@ -433,9 +448,11 @@ async def run(
     after that many seconds (SIGTERM, then SIGKILL) and returns with ``timed_out=True``.
     """
     proc = await RemoteProcess.start(client, cmd, env=env, cwd=cwd, timeout=timeout)
+    feeder: asyncio.Task[None] | None = None
     try:
-        feeder: asyncio.Task[None] | None = None
         if input:
+            # Concurrently with reading: a command that writes before it has read all its input
+            # would otherwise wait for us while we wait for it.
             feeder = asyncio.create_task(_feed(proc, input))
         else:
             await proc.close_stdin()
@@ -444,12 +461,199 @@ async def run(
             await feeder
         return proc.result(out, err)
     finally:
+        if feeder is not None and not feeder.done():
+            feeder.cancel()
         await proc.close()
 
 
 async def _feed(proc: RemoteProcess, data: bytes) -> None:
     await proc.write(data)
     await proc.close_stdin()
+
+
+# --- local I/O for the command line (ferry exec, ferry shell --pty) ----------------------------------
+
+
+async def pump_stdin(proc: RemoteProcess, fd: int = 0, chunk: int = 1 << 16) -> None:
+    """Forward local ``fd`` to the command's stdin until EOF, then send EOF.
+
+    Terminals, pipes and sockets are waited on with the event loop (``add_reader``) and then read
+    with a plain ``read``: the descriptor is *not* switched to non-blocking mode (it is shared with the
+    parent shell), and when the command ends nothing is left blocked in a read that would swallow
+    the next line typed to the shell. Regular files and ``/dev/null`` (which cannot be polled) are
+    simply read. Waits for the server's stdin window, so memory stays bounded.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        pollable = False
+    while not proc.done:
+        if pollable:
+            ready: asyncio.Future[None] = loop.create_future()
+            try:
+                loop.add_reader(fd, _resolve, ready)
+            except (OSError, ValueError):  # EPERM: /dev/null and friends cannot be polled
+                pollable = False
+            else:
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+        try:
+            data = os.read(fd, chunk)
+        except BlockingIOError:  # someone else made the shared descriptor non-blocking
+            continue
+        except OSError:  # EIO: the terminal went away; treat as end of input
+            data = b""
+        if not data:
+            break
+        await proc.write(data)
+    await proc.close_stdin()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (blocking; copes with a descriptor left non-blocking)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+class Interrupted(FerryError):
+    """The user insisted (the third interrupt): we stopped waiting; the server kills the command."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted ({signal_name(signum)}); the remote command is being killed")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+#: Local signals forwarded to the remote command by :func:`attach`.
+FORWARDED_SIGNALS: Final = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+
+
+async def attach(
+    proc: RemoteProcess,
+    *,
+    stdin: bool = True,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
+    handlers: dict[int, Callable[[int], None]] | None = None,
+    give_up_after: int = 3,
+) -> int:
+    """Wire a running command to local descriptors until it ends; return its exit code.
+
+    Output goes to ``stdout_fd``/``stderr_fd`` as it arrives, local stdin is forwarded (EOF too),
+    and SIGINT/SIGTERM/SIGHUP/SIGQUIT are forwarded to the remote process group. The
+    ``give_up_after``-th such signal stops waiting: the command is cancelled and
+    :class:`Interrupted` raised (for a remote command that ignores signals). ``handlers`` adds or
+    overrides signal callbacks (e.g. SIGWINCH for terminals). A closed stdout (``| head``) sends the
+    command SIGPIPE, as a local pipeline would, and cancels it if it has not ended 2 s later.
+    """
+    loop = asyncio.get_running_loop()
+    gave_up: asyncio.Future[int] = loop.create_future()
+    tasks: set[asyncio.Task[Any]] = set()
+    count = 0
+
+    def spawn(coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def forward(signum: int) -> None:
+        nonlocal count
+        count += 1
+        if count >= give_up_after:
+            if not gave_up.done():
+                gave_up.set_result(signum)
+            return
+        spawn(proc.signal(signum))
+
+    async def cancel_later() -> None:
+        await asyncio.sleep(2.0)
+        await proc.cancel()
+
+    async def copy_output() -> None:
+        stdout_open = True
+        async for kind, data in proc:
+            if kind == "stderr":
+                with contextlib.suppress(OSError):  # nowhere to report a broken stderr
+                    write_all(stderr_fd, data)
+            elif stdout_open:
+                try:
+                    write_all(stdout_fd, data)
+                except BrokenPipeError:
+                    stdout_open = False  # the rest is read and dropped so the command is not stuck
+                    spawn(proc.signal(_signal.SIGPIPE))
+                    spawn(cancel_later())
+
+    table: dict[int, Callable[[int], None]] = {sig: forward for sig in FORWARDED_SIGNALS}
+    table.update(handlers or {})
+    output = asyncio.create_task(copy_output())
+    feeder: asyncio.Task[None] | None = None
+    try:
+        with SignalForwarder(table):
+            if stdin:
+                feeder = asyncio.create_task(pump_stdin(proc, stdin_fd))
+            else:
+                await proc.close_stdin()
+            waiters: set[asyncio.Future[Any]] = {output, gave_up}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if gave_up.done() and not output.done():
+                await proc.cancel()
+                raise Interrupted(gave_up.result())
+            await output  # raises the connection's error, if any
+    finally:
+        for task in (output, feeder, *tasks):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in (output, feeder, *tasks) if t is not None), return_exceptions=True)
+    code = proc.exit_code
+    assert code is not None
+    return code
+
+
+class SignalForwarder:
+    """Route local signals to callbacks on the event loop while a command runs; restore afterwards.
+
+    ``add_signal_handler`` replaces the Python-level handler; on exit the previous handler (e.g.
+    ``asyncio.run``'s Ctrl-C handler) is put back, so a REPL around us keeps working. Outside the
+    main thread signals cannot be caught, and nothing is installed.
+    """
+
+    def __init__(self, handlers: dict[int, Callable[[int], None]]) -> None:
+        self._handlers = handlers
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalForwarder:
+        loop = asyncio.get_running_loop()
+        for signum, callback in self._handlers.items():
+            previous = _signal.getsignal(signum)
+            try:
+                loop.add_signal_handler(signum, callback, signum)
+            except (RuntimeError, ValueError):  # not the main thread / not supported
+                continue
+            self._saved[signum] = previous
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for signum, previous in self._saved.items():
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+                _signal.signal(signum, previous if previous is not None else _signal.SIG_DFL)
+        self._saved.clear()
 
 
 def signal_name(signum: int) -> str:

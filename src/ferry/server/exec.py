@@ -489,7 +489,9 @@ class Command:
             self._spawn_aux(self._terminate(CLOSE_GRACE))
             with contextlib.suppress(Exception):
                 await self.session.send(
-                    m.Error(id=self.id, code="internal", message="the command failed on the server; it was killed")
+                    m.Error(
+                        id=self.id, code="internal", message="the command failed on the server; it was killed"
+                    )
                 )
 
     async def _lifecycle(self) -> None:
@@ -757,7 +759,9 @@ class ExecHandler:
             cmd.spawn(cwd_fd)
         except OSError as exc:
             if exc.filename == cwd:  # the child's chdir failed: no /proc?
-                raise RemoteError("exec-failed", f"cannot enter the working directory: {exc.strerror}") from exc
+                raise RemoteError(
+                    "exec-failed", f"cannot enter the working directory: {exc.strerror}"
+                ) from exc
             if isinstance(exc, FileNotFoundError | PermissionError | NotADirectoryError):
                 # Like sh: "command not found" is exit status 127, "not executable" 126.
                 await self._failed_start(cmd, program, exc)
