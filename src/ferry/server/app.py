@@ -173,12 +173,14 @@ def _keepalive(sock: object) -> None:
 async def serve_forever(config: ServeConfig, on_ready: Callable[[Banner], None]) -> None:
     """Run until SIGINT/SIGTERM, then shut down cleanly."""
     server = Server(config)
-    banner = await server.start()
-    on_ready(banner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: whoever reads the banner may signal at once, and must get a clean stop,
+    # not the default action (death by SIGTERM, or a KeyboardInterrupt traceback).
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    banner = await server.start()
+    on_ready(banner)
     try:
         await stop.wait()
     finally:
