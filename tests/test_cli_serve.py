@@ -1,0 +1,103 @@
+"""``ferry serve`` as a real process: the banner, first start vs restart, signals, certificate pinning."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ferry.cli.serve import banner_lines
+from ferry.server.app import Banner
+from serve_process import ServeProcess, run_ferry
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FERRY_HOME"] = str(tmp_path / "client-home")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("FERRY_ROOT", None)
+    env.update(extra)
+    return env
+
+
+@pytest.mark.timeout(60)
+def test_first_start_prints_everything_once_and_signals_stop_cleanly(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    env = env_for(tmp_path, FERRY_ROOT=str(root))  # no --root: the default root comes from FERRY_ROOT
+    first = ServeProcess(root, env, root_option=False).start()
+    try:
+        text = "\n".join(first.lines)
+        assert first.port > 0 and first.password and first.user == "ferry"
+        assert first.fingerprint and first.fingerprint.startswith("SHA256:")
+        assert f"data root:       {root}" in text
+        assert f"log file:        {root / 'logs' / 'ferry.log'}" in text
+        assert f"ferry ls -P {first.port} ferry@127.0.0.1:" in text and "FERRY_PASSWORD" in text
+        assert (root / "tls" / "cert.pem").is_file() and (root / "users.db").is_file()
+        p = run_ferry(["ls", *first.scp()], dict(env, FERRY_PASSWORD=first.password))
+        assert p.returncode == 0, p.stderr
+    finally:
+        assert first.stop(signal.SIGTERM) == 0
+
+    # Restart: same certificate, no new user, no password printed.
+    again = ServeProcess(root, env).start()
+    try:
+        assert again.password is None and not any("password:" in line for line in again.lines)
+        assert again.fingerprint == first.fingerprint
+        p = run_ferry(["ls", *again.scp()], dict(env, FERRY_PASSWORD=first.password or ""))
+        assert p.returncode == 0, p.stderr
+        # a second server cannot take the same port: a clear usage error, not a traceback
+        clash = run_ferry(["serve", "--root", str(tmp_path / "other"), "--port", str(again.port)], env)
+        assert clash.returncode == 2 and "cannot listen" in clash.stderr
+    finally:
+        assert again.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.timeout(60)
+def test_plain_banner_warns(tmp_path: Path) -> None:
+    srv = ServeProcess(tmp_path / "root", env_for(tmp_path), plain=True).start()
+    try:
+        text = "\n".join(srv.lines)
+        assert "TLS: OFF" in text and srv.fingerprint is None
+        assert f"ferry ls -P {srv.port} --plain ferry@127.0.0.1:" in text
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_pin_notice_then_loud_refusal_when_the_certificate_changes(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    one = ServeProcess(tmp_path / "root1", env).start()
+    try:
+        cenv = dict(env, FERRY_PASSWORD=one.password or "")
+        p = run_ferry(["ls", *one.scp()], cenv)
+        assert p.returncode == 0, p.stderr
+        assert "first connection" in p.stderr and str(one.fingerprint) in p.stderr
+        p = run_ferry(["ls", *one.scp()], cenv)
+        assert p.returncode == 0 and p.stderr == ""  # pinned: silent from now on
+    finally:
+        assert one.stop() == 0
+
+    # Another server (another root: another certificate) on the same host:port.
+    two = ServeProcess(tmp_path / "root2", env, port=one.port).start()
+    try:
+        assert two.fingerprint != one.fingerprint
+        p = run_ferry(["ls", *two.scp()], dict(env, FERRY_PASSWORD=two.password or ""))
+        # 6 (connection), not 3: the client stopped before sending any password
+        assert p.returncode == 6, p.stderr
+        assert f"WARNING: the certificate of 127.0.0.1:{one.port} changed!" in p.stderr
+        assert str(one.fingerprint) in p.stderr and str(two.fingerprint) in p.stderr
+        assert "known_hosts" in p.stderr
+    finally:
+        assert two.stop() == 0
+
+
+def test_banner_for_the_default_port_and_a_wildcard_host() -> None:
+    banner = Banner("0.0.0.0:7373", Path("/srv/ferry"), True, "SHA256:abc", ("ferry", "pw123"))
+    text = "\n".join(banner_lines(banner, "0.0.0.0", plain=False))
+    assert text.startswith("ferry serve: listening on 0.0.0.0:7373\n")
+    assert "ferry ls ferry@127.0.0.1:" in text and "-P" not in text
+    assert "created the first user 'ferry' with password: pw123" in text
+    v6 = "\n".join(banner_lines(Banner("[::1]:7000", Path("/r"), True, "SHA256:x", None), "::1", plain=False))
+    assert "ferry ls -P 7000 USER@[::1]:" in v6 and "password:" not in v6
