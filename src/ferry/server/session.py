@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.aio import CorkedWriter
 from ferry.errors import AuthError, FerryError, RemoteError
@@ -30,6 +30,7 @@ from ferry.wire import (
     Connection,
     Data,
     ProtocolError,
+    RemoteProtocolError,
     Role,
     choose_version,
 )
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from ferry.server.context import ServerContext
 
 Handler = Callable[["Session", Any], Awaitable[None]]
+M = TypeVar("M", bound=m.Message)
 
 _session_ids = itertools.count(1)
 
@@ -199,6 +201,7 @@ class Session:
                 await self.exec_handler.close()
         if self.jail is not None:
             self.jail.close()
+        self._out.flush()  # a last Error or Goodbye may still be corked: close() would drop it
         self.writer.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
@@ -218,11 +221,22 @@ class Session:
             self._last_rx = time.monotonic()
             self.conn.receive_data(data)
 
+    async def _handshake_message(self, expected: type[M], during: str) -> M:
+        """The next handshake message: pings are answered and pongs ignored here (the protocol allows
+        both in every state, and they are no authentication attempts); a Goodbye ends the session."""
+        while True:
+            ev = await self.next_event()
+            if ev is None or isinstance(ev, m.Goodbye):
+                raise ConnectionResetError(f"closed {during}")
+            if isinstance(ev, m.Ping):
+                await self.send(m.Pong(nonce=ev.nonce))
+            elif isinstance(ev, expected):
+                return ev
+            elif not isinstance(ev, m.Pong):  # the state table admits nothing else; never assert
+                raise RemoteProtocolError(f"unexpected {type(ev).__name__} {during}")
+
     async def _handshake(self) -> None:
-        hello = await self.next_event()
-        if hello is None:
-            raise ConnectionResetError("closed before hello")
-        assert isinstance(hello, m.Hello)  # the state table admits nothing else
+        hello = await self._handshake_message(m.Hello, "before hello")
         try:
             version = choose_version(hello)
         except ProtocolError as exc:
@@ -231,13 +245,7 @@ class Session:
         await self.send(m.Welcome(version=version, software=self.ctx.software, features=["exec"]))
         limits = self.ctx.limits
         for attempt in range(1, limits.auth_attempts + 1):
-            auth = await self.next_event()
-            if auth is None:
-                raise ConnectionResetError("closed during authentication")
-            if isinstance(auth, m.Ping):
-                await self.send(m.Pong(nonce=auth.nonce))
-                continue
-            assert isinstance(auth, m.Auth)
+            auth = await self._handshake_message(m.Auth, "during authentication")
             loop = asyncio.get_running_loop()
             try:
                 # argon2 is deliberately slow: keep it off the event loop so others are served.
@@ -337,5 +345,7 @@ class Session:
             if quiet > idle and not self.busy and self._queue.empty() and not self.channels:
                 self.ctx.log.info("session %d idle for %.0f s: closing", self.sid, quiet)
                 await self._try_send(m.Goodbye(reason=f"idle for {idle:.0f} s"))
-                self.writer.transport.abort()
+                # Not abort(): that would discard the corked Goodbye, and the client would not learn why.
+                self._out.flush()
+                self.writer.close()
                 return
