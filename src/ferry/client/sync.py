@@ -78,6 +78,8 @@ class _Portal:
             if tasks:
                 self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            # Name resolution and file I/O ran in the loop's default executor: end its threads too.
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -93,6 +95,10 @@ class _Portal:
             raise RuntimeError("this ferry Client is closed")
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
+            # Wait in slices: a wait without timeout is not interruptible everywhere (Windows, and
+            # _thread.interrupt_main), and Ctrl-C must reach this thread promptly.
+            while not fut.done():
+                concurrent.futures.wait([fut], timeout=0.25)
             return fut.result()
         except KeyboardInterrupt:
             # Stop the work on the loop too, and wait (briefly) for its cleanup before re-raising.
