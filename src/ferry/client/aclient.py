@@ -267,10 +267,18 @@ class AsyncClient:
         return req_id, route
 
     def _close_route(self, req_id: int) -> None:
-        self._routes.pop(req_id, None)
+        route = self._routes.pop(req_id, None)
+        if route is not None:
+            # The reader may be blocked putting into this (full, bounded) queue: empty it so that put
+            # completes; later events for the id find no route and are dropped.
+            while not route.queue.empty():
+                route.queue.get_nowait()
 
     async def _recv(self, route: _Route, timeout: float | None = None) -> Any:
         """Next event for a request; raises the connection's error if it broke."""
+        if self._error is not None and route.queue.empty():
+            # The reader has ended; its end marker may not have fitted into this full queue.
+            raise self._error
         try:
             async with asyncio.timeout(timeout if timeout is not None else self.read_timeout):
                 ev = await route.queue.get()
@@ -283,6 +291,10 @@ class AsyncClient:
 
     async def send(self, msg: m.Message) -> None:
         """Send one message (advanced use: custom requests)."""
+        if self._closed:
+            raise ConnectionClosed("this client is closed; connect again")
+        if self._error is not None:  # e.g. the server said goodbye: the state table would refuse
+            raise self._error
         await self._write(self._conn.send(msg))
 
     async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ferry.client.errors import from_wire
-from ferry.errors import ConnectionBroken, IntegrityError, TransferError, UsageError
+from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.hashing import (
     DEFAULT_CHUNK,
     ChunkHasher,
@@ -91,12 +91,15 @@ async def get_file(
             if n:  # re-check what we hold, chunk by chunk (size alone is not trusted)
                 held = await _thread(hash_fd_chunks, fd, hash, chunk_size, 0, n * chunk_size)
         req_id, route = client._open(QUEUE_DEPTH)
+        writer: _Writer | None = None
+        ended = False  # the server finished this request (FileEnd or Error)
         try:
             await client.send(
                 m.GetFile(id=req_id, path=remote, hash=hash, chunk_size=chunk_size, chunk_hashes=held)
             )
             info = await client._recv(route)
             if isinstance(info, m.Error):
+                ended = True
                 raise from_wire(info)
             assert isinstance(info, m.FileInfo)
             offset = info.offset
@@ -112,6 +115,7 @@ async def get_file(
                     if progress is not None:
                         progress(done, info.size)
                     continue
+                ended = True
                 await writer.flush()
                 if isinstance(ev, m.Error):
                     raise from_wire(ev)
@@ -127,6 +131,12 @@ async def get_file(
                         "the bad copy was deleted, run the command again"
                     )
                 break
+        except BaseException:
+            if not ended:  # given up (progress callback, timeout, cancel): stop the server streaming
+                await _cancel(client, req_id)
+            if writer is not None:
+                await writer.settle()  # its thread must not write to the fd after it is closed
+            raise
         finally:
             client._close_route(req_id)
         os.fchmod(fd, info.mode & 0o777 or 0o644)
@@ -163,8 +173,8 @@ class _Writer:
 
     async def _submit(self) -> None:
         if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
+            await asyncio.shield(self._pending)  # shielded: a cancel must not orphan the thread
+            self._pending = None
         if not self._n:
             return
         data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
@@ -189,6 +199,19 @@ class _Writer:
     async def flush(self) -> None:
         await self._submit()
         await self._submit()
+
+    async def settle(self) -> None:
+        """Wait for the write in flight, if any (the transfer failed already: its error is moot)."""
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._pending)
+
+
+async def _cancel(client: AsyncClient, req_id: int) -> None:
+    """Tell the server to stop a transfer we gave up on (best effort: the connection may be gone)."""
+    if client._error is None and not client._closed:
+        with contextlib.suppress(Exception):
+            await client.send(m.Cancel(id=req_id))
 
 
 # --- upload --------------------------------------------------------------------------------
@@ -271,6 +294,10 @@ async def put_file(
             reply = await client._recv(route)
             if isinstance(reply, m.Error):
                 raise from_wire(reply)
+        except BaseException as exc:
+            if not isinstance(exc, RemoteError):  # the server did not end it: release it there
+                await _cancel(client, req_id)
+            raise
         finally:
             client._close_route(req_id)
         return TransferResult(remote, size, size - offset, offset, time.monotonic() - t0, digest.hex())
@@ -301,23 +328,25 @@ async def _send_body(
 
     pos = offset
     nxt = loop.run_in_executor(None, read_and_hash, pos) if pos < size else None
-    while nxt is not None:
-        data = await nxt
-        if not data:
-            raise TransferError("the local file shrank while being sent; try again")
-        pos += len(data)
-        nxt = loop.run_in_executor(None, read_and_hash, pos) if pos < size else None
-        if not route.queue.empty():  # the server gave up on this upload (quota, disk full, ...)
-            ev = route.queue.get_nowait()
-            if nxt is not None:
-                with contextlib.suppress(Exception):
-                    await nxt
-            if isinstance(ev, m.Error):
-                raise from_wire(ev)
-            raise ConnectionBroken(f"unexpected reply during upload: {type(ev).__name__}")
-        await client.send_data(req_id, m.STDIN, data)
-        if progress is not None:
-            progress(pos, size)
+    try:
+        while nxt is not None:
+            data = await asyncio.shield(nxt)
+            if not data:
+                raise TransferError("the local file shrank while being sent; try again")
+            pos += len(data)
+            nxt = loop.run_in_executor(None, read_and_hash, pos) if pos < size else None
+            if not route.queue.empty():  # the server gave up on this upload (quota, disk full, ...)
+                ev = route.queue.get_nowait()
+                if isinstance(ev, m.Error):
+                    raise from_wire(ev)
+                raise ConnectionBroken(f"unexpected reply during upload: {type(ev).__name__}")
+            await client.send_data(req_id, m.STDIN, data)
+            if progress is not None:
+                progress(pos, size)
+    finally:
+        if nxt is not None and not nxt.done():  # the read in flight must not outlive the fd
+            with contextlib.suppress(Exception):
+                await asyncio.shield(nxt)
     hashes, _ = hasher.finish()
     return hashes
 

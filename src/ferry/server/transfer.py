@@ -284,6 +284,9 @@ class Upload:
         with contextlib.suppress(Exception):
             await self._flush()
             await self._flush()
+        if not self.msg.token:  # the server chose the token: nobody could ever resume this partial
+            self.discard()
+            return
         self.close()
 
     def discard(self) -> None:
