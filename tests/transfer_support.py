@@ -215,6 +215,15 @@ class RawClient:
             if getattr(ev, "id", None) == req_id:
                 return ev
 
+    def reply_pong(self, nonce: int, timeout: float = 10.0) -> bool:
+        """Wait for the Pong answering ``nonce`` (other events are skipped)."""
+        while True:
+            ev = self.next_event(timeout)
+            if ev is CONNECTION_ENDED:
+                return False
+            if isinstance(ev, m.Pong) and ev.nonce == nonce:
+                return True
+
     def close(self) -> None:
         """Close the socket (unread data makes the kernel send a reset)."""
         with contextlib.suppress(OSError):
