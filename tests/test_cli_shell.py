@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -113,6 +114,10 @@ def test_errors_keep_the_shell_going_and_set_the_exit_status(
     assert p.returncode == 2  # the last failure (a usage error)
     p = run_ferry(["shell", target(srv)], env, input="get nothing-here\n", cwd=tmp_path)
     assert p.returncode == 4
+    # --json: listings, metadata and usage as JSON lines for scripts
+    p = run_ferry(["shell", "--json", target(srv)], env, input="mkdir j\nls\nstat j\ndf\nrm j\n")
+    recs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert p.returncode == 0 and [r.get("name") for r in recs[:2]] == ["j", "j"] and "used" in recs[2]
     p = run_ferry(["shell", target(srv)], dict(env, FERRY_PASSWORD="wrong"), input="ls\n")
     assert p.returncode == 3
 

@@ -309,7 +309,7 @@ async def do_put(
         )
 
 
-@click.command()
+@click.command(short_help="Download a file (a folder with -r).")
 @click.argument("remote")
 @click.argument("local", required=False, default=".")
 @click.option("-r", "--recursive", is_flag=True, help="Download a folder tree.")
@@ -340,7 +340,7 @@ def get(remote: str, local: str, recursive: bool, hash_name: str, no_resume: boo
     run(main())
 
 
-@click.command()
+@click.command(short_help="Upload files (folders with -r).")
 @click.argument("paths", nargs=-1, required=True, metavar="LOCAL... REMOTE")
 @click.option("-r", "--recursive", is_flag=True, help="Upload folders (their whole trees).")
 @transfer_options
@@ -541,7 +541,7 @@ def df(target: str, common: Common) -> None:
             u = await client.df()
         available = u.free if u.quota is None else max(min(u.quota - u.used, u.free), 0)
         out.result(
-            "\n".join(df_lines(u.used, u.quota, u.free)),
+            "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free)),
             {"used": u.used, "quota": u.quota, "free": u.free, "available": available},
         )
 

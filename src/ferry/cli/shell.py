@@ -109,6 +109,7 @@ class FerryShell(cmd.Cmd):
         hash_name: str = "blake3",
         resume: bool = True,
         interactive: bool = True,
+        out: Output | None = None,
         stdin: Any = None,
         stdout: Any = None,
     ) -> None:
@@ -124,7 +125,7 @@ class FerryShell(cmd.Cmd):
         # Reading a script: no prompt text interleaved with the output.
         self.use_rawinput = interactive
         self._cache: dict[str, tuple[float, list[tuple[str, bool]]]] = {}
-        self.out = Output()
+        self.out = out if out is not None else Output()
         self._set_prompt()
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -297,8 +298,10 @@ class FerryShell(cmd.Cmd):
     def do_df(self, arg: str) -> None:
         """df: your disk usage, quota and the server's free space."""
         u = self.client.df()
-        for line in df_lines(u.used, u.quota, u.free):
-            click.echo(line.rstrip(), file=self.stdout)
+        self.out.result(
+            "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free)),
+            {"used": u.used, "quota": u.quota, "free": u.free},
+        )
 
     def do_ping(self, arg: str) -> None:
         """ping: round-trip time to the server."""
@@ -457,7 +460,7 @@ def _run_interactive(sh: FerryShell) -> None:
                 readline.write_history_file(hist)
 
 
-@click.command()
+@click.command(short_help="Interactive prompt (ls, cd, get, put, ...) on one connection.")
 @click.argument("target", metavar="[USER@]HOST[:PORT]")
 @click.option("--pty", is_flag=True, help="Open a terminal session on the server instead of the file prompt.")
 @transfer_options
@@ -485,7 +488,9 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
         return Client.open(lambda: _connect(loc, password, common.plain))
 
     interactive = sys.stdin.isatty()
-    sh = FerryShell(connect, loc, hash_name=hash_name, resume=not no_resume, interactive=interactive)
+    sh = FerryShell(
+        connect, loc, hash_name=hash_name, resume=not no_resume, interactive=interactive, out=common.output()
+    )
     if loc.path:
         sh.onecmd(f"cd {shlex.quote(loc.path)}")
     try:
