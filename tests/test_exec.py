@@ -322,7 +322,7 @@ def test_cancel_stops_a_command(server: ServerThread, tmp_path: Path) -> None:
     mk = marker()
 
     async def body(c: AsyncClient) -> int:
-        proc = await c.start(f"sleep {mk}")
+        proc: RemoteProcess = await c.start(f"sleep {mk}")
         await proc.cancel()
         return await proc.wait()
 
