@@ -274,7 +274,8 @@ def test_pty_session_resize_ctrl_c_and_terminal_restored(server: ServerThread, e
             child.sendline("stty size")
             child.expect(r"(\d+ \d+)\r\n")
             assert isinstance(child.match, re.Match)
-            size = bytes(child.match.group(1)).decode()
+            group = child.match.group(1)
+            size = group.decode() if isinstance(group, bytes) else str(group)
         assert size == "40 120"
         child.sendline("sleep 30")
         time.sleep(0.3)
