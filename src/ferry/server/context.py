@@ -62,6 +62,7 @@ class Usage:
     def __init__(self) -> None:
         self._used: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._reserved: dict[str, int] = {}
 
     def known(self, user: str) -> int | None:
         """The cached usage of ``user``, or None when it must be (re)computed."""
@@ -83,6 +84,23 @@ class Usage:
     def invalidate(self, user: str) -> None:
         """Forget the usage (e.g. after a recursive remove) so it is recomputed next time."""
         self._used.pop(user, None)
+
+    def reserved(self, user: str) -> int:
+        """Bytes set aside for uploads of ``user`` that are still running."""
+        return self._reserved.get(user, 0)
+
+    def reserve(self, user: str, nbytes: int) -> None:
+        """Set ``nbytes`` aside for an upload that passed the quota check, so uploads running in
+        parallel cannot all count on the same free space; :meth:`release` them when it ends."""
+        self._reserved[user] = self._reserved.get(user, 0) + nbytes
+
+    def release(self, user: str, nbytes: int) -> None:
+        """Give back what :meth:`reserve` set aside."""
+        left = self._reserved.get(user, 0) - nbytes
+        if left > 0:
+            self._reserved[user] = left
+        else:
+            self._reserved.pop(user, None)
 
 
 @dataclass

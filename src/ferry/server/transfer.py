@@ -185,6 +185,7 @@ class Upload:
     _pending: asyncio.Future[Any] | None = None
     key: tuple[str, str] = ("", "")  # (home, partial path): at most one upload writes a partial
     superseded: bool = False  # a newer upload of the same source took the partial over
+    reserved: int = 0  # quota bytes set aside while this upload runs
 
     def start(self, offset: int) -> None:
         """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
@@ -317,6 +318,10 @@ class Upload:
         uploads = self.session.ctx.uploads
         if uploads.get(self.key) is self:
             del uploads[self.key]
+        if self.reserved:
+            assert self.session.user is not None
+            self.session.ctx.usage.release(self.session.user.name, self.reserved)
+            self.reserved = 0
 
 
 def _close_after(job: asyncio.Future[Any], fd: int) -> None:
@@ -341,6 +346,7 @@ async def _check_quota(session: Session, msg: m.PutFile) -> None:
     with contextlib.suppress(Exception):
         st = jail_of(session).lstat(msg.path)
         existing = st.st_size
+    used += session.ctx.usage.reserved(user.name)  # uploads still running count as stored
     if used - existing + msg.size > user.quota:
         raise DiskFull(
             "quota",
@@ -370,6 +376,10 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     parts = parse_path(msg.path)
     key = (jail.home, join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else "")
     up = Upload(session, msg, -1, "", [], time.monotonic(), key=key)
+    # No await since the quota check: reserve now, so parallel uploads see this one's share.
+    assert session.user is not None
+    session.ctx.usage.reserve(session.user.name, msg.size)
+    up.reserved = msg.size
     uploads = session.ctx.uploads
     older = uploads.get(key)
     uploads[key] = up
