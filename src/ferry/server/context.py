@@ -28,6 +28,7 @@ class Limits:
     write_high_water: int = 1 << 20  #: transport buffer above which writers wait (bounded memory)
     read_size: int = 1 << 18  #: bytes per socket read
     auth_concurrency: int = 2  #: password checks at once (each argon2id check takes 64 MiB and ~50 ms)
+    max_uploads: int = 128  #: unfinished uploads per connection (each holds an open partial file)
 
 
 class HashCache:

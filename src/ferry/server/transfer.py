@@ -371,6 +371,12 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
         raise RemoteProtocolError("bad upload token")
     if msg.id in session.channels:
         raise RemoteProtocolError(f"request id {msg.id} is already in use")  # would leak its fd
+    cap = session.ctx.limits.max_uploads
+    if sum(isinstance(c, Upload) for c in session.channels.values()) >= cap:
+        # Each holds a descriptor: one connection must not exhaust the server's.
+        raise RemoteError(
+            "busy", f"too many unfinished uploads on this connection (at most {cap}); finish some first"
+        )
     # Two uploads writing one partial (a retry while the server still serves the first connection)
     # could commit a file the other one truncated: the newest takes over, the older one stops.
     parts = parse_path(msg.path)
