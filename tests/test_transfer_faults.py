@@ -534,3 +534,30 @@ def test_closing_the_client_under_a_full_transfer_queue_fails_fast(plain_server:
                     await c._recv(route)
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_uploads_on_one_connection_is_capped(plain_server: ServerThread) -> None:
+    """Every started upload holds an open partial file: one connection must not be able to exhaust
+    the server's descriptors by starting uploads it never finishes."""
+    flood = 300
+    baseline = fd_count()
+    raw = RawClient(plain_server.port)
+    try:
+        raw.login()
+        for i in range(1, flood + 1):
+            raw.send(m.PutFile(id=i, path=f"f{i}", size=10 * MiB, mtime=0.0))
+        replies = [raw.reply(i) for i in range(1, flood + 1)]
+        ready = [r for r in replies if isinstance(r, m.PutReady)]
+        busy = [r for r in replies if isinstance(r, m.Error) and r.code == "busy"]
+        assert len(ready) + len(busy) == flood, replies[:3]
+        assert 16 <= len(ready) <= 200
+        assert fd_count() <= baseline + len(ready) + FD_SLACK
+        raw.send(m.Stat(id=flood + 1, path=""))
+        assert isinstance(raw.reply(flood + 1), m.StatReply)  # still serving
+    finally:
+        raw.close()
+    assert wait_until(lambda: no_sessions(plain_server))
+    assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
+    # The server picked those partials' tokens, so they were removed with the connection.
+    assert partials(home(plain_server)) == []
