@@ -283,7 +283,8 @@ def kill_when(proc: subprocess.Popen[bytes], partial: Callable[[], Path | None],
         if size > threshold:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            return size
+            assert path is not None
+            return path.stat().st_size  # measured after death: writes in flight may have landed
         if proc.poll() is not None:
             raise AssertionError(f"the transfer ended ({proc.returncode}) before it could be interrupted")
         time.sleep(0.002)
