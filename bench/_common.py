@@ -134,6 +134,39 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
+# --- other people's load ------------------------------------------------------------------------
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already included in user
+    return total - idle, total
+
+
+def background_busy(interval: float = 0.2) -> float:
+    """Fraction (0..1) of all CPUs busy over ``interval`` seconds while this benchmark does nothing:
+    other people's work on a shared machine, which slows every number measured now."""
+    b0, t0 = _cpu_jiffies()
+    time.sleep(interval)
+    b1, t1 = _cpu_jiffies()
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15, interval: float = 0.2) -> float:
+    """Wait (at most ``max_wait`` seconds) until background CPU use is below ``threshold``.
+
+    Returns the last measured background fraction so the caller can record how noisy the run was.
+    """
+    deadline = time.monotonic() + max_wait
+    busy = background_busy(interval)
+    while busy > threshold and time.monotonic() < deadline:
+        busy = background_busy(interval)
+    return busy
+
+
 # --- running commands ---------------------------------------------------------------------------
 
 
@@ -463,20 +496,44 @@ else:
 
 
 @functools.cache
-def ferry_has_command(name: str) -> bool:
-    """True when the installed ferry CLI has the command ``name`` (e.g. ``serve``, ``get``).
+def _has_command(name: str, pythonpath: str) -> bool:
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    r = subprocess.run(
+        [*FERRY, name, "--help"], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    return r.returncode == 0 and "Usage:" in r.stdout
+
+
+def ferry_has_command(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """True when the ferry CLI (as ``env``'s PYTHONPATH finds it) has the command ``name`` (``serve``, ``get``).
 
     Asks ``ferry NAME --help`` (imports only that command's module, so a half-edited unrelated module
     in a shared tree cannot make the answer wrong).
     """
-    r = subprocess.run([*FERRY, name, "--help"], capture_output=True, text=True, timeout=60, check=False)
-    return r.returncode == 0 and "Usage:" in r.stdout
+    return _has_command(name, (env or os.environ).get("PYTHONPATH", ""))
 
 
-def source_version(path: Path = PROJECT) -> str:
-    """``git describe``-like identification of the code measured: commit, plus ``+dirty`` if src/ has
-    uncommitted changes (numbers from a shared tree should say what they measured)."""
+def export_source(rev: str, dest: Path) -> Path:
+    """Extract ``src/`` of git revision ``rev`` into ``dest`` and return the folder to put on PYTHONPATH.
+
+    Measures one commit while others keep editing the shared tree (the repository is only read).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(PROJECT), "archive", "--format=tar", rev, "src"],
+                             capture_output=True, timeout=120, check=False)  # fmt: skip
+    if archive.returncode != 0:
+        raise SystemExit(f"git archive {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, timeout=120, check=True)
+    return dest / "src"
+
+
+def source_version(path: Path = PROJECT, rev: str | None = None) -> str:
+    """Identification of the code measured: ``rev``'s short commit, or the checkout's HEAD plus
+    ``+dirty`` if src/ has uncommitted changes (numbers from a shared tree should say what they measured)."""
     try:
+        if rev is not None:
+            return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", rev],
+                                  capture_output=True, text=True, timeout=30, check=True).stdout.strip()  # fmt: skip
         head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()  # fmt: skip
         dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "src"],
@@ -521,7 +578,7 @@ class FerryServer:
 
     def start(self) -> FerryServer:
         """Start and wait (bounded) for the banner line; raises RuntimeError if it does not come."""
-        use_cli = self.profile_to is None and ferry_has_command("serve")
+        use_cli = self.profile_to is None and ferry_has_command("serve", self.env)
         if use_cli:
             argv = [*FERRY, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", "0"]
             if self.plain:

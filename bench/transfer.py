@@ -49,6 +49,7 @@ from _common import (
     MiB,
     Run,
     SshPeer,
+    export_source,
     ferry_add_user,
     ferry_has_command,
     fmt_num,
@@ -66,6 +67,7 @@ from _common import (
     ssh_peer,
     table,
     tree_size,
+    wait_quiet,
 )
 
 THIS = str(Path(__file__).resolve())
@@ -185,6 +187,7 @@ class Sample:
     client_rss: float  # MiB
     server_rss: float | None  # MiB (ferry only)
     phases: dict[str, float] = field(default_factory=dict)  # ferry API client: where time went
+    background: float = 0.0  # share of all CPUs used by other processes just before the run
 
 
 # --- the ferry client driver (API mode; runs as a subprocess of the benchmark) ------------------
@@ -251,7 +254,9 @@ class Bench:
         self.env = dict(os.environ, FERRY_HOME=str(layout.client_home), FERRY_PASSWORD=PASSWORD,
                         FERRY_USER=USER, PYTHONUNBUFFERED="1")  # fmt: skip
         self.env.pop("FERRY_ROOT", None)
-        self.use_cli = args.client == "cli" or (args.client == "auto" and ferry_has_command("get"))
+        if args.pythonpath:
+            self.env["PYTHONPATH"] = args.pythonpath
+        self.use_cli = args.client == "cli" or (args.client == "auto" and ferry_has_command("get", self.env))
         self.samples: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
         self.failures: list[str] = []
 
@@ -344,6 +349,7 @@ class Bench:
         L.clean_dests()
         src, dst = L.source(case), L.dest(case)
         server = self.servers.get(tool)
+        background = wait_quiet(self.args.quiet_wait) if self.args.quiet_wait > 0 else 0.0
         stream: float | None = None
         if tool in RAW_TOOLS:
             out = L.dst / "raw.bin" if tool == "raw-tmpfs" else None
@@ -379,7 +385,7 @@ class Bench:
                 phases = {"transfer": float(rec["seconds"])} if self.use_cli else rec
             except (ValueError, IndexError, KeyError, TypeError):
                 phases = {}
-        return Sample(r.seconds, stream, r.maxrss_mib, srv_rss, phases)
+        return Sample(r.seconds, stream, r.maxrss_mib, srv_rss, phases, background)
 
     def verify(self, tool: str, case: Case | None, r: Run) -> bool:
         """The copy exists and matches (quick check for files, count and bytes for folders)."""
@@ -465,8 +471,14 @@ class Bench:
             f"{self.args.repeat} repetition(s), medians"
         )
         servers = {s.via_cli for s in self.servers.values()}
+        bg = [x.background for d in self.samples.values() for v in d.values() for x in v]
+        noisy = sum(b > 0.15 for b in bg)
         out.append(
-            f"ferry {source_version()}: client {'ferry get/put CLI' if self.use_cli else 'Python API (transfer.py _client)'}, "
+            f"background CPU (other processes, share of all cores) just before each run: median "
+            f"{median(bg) * 100:.0f} %, max {max(bg, default=0) * 100:.0f} %; {noisy} of {len(bg)} runs started above 15 %"
+        )
+        out.append(
+            f"ferry {source_version(rev=self.args.rev)}: client {'ferry get/put CLI' if self.use_cli else 'Python API (transfer.py _client)'}, "
             f"server {'ferry serve CLI' if servers == {True} else 'library entry point (ferry.server.app.run)'}"
         )
         for key in self.args.cases:
@@ -663,6 +675,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client", choices=["auto", "api", "cli"], default="auto",
                    help="ferry client: the ferry CLI when it has 'get' (auto), or the Python API")  # fmt: skip
     p.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs to work in (default /dev/shm)")
+    p.add_argument(
+        "--rev", default=None, help="measure this git revision's src/ (exported; default: the working tree)"
+    )
+    p.add_argument("--quiet-wait", type=float, default=5.0, metavar="S",
+                   help="before each run wait up to S seconds for other processes to go quiet (0: off)")  # fmt: skip
     p.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     p.add_argument("--json", type=Path, default=None, help="also write every sample to this file")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -673,6 +690,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.size_mib = args.size_mib or (256 if args.quick else 1024)
     args.files = args.files or (2000 if args.quick else 10_000)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    args.pythonpath = None
     bad = [c for c in args.cases if c not in CASES]
     if bad or args.repeat < 1 or args.size_mib < 1 or args.files < 1:
         p.error(f"bad --cases {bad}" if bad else "sizes and --repeat must be positive")
@@ -695,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     with scratch_dir(need, base=args.tmpfs) as scratch:
         L = Layout(scratch, size, args.files, 4 * KiB)
+        if args.rev:
+            args.pythonpath = str(export_source(args.rev, scratch / "source"))
         bench = Bench(args, L)
         log(f"scratch {scratch}; creating {size / MiB:,.0f} MiB file and {args.files:,} files")
         L.client_home.mkdir(parents=True)
