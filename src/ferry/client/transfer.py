@@ -28,6 +28,7 @@ from ferry.hashing import (
     matching_prefix,
     tree_digest,
 )
+from ferry.textsafe import safe_name
 from ferry.wire import Data
 from ferry.wire import messages as m
 
@@ -376,6 +377,14 @@ async def get_tree(
     t0 = time.monotonic()
     root = Path(local)
     entries = await client.listdir(remote, recursive=True)
+    for e in entries:
+        # Names come from the server and become local paths: a hostile or broken server must not
+        # be able to write outside ``local`` with "../x" or "/etc/x". Checked before creating anything.
+        if not _safe_relative(e.name):
+            raise TransferError(
+                f"the server listed an unsafe name {safe_name(e.name)!r} in {safe_name(remote)!r}; "
+                "nothing was downloaded"
+            )
     root.mkdir(parents=True, exist_ok=True)
     files = [e for e in entries if e.kind == "file"]
     for e in entries:
@@ -398,6 +407,13 @@ async def get_tree(
 
     await _gather_all([one(e) for e in files])
     return TreeResult(len(files), total, time.monotonic() - t0)
+
+
+def _safe_relative(name: str) -> bool:
+    """True for a relative POSIX path of plain names (no empty, ``.`` or ``..`` parts, no NUL)."""
+    if not name or "\0" in name or (os.sep != "/" and os.sep in name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 async def put_tree(
