@@ -193,3 +193,20 @@ def test_import_ferry_stays_cheap() -> None:
     code = "import ferry; print(ferry.connect.__module__, ferry.Client.__name__, ferry.AsyncClient.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert out.stdout.split() == ["ferry.client.sync", "Client", "AsyncClient"]
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/evil", "a/../../b", "a//b", "./a", "", "a\0b"])
+def test_get_tree_refuses_unsafe_names_from_the_server(name: str, tmp_path: Path) -> None:
+    """A hostile server's listing must not make the client write outside the destination."""
+    from ferry.client.transfer import get_tree
+    from ferry.errors import TransferError
+    from ferry.wire.messages import Entry
+
+    class EvilClient:
+        async def listdir(self, path: str, *, recursive: bool = False) -> list[Entry]:
+            return [Entry(name="fine", kind="dir"), Entry(name=name, kind="file", size=1)]
+
+    dest = tmp_path / "dest"
+    with pytest.raises(TransferError, match="unsafe name"):
+        asyncio.run(get_tree(EvilClient(), "x", dest))  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even the destination
