@@ -84,7 +84,10 @@ async def get_file(
         dest = dest / remote.rstrip("/").rsplit("/", 1)[-1]
     part = partial_path(dest)
     held: list[bytes] = []
-    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # e.g. the local folder does not exist or is not writable
+        raise UsageError(f"cannot write {dest}: {exc.strerror}") from exc
     try:
         if resume:
             size = os.fstat(fd).st_size
