@@ -93,7 +93,16 @@ class _Portal:
         if not self.thread.is_alive():
             coro.close()
             raise RuntimeError("this ferry Client is closed")
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        started, finished = threading.Event(), threading.Event()
+
+        async def runner() -> T:
+            started.set()
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        fut = asyncio.run_coroutine_threadsafe(runner(), self.loop)
         try:
             # Wait in slices: a wait without timeout is not interruptible everywhere (Windows, and
             # _thread.interrupt_main), and Ctrl-C must reach this thread promptly.
@@ -101,12 +110,11 @@ class _Portal:
                 concurrent.futures.wait([fut], timeout=0.25)
             return fut.result()
         except KeyboardInterrupt:
-            # Stop the work on the loop too, and wait (briefly) for its cleanup before re-raising.
+            # Stop the work on the loop too. The concurrent future reports "cancelled" at once, so
+            # wait (briefly) for the call's own cleanup (files closed, progress bar cleared) here.
             fut.cancel()
-            try:
-                fut.result(5)
-            except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, Exception):
-                pass
+            if started.is_set():
+                finished.wait(5)
             raise
         except concurrent.futures.CancelledError:
             raise RuntimeError("the call was cancelled because the client closed") from None
