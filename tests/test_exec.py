@@ -526,3 +526,37 @@ def test_100_mib_through_a_slow_reader_keeps_server_memory_bounded(tmp_path: Pat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(30)
+def test_server_shutdown_kills_running_commands(tmp_path: Path) -> None:
+    srv = ServerThread(tmp_path / "root")
+    srv.add_user("alice", exec_allowed=True)
+    srv.start()
+    mk = marker()
+    stopped = False
+    try:
+
+        async def main() -> None:
+            nonlocal stopped
+            client = await AsyncClient.connect(
+                "127.0.0.1",
+                srv.port,
+                user="alice",
+                password=PASSWORD,
+                known_hosts=KnownHosts(tmp_path / "kh"),
+            )
+            await client.start(f"trap '' TERM; sleep {mk}")  # ignores SIGTERM: needs the SIGKILL
+            deadline = time.monotonic() + 5
+            while not pids_with(mk) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert pids_with(mk)
+            stopped = True
+            await asyncio.to_thread(srv.stop)
+            await client.close()
+
+        asyncio.run(main())
+    finally:
+        if not stopped:
+            srv.stop()
+    assert wait_gone(mk, 5) == []

@@ -524,14 +524,15 @@ class Command:
     async def shutdown(self, grace: float) -> None:
         """The session ends: stop streaming, kill everything, reap (never sends anything)."""
         self.note = self.note or "session ended"
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-        for task in list(self._aux):
-            task.cancel()
-        self._close_fds()
-        if not self._reaped:
+        try:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task})  # (_run never raises anything but cancellation)
+            for task in list(self._aux):
+                task.cancel()
+            self._close_fds()
+            if self._reaped:
+                return
             await self._terminate(grace)
             try:
                 async with asyncio.timeout(REAP_LIMIT):
@@ -540,6 +541,11 @@ class Command:
                 self.session.ctx.log.warning("exec pid %d did not die after SIGKILL", self.pid)
                 return
             self._log(self._reap())
+        except asyncio.CancelledError:
+            # Cancelled again (a server shutdown that ran out of time): skip the grace period
+            # rather than leave anything running.
+            self._kill_all(signal.SIGKILL)
+            raise
 
     def _reap(self) -> m.ExitStatus:
         assert self.proc is not None
