@@ -100,6 +100,8 @@ class Session:
         self.failed: set[int] = set()
         #: ids the client cancelled (a download stops at the next block)
         self.cancelled: set[int] = set()
+        #: ids of downloads queued or running: only those can be cancelled (bounds ``cancelled``)
+        self.gets: set[int] = set()
         #: optional handler for remote commands (set by ferry.server.exec when the user may exec)
         self.exec_handler: Any = None
         transport = writer.transport
@@ -298,6 +300,8 @@ class Session:
             elif isinstance(ev, m.Goodbye):
                 return
             elif type(ev) in WORKER_HANDLERS:
+                if isinstance(ev, m.GetFile):
+                    self.gets.add(ev.id)
                 await self._queue.put(ev)  # bounded: a flood of requests waits here
             elif type(ev) in READER_HANDLERS:
                 await self._guarded(READER_HANDLERS[type(ev)], ev)

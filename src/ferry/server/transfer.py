@@ -46,6 +46,14 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 async def handle_get(session: Session, msg: m.GetFile) -> None:
     """Stream a file to the client (resuming after the chunks it proves it has)."""
+    try:
+        await _serve_get(session, msg)
+    finally:
+        session.gets.discard(msg.id)
+        session.cancelled.discard(msg.id)
+
+
+async def _serve_get(session: Session, msg: m.GetFile) -> None:
     t0 = time.monotonic()
     jail = jail_of(session)
     # Small files are served on the loop thread in one go: thread hops would cost more than the
@@ -525,5 +533,6 @@ async def handle_cancel(session: Session, msg: m.Cancel) -> None:
     target = session.channels.pop(msg.id, None)
     if target is not None:
         await target.abort()
-    session.cancelled.add(msg.id)
+    if msg.id in session.gets:  # remembered only for downloads that can still see it
+        session.cancelled.add(msg.id)
     await session.send(m.Ok(id=msg.id))
