@@ -27,12 +27,14 @@ from transfer_support import (
     Interrupt,
     MiB,
     RawClient,
+    SessionRecorder,
     await_until,
     connect,
     fd_count,
     home,
     interrupt_after,
     no_sessions,
+    on_server,
     partials,
     running_server,
     wait_until,
@@ -561,3 +563,27 @@ def test_a_flood_of_uploads_on_one_connection_is_capped(plain_server: ServerThre
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
     # The server picked those partials' tokens, so they were removed with the connection.
     assert partials(home(plain_server)) == []
+
+
+@pytest.mark.timeout(60)
+def test_cancels_for_unknown_requests_are_not_remembered(
+    plain_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Cancel for an id that is no running transfer is answered and forgotten: a client cannot
+    grow the server's memory without bound by sending them."""
+    recorder = SessionRecorder(monkeypatch)
+    write_random(home(plain_server) / "f.bin", 300_000, 11)
+    raw = RawClient(plain_server.port)
+    try:
+        raw.login()
+        [session] = recorder.sessions
+        n = 20_000
+        raw.send_raw(b"".join(raw.conn.send(m.Cancel(id=i)) for i in range(1, n + 1)))
+        raw.send(m.GetFile(id=n + 1, path="f.bin"))
+        raw.send(m.Cancel(id=n + 2))
+        assert isinstance(raw.reply(n + 1), m.FileInfo)
+        raw.send(m.Stat(id=n + 3, path=""))
+        assert isinstance(raw.reply(n + 3), m.StatReply)
+        assert on_server(plain_server, lambda: len(session.cancelled) + len(session.gets)) == 0
+    finally:
+        raw.close()
