@@ -17,6 +17,7 @@ import pytest
 
 import ferry
 from ferry.client.known_hosts import KnownHosts
+from ferry.client.sync import AsyncProxy
 from ferry.errors import AuthError, ConnectionBroken, HostKeyMismatch, NotFound, PathRefused
 from ferry_server import PASSWORD, ServerThread
 
@@ -210,3 +211,28 @@ def test_get_tree_refuses_unsafe_names_from_the_server(name: str, tmp_path: Path
     with pytest.raises(TransferError, match="unsafe name"):
         asyncio.run(get_tree(EvilClient(), "x", dest))  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []  # nothing created, not even the destination
+
+
+@pytest.mark.timeout(60)
+def test_remote_commands_through_the_generic_forwarding(tmp_path: Path) -> None:
+    """run/start/stream are not written out in Client: they are forwarded (coroutines block, async
+    iterators and context managers come back as blocking proxies)."""
+    srv = ServerThread(tmp_path / "root")
+    srv.add_user("alice", exec_allowed=True)
+    srv.start()
+    try:
+        with connect(srv, tmp_path) as c:
+            r = c.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+            assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+            with c.stream(["sh", "-c", "echo one; echo two"]) as s:
+                assert isinstance(s, AsyncProxy)
+                chunks = list(s)
+            assert b"".join(data for kind, data in chunks if kind == "stdout") == b"one\ntwo\n"
+            assert s.exit_code == 0
+            with c.start(["cat"]) as proc:
+                proc.write(b"through cat")
+                proc.close_stdin()
+                assert proc.collect() == (b"through cat", b"")
+                assert proc.wait() == 0
+    finally:
+        srv.stop()

@@ -16,8 +16,10 @@ Consequences worth knowing:
 - **Ctrl-C** (``KeyboardInterrupt``) while a call waits cancels that call on the loop, then re-raises.
 - A client may be used from several threads; calls from different threads run concurrently on the one
   connection (the async client pipelines them).
-- Methods the async client gains later (``run``, ``stream``, ...) are forwarded generically: a
-  coroutine becomes a blocking call, an async iterator becomes an ordinary iterator.
+- Methods of the async client not written out here (``run``, ``start``, ``stream``, ...) are
+  forwarded generically: each runs on the loop and blocks until done; an async iterator or async
+  context manager it returns (a command's output stream, a remote process) comes back as an
+  :class:`AsyncProxy` usable with ``for`` and ``with``.
 
 Example::
 
@@ -37,7 +39,7 @@ import getpass
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.errors import AuthError, UsageError
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from ferry.client.transfer import TransferResult, TreeResult
     from ferry.wire.messages import Entry
 
-__all__ = ["Client", "connect"]
+__all__ = ["AsyncProxy", "Client", "connect"]
 
 T = TypeVar("T")
 _DONE = object()
@@ -126,6 +128,80 @@ class _Portal:
             self.thread.join(10)
 
 
+def _forward(portal: _Portal, attr: Any, name: str) -> Any:
+    """A blocking stand-in for an attribute of an object living on the loop."""
+    return _blocking(portal, attr, name) if callable(attr) else attr
+
+
+def _blocking(portal: _Portal, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` as a blocking call: run on the loop, awaited if it returns an awaitable.
+
+    A result that is itself asynchronous (an async iterator or async context manager, e.g. a
+    command stream or a remote process) comes back wrapped in :class:`AsyncProxy`, so it can be used
+    with ``for`` and ``with`` from this thread.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        async def invoke() -> Any:
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        return _wrap_result(portal, portal.call(invoke()))
+
+    call.__name__ = name
+    call.__doc__ = fn.__doc__
+    return call
+
+
+def _wrap_result(portal: _Portal, result: Any) -> Any:
+    if hasattr(result, "__anext__") or hasattr(result, "__aenter__"):
+        return AsyncProxy(portal, result)
+    return result
+
+
+class AsyncProxy:
+    """A blocking view of an asynchronous object that lives on a client's loop.
+
+    ``for item in proxy`` drives its ``__anext__``, ``with proxy as p`` its ``__aenter__`` and
+    ``__aexit__``, and its methods become blocking calls (attributes are read as they are).
+    """
+
+    def __init__(self, portal: _Portal, target: Any) -> None:
+        self._portal = portal
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _forward(self._portal, getattr(self._target, name), name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        target = self._target
+
+        async def step() -> Any:
+            try:
+                return await target.__anext__()
+            except StopAsyncIteration:
+                return _DONE
+
+        item = self._portal.call(step())
+        if item is _DONE:
+            raise StopIteration
+        return item
+
+    def __enter__(self) -> Any:
+        entered = self._portal.call(self._target.__aenter__())
+        return self if entered is self._target else _wrap_result(self._portal, entered)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._portal.call(self._target.__aexit__(*exc))
+
+
 class Client:
     """A blocking ferry client: the methods of :class:`~ferry.client.aclient.AsyncClient`, synchronously.
 
@@ -171,46 +247,12 @@ class Client:
         """Run any coroutine on this client's loop and wait for its result (advanced use)."""
         return self._portal.call(coro)
 
-    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """A blocking version of an async method (or of one returning an async iterator)."""
-
-        def blocking(*args: Any, **kwargs: Any) -> Any:
-            async def invoke() -> tuple[bool, Any]:
-                result = fn(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
-                return hasattr(result, "__anext__"), result
-
-            is_iter, result = self._portal.call(invoke())
-            return self._iterate(result) if is_iter else result
-
-        blocking.__name__ = name
-        blocking.__doc__ = fn.__doc__
-        return blocking
-
-    def _iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
-        """Turn an async iterator living on the loop into a blocking iterator."""
-
-        async def step() -> Any:
-            try:
-                return await agen.__anext__()
-            except StopAsyncIteration:
-                return _DONE
-
-        while True:
-            item = self._portal.call(step())
-            if item is _DONE:
-                return
-            yield item
-
     def __getattr__(self, name: str) -> Any:
-        # Only called for names not defined here: forward to the async client, wrapping coroutines.
+        # Only called for names not defined here: forward to the async client (run, start,
+        # stream, send, ...). Methods run on the loop; see _blocking for what they return.
         if name.startswith("_"):
             raise AttributeError(name)
-        attr = getattr(self._aclient, name)
-        if inspect.iscoroutinefunction(attr) or inspect.isasyncgenfunction(attr):
-            return self._wrap(name, attr)
-        return attr
+        return _forward(self._portal, getattr(self._aclient, name), name)
 
     # --- the file API (explicit for documentation and type checking) ----------------------------
 
