@@ -264,6 +264,8 @@ class Upload:
 
     async def finish(self, end: m.FileEnd) -> None:
         """Verify everything, fsync, set metadata, and atomically move into place."""
+        if not self.started:  # no hasher yet: this used to fail an assert as an "internal" error
+            raise RemoteProtocolError("file_end before put_from")
         await self._flush()
         await self._flush()  # wait for the last write
         assert self.hasher is not None
@@ -513,6 +515,10 @@ async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
     except OSError as exc:
         up.discard()
         raise _os_error(up.msg.path, exc) from exc
+    except BaseException:
+        if not up.msg.token:  # the server chose the token: nobody could ever resume this partial
+            up.discard()
+        raise
     finally:
         up.close()  # every outcome: e.g. a commit refused by the jail must not leak the descriptor
     _account(session, up.msg.path, up.pos, up.replaced)
