@@ -587,3 +587,40 @@ def test_cancels_for_unknown_requests_are_not_remembered(
         assert on_server(plain_server, lambda: len(session.cancelled) + len(session.gets)) == 0
     finally:
         raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_upload_messages_out_of_order_are_protocol_errors(plain_server: ServerThread) -> None:
+    h = home(plain_server)
+    size = 2 * MiB
+    put = m.PutFile(id=1, path="f", size=size, mtime=0.0, chunk_size=SMALL_CHUNK)
+    end = m.FileEnd(id=1, size=size, chunk_hashes=[], digest=b"")
+    data = m.STDIN, b"x" * 1000
+    sequences: dict[str, list[object]] = {
+        "data before put_from": [put, data],
+        "file_end before put_from": [put, end],
+        "unaligned offset": [put, m.PutFrom(id=1, offset=12345)],
+        "offset beyond what is held": [put, m.PutFrom(id=1, offset=SMALL_CHUNK)],
+        "put_from for no upload": [m.PutFrom(id=9, offset=0)],
+        "file_end for no upload": [m.FileEnd(id=9, size=1, chunk_hashes=[], digest=b"")],
+        "more data than announced": [put, m.PutFrom(id=1, offset=0), (m.STDIN, b"y" * (size + 1))],
+    }
+    baseline = fd_count()
+    for name, steps in sequences.items():
+        raw = RawClient(plain_server.port)
+        try:
+            raw.login()
+            for step in steps:
+                if isinstance(step, tuple):
+                    raw.send_raw(raw.conn.send_data(1, *step))
+                else:
+                    assert isinstance(step, m.Message)
+                    raw.send(step)
+            events = raw.until_closed(10)
+        finally:
+            raw.close()
+        errors = [e for e in events if isinstance(e, m.Error)]
+        assert errors and errors[-1].code == "protocol", (name, events)
+    assert wait_until(lambda: no_sessions(plain_server))
+    assert os.listdir(h) == []
+    assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
