@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(ExitCode.USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
     except FerryError as exc:
-        click.echo(f"ferry: {exc}", err=True)
+        from ferry.textsafe import safe_text  # a hostile server's message must not drive the terminal
+
+        click.echo(f"ferry: {safe_text(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("ferry: interrupted", err=True)
