@@ -140,6 +140,11 @@ class Server:
         self._tasks.add(task)
         try:
             await Session(self.ctx, reader, writer).run()
+        except asyncio.CancelledError:
+            # Shutdown cancelled this connection's task; the session already said goodbye. This
+            # task is the top of its own stack (asyncio's start_server callback), and letting the
+            # cancellation out only makes asyncio log a spurious "Exception in callback".
+            pass
         finally:
             self._tasks.discard(task)
 
