@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import stat as statmod
 import time
@@ -85,7 +86,7 @@ async def get_file(
     part = partial_path(dest)
     held: list[bytes] = []
     try:
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open_partial(part, dest)
     except OSError as exc:  # e.g. the local folder does not exist or is not writable
         raise UsageError(f"cannot write {dest}: {exc.strerror}") from exc
     try:
@@ -127,9 +128,9 @@ async def get_file(
                 hashes, digest = hasher.finish()
                 if writer.pos != info.size or hashes != ev.chunk_hashes or digest != ev.digest:
                     bad = matching_prefix(hashes, ev.chunk_hashes)
+                    part.unlink(missing_ok=True)  # before closing: the lock still covers it
                     os.close(fd)
                     fd = -1
-                    part.unlink(missing_ok=True)
                     raise IntegrityError(
                         f"{remote}: received data does not match the server's hash (chunk {bad}); "
                         "the bad copy was deleted, run the command again"
@@ -147,15 +148,41 @@ async def get_file(
         os.utime(fd, (info.mtime, info.mtime))
         if info.size > INLINE_MAX:  # like the server: no fsync per small file (rename keeps it atomic)
             os.fsync(fd)
-        os.close(fd)
-        fd = -1
         os.replace(part, dest)  # only now does the final name appear
+        os.close(fd)  # after the rename: the lock covers the partial until it has a new name
+        fd = -1
         return TransferResult(
             remote, info.size, info.size - offset, offset, time.monotonic() - t0, digest.hex()
         )
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _open_partial(part: Path, dest: Path) -> int:
+    """Open (or create) the partial file of a download to ``dest``, locked: a second download to the
+    same file at the same time would truncate it under the first (on resume), and the first could
+    then rename a file with a hole after verifying only the bytes it received."""
+    for _ in range(8):
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st, now = os.fstat(fd), os.stat(part)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+            # Renamed into place by the download that held the lock until now: open the new one.
+        except BlockingIOError:
+            os.close(fd)
+            raise TransferError(
+                f"{dest}: another download to this file is in progress; wait for it or choose another name"
+            ) from None
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise TransferError(f"{dest}: its partial file keeps changing; is another download running?")
 
 
 class _Writer:
