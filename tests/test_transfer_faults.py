@@ -166,6 +166,36 @@ def test_symlink_swapped_in_for_a_folder_during_an_upload(server: ServerThread, 
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
 
 
+@pytest.mark.timeout(60)
+def test_symlink_planted_at_the_target_name_during_an_upload(server: ServerThread, tmp_path: Path) -> None:
+    """A symlink to a file outside appears under the target name mid-upload: the commit replaces the
+    link itself; the outside file is never written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"untouched")
+    h = home(server)
+    src = tmp_path / "big"
+    data = write_random(src, 4 * MiB, 12)
+
+    async def main() -> None:
+        async with await connect(server, tmp_path) as c:
+            planted = False
+
+            def progress(done: int, total: int) -> None:
+                nonlocal planted
+                if done >= MiB and not planted:
+                    planted = True
+                    os.symlink(outside / "victim", h / "target")
+
+            await c.put(src, "target", chunk_size=SMALL_CHUNK, progress=progress)
+            assert planted
+
+    asyncio.run(main())
+    assert (outside / "victim").read_bytes() == b"untouched"
+    assert not (h / "target").is_symlink()
+    assert (h / "target").read_bytes() == data
+
+
 # --- clients that vanish -------------------------------------------------------------------------
 
 
@@ -227,7 +257,9 @@ def test_clients_vanishing_mid_upload_and_mid_download(server: ServerThread, tmp
             # The kept partial is resumable by the real client (its token differs, so resume by
             # talking to the same partial: same token through the low-level API).
             req_id, route = c._open(64)
-            await c.send(m.PutFile(id=req_id, path="up.bin", size=size, mtime=0.0, chunk_size=SMALL_CHUNK, token="tok"))
+            await c.send(
+                m.PutFile(id=req_id, path="up.bin", size=size, mtime=0.0, chunk_size=SMALL_CHUNK, token="tok")
+            )
             ready = await c._recv(route)
             assert isinstance(ready, m.PutReady)
             assert len(ready.chunk_hashes) == held // SMALL_CHUNK
@@ -241,7 +273,9 @@ def test_clients_vanishing_mid_upload_and_mid_download(server: ServerThread, tmp
 
 
 @pytest.mark.timeout(60)
-def test_abandoned_transfers_on_a_live_connection_release_everything(server: ServerThread, tmp_path: Path) -> None:
+def test_abandoned_transfers_on_a_live_connection_release_everything(
+    server: ServerThread, tmp_path: Path
+) -> None:
     """A client that gives up on transfers (an exception in its progress callback) but keeps its
     connection: repeated many times, the server holds no descriptors for them and stays responsive."""
     h = home(server)
@@ -254,7 +288,9 @@ def test_abandoned_transfers_on_a_live_connection_release_everything(server: Ser
         async with await connect(server, tmp_path) as c:
             for _ in range(10):
                 with pytest.raises(Interrupt):
-                    await c.get("down.bin", tmp_path / "down.bin", progress=interrupt_after(MiB), resume=False)
+                    await c.get(
+                        "down.bin", tmp_path / "down.bin", progress=interrupt_after(MiB), resume=False
+                    )
                 with pytest.raises(Interrupt):
                     await c.put(src, "up.bin", progress=interrupt_after(MiB), resume=False)
             assert await c.ping() < 5
@@ -520,7 +556,9 @@ def test_a_request_abandoned_with_a_full_queue_does_not_wedge_the_client(
 
 
 @pytest.mark.timeout(60)
-def test_closing_the_client_under_a_full_transfer_queue_fails_fast(plain_server: ServerThread, tmp_path: Path) -> None:
+def test_closing_the_client_under_a_full_transfer_queue_fails_fast(
+    plain_server: ServerThread, tmp_path: Path
+) -> None:
     write_random(home(plain_server) / "big.bin", 32 * MiB, 9)
 
     async def main() -> None:

@@ -164,7 +164,9 @@ def test_upload_with_wrong_final_hashes_is_refused(server: ServerThread, tmp_pat
             await c.send(m.PutFrom(id=req_id, offset=0))
             await c.send_data(req_id, m.STDIN, data)
             n = len(data) // SMALL_CHUNK
-            await c.send(m.FileEnd(id=req_id, size=len(data), chunk_hashes=[b"\x01" * 32] * n, digest=b"\x02" * 32))
+            await c.send(
+                m.FileEnd(id=req_id, size=len(data), chunk_hashes=[b"\x01" * 32] * n, digest=b"\x02" * 32)
+            )
             reply = await c._recv(route)
             assert isinstance(reply, m.Error)
             assert "integrity" in reply.code

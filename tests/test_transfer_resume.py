@@ -112,7 +112,9 @@ def test_get_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path:
 
 
 @pytest.mark.timeout(60)
-def test_get_resends_from_a_corrupted_chunk_of_the_local_partial(server: ServerThread, tmp_path: Path) -> None:
+def test_get_resends_from_a_corrupted_chunk_of_the_local_partial(
+    server: ServerThread, tmp_path: Path
+) -> None:
     chunk = 1 << 18
     data = write_random(home(server) / "big.bin", SIZE, 3)
     dest = tmp_path / "big.bin"
@@ -235,7 +237,9 @@ def test_put_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path:
 
 
 @pytest.mark.timeout(60)
-def test_put_resends_from_a_corrupted_chunk_of_the_server_partial(server: ServerThread, tmp_path: Path) -> None:
+def test_put_resends_from_a_corrupted_chunk_of_the_server_partial(
+    server: ServerThread, tmp_path: Path
+) -> None:
     chunk = 1 << 18
     src = tmp_path / "big.bin"
     data = write_random(src, SIZE, 8)
@@ -246,7 +250,10 @@ def test_put_resends_from_a_corrupted_chunk_of_the_server_partial(server: Server
         try:
             with pytest.raises((Interrupt, ConnectionBroken)):
                 await c.put(
-                    src, "big.bin", chunk_size=chunk, progress=interrupt_after(6 * MiB, c._writer.transport.abort)
+                    src,
+                    "big.bin",
+                    chunk_size=chunk,
+                    progress=interrupt_after(6 * MiB, c._writer.transport.abort),
                 )
         finally:
             await c.close()
@@ -301,7 +308,9 @@ def test_two_uploads_of_the_same_source_never_commit_a_torn_file(tmp_path: Path)
     async def start(c: AsyncClient) -> tuple[int, Any]:
         req_id, route = c._open(64)
         await c.send(
-            m.PutFile(id=req_id, path="big.bin", size=SIZE, mtime=st.st_mtime, chunk_size=SMALL_CHUNK, token=token)
+            m.PutFile(
+                id=req_id, path="big.bin", size=SIZE, mtime=st.st_mtime, chunk_size=SMALL_CHUNK, token=token
+            )
         )
         ready = await c._recv(route)
         assert isinstance(ready, m.PutReady), ready
