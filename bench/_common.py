@@ -123,6 +123,16 @@ def peak_rss_mib(pid: int) -> float | None:
     return None if kib is None else kib / KiB
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a running process has used so far (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Reset a process's VmHWM to its current RSS (Linux >= 4.0, same user), so the next
     :func:`peak_rss_mib` is the peak of what happened since. False if not possible."""
@@ -181,6 +191,7 @@ class Run:
     stdout: str
     stderr: str
     timed_out: bool = False
+    cpu_seconds: float = 0.0  # user + system CPU of the command and the descendants it waited for
 
     @property
     def ok(self) -> bool:
@@ -206,7 +217,7 @@ if pid == 0:
         os._exit(127)
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
+    f.write(f"{usage.ru_maxrss} {usage.ru_utime} {usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
 _GNU_TIME = "/usr/bin/time"
@@ -215,7 +226,7 @@ _GNU_TIME = "/usr/bin/time"
 def _rss_wrapper(report: str) -> list[str]:
     """argv prefix that runs a command and writes its peak RSS (KiB) to ``report``."""
     if os.access(_GNU_TIME, os.X_OK):
-        return [_GNU_TIME, "-q", "-f", "%M", "-o", report]
+        return [_GNU_TIME, "-q", "-f", "%M %U %S", "-o", report]
     return [sys.executable, "-S", "-c", _SPAWN_SCRIPT, report]
 
 
@@ -272,9 +283,11 @@ def run_timed(
         finally:
             timer.cancel()
         try:
-            maxrss_kib = int(rss.read().split()[-1])
+            # GNU time may print a status line first; the last line is ours: "KiB user sys"
+            fields = rss.read().strip().splitlines()[-1].split()
+            maxrss_kib, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
         except (ValueError, IndexError):
-            maxrss_kib = 0
+            maxrss_kib, cpu = 0, 0.0
         out.seek(0)
         err.seek(0)
         return Run(
@@ -285,6 +298,7 @@ def run_timed(
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
             timed_out.is_set(),
+            cpu,
         )
 
 
@@ -630,6 +644,10 @@ class FerryServer:
     def reset_peak(self) -> None:
         """Start a new peak-RSS measurement window."""
         reset_peak_rss(self.pid)
+
+    def cpu(self) -> float | None:
+        """CPU seconds the server has used so far."""
+        return cpu_seconds(self.pid)
 
     def peak_mib(self) -> float | None:
         """Peak RSS (MiB) since the last :meth:`reset_peak` (or since start)."""

@@ -188,6 +188,8 @@ class Sample:
     server_rss: float | None  # MiB (ferry only)
     phases: dict[str, float] = field(default_factory=dict)  # ferry API client: where time went
     background: float = 0.0  # share of all CPUs used by other processes just before the run
+    client_cpu: float = 0.0  # CPU seconds of the client command
+    server_cpu: float | None = None  # CPU seconds the ferry server used during the run
 
 
 # --- the ferry client driver (API mode; runs as a subprocess of the benchmark) ------------------
@@ -224,9 +226,9 @@ async def _client_op(op: str, port: int, plain: bool, src: str, dst: str) -> dic
 def client_main(argv: list[str]) -> int:
     """``transfer.py _client OP PORT plain|tls SRC DST``: one transfer with the Python API.
 
-    Used while the ``ferry get/put`` CLI does not exist (and by ``--profile``). Prints the time spent
-    per phase as JSON; ``startup`` is interpreter start + imports (the parent passes its clock in
-    ``BENCH_T0``).
+    Used with ``--client api`` and by ``--profile``. Prints the time spent per phase as JSON;
+    ``startup`` is interpreter start + imports (the parent passes its clock in ``BENCH_T0``).
+    The event loop is asyncio's, as in the CLI, or uvloop with ``BENCH_CLIENT_LOOP=uvloop``.
     """
     t_main = time.time()
     op, port, mode, src, dst = argv
@@ -235,7 +237,13 @@ def client_main(argv: list[str]) -> int:
 
     phases = {"startup": time.time() - float(os.environ.get("BENCH_T0", t_main))}
     phases["imports"] = time.time() - t_main
-    phases.update(asyncio.run(_client_op(op, int(port), mode == "plain", src, dst)))
+    coro = _client_op(op, int(port), mode == "plain", src, dst)
+    if os.environ.get("BENCH_CLIENT_LOOP") == "uvloop":
+        import uvloop
+
+        phases.update(uvloop.run(coro))
+    else:
+        phases.update(asyncio.run(coro))  # what the ferry get/put CLI does
     print(json.dumps(phases))
     return 0
 
@@ -256,6 +264,7 @@ class Bench:
         self.env.pop("FERRY_ROOT", None)
         if args.pythonpath:
             self.env["PYTHONPATH"] = args.pythonpath
+        self.env["BENCH_CLIENT_LOOP"] = args.client_loop
         self.use_cli = args.client == "cli" or (args.client == "auto" and ferry_has_command("get", self.env))
         self.samples: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
         self.failures: list[str] = []
@@ -349,6 +358,7 @@ class Bench:
         L.clean_dests()
         src, dst = L.source(case), L.dest(case)
         server = self.servers.get(tool)
+        cpu0: float | None = None
         background = wait_quiet(self.args.quiet_wait) if self.args.quiet_wait > 0 else 0.0
         stream: float | None = None
         if tool in RAW_TOOLS:
@@ -368,9 +378,14 @@ class Bench:
             prewarm(dst.parent, L.nbytes(case), [src])
             if server is not None:
                 server.reset_peak()
+                cpu0 = server.cpu()
             env = dict(self.env, BENCH_T0=repr(time.time()))
             r = run_timed(argv, timeout=RUN_TIMEOUT, env=env, stdin_data=stdin)
         srv_rss = server.peak_mib() if server is not None else None
+        srv_cpu = None
+        if server is not None:
+            cpu1 = server.cpu()
+            srv_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
         ok = r.ok and self.verify(tool, case, r)
         L.clean_dests()
         if not ok:
@@ -385,7 +400,7 @@ class Bench:
                 phases = {"transfer": float(rec["seconds"])} if self.use_cli else rec
             except (ValueError, IndexError, KeyError, TypeError):
                 phases = {}
-        return Sample(r.seconds, stream, r.maxrss_mib, srv_rss, phases, background)
+        return Sample(r.seconds, stream, r.maxrss_mib, srv_rss, phases, background, r.cpu_seconds, srv_cpu)
 
     def verify(self, tool: str, case: Case | None, r: Run) -> bool:
         """The copy exists and matches (quick check for files, count and bytes for folders)."""
@@ -455,6 +470,13 @@ class Bench:
         size = self.L.nbytes(CASES[key])
         return median(size / MiB / x.seconds for x in s)
 
+    def cpu(self, key: str, tool: str, side: str) -> float | None:
+        """Median CPU seconds of a tool on a case; side = client or server (ferry only)."""
+        s = self.samples[key].get(tool)
+        vals = [x.client_cpu if side == "client" else x.server_cpu for x in s or []]
+        vals2 = [v for v in vals if v is not None]
+        return median(vals2) if vals2 else None
+
     def rss(self, key: str, tool: str, side: str) -> float | None:
         """Largest peak RSS (MiB) over the runs of a tool on a case; side = client or server."""
         s = self.samples[key].get(tool)
@@ -488,26 +510,30 @@ class Bench:
                 continue
             out.append(f"\n{key}: {case.title} ({L.nbytes(case) / MiB:,.0f} MiB)")
             if case.tree:
-                headers = ["tool", "wall s", "setup s", "files/s", "client RSS MiB", "server RSS MiB",
-                           "plain is x faster", "tls is x faster"]  # fmt: skip
+                headers = ["tool", "wall s", "setup s", "files/s", "client CPU s", "server CPU s",
+                           "client RSS MiB", "server RSS MiB", "plain is x faster", "tls is x faster"]  # fmt: skip
             else:
-                headers = ["tool", "wall s", "setup s", "wall MiB/s", "stream MiB/s", "client RSS MiB",
-                           "server RSS MiB", "plain/this", "tls/this"]  # fmt: skip
+                headers = ["tool", "wall s", "setup s", "wall MiB/s", "stream MiB/s", "client CPU s", "server CPU s",
+                           "client RSS MiB", "server RSS MiB", "plain/this", "tls/this"]  # fmt: skip
             rows = []
             for tool in tools:
                 wall = self.wall_s(key, tool)
                 setup = self.setup_s(tool)
                 crss, srss = self.rss(key, tool, "client"), self.rss(key, tool, "server")
+                ccpu, scpu = (
+                    fmt_num(self.cpu(key, tool, "client"), 2),
+                    fmt_num(self.cpu(key, tool, "server"), 2),
+                )
                 if case.tree:
                     files_s = L.tree_files / wall if wall else None
-                    rows.append([tool, fmt_num(wall, 3), fmt_num(setup, 3), fmt_num(files_s),
+                    rows.append([tool, fmt_num(wall, 3), fmt_num(setup, 3), fmt_num(files_s), ccpu, scpu,
                                  fmt_num(crss), fmt_num(srss),
                                  fmt_ratio(wall, self.wall_s(key, "ferry-plain")),
                                  fmt_ratio(wall, self.wall_s(key, "ferry-tls"))])  # fmt: skip
                 else:
                     stream = self.stream_rate(key, tool)
                     rows.append([tool, fmt_num(wall, 3), fmt_num(setup, 3), fmt_num(self.wall_rate(key, tool)),
-                                 fmt_num(stream), fmt_num(crss), fmt_num(srss),
+                                 fmt_num(stream), ccpu, scpu, fmt_num(crss), fmt_num(srss),
                                  fmt_ratio(self.stream_rate(key, "ferry-plain"), stream),
                                  fmt_ratio(self.stream_rate(key, "ferry-tls"), stream)])  # fmt: skip
             out.append(table(headers, rows, markdown))
@@ -674,6 +700,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--client", choices=["auto", "api", "cli"], default="auto",
                    help="ferry client: the ferry CLI when it has 'get' (auto), or the Python API")  # fmt: skip
+    p.add_argument("--client-loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="event loop of the API client (experiments; the CLI decides its own)")  # fmt: skip
     p.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs to work in (default /dev/shm)")
     p.add_argument(
         "--rev", default=None, help="measure this git revision's src/ (exported; default: the working tree)"
