@@ -22,6 +22,7 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,7 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
     # Small files are served on the loop thread in one go: thread hops would cost more than the
     # few microseconds of page-cache I/O, and a 10,000-file tree must not pay them per file.
     fd = jail.open_read(msg.path)
-    hash_job: asyncio.Future[list[bytes]] | None = None
+    job = _Jobs()
     try:
         st = os.fstat(fd)
         if st.st_size <= SMALL and not msg.chunk_hashes:
@@ -69,21 +70,21 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
         # ctime too: a rewrite that restores the mtime (rsync -t, touch -r) still changes the ctime.
         key = (st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, msg.hash, chunk)
         cached = session.ctx.hash_cache.get(key)
-        offset, prefix = 0, []
+        offset, prefix = 0, list[bytes]()
         if msg.chunk_hashes:
             n = min(len(msg.chunk_hashes), size // chunk)  # only whole chunks can be resumed
-            ours = (
-                cached[:n] if cached else await in_thread(hash_fd_chunks, fd, msg.hash, chunk, 0, n * chunk)
-            )
+            if cached:
+                ours = cached[:n]
+            else:
+                ours = await asyncio.shield(job(hash_fd_chunks, fd, msg.hash, chunk, 0, n * chunk))
             k = matching_prefix(ours, msg.chunk_hashes[:n])
             offset, prefix = k * chunk, ours[:k]
         await session.send(
             m.FileInfo(id=msg.id, size=size, mtime=st.st_mtime, mode=st.st_mode & 0o7777, offset=offset)
         )
-        if cached is None:
-            # Hash the rest in a thread while the data is on its way (page cache makes it cheap).
-            hash_job = asyncio.ensure_future(in_thread(hash_fd_chunks, fd, msg.hash, chunk, offset, size))
-        complete = await _stream(session, msg.id, fd, offset, size)
+        # Hash the rest in a thread while the data is on its way (page cache makes it cheap).
+        hash_job = job(hash_fd_chunks, fd, msg.hash, chunk, offset, size) if cached is None else None
+        complete = await _stream(session, msg.id, fd, offset, size, job)
         if complete is None:
             await session.send(m.Error(id=msg.id, code="cancelled", message="download cancelled"))
             session.cancelled.discard(msg.id)
@@ -92,7 +93,7 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
             hashes = cached
         else:
             assert hash_job is not None
-            hashes = prefix + await hash_job
+            hashes = prefix + await asyncio.shield(hash_job)
         st2 = os.fstat(fd)
         changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (size, st.st_mtime_ns, st.st_ctime_ns)
         if not complete or changed:
@@ -111,10 +112,42 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
         )
         log_op(session, "get", msg.path, t0, "ok" if not offset else f"ok resumed-at={offset}", size - offset)
     finally:
-        if hash_job is not None and not hash_job.done():
-            with contextlib.suppress(BaseException):
-                await hash_job  # the thread reads fd: let it finish before the fd is closed
-        os.close(fd)
+        job.close_after(fd)
+
+
+class _Jobs:
+    """Thread jobs of one download that use its fd. They are awaited only through ``shield`` (a
+    cancelled await must not orphan a thread), and the fd is closed once the last one has finished:
+    a read must never hit a closed, or already reused, descriptor."""
+
+    def __init__(self) -> None:
+        self._running: list[asyncio.Future[Any]] = []
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        # Finished jobs are dropped: they hold their results (1 MiB blocks).
+        self._running = [f for f in self._running if not f.done()]
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._running.append(fut)
+        return fut
+
+    def close_after(self, fd: int) -> None:
+        """Close ``fd`` now, or when the jobs still running are done."""
+        running = [f for f in self._running if not f.done()]
+        if not running:
+            os.close(fd)
+            return
+        left = len(running)
+
+        def one_done(f: asyncio.Future[Any]) -> None:
+            nonlocal left
+            if not f.cancelled():
+                f.exception()  # retrieved: the download ended without needing it
+            left -= 1
+            if left == 0:
+                os.close(fd)
+
+        for f in running:
+            f.add_done_callback(one_done)
 
 
 async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_result, t0: float) -> None:
@@ -136,7 +169,7 @@ async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_resu
     log_op(session, "get", msg.path, t0, nbytes=st.st_size)
 
 
-async def _stream(session: Session, channel: int, fd: int, offset: int, size: int) -> bool | None:
+async def _stream(session: Session, channel: int, fd: int, offset: int, size: int, job: _Jobs) -> bool | None:
     """Send bytes [offset, size) of ``fd``; False if the file shrank (the frames are padded),
     None if the client cancelled (checked between blocks, where framing allows stopping)."""
     if session.plain:
@@ -151,12 +184,11 @@ async def _stream(session: Session, channel: int, fd: int, offset: int, size: in
                     return False
                 pos += count
         return True
-    loop = asyncio.get_running_loop()
     pos = offset
     ok = True
-    nxt = loop.run_in_executor(None, os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
+    nxt = job(os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
     while nxt is not None:
-        data = await nxt
+        data = await asyncio.shield(nxt)
         if channel in session.cancelled:
             return None
         want = min(BLOCK, size - pos)
@@ -165,7 +197,7 @@ async def _stream(session: Session, channel: int, fd: int, offset: int, size: in
             ok = False
         pos += want
         # Read the next block while this one is being encrypted and written.
-        nxt = loop.run_in_executor(None, os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
+        nxt = job(os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
         await session.send_data(channel, m.STDOUT, data)
     return ok
 
