@@ -21,6 +21,7 @@ from transfer_support import (
     connect,
     fd_count,
     home,
+    no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     no_sessions,
     on_server,
     partials,
@@ -29,6 +30,8 @@ from transfer_support import (
     running_server,
     wait_until,
 )
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
 CLIENTS = 50
 

@@ -33,6 +33,7 @@ from transfer_support import (
     fd_count,
     home,
     interrupt_after,
+    no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     no_sessions,
     on_server,
     partials,
@@ -40,6 +41,8 @@ from transfer_support import (
     wait_until,
     write_random,
 )
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
 FD_SLACK = 4  # descriptors that may legitimately come and go (executor threads, logging, caches)
 

@@ -17,7 +17,18 @@ from ferry.errors import IntegrityError, TransferError
 from ferry.server.session import Session
 from ferry.wire import messages as m
 from ferry_server import ServerThread
-from transfer_support import SMALL_CHUNK, MiB, connect, home, partials, running_server, write_random
+from transfer_support import (
+    SMALL_CHUNK,
+    MiB,
+    connect,
+    home,
+    no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
+    partials,
+    running_server,
+    write_random,
+)
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
 SIZE = 6 * MiB + 321
 

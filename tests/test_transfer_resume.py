@@ -29,6 +29,7 @@ from transfer_support import (
     connect,
     home,
     interrupt_after,
+    no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     no_sessions,
     partials,
     random_bytes,
@@ -36,6 +37,8 @@ from transfer_support import (
     wait_until,
     write_random,
 )
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
 SIZE = 8 * MiB + 12345  # not a multiple of the chunk size: the last chunk is short
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
@@ -128,6 +131,19 @@ def on_server(srv: ServerThread, fn: Callable[[], Any], timeout: float = 5.0) ->
 def partials(folder: Path) -> list[str]:
     """Names of ferry partial uploads in ``folder``."""
     return sorted(n for n in os.listdir(folder) if ".ferry-part-" in n)
+
+
+@pytest.fixture
+def no_logged_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail a test whose server or event loops logged an error: an internal error of a handler, or a
+    thread job's exception nobody retrieved (asyncio logs it and the test would not notice)."""
+    yield
+    bad = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR and r.name.split(".")[0] in ("asyncio", "ferry")
+    ]
+    assert not bad, bad
 
 
 class SessionRecorder:
