@@ -36,7 +36,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 PASSWORD = "bench password 1"
 SSHD_SCRIPT = Path("/work/shared/peers/sshd-loopback.sh")
@@ -85,8 +87,8 @@ def add_user(root: Path, cheap: bool) -> None:
 
 
 @contextlib.contextmanager
-def server(argv: list[str], env: dict[str, str]) -> Iterator[int]:
-    """Run a server subprocess until the block ends; yields its port (read from the banner)."""
+def server(argv: list[str], env: dict[str, str]) -> Iterator[tuple[int, int]]:
+    """Run a server subprocess until the block ends; yields its port (from the banner) and pid."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     try:
         assert proc.stdout is not None
@@ -100,7 +102,7 @@ def server(argv: list[str], env: dict[str, str]) -> Iterator[int]:
                 port = int(m.group(2))
         if not port:
             raise RuntimeError("server did not start")
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         try:
@@ -111,8 +113,8 @@ def server(argv: list[str], env: dict[str, str]) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def private_sshd(workdir: Path) -> Iterator[tuple[int, list[str]] | None]:
-    """Start the shared loopback sshd script with a private directory; yields (port, options)."""
+def private_sshd(workdir: Path) -> Iterator[tuple[int, list[str], int] | None]:
+    """Start the shared loopback sshd script with a private directory; yields (port, options, pid)."""
     if not SSHD_SCRIPT.exists():
         yield None
         return
@@ -126,8 +128,9 @@ def private_sshd(workdir: Path) -> Iterator[tuple[int, list[str]] | None]:
         return
     port = int(re.search(r"PEER_SSH_PORT=(\d+)", out.stdout).group(1))  # type: ignore[union-attr]
     opts = shlex.split(re.search(r"PEER_SSH_OPTS='([^']*)'", out.stdout).group(1))  # type: ignore[union-attr]
+    pid = int((workdir / "sshd" / "sshd.pid").read_text())
     try:
-        yield port, opts
+        yield port, opts, pid
     finally:
         subprocess.run(["bash", str(SSHD_SCRIPT), "stop"], env=env, timeout=60, capture_output=True)
 
@@ -197,6 +200,41 @@ def open_client_throughput(port: int, path: Path, home: Path) -> float:
     return run(main())
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its reaped children (utime, stime, cutime, cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and its reaped children."""
+    import resource
+
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def with_cpu(fn: Callable[[], float], server_pid: int) -> Callable[[], tuple[float, float]]:
+    """Wrap a measurement: (wall seconds, CPU seconds of client + server side, incl. `cat`).
+
+    CPU time does not depend on what else runs on the machine, so it compares ferry and ssh even
+    when wall times are disturbed by other load.
+    """
+
+    def run() -> tuple[float, float]:
+        srv0, own0 = proc_cpu(server_pid), own_cpu()
+        wall = fn()
+        # sshd's per-connection processes may still be exiting: their CPU time reaches the
+        # listener's counters only once it has reaped them.
+        children = Path(f"/proc/{server_pid}/task/{server_pid}/children")
+        deadline = time.monotonic() + 3
+        while children.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return wall, (proc_cpu(server_pid) - srv0) + (own_cpu() - own0)
+
+    return run
+
+
 def argon2_ms(rounds: int = 5) -> float:
     """Median production argon2id verification (the server's default PasswordHasher)."""
     from argon2 import PasswordHasher
@@ -211,9 +249,9 @@ def argon2_ms(rounds: int = 5) -> float:
     return median_ms(samples)
 
 
-def interleaved(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+def interleaved(runs: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
     """Run every measurement once per round, in turn, ``rounds`` times."""
-    out: dict[str, list[float]] = {k: [] for k in runs}
+    out: dict[str, list[T]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
             out[name].append(fn())
@@ -242,7 +280,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15, help="latency rounds (default 15)")
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="throughput file size (default 1G)")
-    ap.add_argument("--tput-rounds", type=int, default=3, help="throughput rounds (default 3)")
+    ap.add_argument("--tput-rounds", type=int, default=5, help="throughput rounds (default 5)")
     ap.add_argument("--no-ssh", action="store_true", help="skip the OpenSSH comparison")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -264,8 +302,8 @@ def main() -> None:
         print(f"argon2id verify (production parameters): {results['argon2_ms']:.0f} ms", flush=True)
 
         with (
-            server([*FERRY, "serve", "--root", str(prod_root), "--port", "0"], env) as prod_port,
-            server([sys.executable, "-c", _SERVER, str(cheap_root), "tls"], env) as cheap_port,
+            server([*FERRY, "serve", "--root", str(prod_root), "--port", "0"], env) as (prod_port, _),
+            server([sys.executable, "-c", _SERVER, str(cheap_root), "tls"], env) as (cheap_port, cheap_pid),
             private_sshd(work) as sshd,
         ):
             # Pin both certificates once (the first connection prints a notice).
@@ -285,7 +323,7 @@ def main() -> None:
             ssh_base: list[str] = []
             control = work / "cm.sock"
             if sshd is not None and not args.no_ssh:
-                ssh_port, opts = sshd
+                ssh_port, opts, sshd_pid = sshd
                 ssh_base = ["ssh", *opts, "-p", str(ssh_port), "root@127.0.0.1"]
                 subprocess.run(
                     ["ssh", *opts, "-p", str(ssh_port), "-o", "ControlMaster=yes", "-o", f"ControlPath={control}",
@@ -314,22 +352,35 @@ def main() -> None:
 
                 size = big.stat().st_size
                 with open(os.devnull, "wb") as null:
-                    tput: dict[str, Callable[[], float]] = {
-                        "ferry exec cat (TLS, process)": lambda: time_process(
-                            [*FERRY, "exec", f"bench@127.0.0.1:{cheap_port}", "--", "cat", str(big)],
-                            env,
-                            null,
+                    tput: dict[str, Callable[[], tuple[float, float]]] = {
+                        "ferry exec cat (TLS, process)": with_cpu(
+                            lambda: time_process(
+                                [*FERRY, "exec", f"bench@127.0.0.1:{cheap_port}", "--", "cat", str(big)],
+                                env,
+                                null,
+                            ),
+                            cheap_pid,
                         ),
-                        "ferry cat (TLS, open client)": lambda: open_client_throughput(
-                            cheap_port, big, work / "client"
+                        "ferry cat (TLS, open client)": with_cpu(
+                            lambda: open_client_throughput(cheap_port, big, work / "client"), cheap_pid
                         ),
                     }
                     if ssh_base:
-                        tput["ssh cat"] = lambda: time_process([*ssh_base, "cat", str(big)], env, null)
+                        tput["ssh cat"] = with_cpu(
+                            lambda: time_process([*ssh_base, "cat", str(big)], env, null), sshd_pid
+                        )
                     t = interleaved(tput, args.tput_rounds)
-                results["throughput_MBps"] = {k: size / statistics.median(v) / 1e6 for k, v in t.items()}
-                for k, v in results["throughput_MBps"].items():
-                    print(f"throughput {k}: {v:.0f} MB/s", flush=True)
+                gib = size / (1 << 30)
+                results["throughput_MBps"] = {
+                    k: size / statistics.median(w for w, _ in v) / 1e6 for k, v in t.items()
+                }
+                results["cpu_s_per_GiB"] = {k: statistics.median(c for _, c in v) / gib for k, v in t.items()}
+                for k in t:
+                    print(
+                        f"throughput {k}: {results['throughput_MBps'][k]:.0f} MB/s, "
+                        f"{results['cpu_s_per_GiB'][k]:.2f} CPU s/GiB",
+                        flush=True,
+                    )
             finally:
                 if ssh_base:
                     subprocess.run(
@@ -357,7 +408,8 @@ def print_table(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"| argon2id verification alone (production parameters) | {r['argon2_ms']:.0f} ms |")
     size = args.size / (1 << 20)
     for k, v in r.get("throughput_MBps", {}).items():
-        print(f"| {k} of {size:.0f} MiB | {v:.0f} MB/s |")
+        cpu = r["cpu_s_per_GiB"][k]
+        print(f"| {k} of {size:.0f} MiB | {v:.0f} MB/s ({cpu:.2f} CPU s/GiB, both ends) |")
 
 
 if __name__ == "__main__":
