@@ -44,8 +44,17 @@ async def open_client(
     """Connect and log in; tells the user (on stderr) when a server certificate is pinned for the first time."""
     user = loc.user or default_user()
     loc = Location(loc.host, loc.port, user, loc.path)
-    password = resolve_password(loc, password_file)
-    client = await AsyncClient.connect(loc.host, loc.port, user=user, password=password, plain=plain, timeout=timeout)
+    return await connect_with_password(loc, resolve_password(loc, password_file), plain=plain, timeout=timeout)
+
+
+async def connect_with_password(
+    loc: Location, password: str, *, plain: bool = False, timeout: float = 15.0
+) -> AsyncClient:
+    """Connect as ``loc.user`` with ``password``; prints the pin notice on a first connection."""
+    assert loc.user is not None
+    client = await AsyncClient.connect(
+        loc.host, loc.port, user=loc.user, password=password, plain=plain, timeout=timeout
+    )
     info = client.info
     if info is not None and info.pin_status == "new":
         click.echo(

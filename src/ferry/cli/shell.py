@@ -504,18 +504,9 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
 
 
 async def _connect(loc: Location, password: str, plain: bool) -> AsyncClient:
-    from ferry.client.aclient import AsyncClient
+    from ferry.cli.common import connect_with_password
 
-    assert loc.user is not None
-    client = await AsyncClient.connect(loc.host, loc.port, user=loc.user, password=password, plain=plain)
-    info = client.info
-    if info is not None and info.pin_status == "new":
-        click.echo(
-            f"ferry: first connection to {loc.address}; pinned its certificate {info.fingerprint} "
-            "(compare it with the one 'ferry serve' printed)",
-            err=True,
-        )
-    return client
+    return await connect_with_password(loc, password, plain=plain)
 
 
 def _run_pty(loc: Location, password: str, common: Common) -> int:
