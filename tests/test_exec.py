@@ -560,3 +560,28 @@ def test_server_shutdown_kills_running_commands(tmp_path: Path) -> None:
         if not stopped:
             srv.stop()
     assert wait_gone(mk, 5) == []
+
+
+@pytest.mark.timeout(30)
+def test_server_enforces_an_exec_timeout_field(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Protocol v1's Exec has no timeout field; the server is ready for one (it reads it with
+    getattr). A class attribute stands in for the field, and no client-side timer runs here."""
+    mk = marker()
+    monkeypatch.setattr(m.Exec, "timeout", 0.3, raising=False)
+
+    async def body(c: AsyncClient) -> m.ExitStatus:
+        req_id, route = c._open(0)
+        try:
+            await c.send(m.Exec(id=req_id, command=f"sleep {mk}"))
+            while True:
+                ev = await c._recv(route, timeout=10)
+                if isinstance(ev, m.ExitStatus):
+                    return ev
+        finally:
+            c._close_route(req_id)
+
+    status = go(server, tmp_path, body)
+    assert status.timed_out and status.signal == 15
+    assert wait_gone(mk, 3) == []

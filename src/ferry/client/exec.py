@@ -96,6 +96,10 @@ def exit_code_of(status: m.ExitStatus) -> int:
     return status.code if status.code is not None else 255
 
 
+#: Whether this protocol version's Exec carries a timeout the server enforces (not in version 1).
+_SERVER_TIMEOUTS: Final = "timeout" in m.Exec.__struct_fields__
+
+
 def _exec_message(
     req_id: int,
     cmd: Command | None,
@@ -103,17 +107,21 @@ def _exec_message(
     cwd: str,
     pty: m.PtySpec | None,
     window: int,
+    timeout: float | None = None,
 ) -> m.Exec:
+    fields: dict[str, Any] = {"id": req_id, "env": dict(env or {}), "cwd": cwd, "pty": pty, "window": window}
+    if timeout is not None and _SERVER_TIMEOUTS:
+        fields["timeout"] = timeout
     if isinstance(cmd, str):
-        return m.Exec(id=req_id, command=cmd, env=dict(env or {}), cwd=cwd, pty=pty, window=window)
+        return m.Exec(command=cmd, **fields)
     if cmd is None:
         if pty is None:
             raise UsageError("no command given")
-        return m.Exec(id=req_id, env=dict(env or {}), cwd=cwd, pty=pty, window=window)
+        return m.Exec(**fields)
     argv = [str(a) for a in cmd]
     if not argv:
         raise UsageError("empty argv: nothing to run")
-    return m.Exec(id=req_id, argv=argv, env=dict(env or {}), cwd=cwd, pty=pty, window=window)
+    return m.Exec(argv=argv, **fields)
 
 
 class RemoteProcess:
@@ -173,7 +181,7 @@ class RemoteProcess:
             raise UsageError("the timeout must be positive")
         req_id, route = client._open(0)  # unbounded queue: the windows bound what can arrive
         try:
-            await client.send(_exec_message(req_id, cmd, env, cwd, pty, window))
+            await client.send(_exec_message(req_id, cmd, env, cwd, pty, window, timeout))
             reply = await client._recv(route)
             if isinstance(reply, m.Error):
                 raise from_wire(reply)
@@ -187,6 +195,8 @@ class RemoteProcess:
         proc._task = asyncio.create_task(proc._dispatch(), name=f"ferry-exec-{req_id}")
         if timeout is not None:
             loop = asyncio.get_running_loop()
+            # Our own clock in any case (Cancel: SIGTERM, SIGKILL 2 s later): a server that does not
+            # know Exec.timeout ignores the field.
             proc._timers.append(loop.call_later(timeout, proc._on_timeout))
             proc._timers.append(loop.call_later(timeout + _TIMEOUT_SLACK, proc._on_lost))
         return proc
@@ -206,6 +216,7 @@ class RemoteProcess:
                         self._credit_wake.set()
                 elif isinstance(ev, m.ExitStatus):
                     self.status = ev
+                    self.timed_out = self.timed_out or ev.timed_out
                     return
                 elif isinstance(ev, m.Error):
                     err = from_wire(ev)

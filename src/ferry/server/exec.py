@@ -312,6 +312,8 @@ class Command:
         self._reaped = False
         self.status: m.ExitStatus | None = None
         self.note = ""  # why it ended, when not by itself (cancelled, disconnected)
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -389,8 +391,20 @@ class Command:
             self.loop.call_soon_threadsafe(self._exited.set)
 
     def start_task(self) -> None:
-        """Start the lifecycle task (after ExecStarted was sent)."""
+        """Start the lifecycle task (after ExecStarted was sent) and the timeout, if any."""
         self._task = asyncio.create_task(self._run(), name=f"ferry-exec-{self.id}")
+        # Protocol version 1 has no timeout field in Exec (clients time out with Cancel); should one
+        # be added, the server enforces it and reports ExitStatus.timed_out.
+        timeout = getattr(self.msg, "timeout", None)
+        if isinstance(timeout, int | float) and timeout > 0:
+            self._timer = self.loop.call_later(timeout, self._expire)
+
+    def _expire(self) -> None:
+        if self._reaped or self._exited.is_set():
+            return
+        self.timed_out = True
+        self.note = "timed out"
+        self._spawn_aux(self._terminate(KILL_GRACE))
 
     # --- input from the client -------------------------------------------------------------------
 
@@ -553,14 +567,16 @@ class Command:
         if rc is None:  # cannot happen after _exited; be safe rather than hang
             rc = self.proc.wait()
         self._reaped = True
+        if self._timer is not None:
+            self._timer.cancel()
         if self._pidfd >= 0:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
         if rc < 0:
-            return m.ExitStatus(id=self.id, signal=-rc)
-        return m.ExitStatus(id=self.id, code=rc)
+            return m.ExitStatus(id=self.id, signal=-rc, timed_out=self.timed_out)
+        return m.ExitStatus(id=self.id, code=rc, timed_out=self.timed_out)
 
     def _close_fds(self) -> None:
         for fd in {self.in_fd, *self.out_fds.values()}:
