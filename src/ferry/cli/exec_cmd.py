@@ -132,7 +132,9 @@ def exec_(
         click.echo(f"ferry: {exc}", err=True)
         return exc.exit_code
     except FerryError as exc:
-        click.echo(f"ferry: {exc}", err=True)
+        from ferry.textsafe import safe_text  # the message may come from a hostile server
+
+        click.echo(f"ferry: {safe_text(str(exc))}", err=True)
         return EXIT_FERRY
 
 
