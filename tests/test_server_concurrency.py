@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import AuthError, DiskFull, TransferError
+from ferry.server.context import Limits
 from ferry.wire import Data
 from ferry.wire import messages as m
 from transfer_support import (
@@ -210,3 +211,23 @@ def test_two_downloads_to_the_same_local_file_at_once(tmp_path: Path) -> None:
 
         asyncio.run(main())
         assert dest.read_bytes() == data
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("plain", [False, True], ids=["tls", "plain"])
+def test_a_peer_that_never_reads_again_is_dropped_after_the_stall_timeout(tmp_path: Path, plain: bool) -> None:
+    limits = Limits(stall_timeout=1.0)
+    with running_server(tmp_path / "root", plain=plain, limits=limits) as srv:
+        with open(home(srv) / "huge.bin", "wb") as f:
+            f.truncate(200 * MiB)
+        stalled = RawClient(srv.port, tls=not plain, rcvbuf=64 * 1024)
+        try:
+            stalled.login()
+            stalled.send(m.GetFile(id=1, path="huge.bin"))
+            assert isinstance(stalled.reply(1), m.FileInfo)
+            t0 = time.monotonic()
+            # The client reads nothing more; the server must give up on it by itself.
+            assert wait_until(lambda: no_sessions(srv), 15)
+            assert time.monotonic() - t0 >= 1.0
+        finally:
+            stalled.close()

@@ -22,6 +22,7 @@ class Limits:
 
     hello_timeout: float = 30.0  #: seconds a new connection has to send Hello and authenticate
     idle_timeout: float = 900.0  #: seconds without any request before an idle session is closed
+    stall_timeout: float = 300.0  #: seconds a peer may leave our output unread before it is dropped
     auth_attempts: int = 3  #: wrong passwords per connection before it is dropped
     auth_fail_delay: float = 0.3  #: pause after a wrong password (slows guessing)
     max_sessions: int = 1000  #: concurrent sessions; more are refused with a clear error

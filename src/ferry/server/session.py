@@ -93,6 +93,7 @@ class Session:
         self._out = CorkedWriter(writer)
         self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
         self._last_rx = time.monotonic()
+        self._worker_task: asyncio.Task[None] | None = None
         self.busy = 0  # requests in progress; an idle timeout only applies when zero
         #: channel id -> object receiving data frames (uploads; commands register here too)
         self.channels: dict[int, Any] = {}
@@ -155,7 +156,7 @@ class Session:
         try:
             async with asyncio.timeout(self.ctx.limits.hello_timeout):
                 await self._handshake()
-            worker = asyncio.create_task(self._worker())
+            worker = self._worker_task = asyncio.create_task(self._worker())
             watchdog = asyncio.create_task(self._watchdog())
             await self._read_loop()
         except TimeoutError:
@@ -343,9 +344,30 @@ class Session:
 
     async def _watchdog(self) -> None:
         idle = self.ctx.limits.idle_timeout
+        stall = self.ctx.limits.stall_timeout
+        transport = self.writer.transport
+        last_size, last_change = 0, time.monotonic()
         while True:
-            await asyncio.sleep(min(idle / 4, 10.0))
-            quiet = time.monotonic() - self._last_rx
+            await asyncio.sleep(min(idle / 4, stall / 4, 10.0))
+            now = time.monotonic()
+            # A peer that stops reading leaves our output buffer full and unchanging: the session
+            # is only waiting on drain(). Drop it after stall_timeout, or it would live forever.
+            size = transport.get_write_buffer_size() + _unsent(transport)
+            if size == 0 or size != last_size:
+                last_size, last_change = size, now
+            elif now - last_change > stall:
+                self.ctx.log.info(
+                    "session %d: peer stopped reading for %.0f s: dropping", self.sid, now - last_change
+                )
+                # Cancel the worker first: aborting a transport under a running loop.sendfile
+                # trips an asyncio InvalidStateError; a cancelled sendfile hands the socket back.
+                if self._worker_task is not None:
+                    self._worker_task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await self._worker_task
+                transport.abort()
+                return
+            quiet = now - self._last_rx
             if quiet > idle and not self.busy and self._queue.empty() and not self.channels:
                 self.ctx.log.info("session %d idle for %.0f s: closing", self.sid, quiet)
                 await self._try_send(m.Goodbye(reason=f"idle for {idle:.0f} s"))
@@ -353,3 +375,19 @@ class Session:
                 self._out.flush()
                 self.writer.close()
                 return
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes queued in the kernel's send buffer (Linux SIOCOUTQ); sendfile bypasses the transport's
+    own buffer, so a stalled download is only visible here."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        import fcntl
+        import termios
+
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(buf, "little", signed=True)
