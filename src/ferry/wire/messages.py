@@ -289,6 +289,8 @@ class Exec(Message, tag="exec"):
     cwd: Path = ""
     pty: PtySpec | None = None
     window: U32 = 1 << 20
+    #: seconds after which the server kills the command's group (TERM, then KILL) and reports it
+    timeout: Annotated[float, Meta(gt=0)] | None = None
 
 
 class ExecStarted(Message, tag="exec_started"):
