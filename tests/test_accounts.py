@@ -347,10 +347,13 @@ def test_corrupt_hash_is_an_auth_failure(accounts: Accounts, root: Path) -> None
         accounts.verify("bob", "pw")
 
 
-def test_default_hasher_is_rfc9106_low_memory(root: Path) -> None:
+def test_default_hasher_is_argon2id_with_owasp_parameters(root: Path) -> None:
+    from argon2 import Type
+
     with Accounts(root) as acc:
         hasher = acc._hasher
-    assert (hasher.time_cost, hasher.memory_cost, hasher.parallelism) == (3, 65536, 4)
+    assert (hasher.time_cost, hasher.memory_cost, hasher.parallelism) == (2, 19456, 1)
+    assert hasher.type is Type.ID
 
 
 def test_not_a_database(root: Path) -> None:
