@@ -28,7 +28,7 @@ class Limits:
     max_sessions: int = 1000  #: concurrent sessions; more are refused with a clear error
     write_high_water: int = 1 << 20  #: transport buffer above which writers wait (bounded memory)
     read_size: int = 1 << 18  #: bytes per socket read
-    auth_concurrency: int = 2  #: password checks at once (each argon2id check takes 64 MiB and ~50 ms)
+    auth_concurrency: int = 2  #: password checks at once (each argon2id check takes 19 MiB and ~20 ms)
     max_uploads: int = 128  #: unfinished uploads per connection (each holds an open partial file)
 
 
