@@ -527,6 +527,15 @@ def ferry_has_command(name: str, env: Mapping[str, str] | None = None) -> bool:
     return _has_command(name, (env or os.environ).get("PYTHONPATH", ""))
 
 
+def resolve_rev(rev: str) -> str:
+    """The full commit hash of ``rev`` now (HEAD moves while others commit)."""
+    r = subprocess.run(["git", "-C", str(PROJECT), "rev-parse", "--verify", rev + "^{commit}"],
+                       capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    if r.returncode != 0:
+        raise SystemExit(f"unknown git revision {rev!r}: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
 def export_source(rev: str, dest: Path) -> Path:
     """Extract ``src/`` of git revision ``rev`` into ``dest`` and return the folder to put on PYTHONPATH.
 

@@ -59,7 +59,9 @@ from _common import (
     make_tree,
     median,
     prewarm,
+    proc_status_kib,
     raw_limit_argv,
+    resolve_rev,
     run_timed,
     same_file_quick,
     scratch_dir,
@@ -268,6 +270,7 @@ class Bench:
         self.use_cli = args.client == "cli" or (args.client == "auto" and ferry_has_command("get", self.env))
         self.samples: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
         self.failures: list[str] = []
+        self.idle_rss: dict[str, float] = {}  # server RSS (MiB) right after start, before any client
 
     # ferry -------------------------------------------------------------------------------------
 
@@ -499,6 +502,9 @@ class Bench:
             f"background CPU (other processes, share of all cores) just before each run: median "
             f"{median(bg) * 100:.0f} %, max {max(bg, default=0) * 100:.0f} %; {noisy} of {len(bg)} runs started above 15 %"
         )
+        if self.idle_rss:
+            idle = ", ".join(f"{t} {v:.0f} MiB" for t, v in self.idle_rss.items())
+            out.append(f"server RSS at start (before any login): {idle}")
         out.append(
             f"ferry {source_version(rev=self.args.rev)}: client {'ferry get/put CLI' if self.use_cli else 'Python API (transfer.py _client)'}, "
             f"server {'ferry serve CLI' if servers == {True} else 'library entry point (ferry.server.app.run)'}"
@@ -742,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     with scratch_dir(need, base=args.tmpfs) as scratch:
         L = Layout(scratch, size, args.files, 4 * KiB)
         if args.rev:
+            args.rev = resolve_rev(args.rev)  # pin it: HEAD may move during the run
             args.pythonpath = str(export_source(args.rev, scratch / "source"))
         bench = Bench(args, L)
         log(f"scratch {scratch}; creating {size / MiB:,.0f} MiB file and {args.files:,} files")
@@ -760,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(
                     f"{tool}: pid {srv.pid} port {srv.port} ({'ferry serve' if srv.via_cli else 'library entry point'})"
                 )
+                bench.idle_rss[tool] = (proc_status_kib(srv.pid, "VmRSS") or 0) / KiB
             if args.profile is not None:
                 print(profile_pass(bench, args.profile, args.top))
                 return 0
