@@ -665,3 +665,21 @@ def test_upload_messages_out_of_order_are_protocol_errors(plain_server: ServerTh
     assert wait_until(lambda: no_sessions(plain_server))
     assert os.listdir(h) == []
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
+
+
+@pytest.mark.timeout(30)
+def test_connections_over_the_session_limit_get_a_clear_refusal(tmp_path: Path) -> None:
+    with running_server(tmp_path / "root", limits=Limits(max_sessions=2)) as srv:
+
+        async def main() -> None:
+            a = await connect(srv, tmp_path)
+            b = await connect(srv, tmp_path)
+            try:
+                with pytest.raises(ConnectionBroken, match="session limit"):
+                    await connect(srv, tmp_path)
+                assert await a.ping() < 5  # the admitted sessions are unaffected
+            finally:
+                await a.close()
+                await b.close()
+
+        asyncio.run(main())

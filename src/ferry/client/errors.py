@@ -43,6 +43,8 @@ def from_wire(err: m.Error) -> e.FerryError:
         return RemoteIntegrityError(err.code, err.message)
     if err.code in ("changed", "cancelled", "io"):
         return RemoteTransferError(err.code, err.message)
+    if err.code == "busy":
+        return e.ConnectionBroken(f"the server refused the connection: {err.message}")
     if err.code in ("protocol", "version"):
         return e.ConnectionBroken(f"the server reported a protocol error: {err.message}")
     cls = _BY_CODE.get(err.code, e.RemoteError)

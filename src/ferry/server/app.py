@@ -133,7 +133,17 @@ class Server:
         if sock is not None:
             _keepalive(sock)
         if len(self._tasks) >= self.ctx.limits.max_sessions:
+            # Tell the client why instead of a bare reset (an Error is allowed before Hello).
+            from ferry.wire import Connection, Role
+            from ferry.wire import messages as m
+
+            busy = m.Error(id=0, code="busy", message="the server is at its session limit; try again later")
+            with contextlib.suppress(Exception):
+                writer.write(Connection(Role.SERVER).send(busy))
+                async with asyncio.timeout(1):
+                    await writer.drain()
             writer.close()
+            self.ctx.log.warning("session limit (%d) reached: refused a connection", self.ctx.limits.max_sessions)
             return
         task = asyncio.current_task()
         assert task is not None
