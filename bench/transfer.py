@@ -239,6 +239,8 @@ def client_main(argv: list[str]) -> int:
 
     phases = {"startup": time.time() - float(os.environ.get("BENCH_T0", t_main))}
     phases["imports"] = time.time() - t_main
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiment: GIL hand-over latency (default 5 ms)
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     coro = _client_op(op, int(port), mode == "plain", src, dst)
     if os.environ.get("BENCH_CLIENT_LOOP") == "uvloop":
         import uvloop
