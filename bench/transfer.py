@@ -101,6 +101,31 @@ CASES = {
 }
 
 FERRY_TOOLS = ("ferry-plain", "ferry-tls")
+#: ``--variants``: extra ferry client set-ups measured round-robin with the rest (Python API client,
+#: suffix ``+NAME`` on the tool): name -> environment for the ``_client`` driver.
+VARIANTS: dict[str, dict[str, str]] = {
+    "api": {},  # the library through the API driver on asyncio: compare with the CLI
+    "uvloop": {"BENCH_CLIENT_LOOP": "uvloop"},
+}
+
+
+def ferry_base(tool: str) -> str | None:
+    """``ferry-plain`` / ``ferry-tls`` for a ferry tool (with or without a ``+variant``), else None."""
+    base = tool.split("+", 1)[0]
+    return base if base in FERRY_TOOLS else None
+
+
+def variant_env(tool: str) -> dict[str, str] | None:
+    """Extra environment of a ``+variant`` tool (None: not a variant). ``si=S`` sets the client's GIL
+    switch interval to S seconds."""
+    if "+" not in tool:
+        return None
+    name = tool.split("+", 1)[1]
+    if name.startswith("si="):
+        return {"BENCH_SWITCH_INTERVAL": name[3:]}
+    return VARIANTS[name]
+
+
 RAW_TOOLS = ("raw-discard", "raw-tmpfs")
 SSH_FILE_TOOLS = ("scp", "scp-gcm", "sftp", "rsync-ssh")
 SSH_TREE_TOOLS = ("scp", "sftp", "rsync-ssh")
@@ -277,10 +302,12 @@ class Bench:
     # ferry -------------------------------------------------------------------------------------
 
     def ferry_argv(self, tool: str, case: Case | None, profile_to: Path | None = None) -> list[str]:
-        """The client command line for ``tool`` (ferry-plain / ferry-tls) and a case."""
+        """The client command line for a ferry tool (ferry-plain / ferry-tls, maybe ``+variant``) and a case."""
         L = self.L
-        server = self.servers[tool]
-        plain = tool == "ferry-plain"
+        base = ferry_base(tool)
+        assert base is not None
+        server = self.servers[base]
+        plain = base == "ferry-plain"
         src, dst = L.source(case), L.dest(case)
         op = "get" if case is None else case.key
         upload = case is not None and case.upload
@@ -289,7 +316,7 @@ class Bench:
             remote_src, remote_dst = str(src), str(dst.relative_to(L.home))
         else:
             remote_src, remote_dst = str(src.relative_to(L.home)), str(dst)
-        if self.use_cli and profile_to is None:
+        if self.use_cli and profile_to is None and variant_env(tool) is None:
             # `ferry get [-r] [--plain] --json --port P USER@HOST:REMOTE LOCAL` / `ferry put ... LOCAL USER@HOST:REMOTE`
             # (--json: one result line that carries the transfer's own seconds)
             verb = "put" if upload else "get"
@@ -351,6 +378,7 @@ class Bench:
     def tools_for(self, case: Case | None) -> list[str]:
         """Tools measured for a case (None = the setup pseudo-case), in the base order."""
         tools = list(FERRY_TOOLS)
+        tools += [f"{t}+{v}" for v in self.args.variants for t in FERRY_TOOLS]
         if case is not None and case.key == "get":
             tools += RAW_TOOLS
         if self.peer is not None:
@@ -362,7 +390,8 @@ class Bench:
         L = self.L
         L.clean_dests()
         src, dst = L.source(case), L.dest(case)
-        server = self.servers.get(tool)
+        base = ferry_base(tool)
+        server = self.servers.get(base) if base else None
         cpu0: float | None = None
         background = wait_quiet(self.args.quiet_wait) if self.args.quiet_wait > 0 else 0.0
         stream: float | None = None
@@ -373,8 +402,10 @@ class Bench:
             if r.ok:
                 stream = float(r.stdout.strip())
         else:
-            if tool in FERRY_TOOLS:
+            extra: dict[str, str] = {}
+            if base is not None:
                 argv, stdin = self.ferry_argv(tool, case), None
+                extra = variant_env(tool) or {}
             else:
                 spec = self.peer_argv(tool, case)
                 if spec is None:
@@ -384,7 +415,7 @@ class Bench:
             if server is not None:
                 server.reset_peak()
                 cpu0 = server.cpu()
-            env = dict(self.env, BENCH_T0=repr(time.time()))
+            env = dict(self.env, **extra, BENCH_T0=repr(time.time()))
             r = run_timed(argv, timeout=RUN_TIMEOUT, env=env, stdin_data=stdin)
         srv_rss = server.peak_mib() if server is not None else None
         srv_cpu = None
@@ -399,10 +430,11 @@ class Bench:
             log("  FAILED " + msg)
             return None
         phases: dict[str, float] = {}
-        if tool in FERRY_TOOLS:
+        if base is not None:
             try:
                 rec = json.loads(r.stdout.strip().splitlines()[-1])
-                phases = {"transfer": float(rec["seconds"])} if self.use_cli else rec
+                via_cli = self.use_cli and variant_env(tool) is None
+                phases = {"transfer": float(rec["seconds"])} if via_cli else rec
             except (ValueError, IndexError, KeyError, TypeError):
                 phases = {}
         return Sample(r.seconds, stream, r.maxrss_mib, srv_rss, phases, background, r.cpu_seconds, srv_cpu)
@@ -560,11 +592,11 @@ class Bench:
         """Median seconds per phase of ferry's client: startup, connect+login, transfer, close (API
         client), or transfer as the CLI reports it; ``rest`` = wall - transfer (start, login, exit)."""
         names = ["startup", "connect+login", "transfer", "close"]
-        if self.use_cli:
+        if self.use_cli and not self.args.variants:
             names = ["transfer"]
         rows = []
         for key in [SETUP, *self.args.cases]:
-            for tool in FERRY_TOOLS:
+            for tool in [t for t in self.tools_for(None) if ferry_base(t)]:
                 s = [x for x in self.samples[key].get(tool, []) if x.phases]
                 if not s:
                     continue
@@ -708,6 +740,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--client", choices=["auto", "api", "cli"], default="auto",
                    help="ferry client: the ferry CLI when it has 'get' (auto), or the Python API")  # fmt: skip
+    p.add_argument("--variants", default="",
+                   help="extra ferry client set-ups measured alongside (API client): api, uvloop, si=SECONDS")  # fmt: skip
     p.add_argument("--client-loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="event loop of the API client (experiments; the CLI decides its own)")  # fmt: skip
     p.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs to work in (default /dev/shm)")
@@ -726,6 +760,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.size_mib = args.size_mib or (256 if args.quick else 1024)
     args.files = args.files or (2000 if args.quick else 10_000)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    badv = [v for v in args.variants if v not in VARIANTS and not v.startswith("si=")]
+    if badv:
+        p.error(f"unknown --variants {badv}; known: {', '.join(VARIANTS)}, si=SECONDS")
     args.pythonpath = None
     bad = [c for c in args.cases if c not in CASES]
     if bad or args.repeat < 1 or args.size_mib < 1 or args.files < 1:
