@@ -10,8 +10,9 @@ is measured, only the software). One run measures, round-robin within each repet
 Each tool is also timed on an empty file: that is its *setup* cost (process start, connect,
 handshake, login, teardown). Rates are given two ways: *wall* (what a user waits for, setup included)
 and *stream* (size / (wall - median setup), the steady transfer rate, comparable to the raw limit,
-which has no setup). Peak RSS: the client's from ``wait4()``, ferry's server's from ``VmHWM`` (reset
-before each run). Results are medians over ``--repeat`` repetitions.
+which has no setup). Peak RSS and CPU seconds: the client's through a small wrapper (GNU time, or a
+``wait4()`` launcher), ferry's server's from ``/proc/PID`` (``VmHWM`` reset before each run). Results
+are medians over ``--repeat`` repetitions; the report says how busy other processes kept the machine.
 
 Usage::
 
@@ -19,6 +20,8 @@ Usage::
     .venv/bin/python bench/transfer.py --quick         # smoke run (256 MiB, 2,000 files, 1 repetition)
     .venv/bin/python bench/transfer.py --only ferry    # ferry and the raw limit, no ssh peers
     .venv/bin/python bench/transfer.py --profile /tmp/prof   # cProfile ferry's client and server per case
+    .venv/bin/python bench/transfer.py --rev HEAD      # one commit's src/, while others edit the tree
+    .venv/bin/python bench/transfer.py --only ferry --variants uvloop,si=0.0002 --cases get   # A/B client set-ups
 
 Results go to stdout (``--markdown`` for docs tables, ``--json FILE`` for raw samples); progress to stderr.
 """
@@ -663,7 +666,8 @@ class Bench:
         """Every sample, for later analysis."""
         data = {k: {t: [asdict(s) for s in v] for t, v in d.items()} for k, d in self.samples.items()}
         meta = {"big_size": self.L.big_size, "tree_files": self.L.tree_files, "tree_file_size": self.L.tree_file_size,
-                "repeat": self.args.repeat, "argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}  # fmt: skip
+                "repeat": self.args.repeat, "argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                "ferry": source_version(rev=self.args.rev)}  # fmt: skip
         path.write_text(json.dumps({"meta": meta, "samples": data, "failures": self.failures}, indent=1))
 
 
