@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry import __version__
-from ferry.aio import CorkedWriter
+from ferry.aio import ChunkStream, CorkedWriter, open_chunked_connection
 from ferry.client.errors import from_wire
 from ferry.errors import AuthError, ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout, UsageError
 from ferry.paths import DEFAULT_PORT
@@ -72,7 +72,7 @@ class AsyncClient:
             print(await c.listdir("inbox"))
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection) -> None:
+    def __init__(self, reader: ChunkStream, writer: asyncio.StreamWriter, conn: Connection) -> None:
         self._reader = reader
         self._writer = writer
         self._conn = conn
@@ -117,8 +117,8 @@ class AsyncClient:
             ssl_ctx = client_ssl_context()
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None, limit=1 << 20
+                reader, writer = await open_chunked_connection(
+                    host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
                 )
         except TimeoutError as exc:
             raise FerryTimeout(f"connecting to {host}:{port} timed out after {timeout:g} s") from exc
