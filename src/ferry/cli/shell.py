@@ -17,7 +17,6 @@ none failed). ``ferry shell --pty HOST`` opens a terminal session on the server 
 
 from __future__ import annotations
 
-import asyncio
 import cmd
 import contextlib
 import glob
@@ -522,4 +521,6 @@ def _run_pty(loc: Location, password: str, common: Common) -> int:
         finally:
             await client.close()
 
-    return asyncio.run(main())
+    from ferry.aio import run as aio_run
+
+    return aio_run(main())

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ferry.aio import CorkedWriter
+from ferry.aio import ChunkStream, CorkedWriter
 from ferry.errors import AuthError, FerryError, RemoteError
 from ferry.server import files, transfer
 from ferry.server.accounts import User
@@ -77,7 +77,7 @@ class Session:
     """Serves one connection until it ends; never lets an error escape into the server."""
 
     def __init__(
-        self, ctx: ServerContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, ctx: ServerContext, reader: ChunkStream, writer: asyncio.StreamWriter
     ) -> None:
         self.ctx = ctx
         self.reader = reader
