@@ -982,3 +982,45 @@ def test_no_descriptor_leak_on_errors(jail: Jail, home: Path, guard: Path) -> No
                 elif type(result) is tuple:  # create_temp, open_partial (not os.stat_result)
                     os.close(result[0])
     assert open_fds() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# store_small: one-walk atomic write of a small file
+
+
+def test_store_small_writes_atomically_with_mode_and_mtime(jail: Jail, home: Path) -> None:
+    (home / "d").mkdir()
+    assert jail.store_small("d/f", b"hello", mode=0o640, mtime=1_000_000.0) == 0
+    st = (home / "d" / "f").stat()
+    assert (home / "d" / "f").read_bytes() == b"hello"
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime == 1_000_000.0
+    assert jail.store_small("d/f", b"hi", mode=0o600, mtime=1.0) == 5  # replaced 5 bytes
+    assert (home / "d" / "f").read_bytes() == b"hi"
+    assert sorted(os.listdir(home / "d")) == ["f"]  # no temp file left
+
+
+def test_store_small_refuses_existing_without_overwrite_and_folders(jail: Jail, home: Path) -> None:
+    (home / "f").write_bytes(b"old")
+    (home / "dir").mkdir()
+    with pytest.raises(AlreadyExists):
+        jail.store_small("f", b"new", mode=0o644, mtime=0.0, overwrite=False)
+    with pytest.raises(IsADirectory):
+        jail.store_small("dir", b"x", mode=0o644, mtime=0.0)
+    assert (home / "f").read_bytes() == b"old"
+    assert sorted(os.listdir(home)) == ["dir", "f"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/x", "link/x", "a/../../x"])
+def test_store_small_never_writes_outside(jail: Jail, home: Path, outside: Path, bad: str) -> None:
+    os.symlink(outside / "sub", home / "link")
+    before = snapshot(outside)
+    with pytest.raises(PathRefused):
+        jail.store_small(bad, b"planted", mode=0o644, mtime=0.0)
+    assert snapshot(outside) == before
+
+
+def test_store_small_replaces_a_symlink_not_its_target(jail: Jail, home: Path, outside: Path) -> None:
+    os.symlink(outside / "secret.txt", home / "s")
+    assert jail.store_small("s", b"mine", mode=0o644, mtime=0.0) == 0
+    assert (outside / "secret.txt").read_bytes() == SECRET
+    assert not os.path.islink(home / "s") and (home / "s").read_bytes() == b"mine"

@@ -676,6 +676,54 @@ class Jail:
                 return fd, join_path((*parts[:-1], temp))
             raise AlreadyExists("exists", f"{_show(path)}: could not create a temporary file")
 
+    def store_small(self, path: str, data: bytes, *, mode: int, mtime: float, overwrite: bool = True) -> int:
+        """Write a small file to ``path`` atomically, in one walk: a temp file next to it, data,
+        mode and mtime, then a rename. Returns the size of the regular file it replaced (0 if none).
+
+        For small uploads (a 10,000-file tree) the separate lstat/create_temp/commit calls walked
+        the path four times. No fsync, as for ``cp`` and ``rsync``: the rename still guarantees the
+        final name only ever shows complete content.
+        """
+        parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
+        with _translating(path), self._parent(parts) as (pfd, name):
+            replaced = 0
+            try:
+                st: os.stat_result | None = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectory(
+                        "is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it"
+                    )
+                if not overwrite:
+                    raise AlreadyExists("exists", f"{_show(path)} already exists")
+                if stat.S_ISREG(st.st_mode):
+                    replaced = st.st_size
+            temp = partial_name(name, secrets.token_hex(8))
+            fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode & 0o777)
+                os.utime(fd, (mtime, mtime))
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp, dir_fd=pfd)
+                raise
+            os.close(fd)
+            try:
+                if overwrite:
+                    os.rename(temp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+                else:
+                    _rename_noreplace(pfd, temp, pfd, name)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=pfd)
+                raise
+            return replaced
+
     def open_partial(self, path: str, token: str) -> tuple[int, str, int]:
         """Open or create the resumable partial file for an upload to ``path``.
 

@@ -153,7 +153,9 @@ class _Jobs:
 async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_result, t0: float) -> None:
     data = os.pread(fd, st.st_size + 1, 0)
     if len(data) != st.st_size:
-        await session.send(m.Error(id=msg.id, code="changed", message=f"{msg.path} changed while it was being sent"))
+        await session.send(
+            m.Error(id=msg.id, code="changed", message=f"{msg.path} changed while it was being sent")
+        )
         return
     hasher = ChunkHasher(msg.hash, msg.chunk_size)
     hasher.update(data)
@@ -400,14 +402,14 @@ async def _check_quota(session: Session, msg: m.PutFile) -> None:
 async def handle_put(session: Session, msg: m.PutFile) -> None:
     """Start an upload (or store a small inline file at once)."""
     jail = jail_of(session)
+    await _check_quota(session, msg)
+    if msg.data is not None:
+        await _put_inline(session, msg)  # checks "exists" atomically itself
+        return
     if not msg.overwrite:
         with contextlib.suppress(RemoteError):
             jail.lstat(msg.path)
             raise AlreadyExists("exists", f"{msg.path} already exists")
-    await _check_quota(session, msg)
-    if msg.data is not None:
-        await _put_inline(session, msg)
-        return
     token = msg.token or secrets.token_hex(8)
     if not _TOKEN.match(token):
         raise RemoteProtocolError("bad upload token")
@@ -461,29 +463,11 @@ async def _put_inline(session: Session, msg: m.PutFile) -> None:
     _, digest = hasher.finish()
     if len(data) != msg.size or (msg.digest and digest != msg.digest):
         raise IntegrityError(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
-    jail = jail_of(session)
-
-    replaced = _existing_size(session, msg.path)
-
-    def store() -> None:
-        fd, tmp = jail.create_temp(msg.path)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, msg.mode & 0o777)
-            os.utime(fd, (msg.mtime, msg.mtime))
-            # No fsync for small inline files: rename still makes the name appear only complete,
-            # and 10,000 fsyncs would dominate a tree upload (rsync and scp do not fsync either).
-        except BaseException:
-            os.close(fd)
-            jail.remove(tmp)
-            raise
-        os.close(fd)
-        jail.commit(tmp, msg.path)
-
     try:
-        store()  # small: done on the loop thread, cheaper than a thread hop per file
+        # Small: done on the loop thread in one path walk, cheaper than a thread hop per file.
+        replaced = jail_of(session).store_small(
+            msg.path, data, mode=msg.mode, mtime=msg.mtime, overwrite=msg.overwrite
+        )
     except OSError as exc:
         raise _os_error(msg.path, exc) from exc
     _account(session, msg.path, len(data), replaced)
