@@ -266,6 +266,20 @@ class AsyncClient:
         self._routes[req_id] = route
         return req_id, route
 
+    def _open_shared(self, route: _Route) -> int:
+        """A new request id whose events go to an existing ``route`` (batched small transfers)."""
+        if self._closed:
+            raise ConnectionClosed("this client is closed; connect again")
+        if self._error is not None:
+            raise self._error
+        req_id = next(self._ids)
+        self._routes[req_id] = route
+        return req_id
+
+    def _forget(self, req_id: int) -> None:
+        """Stop routing ``req_id`` without touching its (shared) queue; late events are dropped."""
+        self._routes.pop(req_id, None)
+
     def _close_route(self, req_id: int) -> None:
         route = self._routes.pop(req_id, None)
         if route is not None:

@@ -422,20 +422,28 @@ async def get_tree(
             (root / e.name).mkdir(parents=True, exist_ok=True)
     total = sum(e.size for e in files)
     done = 0
-    sem = asyncio.Semaphore(window)
     prefix = remote.rstrip("/") + "/" if remote not in ("", ".") else ""
 
-    async def one(e: m.Entry) -> None:
+    def count(n: int) -> None:
         nonlocal done
-        async with sem:
-            r = await get_file(
-                client, prefix + e.name, root / e.name, hash=hash, resume=e.size > DEFAULT_CHUNK
-            )
-        done += r.size
+        done += n
         if progress is not None:
             progress(done, total)
 
-    await _gather_all([one(e) for e in files])
+    # Small files go through the batched pipeline (no task per file); large ones stream.
+    from ferry.client.batch import BATCH_MAX, get_small_files
+
+    small = [(prefix + e.name, root / e.name) for e in files if e.size <= BATCH_MAX]
+    large = [(prefix + e.name, root / e.name) for e in files if e.size > BATCH_MAX]
+    large += await get_small_files(client, small, hash=hash, window=window, on_file=count)
+    sem = asyncio.Semaphore(4)
+
+    async def one(src: str, dest: Path) -> None:
+        async with sem:
+            r = await get_file(client, src, dest, hash=hash)
+        count(r.size)
+
+    await _gather_all([one(src, dest) for src, dest in large])
     return TreeResult(len(files), total, time.monotonic() - t0)
 
 
@@ -488,15 +496,25 @@ async def put_tree(
     total = sum(s for _, s in files)
     done = 0
 
-    async def one(rel: str) -> None:
+    def count(n: int) -> None:
         nonlocal done
-        async with sem:
-            r = await put_file(client, root / rel, join(rel), hash=hash)
-        done += r.size
+        done += n
         if progress is not None:
             progress(done, total)
 
-    await _gather_all([one(rel) for rel, _ in files])
+    from ferry.client.batch import BATCH_MAX, put_small_files
+
+    small = [(root / rel, join(rel)) for rel, size in files if size <= BATCH_MAX]
+    large = [(root / rel, join(rel)) for rel, size in files if size > BATCH_MAX]
+    large += await put_small_files(client, small, hash=hash, window=window, on_file=count)
+    big_sem = asyncio.Semaphore(4)
+
+    async def one(src: Path, dst: str) -> None:
+        async with big_sem:
+            r = await put_file(client, src, dst, hash=hash)
+        count(r.size)
+
+    await _gather_all([one(src, dst) for src, dst in large])
     return TreeResult(len(files), total, time.monotonic() - t0)
 
 
