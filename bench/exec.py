@@ -236,10 +236,10 @@ def with_cpu(fn: Callable[[], float], server_pid: int) -> Callable[[], tuple[flo
 
 
 def argon2_ms(rounds: int = 5) -> float:
-    """Median production argon2id verification (the server's default PasswordHasher)."""
-    from argon2 import PasswordHasher
+    """Median production argon2id verification (the server's default hasher)."""
+    from ferry.server.accounts import default_hasher
 
-    ph = PasswordHasher()
+    ph = default_hasher()
     h = ph.hash(PASSWORD)
     samples = []
     for _ in range(rounds):
