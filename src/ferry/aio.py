@@ -45,7 +45,20 @@ class CorkedWriter:
             parts, self._parts, self._size = self._parts, [], 0
             if self._writer.transport.is_closing():
                 return
-            self._writer.writelines(parts)
+            # Join small frames into one write: TLS transports (uvloop's, asyncio's) turn every
+            # element of writelines() into its own record, which defeated the cork for trees of
+            # small files. Large payloads are written as they are, to avoid copying them.
+            small: list[bytes | memoryview] = []
+            for part in parts:
+                if len(part) < CORK_LIMIT:
+                    small.append(part)
+                    continue
+                if small:
+                    self._writer.write(b"".join(small))
+                    small = []
+                self._writer.write(part)
+            if small:
+                self._writer.write(small[0] if len(small) == 1 else b"".join(small))
 
     async def drain(self) -> None:
         """Wait while the transport holds more than its high-water mark."""
