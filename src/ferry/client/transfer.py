@@ -13,7 +13,7 @@ import fcntl
 import os
 import stat as statmod
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -420,31 +420,16 @@ async def get_tree(
     for e in entries:
         if e.kind == "dir":
             (root / e.name).mkdir(parents=True, exist_ok=True)
-    total = sum(e.size for e in files)
-    done = 0
+    tally = _Tally(sum(e.size for e in files), progress)
     prefix = remote.rstrip("/") + "/" if remote not in ("", ".") else ""
-
-    def count(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
     # Small files go through the batched pipeline (no task per file); large ones stream.
     from ferry.client.batch import BATCH_MAX, get_small_files
 
     small = [(prefix + e.name, root / e.name) for e in files if e.size <= BATCH_MAX]
     large = [(prefix + e.name, root / e.name) for e in files if e.size > BATCH_MAX]
-    large += await get_small_files(client, small, hash=hash, window=window, on_file=count)
-    sem = asyncio.Semaphore(4)
-
-    async def one(src: str, dest: Path) -> None:
-        async with sem:
-            r = await get_file(client, src, dest, hash=hash)
-        count(r.size)
-
-    await _gather_all([one(src, dest) for src, dest in large])
-    return TreeResult(len(files), total, time.monotonic() - t0)
+    large += await get_small_files(client, small, hash=hash, window=window, on_file=tally)
+    await _each_large(large, lambda src, dest: get_file(client, src, dest, hash=hash), tally)
+    return TreeResult(len(files), tally.total, time.monotonic() - t0)
 
 
 def _safe_relative(name: str) -> bool:
@@ -493,29 +478,40 @@ async def put_tree(
             await client.mkdir(join(d), parents=True)
 
     await _gather_all([mk(d) for d in dirs])
-    total = sum(s for _, s in files)
-    done = 0
-
-    def count(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
+    tally = _Tally(sum(s for _, s in files), progress)
     from ferry.client.batch import BATCH_MAX, put_small_files
 
     small = [(root / rel, join(rel)) for rel, size in files if size <= BATCH_MAX]
     large = [(root / rel, join(rel)) for rel, size in files if size > BATCH_MAX]
-    large += await put_small_files(client, small, hash=hash, window=window, on_file=count)
-    big_sem = asyncio.Semaphore(4)
+    large += await put_small_files(client, small, hash=hash, window=window, on_file=tally)
+    await _each_large(large, lambda src, dst: put_file(client, src, dst, hash=hash), tally)
+    return TreeResult(len(files), tally.total, time.monotonic() - t0)
 
-    async def one(src: Path, dst: str) -> None:
-        async with big_sem:
-            r = await put_file(client, src, dst, hash=hash)
-        count(r.size)
 
-    await _gather_all([one(src, dst) for src, dst in large])
-    return TreeResult(len(files), total, time.monotonic() - t0)
+class _Tally:
+    """Bytes done across a tree transfer, reported to the progress callback as files finish."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+async def _each_large(
+    items: list[Any], transfer: Callable[[Any, Any], Awaitable[TransferResult]], tally: _Tally
+) -> None:
+    """Stream the large files of a tree, four at a time (each already pipelines its own data)."""
+    sem = asyncio.Semaphore(4)
+
+    async def one(src: Any, dst: Any) -> None:
+        async with sem:
+            r = await transfer(src, dst)
+        tally(r.size)
+
+    await _gather_all([one(src, dst) for src, dst in items])
 
 
 async def _gather_all(coros: list[Any]) -> None:
