@@ -105,6 +105,8 @@ async def get_file(
             info = await client._recv(route)
             if isinstance(info, m.Error):
                 ended = True
+                if os.fstat(fd).st_size == 0:  # refused (not found, a folder, ...): leave no empty partial
+                    part.unlink(missing_ok=True)  # before closing: the lock still covers it
                 raise from_wire(info)
             assert isinstance(info, m.FileInfo)
             offset = info.offset
