@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ferry.errors import IsADirectory, NotFound
+from ferry.cli.files import do_put
+from ferry.cli.output import Output
+from ferry.errors import FerryError, IsADirectory, NotFound
 from ferry_server import ServerThread
 from transfer_support import connect, home, running_server
 
@@ -39,3 +41,34 @@ def test_refused_download_leaves_no_partial(server: ServerThread, tmp_path: Path
 
     asyncio.run(main())
     assert os.listdir(out) == []
+
+
+def test_put_of_several_files_to_an_existing_remote_file_is_refused(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    (home(server) / "target").write_bytes(b"keep me")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"aaa")
+    b.write_bytes(b"bbb")
+
+    async def main() -> None:
+        c = await connect(server, tmp_path)
+        try:
+            with pytest.raises(FerryError) as info:
+                await do_put(
+                    c,
+                    Output(quiet=True, json_mode=False),
+                    [str(a), str(b)],
+                    "target",
+                    recursive=False,
+                    hash_name="blake3",
+                    resume=True,
+                    into_dir=True,
+                    shown=lambda p: p,
+                )
+            assert info.value.exit_code == 2 and "not a folder" in str(info.value)
+        finally:
+            await c.close()
+
+    asyncio.run(main())
+    assert (home(server) / "target").read_bytes() == b"keep me"

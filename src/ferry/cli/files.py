@@ -36,7 +36,7 @@ from ferry.cli.output import (
     transfer_summary,
 )
 from ferry.client.location import Location, is_remote, parse_location, parse_target
-from ferry.errors import FerryError, IsADirectory, NotFound, TransferError, UsageError
+from ferry.errors import FerryError, IsADirectory, NotADirectory, NotFound, TransferError, UsageError
 from ferry.textsafe import safe_name
 
 if TYPE_CHECKING:
@@ -290,6 +290,8 @@ async def do_put(
     target_dir = await is_remote_dir(client, base)
     if target_dir is None and into_dir and not (len(sources) == 1 and Path(sources[0]).is_dir()):
         raise NotFound("not-found", f"{safe_name(shown(base))}: no such remote folder")
+    if target_dir is False and into_dir:  # else each source would overwrite that one file in turn
+        raise NotADirectory("not-a-directory", f"{safe_name(shown(base))}: not a folder")
     for src in sources:
         p = Path(src)
         if not p.exists():
