@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import pytest
 
 from ferry.cli.files import do_put
 from ferry.cli.output import Output
-from ferry.errors import FerryError, IsADirectory, NotFound
+from ferry.client.aclient import AsyncClient
+from ferry.client.known_hosts import KnownHosts
+from ferry.errors import FerryError, FerryTimeout, IsADirectory, NotFound
 from ferry_server import ServerThread
 from transfer_support import connect, home, running_server
 
@@ -72,3 +75,24 @@ def test_put_of_several_files_to_an_existing_remote_file_is_refused(
 
     asyncio.run(main())
     assert (home(server) / "target").read_bytes() == b"keep me"
+
+
+def test_a_server_silent_during_the_handshake_is_a_timeout(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        async def main() -> None:
+            with pytest.raises(FerryTimeout):
+                await AsyncClient.connect(
+                    "127.0.0.1",
+                    port,
+                    user="alice",
+                    password="pw",
+                    plain=True,
+                    known_hosts=KnownHosts(tmp_path / "known_hosts"),
+                    timeout=0.5,
+                )
+
+        asyncio.run(main())

@@ -141,7 +141,12 @@ class AsyncClient:
                 sslobj = writer.get_extra_info("ssl_object")
                 status, fp = check_peer(sslobj, host, port, known_hosts)
             client = cls(reader, writer, Connection(Role.CLIENT))
-            welcome, ok = await asyncio.wait_for(client._handshake(user, password), timeout)
+            try:
+                welcome, ok = await asyncio.wait_for(client._handshake(user, password), timeout)
+            except TimeoutError as exc:  # a builtin TimeoutError is an OSError: the CLI called it local
+                raise FerryTimeout(
+                    f"{host}:{port} accepted the connection but did not answer the login within {timeout:g} s"
+                ) from exc
         except BaseException:
             writer.close()
             raise
