@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from ferry.cli.output import Output
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
 from ferry.errors import FerryError, FerryTimeout, IsADirectory, NotFound
+from ferry.wire import NEED_DATA, Connection, Role
+from ferry.wire import messages as m
 from ferry_server import ServerThread
 from transfer_support import connect, home, running_server
 
@@ -96,3 +99,53 @@ def test_a_server_silent_during_the_handshake_is_a_timeout(tmp_path: Path) -> No
                 )
 
         asyncio.run(main())
+
+
+class SilentAfterLogin:
+    """A fake server that logs any client in, then reads nothing more (a stopped or wedged peer)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port: int = self.listener.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        sock, _ = self.listener.accept()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.conn = sock
+        wire = Connection(Role.SERVER)
+        sock.settimeout(10)
+        for reply in (m.Welcome(version=m.PROTOCOL_VERSION), m.AuthOk(user="alice")):
+            ev = wire.next_event()
+            while ev is NEED_DATA:
+                wire.receive_data(sock.recv(1 << 16))
+                ev = wire.next_event()
+            sock.sendall(wire.send(reply))
+
+    def close(self) -> None:
+        self.thread.join(10)
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+def test_ping_without_an_answer_is_a_ferry_timeout(tmp_path: Path) -> None:
+    fake = SilentAfterLogin()
+
+    async def main() -> None:
+        c = await AsyncClient.connect("127.0.0.1", fake.port, user="alice", password="pw", plain=True)
+        c.read_timeout = 0.3
+        try:
+            with pytest.raises(FerryTimeout):
+                await c.ping()
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
+        fake.close()

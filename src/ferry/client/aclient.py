@@ -392,6 +392,8 @@ class AsyncClient:
         try:
             async with asyncio.timeout(self.read_timeout):
                 await fut
+        except TimeoutError as exc:  # the builtin one is an OSError: callers would take it for a local error
+            raise FerryTimeout(f"no answer to a ping from the server for {self.read_timeout:g} s") from exc
         finally:
             self._pings.pop(nonce, None)
         return time.perf_counter() - t0
