@@ -318,7 +318,9 @@ class Upload:
 
         def seal() -> None:
             _finalise(fd, msg)
-            jail.commit(partial, msg.path)
+            # overwrite=False was checked at PutFile; the commit repeats it atomically, or a file
+            # created while the data was on its way would be replaced.
+            jail.commit(partial, msg.path, overwrite=msg.overwrite)
 
         # Tracked like a write: an upload taking over the partial waits until the rename is done.
         self._pending = asyncio.get_running_loop().run_in_executor(None, seal)

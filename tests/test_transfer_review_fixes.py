@@ -1,0 +1,59 @@
+"""Regression tests for server bugs found in review: each one failed before its fix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ferry.hashing import ChunkHasher
+from ferry.wire import messages as m
+from ferry_server import ServerThread
+from transfer_support import (
+    SMALL_CHUNK,
+    MiB,
+    RawClient,
+    home,
+    no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
+    running_server,
+)
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
+
+
+@pytest.fixture
+def plain_server(tmp_path: Path) -> Iterator[ServerThread]:
+    with running_server(tmp_path / "root", plain=True) as srv:
+        yield srv
+
+
+@pytest.mark.timeout(60)
+def test_upload_without_overwrite_does_not_replace_a_file_created_meanwhile(plain_server: ServerThread) -> None:
+    """``overwrite=False`` is checked when the upload starts; a file that appears while the data is
+    on its way must not be silently replaced at commit (the jail's commit can refuse atomically)."""
+    data = os.urandom(MiB + 123)
+    hasher = ChunkHasher("blake3", SMALL_CHUNK)
+    hasher.update(data)
+    hashes, digest = hasher.finish()
+    target = home(plain_server) / "f.bin"
+    raw = RawClient(plain_server.port)
+    try:
+        raw.login()
+        raw.send(
+            m.PutFile(id=1, path="f.bin", size=len(data), mtime=0.0, chunk_size=SMALL_CHUNK, token="t1", overwrite=False)
+        )
+        assert isinstance(raw.reply(1), m.PutReady)
+        raw.send(m.PutFrom(id=1, offset=0))
+        raw.send_raw(raw.conn.send_data(1, m.STDIN, data))
+        target.write_bytes(b"someone else's file")  # created by another client meanwhile
+        raw.send(m.FileEnd(id=1, size=len(data), chunk_hashes=hashes, digest=digest))
+        reply = raw.reply(1)
+        assert isinstance(reply, m.Error) and reply.code == "exists", reply
+        assert target.read_bytes() == b"someone else's file"
+        raw.send(m.Stat(id=2, path=""))
+        assert isinstance(raw.reply(2), m.StatReply)  # the session goes on
+    finally:
+        raw.close()
+
