@@ -57,3 +57,33 @@ def test_upload_without_overwrite_does_not_replace_a_file_created_meanwhile(plai
     finally:
         raw.close()
 
+
+@pytest.mark.timeout(60)
+def test_recursive_listing_of_long_names_stays_below_the_frame_limit(plain_server: ServerThread) -> None:
+    """A page of 1000 entries is not "far below" the 1 MiB message limit when the relative names
+    of a recursive listing are a few KiB long: pages must be bounded by bytes too, or the client's
+    decoder refuses the frame and the connection is lost."""
+    deep = home(plain_server) / "d"
+    parts = ["d"]
+    for i in range(13):  # 13 folders of 250-character names: ~3.3 KB relative paths
+        deep = deep / (f"{i:02d}" + "x" * 248)
+        parts.append(deep.name)
+    deep.mkdir(parents=True)
+    files = 400
+    for i in range(files):
+        (deep / (f"{i:03d}" + "y" * 200)).touch()
+    raw = RawClient(plain_server.port)
+    try:
+        raw.login()
+        raw.send(m.ListDir(id=1, path="d", recursive=True))
+        entries: list[m.Entry] = []
+        for _ in range(files + 20):
+            page = raw.reply(1)
+            assert isinstance(page, m.ListReply), page
+            entries += page.entries
+            if not page.more:
+                break
+        assert len(entries) == 13 + files
+        assert sum(e.kind == "file" for e in entries) == files
+    finally:
+        raw.close()

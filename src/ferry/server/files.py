@@ -22,7 +22,10 @@ if TYPE_CHECKING:
     from ferry.server.session import Session
 
 T = TypeVar("T")
-PAGE = 1000  # entries per ListReply page: keeps each message far below the frame limit
+PAGE = 1000  # entries per ListReply page
+#: bytes of entry names per page: recursive names can be KiBs long, so a count alone does not keep
+#: a page below the 1 MiB message limit (the client would drop the connection)
+PAGE_BYTES = 1 << 18
 
 
 async def in_thread(fn: Callable[..., T], *args: object) -> T:
@@ -107,10 +110,25 @@ async def handle_list(session: Session, msg: m.ListDir) -> None:
 
     # A listing is bounded by what the user can store; pages keep each frame small.
     entries = await in_thread(collect)
-    for i in range(0, max(len(entries), 1), PAGE):
-        page = entries[i : i + PAGE]
-        await session.send(m.ListReply(id=msg.id, entries=page, more=i + PAGE < len(entries)))
+    pages = list(_pages(entries))
+    for i, page in enumerate(pages):
+        await session.send(m.ListReply(id=msg.id, entries=page, more=i + 1 < len(pages)))
     log_op(session, "list", msg.path, t0, nbytes=len(entries))
+
+
+def _pages(entries: list[m.Entry]) -> Iterator[list[m.Entry]]:
+    """``entries`` split into pages of at most :data:`PAGE` entries and about :data:`PAGE_BYTES`
+    of names (always at least one page, possibly empty)."""
+    page: list[m.Entry] = []
+    size = 0
+    for e in entries:
+        cost = len(e.name.encode("utf-8", "surrogatepass")) + 64  # 64: the other fields, generously
+        if page and (len(page) >= PAGE or size + cost > PAGE_BYTES):
+            yield page
+            page, size = [], 0
+        page.append(e)
+        size += cost
+    yield page
 
 
 async def handle_mkdir(session: Session, msg: m.Mkdir) -> None:
