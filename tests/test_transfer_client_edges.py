@@ -17,7 +17,9 @@ from ferry.cli.files import do_put
 from ferry.cli.output import Output
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
-from ferry.errors import FerryError, FerryTimeout, IsADirectory, NotFound
+from ferry.client.location import Location, parse_location
+from ferry.errors import FerryError, FerryTimeout, IsADirectory, NotFound, UsageError
+from ferry.paths import DEFAULT_PORT
 from ferry.wire import NEED_DATA, Connection, Role
 from ferry.wire import messages as m
 from ferry_server import ServerThread
@@ -149,3 +151,19 @@ def test_ping_without_an_answer_is_a_ferry_timeout(tmp_path: Path) -> None:
         asyncio.run(asyncio.wait_for(main(), 10))
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize(
+    "spec", ["ferry://ann@h/notes#1.txt", "ferry://ann@h/a?b", "ferry://ann@h/x#", "ferry://ann@h/a\nb"]
+)
+def test_url_path_characters_that_urlsplit_would_cut_or_drop_are_refused(spec: str) -> None:
+    with pytest.raises(UsageError, match="percent-encode"):
+        parse_location(spec)
+    assert parse_location("ferry://ann@h/notes%231.txt").path == "notes#1.txt"
+
+
+def test_url_port_zero_is_refused_not_the_default() -> None:
+    with pytest.raises(UsageError, match="port out of range"):
+        parse_location("ferry://ann@h:0/x")
+    assert parse_location("ferry://ann@[::1]:2222/x") == Location("::1", 2222, "ann", "x")
+    assert parse_location("ferry://ann@h/x").port == DEFAULT_PORT

@@ -45,10 +45,20 @@ def parse_location(spec: str, *, default_user: str | None = None, require_path: 
         parts = urlsplit(spec)
         if not parts.hostname:
             raise UsageError(f"{spec!r}: the URL has no host; write ferry://USER@HOST:PORT/PATH")
+        if spec[len("ferry://") + len(parts.netloc) :] != parts.path:
+            # urlsplit cuts the path at '?' or '#' and drops tabs and newlines: the transfer would
+            # silently go to another file ('notes#1' -> 'notes').
+            raise UsageError(
+                f"{spec!r}: a URL path cannot hold '?', '#', tabs or newlines as they are; "
+                "percent-encode them (%3F, %23, ...)"
+            )
         try:
-            port = parts.port or DEFAULT_PORT
+            port = parts.port
         except ValueError as exc:
             raise UsageError(f"{spec!r}: port out of range (1-65535)") from exc
+        if port == 0:  # not 'no port': 'ferry://h:0/x' must not quietly mean the default port
+            raise UsageError(f"{spec!r}: port out of range (1-65535)")
+        port = DEFAULT_PORT if port is None else port
         path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
         user = unquote(parts.username) if parts.username else default_user
         return Location(parts.hostname, port, user, path)
