@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ferry.hashing import ChunkHasher
+from ferry.wire import Data
 from ferry.wire import messages as m
 from ferry_server import ServerThread
 from transfer_support import (
@@ -17,7 +19,10 @@ from transfer_support import (
     RawClient,
     home,
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
+    no_sessions,
+    on_server,
     running_server,
+    wait_until,
 )
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
@@ -87,3 +92,27 @@ def test_recursive_listing_of_long_names_stays_below_the_frame_limit(plain_serve
         assert sum(e.kind == "file" for e in entries) == files
     finally:
         raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_failed_hash_job_of_an_ended_download_is_retrieved(plain_server: ServerThread) -> None:
+    """The chunk hashes of a download are computed in a thread while it streams; when the file
+    shrinks that job fails, and if the download then ends early (the client left) nobody awaits it.
+    Its exception must still be retrieved, or asyncio logs an error whenever the future is
+    collected, in whatever code happens to run then."""
+    path = home(plain_server) / "f.bin"
+    with open(path, "wb") as f:
+        for _ in range(80):
+            f.write(b"\xff" * MiB)
+    raw = RawClient(plain_server.port, rcvbuf=1 << 16)
+    try:
+        raw.login()
+        raw.send(m.GetFile(id=1, path="f.bin"))
+        assert isinstance(raw.next_event(), m.FileInfo)
+        os.truncate(path, 0)
+        assert isinstance(raw.next_event(), Data)
+    finally:
+        raw.close()
+    assert wait_until(lambda: no_sessions(plain_server))
+    on_server(plain_server, gc.collect)  # no_logged_errors sees an unretrieved exception now
+    gc.collect()

@@ -125,14 +125,16 @@ class _Jobs:
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         # Finished jobs are dropped: they hold their results (1 MiB blocks).
-        self._running = [f for f in self._running if not f.done()]
+        self._running = [f for f in self._running if not _retrieved_if_done(f)]
         fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         self._running.append(fut)
         return fut
 
     def close_after(self, fd: int) -> None:
         """Close ``fd`` now, or when the jobs still running are done."""
-        running = [f for f in self._running if not f.done()]
+        # A job that already failed (the hash job of a file that shrank) may never be awaited when
+        # the download ends early: retrieve its error, or asyncio logs it when it is collected.
+        running = [f for f in self._running if not _retrieved_if_done(f)]
         if not running:
             os.close(fd)
             return
@@ -148,6 +150,16 @@ class _Jobs:
 
         for f in running:
             f.add_done_callback(one_done)
+
+
+def _retrieved_if_done(f: asyncio.Future[Any]) -> bool:
+    """True if ``f`` is done; its exception, if any, is then marked as retrieved (awaiting it
+    later still raises it)."""
+    if not f.done():
+        return False
+    if not f.cancelled():
+        f.exception()
+    return True
 
 
 async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_result, t0: float) -> None:
