@@ -17,6 +17,7 @@ from transfer_support import (
     SMALL_CHUNK,
     MiB,
     RawClient,
+    SessionRecorder,
     home,
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     no_sessions,
@@ -92,6 +93,45 @@ def test_recursive_listing_of_long_names_stays_below_the_frame_limit(plain_serve
         assert sum(e.kind == "file" for e in entries) == files
     finally:
         raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_file_shrinking_under_sendfile_is_padded_without_a_block_sized_buffer(
+    plain_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a file shrinks during a plain-TCP download the rest of the 64 MiB sendfile frame is
+    padded with zeros; that padding must go out under backpressure, not as one 64 MiB write into
+    the transport's buffer (a user truncating files under many downloads would exhaust memory)."""
+    recorder = SessionRecorder(monkeypatch)
+    path = home(plain_server) / "f.bin"
+    with open(path, "wb") as f:
+        for _ in range(80):
+            f.write(b"\xff" * MiB)
+    raw = RawClient(plain_server.port, rcvbuf=1 << 16)
+    try:
+        raw.login()
+        [session] = recorder.sessions
+        raw.send(m.GetFile(id=1, path="f.bin"))
+        assert isinstance(raw.next_event(), m.FileInfo)
+        os.truncate(path, 0)
+        got = 0
+        for _ in range(100_000):  # read until the padding (zeros) arrives
+            ev = raw.next_event()
+            assert isinstance(ev, Data), ev
+            got += len(ev.data)
+            if b"\x00" in ev.data:
+                break
+        else:
+            pytest.fail("no padding received")
+        assert got < 64 * MiB
+
+        def buffered() -> int:
+            return int(session.writer.transport.get_write_buffer_size())
+
+        assert not wait_until(lambda: on_server(plain_server, buffered) > 8 * MiB, timeout=1.0)
+    finally:
+        raw.close()
+    assert wait_until(lambda: no_sessions(plain_server))
 
 
 @pytest.mark.timeout(60)

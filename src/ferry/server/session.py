@@ -43,6 +43,7 @@ Handler = Callable[["Session", Any], Awaitable[None]]
 M = TypeVar("M", bound=m.Message)
 
 _session_ids = itertools.count(1)
+_PAD_PIECE = 1 << 20  # zeros written per step when a file shrank under sendfile
 
 #: Requests answered by the ordered worker (their replies may be long, e.g. a download).
 WORKER_HANDLERS: dict[type[m.Message], Handler] = {
@@ -139,8 +140,15 @@ class Session:
             self._out.write(self.conn.data_header(channel, m.STDOUT, count))
             self._out.flush()  # sendfile waits for the transport buffer to empty, then takes over
             sent = await loop.sendfile(self.writer.transport, fileobj, offset, count, fallback=True)
-            if sent < count:
-                self.writer.write(bytes(count - sent))
+            # Pad in bounded pieces under backpressure: one write of the rest of a 64 MiB block
+            # would sit in the transport's buffer (memory) as long as the peer reads slowly.
+            pad = count - sent
+            zeros = memoryview(bytes(min(pad, _PAD_PIECE)))
+            while pad:
+                n = min(pad, len(zeros))
+                self.writer.write(zeros[:n])
+                pad -= n
+                await self.writer.drain()
             await self.writer.drain()
         return sent
 
