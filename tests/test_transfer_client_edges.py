@@ -106,8 +106,10 @@ def test_a_server_silent_during_the_handshake_is_a_timeout(tmp_path: Path) -> No
 class SilentAfterLogin:
     """A fake server that logs any client in, then reads nothing more (a stopped or wedged peer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, accept_a_put: bool = False) -> None:
+        self.accept_a_put = accept_a_put  # answer one PutFile with PutReady before going silent
         self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(1)
         self.port: int = self.listener.getsockname()[1]
@@ -117,7 +119,6 @@ class SilentAfterLogin:
 
     def _serve(self) -> None:
         sock, _ = self.listener.accept()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.conn = sock
         wire = Connection(Role.SERVER)
         sock.settimeout(10)
@@ -127,6 +128,13 @@ class SilentAfterLogin:
                 wire.receive_data(sock.recv(1 << 16))
                 ev = wire.next_event()
             sock.sendall(wire.send(reply))
+        if self.accept_a_put:
+            ev = wire.next_event()
+            while ev is NEED_DATA:
+                wire.receive_data(sock.recv(1 << 16))
+                ev = wire.next_event()
+            assert isinstance(ev, m.PutFile)
+            sock.sendall(wire.send(m.PutReady(id=ev.id)))
 
     def close(self) -> None:
         self.thread.join(10)
@@ -167,3 +175,23 @@ def test_url_port_zero_is_refused_not_the_default() -> None:
         parse_location("ferry://ann@h:0/x")
     assert parse_location("ferry://ann@[::1]:2222/x") == Location("::1", 2222, "ann", "x")
     assert parse_location("ferry://ann@h/x").port == DEFAULT_PORT
+
+
+def test_an_upload_to_a_server_that_stopped_reading_times_out(tmp_path: Path) -> None:
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(1 << 20) * 64)  # far more than the socket buffers on both sides hold
+    fake = SilentAfterLogin(accept_a_put=True)
+
+    async def main() -> None:
+        c = await AsyncClient.connect("127.0.0.1", fake.port, user="alice", password="pw", plain=True)
+        c.read_timeout = 0.5
+        try:
+            with pytest.raises(FerryTimeout):
+                await c.put(src, "big")
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 15))
+    finally:
+        fake.close()

@@ -85,7 +85,10 @@ class AsyncClient:
         self._task: asyncio.Task[None] | None = None
         self.info: HostInfo | None = None
         self.plain = writer.get_extra_info("sslcontext") is None
-        #: seconds without any byte from the server, while waiting for one, before giving up
+        # Below the low-water mark the transport is not paused: drain() cannot block.
+        self._low_water = writer.transport.get_write_buffer_limits()[0]
+        #: seconds without any byte from the server while waiting for one (or without the server
+        #: reading what we send, when its buffers are full) before giving up
         self.read_timeout = 60.0
 
     # --- connecting ------------------------------------------------------------------------
@@ -197,7 +200,18 @@ class AsyncClient:
             raise self._error
         try:
             self._out.write(data)
-            await self._out.drain()
+            if self._writer.transport.get_write_buffer_size() <= self._low_water:
+                await self._out.drain()  # not paused: returns at once, no timer needed on this hot path
+            else:
+                # A server that stopped reading (stopped process, dead host) would block here for
+                # ever, and the Cancel sent when the caller gives up would block again: bound it.
+                async with asyncio.timeout(self.read_timeout):
+                    await self._out.drain()
+        except TimeoutError as exc:
+            err = FerryTimeout(f"the server has not read anything for {self.read_timeout:g} s")
+            self._fail(err)
+            self._writer.transport.abort()  # the buffered data would otherwise hold the socket open
+            raise err from exc
         except (OSError, ssl.SSLError) as exc:
             raise ConnectionBroken(f"connection to the server lost: {exc}") from exc
 
