@@ -645,6 +645,7 @@ def test_upload_messages_out_of_order_are_protocol_errors(plain_server: ServerTh
         "put_from for no upload": [m.PutFrom(id=9, offset=0)],
         "file_end for no upload": [m.FileEnd(id=9, size=1, chunk_hashes=[], digest=b"")],
         "more data than announced": [put, m.PutFrom(id=1, offset=0), (m.STDIN, b"y" * (size + 1))],
+        "put_from twice": [put, m.PutFrom(id=1, offset=0), data, m.PutFrom(id=1, offset=0)],
     }
     baseline = fd_count()
     for name, steps in sequences.items():

@@ -244,6 +244,8 @@ class Upload:
     def start(self, offset: int) -> None:
         """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
         self._check_owner()
+        if self.started:  # a second start would truncate under a write still in flight
+            raise RemoteProtocolError("put_from sent twice for one upload")
         chunk = self.msg.chunk_size
         if offset % chunk or offset // chunk > len(self.held) or offset > self.msg.size:
             raise RemoteProtocolError(f"bad resume offset {offset}")
