@@ -17,7 +17,7 @@ from ferry.cli.files import do_put
 from ferry.cli.output import Output
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
-from ferry.client.location import Location, parse_location
+from ferry.client.location import Location, parse_location, parse_target
 from ferry.errors import FerryError, FerryTimeout, IsADirectory, NotFound, UsageError
 from ferry.paths import DEFAULT_PORT
 from ferry.wire import NEED_DATA, Connection, Role
@@ -195,3 +195,11 @@ def test_an_upload_to_a_server_that_stopped_reading_times_out(tmp_path: Path) ->
         asyncio.run(asyncio.wait_for(main(), 15))
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("spec", ["ann@h:²", "[::1]junk", "ann@[::1]:٣"])
+def test_bad_host_targets_are_usage_errors(spec: str) -> None:
+    with pytest.raises(UsageError):
+        parse_target(spec)
+    assert parse_target("ann@[::1]:2222") == Location("::1", 2222, "ann", "")
+    assert parse_target("[::1]") == Location("::1", DEFAULT_PORT, None, "")

@@ -87,7 +87,9 @@ def parse_target(spec: str, *, default_user: str | None = None) -> Location:
         user, rest = spec.rsplit("@", 1)
     if rest.startswith("["):
         host, _, tail = rest[1:].partition("]")
-        port_s = tail[1:] if tail.startswith(":") else ""
+        if tail and not tail.startswith(":"):  # '[::1]junk' must not quietly mean [::1]
+            raise UsageError(f"{spec!r}: write [IPV6] or [IPV6]:PORT")
+        port_s = tail[1:]
     elif rest.count(":") == 1:
         host, port_s = rest.split(":")
     else:
@@ -96,7 +98,8 @@ def parse_target(spec: str, *, default_user: str | None = None) -> Location:
         raise UsageError(f"{spec!r}: no host")
     port = DEFAULT_PORT
     if port_s:
-        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        # isascii: str.isdigit() accepts '²', which int() then rejects with a bare ValueError
+        if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
             raise UsageError(f"{spec!r}: port out of range (1-65535)")
         port = int(port_s)
     return Location(host, port, user or default_user, "")
