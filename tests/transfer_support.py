@@ -141,9 +141,24 @@ def no_logged_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     bad = [
         f"{r.name}: {r.getMessage()}"
         for r in caplog.get_records("call")
-        if r.levelno >= logging.ERROR and r.name.split(".")[0] in ("asyncio", "ferry")
+        if r.levelno >= logging.ERROR
+        and r.name.split(".")[0] in ("asyncio", "ferry")
+        and not _known_cpython_race(r)
     ]
     assert not bad, bad
+
+
+def _known_cpython_race(record: logging.LogRecord) -> bool:
+    """CPython 3.11's selector transport can run ``_call_connection_lost`` twice when a peer resets
+    while the transport is closing (a ``_write_ready`` handle already queued for that loop iteration
+    runs after ``_force_close``); the second call finds ``_protocol`` None. It is inside asyncio,
+    harmless (the connection is gone either way), and rare (seen once across this project's full runs)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return (
+        record.getMessage().startswith("Exception in callback _SelectorSocketTransport._call_connection_lost")
+        and isinstance(exc, AttributeError)
+        and "'NoneType' object has no attribute" in str(exc)
+    )
 
 
 class SessionRecorder:
