@@ -301,7 +301,7 @@ class Session:
                     except (ProtocolError, ConnectionError):
                         raise
                     except Exception as exc:  # e.g. disk full: fail this transfer, keep the session
-                        await transfer.fail_upload(self, ev.channel, exc)
+                        transfer.fail_upload(self, ev.channel)
                         await self.send(error_reply(ev.channel, transfer.as_remote_error(exc)))
                 continue  # data for a cancelled/failed channel is dropped
             if isinstance(ev, m.Ping):

@@ -558,8 +558,9 @@ async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
     log_op(session, "put", up.msg.path, up.t0, nbytes=up.pos)
 
 
-async def fail_upload(session: Session, req_id: int, exc: BaseException) -> None:
-    """An upload's data could not be written: drop it, remember the id, tell the client."""
+def fail_upload(session: Session, req_id: int) -> None:
+    """An upload's data could not be written: drop it and remember the id, so its remaining data
+    and FileEnd are ignored (the caller sends the Error reply)."""
     up = session.channels.pop(req_id, None)
     if isinstance(up, Upload):
         up.discard()
