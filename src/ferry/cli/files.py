@@ -19,7 +19,7 @@ import contextlib
 import errno
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -449,12 +449,10 @@ def stat(remote: str, common: Common) -> None:
     run(main())
 
 
-@click.command()
-@click.argument("remotes", nargs=-1, required=True, metavar="REMOTE...")
-@click.option("-p", "--parents", is_flag=True, help="Create missing parents; no error if it exists.")
-@common_options
-def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
-    """Create remote folders."""
+def _each_remote(
+    remotes: tuple[str, ...], common: Common, op: str, action: Callable[[AsyncClient, str], Awaitable[None]]
+) -> None:
+    """Run ``action`` for each remote path (all on one server, one connection), reporting each."""
     locs = [remote_location(r, common.port) for r in remotes]
     loc = same_server(locs)
     out = common.output()
@@ -462,10 +460,19 @@ def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
     async def main() -> None:
         async with connected(loc, common) as client:
             for one in locs:
-                await client.mkdir(one.path, parents=parents)
-                out.result(None, {"op": "mkdir", "path": one.path, "ok": True})
+                await action(client, one.path)
+                out.result(None, {"op": op, "path": one.path, "ok": True})
 
     run(main())
+
+
+@click.command()
+@click.argument("remotes", nargs=-1, required=True, metavar="REMOTE...")
+@click.option("-p", "--parents", is_flag=True, help="Create missing parents; no error if it exists.")
+@common_options
+def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
+    """Create remote folders."""
+    _each_remote(remotes, common, "mkdir", lambda c, path: c.mkdir(path, parents=parents))
 
 
 @click.command()
@@ -474,17 +481,7 @@ def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
 @common_options
 def rm(remotes: tuple[str, ...], recursive: bool, common: Common) -> None:
     """Remove remote files (and folders with -r)."""
-    locs = [remote_location(r, common.port) for r in remotes]
-    loc = same_server(locs)
-    out = common.output()
-
-    async def main() -> None:
-        async with connected(loc, common) as client:
-            for one in locs:
-                await client.remove(one.path, recursive=recursive)
-                out.result(None, {"op": "rm", "path": one.path, "ok": True})
-
-    run(main())
+    _each_remote(remotes, common, "rm", lambda c, path: c.remove(path, recursive=recursive))
 
 
 async def do_mv(client: AsyncClient, src: str, dst: str) -> str:
