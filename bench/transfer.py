@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     FERRY,
+    PROJECT,
     PYTHON,
     FerryServer,
     GiB,
@@ -52,6 +53,7 @@ from _common import (
     MiB,
     Run,
     SshPeer,
+    compile_source,
     export_source,
     ferry_add_user,
     ferry_has_command,
@@ -794,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rev:
             args.rev = resolve_rev(args.rev)  # pin it: HEAD may move during the run
             args.pythonpath = str(export_source(args.rev, scratch / "source"))
+        compile_source(Path(args.pythonpath) if args.pythonpath else PROJECT / "src")
         bench = Bench(args, L)
         log(f"scratch {scratch}; creating {size / MiB:,.0f} MiB file and {args.files:,} files")
         L.client_home.mkdir(parents=True)
