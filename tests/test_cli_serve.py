@@ -101,3 +101,10 @@ def test_banner_for_the_default_port_and_a_wildcard_host() -> None:
     assert "created the first user 'ferry' with password: pw123" in text
     v6 = "\n".join(banner_lines(Banner("[::1]:7000", Path("/r"), True, "SHA256:x", None), "::1", plain=False))
     assert "ferry ls -P 7000 USER@[::1]:" in v6 and "password:" not in v6
+
+
+def test_keep_partials_must_not_be_negative(tmp_path: Path) -> None:
+    r = run_ferry(["serve", "--root", str(tmp_path / "root"), "--keep-partials", "-1"], env_for(tmp_path))
+    assert r.returncode == 2
+    assert "--keep-partials" in r.stderr
+    assert not (tmp_path / "root").exists()  # refused before anything was created

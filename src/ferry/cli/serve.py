@@ -86,7 +86,16 @@ def banner_lines(banner: Banner, host: str, plain: bool) -> list[str]:
     help="TCP port; 0 picks a free one (printed in the banner).",
 )
 @click.option("--plain", is_flag=True, help="No TLS (trusted networks or benchmarks only).")
-def serve(root: Path | None, host: str, port: int, plain: bool) -> None:
+@click.option(
+    "--keep-partials",
+    "keep_partials",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    metavar="DAYS",
+    help="Delete interrupted uploads not resumed within DAYS (checked hourly; 0 keeps them for ever).",
+)
+def serve(root: Path | None, host: str, port: int, plain: bool, keep_partials: float) -> None:
     """Run the ferry file server until Ctrl-C or SIGTERM.
 
     With no options it serves ~/.local/share/ferry on 127.0.0.1:7373 over TLS; on first start it
@@ -94,9 +103,14 @@ def serve(root: Path | None, host: str, port: int, plain: bool) -> None:
     """
     # Imported here so `ferry --help` does not load the server (argon2, sqlite, ssl).
     from ferry.server.app import ServeConfig, run
+    from ferry.server.context import Limits
 
     config = ServeConfig(
-        root=root if root is not None else paths.default_root(), host=host, port=port, plain=plain
+        root=root if root is not None else paths.default_root(),
+        host=host,
+        port=port,
+        plain=plain,
+        limits=Limits(partial_max_age=keep_partials * 86400),
     )
 
     def on_ready(banner: Banner) -> None:

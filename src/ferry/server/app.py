@@ -101,6 +101,7 @@ class Server:
         self.ctx: ServerContext | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.banner: Banner | None = None
 
     async def start(self) -> Banner:
@@ -144,6 +145,10 @@ class Server:
         host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
         address = f"{host}:{sock[1]}"
         log.info("listening on %s tls=%s root=%s", address, not cfg.plain, root)
+        if cfg.limits.partial_max_age > 0:
+            from ferry.server.sweeper import sweep_forever
+
+            self._sweeper = asyncio.create_task(sweep_forever(self.ctx))
         self.banner = Banner(address, root, not cfg.plain, fp, (first[0].name, first[1]) if first else None)
         return self.banner
 
@@ -182,6 +187,10 @@ class Server:
         """Stop accepting, end every session (they say goodbye), wait up to ``grace`` seconds."""
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:

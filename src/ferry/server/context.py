@@ -30,6 +30,9 @@ class Limits:
     read_size: int = 1 << 18  #: bytes per socket read
     auth_concurrency: int = 2  #: password checks at once (each argon2id check takes 19 MiB and ~20 ms)
     max_uploads: int = 128  #: unfinished uploads per connection (each holds an open partial file)
+    #: interrupted uploads not resumed within this many seconds are deleted (0: keep for ever)
+    partial_max_age: float = 7 * 86400.0
+    sweep_interval: float = 3600.0  #: seconds between two sweeps for stale partial uploads
 
 
 class HashCache:
