@@ -82,7 +82,9 @@ def _tally(progress: Progress | None, total: list[int], n: int) -> None:
 def _failure_error(what: str, failures: list[str], total: int) -> TransferError:
     shown = "; ".join(failures[:SHOWN_ERRORS])
     more = f" (and {total - SHOWN_ERRORS} more)" if total > SHOWN_ERRORS else ""
-    return TransferError(f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred")
+    return TransferError(
+        f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred"
+    )
 
 
 async def _cancel(client: AsyncClient, req_id: int) -> None:
@@ -332,7 +334,9 @@ class _LocalScan:
                     try:
                         sub.encode("utf-8")
                     except UnicodeEncodeError:
-                        self.failures.append(f"{safe_name(os.path.join(full, name))}: the name is not valid UTF-8")
+                        self.failures.append(
+                            f"{safe_name(os.path.join(full, name))}: the name is not valid UTF-8"
+                        )
                         continue
                 if is_dir:
                     subdirs.append(sub)

@@ -1047,7 +1047,8 @@ class TreeScan:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO/device since listed
                     yield TreeFailure(
-                        path, NotAFile("not-a-file", f"{_show(self._client_path(path))} is not a regular file")
+                        path,
+                        NotAFile("not-a-file", f"{_show(self._client_path(path))} is not a regular file"),
                     )
                     continue
                 data: bytes | None = None
@@ -1056,7 +1057,9 @@ class TreeScan:
                     if len(data) != st.st_size:
                         yield TreeFailure(
                             path,
-                            RemoteError("changed", f"{_show(self._client_path(path))} changed while being read"),
+                            RemoteError(
+                                "changed", f"{_show(self._client_path(path))} changed while being read"
+                            ),
                         )
                         continue
             except OSError as exc:
@@ -1160,7 +1163,9 @@ def _store_small_at(
         st = None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
-            raise IsADirectory("is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it")
+            raise IsADirectory(
+                "is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it"
+            )
         if not overwrite:
             raise AlreadyExists("exists", f"{_show(path)} already exists")
         if stat.S_ISREG(st.st_mode):

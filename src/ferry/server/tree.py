@@ -47,7 +47,9 @@ MAX_TREES = 16
 
 def _error_item(path: str, exc: BaseException) -> m.TreeItem:
     code = exc.code if isinstance(exc, RemoteError) else type(exc).__name__.lower()
-    return m.TreeItem(path=_wire_text(path), kind="error", code=code[:256], message=_wire_text(str(exc))[:8192])
+    return m.TreeItem(
+        path=_wire_text(path), kind="error", code=code[:256], message=_wire_text(str(exc))[:8192]
+    )
 
 
 def _wire_text(text: str) -> str:
@@ -246,7 +248,10 @@ class TreeUpload:
                     continue
                 data = it.data
                 if it.kind != "file" or data is None:
-                    raise RemoteError("protocol", f"{it.path}: a tree upload record must be a folder or a file with its data")
+                    raise RemoteError(
+                        "protocol",
+                        f"{it.path}: a tree upload record must be a folder or a file with its data",
+                    )
                 if len(data) != it.size or small_digest(hash, data) != it.digest:
                     raise IntegrityError(
                         f"{dirs.client_path(it.path)}: received data does not match its hash; nothing was "
@@ -266,7 +271,9 @@ class TreeUpload:
                         )
                     budget[0] -= need
 
-                replaced = dirs.store(it.path, data, mode=it.mode, mtime=it.mtime, overwrite=overwrite, admit=admit)
+                replaced = dirs.store(
+                    it.path, data, mode=it.mode, mtime=it.mtime, overwrite=overwrite, admit=admit
+                )
                 out.files += 1
                 out.bytes += len(data)
                 out.delta += len(data) - replaced
