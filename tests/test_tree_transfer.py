@@ -468,6 +468,29 @@ def test_quota_exceeded_mid_tree(tmp_path: Path) -> None:
         assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("df_first", [True, False], ids=["usage-known", "usage-unknown"])
+def test_usage_stays_exact_when_a_tree_overwrites_files(tmp_path: Path, df_first: bool) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(30):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(1000 + i))
+    with running_server(tmp_path / "root") as srv:
+        (home(srv) / "t" / "d").mkdir(parents=True)
+        for i in range(30):
+            (home(srv) / "t" / "d" / f"f{i}").write_bytes(os.urandom(5000))  # replaced, bigger
+
+        async def main() -> int:
+            async with await connect(srv, tmp_path) as c:
+                if df_first:
+                    await c.df()  # usage now tracked incrementally by every upload
+                await c.put_tree(src, "t")
+                return (await c.df()).used
+
+        used = asyncio.run(main())
+        assert used == sum(p.stat().st_size for p in home(srv).rglob("*") if p.is_file())
+
+
 @pytest.mark.timeout(30)
 def test_refused_entries_are_reported_and_the_rest_is_stored(tmp_path: Path) -> None:
     out = outside_secret(tmp_path)

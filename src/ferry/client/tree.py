@@ -193,7 +193,7 @@ class _LocalTree:
         rel_dir, _, name = it.path.rpartition("/")
         dfd = self._dir(rel_dir)
         temp = f".{name}.ferry-part-{self._tag}{next(self._seq)}"
-        if len(os.fsencode(temp)) > 255:
+        if len(temp) > 63 and len(os.fsencode(temp)) > 255:  # (63 characters are at most 252 bytes)
             temp = f".ferry-part-{self._tag}{next(self._seq)}"
         fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=dfd)
         try:

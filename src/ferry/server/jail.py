@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -1087,22 +1088,38 @@ class TreeDirs:
         self._base = parse_path(path)
         with _translating(path):
             self._root = jail._walk(self._base, create_mode=0o777)
-        self._fds: collections.OrderedDict[tuple[str, ...], int] = collections.OrderedDict()
+        #: folder (relative to the root, validated) -> its descriptor, least recently used first
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._limit = max(2, limit)
+        # Temp names: a random tag per tree plus a counter, instead of fresh random bytes per file.
+        self._tag = secrets.token_hex(6)
+        self._seq = itertools.count()
 
-    def _open(self, parts: tuple[str, ...]) -> int:
-        if not parts:
+    def _open(self, rel: str) -> int:
+        """The descriptor of folder ``rel`` (already validated by :func:`parse_path`)."""
+        if not rel:
             return self._root
-        fd = self._fds.get(parts)
+        fd = self._fds.get(rel)
         if fd is not None:
-            self._fds.move_to_end(parts)
+            self._fds.move_to_end(rel)
             return fd
-        parent = self._open(parts[:-1])
-        fd = self._jail._open_dir_at(parent, parts[-1], join_path(self._base + parts), 0o777)
-        self._fds[parts] = fd
+        parent_rel, _, name = rel.rpartition("/")
+        parent = self._open(parent_rel)
+        fd = self._jail._open_dir_at(parent, name, self.client_path(rel), 0o777)
+        self._fds[rel] = fd
         while len(self._fds) > self._limit:  # the parent just used is second newest: never evicted
             os.close(self._fds.popitem(last=False)[1])
         return fd
+
+    def _folder(self, rel: str) -> int:
+        if not rel:
+            return self._root
+        fd = self._fds.get(rel)
+        if fd is not None:  # only validated names are ever cached
+            self._fds.move_to_end(rel)
+            return fd
+        parse_path(rel)
+        return self._open(rel)
 
     def client_path(self, rel: str) -> str:
         """The home-relative path of ``rel`` (relative to the tree's root)."""
@@ -1110,7 +1127,9 @@ class TreeDirs:
 
     def mkdir(self, rel: str) -> None:
         """Make sure folder ``rel`` exists (with its parents)."""
-        self._open(parse_path(rel))
+        if not parse_path(rel):
+            raise PathRefused("bad-path", "a folder record needs a name")
+        self._open(rel)
 
     def store(
         self,
@@ -1121,15 +1140,38 @@ class TreeDirs:
         mtime: float,
         overwrite: bool,
         admit: Callable[[int], None] | None = None,
+        inspect: bool = True,
     ) -> int:
         """Store small file ``rel`` atomically, as :meth:`Jail.store_small`; returns the size of the
-        file it replaced. ``admit(replaced)`` may refuse (raise) before anything is written."""
-        parts = self._jail._needs_name(rel, _UPLOAD_NEEDS_NAME)
+        file it replaced. ``admit(replaced)`` may refuse (raise) before anything is written. With
+        ``inspect`` False (overwriting, no quota, usage not tracked) the destination is not looked
+        at first and 0 is returned: one system call less per file; an existing folder still makes
+        the final rename fail (``is-a-directory``)."""
+        rel_dir, _, name = rel.rpartition("/")
+        if (
+            name in ("", ".", "..")
+            or "\0" in name
+            or (len(name) > 63 and len(os.fsencode(name)) > MAX_NAME_BYTES)
+        ):
+            parse_path(rel)  # raises the precise refusal
+            raise PathRefused("bad-path", f"{_show(rel)}: not a file name")
+        pfd = self._folder(rel_dir)
         path = self.client_path(rel)
-        pfd = self._open(parts[:-1])
+        temp = f".{name}{PARTIAL_MARK}{self._tag}{next(self._seq):x}"
+        if len(temp) > 63 and len(os.fsencode(temp)) > MAX_NAME_BYTES:
+            temp = partial_name(name, f"{self._tag}{next(self._seq):x}")
         with _translating(path):
             return _store_small_at(
-                pfd, parts[-1], path, data, mode=mode, mtime=mtime, overwrite=overwrite, admit=admit
+                pfd,
+                name,
+                path,
+                data,
+                mode=mode,
+                mtime=mtime,
+                overwrite=overwrite,
+                admit=admit,
+                inspect=inspect or not overwrite or admit is not None,
+                temp=temp,
             )
 
     def close(self) -> None:
@@ -1151,16 +1193,20 @@ def _store_small_at(
     mtime: float,
     overwrite: bool,
     admit: Callable[[int], None] | None = None,
+    inspect: bool = True,
+    temp: str | None = None,
 ) -> int:
     """:meth:`Jail.store_small` once the parent folder is open as ``pfd`` (raises OSError as well
     as FerryErrors; the caller translates). Returns the size of the regular file it replaced.
     ``admit`` is called with that size before anything is written and may refuse by raising (a
-    quota check needs to know what the file replaces)."""
+    quota check needs to know what the file replaces). ``inspect`` False skips looking at the
+    destination first (only with ``overwrite``; then 0 is returned). ``temp`` is the name of the
+    hidden temp file (a partial name; default: a random one)."""
     replaced = 0
-    try:
-        st: os.stat_result | None = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
+    st: os.stat_result | None = None
+    if inspect or not overwrite:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectory(
@@ -1172,7 +1218,8 @@ def _store_small_at(
             replaced = st.st_size
     if admit is not None:
         admit(replaced)
-    temp = partial_name(name, secrets.token_hex(8))
+    if temp is None:
+        temp = partial_name(name, secrets.token_hex(8))
     fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
     try:
         view = memoryview(data)

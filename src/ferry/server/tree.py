@@ -209,6 +209,7 @@ class TreeUpload:
         self._job: asyncio.Future[_Stored] | None = None
         self._acker: asyncio.Task[None] | None = None
         self._reserved = 0
+        self._job_tracked = True
 
     async def on_data(self, ev: Data) -> None:
         """Tree uploads carry their bytes inside TreeItems; a data frame for one is a client bug."""
@@ -231,12 +232,16 @@ class TreeUpload:
         # Set aside while the thread writes, so uploads in other sessions do not count on it too.
         session.ctx.usage.reserve(user.name, size)
         self._reserved = size
-        self._job = asyncio.get_running_loop().run_in_executor(None, self._store, batch.items, budget)
-        self._acker = asyncio.create_task(self._ack(self._job, batch.end))
+        # Usage is tracked incrementally once known (quota, df): then each file's predecessor must
+        # be looked at. Otherwise that lstat per file is skipped; see _account.
+        track = budget is not None or session.ctx.usage.known(user.name) is not None
+        self._job_tracked = track
+        self._job = asyncio.get_running_loop().run_in_executor(None, self._store, batch.items, budget, track)
+        self._acker = asyncio.create_task(self._ack(self._job, batch.end, track))
         if batch.end:
             await self._acker
 
-    def _store(self, items: list[m.TreeItem], budget: list[int] | None) -> _Stored:
+    def _store(self, items: list[m.TreeItem], budget: list[int] | None, track: bool) -> _Stored:
         """Write one batch (thread). Stops at the first fatal error (quota, disk full, integrity)."""
         out = _Stored()
         dirs, hash, overwrite = self.dirs, self.msg.hash, self.msg.overwrite
@@ -259,8 +264,7 @@ class TreeUpload:
                     )
 
                 def admit(replaced: int, it: m.TreeItem = it) -> None:
-                    if budget is None:
-                        return
+                    assert budget is not None
                     need = it.size - replaced
                     if need > budget[0]:
                         raise DiskFull(
@@ -272,7 +276,13 @@ class TreeUpload:
                     budget[0] -= need
 
                 replaced = dirs.store(
-                    it.path, data, mode=it.mode, mtime=it.mtime, overwrite=overwrite, admit=admit
+                    it.path,
+                    data,
+                    mode=it.mode,
+                    mtime=it.mtime,
+                    overwrite=overwrite,
+                    admit=admit if budget is not None else None,
+                    inspect=track,
                 )
                 out.files += 1
                 out.bytes += len(data)
@@ -289,7 +299,7 @@ class TreeUpload:
                 out.errors.append(_error_item(it.path, exc))
         return out
 
-    async def _ack(self, job: asyncio.Future[_Stored], end: bool) -> None:
+    async def _ack(self, job: asyncio.Future[_Stored], end: bool, track: bool) -> None:
         """Account for a finished batch and report it (TreeAck), or end the tree on a fatal error."""
         session = self.session
         try:
@@ -298,7 +308,7 @@ class TreeUpload:
             except Exception as exc:  # a bug in the job: fail this tree, keep the session
                 session.ctx.log.exception("internal error storing a tree batch")
                 out = _Stored(fatal=RemoteError("internal", f"internal server error ({type(exc).__name__})"))
-            self._account(out)
+            self._account(out, track)
             if self._job is job:
                 self._job = None  # accounted: an abort from now on must not count it again
             if out.fatal is not None:
@@ -313,14 +323,19 @@ class TreeUpload:
             self.dead = True
             session.ctx.log.debug("tree upload %d: %s", self.msg.id, exc)
 
-    def _account(self, out: _Stored) -> None:
+    def _account(self, out: _Stored, track: bool = True) -> None:
         user = self.session.user
         assert user is not None
         usage = self.session.ctx.usage
         if self._reserved:
             usage.release(user.name, self._reserved)
             self._reserved = 0
-        usage.add(user.name, out.delta)
+        if track:
+            usage.add(user.name, out.delta)
+        elif out.files:
+            # Not tracked while this batch was written (sizes replaced unknown). If usage became
+            # known meanwhile (a df in another session), it may be off: recompute it next time.
+            usage.invalidate(user.name)
         self.files += out.files
         self.bytes += out.bytes
         self.errors += len(out.errors)
@@ -359,7 +374,8 @@ class TreeUpload:
 
         def release() -> None:
             if job is not None and job.done() and not job.cancelled() and job.exception() is None:
-                self._account(job.result())  # what the thread stored still counts towards usage
+                # What the thread stored still counts towards usage.
+                self._account(job.result(), self._job_tracked)
             elif self._reserved:
                 self._account(_Stored())
             self._finish("aborted")
