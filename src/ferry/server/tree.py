@@ -210,6 +210,8 @@ class TreeUpload:
         self._acker: asyncio.Task[None] | None = None
         self._reserved = 0
         self._job_tracked = True
+        self._stop = False
+        self._finished = False  # folders released and logged
 
     async def on_data(self, ev: Data) -> None:
         """Tree uploads carry their bytes inside TreeItems; a data frame for one is a client bug."""
@@ -247,6 +249,8 @@ class TreeUpload:
         dirs, hash, overwrite = self.dirs, self.msg.hash, self.msg.overwrite
         quota = self.session.user.quota if self.session.user else None
         for it in items:
+            if self._stop:  # aborted (Cancel, connection lost): leave the rest of the batch
+                break
             try:
                 if it.kind == "dir":
                     dirs.mkdir(it.path)
@@ -319,7 +323,8 @@ class TreeUpload:
             )
             if end:
                 self._finish("ok")
-        except (ConnectionError, OSError, ProtocolError) as exc:  # the session is ending anyway
+        except (ConnectionError, OSError, ProtocolError) as exc:
+            # The session is ending: its cleanup calls abort(), which releases the folders.
             self.dead = True
             session.ctx.log.debug("tree upload %d: %s", self.msg.id, exc)
 
@@ -347,8 +352,11 @@ class TreeUpload:
         await self.session.send(error_reply(self.msg.id, exc))
 
     def _finish(self, result: str) -> None:
-        """Unregister, release the folders, log the one line of this tree."""
+        """Unregister, release the folders, log the one line of this tree (once)."""
         self.dead = True
+        if self._finished:
+            return
+        self._finished = True
         if self.session.channels.get(self.msg.id) is self:
             del self.session.channels[self.msg.id]
         self.dirs.close()
@@ -363,14 +371,21 @@ class TreeUpload:
 
     async def abort(self) -> None:
         """Cancelled or the connection ended: stop; files already stored stay (complete ones only)."""
-        if self.dead:
+        if self._finished:
             return
         self.dead = True
+        self._stop = True  # the thread stops before its next file
         if self._acker is not None and not self._acker.done():
             self._acker.cancel()
             with contextlib.suppress(BaseException):
                 await self._acker
         job = self._job
+        if job is not None and not job.done():
+            # Wait (at most one file) so that once a Cancel is answered nothing more is written:
+            # no temp file of this tree can appear afterwards. Shielded: if this wait is itself
+            # cancelled (server shutdown), the callback below still releases everything.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(job)
 
         def release() -> None:
             if job is not None and job.done() and not job.cancelled() and job.exception() is None:
