@@ -21,8 +21,40 @@ entries = st.builds(
     mode=u32,
 )
 
+tree_items = st.builds(
+    m.TreeItem,
+    path=paths,
+    kind=st.sampled_from(["file", "dir", "error"]),
+    size=u64,
+    mtime=floats,
+    mode=u32,
+    data=st.none() | st.binary(max_size=300),
+    digest=digests,
+    code=st.text(max_size=20),
+    message=st.text(max_size=50),
+)
+
+#: The tree-transfer messages (GetTree, PutTree, TreeItems, TreeAck).
+tree_messages = st.one_of(
+    st.builds(
+        m.GetTree,
+        id=u32,
+        path=paths,
+        hash=st.sampled_from(["blake3", "md5"]),
+        inline_max=st.integers(0, m.TREE_INLINE_MAX),
+    ),
+    st.builds(
+        m.PutTree, id=u32, path=paths, hash=st.sampled_from(["blake3", "md5"]), overwrite=st.booleans()
+    ),
+    st.builds(m.TreeItems, id=u32, items=st.lists(tree_items, max_size=5), end=st.booleans()),
+    st.builds(
+        m.TreeAck, id=u32, files=u64, bytes=u64, errors=st.lists(tree_items, max_size=3), end=st.booleans()
+    ),
+)
+
 #: Messages that are valid once the connection is open, in either direction.
 open_messages = st.one_of(
+    tree_messages,
     st.builds(m.Stat, id=u32, path=paths),
     st.builds(m.ListDir, id=u32, path=paths, recursive=st.booleans()),
     st.builds(m.ListReply, id=u32, entries=st.lists(entries, max_size=5), more=st.booleans()),

@@ -52,6 +52,15 @@ def tree_digest(name: HashName, size: int, chunk_hashes: list[bytes]) -> bytes:
     return h.digest()
 
 
+def small_digest(name: HashName, data: bytes | bytearray | memoryview) -> bytes:
+    """The file digest of ``data`` when it fits in one chunk (at most :data:`DEFAULT_CHUNK` bytes):
+    what :meth:`ChunkHasher.finish` returns, without its per-call overhead (tree transfers call this
+    once per small file on each side)."""
+    if len(data) > DEFAULT_CHUNK:
+        raise ValueError("small_digest is for data of at most one chunk")
+    return tree_digest(name, len(data), [hash_bytes(name, data)])
+
+
 class ChunkHasher:
     """Hashes a byte stream incrementally, producing one hash per ``chunk_size`` bytes.
 

@@ -53,6 +53,8 @@ class HostInfo:
     pin_status: str | None  # "known", "new" (just pinned) or None (plain)
     software: str
     exec_allowed: bool
+    #: what the server announced it supports (e.g. "tree": GetTree / PutTree)
+    features: tuple[str, ...] = ()
 
 
 class _Route:
@@ -154,7 +156,13 @@ class AsyncClient:
             writer.close()
             raise
         client.info = HostInfo(
-            f"{host}:{port}", ssl_ctx is not None, fp, status, welcome.software, ok.exec_allowed
+            f"{host}:{port}",
+            ssl_ctx is not None,
+            fp,
+            status,
+            welcome.software,
+            ok.exec_allowed,
+            tuple(welcome.features),
         )
         return client
 

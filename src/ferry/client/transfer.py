@@ -405,7 +405,12 @@ async def get_tree(
     progress: Progress | None = None,
     window: int = WINDOW,
 ) -> TreeResult:
-    """Download the folder ``remote`` into ``local`` (created); requests are pipelined."""
+    """Download the folder ``remote`` into ``local`` (created): one streamed GetTree when the server
+    supports it (see :mod:`ferry.client.tree`), else pipelined per-file requests."""
+    from ferry.client import tree
+
+    if tree.supports_tree(client):
+        return await tree.get_tree(client, remote, local, hash=hash, progress=progress)
     t0 = time.monotonic()
     root = Path(local)
     entries = await client.listdir(remote, recursive=True)
@@ -450,7 +455,12 @@ async def put_tree(
     progress: Progress | None = None,
     window: int = WINDOW,
 ) -> TreeResult:
-    """Upload the folder ``local`` as ``remote``: folders first, then files pipelined."""
+    """Upload the folder ``local`` as ``remote``: one streamed PutTree when the server supports it
+    (see :mod:`ferry.client.tree`), else folders first, then files pipelined."""
+    from ferry.client import tree
+
+    if tree.supports_tree(client):
+        return await tree.put_tree(client, local, remote, hash=hash, progress=progress)
     t0 = time.monotonic()
     root = Path(local)
     if not root.is_dir():

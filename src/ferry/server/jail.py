@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -54,6 +55,11 @@ __all__ = [
     "Entry",
     "EntryKind",
     "Jail",
+    "TreeDir",
+    "TreeDirs",
+    "TreeFailure",
+    "TreeFile",
+    "TreeScan",
     "is_partial_name",
     "join_path",
     "parse_path",
@@ -634,6 +640,15 @@ class Jail:
         with _translating(path):
             return self._walk(parts)
 
+    def scan_tree(self, path: str, *, inline_max: int) -> TreeScan:
+        """Walk folder ``path`` for a tree download (see :class:`TreeScan`); fails at once if it is
+        missing, not a folder, or a symlink."""
+        return TreeScan(self, path, inline_max)
+
+    def tree_dirs(self, path: str) -> TreeDirs:
+        """Open (creating it like ``mkdir -p``) folder ``path`` for a tree upload (see :class:`TreeDirs`)."""
+        return TreeDirs(self, path)
+
     def open_read(self, path: str) -> int:
         """Open regular file ``path`` for reading and return a blocking fd.
 
@@ -686,43 +701,7 @@ class Jail:
         """
         parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
         with _translating(path), self._parent(parts) as (pfd, name):
-            replaced = 0
-            try:
-                st: os.stat_result | None = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None:
-                if stat.S_ISDIR(st.st_mode):
-                    raise IsADirectory(
-                        "is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it"
-                    )
-                if not overwrite:
-                    raise AlreadyExists("exists", f"{_show(path)} already exists")
-                if stat.S_ISREG(st.st_mode):
-                    replaced = st.st_size
-            temp = partial_name(name, secrets.token_hex(8))
-            fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fchmod(fd, mode & 0o777)
-                os.utime(fd, (mtime, mtime))
-            except BaseException:
-                os.close(fd)
-                os.unlink(temp, dir_fd=pfd)
-                raise
-            os.close(fd)
-            try:
-                if overwrite:
-                    os.rename(temp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-                else:
-                    _rename_noreplace(pfd, temp, pfd, name)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp, dir_fd=pfd)
-                raise
-            return replaced
+            return _store_small_at(pfd, name, path, data, mode=mode, mtime=mtime, overwrite=overwrite)
 
     def open_partial(self, path: str, token: str) -> tuple[int, str, int]:
         """Open or create the resumable partial file for an upload to ``path``.
@@ -932,6 +911,337 @@ class Jail:
                 os.fchmod(fd, mode)
             finally:
                 os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trees: one walk for a whole folder, its descriptors reused for every file in it
+
+
+@dataclass(frozen=True, slots=True)
+class TreeFile:
+    """A regular file found by :class:`TreeScan`; ``data`` is None when it is larger than the inline
+    limit (then it was not read)."""
+
+    path: str
+    size: int
+    mtime: float
+    mode: int
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class TreeDir:
+    """A folder found by :class:`TreeScan` (reported before its contents)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class TreeFailure:
+    """A file or folder :class:`TreeScan` could not read (vanished, permission, swapped for a symlink)."""
+
+    path: str
+    error: FerryError
+
+
+TreeRecord = TreeFile | TreeDir | TreeFailure
+
+
+class TreeScan:
+    """Iterates over a folder tree: :class:`TreeDir` before the folder's contents, :class:`TreeFile`
+    with the bytes of files up to ``inline_max``, :class:`TreeFailure` for what cannot be read.
+
+    Paths are relative to the scanned folder. Each folder is opened once (``O_NOFOLLOW``, relative
+    to its parent's descriptor) and its files are opened relative to it: no walk from the home per
+    file. Symbolic links, FIFOs, devices and partial uploads are skipped, as listings skip them; an
+    entry swapped for a symlink after the folder was read is reported as a ``symlink`` failure and
+    never followed. Names are sorted, so the order is deterministic. At most ``MAX_OPEN_DIRS``
+    descriptors stay open however deep the tree. Call :meth:`close` when done (also when abandoned).
+    """
+
+    def __init__(self, jail: Jail, path: str, inline_max: int) -> None:
+        self._inline_max = inline_max
+        self._root = jail.open_dir(path)
+        try:
+            self._chain = _DirChain(self._root, jail._max_open_dirs)
+        except BaseException:
+            os.close(self._root)
+            raise
+        self._base = "" if path in ("", ".") else path
+        self._gen = self._walk()
+
+    def __iter__(self) -> TreeScan:
+        """The scan is its own iterator."""
+        return self
+
+    def __next__(self) -> TreeRecord:
+        """The next record (raises StopIteration at the end)."""
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Release every descriptor (idempotent)."""
+        self._gen.close()
+        self._chain.close()
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    def _client_path(self, rel: str) -> str:
+        return f"{self._base}/{rel}" if self._base else rel
+
+    def _walk(self) -> Generator[TreeRecord, None, None]:
+        chain = self._chain
+        with _translating(self._base):
+            subdirs = yield from self._folder(chain.top(), "")
+        stack: list[tuple[str, list[str]]] = [("", subdirs)]
+        while stack:
+            rel, todo = stack[-1]
+            if not todo:
+                stack.pop()
+                if len(chain) > 1:
+                    chain.pop()
+                continue
+            name = todo.pop()
+            sub = f"{rel}/{name}" if rel else name
+            parent = chain.top()
+            try:
+                chain.push(name)
+            except OSError as exc:
+                yield TreeFailure(sub, self._why(exc, parent, name, sub))
+                continue
+            yield TreeDir(sub)
+            try:
+                subdirs = yield from self._folder(chain.top(), sub)
+            except OSError as exc:  # e.g. unreadable folder: report it, skip its contents
+                yield TreeFailure(sub, translate_oserror(exc, self._client_path(sub)))
+                subdirs = []
+            stack.append((sub, subdirs))
+
+    def _why(self, exc: OSError, parent: int, name: str, rel: str) -> FerryError:
+        path = self._client_path(rel)
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _kind_at(parent, name) == "link":
+            return _symlink_refused(path)  # O_NOFOLLOW|O_DIRECTORY says ENOTDIR for a link on Linux
+        return translate_oserror(exc, path)
+
+    def _folder(self, dfd: int, rel: str) -> Generator[TreeRecord, None, list[str]]:
+        """Yield the files of folder ``dfd``; return its subfolders' names, last first (a stack)."""
+        with os.scandir(dfd) as it:
+            # d_type from the directory read: no stat per entry (the file's fstat comes with the open).
+            found = sorted(
+                (de.name, de.is_dir(follow_symlinks=False), de.is_file(follow_symlinks=False)) for de in it
+            )
+        subdirs: list[str] = []
+        inline_max = self._inline_max
+        for name, is_dir, is_file in found:
+            if (not is_dir and not is_file) or is_partial_name(name):
+                continue
+            if is_dir:
+                subdirs.append(name)
+                continue
+            path = f"{rel}/{name}" if rel else name
+            try:
+                fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+            except OSError as exc:  # vanished (not-found), no permission, swapped for a symlink (ELOOP)
+                yield TreeFailure(path, translate_oserror(exc, self._client_path(path)))
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO/device since listed
+                    yield TreeFailure(
+                        path,
+                        NotAFile("not-a-file", f"{_show(self._client_path(path))} is not a regular file"),
+                    )
+                    continue
+                data: bytes | None = None
+                if st.st_size <= inline_max:
+                    data = os.read(fd, st.st_size + 1)
+                    if len(data) != st.st_size:
+                        yield TreeFailure(
+                            path,
+                            RemoteError(
+                                "changed", f"{_show(self._client_path(path))} changed while being read"
+                            ),
+                        )
+                        continue
+            except OSError as exc:
+                yield TreeFailure(path, translate_oserror(exc, self._client_path(path)))
+                continue
+            finally:
+                os.close(fd)
+            yield TreeFile(path, st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), data)
+        subdirs.reverse()
+        return subdirs
+
+
+class TreeDirs:
+    """The folders of one tree upload: opened once (``O_NOFOLLOW``, relative to their parent) and
+    kept, at most ``limit`` at a time, so storing a file costs no walk from the home.
+
+    Missing folders are created (``mkdir -p``); a symlink or a file where a folder should be is
+    refused (``symlink``, ``not-a-directory``). A cached descriptor stays valid if another session
+    renames the folder meanwhile: files then land in it under its new name, still inside the home
+    (no client operation can move anything out of it). Call :meth:`close` when done.
+    """
+
+    def __init__(self, jail: Jail, path: str, limit: int = 32) -> None:
+        self._jail = jail
+        self._base = parse_path(path)
+        with _translating(path):
+            self._root = jail._walk(self._base, create_mode=0o777)
+        #: folder (relative to the root, validated) -> its descriptor, least recently used first
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._limit = max(2, limit)
+        # Temp names: a random tag per tree plus a counter, instead of fresh random bytes per file.
+        self._tag = secrets.token_hex(6)
+        self._seq = itertools.count()
+
+    def _open(self, rel: str) -> int:
+        """The descriptor of folder ``rel`` (already validated by :func:`parse_path`)."""
+        if not rel:
+            return self._root
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        parent_rel, _, name = rel.rpartition("/")
+        parent = self._open(parent_rel)
+        fd = self._jail._open_dir_at(parent, name, self.client_path(rel), 0o777)
+        self._fds[rel] = fd
+        while len(self._fds) > self._limit:  # the parent just used is second newest: never evicted
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _folder(self, rel: str) -> int:
+        if not rel:
+            return self._root
+        fd = self._fds.get(rel)
+        if fd is not None:  # only validated names are ever cached
+            self._fds.move_to_end(rel)
+            return fd
+        parse_path(rel)
+        return self._open(rel)
+
+    def client_path(self, rel: str) -> str:
+        """The home-relative path of ``rel`` (relative to the tree's root)."""
+        return join_path((*self._base, rel)) if self._base else rel
+
+    def mkdir(self, rel: str) -> None:
+        """Make sure folder ``rel`` exists (with its parents)."""
+        if not parse_path(rel):
+            raise PathRefused("bad-path", "a folder record needs a name")
+        self._open(rel)
+
+    def store(
+        self,
+        rel: str,
+        data: bytes,
+        *,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        admit: Callable[[int], None] | None = None,
+        inspect: bool = True,
+    ) -> int:
+        """Store small file ``rel`` atomically, as :meth:`Jail.store_small`; returns the size of the
+        file it replaced. ``admit(replaced)`` may refuse (raise) before anything is written. With
+        ``inspect`` False (overwriting, no quota, usage not tracked) the destination is not looked
+        at first and 0 is returned: one system call less per file; an existing folder still makes
+        the final rename fail (``is-a-directory``)."""
+        rel_dir, _, name = rel.rpartition("/")
+        if (
+            name in ("", ".", "..")
+            or "\0" in name
+            or (len(name) > 63 and len(os.fsencode(name)) > MAX_NAME_BYTES)
+        ):
+            parse_path(rel)  # raises the precise refusal
+            raise PathRefused("bad-path", f"{_show(rel)}: not a file name")
+        pfd = self._folder(rel_dir)
+        path = self.client_path(rel)
+        temp = f".{name}{PARTIAL_MARK}{self._tag}{next(self._seq):x}"
+        if len(temp) > 63 and len(os.fsencode(temp)) > MAX_NAME_BYTES:
+            temp = partial_name(name, f"{self._tag}{next(self._seq):x}")
+        with _translating(path):
+            return _store_small_at(
+                pfd,
+                name,
+                path,
+                data,
+                mode=mode,
+                mtime=mtime,
+                overwrite=overwrite,
+                admit=admit,
+                inspect=inspect or not overwrite or admit is not None,
+                temp=temp,
+            )
+
+    def close(self) -> None:
+        """Close every descriptor (idempotent)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+
+def _store_small_at(
+    pfd: int,
+    name: str,
+    path: str,
+    data: bytes,
+    *,
+    mode: int,
+    mtime: float,
+    overwrite: bool,
+    admit: Callable[[int], None] | None = None,
+    inspect: bool = True,
+    temp: str | None = None,
+) -> int:
+    """:meth:`Jail.store_small` once the parent folder is open as ``pfd`` (raises OSError as well
+    as FerryErrors; the caller translates). Returns the size of the regular file it replaced.
+    ``admit`` is called with that size before anything is written and may refuse by raising (a
+    quota check needs to know what the file replaces). ``inspect`` False skips looking at the
+    destination first (only with ``overwrite``; then 0 is returned). ``temp`` is the name of the
+    hidden temp file (a partial name; default: a random one)."""
+    replaced = 0
+    st: os.stat_result | None = None
+    if inspect or not overwrite:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectory(
+                "is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it"
+            )
+        if not overwrite:
+            raise AlreadyExists("exists", f"{_show(path)} already exists")
+        if stat.S_ISREG(st.st_mode):
+            replaced = st.st_size
+    if admit is not None:
+        admit(replaced)
+    if temp is None:
+        temp = partial_name(name, secrets.token_hex(8))
+    fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode & 0o777)
+        os.utime(fd, (mtime, mtime))
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp, dir_fd=pfd)
+        raise
+    os.close(fd)
+    try:
+        if overwrite:
+            os.rename(temp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        else:
+            _rename_noreplace(pfd, temp, pfd, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=pfd)
+        raise
+    return replaced
 
 
 def _kind_at(dir_fd: int, name: str) -> EntryKind | None:

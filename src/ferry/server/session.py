@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.aio import ChunkStream, CorkedWriter
 from ferry.errors import AuthError, FerryError, RemoteError
-from ferry.server import files, transfer
+from ferry.server import files, transfer, tree
 from ferry.server.accounts import User
 from ferry.server.jail import Jail
 from ferry.textsafe import safe_text
@@ -54,6 +54,7 @@ WORKER_HANDLERS: dict[type[m.Message], Handler] = {
     m.Rename: files.handle_rename,
     m.Df: files.handle_df,
     m.GetFile: transfer.handle_get,
+    m.GetTree: tree.handle_get_tree,
 }
 
 #: Messages handled by the reader itself, in arrival order, because data frames follow them.
@@ -62,6 +63,8 @@ READER_HANDLERS: dict[type[m.Message], Handler] = {
     m.PutFrom: transfer.handle_put_from,
     m.FileEnd: transfer.handle_put_end,
     m.Cancel: transfer.handle_cancel,
+    m.PutTree: tree.handle_put_tree,
+    m.TreeItems: tree.handle_tree_items,
 }
 
 
@@ -253,7 +256,7 @@ class Session:
         except ProtocolError as exc:
             await self.send(m.Error(id=0, code="version", message=str(exc)))
             raise
-        await self.send(m.Welcome(version=version, software=self.ctx.software, features=["exec"]))
+        await self.send(m.Welcome(version=version, software=self.ctx.software, features=["exec", "tree"]))
         limits = self.ctx.limits
         for attempt in range(1, limits.auth_attempts + 1):
             auth = await self._handshake_message(m.Auth, "during authentication")
@@ -309,7 +312,7 @@ class Session:
             elif isinstance(ev, m.Goodbye):
                 return
             elif type(ev) in WORKER_HANDLERS:
-                if isinstance(ev, m.GetFile):
+                if isinstance(ev, m.GetFile | m.GetTree):
                     self.gets.add(ev.id)
                 await self._queue.put(ev)  # bounded: a flood of requests waits here
             elif type(ev) in READER_HANDLERS:

@@ -66,11 +66,13 @@ _ALWAYS: Final = _types(m.Ping, m.Pong, m.Goodbye)
 CLIENT_REQUESTS: Final = _types(
     *(m.Stat, m.ListDir, m.Mkdir, m.Remove, m.Rename, m.Df, m.GetFile, m.PutFile, m.PutFrom, m.Cancel),
     *(m.Exec, m.Window, m.Eof, m.Signal, m.Resize, m.FileEnd),
+    *(m.GetTree, m.PutTree, m.TreeItems),
 )
 #: Replies and stream messages the server sends once the connection is open.
 SERVER_REPLIES: Final = _types(
     *(m.Ok, m.Error, m.StatReply, m.ListReply, m.DfReply, m.FileInfo, m.FileEnd, m.PutReady),
     *(m.ExecStarted, m.Window, m.Eof, m.ExitStatus),
+    *(m.TreeItems, m.TreeAck),
 )
 
 #: (sender role, state) -> message types that sender may send in that state.

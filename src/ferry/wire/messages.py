@@ -268,6 +268,72 @@ class Cancel(Message, tag="cancel"):
     id: U32
 
 
+# --- folder trees --------------------------------------------------------------------------
+
+#: Largest file that travels inside a :class:`TreeItem` (larger ones use GetFile / PutFile).
+TREE_INLINE_MAX = 1 << 18
+
+
+class TreeItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One record of a tree transfer: a folder, a file (with its bytes when small) or a per-file error.
+
+    ``path`` is relative to the tree's root (plain names joined by ``/``). A ``file`` with ``data``
+    carries its whole content and ``digest``, the same file digest as :class:`FileEnd` (hash of the
+    single chunk hash, see ``ferry.hashing``); a ``file`` without ``data`` is larger than the inline
+    limit and is transferred separately with GetFile / PutFile. An ``error`` names the file or folder
+    that could not be read or written (``code`` as in :class:`Error`); the tree goes on.
+    """
+
+    path: Path
+    kind: Literal["file", "dir", "error"]
+    size: U64 = 0
+    mtime: float = 0.0
+    mode: U32 = 0
+    data: Annotated[bytes, Meta(max_length=TREE_INLINE_MAX)] | None = None
+    digest: Digest = b""
+    code: Short = ""
+    message: Text = ""
+
+
+class GetTree(Message, tag="get_tree"):
+    """Download the folder ``path``: the server walks it and streams :class:`TreeItems` (folders
+    before their contents; files up to ``inline_max`` bytes inline) until one with ``end``."""
+
+    id: U32
+    path: Path
+    hash: HashName = "blake3"
+    inline_max: Annotated[int, Meta(ge=0, le=TREE_INLINE_MAX)] = TREE_INLINE_MAX
+
+
+class PutTree(Message, tag="put_tree"):
+    """Start uploading a folder tree as ``path`` (created like ``mkdir -p``). No reply: the client
+    streams :class:`TreeItems` at once, the server answers each batch with a :class:`TreeAck`."""
+
+    id: U32
+    path: Path
+    hash: HashName = "blake3"
+    overwrite: bool = True
+
+
+class TreeItems(Message, tag="tree_items"):
+    """A batch of records of tree transfer ``id`` (either direction); ``end`` marks the last one."""
+
+    id: U32
+    items: Annotated[list[TreeItem], Meta(max_length=4096)]
+    end: bool = False
+
+
+class TreeAck(Message, tag="tree_ack"):
+    """The server stored one more batch of tree upload ``id``: running totals of files and bytes
+    stored, and the records of that batch that failed (kind ``error``). ``end`` answers the last."""
+
+    id: U32
+    files: U64
+    bytes: U64
+    errors: Annotated[list[TreeItem], Meta(max_length=4096)] = []
+    end: bool = False
+
+
 # --- remote commands -----------------------------------------------------------------------
 
 
@@ -365,6 +431,10 @@ AnyMessage = (
     | PutReady
     | PutFrom
     | Cancel
+    | GetTree
+    | PutTree
+    | TreeItems
+    | TreeAck
     | Exec
     | ExecStarted
     | Window

@@ -1,0 +1,479 @@
+"""Client side of tree transfers (``GetTree`` / ``PutTree``): a whole folder in one stream.
+
+Download: one request; the server streams records (folder, or file with its bytes and digest) in
+batches. Each batch is checked on the event loop (every name must be a plain relative path, before
+anything of the batch is written) and then written by a worker thread while the next batch is being
+received: per file a hidden temp file (``O_EXCL``), data, mode, mtime, then a rename, only after the
+digest matched. Folders are opened once and kept as descriptors. At most ``RECV_DEPTH`` batches
+wait in the client; beyond that the connection's reader stops and TCP pushes back on the server.
+
+Upload: the local tree is read and hashed in a thread, batch by batch, and streamed without waiting
+per file; the server acknowledges each batch. At most ``WINDOW`` batches are unacknowledged.
+
+Files above the inline limit travel separately, after the stream, through the streaming
+``get_file`` / ``put_file`` (resumable, chunk-verified). Files that fail one by one (vanished,
+permission) do not stop the tree; they are reported together at the end as a TransferError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import os
+import secrets
+import stat as statmod
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ferry.client.errors import from_wire
+from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
+from ferry.hashing import HashName, small_digest
+from ferry.textsafe import safe_name
+from ferry.wire import messages as m
+
+if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient
+    from ferry.client.transfer import Progress, TreeResult
+
+#: Feature name a server announces in Welcome when it speaks GetTree / PutTree.
+FEATURE = "tree"
+#: Tree-upload batches sent and not yet acknowledged before the client waits for the server.
+WINDOW = 8
+#: Received tree-download batches queued for the writer before the reader stops reading.
+RECV_DEPTH = 8
+#: Payload bytes per uploaded batch (as the server's, see ferry.server.tree).
+BATCH_BYTES = 1 << 18
+BATCH_ITEMS = 1024
+INLINE_MAX = m.TREE_INLINE_MAX
+#: Folder descriptors kept open by the writer.
+MAX_DIR_FDS = 32
+#: Per-file failures named in the final error (the rest are counted).
+SHOWN_ERRORS = 10
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def supports_tree(client: AsyncClient) -> bool:
+    """True if the server announced GetTree / PutTree (older servers get the per-file requests)."""
+    info = getattr(client, "info", None)  # duck-typed stand-ins (tests) may have none
+    return info is not None and FEATURE in info.features
+
+
+def safe_relative(name: str) -> bool:
+    """True for a relative POSIX path of plain names (no empty, ``.`` or ``..`` parts, no NUL)."""
+    if not name or "\0" in name or (os.sep != "/" and os.sep in name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _tally(progress: Progress | None, total: list[int], n: int) -> None:
+    total[0] += n
+    if progress is not None:
+        progress(total[0], total[0])
+
+
+def _failure_error(what: str, failures: list[str], total: int) -> TransferError:
+    shown = "; ".join(failures[:SHOWN_ERRORS])
+    more = f" (and {total - SHOWN_ERRORS} more)" if total > SHOWN_ERRORS else ""
+    return TransferError(
+        f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred"
+    )
+
+
+async def _cancel(client: AsyncClient, req_id: int) -> None:
+    """Tell the server to stop a tree transfer we gave up on (best effort)."""
+    if client._error is None and not client._closed:
+        with contextlib.suppress(Exception):
+            await client.send(m.Cancel(id=req_id))
+
+
+def _retire(job: asyncio.Future[Any] | None, close: Any) -> None:
+    """Run ``close`` now, or once the thread job still using the resource has finished."""
+    if job is None or job.done():
+        if job is not None and not job.cancelled():
+            job.exception()
+        close()
+        return
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if not f.cancelled():
+            f.exception()
+        close()
+
+    job.add_done_callback(done)
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Written:
+    """What the writer did with one batch."""
+
+    files: int = 0
+    bytes: int = 0
+    large: list[m.TreeItem] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class _LocalTree:
+    """Writes received records under ``root`` (worker thread; one batch at a time)."""
+
+    def __init__(self, root: Path, hash: HashName) -> None:
+        os.makedirs(root, exist_ok=True)
+        self.root = root
+        self.hash = hash
+        self._root_fd = os.open(root, _DIR_FLAGS)
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._tag = secrets.token_hex(4)
+        self._seq = itertools.count()
+
+    def close(self) -> None:
+        """Close every folder descriptor (idempotent)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def _dir(self, rel: str) -> int:
+        """Descriptor of local folder ``rel`` (created if missing, like ``mkdir -p``)."""
+        if not rel:
+            return self._root_fd
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        parent_rel, _, name = rel.rpartition("/")
+        parent = self._dir(parent_rel)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o777, dir_fd=parent)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        self._fds[rel] = fd
+        while len(self._fds) > MAX_DIR_FDS:  # the parent just used is second newest: never evicted
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def write(self, items: list[m.TreeItem]) -> _Written:
+        """Create the folders and verified files of one batch; raises on the first hard failure."""
+        out = _Written()
+        for it in items:
+            try:
+                if it.kind == "dir":
+                    self._dir(it.path)
+                elif it.kind == "error":
+                    out.failures.append(f"{safe_name(it.path)}: {safe_name(it.message)}")
+                elif it.data is None:
+                    out.large.append(it)
+                else:
+                    self._file(it, it.data)
+                    out.files += 1
+                    out.bytes += it.size
+            except OSError as exc:
+                where = self.root / it.path
+                raise TransferError(f"cannot write {safe_name(str(where))}: {exc.strerror or exc}") from exc
+        return out
+
+    def _file(self, it: m.TreeItem, data: bytes) -> None:
+        if len(data) != it.size or small_digest(self.hash, data) != it.digest:
+            raise IntegrityError(
+                f"{safe_name(it.path)}: received data does not match the server's hash; it was not "
+                "written, run the command again"
+            )
+        rel_dir, _, name = it.path.rpartition("/")
+        dfd = self._dir(rel_dir)
+        temp = f".{name}.ferry-part-{self._tag}{next(self._seq)}"
+        if len(temp) > 63 and len(os.fsencode(temp)) > 255:  # (63 characters are at most 252 bytes)
+            temp = f".ferry-part-{self._tag}{next(self._seq)}"
+        fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=dfd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, it.mode & 0o777 or 0o644)
+            os.utime(fd, (it.mtime, it.mtime))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dfd)
+            raise
+        os.close(fd)
+        try:
+            os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # only now does the name appear
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dfd)
+            raise
+
+
+async def get_tree(
+    client: AsyncClient,
+    remote: str,
+    local: str | os.PathLike[str],
+    *,
+    hash: HashName = "blake3",
+    progress: Progress | None = None,
+) -> TreeResult:
+    """Download folder ``remote`` into ``local`` (created) with one GetTree stream."""
+    from ferry.client.transfer import TreeResult, _each_large, _Tally, get_file
+
+    t0 = time.monotonic()
+    root = Path(local)
+    loop = asyncio.get_running_loop()
+    req_id, route = client._open(RECV_DEPTH)
+    writer: _LocalTree | None = None
+    job: asyncio.Future[_Written] | None = None
+    ended = False  # the server finished this request (last batch or Error)
+    files = nbytes = 0
+    done_bytes = [0]
+    large: list[m.TreeItem] = []
+    failures: list[str] = []
+
+    def account(w: _Written) -> None:
+        nonlocal files, nbytes
+        files += w.files
+        nbytes += w.bytes
+        large.extend(w.large)
+        failures.extend(w.failures)
+        _tally(progress, done_bytes, w.bytes)
+
+    try:
+        await client.send(m.GetTree(id=req_id, path=remote, hash=hash))
+        while not ended:
+            ev = await client._recv(route)
+            if isinstance(ev, m.Error):
+                ended = True
+                raise from_wire(ev)
+            if not isinstance(ev, m.TreeItems):
+                raise ConnectionBroken(f"unexpected {type(ev).__name__} in a tree download")
+            ended = ev.end
+            # Names come from the server and become local paths: a hostile or broken server must
+            # not write outside ``local`` with "../x" or "/etc/x". Checked before the batch is written.
+            for it in ev.items:
+                if not safe_relative(it.path):
+                    raise TransferError(
+                        f"the server sent an unsafe name {safe_name(it.path)!r} in {safe_name(remote)!r}; "
+                        "the download was stopped and nothing was written under that name"
+                    )
+            if writer is None:
+                writer = await loop.run_in_executor(None, _LocalTree, root, hash)
+            if job is not None:
+                account(await asyncio.shield(job))
+            job = loop.run_in_executor(None, writer.write, ev.items)
+        assert job is not None
+        account(await asyncio.shield(job))
+        job = None
+    except BaseException:
+        if not ended:  # given up (unsafe name, integrity, local error, cancel): stop the server
+            await _cancel(client, req_id)
+        raise
+    finally:
+        client._close_route(req_id)
+        if writer is not None:
+            _retire(job, writer.close)
+    if large:
+        prefix = remote.rstrip("/") + "/" if remote not in ("", ".") else ""
+        tally = _Tally(sum(it.size for it in large), None)
+        pairs = [(prefix + it.path, root / it.path) for it in large]
+        await _each_large(pairs, lambda src, dest: get_file(client, src, dest, hash=hash), tally)
+        files += len(large)
+        nbytes += tally.done
+        _tally(progress, done_bytes, tally.done)
+    if failures:
+        raise _failure_error("downloaded", failures, len(failures))
+    return TreeResult(files, nbytes, time.monotonic() - t0)
+
+
+# --- upload --------------------------------------------------------------------------------
+
+
+class _LocalScan:
+    """Reads the local tree in batches (worker thread; one call at a time): folders before their
+    contents, regular files up to the inline limit with their bytes and digest. Symbolic links and
+    special files are skipped; larger files are set aside for ``put_file``."""
+
+    def __init__(self, root: Path, hash: HashName) -> None:
+        self.root = os.fspath(root)
+        self.hash = hash
+        self.large: list[tuple[str, int]] = []
+        self.failures: list[str] = []
+        self._gen = self._walk()
+
+    def _walk(self) -> Iterator[m.TreeItem]:
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            full = os.path.join(self.root, rel) if rel else self.root
+            if rel:
+                yield m.TreeItem(path=rel, kind="dir")
+            try:
+                with os.scandir(full) as it:
+                    found = sorted(
+                        (de.name, de.is_dir(follow_symlinks=False), de.is_file(follow_symlinks=False))
+                        for de in it
+                    )
+            except OSError as exc:
+                self.failures.append(f"{safe_name(full)}: {exc.strerror or exc}")
+                continue
+            subdirs: list[str] = []
+            for name, is_dir, is_file in found:
+                if not (is_dir or is_file):
+                    continue
+                sub = f"{rel}/{name}" if rel else name
+                if not sub.isascii():
+                    try:
+                        sub.encode("utf-8")
+                    except UnicodeEncodeError:
+                        self.failures.append(
+                            f"{safe_name(os.path.join(full, name))}: the name is not valid UTF-8"
+                        )
+                        continue
+                if is_dir:
+                    subdirs.append(sub)
+                    continue
+                item = self._file(os.path.join(full, name), sub)
+                if item is not None:
+                    yield item
+            subdirs.reverse()
+            stack.extend(subdirs)
+
+    def _file(self, path: str, rel: str) -> m.TreeItem | None:
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except OSError as exc:
+            self.failures.append(f"{safe_name(path)}: {exc.strerror or exc}")
+            return None
+        try:
+            st = os.fstat(fd)
+            if not statmod.S_ISREG(st.st_mode):
+                return None
+            if st.st_size > INLINE_MAX:
+                self.large.append((rel, st.st_size))
+                return None
+            data = os.read(fd, INLINE_MAX + 1)
+        except OSError as exc:
+            self.failures.append(f"{safe_name(path)}: {exc.strerror or exc}")
+            return None
+        finally:
+            os.close(fd)
+        if len(data) > INLINE_MAX:  # grew since the fstat: stream it
+            self.large.append((rel, len(data)))
+            return None
+        return m.TreeItem(
+            path=rel,
+            kind="file",
+            size=len(data),
+            mtime=st.st_mtime,
+            mode=statmod.S_IMODE(st.st_mode),
+            data=data,
+            digest=small_digest(self.hash, data),
+        )
+
+    def next(self) -> tuple[list[m.TreeItem], bool]:
+        """The next batch, and whether the walk is complete."""
+        items: list[m.TreeItem] = []
+        size = 0
+        for item in self._gen:
+            items.append(item)
+            size += 64 + len(item.path) * (1 if item.path.isascii() else 4)
+            if item.data is not None:
+                size += len(item.data)
+            if size >= BATCH_BYTES or len(items) >= BATCH_ITEMS:
+                return items, False
+        return items, True
+
+
+async def put_tree(
+    client: AsyncClient,
+    local: str | os.PathLike[str],
+    remote: str,
+    *,
+    hash: HashName = "blake3",
+    progress: Progress | None = None,
+) -> TreeResult:
+    """Upload folder ``local`` as ``remote`` with one PutTree stream (large files streamed after)."""
+    from ferry.client.transfer import TreeResult, _each_large, _Tally, put_file
+
+    t0 = time.monotonic()
+    root = Path(local)
+    if not root.is_dir():
+        raise UsageError(f"{local} is not a folder")
+    base = remote.rstrip("/")
+    base = "" if base == "." else base
+    loop = asyncio.get_running_loop()
+    scan = _LocalScan(root, hash)
+    req_id, route = client._open(0)  # acknowledgements only: at most WINDOW + 1 of them
+    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = None
+    inflight = 0
+    finished = False  # the server acknowledged the last batch
+    server_ended = False  # ... or ended the tree with an Error
+    stored = [0, 0]  # files, bytes
+    done_bytes = [0]
+    failures: list[str] = []
+
+    def on_reply(ev: Any) -> None:
+        nonlocal inflight, finished, server_ended
+        if isinstance(ev, m.Error):
+            server_ended = True
+            raise from_wire(ev)
+        if not isinstance(ev, m.TreeAck):
+            raise ConnectionBroken(f"unexpected {type(ev).__name__} in a tree upload")
+        inflight -= 1
+        finished = ev.end
+        for e in ev.errors:
+            failures.append(f"{safe_name(e.path)}: {safe_name(e.message)}")
+        _tally(progress, done_bytes, ev.bytes - stored[1])
+        stored[0], stored[1] = ev.files, ev.bytes
+
+    try:
+        await client.send(m.PutTree(id=req_id, path=base, hash=hash))
+        job = loop.run_in_executor(None, scan.next)
+        while True:
+            assert job is not None
+            items, done = await asyncio.shield(job)
+            job = None
+            if not done:  # read and hash the next batch while this one is on its way
+                job = loop.run_in_executor(None, scan.next)
+            while inflight >= WINDOW:
+                on_reply(await client._recv(route))
+            while not route.queue.empty():
+                on_reply(await client._recv(route))
+            await client.send(m.TreeItems(id=req_id, items=items, end=done))
+            inflight += 1
+            if done:
+                break
+        while not finished:
+            on_reply(await client._recv(route))
+    except BaseException as exc:
+        if not (finished or server_ended) and not isinstance(exc, RemoteError):
+            await _cancel(client, req_id)
+        raise
+    finally:
+        client._close_route(req_id)
+        _retire(job, lambda: None)
+    failures.extend(scan.failures)
+    files, nbytes = stored
+    if scan.large:
+        join = (lambda r: f"{base}/{r}") if base else (lambda r: r)
+        tally = _Tally(sum(size for _, size in scan.large), None)
+        pairs = [(root / rel, join(rel)) for rel, _ in scan.large]
+        await _each_large(pairs, lambda src, dst: put_file(client, src, dst, hash=hash), tally)
+        files += len(scan.large)
+        nbytes += tally.done
+        _tally(progress, done_bytes, tally.done)
+    if failures:
+        raise _failure_error("uploaded", failures, len(failures))
+    return TreeResult(files, nbytes, time.monotonic() - t0)
+
+
+__all__ = ["FEATURE", "get_tree", "put_tree", "safe_relative", "supports_tree"]

@@ -1,0 +1,425 @@
+"""Tree transfers on the server: a whole folder per request instead of one request per file.
+
+Download (``GetTree``): the jail walks the folder once (:class:`~ferry.server.jail.TreeScan`: one
+descriptor per folder, files opened relative to it, never following a symlink) and the records go
+out back to back in :class:`~ferry.wire.messages.TreeItems` batches of ~256 KiB. Each batch is read
+and hashed in a thread while the previous one is being sent; ``send`` waits on the transport's
+drain, so a client that reads slowly holds the server at one batch in the thread, one being sent
+and the transport's high-water mark: never the whole tree. Files above the inline limit are
+announced without data; the client fetches them with ``GetFile`` (streaming, resumable).
+
+Upload (``PutTree`` then ``TreeItems``): the reader hands each batch to a thread that stores its
+files through :class:`~ferry.server.jail.TreeDirs` (cached folder descriptors; each file checked
+against its digest, written to a hidden temp name and renamed: atomic per file) while the next
+batch is being received. A :class:`~ferry.wire.messages.TreeAck` per batch reports what was stored
+and which records failed. Running out of quota or disk space ends the whole tree with an ``Error``;
+what was stored before stays (complete files only).
+
+Both directions log one line per tree (files, errors, bytes), not one per file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
+from ferry.hashing import HashName, small_digest
+from ferry.server.files import current_usage, in_thread, jail_of, log_op
+from ferry.server.jail import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
+from ferry.wire import Data, ProtocolError, RemoteProtocolError
+from ferry.wire import messages as m
+
+if TYPE_CHECKING:
+    from ferry.server.session import Session
+
+#: Payload bytes (file data and paths) per TreeItems message: well below the 1 MiB message cap
+#: even with one more inline file (256 KiB) and a maximal path on top.
+BATCH_BYTES = 1 << 18
+#: Records per TreeItems message (empty files and folders cost almost no bytes).
+BATCH_ITEMS = 1024
+#: Tree uploads open at once per connection (each holds a few folder descriptors).
+MAX_TREES = 16
+
+
+def _error_item(path: str, exc: BaseException) -> m.TreeItem:
+    code = exc.code if isinstance(exc, RemoteError) else type(exc).__name__.lower()
+    return m.TreeItem(
+        path=_wire_text(path), kind="error", code=code[:256], message=_wire_text(str(exc))[:8192]
+    )
+
+
+def _wire_text(text: str) -> str:
+    """``text`` as valid UTF-8: a name that is not (undecodable bytes on the server's disk) would
+    make the whole message unencodable."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+class _Batches:
+    """Turns a :class:`TreeScan` into TreeItems batches (called in a thread, one call at a time)."""
+
+    def __init__(self, scan: TreeScan, hash: HashName) -> None:
+        self.scan = scan
+        self.hash = hash
+        self.files = 0
+        self.errors = 0
+        self.bytes = 0
+
+    def next(self) -> tuple[list[m.TreeItem], bool]:
+        """The next batch, and whether the scan is complete."""
+        items: list[m.TreeItem] = []
+        size = 0
+        for rec in self.scan:
+            item = self._item(rec)
+            items.append(item)
+            size += 64 + len(item.path) * (1 if item.path.isascii() else 4)
+            if item.data is not None:
+                size += len(item.data)
+            if size >= BATCH_BYTES or len(items) >= BATCH_ITEMS:
+                return items, False
+        return items, True
+
+    def _item(self, rec: TreeFile | TreeDir | TreeFailure) -> m.TreeItem:
+        if isinstance(rec, TreeFile):
+            path = rec.path
+            if not path.isascii():
+                try:
+                    path.encode("utf-8")
+                except UnicodeEncodeError:
+                    self.errors += 1
+                    return _error_item(path, RemoteError("bad-path", "the name is not valid UTF-8"))
+            self.files += 1
+            self.bytes += rec.size
+            if rec.data is None:
+                return m.TreeItem(path=path, kind="file", size=rec.size, mtime=rec.mtime, mode=rec.mode)
+            return m.TreeItem(
+                path=path,
+                kind="file",
+                size=rec.size,
+                mtime=rec.mtime,
+                mode=rec.mode,
+                data=rec.data,
+                digest=small_digest(self.hash, rec.data),
+            )
+        if isinstance(rec, TreeDir):
+            try:
+                rec.path.encode("utf-8")
+            except UnicodeEncodeError:
+                self.errors += 1
+                return _error_item(rec.path, RemoteError("bad-path", "the name is not valid UTF-8"))
+            return m.TreeItem(path=rec.path, kind="dir")
+        self.errors += 1
+        return _error_item(rec.path, rec.error)
+
+
+async def handle_get_tree(session: Session, msg: m.GetTree) -> None:
+    """Stream folder ``msg.path`` to the client as TreeItems batches."""
+    try:
+        await _serve_get_tree(session, msg)
+    finally:
+        session.gets.discard(msg.id)
+        session.cancelled.discard(msg.id)
+
+
+async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
+    t0 = time.monotonic()
+    jail = jail_of(session)
+    scan = await in_thread(lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max))
+    batches = _Batches(scan, msg.hash)
+    loop = asyncio.get_running_loop()
+    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = loop.run_in_executor(None, batches.next)
+    result = "ok"
+    try:
+        while job is not None:
+            items, done = await asyncio.shield(job)
+            job = None
+            if msg.id in session.cancelled:
+                result = "cancelled"
+                await session.send(m.Error(id=msg.id, code="cancelled", message="tree download cancelled"))
+                return
+            if not done:  # read the next batch while this one is encrypted and sent
+                job = loop.run_in_executor(None, batches.next)
+            await session.send(m.TreeItems(id=msg.id, items=items, end=done))
+    except BaseException:
+        result = "aborted"
+        raise
+    finally:
+        _close_after(job, scan.close)
+        log_op(
+            session,
+            "get-tree",
+            msg.path,
+            t0,
+            f"{result} files={batches.files} errors={batches.errors}",
+            batches.bytes,
+        )
+
+
+def _close_after(job: asyncio.Future[Any] | None, close: Any) -> None:
+    """Run ``close`` now, or once the thread job still using the resource has finished."""
+    if job is None or job.done():
+        if job is not None and not job.cancelled():
+            job.exception()  # retrieved: nobody needs it any more
+        close()
+        return
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if not f.cancelled():
+            f.exception()
+        close()
+
+    job.add_done_callback(done)
+
+
+# --- upload --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stored:
+    """What one batch job did."""
+
+    files: int = 0
+    bytes: int = 0
+    delta: int = 0  # change of the home's usage: new bytes minus the sizes of files replaced
+    errors: list[m.TreeItem] = field(default_factory=list)
+    fatal: FerryError | None = None
+
+
+class TreeUpload:
+    """A tree upload in progress, registered in ``session.channels`` under its id (so Cancel and
+    the end of the session abort it like any upload)."""
+
+    def __init__(self, session: Session, msg: m.PutTree, dirs: TreeDirs) -> None:
+        self.session = session
+        self.msg = msg
+        self.dirs = dirs
+        self.t0 = time.monotonic()
+        self.files = 0
+        self.bytes = 0
+        self.errors = 0
+        self.dead = False  # failed or aborted: later batches are dropped
+        self._job: asyncio.Future[_Stored] | None = None
+        self._acker: asyncio.Task[None] | None = None
+        self._reserved = 0
+        self._job_tracked = True
+        self._stop = False
+        self._finished = False  # folders released and logged
+
+    async def on_data(self, ev: Data) -> None:
+        """Tree uploads carry their bytes inside TreeItems; a data frame for one is a client bug."""
+        raise RemoteProtocolError(f"data frame for tree upload {self.msg.id}")
+
+    async def add(self, batch: m.TreeItems) -> None:
+        """Store ``batch`` in a thread (after the previous batch has been stored and acknowledged)."""
+        if self._acker is not None:
+            await self._acker  # never raises: it reports failures itself
+        if self.dead:
+            return
+        session = self.session
+        user = session.user
+        assert user is not None
+        budget: list[int] | None = None
+        if user.quota is not None:
+            used = await current_usage(session) + session.ctx.usage.reserved(user.name)
+            budget = [user.quota - used]
+        size = sum(len(it.data) for it in batch.items if it.data is not None)
+        # Set aside while the thread writes, so uploads in other sessions do not count on it too.
+        session.ctx.usage.reserve(user.name, size)
+        self._reserved = size
+        # Usage is tracked incrementally once known (quota, df): then each file's predecessor must
+        # be looked at. Otherwise that lstat per file is skipped; see _account.
+        track = budget is not None or session.ctx.usage.known(user.name) is not None
+        self._job_tracked = track
+        self._job = asyncio.get_running_loop().run_in_executor(None, self._store, batch.items, budget, track)
+        self._acker = asyncio.create_task(self._ack(self._job, batch.end, track))
+        if batch.end:
+            await self._acker
+
+    def _store(self, items: list[m.TreeItem], budget: list[int] | None, track: bool) -> _Stored:
+        """Write one batch (thread). Stops at the first fatal error (quota, disk full, integrity)."""
+        out = _Stored()
+        dirs, hash, overwrite = self.dirs, self.msg.hash, self.msg.overwrite
+        quota = self.session.user.quota if self.session.user else None
+        for it in items:
+            if self._stop:  # aborted (Cancel, connection lost): leave the rest of the batch
+                break
+            try:
+                if it.kind == "dir":
+                    dirs.mkdir(it.path)
+                    continue
+                data = it.data
+                if it.kind != "file" or data is None:
+                    raise RemoteError(
+                        "protocol",
+                        f"{it.path}: a tree upload record must be a folder or a file with its data",
+                    )
+                if len(data) != it.size or small_digest(hash, data) != it.digest:
+                    raise IntegrityError(
+                        f"{dirs.client_path(it.path)}: received data does not match its hash; nothing was "
+                        "kept for it"
+                    )
+
+                def admit(replaced: int, it: m.TreeItem = it) -> None:
+                    assert budget is not None
+                    need = it.size - replaced
+                    if need > budget[0]:
+                        raise DiskFull(
+                            "quota",
+                            f"quota exceeded: {dirs.client_path(it.path)} needs {it.size} bytes, "
+                            f"{max(budget[0], 0)} of {quota} left; remove files (ferry rm) or ask an "
+                            "admin to raise the quota",
+                        )
+                    budget[0] -= need
+
+                replaced = dirs.store(
+                    it.path,
+                    data,
+                    mode=it.mode,
+                    mtime=it.mtime,
+                    overwrite=overwrite,
+                    admit=admit if budget is not None else None,
+                    inspect=track,
+                )
+                out.files += 1
+                out.bytes += len(data)
+                out.delta += len(data) - replaced
+            except (DiskFull, IntegrityError) as exc:
+                out.fatal = exc
+                break
+            except RemoteError as exc:
+                if exc.code == "protocol":
+                    out.fatal = exc
+                    break
+                out.errors.append(_error_item(it.path, exc))
+            except FerryError as exc:
+                out.errors.append(_error_item(it.path, exc))
+        return out
+
+    async def _ack(self, job: asyncio.Future[_Stored], end: bool, track: bool) -> None:
+        """Account for a finished batch and report it (TreeAck), or end the tree on a fatal error."""
+        session = self.session
+        try:
+            try:
+                out = await asyncio.shield(job)
+            except Exception as exc:  # a bug in the job: fail this tree, keep the session
+                session.ctx.log.exception("internal error storing a tree batch")
+                out = _Stored(fatal=RemoteError("internal", f"internal server error ({type(exc).__name__})"))
+            self._account(out, track)
+            if self._job is job:
+                self._job = None  # accounted: an abort from now on must not count it again
+            if out.fatal is not None:
+                await self._fail(out.fatal)
+                return
+            await session.send(
+                m.TreeAck(id=self.msg.id, files=self.files, bytes=self.bytes, errors=out.errors, end=end)
+            )
+            if end:
+                self._finish("ok")
+        except (ConnectionError, OSError, ProtocolError) as exc:
+            # The session is ending: its cleanup calls abort(), which releases the folders.
+            self.dead = True
+            session.ctx.log.debug("tree upload %d: %s", self.msg.id, exc)
+
+    def _account(self, out: _Stored, track: bool = True) -> None:
+        user = self.session.user
+        assert user is not None
+        usage = self.session.ctx.usage
+        if self._reserved:
+            usage.release(user.name, self._reserved)
+            self._reserved = 0
+        if track:
+            usage.add(user.name, out.delta)
+        elif out.files:
+            # Not tracked while this batch was written (sizes replaced unknown). If usage became
+            # known meanwhile (a df in another session), it may be off: recompute it next time.
+            usage.invalidate(user.name)
+        self.files += out.files
+        self.bytes += out.bytes
+        self.errors += len(out.errors)
+
+    async def _fail(self, exc: FerryError) -> None:
+        from ferry.server.session import error_reply
+
+        self._finish(f"failed:{exc.code if isinstance(exc, RemoteError) else 'error'}")
+        await self.session.send(error_reply(self.msg.id, exc))
+
+    def _finish(self, result: str) -> None:
+        """Unregister, release the folders, log the one line of this tree (once)."""
+        self.dead = True
+        if self._finished:
+            return
+        self._finished = True
+        if self.session.channels.get(self.msg.id) is self:
+            del self.session.channels[self.msg.id]
+        self.dirs.close()
+        log_op(
+            self.session,
+            "put-tree",
+            self.msg.path,
+            self.t0,
+            f"{result} files={self.files} errors={self.errors}",
+            self.bytes,
+        )
+
+    async def abort(self) -> None:
+        """Cancelled or the connection ended: stop; files already stored stay (complete ones only)."""
+        if self._finished:
+            return
+        self.dead = True
+        self._stop = True  # the thread stops before its next file
+        if self._acker is not None and not self._acker.done():
+            self._acker.cancel()
+            with contextlib.suppress(BaseException):
+                await self._acker
+        job = self._job
+        if job is not None and not job.done():
+            # Wait (at most one file) so that once a Cancel is answered nothing more is written:
+            # no temp file of this tree can appear afterwards. Shielded: if this wait is itself
+            # cancelled (server shutdown), the callback below still releases everything.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(job)
+
+        def release() -> None:
+            if job is not None and job.done() and not job.cancelled() and job.exception() is None:
+                # What the thread stored still counts towards usage.
+                self._account(job.result(), self._job_tracked)
+            elif self._reserved:
+                self._account(_Stored())
+            self._finish("aborted")
+
+        if job is not None and not job.done():
+            job.add_done_callback(lambda _f: release())
+        else:
+            release()
+
+
+async def handle_put_tree(session: Session, msg: m.PutTree) -> None:
+    """Open (create) the tree's root and register the upload; no reply until its first batch."""
+    if msg.id in session.channels:
+        raise RemoteProtocolError(f"request id {msg.id} is already in use")
+    if sum(isinstance(c, TreeUpload) for c in session.channels.values()) >= MAX_TREES:
+        raise RemoteError("busy", f"too many tree uploads on this connection (at most {MAX_TREES})")
+    jail = jail_of(session)
+    assert session.user is not None
+    if session.user.quota is not None:
+        await current_usage(session)  # computed once, before the first batch needs it
+    dirs = await in_thread(jail.tree_dirs, msg.path)
+    session.channels[msg.id] = TreeUpload(session, msg, dirs)
+
+
+async def handle_tree_items(session: Session, msg: m.TreeItems) -> None:
+    """A batch of a tree upload; batches of a cancelled or failed tree are dropped."""
+    up = session.channels.get(msg.id)
+    if up is None:
+        return
+    if not isinstance(up, TreeUpload):
+        raise RemoteProtocolError(f"request {msg.id} is not a tree upload")
+    await up.add(msg)

@@ -1,0 +1,759 @@
+"""Tree transfers (GetTree / PutTree): real loopback sockets, real files, hostile peers.
+
+The per-file requests (``ferry.client.batch``) keep their own tests in test_transfer_batch.py; here
+the streaming tree protocol: round trips, integrity, hostile names, symlinks, quota, vanished and
+stalled clients, cancel, and the wire messages themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+
+from ferry.client import tree as ctree
+from ferry.client.aclient import AsyncClient
+from ferry.client.known_hosts import KnownHosts
+from ferry.errors import DiskFull, IntegrityError, TransferError
+from ferry.hashing import ChunkHasher, small_digest
+from ferry.server import tree as stree
+from ferry.server.jail import Jail, TreeDir, TreeFailure, TreeFile
+from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, Role
+from ferry.wire import messages as m
+from ferry.wire.connection import ALLOWED, State
+from ferry.wire.errors import LocalProtocolError, MalformedMessage, UnexpectedMessage
+from transfer_support import (
+    Interrupt,
+    MiB,
+    RawClient,
+    SessionRecorder,
+    connect,
+    fd_count,
+    home,
+    no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
+    no_sessions,
+    on_server,
+    running_server,
+    wait_until,
+)
+from wire_strategies import tree_messages
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
+INLINE = m.TREE_INLINE_MAX
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """Nested folders, empty ones, a deep chain (deeper than the descriptor caches), and files of
+    0 bytes, small sizes, exactly the inline limit, and above it."""
+    files: dict[str, bytes] = {}
+    for i in range(120):
+        files[f"d{i % 5}/s{i % 3}/f{i}.bin"] = os.urandom(i * 37 % 9000)
+    files["empty.txt"] = b""
+    files["d0/zero"] = b""
+    files["edge/inline-max.bin"] = os.urandom(INLINE)
+    files["edge/just-over.bin"] = os.urandom(INLINE + 1)
+    files["edge/big.bin"] = os.urandom(5 * MiB + 3)
+    deep = "/".join(f"n{i}" for i in range(80))
+    files[f"{deep}/leaf.txt"] = b"deep"
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (root / "exec.sh").write_bytes(b"#!/bin/sh\n")
+    files["exec.sh"] = b"#!/bin/sh\n"
+    os.chmod(root / "exec.sh", 0o750)
+    os.utime(root / "exec.sh", (1_500_000_000, 1_500_000_000))
+    for d in ("empty-dir", "d1/empty-sub", "nested/empty/deeper"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return files
+
+
+def folders(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()}
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".ferry-part" in p.name]
+
+
+def check_copy(src: Path, dst: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        assert (dst / rel).read_bytes() == data, rel
+    assert folders(dst) == folders(src)
+    st = (dst / "exec.sh").stat()
+    assert (stat.S_IMODE(st.st_mode), int(st.st_mtime)) == (0o750, 1_500_000_000)
+    assert leftovers(dst) == []
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("plain", [False, True], ids=["tls", "plain"])
+def test_tree_round_trip(tmp_path: Path, plain: bool) -> None:
+    src = tmp_path / "src"
+    files = make_tree(src)
+    with running_server(tmp_path / "root", plain=plain) as srv:
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                assert ctree.supports_tree(c)
+                up = await c.put_tree(src, "a/tree")
+                assert (up.files, up.bytes) == (len(files), sum(map(len, files.values())))
+                down = await c.get_tree("a/tree", tmp_path / "dst")
+                assert (down.files, down.bytes) == (up.files, up.bytes)
+
+        asyncio.run(main())
+        check_copy(src, home(srv) / "a" / "tree", files)
+        check_copy(src, tmp_path / "dst", files)
+        log = (srv.root / "logs" / "ferry.log").read_text()
+        # One line per tree, not per file (large files still log their own get/put).
+        assert log.count("op=put-tree") == 1 and log.count("op=get-tree") == 1
+        assert f"files={len(files) - 2} errors=0" in log  # the 2 files above the inline limit stream
+        assert log.count(" op=put ") == 2 and log.count(" op=get ") == 2
+
+
+@pytest.mark.timeout(60)
+def test_md5_trees_and_the_home_as_root(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    (src / "x" / "a").write_bytes(b"alpha")
+    (src / "b").write_bytes(b"")
+    with running_server(tmp_path / "root") as srv:
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                await c.put_tree(src, ".", hash="md5")
+                await c.get_tree("", tmp_path / "dst", hash="md5")
+
+        asyncio.run(main())
+        assert (home(srv) / "x" / "a").read_bytes() == b"alpha"
+        assert (tmp_path / "dst" / "x" / "a").read_bytes() == b"alpha"
+        assert (tmp_path / "dst" / "b").read_bytes() == b""
+
+
+@pytest.mark.timeout(60)
+def test_servers_without_the_tree_feature_get_per_file_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    files = make_tree(src)
+    with running_server(tmp_path / "root") as srv:
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                assert c.info is not None
+                monkeypatch.setattr(c, "info", dataclasses.replace(c.info, features=()))
+                assert not ctree.supports_tree(c)
+                await c.put_tree(src, "tree")
+                await c.get_tree("tree", tmp_path / "dst")
+
+        asyncio.run(main())
+        check_copy(src, tmp_path / "dst", files)
+        assert "op=get-tree" not in (srv.root / "logs" / "ferry.log").read_text()
+
+
+def test_small_digest_is_the_single_chunk_file_digest() -> None:
+    for data in (b"", b"x", os.urandom(70_000)):
+        for name in ("blake3", "md5"):
+            h = ChunkHasher(name)  # type: ignore[arg-type]
+            h.update(data)
+            assert small_digest(name, data) == h.finish()[1]  # type: ignore[arg-type]
+
+
+# --- a hostile or broken server (scripted on the wire) ------------------------------------
+
+
+class FakeServer:
+    """A plain-TCP ferry 'server' that logs anyone in and answers GetTree with scripted batches."""
+
+    def __init__(self, batches: list[list[m.TreeItem]]) -> None:
+        self.batches = batches
+        self.received: list[m.Message] = []
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(Role.SERVER)
+        try:
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    data = await reader.read(65536)
+                    conn.receive_data(data)
+                    continue
+                if ev is CONNECTION_ENDED or isinstance(ev, m.Goodbye):
+                    return
+                if isinstance(ev, Data):
+                    continue
+                assert isinstance(ev, m.Message)
+                self.received.append(ev)
+                if isinstance(ev, m.Hello):
+                    writer.write(conn.send(m.Welcome(version=1, features=["tree"])))
+                elif isinstance(ev, m.Auth):
+                    writer.write(conn.send(m.AuthOk(user=ev.user)))
+                elif isinstance(ev, m.GetTree):
+                    for i, items in enumerate(self.batches):
+                        end = i == len(self.batches) - 1
+                        writer.write(conn.send(m.TreeItems(id=ev.id, items=items, end=end)))
+                elif isinstance(ev, m.Cancel):
+                    writer.write(conn.send(m.Ok(id=ev.id)))
+                elif isinstance(ev, m.Ping):
+                    writer.write(conn.send(m.Pong(nonce=ev.nonce)))
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FakeServer]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield self
+        finally:
+            server.close()
+
+    async def client(self, tmp_path: Path) -> AsyncClient:
+        c = await AsyncClient.connect(
+            "127.0.0.1",
+            self.port,
+            user="u",
+            password="p",
+            plain=True,
+            known_hosts=KnownHosts(tmp_path / "known_hosts"),
+        )
+        c.read_timeout = 10.0
+        return c
+
+
+def file_item(path: str, data: bytes, *, digest: bytes | None = None) -> m.TreeItem:
+    return m.TreeItem(
+        path=path,
+        kind="file",
+        size=len(data),
+        mtime=1e9,
+        mode=0o644,
+        data=data,
+        digest=small_digest("blake3", data) if digest is None else digest,
+    )
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "name", ["../escape", "/etc/evil", "a/../../b", "a//b", "./a", "", "a\0b", "fine/.."]
+)
+def test_unsafe_names_from_a_server_are_refused_before_anything_is_written(tmp_path: Path, name: str) -> None:
+    fake = FakeServer(
+        [
+            [m.TreeItem(path="fine", kind="dir"), file_item("fine/ok", b"ok"), file_item(name, b"evil")],
+            [file_item("later", b"more")],  # not the end yet: the client must tell the server to stop
+        ]
+    )
+
+    async def main() -> None:
+        async with fake.running(), await fake.client(tmp_path) as c:
+            with pytest.raises(TransferError, match="unsafe name"):
+                await c.get_tree("x", tmp_path / "out" / "dest")
+            assert await c.ping() < 5
+
+    asyncio.run(main())
+    assert not (tmp_path / "out").exists()  # the batch was refused as a whole: not even the root
+    assert not (tmp_path / "escape").exists() and not Path("/etc/evil").exists()
+    assert any(isinstance(x, m.Cancel) for x in fake.received)  # the server was told to stop
+
+
+@pytest.mark.timeout(30)
+def test_a_corrupt_record_is_detected_and_never_appears_under_its_name(tmp_path: Path) -> None:
+    good = os.urandom(3000)
+    bad = bytearray(os.urandom(3000))
+    digest = small_digest("blake3", bytes(bad))
+    bad[100] ^= 1  # flipped in transit, after the sender hashed it
+    fake = FakeServer([[file_item("good", good)], [file_item("bad", bytes(bad), digest=digest)]])
+
+    async def main() -> None:
+        async with fake.running(), await fake.client(tmp_path) as c:
+            with pytest.raises(IntegrityError, match="bad"):
+                await c.get_tree("x", tmp_path / "dest")
+
+    asyncio.run(main())
+    assert (tmp_path / "dest" / "good").read_bytes() == good
+    assert not (tmp_path / "dest" / "bad").exists()
+    assert leftovers(tmp_path / "dest") == []
+
+
+@pytest.mark.timeout(30)
+def test_a_record_whose_size_disagrees_with_its_data_is_refused(tmp_path: Path) -> None:
+    item = file_item("f", b"abc")
+    lying = m.TreeItem(path="f", kind="file", size=4, data=b"abc", digest=item.digest)
+    fake = FakeServer([[lying]])
+
+    async def main() -> None:
+        async with fake.running(), await fake.client(tmp_path) as c:
+            with pytest.raises(IntegrityError):
+                await c.get_tree("x", tmp_path / "dest")
+
+    asyncio.run(main())
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+# --- the server's tree: symlinks, per-file errors ------------------------------------------
+
+
+def outside_secret(tmp_path: Path) -> Path:
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "secret").write_bytes(b"top secret")
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_symlinks_in_the_server_tree_are_not_followed(tmp_path: Path) -> None:
+    out = outside_secret(tmp_path)
+    with running_server(tmp_path / "root") as srv:
+        t = home(srv) / "t"
+        (t / "sub").mkdir(parents=True)
+        (t / "a.txt").write_bytes(b"a")
+        (t / "sub" / "b.txt").write_bytes(b"b")
+        os.symlink(out, t / "link-dir")
+        os.symlink(out / "secret", t / "sub" / "link-file")
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                r = await c.get_tree("t", tmp_path / "dst")
+                assert r.files == 2
+
+        asyncio.run(main())
+    got = sorted(str(p.relative_to(tmp_path / "dst")) for p in (tmp_path / "dst").rglob("*"))
+    assert got == ["a.txt", "sub", "sub/b.txt"]
+
+
+@pytest.mark.timeout(30)
+def test_a_symlink_swapped_in_mid_tree_is_reported_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = outside_secret(tmp_path)
+    (out / "inner").mkdir()
+    (out / "inner" / "x").write_bytes(b"outside x")
+    with running_server(tmp_path / "root") as srv:
+        d = home(srv) / "t" / "d"
+        (d / "sub").mkdir(parents=True)
+        (d / "f1").write_bytes(b"one")
+        (d / "f2").write_bytes(b"two")
+        (d / "f3").write_bytes(b"three")
+        (d / "sub" / "x").write_bytes(b"inside x")
+        original = Jail.scan_tree
+
+        def swapping(self: Jail, path: str, *, inline_max: int) -> Any:
+            scan = original(self, path, inline_max=inline_max)
+            inner = scan._gen
+
+            def gen() -> Iterator[Any]:
+                for rec in inner:
+                    yield rec
+                    if isinstance(rec, TreeFile) and rec.path == "d/f1":
+                        # "d" has been listed; its entries are opened one by one from here on.
+                        (d / "f2").unlink()
+                        os.symlink(out / "secret", d / "f2")
+                        shutil.rmtree(d / "sub")
+                        os.symlink(out / "inner", d / "sub")
+
+            scan._gen = gen()
+            return scan
+
+        monkeypatch.setattr(Jail, "scan_tree", swapping)
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError) as info:
+                    await c.get_tree("t", tmp_path / "dst")
+                msg = str(info.value)
+                assert "2 item(s)" in msg and "d/f2" in msg and "d/sub" in msg and "symbolic link" in msg
+                assert await c.ping() < 5
+
+        asyncio.run(main())
+    dst = tmp_path / "dst" / "d"
+    assert (dst / "f1").read_bytes() == b"one" and (dst / "f3").read_bytes() == b"three"
+    assert not (dst / "f2").exists() and not (dst / "sub").exists()
+    assert all(
+        b"outside" not in p.read_bytes() and b"secret" not in p.read_bytes()
+        for p in dst.rglob("*")
+        if p.is_file()
+    )
+
+
+def test_tree_scan_reports_swaps_and_releases_its_descriptors(tmp_path: Path) -> None:
+    out = outside_secret(tmp_path)
+    h = tmp_path / "home"
+    (h / "t" / "d").mkdir(parents=True)
+    for n in ("a", "b"):
+        (h / "t" / "d" / n).write_bytes(n.encode())
+    (h / "t" / "d" / ".x.ferry-part-abc").write_bytes(b"partial upload: hidden")
+    before = fd_count()
+    with Jail(h) as jail:
+        scan = jail.scan_tree("t", inline_max=1)
+        first = next(scan)
+        assert first == TreeDir("d")
+        assert next(scan) == TreeFile("d/a", 1, (h / "t/d/a").stat().st_mtime, 0o644, b"a")
+        (h / "t" / "d" / "b").unlink()
+        os.symlink(out / "secret", h / "t" / "d" / "b")
+        rest = list(scan)
+        assert [type(r) for r in rest] == [TreeFailure]
+        assert isinstance(rest[0], TreeFailure) and rest[0].error.code == "symlink"  # type: ignore[attr-defined]
+        scan.close()
+        half = jail.scan_tree("t", inline_max=1)
+        next(half)
+        half.close()  # abandoned mid-walk: still releases everything
+    assert fd_count() == before
+
+
+# --- uploads: integrity, quota, per-file refusals -----------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_corrupt_upload_record_ends_the_tree_and_nothing_is_kept_for_it(tmp_path: Path) -> None:
+    with running_server(tmp_path / "root", plain=True) as srv:
+        raw = RawClient(srv.port)
+        try:
+            raw.login()
+            bad = file_item("b", b"bbbb", digest=small_digest("blake3", b"other"))
+            raw.send(m.PutTree(id=1, path="t"))
+            raw.send(m.TreeItems(id=1, items=[file_item("a", b"aaaa"), bad, file_item("c", b"cc")], end=True))
+            err = raw.reply(1)
+            assert isinstance(err, m.Error) and "integrity" in err.code, err
+            raw.send(m.Ping(nonce=7))
+            assert raw.reply_pong(7)
+        finally:
+            raw.close()
+        t = home(srv) / "t"
+        assert sorted(os.listdir(t)) == ["a"]  # stopped at the bad record; no partial file left
+
+
+@pytest.mark.timeout(60)
+def test_quota_exceeded_mid_tree(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(100):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i:03}").write_bytes(os.urandom(4096))
+    quota = 300 * 1024
+    with running_server(tmp_path / "root", users=()) as srv:
+        srv.add_user("alice", quota=quota)
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(DiskFull, match="quota exceeded") as info:
+                    await c.put_tree(src, "t")
+                assert info.value.code == "quota"
+                assert await c.ping() < 5  # the session goes on
+                assert (await c.df()).used <= quota
+                await c.get_tree("t", tmp_path / "back")  # and serves what was stored
+
+        asyncio.run(main())
+        t = home(srv) / "t"
+        stored = [p for p in t.rglob("*") if p.is_file()]
+        assert 0 < len(stored) < 100 and sum(p.stat().st_size for p in stored) <= quota
+        assert leftovers(t) == []
+        for p in stored:  # whatever has its final name is complete
+            assert p.read_bytes() == (src / p.relative_to(t)).read_bytes()
+        assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("df_first", [True, False], ids=["usage-known", "usage-unknown"])
+def test_usage_stays_exact_when_a_tree_overwrites_files(tmp_path: Path, df_first: bool) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(30):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(1000 + i))
+    with running_server(tmp_path / "root") as srv:
+        (home(srv) / "t" / "d").mkdir(parents=True)
+        for i in range(30):
+            (home(srv) / "t" / "d" / f"f{i}").write_bytes(os.urandom(5000))  # replaced, bigger
+
+        async def main() -> int:
+            async with await connect(srv, tmp_path) as c:
+                if df_first:
+                    await c.df()  # usage now tracked incrementally by every upload
+                await c.put_tree(src, "t")
+                return (await c.df()).used
+
+        used = asyncio.run(main())
+        assert used == sum(p.stat().st_size for p in home(srv).rglob("*") if p.is_file())
+
+
+@pytest.mark.timeout(30)
+def test_refused_entries_are_reported_and_the_rest_is_stored(tmp_path: Path) -> None:
+    out = outside_secret(tmp_path)
+    src = tmp_path / "src"
+    (src / "blocked").mkdir(parents=True)
+    (src / "blocked" / "x.txt").write_bytes(b"x")
+    (src / "ok.txt").write_bytes(b"ok")
+    (src / "is-dir").write_bytes(b"a file where the server has a folder")
+    with running_server(tmp_path / "root") as srv:
+        t = home(srv) / "t"
+        (t / "is-dir").mkdir(parents=True)
+        os.symlink(out, t / "blocked")
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError) as info:
+                    await c.put_tree(src, "t")
+                msg = str(info.value)
+                assert "blocked" in msg and "is-dir" in msg and "symbolic link" in msg
+
+        asyncio.run(main())
+        assert (t / "ok.txt").read_bytes() == b"ok"
+    assert sorted(os.listdir(out)) == ["secret"]  # nothing written through the symlink
+
+
+# --- vanished, stalled and cancelling clients ----------------------------------------------
+
+
+def big_tree(root: Path, n: int, size: int) -> None:
+    block = os.urandom(size)
+    for i in range(n):
+        d = root / f"d{i % 8}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:05}").write_bytes(block)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("plain", [False, True], ids=["tls", "plain"])
+def test_a_stopped_reader_keeps_server_memory_bounded(
+    tmp_path: Path, plain: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = SessionRecorder(monkeypatch)
+    batches = [0]
+    original = stree._Batches.next
+
+    def counting(self: stree._Batches) -> Any:
+        batches[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(stree._Batches, "next", counting)
+    with running_server(tmp_path / "root", plain=plain) as srv:
+        big_tree(home(srv) / "t", 1000, 64 * 1024)  # 62.5 MiB in 250 batches
+        (home(srv) / "small").write_bytes(b"small")
+        baseline_fds = fd_count()
+        stalled = RawClient(srv.port, tls=not plain, rcvbuf=64 * 1024)
+        try:
+            stalled.login()
+            stalled.send(m.GetTree(id=1, path="t"))
+            assert isinstance(stalled.reply(1), m.TreeItems)
+            port = stalled.sock.getsockname()[1]
+            [session] = [s for s in recorder.sessions if s.peer.endswith(f":{port}")]
+
+            def buffered() -> int:
+                return session.writer.transport.get_write_buffer_size() + session._out._size
+
+            samples = []
+            for _ in range(20):
+                samples.append(on_server(srv, buffered))
+                time.sleep(0.05)
+
+            async def others() -> None:
+                async with await connect(srv, tmp_path) as c:
+                    await c.get("small", tmp_path / "small")
+
+            asyncio.run(others())
+            assert max(samples) <= 4 * MiB, samples
+            # Read ahead by one batch at most: nowhere near the 250 batches of the tree.
+            assert batches[0] * stree.BATCH_BYTES <= 16 * MiB, batches[0]
+        finally:
+            stalled.close()
+        assert wait_until(lambda: no_sessions(srv), 15)
+        assert wait_until(lambda: fd_count() <= baseline_fds + 2), (fd_count(), baseline_fds)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_stops_a_tree_download(tmp_path: Path) -> None:
+    with running_server(tmp_path / "root", plain=True) as srv:
+        big_tree(home(srv) / "t", 800, 64 * 1024)
+        raw = RawClient(srv.port, rcvbuf=64 * 1024)
+        try:
+            raw.login()
+            raw.send(m.GetTree(id=1, path="t"))
+            assert isinstance(raw.reply(1), m.TreeItems)
+            raw.send(m.Cancel(id=1))
+            seen: list[Any] = []
+            while True:
+                ev = raw.reply(1)
+                seen.append(ev)
+                if isinstance(ev, m.Error) or (isinstance(ev, m.TreeItems) and ev.end):
+                    break
+            assert isinstance(seen[-1], m.Error) and seen[-1].code == "cancelled"
+            assert sum(isinstance(e, m.TreeItems) for e in seen) < 150  # far from all 200 batches
+            raw.send(m.Ping(nonce=3))
+            assert raw.reply_pong(3)
+        finally:
+            raw.close()
+        assert wait_until(lambda: no_sessions(srv), 15)
+        assert "op=get-tree path=t bytes=" in (srv.root / "logs" / "ferry.log").read_text()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("direction", ["get", "put"])
+def test_a_client_giving_up_mid_tree_cancels_cleanly(tmp_path: Path, direction: str) -> None:
+    src = tmp_path / "src"
+    big_tree(src, 400, 16 * 1024)
+    with running_server(tmp_path / "root") as srv:
+        if direction == "get":
+            shutil.copytree(src, home(srv) / "t")
+        calls = [0]
+
+        def progress(done: int, total: int) -> None:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise Interrupt("enough")
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(Interrupt):
+                    if direction == "get":
+                        await c.get_tree("t", tmp_path / "dst", progress=progress)
+                    else:
+                        await c.put_tree(src, "t", progress=progress)
+                # The Cancel was handled before this ping: from here on nothing of the tree is written.
+                assert await c.ping() < 5
+                assert leftovers(home(srv)) == []
+                await c.put(src / "d0" / "f00000", "after")  # the connection is still usable
+
+        asyncio.run(main())
+        assert (home(srv) / "after").exists()
+        assert leftovers(home(srv)) == [] and leftovers(tmp_path) == []
+        assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
+        assert wait_until(
+            lambda: "op=put-tree" in (srv.root / "logs" / "ferry.log").read_text() or direction == "get"
+        )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("direction", ["get", "put"])
+def test_a_client_vanishing_mid_tree_releases_everything(tmp_path: Path, direction: str) -> None:
+    with running_server(tmp_path / "root", plain=True) as srv:
+        big_tree(home(srv) / "src", 600, 64 * 1024)
+        baseline_fds = fd_count()
+        raw = RawClient(srv.port, rcvbuf=64 * 1024)
+        raw.login()
+        if direction == "get":
+            raw.send(m.GetTree(id=1, path="src"))
+            assert isinstance(raw.reply(1), m.TreeItems)
+        else:
+            raw.send(m.PutTree(id=1, path="dst"))
+            items = [file_item(f"f{i}", os.urandom(50_000)) for i in range(5)]
+            raw.send(m.TreeItems(id=1, items=items))
+            assert isinstance(raw.reply(1), m.TreeAck)
+            raw.send(m.TreeItems(id=1, items=[file_item(f"g{i}", os.urandom(50_000)) for i in range(5)]))
+        raw.close()  # gone, mid-tree
+        assert wait_until(lambda: no_sessions(srv), 15)
+        assert wait_until(lambda: fd_count() <= baseline_fds), (fd_count(), baseline_fds)
+        assert leftovers(home(srv)) == []
+        assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
+
+        async def again() -> None:
+            async with await connect(srv, tmp_path) as c:
+                await c.get_tree("src/d0", tmp_path / "d0")
+
+        asyncio.run(again())
+        assert len(os.listdir(tmp_path / "d0")) == 75
+
+
+@pytest.mark.timeout(30)
+def test_tree_items_for_an_unknown_id_are_dropped_and_data_frames_are_refused(tmp_path: Path) -> None:
+    with running_server(tmp_path / "root", plain=True) as srv:
+        raw = RawClient(srv.port)
+        try:
+            raw.login()
+            raw.send(m.TreeItems(id=9, items=[file_item("x", b"x")], end=True))  # e.g. after a Cancel
+            raw.send(m.Ping(nonce=1))
+            assert raw.reply_pong(1)
+            raw.send(m.PutTree(id=2, path="t"))
+            raw.send_raw(raw.conn.send_data(2, m.STDIN, b"not how trees travel"))
+            events = raw.until_closed()
+            assert any(isinstance(e, m.Error) and e.code == "protocol" for e in events), events
+        finally:
+            raw.close()
+        assert not (home(srv) / "x").exists()
+
+
+# --- the wire messages ---------------------------------------------------------------------
+
+
+def open_pair() -> tuple[Connection, Connection]:
+    c, s = Connection(Role.CLIENT), Connection(Role.SERVER)
+    s.receive_data(c.send(m.Hello(min_version=1, max_version=1)))
+    s.next_event()
+    c.receive_data(s.send(m.Welcome(version=1)))
+    c.next_event()
+    s.receive_data(c.send(m.Auth(user="u", password="p")))
+    s.next_event()
+    c.receive_data(s.send(m.AuthOk(user="u")))
+    c.next_event()
+    return c, s
+
+
+@settings(max_examples=150, deadline=None)
+@given(msg=tree_messages)
+def test_tree_messages_round_trip_from_the_side_that_may_send_them(msg: m.Message) -> None:
+    c, s = open_pair()
+    sent = False
+    for sender, receiver, role in ((c, s, Role.CLIENT), (s, c, Role.SERVER)):
+        if type(msg) in ALLOWED[(role, State.OPEN)]:
+            receiver.receive_data(sender.send(msg))
+            assert receiver.next_event() == msg
+            sent = True
+        else:
+            with pytest.raises(LocalProtocolError):
+                sender.send(msg)
+    assert sent
+
+
+@pytest.mark.parametrize(
+    "sender, msg",
+    [
+        ("server", m.GetTree(id=1, path="x")),
+        ("server", m.PutTree(id=1, path="x")),
+        ("client", m.TreeAck(id=1, files=0, bytes=0)),
+    ],
+)
+def test_tree_messages_from_the_wrong_side_are_protocol_errors(sender: str, msg: m.Message) -> None:
+    c, s = open_pair()
+
+    receiver = s if sender == "client" else c
+    payload = m.MessageCodec().encode(msg)
+    from ferry.wire.frames import message_header
+
+    receiver.receive_data(message_header(len(payload)) + payload)
+    with pytest.raises(UnexpectedMessage):
+        receiver.next_event()
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"path": "x", "kind": "link"},
+        {"path": "x", "kind": "file", "data": b"\0" * (INLINE + 1)},
+        {"path": "x" * 5000, "kind": "dir"},
+        {"path": "x", "kind": "file", "size": -1},
+    ],
+)
+def test_malformed_tree_items_are_named(item: dict[str, Any]) -> None:
+    import msgspec
+
+    _c, s = open_pair()
+    payload = msgspec.msgpack.encode({"t": "tree_items", "id": 1, "items": [item]})
+    from ferry.wire.frames import message_header
+
+    s.receive_data(message_header(len(payload)) + payload)
+    with pytest.raises(MalformedMessage, match=r"items\[0\]"):
+        s.next_event()
