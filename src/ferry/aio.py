@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -63,6 +63,26 @@ class CorkedWriter:
     async def drain(self) -> None:
         """Wait while the transport holds more than its high-water mark."""
         await self._writer.drain()
+
+
+def close_after(job: asyncio.Future[Any] | None, close: Callable[[], object]) -> None:
+    """Run ``close`` now, or once ``job`` (a thread job still using the resource) has finished.
+
+    For cleanup on error paths: the job's own exception, if any, is retrieved here (the transfer
+    already failed for a reason of its own) so asyncio does not log it as never retrieved.
+    """
+    if job is None or job.done():
+        if job is not None and not job.cancelled():
+            job.exception()
+        close()
+        return
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if not f.cancelled():
+            f.exception()
+        close()
+
+    job.add_done_callback(done)
 
 
 def run(coro: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ferry.aio import close_after
 from ferry.client.errors import from_wire
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.hashing import HashName, small_digest
@@ -92,22 +93,6 @@ async def _cancel(client: AsyncClient, req_id: int) -> None:
     if client._error is None and not client._closed:
         with contextlib.suppress(Exception):
             await client.send(m.Cancel(id=req_id))
-
-
-def _retire(job: asyncio.Future[Any] | None, close: Any) -> None:
-    """Run ``close`` now, or once the thread job still using the resource has finished."""
-    if job is None or job.done():
-        if job is not None and not job.cancelled():
-            job.exception()
-        close()
-        return
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if not f.cancelled():
-            f.exception()
-        close()
-
-    job.add_done_callback(done)
 
 
 # --- download ------------------------------------------------------------------------------
@@ -280,7 +265,7 @@ async def get_tree(
     finally:
         client._close_route(req_id)
         if writer is not None:
-            _retire(job, writer.close)
+            close_after(job, writer.close)
     if large:
         prefix = remote.rstrip("/") + "/" if remote not in ("", ".") else ""
         tally = _Tally(sum(it.size for it in large), None)
@@ -460,7 +445,7 @@ async def put_tree(
         raise
     finally:
         client._close_route(req_id)
-        _retire(job, lambda: None)
+        close_after(job, lambda: None)
     failures.extend(scan.failures)
     files, nbytes = stored
     if scan.large:

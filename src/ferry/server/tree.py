@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ferry.aio import close_after
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
 from ferry.server.files import current_usage, in_thread, jail_of, log_op
@@ -152,7 +153,7 @@ async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
         result = "aborted"
         raise
     finally:
-        _close_after(job, scan.close)
+        close_after(job, scan.close)
         log_op(
             session,
             "get-tree",
@@ -161,22 +162,6 @@ async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
             f"{result} files={batches.files} errors={batches.errors}",
             batches.bytes,
         )
-
-
-def _close_after(job: asyncio.Future[Any] | None, close: Any) -> None:
-    """Run ``close`` now, or once the thread job still using the resource has finished."""
-    if job is None or job.done():
-        if job is not None and not job.cancelled():
-            job.exception()  # retrieved: nobody needs it any more
-        close()
-        return
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if not f.cancelled():
-            f.exception()
-        close()
-
-    job.add_done_callback(done)
 
 
 # --- upload --------------------------------------------------------------------------------
