@@ -757,3 +757,40 @@ def test_malformed_tree_items_are_named(item: dict[str, Any]) -> None:
     s.receive_data(message_header(len(payload)) + payload)
     with pytest.raises(MalformedMessage, match=r"items\[0\]"):
         s.next_event()
+
+
+# --- review: the local destination must not be escaped through its own symlinks -------------
+
+
+@pytest.mark.timeout(60)
+def test_a_download_never_writes_through_symlinks_already_in_the_destination(tmp_path: Path) -> None:
+    """The destination holds ``sub -> elsewhere`` and ``big-link -> elsewhere``; the server's tree has
+    a folder ``sub`` (with a small and a large file) and a large file ``big-link``. Nothing may land in
+    ``elsewhere``: the links are reported, the rest of the tree is written. The destination itself
+    is given through a link (the user's choice, followed as before)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    os.symlink(dst, tmp_path / "dst-link")
+    os.symlink(elsewhere, dst / "sub")
+    os.symlink(elsewhere, dst / "big-link")
+    with running_server(tmp_path / "root") as srv:
+        t = home(srv) / "t"
+        (t / "sub").mkdir(parents=True)
+        (t / "sub" / "small").write_bytes(b"small")
+        (t / "sub" / "large").write_bytes(os.urandom(INLINE + 10))
+        (t / "big-link").write_bytes(os.urandom(INLINE + 20))
+        (t / "ok").write_bytes(b"ok")
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError, match="symbolic link") as info:
+                    await c.get_tree("t", tmp_path / "dst-link")
+                assert "sub" in str(info.value) and "big-link" in str(info.value)
+
+        asyncio.run(main())
+    assert list(elsewhere.iterdir()) == []
+    assert (dst / "ok").read_bytes() == b"ok"
+    assert (dst / "sub").is_symlink() and (dst / "big-link").is_symlink()
+    assert leftovers(dst) == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import itertools
 import os
 import secrets
@@ -55,7 +56,9 @@ MAX_DIR_FDS = 32
 #: Per-file failures named in the final error (the rest are counted).
 SHOWN_ERRORS = 10
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NOFOLLOW: a symlink already in the destination (``sub -> /elsewhere``) must not let the server's
+# ``sub/x`` land outside it.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -71,6 +74,13 @@ def safe_relative(name: str) -> bool:
     if not name or "\0" in name or (os.sep != "/" and os.sep in name):
         return False
     return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return statmod.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _tally(progress: Progress | None, total: list[int], n: int) -> None:
@@ -113,6 +123,18 @@ def _retire(job: asyncio.Future[Any] | None, close: Any) -> None:
 # --- download ------------------------------------------------------------------------------
 
 
+class _Refused(Exception):
+    """One record that must not be written (the destination has a symlink in its way); the tree
+    goes on and the record is reported at the end."""
+
+
+def _link_refused(rel: str) -> _Refused:
+    return _Refused(
+        f"{safe_name(rel)}: a symbolic link in the destination is in the way; ferry does not write "
+        "through it (remove or rename the link)"
+    )
+
+
 @dataclass
 class _Written:
     """What the writer did with one batch."""
@@ -130,7 +152,8 @@ class _LocalTree:
         os.makedirs(root, exist_ok=True)
         self.root = root
         self.hash = hash
-        self._root_fd = os.open(root, _DIR_FLAGS)
+        # The destination itself was named by the user: it may be a link (``~/dl -> /data``).
+        self._root_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._tag = secrets.token_hex(4)
         self._seq = itertools.count()
@@ -154,11 +177,17 @@ class _LocalTree:
         parent_rel, _, name = rel.rpartition("/")
         parent = self._dir(parent_rel)
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o777, dir_fd=parent)
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o777, dir_fd=parent)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR (ELOOP on some systems).
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(parent, name):
+                raise _link_refused(rel) from exc
+            raise
         self._fds[rel] = fd
         while len(self._fds) > MAX_DIR_FDS:  # the parent just used is second newest: never evicted
             os.close(self._fds.popitem(last=False)[1])
@@ -174,17 +203,36 @@ class _LocalTree:
                 elif it.kind == "error":
                     out.failures.append(f"{safe_name(it.path)}: {safe_name(it.message)}")
                 elif it.data is None:
+                    self._check_large(it.path)
                     out.large.append(it)
                 else:
                     self._file(it, it.data)
                     out.files += 1
                     out.bytes += it.size
+            except _Refused as exc:
+                out.failures.append(str(exc))
             except OSError as exc:
                 where = self.root / it.path
                 raise TransferError(f"cannot write {safe_name(str(where))}: {exc.strerror or exc}") from exc
         return out
 
+    def _check_large(self, rel: str) -> None:
+        """Prepare the folder of large file ``rel`` (fetched later by ``get_file``, which works with
+        a path and follows links): refuse it now if a symlink or a folder is in its place."""
+        rel_dir, _, name = rel.rpartition("/")
+        dfd = self._dir(rel_dir)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if statmod.S_ISLNK(st.st_mode):
+            raise _link_refused(rel)
+        if statmod.S_ISDIR(st.st_mode):  # get_file would put it *inside* that folder
+            raise _Refused(f"{safe_name(rel)}: a folder of that name is in the destination")
+
     def _file(self, it: m.TreeItem, data: bytes) -> None:
+        """Write one verified small file (temp name, then rename: a symlink of that name is replaced,
+        never followed)."""
         if len(data) != it.size or small_digest(self.hash, data) != it.digest:
             raise IntegrityError(
                 f"{safe_name(it.path)}: received data does not match the server's hash; it was not "
