@@ -794,3 +794,64 @@ def test_a_download_never_writes_through_symlinks_already_in_the_destination(tmp
     assert (dst / "ok").read_bytes() == b"ok"
     assert (dst / "sub").is_symlink() and (dst / "big-link").is_symlink()
     assert leftovers(dst) == []
+
+
+# --- review: every tree message must fit the wire's limits ----------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_names_too_long_for_the_wire_are_reported_and_the_connection_survives(tmp_path: Path) -> None:
+    """Undecodable names travel escaped (6 characters per byte), so three levels of them exceed a
+    wire path (4096 characters) although the path on disk is legal: the server must report them, not
+    send a message the client has to reject as a protocol violation (which ends the connection)."""
+    with running_server(tmp_path / "root") as srv:
+        t = home(srv) / "t"
+        t.mkdir(parents=True)
+        (t / "ok").write_bytes(b"ok")
+        deep = os.fsencode(t) + b"/" + b"/".join(bytes([0xFF - i]) * 250 for i in range(3))
+        os.makedirs(deep)
+        with open(deep + b"/leaf", "wb") as f:
+            f.write(b"leaf")
+        # A valid name chain longer than any wire path (as a rename into a deep folder makes it).
+        fd = os.open(t, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(20):
+            os.mkdir("l" * 250, dir_fd=fd)
+            fd, old = os.open("l" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(old)
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        os.close(fd)
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError, match="not valid UTF-8") as info:
+                    await c.get_tree("t", tmp_path / "dst")
+                assert "too long to send" in str(info.value)
+                assert await c.ping() < 5  # the session is still usable
+
+        asyncio.run(main())
+    assert (tmp_path / "dst" / "ok").read_bytes() == b"ok"
+
+
+@pytest.mark.timeout(60)
+def test_an_upload_batch_failing_entirely_is_acknowledged_within_the_message_limit(tmp_path: Path) -> None:
+    """Every record of a full batch fails (the server has a file where the client's folder goes) and
+    each error message repeats a long destination path: the TreeAck must still fit in one message."""
+    base = "/".join(["b" * 200] * 15)  # 3014 bytes: a legal remote path
+    src = tmp_path / "src"
+    (src / "f").mkdir(parents=True)
+    for i in range(1100):
+        (src / "f" / f"{i:04}").write_bytes(b"")
+    (src / "z").write_bytes(b"z")
+    with running_server(tmp_path / "root") as srv:
+        dest = home(srv) / base
+        dest.mkdir(parents=True)
+        (dest / "f").write_bytes(b"a file where the client has a folder")
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError, match="not a folder"):
+                    await c.put_tree(src, base)
+                assert await c.ping() < 5
+
+        asyncio.run(main())
+        assert (dest / "z").read_bytes() == b"z"
