@@ -205,6 +205,7 @@ class FakeServer:
                     for i, items in enumerate(self.batches):
                         end = i == len(self.batches) - 1
                         writer.write(conn.send(m.TreeItems(id=ev.id, items=items, end=end)))
+                        await writer.drain()  # a long script must not sit in our own buffer
                 elif isinstance(ev, m.Cancel):
                     writer.write(conn.send(m.Ok(id=ev.id)))
                 elif isinstance(ev, m.Ping):
@@ -855,3 +856,30 @@ def test_an_upload_batch_failing_entirely_is_acknowledged_within_the_message_lim
 
         asyncio.run(main())
         assert (dest / "z").read_bytes() == b"z"
+
+
+@pytest.mark.timeout(120)
+def test_endless_error_records_from_a_server_keep_client_memory_bounded(tmp_path: Path) -> None:
+    """A hostile server streams ~400,000 error records: the client names the first few and counts the
+    rest, it does not keep a line per record until the end of the stream."""
+    import tracemalloc
+
+    batch = [
+        m.TreeItem(path=f"p{i:04}", kind="error", code="io-error", message="x" * 40) for i in range(4096)
+    ]
+    n = 100
+    fake = FakeServer([batch] * n)
+
+    async def main() -> None:
+        async with fake.running(), await fake.client(tmp_path) as c:
+            tracemalloc.start()
+            try:
+                with pytest.raises(TransferError) as info:
+                    await c.get_tree("x", tmp_path / "dest")
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert f"and {n * 4096 - ctree.SHOWN_ERRORS} more" in str(info.value)
+            assert peak < 32 * MiB, peak  # the fake server's batch and both sockets' buffers count too
+
+    asyncio.run(main())

@@ -89,12 +89,43 @@ def _tally(progress: Progress | None, total: list[int], n: int) -> None:
         progress(total[0], total[0])
 
 
-def _failure_error(what: str, failures: list[str], total: int) -> TransferError:
-    shown = "; ".join(failures[:SHOWN_ERRORS])
-    more = f" (and {total - SHOWN_ERRORS} more)" if total > SHOWN_ERRORS else ""
-    return TransferError(
-        f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred"
-    )
+class _Failures:
+    """Per-file failures of a tree: the first :data:`SHOWN_ERRORS` kept to be named, the rest only
+    counted. A huge tree, or a hostile server streaming error records without end, must not grow
+    the client's memory by a line per record."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        """True once anything failed."""
+        return self.count > 0
+
+    def add(self, text: str) -> None:
+        """Count one failure (kept if it is among the first few)."""
+        self.count += 1
+        if len(self.shown) < SHOWN_ERRORS:
+            self.shown.append(text)
+
+    def extend(self, texts: list[str] | _Failures) -> None:
+        """Count several failures (another ``_Failures`` adds its count, not just the names kept)."""
+        if isinstance(texts, _Failures):
+            for text in texts.shown:
+                self.add(text)
+            self.count += texts.count - len(texts.shown)
+            return
+        for text in texts:
+            self.add(text)
+
+    def error(self, what: str) -> TransferError:
+        """The TransferError naming them."""
+        total = self.count
+        shown = "; ".join(self.shown)
+        more = f" (and {total - len(self.shown)} more)" if total > len(self.shown) else ""
+        return TransferError(
+            f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred"
+        )
 
 
 async def _cancel(client: AsyncClient, req_id: int) -> None:
@@ -285,7 +316,7 @@ async def get_tree(
     files = nbytes = 0
     done_bytes = [0]
     large: list[m.TreeItem] = []
-    failures: list[str] = []
+    failures = _Failures()
 
     def account(w: _Written) -> None:
         nonlocal files, nbytes
@@ -338,7 +369,7 @@ async def get_tree(
         nbytes += tally.done
         _tally(progress, done_bytes, tally.done)
     if failures:
-        raise _failure_error("downloaded", failures, len(failures))
+        raise failures.error("downloaded")
     return TreeResult(files, nbytes, time.monotonic() - t0)
 
 
@@ -354,7 +385,7 @@ class _LocalScan:
         self.root = os.fspath(root)
         self.hash = hash
         self.large: list[tuple[str, int]] = []
-        self.failures: list[str] = []
+        self.failures = _Failures()
         self._gen = self._walk()
 
     def _walk(self) -> Iterator[m.TreeItem]:
@@ -371,7 +402,7 @@ class _LocalScan:
                         for de in it
                     )
             except OSError as exc:
-                self.failures.append(f"{safe_name(full)}: {exc.strerror or exc}")
+                self.failures.add(f"{safe_name(full)}: {exc.strerror or exc}")
                 continue
             subdirs: list[str] = []
             for name, is_dir, is_file in found:
@@ -382,7 +413,7 @@ class _LocalScan:
                     try:
                         sub.encode("utf-8")
                     except UnicodeEncodeError:
-                        self.failures.append(
+                        self.failures.add(
                             f"{safe_name(os.path.join(full, name))}: the name is not valid UTF-8"
                         )
                         continue
@@ -399,7 +430,7 @@ class _LocalScan:
         try:
             fd = os.open(path, _READ_FLAGS)
         except OSError as exc:
-            self.failures.append(f"{safe_name(path)}: {exc.strerror or exc}")
+            self.failures.add(f"{safe_name(path)}: {exc.strerror or exc}")
             return None
         try:
             st = os.fstat(fd)
@@ -410,7 +441,7 @@ class _LocalScan:
                 return None
             data = os.read(fd, INLINE_MAX + 1)
         except OSError as exc:
-            self.failures.append(f"{safe_name(path)}: {exc.strerror or exc}")
+            self.failures.add(f"{safe_name(path)}: {exc.strerror or exc}")
             return None
         finally:
             os.close(fd)
@@ -467,7 +498,7 @@ async def put_tree(
     server_ended = False  # ... or ended the tree with an Error
     stored = [0, 0]  # files, bytes
     done_bytes = [0]
-    failures: list[str] = []
+    failures = _Failures()
 
     def on_reply(ev: Any) -> None:
         nonlocal inflight, finished, server_ended
@@ -479,7 +510,7 @@ async def put_tree(
         inflight -= 1
         finished = ev.end
         for e in ev.errors:
-            failures.append(f"{safe_name(e.path)}: {safe_name(e.message)}")
+            failures.add(f"{safe_name(e.path)}: {safe_name(e.message)}")
         _tally(progress, done_bytes, ev.bytes - stored[1])
         stored[0], stored[1] = ev.files, ev.bytes
 
@@ -520,7 +551,7 @@ async def put_tree(
         nbytes += tally.done
         _tally(progress, done_bytes, tally.done)
     if failures:
-        raise _failure_error("uploaded", failures, len(failures))
+        raise failures.error("uploaded")
     return TreeResult(files, nbytes, time.monotonic() - t0)
 
 
