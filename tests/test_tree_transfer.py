@@ -883,3 +883,25 @@ def test_endless_error_records_from_a_server_keep_client_memory_bounded(tmp_path
             assert peak < 32 * MiB, peak  # the fake server's batch and both sockets' buffers count too
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["/x", "/", "a/", "./x", "a/../x", "x\0y", "a//x", ".."])
+def test_a_non_canonical_upload_record_is_refused_like_any_client_path(tmp_path: Path, name: str) -> None:
+    """A record's path obeys parse_path like every client path: ``/x`` is not a spelling of ``x``."""
+    with running_server(tmp_path / "root", plain=True) as srv:
+        raw = RawClient(srv.port)
+        try:
+            raw.login()
+            raw.send(m.PutTree(id=2, path="t"))
+            raw.send(m.TreeItems(id=2, items=[file_item(name, b"evil"), file_item("ok", b"ok")], end=True))
+            ack = raw.reply(2)
+            assert isinstance(ack, m.TreeAck) and ack.end, ack
+            assert [(e.path, e.code) for e in ack.errors] == [
+                (name, "outside-home" if name.startswith("/") or ".." in name else "bad-path")
+            ]
+            assert ack.files == 1
+        finally:
+            raw.close()
+        t = home(srv) / "t"
+        assert sorted(os.listdir(t)) == ["ok"]
