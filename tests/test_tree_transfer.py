@@ -205,6 +205,7 @@ class FakeServer:
                     for i, items in enumerate(self.batches):
                         end = i == len(self.batches) - 1
                         writer.write(conn.send(m.TreeItems(id=ev.id, items=items, end=end)))
+                        await writer.drain()  # a long script must not sit in our own buffer
                 elif isinstance(ev, m.Cancel):
                     writer.write(conn.send(m.Ok(id=ev.id)))
                 elif isinstance(ev, m.Ping):
@@ -757,3 +758,150 @@ def test_malformed_tree_items_are_named(item: dict[str, Any]) -> None:
     s.receive_data(message_header(len(payload)) + payload)
     with pytest.raises(MalformedMessage, match=r"items\[0\]"):
         s.next_event()
+
+
+# --- review: the local destination must not be escaped through its own symlinks -------------
+
+
+@pytest.mark.timeout(60)
+def test_a_download_never_writes_through_symlinks_already_in_the_destination(tmp_path: Path) -> None:
+    """The destination holds ``sub -> elsewhere`` and ``big-link -> elsewhere``; the server's tree has
+    a folder ``sub`` (with a small and a large file) and a large file ``big-link``. Nothing may land in
+    ``elsewhere``: the links are reported, the rest of the tree is written. The destination itself
+    is given through a link (the user's choice, followed as before)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    os.symlink(dst, tmp_path / "dst-link")
+    os.symlink(elsewhere, dst / "sub")
+    os.symlink(elsewhere, dst / "big-link")
+    with running_server(tmp_path / "root") as srv:
+        t = home(srv) / "t"
+        (t / "sub").mkdir(parents=True)
+        (t / "sub" / "small").write_bytes(b"small")
+        (t / "sub" / "large").write_bytes(os.urandom(INLINE + 10))
+        (t / "big-link").write_bytes(os.urandom(INLINE + 20))
+        (t / "ok").write_bytes(b"ok")
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError, match="symbolic link") as info:
+                    await c.get_tree("t", tmp_path / "dst-link")
+                assert "sub" in str(info.value) and "big-link" in str(info.value)
+
+        asyncio.run(main())
+    assert list(elsewhere.iterdir()) == []
+    assert (dst / "ok").read_bytes() == b"ok"
+    assert (dst / "sub").is_symlink() and (dst / "big-link").is_symlink()
+    assert leftovers(dst) == []
+
+
+# --- review: every tree message must fit the wire's limits ----------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_names_too_long_for_the_wire_are_reported_and_the_connection_survives(tmp_path: Path) -> None:
+    """Undecodable names travel escaped (6 characters per byte), so three levels of them exceed a
+    wire path (4096 characters) although the path on disk is legal: the server must report them, not
+    send a message the client has to reject as a protocol violation (which ends the connection)."""
+    with running_server(tmp_path / "root") as srv:
+        t = home(srv) / "t"
+        t.mkdir(parents=True)
+        (t / "ok").write_bytes(b"ok")
+        deep = os.fsencode(t) + b"/" + b"/".join(bytes([0xFF - i]) * 250 for i in range(3))
+        os.makedirs(deep)
+        with open(deep + b"/leaf", "wb") as f:
+            f.write(b"leaf")
+        # A valid name chain longer than any wire path (as a rename into a deep folder makes it).
+        fd = os.open(t, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(20):
+            os.mkdir("l" * 250, dir_fd=fd)
+            fd, old = os.open("l" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(old)
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        os.close(fd)
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError, match="not valid UTF-8") as info:
+                    await c.get_tree("t", tmp_path / "dst")
+                assert "too long to send" in str(info.value)
+                assert await c.ping() < 5  # the session is still usable
+
+        asyncio.run(main())
+    assert (tmp_path / "dst" / "ok").read_bytes() == b"ok"
+
+
+@pytest.mark.timeout(60)
+def test_an_upload_batch_failing_entirely_is_acknowledged_within_the_message_limit(tmp_path: Path) -> None:
+    """Every record of a full batch fails (the server has a file where the client's folder goes) and
+    each error message repeats a long destination path: the TreeAck must still fit in one message."""
+    base = "/".join(["b" * 200] * 15)  # 3014 bytes: a legal remote path
+    src = tmp_path / "src"
+    (src / "f").mkdir(parents=True)
+    for i in range(1100):
+        (src / "f" / f"{i:04}").write_bytes(b"")
+    (src / "z").write_bytes(b"z")
+    with running_server(tmp_path / "root") as srv:
+        dest = home(srv) / base
+        dest.mkdir(parents=True)
+        (dest / "f").write_bytes(b"a file where the client has a folder")
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                with pytest.raises(TransferError, match="not a folder"):
+                    await c.put_tree(src, base)
+                assert await c.ping() < 5
+
+        asyncio.run(main())
+        assert (dest / "z").read_bytes() == b"z"
+
+
+@pytest.mark.timeout(120)
+def test_endless_error_records_from_a_server_keep_client_memory_bounded(tmp_path: Path) -> None:
+    """A hostile server streams ~400,000 error records: the client names the first few and counts the
+    rest, it does not keep a line per record until the end of the stream."""
+    import tracemalloc
+
+    batch = [
+        m.TreeItem(path=f"p{i:04}", kind="error", code="io-error", message="x" * 40) for i in range(4096)
+    ]
+    n = 100
+    fake = FakeServer([batch] * n)
+
+    async def main() -> None:
+        async with fake.running(), await fake.client(tmp_path) as c:
+            tracemalloc.start()
+            try:
+                with pytest.raises(TransferError) as info:
+                    await c.get_tree("x", tmp_path / "dest")
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert f"and {n * 4096 - ctree.SHOWN_ERRORS} more" in str(info.value)
+            assert peak < 32 * MiB, peak  # the fake server's batch and both sockets' buffers count too
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["/x", "/", "a/", "./x", "a/../x", "x\0y", "a//x", ".."])
+def test_a_non_canonical_upload_record_is_refused_like_any_client_path(tmp_path: Path, name: str) -> None:
+    """A record's path obeys parse_path like every client path: ``/x`` is not a spelling of ``x``."""
+    with running_server(tmp_path / "root", plain=True) as srv:
+        raw = RawClient(srv.port)
+        try:
+            raw.login()
+            raw.send(m.PutTree(id=2, path="t"))
+            raw.send(m.TreeItems(id=2, items=[file_item(name, b"evil"), file_item("ok", b"ok")], end=True))
+            ack = raw.reply(2)
+            assert isinstance(ack, m.TreeAck) and ack.end, ack
+            assert [(e.path, e.code) for e in ack.errors] == [
+                (name, "outside-home" if name.startswith("/") or ".." in name else "bad-path")
+            ]
+            assert ack.files == 1
+        finally:
+            raw.close()
+        t = home(srv) / "t"
+        assert sorted(os.listdir(t)) == ["ok"]

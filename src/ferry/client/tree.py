@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import itertools
 import os
 import secrets
@@ -56,7 +57,9 @@ MAX_DIR_FDS = 32
 #: Per-file failures named in the final error (the rest are counted).
 SHOWN_ERRORS = 10
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NOFOLLOW: a symlink already in the destination (``sub -> /elsewhere``) must not let the server's
+# ``sub/x`` land outside it.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -74,18 +77,56 @@ def safe_relative(name: str) -> bool:
     return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return statmod.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def _tally(progress: Progress | None, total: list[int], n: int) -> None:
     total[0] += n
     if progress is not None:
         progress(total[0], total[0])
 
 
-def _failure_error(what: str, failures: list[str], total: int) -> TransferError:
-    shown = "; ".join(failures[:SHOWN_ERRORS])
-    more = f" (and {total - SHOWN_ERRORS} more)" if total > SHOWN_ERRORS else ""
-    return TransferError(
-        f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred"
-    )
+class _Failures:
+    """Per-file failures of a tree: the first :data:`SHOWN_ERRORS` kept to be named, the rest only
+    counted. A huge tree, or a hostile server streaming error records without end, must not grow
+    the client's memory by a line per record."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        """True once anything failed."""
+        return self.count > 0
+
+    def add(self, text: str) -> None:
+        """Count one failure (kept if it is among the first few)."""
+        self.count += 1
+        if len(self.shown) < SHOWN_ERRORS:
+            self.shown.append(text)
+
+    def extend(self, texts: list[str] | _Failures) -> None:
+        """Count several failures (another ``_Failures`` adds its count, not just the names kept)."""
+        if isinstance(texts, _Failures):
+            for text in texts.shown:
+                self.add(text)
+            self.count += texts.count - len(texts.shown)
+            return
+        for text in texts:
+            self.add(text)
+
+    def error(self, what: str) -> TransferError:
+        """The TransferError naming them."""
+        total = self.count
+        shown = "; ".join(self.shown)
+        more = f" (and {total - len(self.shown)} more)" if total > len(self.shown) else ""
+        return TransferError(
+            f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred"
+        )
 
 
 async def _cancel(client: AsyncClient, req_id: int) -> None:
@@ -96,6 +137,18 @@ async def _cancel(client: AsyncClient, req_id: int) -> None:
 
 
 # --- download ------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """One record that must not be written (the destination has a symlink in its way); the tree
+    goes on and the record is reported at the end."""
+
+
+def _link_refused(rel: str) -> _Refused:
+    return _Refused(
+        f"{safe_name(rel)}: a symbolic link in the destination is in the way; ferry does not write "
+        "through it (remove or rename the link)"
+    )
 
 
 @dataclass
@@ -115,7 +168,8 @@ class _LocalTree:
         os.makedirs(root, exist_ok=True)
         self.root = root
         self.hash = hash
-        self._root_fd = os.open(root, _DIR_FLAGS)
+        # The destination itself was named by the user: it may be a link (``~/dl -> /data``).
+        self._root_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._tag = secrets.token_hex(4)
         self._seq = itertools.count()
@@ -139,11 +193,17 @@ class _LocalTree:
         parent_rel, _, name = rel.rpartition("/")
         parent = self._dir(parent_rel)
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o777, dir_fd=parent)
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o777, dir_fd=parent)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR (ELOOP on some systems).
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(parent, name):
+                raise _link_refused(rel) from exc
+            raise
         self._fds[rel] = fd
         while len(self._fds) > MAX_DIR_FDS:  # the parent just used is second newest: never evicted
             os.close(self._fds.popitem(last=False)[1])
@@ -159,17 +219,36 @@ class _LocalTree:
                 elif it.kind == "error":
                     out.failures.append(f"{safe_name(it.path)}: {safe_name(it.message)}")
                 elif it.data is None:
+                    self._check_large(it.path)
                     out.large.append(it)
                 else:
                     self._file(it, it.data)
                     out.files += 1
                     out.bytes += it.size
+            except _Refused as exc:
+                out.failures.append(str(exc))
             except OSError as exc:
                 where = self.root / it.path
                 raise TransferError(f"cannot write {safe_name(str(where))}: {exc.strerror or exc}") from exc
         return out
 
+    def _check_large(self, rel: str) -> None:
+        """Prepare the folder of large file ``rel`` (fetched later by ``get_file``, which works with
+        a path and follows links): refuse it now if a symlink or a folder is in its place."""
+        rel_dir, _, name = rel.rpartition("/")
+        dfd = self._dir(rel_dir)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if statmod.S_ISLNK(st.st_mode):
+            raise _link_refused(rel)
+        if statmod.S_ISDIR(st.st_mode):  # get_file would put it *inside* that folder
+            raise _Refused(f"{safe_name(rel)}: a folder of that name is in the destination")
+
     def _file(self, it: m.TreeItem, data: bytes) -> None:
+        """Write one verified small file (temp name, then rename: a symlink of that name is replaced,
+        never followed)."""
         if len(data) != it.size or small_digest(self.hash, data) != it.digest:
             raise IntegrityError(
                 f"{safe_name(it.path)}: received data does not match the server's hash; it was not "
@@ -222,7 +301,7 @@ async def get_tree(
     files = nbytes = 0
     done_bytes = [0]
     large: list[m.TreeItem] = []
-    failures: list[str] = []
+    failures = _Failures()
 
     def account(w: _Written) -> None:
         nonlocal files, nbytes
@@ -275,7 +354,7 @@ async def get_tree(
         nbytes += tally.done
         _tally(progress, done_bytes, tally.done)
     if failures:
-        raise _failure_error("downloaded", failures, len(failures))
+        raise failures.error("downloaded")
     return TreeResult(files, nbytes, time.monotonic() - t0)
 
 
@@ -291,7 +370,7 @@ class _LocalScan:
         self.root = os.fspath(root)
         self.hash = hash
         self.large: list[tuple[str, int]] = []
-        self.failures: list[str] = []
+        self.failures = _Failures()
         self._gen = self._walk()
 
     def _walk(self) -> Iterator[m.TreeItem]:
@@ -308,7 +387,7 @@ class _LocalScan:
                         for de in it
                     )
             except OSError as exc:
-                self.failures.append(f"{safe_name(full)}: {exc.strerror or exc}")
+                self.failures.add(f"{safe_name(full)}: {exc.strerror or exc}")
                 continue
             subdirs: list[str] = []
             for name, is_dir, is_file in found:
@@ -319,7 +398,7 @@ class _LocalScan:
                     try:
                         sub.encode("utf-8")
                     except UnicodeEncodeError:
-                        self.failures.append(
+                        self.failures.add(
                             f"{safe_name(os.path.join(full, name))}: the name is not valid UTF-8"
                         )
                         continue
@@ -336,7 +415,7 @@ class _LocalScan:
         try:
             fd = os.open(path, _READ_FLAGS)
         except OSError as exc:
-            self.failures.append(f"{safe_name(path)}: {exc.strerror or exc}")
+            self.failures.add(f"{safe_name(path)}: {exc.strerror or exc}")
             return None
         try:
             st = os.fstat(fd)
@@ -347,7 +426,7 @@ class _LocalScan:
                 return None
             data = os.read(fd, INLINE_MAX + 1)
         except OSError as exc:
-            self.failures.append(f"{safe_name(path)}: {exc.strerror or exc}")
+            self.failures.add(f"{safe_name(path)}: {exc.strerror or exc}")
             return None
         finally:
             os.close(fd)
@@ -404,7 +483,7 @@ async def put_tree(
     server_ended = False  # ... or ended the tree with an Error
     stored = [0, 0]  # files, bytes
     done_bytes = [0]
-    failures: list[str] = []
+    failures = _Failures()
 
     def on_reply(ev: Any) -> None:
         nonlocal inflight, finished, server_ended
@@ -416,7 +495,7 @@ async def put_tree(
         inflight -= 1
         finished = ev.end
         for e in ev.errors:
-            failures.append(f"{safe_name(e.path)}: {safe_name(e.message)}")
+            failures.add(f"{safe_name(e.path)}: {safe_name(e.message)}")
         _tally(progress, done_bytes, ev.bytes - stored[1])
         stored[0], stored[1] = ev.files, ev.bytes
 
@@ -457,7 +536,7 @@ async def put_tree(
         nbytes += tally.done
         _tally(progress, done_bytes, tally.done)
     if failures:
-        raise _failure_error("uploaded", failures, len(failures))
+        raise failures.error("uploaded")
     return TreeResult(files, nbytes, time.monotonic() - t0)
 
 

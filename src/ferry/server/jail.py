@@ -1118,7 +1118,8 @@ class TreeDirs:
         if fd is not None:  # only validated names are ever cached
             self._fds.move_to_end(rel)
             return fd
-        parse_path(rel)
+        if not parse_path(rel):  # "." (parse_path's spelling of the home): not a folder name here
+            raise PathRefused("bad-path", "'.' components are not allowed; drop the './'")
         return self._open(rel)
 
     def client_path(self, rel: str) -> str:
@@ -1150,6 +1151,7 @@ class TreeDirs:
         rel_dir, _, name = rel.rpartition("/")
         if (
             name in ("", ".", "..")
+            or rel[0] == "/"  # "/x" would split into the root and "x"
             or "\0" in name
             or (len(name) > 63 and len(os.fsencode(name)) > MAX_NAME_BYTES)
         ):

@@ -46,11 +46,32 @@ BATCH_ITEMS = 1024
 MAX_TREES = 16
 
 
+#: Bytes of error records per TreeAck: with the rest of the ack well below the 1 MiB message cap.
+ACK_ERROR_BYTES = 1 << 19
+
+
 def _error_item(path: str, exc: BaseException) -> m.TreeItem:
     code = exc.code if isinstance(exc, RemoteError) else type(exc).__name__.lower()
     return m.TreeItem(
-        path=_wire_text(path), kind="error", code=code[:256], message=_wire_text(str(exc))[:8192]
+        path=_wire_path(path), kind="error", code=code[:256], message=_wire_text(str(exc))[:8192]
     )
+
+
+def _wire_path(path: str) -> str:
+    """``path`` as valid UTF-8 cut to what a wire path may hold (an error record only names it)."""
+    text = _wire_text(path)
+    if len(text) > m.MAX_PATH_CHARS:
+        text = text[: m.MAX_PATH_CHARS - 3] + "..."
+    return text
+
+
+def _wire_cost(item: m.TreeItem) -> int:
+    """An upper bound of the encoded size of ``item`` without its data (UTF-8: 4 bytes a character
+    at most)."""
+    cost = 64 + len(item.path) * (1 if item.path.isascii() else 4) + len(item.code)
+    if item.message:
+        cost += len(item.message) * (1 if item.message.isascii() else 4)
+    return cost
 
 
 def _wire_text(text: str) -> str:
@@ -81,7 +102,7 @@ class _Batches:
         for rec in self.scan:
             item = self._item(rec)
             items.append(item)
-            size += 64 + len(item.path) * (1 if item.path.isascii() else 4)
+            size += _wire_cost(item)  # error messages count too: they may repeat a long path
             if item.data is not None:
                 size += len(item.data)
             if size >= BATCH_BYTES or len(items) >= BATCH_ITEMS:
@@ -89,6 +110,14 @@ class _Batches:
         return items, True
 
     def _item(self, rec: TreeFile | TreeDir | TreeFailure) -> m.TreeItem:
+        if not isinstance(rec, TreeFailure) and len(rec.path) > m.MAX_PATH_CHARS:
+            # Legal on disk (a folder renamed into a deep one), but the client would have to reject
+            # the whole message: report it instead.
+            self.errors += 1
+            return _error_item(
+                rec.path,
+                RemoteError("bad-path", f"the path is too long to send (at most {m.MAX_PATH_CHARS})"),
+            )
         if isinstance(rec, TreeFile):
             path = rec.path
             if not path.isascii():
@@ -176,6 +205,36 @@ class _Stored:
     delta: int = 0  # change of the home's usage: new bytes minus the sizes of files replaced
     errors: list[m.TreeItem] = field(default_factory=list)
     fatal: FerryError | None = None
+    error_bytes: int = 0  # wire cost of ``errors`` (see ACK_ERROR_BYTES)
+    unlisted: int = 0  # failed records beyond that budget: counted, summed up in one record
+
+    def fail(self, item: m.TreeItem) -> None:
+        """Record a failed record, as long as the acknowledgement stays within its message limit."""
+        cost = _wire_cost(item)
+        if self.unlisted or self.error_bytes + cost > ACK_ERROR_BYTES:
+            if not self.unlisted:
+                self.errors.append(item)  # placeholder, replaced by the summary in finish()
+            self.unlisted += 1
+            return
+        self.error_bytes += cost
+        self.errors.append(item)
+
+    def finish(self) -> None:
+        """Replace the records beyond the budget by one that counts them."""
+        if self.unlisted:
+            first = self.errors[-1]
+            self.errors[-1] = m.TreeItem(
+                path=first.path,
+                kind="error",
+                code=first.code,
+                message=f"{first.message[:1024]} (and {self.unlisted - 1} more failed record(s) of "
+                "this batch, not listed)",
+            )
+
+    @property
+    def failed(self) -> int:
+        """How many records of the batch failed."""
+        return len(self.errors) + max(self.unlisted - 1, 0)
 
 
 class TreeUpload:
@@ -283,9 +342,10 @@ class TreeUpload:
                 if exc.code == "protocol":
                     out.fatal = exc
                     break
-                out.errors.append(_error_item(it.path, exc))
+                out.fail(_error_item(it.path, exc))
             except FerryError as exc:
-                out.errors.append(_error_item(it.path, exc))
+                out.fail(_error_item(it.path, exc))
+        out.finish()
         return out
 
     async def _ack(self, job: asyncio.Future[_Stored], end: bool, track: bool) -> None:
@@ -328,7 +388,7 @@ class TreeUpload:
             usage.invalidate(user.name)
         self.files += out.files
         self.bytes += out.bytes
-        self.errors += len(out.errors)
+        self.errors += out.failed
 
     async def _fail(self, exc: FerryError) -> None:
         from ferry.server.session import error_reply

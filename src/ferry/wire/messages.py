@@ -25,7 +25,9 @@ MIN_PROTOCOL_VERSION = 1
 
 U32 = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
 U64 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
-Path = Annotated[str, Meta(max_length=4096)]
+#: Longest path on the wire, in characters (a sender must check: the receiver rejects the message).
+MAX_PATH_CHARS = 4096
+Path = Annotated[str, Meta(max_length=MAX_PATH_CHARS)]
 Short = Annotated[str, Meta(max_length=256)]
 Text = Annotated[str, Meta(max_length=8192)]
 Digest = Annotated[bytes, Meta(max_length=64)]
