@@ -109,8 +109,6 @@ FERRY_TOOLS = ("ferry-plain", "ferry-tls")
 VARIANTS: dict[str, dict[str, str]] = {
     "api": {},  # the library through the API driver on asyncio: compare with the CLI
     "uvloop": {"BENCH_CLIENT_LOOP": "uvloop"},
-    # plain downloads through the receive buffers instead of os.splice (ferry.client.receive)
-    "nosplice": {"BENCH_CLIENT_LOOP": "uvloop", "FERRY_NO_SPLICE": "1"},
 }
 
 

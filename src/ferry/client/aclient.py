@@ -293,10 +293,7 @@ class AsyncClient:
             if self._routes.get(channel) is route:  # else closed meanwhile: nobody will take it
                 await ev.done
         finally:
-            # Normally a no-op; when this task is cancelled (close()), the consumer's thread is
-            # stopped and waited for here: it must never outlive the socket.
-            await stream.abort_raw()
-            taken = stream.end_raw()
+            taken = stream.end_raw()  # also ends a readinto() in progress (when cancelled)
             self._conn.skip_data(taken)
         return taken
 
@@ -492,7 +489,6 @@ class AsyncClient:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
-        await self._reader.abort_raw()  # no splice thread may use the socket once it is closed
         self._writer.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):

@@ -3,14 +3,14 @@
 Normally :class:`ClientStream` works like :class:`ferry.aio.ChunkStream`: ``read()`` returns the
 received bytes chunk by chunk for the wire decoder. For the bulk of a download the reader task
 switches it into *raw mode* for the rest of one data frame (:meth:`ClientStream.start_raw`): those
-payload bytes then bypass the decoder and the route queue, and the consumer takes them itself,
-either
+payload bytes then bypass the decoder and the route queue, and the consumer takes them itself with
+:meth:`ClientStream.readinto` into its own large buffers. The transport, TLS included, writes the
+bytes straight into them through :class:`asyncio.BufferedProtocol`: no ``bytes`` object per read,
+one Python call per up to a few hundred KiB instead of one per TLS record, no join.
 
-* with :meth:`ClientStream.readinto` into its own large buffers (the transport, TLS included,
-  writes the bytes straight into them through :class:`asyncio.BufferedProtocol`: no ``bytes``
-  object per read, one Python call per up to a few hundred KiB instead of one per TLS record), or
-* on plain TCP, by splicing them from the socket into the file in a thread
-  (:meth:`ClientStream.splice_source` and :meth:`ClientStream.run_raw_job`): no user-space copy.
+(``os.splice`` socket -> pipe -> file was tried for plain TCP and measured 2x *slower* on the
+benchmark VM: the kernel copies the pipe's pages into tmpfs with a slow in-kernel memcpy, while
+``recv_into`` + ``pwrite`` use the fast user-copy routines. See docs/performance.md.)
 
 Raw mode never reads past the frame: every buffer offered to the transport is cut at the frame's
 end, so the next frame header is again received normally. The reader task learns how many bytes
@@ -24,16 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import os
-import socket
-import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from ferry.wire.frames import HEADER_SIZE
-
-T = TypeVar("T")
 
 SCRATCH = 1 << 18  # normal-mode read size: what uvloop reads per call anyway
 
@@ -69,9 +62,6 @@ class ClientStream(asyncio.BufferedProtocol):
         self._target: memoryview | None = None
         self._filled = 0
         self._target_waiter: asyncio.Future[int] | None = None
-        self._job: asyncio.Future[tuple[int, Any]] | None = None
-        self._stop = threading.Event()
-        self._stop_fd = -1
         # After a raw payload that ended its frame the next bytes are a frame header: read just
         # the header and hold, so that the next frame's payload can go raw as a whole (TLS
         # servers send 1 MiB frames; without this ~256 KiB of each would take the slow path).
@@ -128,7 +118,6 @@ class ClientStream(asyncio.BufferedProtocol):
         self._eof = True
         self._wake()
         self._finish_target()
-        self._stop_job()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 if exc is None:
@@ -227,7 +216,6 @@ class ClientStream(asyncio.BufferedProtocol):
         self._hold = self._header_next = False
         self._raw_left = nbytes
         self._raw_taken = 0
-        self._stop.clear()
         self._sync_reading()
 
     @property
@@ -237,15 +225,10 @@ class ClientStream(asyncio.BufferedProtocol):
 
     def end_raw(self) -> int:
         """Leave raw mode; returns how many payload bytes the consumer took (the rest, if any,
-        arrives through :meth:`read` again). Must not be called while a raw job runs."""
+        arrives through :meth:`read` again)."""
         if not self._raw_active:
             return 0
-        if self._job is not None and not self._job.done():
-            raise RuntimeError("end_raw() while a raw job still runs")
         self._finish_target()
-        if self._stop_fd >= 0:  # per hand-over: an idle connection holds no extra descriptor
-            os.close(self._stop_fd)
-            self._stop_fd = -1
         taken = self._raw_taken
         spilled = list(self._spill)
         self._spill.clear()
@@ -309,76 +292,6 @@ class ClientStream(asyncio.BufferedProtocol):
             waiter.set_result(self._filled)
         self._filled = 0
         self._sync_reading()
-
-    # --- raw mode: splicing from the socket in a thread --------------------------------------
-
-    def splice_source(self) -> tuple[int, int] | None:
-        """``(socket fd, stop fd)`` when the raw bytes may be spliced straight off the socket:
-        plain TCP or Unix socket, raw mode, nothing read ahead. The stop fd becomes readable when
-        the job must stop (poll it together with the socket)."""
-        if not self._raw_active or self._spill or self._target is not None or self._transport is None:
-            return None
-        if self._transport.get_extra_info("sslcontext") is not None:
-            return None
-        sock = self._transport.get_extra_info("socket")
-        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
-            return None
-        if self._stop_fd < 0:
-            self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        return sock.fileno(), self._stop_fd
-
-    async def run_raw_job(self, fn: Callable[[threading.Event], tuple[int, T]]) -> T:
-        """Run ``fn(stop)`` in a thread while in raw mode; it returns ``(socket bytes it took, result)``.
-
-        ``fn`` must return soon after ``stop`` is set (it also polls the stop fd of
-        :meth:`splice_source`). If the caller is cancelled, the job is stopped and waited for: it
-        must never outlive the socket. A job that raises must set ``taken`` on the exception
-        (attribute ``raw_taken``) if it consumed socket bytes.
-        """
-        if not self._raw_active or self._job is not None:
-            raise RuntimeError("run_raw_job() outside raw mode or twice at once")
-
-        def call() -> tuple[int, T]:
-            return fn(self._stop)
-
-        job: asyncio.Future[tuple[int, T]] = self._loop.run_in_executor(None, call)
-        self._job = job
-        try:
-            taken, result = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            self._stop_job()
-            try:
-                taken, _ = await asyncio.shield(job)
-            except Exception as exc:
-                taken = getattr(exc, "raw_taken", 0)
-            self._account(taken)
-            raise
-        except Exception as exc:
-            self._account(getattr(exc, "raw_taken", 0))
-            raise
-        finally:
-            self._job = None
-        self._account(taken)
-        return result
-
-    def _account(self, taken: int) -> None:
-        self._raw_left -= taken
-        self._raw_taken += taken
-
-    def _stop_job(self) -> None:
-        self._stop.set()
-        if self._stop_fd >= 0:
-            os.eventfd_write(self._stop_fd, 1)
-
-    async def abort_raw(self) -> None:
-        """Stop any raw job and wait for it (before the socket is closed under it)."""
-        # A loop: the consumer may wake first and start another job (it finds ``stop`` set).
-        while (job := self._job) is not None and not job.done():
-            self._stop_job()
-            with contextlib.suppress(Exception):  # its error is the consumer's to report
-                await asyncio.shield(job)
-            await asyncio.sleep(0)  # let run_raw_job() forget it
-        self._finish_target()
 
 
 async def open_client_connection(
