@@ -6,7 +6,8 @@ switches it into *raw mode* for the rest of one data frame (:meth:`ClientStream.
 payload bytes then bypass the decoder and the route queue, and the consumer takes them itself with
 :meth:`ClientStream.readinto` into its own large buffers. The transport, TLS included, writes the
 bytes straight into them through :class:`asyncio.BufferedProtocol`: no ``bytes`` object per read,
-one Python call per up to a few hundred KiB instead of one per TLS record, no join.
+no join, and one call into this protocol per read of up to a few hundred KiB (uvloop's TLS
+decrypts record after record into the same buffer before calling it).
 
 (``os.splice`` socket -> pipe -> file was tried for plain TCP and measured 2x *slower* on the
 benchmark VM: the kernel copies the pipe's pages into tmpfs with a slow in-kernel memcpy, while
