@@ -176,3 +176,33 @@ def test_message_frames_decode_to_typed_messages() -> None:
     ev = dec.next_event()
     assert isinstance(ev, RawMessage)
     assert codec.decode(ev.payload) == m.Stat(id=3, path="a/b")
+
+
+def test_skip_data_lets_the_caller_take_a_frames_payload_itself() -> None:
+    dec = FrameDecoder(max_data=1 << 30)
+    dec.feed(data_header(5, 1, 100) + b"a" * 10)
+    assert dec.next_event() == Data(5, 1, b"a" * 10, False)
+    assert (dec.data_remaining, dec.data_channel) == (90, 5)
+    assert dec.next_event() is NEED_DATA
+    dec.skip_data(60)  # taken off the socket by the caller (e.g. spliced into a file)
+    assert dec.data_remaining == 30
+    with pytest.raises(ValueError):
+        dec.skip_data(31)  # past the frame's end
+    dec.feed(b"b" * 30 + msg_frame(b"next"))
+    with pytest.raises(ValueError):
+        dec.skip_data(1)  # fed bytes come first
+    assert drain(dec) == [Data(5, 1, b"b" * 30, True), RawMessage(b"next")]
+    assert (dec.data_remaining, dec.data_channel) == (0, None)
+
+
+def test_skip_data_to_the_frames_end_resumes_at_the_next_header() -> None:
+    dec = FrameDecoder()
+    dec.feed(data_header(2, 1, 50))
+    assert dec.next_event() is NEED_DATA
+    assert dec.data_remaining == 50
+    dec.skip_data(50)
+    assert dec.at_frame_boundary
+    dec.feed(msg_frame(b"x"))
+    assert drain(dec) == [RawMessage(b"x")]
+    with pytest.raises(ValueError):
+        dec.skip_data(1)  # not inside a data frame

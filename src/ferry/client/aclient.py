@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry import __version__
-from ferry.aio import ChunkStream, CorkedWriter, open_chunked_connection
+from ferry.aio import CorkedWriter
 from ferry.client.errors import from_wire
+from ferry.client.receive import RawPayload
+from ferry.client.stream import ClientStream, open_client_connection
 from ferry.errors import AuthError, ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout, UsageError
 from ferry.paths import DEFAULT_PORT
 from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, ProtocolError, Role
@@ -31,6 +33,9 @@ Progress = Callable[[int, int], None]
 """Progress callback: ``(bytes done, bytes total)``."""
 
 READ_SIZE = 1 << 20
+#: A data frame with at least this much payload still to come is handed to a route that takes raw
+#: payloads (a download) instead of going through the decoder piece by piece.
+RAW_MIN = 1 << 18
 _CLOSED = object()
 
 
@@ -60,8 +65,10 @@ class HostInfo:
 class _Route:
     """Events for one request id; bounded for transfers so the reader applies backpressure."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, *, raw: bool = False) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        #: the consumer takes large data frames as :class:`RawPayload` events (single-file downloads)
+        self.raw = raw
 
 
 class AsyncClient:
@@ -74,7 +81,7 @@ class AsyncClient:
             print(await c.listdir("inbox"))
     """
 
-    def __init__(self, reader: ChunkStream, writer: asyncio.StreamWriter, conn: Connection) -> None:
+    def __init__(self, reader: ClientStream, writer: asyncio.StreamWriter, conn: Connection) -> None:
         self._reader = reader
         self._writer = writer
         self._conn = conn
@@ -122,7 +129,7 @@ class AsyncClient:
             ssl_ctx = client_ssl_context()
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await open_chunked_connection(
+                reader, writer = await open_client_connection(
                     host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
                 )
         except TimeoutError as exc:
@@ -227,11 +234,23 @@ class AsyncClient:
 
     async def _read_loop(self) -> None:
         err: FerryError
+        raw_ok = True  # whether a raw hand-over may be tried (see _hand_over)
         try:
             while True:
                 ev = self._conn.next_event()
                 if ev is NEED_DATA:
+                    if self._conn.data_remaining >= RAW_MIN and not self._reader.has_chunks and raw_ok:
+                        # In the middle of a large data frame with nothing read ahead: a download
+                        # takes the rest straight off the transport (ferry.client.receive).
+                        channel = self._conn.data_channel
+                        route = self._routes.get(channel) if channel is not None else None
+                        if route is not None and route.raw and channel is not None:
+                            # Nothing taken: the connection ended or the consumer gave up. The
+                            # next bytes (or the EOF) must then come the normal way.
+                            raw_ok = await self._hand_over(route, channel) > 0
+                            continue
                     self._conn.receive_data(await self._read())
+                    raw_ok = True
                     continue
                 if ev is CONNECTION_ENDED:
                     err = ConnectionBroken("the server closed the connection")
@@ -271,6 +290,21 @@ class AsyncClient:
             err = ConnectionBroken(f"client reader failed: {exc!r}")
         self._fail(err)
 
+    async def _hand_over(self, route: _Route, channel: int) -> int:
+        """Let the route's consumer take the rest of this data frame off the transport itself
+        (see :mod:`ferry.client.stream`), and wait until it has; returns how many bytes it took."""
+        stream = self._reader
+        stream.start_raw(self._conn.data_remaining)
+        ev = RawPayload(channel, stream.raw_left, stream, asyncio.get_running_loop().create_future())
+        try:
+            await route.queue.put(ev)
+            if self._routes.get(channel) is route:  # else closed meanwhile: nobody will take it
+                await ev.done
+        finally:
+            taken = stream.end_raw()  # also ends a readinto() in progress (when cancelled)
+            self._conn.skip_data(taken)
+        return taken
+
     def _fail(self, err: FerryError) -> None:
         if self._error is None:
             self._error = err
@@ -283,13 +317,13 @@ class AsyncClient:
 
     # --- request plumbing -----------------------------------------------------------------
 
-    def _open(self, maxsize: int = 0) -> tuple[int, _Route]:
+    def _open(self, maxsize: int = 0, *, raw: bool = False) -> tuple[int, _Route]:
         if self._closed:
             raise ConnectionClosed("this client is closed; connect again")
         if self._error is not None:
             raise self._error
         req_id = next(self._ids)
-        route = _Route(maxsize)
+        route = _Route(maxsize, raw=raw)
         self._routes[req_id] = route
         return req_id, route
 
@@ -313,7 +347,9 @@ class AsyncClient:
             # The reader may be blocked putting into this (full, bounded) queue: empty it so that put
             # completes; later events for the id find no route and are dropped.
             while not route.queue.empty():
-                route.queue.get_nowait()
+                ev = route.queue.get_nowait()
+                if isinstance(ev, RawPayload):
+                    ev.release()  # the reader waits for it; the rest of the frame is dropped
 
     async def _recv(self, route: _Route, timeout: float | None = None) -> Any:
         """Next event for a request; raises the connection's error if it broke."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ferry.client.errors import from_wire
+from ferry.client.receive import DownloadWriter, RawPayload
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.hashing import (
     DEFAULT_CHUNK,
@@ -95,8 +96,8 @@ async def get_file(
             n = size // chunk_size
             if n:  # re-check what we hold, chunk by chunk (size alone is not trusted)
                 held = await _thread(hash_fd_chunks, fd, hash, chunk_size, 0, n * chunk_size)
-        req_id, route = client._open(QUEUE_DEPTH)
-        writer: _Writer | None = None
+        req_id, route = client._open(QUEUE_DEPTH, raw=True)
+        writer: DownloadWriter | None = None
         ended = False  # the server finished this request (FileEnd or Error)
         try:
             await client.send(
@@ -112,15 +113,28 @@ async def get_file(
             offset = info.offset
             os.ftruncate(fd, offset)
             hasher = ChunkHasher(hash, chunk_size, prefix=held[: offset // chunk_size])
-            writer = _Writer(fd, offset, hasher, inline=info.size <= INLINE_MAX)
+            writer = DownloadWriter(
+                fd, offset, hasher, expect=info.size - offset, inline=info.size <= INLINE_MAX
+            )
             done = offset
+
+            def advanced(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress is not None:
+                    progress(done, info.size)
+
             while True:
                 ev = await client._recv(route)
                 if isinstance(ev, Data):
                     await writer.add(ev.data)
-                    done += len(ev.data)
-                    if progress is not None:
-                        progress(done, info.size)
+                    advanced(len(ev.data))
+                    continue
+                if isinstance(ev, RawPayload):  # the bulk of the file, straight off the transport
+                    try:
+                        await writer.take_raw(ev, client.read_timeout, advanced)
+                    finally:
+                        ev.release()
                     continue
                 ended = True
                 await writer.flush()
@@ -146,6 +160,8 @@ async def get_file(
             raise
         finally:
             client._close_route(req_id)
+            if writer is not None:
+                writer.close()
         os.fchmod(fd, info.mode & 0o777 or 0o644)
         os.utime(fd, (info.mtime, info.mtime))
         if info.size > INLINE_MAX:  # like the server: no fsync per small file (rename keeps it atomic)
@@ -185,59 +201,6 @@ def _open_partial(part: Path, dest: Path) -> int:
             raise
         os.close(fd)
     raise TransferError(f"{dest}: its partial file keeps changing; is another download running?")
-
-
-class _Writer:
-    """Writes and hashes received data in a thread, ~1 MiB at a time, one batch in flight."""
-
-    def __init__(self, fd: int, pos: int, hasher: ChunkHasher, *, inline: bool = False) -> None:
-        self.fd, self.pos, self.hasher = fd, pos, hasher
-        # Small files are written on the loop thread: a thread hop costs more than the write.
-        self.inline = inline
-        self._buf: list[bytes] = []
-        self._n = 0
-        self._pending: asyncio.Future[None] | None = None
-
-    async def add(self, data: bytes) -> None:
-        self._buf.append(data)
-        self._n += len(data)
-        if self._n >= BLOCK:
-            await self._submit()
-
-    async def _submit(self) -> None:
-        if self._pending is not None:
-            await asyncio.shield(self._pending)  # shielded: a cancel must not orphan the thread
-            self._pending = None
-        if not self._n:
-            return
-        data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
-        self._buf, self._n = [], 0
-        pos = self.pos
-        self.pos += len(data)
-        fd, hasher = self.fd, self.hasher
-
-        def work() -> None:
-            view = memoryview(data)
-            off = pos
-            while view:
-                n = os.pwrite(fd, view, off)
-                view, off = view[n:], off + n
-            hasher.update(data)
-
-        if self.inline:
-            work()
-            return
-        self._pending = asyncio.get_running_loop().run_in_executor(None, work)
-
-    async def flush(self) -> None:
-        await self._submit()
-        await self._submit()
-
-    async def settle(self) -> None:
-        """Wait for the write in flight, if any (the transfer failed already: its error is moot)."""
-        if self._pending is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._pending)
 
 
 async def _cancel(client: AsyncClient, req_id: int) -> None:

@@ -192,6 +192,22 @@ class Connection:
             self.state = new
 
     @property
+    def data_remaining(self) -> int:
+        """Payload bytes of the current data frame still to be received (0 between frames); see
+        :attr:`FrameDecoder.data_remaining`."""
+        return self._decoder.data_remaining
+
+    @property
+    def data_channel(self) -> int | None:
+        """Channel of the data frame being received, or None between frames."""
+        return self._decoder.data_channel
+
+    def skip_data(self, n: int) -> None:
+        """The caller took ``n`` payload bytes of the current data frame off the transport itself;
+        see :meth:`FrameDecoder.skip_data`."""
+        self._decoder.skip_data(n)
+
+    @property
     def buffered(self) -> int:
         """Received bytes not yet turned into events."""
         return self._decoder.buffered

@@ -118,6 +118,34 @@ class FrameDecoder:
         """True when no partial frame is pending (a clean place for the peer to stop)."""
         return self._data is None and self.buffered == 0
 
+    @property
+    def data_remaining(self) -> int:
+        """Payload bytes of the current data frame not yet fed (0 outside a data frame).
+
+        Only meaningful when :attr:`buffered` is 0: bytes already fed are handed out first.
+        """
+        if self._data is None:
+            return 0
+        return max(0, self._data[2] - self.buffered)
+
+    @property
+    def data_channel(self) -> int | None:
+        """Channel of the data frame being streamed, or None between frames."""
+        return None if self._data is None else self._data[0]
+
+    def skip_data(self, n: int) -> None:
+        """Account for ``n`` payload bytes of the current data frame that the caller received
+        itself, bypassing :meth:`feed` (e.g. spliced from the socket straight into a file).
+
+        Allowed only when nothing is buffered (those bytes come first) and ``n`` does not run past
+        the frame. The frame ends silently: no final :class:`Data` event is produced for it.
+        """
+        if n < 0 or self.buffered or self._data is None or n > self._data[2]:
+            raise ValueError(f"cannot skip {n} bytes here (buffered {self.buffered}, frame {self._data})")
+        channel, stream, remaining = self._data
+        remaining -= n
+        self._data = None if remaining == 0 else (channel, stream, remaining)
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; an empty ``data`` means the peer closed its sending side."""
         if not data:
