@@ -399,3 +399,51 @@ def test_raw_bytes_not_taken_go_back_to_the_normal_queue() -> None:
         assert await s.read() == b"x" * 40
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_second_cancel_does_not_orphan_a_running_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download cancelled twice (e.g. a tree download whose other files are cancelled after one
+    failed, then the whole command is interrupted) must still wait for its write-and-hash jobs:
+    the fd is closed when get_file ends, so a job still running or queued would pwrite into a
+    closed, possibly reused, file descriptor."""
+    data = random_bytes(8 * MiB, 6)
+    srv = ScriptedServer(tmp_path, data, tls=False, frame=8 * MiB, stop_at=6 * MiB, how="stall", seed=6)
+    entered, go = threading.Event(), threading.Event()
+    write = DownloadWriter._write
+
+    def blocking_write(self: DownloadWriter, buf: bytearray, n: int, pos: int) -> None:
+        entered.set()
+        go.wait(30)
+        write(self, buf, n, pos)
+
+    monkeypatch.setattr(DownloadWriter, "_write", blocking_write)
+    dest = tmp_path / "f.bin"
+    seen: dict[str, bool] = {}
+
+    async def main() -> None:
+        c = await fake_connect(srv, tmp_path)
+        task = asyncio.create_task(c.get("f.bin", dest, chunk_size=SMALL_CHUNK))
+        assert await _await_until(entered.is_set)
+        task.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        task.cancel()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        seen["done while a job ran"] = task.done()
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await c.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        go.set()
+        srv.close()
+    assert seen == {"done while a job ran": False}
+    held = partial_path(dest).read_bytes()
+    assert 0 < len(held) <= 6 * MiB and data.startswith(held)

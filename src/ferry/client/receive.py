@@ -173,15 +173,25 @@ class DownloadWriter:
     async def settle(self) -> None:
         """The transfer failed or was given up: wait for the jobs in flight (their errors are
         moot) and write what is still buffered, so that the next ``get`` resumes after every byte
-        received (it re-checks them by their chunk hashes anyway)."""
+        received (it re-checks them by their chunk hashes anyway).
+
+        Waits even if cancelled (again) meanwhile, then re-raises the cancel: the caller closes the
+        fd next, and a job still running or queued would write into a closed, maybe reused, fd."""
+        cancelled = False
         while self._jobs:
-            with contextlib.suppress(Exception):
+            try:
                 await self._retire_oldest()
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:
+                pass  # moot: the transfer failed already
         if not self._failed and self._cur is not None and self._fill:
             # On the loop thread: it must happen even if this task is being cancelled.
             with contextlib.suppress(OSError):
                 self._write(self._cur, self._fill, self.pos - self._fill)
             self._fill = 0
+        if cancelled:
+            raise asyncio.CancelledError
 
     def close(self) -> None:
         """Let the thread go (after :meth:`flush` or :meth:`settle`: no job runs any more)."""

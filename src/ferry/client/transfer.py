@@ -153,10 +153,12 @@ async def get_file(
                     )
                 break
         except BaseException:
-            if not ended:  # given up (progress callback, timeout, cancel): stop the server streaming
-                await _cancel(client, req_id)
-            if writer is not None:
-                await writer.settle()  # its thread must not write to the fd after it is closed
+            try:
+                if not ended:  # given up (progress callback, timeout, cancel): stop the server streaming
+                    await _cancel(client, req_id)
+            finally:  # even if cancelled (again) while sending the Cancel
+                if writer is not None:
+                    await writer.settle()  # its thread must not write to the fd after it is closed
             raise
         finally:
             client._close_route(req_id)
