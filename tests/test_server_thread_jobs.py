@@ -116,3 +116,38 @@ def test_a_server_shutdown_during_a_thread_job_leaks_nothing(tmp_path: Path, mon
     assert wait_until(lambda: not open_into(home(srv))), open_into(home(srv))
     assert gate.jail_closed == [False]
     assert (home(srv) / "deep" / "er" / "dst").is_dir()
+
+
+# --- request ids in use ----------------------------------------------------------------------
+
+DUPLICATES = {
+    "get-tree twice": (m.GetTree(id=1, path="t"), m.GetTree(id=1, path="t")),
+    "get-file then get-tree": (m.GetFile(id=1, path="t/big"), m.GetTree(id=1, path="t")),
+    "put-tree then get-file": (m.PutTree(id=1, path="up"), m.GetFile(id=1, path="t/big")),
+    "get-tree then put-tree": (m.GetTree(id=1, path="t"), m.PutTree(id=1, path="up")),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pair", DUPLICATES.values(), ids=list(DUPLICATES))
+def test_a_transfer_request_reusing_an_id_in_use_is_a_protocol_error(
+    tmp_path: Path, pair: tuple[m.Message, m.Message]
+) -> None:
+    # Two transfers under one id would share their cancel state (the first to finish clearing the
+    # second's) and their replies: refused, like an upload reusing an id already is.
+    with running_server(tmp_path / "root", plain=True) as srv:
+        (home(srv) / "t").mkdir()
+        (home(srv) / "t" / "big").write_bytes(os.urandom(4 << 20))  # streamed, not inline
+        raw = RawClient(srv.port, rcvbuf=64 * 1024)
+        try:
+            raw.login()
+            first, second = pair
+            # One write: the reader takes both before the first can finish (a queued request is
+            # in use as much as a running one).
+            raw.send_raw(raw.conn.send(first) + raw.conn.send(second))
+            events = raw.until_closed(20)
+        finally:
+            raw.close()
+        errors = [e for e in events if isinstance(e, m.Error)]
+        assert errors and errors[-1].code == "protocol", events
+        assert "request id 1 is already in use" in errors[-1].message

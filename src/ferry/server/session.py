@@ -230,6 +230,12 @@ class Session:
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
 
+    def check_id_free(self, req_id: int) -> None:
+        """Raise RemoteProtocolError if a download (queued or running), an upload or a command
+        still uses ``req_id``: its state is keyed by the id."""
+        if req_id in self.gets or req_id in self.channels:
+            raise RemoteProtocolError(f"request id {req_id} is already in use")
+
     def _close_jail_after_jobs(self) -> None:
         """Close the jail now, or once the session's running thread jobs are done."""
         assert self.jail is not None
@@ -331,6 +337,9 @@ class Session:
                 return
             elif type(ev) in WORKER_HANDLERS:
                 if isinstance(ev, m.GetFile | m.GetTree):
+                    # Two downloads under one id would share their cancel state (the first to
+                    # end would clear the second's) and the client could not tell their replies apart.
+                    self.check_id_free(ev.id)
                     self.gets.add(ev.id)
                 await self._queue.put(ev)  # bounded: a flood of requests waits here
             elif type(ev) in READER_HANDLERS:

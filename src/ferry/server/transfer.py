@@ -429,8 +429,7 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     token = msg.token or secrets.token_hex(8)
     if not _TOKEN.match(token):
         raise RemoteProtocolError("bad upload token")
-    if msg.id in session.channels:
-        raise RemoteProtocolError(f"request id {msg.id} is already in use")  # would leak its fd
+    session.check_id_free(msg.id)  # a second upload under one id would leak the first one's fd
     cap = session.ctx.limits.max_uploads
     if sum(isinstance(c, Upload) for c in session.channels.values()) >= cap:
         # Each holds a descriptor: one connection must not exhaust the server's.

@@ -449,8 +449,7 @@ class TreeUpload:
 
 async def handle_put_tree(session: Session, msg: m.PutTree) -> None:
     """Open (create) the tree's root and register the upload; no reply until its first batch."""
-    if msg.id in session.channels:
-        raise RemoteProtocolError(f"request id {msg.id} is already in use")
+    session.check_id_free(msg.id)
     if sum(isinstance(c, TreeUpload) for c in session.channels.values()) >= MAX_TREES:
         raise RemoteError("busy", f"too many tree uploads on this connection (at most {MAX_TREES})")
     jail = jail_of(session)
