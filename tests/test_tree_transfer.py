@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from ferry.client import tree as ctree
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
-from ferry.errors import DiskFull, IntegrityError, TransferError
+from ferry.errors import DiskFull, IntegrityError, PathRefused, TransferError
 from ferry.hashing import ChunkHasher, small_digest
 from ferry.server import tree as stree
 from ferry.server.jail import Jail, TreeDir, TreeFailure, TreeFile
@@ -905,3 +905,29 @@ def test_a_non_canonical_upload_record_is_refused_like_any_client_path(tmp_path:
             raw.close()
         t = home(srv) / "t"
         assert sorted(os.listdir(t)) == ["ok"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tree", [True, False], ids=["tree", "per-file"])
+def test_an_absolute_tree_upload_target_is_refused_like_any_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tree: bool
+) -> None:
+    # Stripping the trailing '/' of '/' left '' (the home): the tree landed in the home while every
+    # other command refuses absolute paths. 'HOST:/' is refused by ls, get, put and mkdir alike.
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    with running_server(tmp_path / "root") as srv:
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                if not tree:
+                    assert c.info is not None
+                    monkeypatch.setattr(c, "info", dataclasses.replace(c.info, features=()))
+                for remote in ("/", "//", "/d/"):
+                    with pytest.raises(PathRefused, match="absolute paths are not allowed"):
+                        await c.put_tree(src, remote)
+                assert await c.ping() < 5  # the connection survives the refusals
+
+        asyncio.run(main())
+        assert sorted(os.listdir(home(srv))) == []

@@ -472,7 +472,9 @@ async def put_tree(
     root = Path(local)
     if not root.is_dir():
         raise UsageError(f"{local} is not a folder")
-    base = remote.rstrip("/")
+    # 'a/' names the folder 'a'; but '/' (or '//') must not shrink to '' (the home): absolute paths
+    # are sent as they are so the server refuses them, as it does for every other command.
+    base = remote.rstrip("/") or remote
     base = "" if base == "." else base
     loop = asyncio.get_running_loop()
     scan = _LocalScan(root, hash)
