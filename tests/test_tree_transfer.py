@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from hypothesis import given, settings
 from ferry.client import tree as ctree
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
-from ferry.errors import DiskFull, IntegrityError, TransferError
+from ferry.errors import ConnectionBroken, DiskFull, IntegrityError, PathRefused, TransferError
 from ferry.hashing import ChunkHasher, small_digest
 from ferry.server import tree as stree
 from ferry.server.jail import Jail, TreeDir, TreeFailure, TreeFile
@@ -37,6 +38,7 @@ from transfer_support import (
     MiB,
     RawClient,
     SessionRecorder,
+    await_until,
     connect,
     fd_count,
     home,
@@ -905,3 +907,108 @@ def test_a_non_canonical_upload_record_is_refused_like_any_client_path(tmp_path:
             raw.close()
         t = home(srv) / "t"
         assert sorted(os.listdir(t)) == ["ok"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tree", [True, False], ids=["tree", "per-file"])
+def test_an_absolute_tree_upload_target_is_refused_like_any_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tree: bool
+) -> None:
+    # Stripping the trailing '/' of '/' left '' (the home): the tree landed in the home while every
+    # other command refuses absolute paths. 'HOST:/' is refused by ls, get, put and mkdir alike.
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    with running_server(tmp_path / "root") as srv:
+
+        async def main() -> None:
+            async with await connect(srv, tmp_path) as c:
+                if not tree:
+                    assert c.info is not None
+                    monkeypatch.setattr(c, "info", dataclasses.replace(c.info, features=()))
+                for remote in ("/", "//", "/d/"):
+                    with pytest.raises(PathRefused, match="absolute paths are not allowed"):
+                        await c.put_tree(src, remote)
+                assert await c.ping() < 5  # the connection survives the refusals
+
+        asyncio.run(main())
+        assert sorted(os.listdir(home(srv))) == []
+
+
+class AckFlooder(FakeServer):
+    """Answers PutTree with ``n`` acknowledgements at once, before any batch was sent."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__([])
+        self.n = n
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        flood = self.n
+        conn = Connection(Role.SERVER)
+        try:
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                    continue
+                if ev is CONNECTION_ENDED or isinstance(ev, m.Goodbye):
+                    return
+                if isinstance(ev, Data):
+                    continue
+                if isinstance(ev, m.Hello):
+                    writer.write(conn.send(m.Welcome(version=1, features=["tree"])))
+                elif isinstance(ev, m.Auth):
+                    writer.write(conn.send(m.AuthOk(user=ev.user)))
+                elif isinstance(ev, m.PutTree):
+                    for _ in range(flood):
+                        writer.write(conn.send(m.TreeAck(id=ev.id, files=0, bytes=0)))
+                elif isinstance(ev, m.Cancel):
+                    writer.write(conn.send(m.Ok(id=ev.id)))
+                elif isinstance(ev, m.Ping):
+                    writer.write(conn.send(m.Pong(nonce=ev.nonce)))
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_server_flooding_tree_acks_keeps_the_client_queue_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client expects at most WINDOW acknowledgements (one per batch in flight); a server sending
+    # more must neither pile them up in memory while the client reads its disk nor be believed.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    flood = 2000  # small enough (~60 KB) to sit in the socket buffers whatever the client does
+    reading = threading.Event()
+    original = ctree._LocalScan.next
+
+    def slow_next(self: Any) -> Any:  # the local disk is slow: the client's reader runs alone meanwhile
+        reading.wait(20)
+        return original(self)
+
+    monkeypatch.setattr(ctree._LocalScan, "next", slow_next)
+
+    async def main() -> None:
+        async with AckFlooder(flood).running() as fake, await fake.client(tmp_path) as c:
+            upload = asyncio.create_task(c.put_tree(src, "t"))
+            try:
+                def route() -> Any:
+                    return next(iter(c._routes.values()), None)
+
+                # The reader stops when the queue is full (bounded) or has queued the whole flood.
+                assert await await_until(
+                    lambda: (r := route()) is not None and (r.queue.full() or r.queue.qsize() == flood), 20
+                )
+                queued = route().queue.qsize()
+            finally:
+                reading.set()
+            with pytest.raises(ConnectionBroken, match="acknowledged"):
+                await upload
+            assert queued <= ctree.WINDOW + 2, queued
+            assert await c.ping() < 5  # the reader got going again once the upload gave up
+
+    asyncio.run(main())

@@ -443,7 +443,7 @@ async def put_tree(
             st = os.lstat(p)
             if statmod.S_ISREG(st.st_mode):
                 files.append((rel + f, st.st_size))
-    base = remote.rstrip("/")
+    base = remote.rstrip("/") or remote  # '/' stays absolute (refused by the server), not the home
     join = (lambda r: f"{base}/{r}") if base not in ("", ".") else (lambda r: r)
     if base not in ("", "."):
         await client.mkdir(base, parents=True)

@@ -472,11 +472,16 @@ async def put_tree(
     root = Path(local)
     if not root.is_dir():
         raise UsageError(f"{local} is not a folder")
-    base = remote.rstrip("/")
+    # 'a/' names the folder 'a'; but '/' (or '//') must not shrink to '' (the home): absolute paths
+    # are sent as they are so the server refuses them, as it does for every other command.
+    base = remote.rstrip("/") or remote
     base = "" if base == "." else base
     loop = asyncio.get_running_loop()
     scan = _LocalScan(root, hash)
-    req_id, route = client._open(0)  # acknowledgements only: at most WINDOW + 1 of them
+    # Acknowledgements only: one per batch in flight (at most WINDOW), or an Error, then the Ok of
+    # a Cancel. Bounded: a server sending more is held back by the reader instead of piling up here
+    # while this task reads the local disk (and is refused below once read).
+    req_id, route = client._open(WINDOW + 2)
     job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = None
     inflight = 0
     finished = False  # the server acknowledged the last batch
@@ -492,6 +497,8 @@ async def put_tree(
             raise from_wire(ev)
         if not isinstance(ev, m.TreeAck):
             raise ConnectionBroken(f"unexpected {type(ev).__name__} in a tree upload")
+        if inflight <= 0:  # believed, it would end the tree early or have us wait for an end forever
+            raise ConnectionBroken("the server acknowledged a tree batch that was never sent")
         inflight -= 1
         finished = ev.end
         for e in ev.errors:

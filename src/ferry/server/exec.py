@@ -760,7 +760,7 @@ class ExecHandler:
         session = self.session
         user, jail = session.user, session.jail
         assert user is not None and jail is not None
-        if msg.id in self.commands or msg.id in session.channels or msg.id == 0:
+        if msg.id in self.commands or msg.id in session.channels or msg.id in session.gets or msg.id == 0:
             raise UsageError(f"request id {msg.id} is already in use")
         try:
             argv, program = plan_argv(user, msg)

@@ -7,11 +7,12 @@ in a thread so one slow disk does not stall other sessions. Each operation is lo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import stat as statmod
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.server.jail import Entry as JailEntry
 from ferry.server.jail import Jail
@@ -28,9 +29,50 @@ PAGE = 1000  # entries per ListReply page
 PAGE_BYTES = 1 << 18
 
 
-async def in_thread(fn: Callable[..., T], *args: object) -> T:
-    """Run a blocking call in the default executor."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+#: The thread jobs of the current session (set by Session.run; tasks it starts inherit it). The
+#: session closes its jail only once they are done: a thread still working with the home's
+#: descriptor must never find it closed, or worse, reused for an unrelated file.
+session_jobs: contextvars.ContextVar[set[asyncio.Future[Any]]] = contextvars.ContextVar("session_jobs")
+
+
+def start_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """Start a blocking call in the default executor, tracked as a job of the current session."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    jobs = session_jobs.get(None)
+    if jobs is not None:
+        jobs.add(fut)
+        fut.add_done_callback(jobs.discard)
+    return fut
+
+
+async def in_thread(fn: Callable[..., T], *args: object, release: Callable[[T], object] | None = None) -> T:
+    """Run a blocking call in the default executor and return its result.
+
+    A cancelled await (client gone, server shutdown) cannot stop the thread: the job is shielded so
+    its result is not lost, and ``release`` is applied to it once it is done (a result holding
+    descriptors must say how to close them, or they would leak).
+    """
+    fut = start_thread(fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(lambda f: _release(f, release))
+        raise
+
+
+def _release(fut: asyncio.Future[T], release: Callable[[T], object] | None) -> None:
+    """Dispose of the result of a job nobody waits for any more (its error, too: retrieved here, or
+    asyncio would log it as never retrieved)."""
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    if release is not None:
+        release(fut.result())
+
+
+async def wait_jobs(jobs: set[asyncio.Future[Any]]) -> None:
+    """Wait until every job in ``jobs`` (including ones started meanwhile) is done."""
+    while jobs:
+        await asyncio.wait(list(jobs))
 
 
 def jail_of(session: Session) -> Jail:

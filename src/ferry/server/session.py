@@ -98,6 +98,8 @@ class Session:
         self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
         self._last_rx = time.monotonic()
         self._worker_task: asyncio.Task[None] | None = None
+        #: thread jobs of this session still running (see files.session_jobs)
+        self._jobs: set[asyncio.Future[Any]] = set()
         self.busy = 0  # requests in progress; an idle timeout only applies when zero
         #: channel id -> object receiving data frames (uploads; commands register here too)
         self.channels: dict[int, Any] = {}
@@ -164,6 +166,7 @@ class Session:
         worker: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
         reason = "closed"
+        files.session_jobs.set(self._jobs)  # before any task is started: they inherit it
         try:
             async with asyncio.timeout(self.ctx.limits.hello_timeout):
                 await self._handshake()
@@ -213,13 +216,34 @@ class Session:
         if self.exec_handler is not None:
             with contextlib.suppress(Exception):
                 await self.exec_handler.close()
-        if self.jail is not None:
-            self.jail.close()
         self._out.flush()  # a last Error or Goodbye may still be corked: close() would drop it
         self.writer.close()
+        if self.jail is not None:
+            # A handler cancelled while its thread runs leaves that thread using the home's
+            # descriptor: closing it now could let the number be reused for another file under the
+            # thread's feet. If this wait is cancelled too (shutdown), the last job closes it.
+            try:
+                await files.wait_jobs(self._jobs)
+            finally:
+                self._close_jail_after_jobs()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
+
+    def check_id_free(self, req_id: int) -> None:
+        """Raise RemoteProtocolError if a download (queued or running), an upload or a command
+        still uses ``req_id``: its state is keyed by the id."""
+        if req_id in self.gets or req_id in self.channels:
+            raise RemoteProtocolError(f"request id {req_id} is already in use")
+
+    def _close_jail_after_jobs(self) -> None:
+        """Close the jail now, or once the session's running thread jobs are done."""
+        assert self.jail is not None
+        pending = next((f for f in self._jobs if not f.done()), None)
+        if pending is None:
+            self.jail.close()
+        else:
+            pending.add_done_callback(lambda _f: self._close_jail_after_jobs())
 
     # --- input -----------------------------------------------------------------------------
 
@@ -313,6 +337,9 @@ class Session:
                 return
             elif type(ev) in WORKER_HANDLERS:
                 if isinstance(ev, m.GetFile | m.GetTree):
+                    # Two downloads under one id would share their cancel state (the first to
+                    # end would clear the second's) and the client could not tell their replies apart.
+                    self.check_id_free(ev.id)
                     self.gets.add(ev.id)
                 await self._queue.put(ev)  # bounded: a flood of requests waits here
             elif type(ev) in READER_HANDLERS:

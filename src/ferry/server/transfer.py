@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ferry.errors import AlreadyExists, DiskFull, IntegrityError, RemoteError
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
-from ferry.server.files import current_usage, in_thread, jail_of, log_op
+from ferry.server.files import current_usage, in_thread, jail_of, log_op, start_thread
 from ferry.server.jail import join_path, parse_path, partial_name
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
@@ -126,7 +126,7 @@ class _Jobs:
     def __call__(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         # Finished jobs are dropped: they hold their results (1 MiB blocks).
         self._running = [f for f in self._running if not _retrieved_if_done(f)]
-        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        fut = start_thread(fn, *args)
         self._running.append(fut)
         return fut
 
@@ -308,7 +308,7 @@ class Upload:
             hasher.update(data)  # blake3 releases the GIL: overlaps with the next network read
 
         # One write in flight: the next batch is collected while this one is written.
-        self._pending = asyncio.get_running_loop().run_in_executor(None, write)
+        self._pending = start_thread(write)
 
     async def finish(self, end: m.FileEnd) -> None:
         """Verify everything, fsync, set metadata, and atomically move into place."""
@@ -337,7 +337,7 @@ class Upload:
             jail.commit(partial, msg.path, overwrite=msg.overwrite)
 
         # Tracked like a write: an upload taking over the partial waits until the rename is done.
-        self._pending = asyncio.get_running_loop().run_in_executor(None, seal)
+        self._pending = start_thread(seal)
         await self._settle()
 
     async def abort(self) -> None:
@@ -429,8 +429,7 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     token = msg.token or secrets.token_hex(8)
     if not _TOKEN.match(token):
         raise RemoteProtocolError("bad upload token")
-    if msg.id in session.channels:
-        raise RemoteProtocolError(f"request id {msg.id} is already in use")  # would leak its fd
+    session.check_id_free(msg.id)  # a second upload under one id would leak the first one's fd
     cap = session.ctx.limits.max_uploads
     if sum(isinstance(c, Upload) for c in session.channels.values()) >= cap:
         # Each holds a descriptor: one connection must not exhaust the server's.
@@ -453,13 +452,15 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
         if older is not None:
             await older.supersede()  # before opening: its final rename may still be running
         up._check_owner()
-        up.fd, up.partial, have = await in_thread(jail.open_partial, msg.path, token)
+        # Released if this request is abandoned while the thread opens it (the partial itself stays
+        # for a resume).
+        up.fd, up.partial, have = await in_thread(
+            jail.open_partial, msg.path, token, release=lambda opened: os.close(opened[0])
+        )
         up._check_owner()
         n = min(have, msg.size) // msg.chunk_size
         if n:
-            job = asyncio.get_running_loop().run_in_executor(
-                None, hash_fd_chunks, up.fd, msg.hash, msg.chunk_size, 0, n * msg.chunk_size
-            )
+            job = start_thread(hash_fd_chunks, up.fd, msg.hash, msg.chunk_size, 0, n * msg.chunk_size)
             up._pending = job
             await up._settle()
             up.held = job.result()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from ferry.aio import close_after
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
-from ferry.server.files import current_usage, in_thread, jail_of, log_op
+from ferry.server.files import current_usage, in_thread, jail_of, log_op, start_thread
 from ferry.server.jail import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
 from ferry.wire import Data, ProtocolError, RemoteProtocolError
 from ferry.wire import messages as m
@@ -162,10 +162,11 @@ async def handle_get_tree(session: Session, msg: m.GetTree) -> None:
 async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
     t0 = time.monotonic()
     jail = jail_of(session)
-    scan = await in_thread(lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max))
+    scan = await in_thread(
+        lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
+    )
     batches = _Batches(scan, msg.hash)
-    loop = asyncio.get_running_loop()
-    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = loop.run_in_executor(None, batches.next)
+    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = start_thread(batches.next)
     result = "ok"
     try:
         while job is not None:
@@ -176,7 +177,7 @@ async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
                 await session.send(m.Error(id=msg.id, code="cancelled", message="tree download cancelled"))
                 return
             if not done:  # read the next batch while this one is encrypted and sent
-                job = loop.run_in_executor(None, batches.next)
+                job = start_thread(batches.next)
             await session.send(m.TreeItems(id=msg.id, items=items, end=done))
     except BaseException:
         result = "aborted"
@@ -282,7 +283,7 @@ class TreeUpload:
         # be looked at. Otherwise that lstat per file is skipped; see _account.
         track = budget is not None or session.ctx.usage.known(user.name) is not None
         self._job_tracked = track
-        self._job = asyncio.get_running_loop().run_in_executor(None, self._store, batch.items, budget, track)
+        self._job = start_thread(self._store, batch.items, budget, track)
         self._acker = asyncio.create_task(self._ack(self._job, batch.end, track))
         if batch.end:
             await self._acker
@@ -448,15 +449,14 @@ class TreeUpload:
 
 async def handle_put_tree(session: Session, msg: m.PutTree) -> None:
     """Open (create) the tree's root and register the upload; no reply until its first batch."""
-    if msg.id in session.channels:
-        raise RemoteProtocolError(f"request id {msg.id} is already in use")
+    session.check_id_free(msg.id)
     if sum(isinstance(c, TreeUpload) for c in session.channels.values()) >= MAX_TREES:
         raise RemoteError("busy", f"too many tree uploads on this connection (at most {MAX_TREES})")
     jail = jail_of(session)
     assert session.user is not None
     if session.user.quota is not None:
         await current_usage(session)  # computed once, before the first batch needs it
-    dirs = await in_thread(jail.tree_dirs, msg.path)
+    dirs = await in_thread(jail.tree_dirs, msg.path, release=TreeDirs.close)
     session.channels[msg.id] = TreeUpload(session, msg, dirs)
 
 
