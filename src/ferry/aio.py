@@ -169,15 +169,3 @@ class ChunkStream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
             self._paused_reading = False
             self._transport.resume_reading()
         return data
-
-
-async def open_chunked_connection(
-    host: str, port: int, *, ssl: Any = None, server_hostname: str | None = None
-) -> tuple[ChunkStream, asyncio.StreamWriter]:
-    """Like ``asyncio.open_connection`` but the reader is a :class:`ChunkStream`."""
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_connection(
-        ChunkStream, host, port, ssl=ssl, server_hostname=server_hostname
-    )
-    writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    return protocol, writer
