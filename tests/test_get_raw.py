@@ -57,7 +57,8 @@ class ScriptedServer:
     sees many reads, and frame headers arrive together with part of their payload).
 
     ``stop_at``: stop after that many bytes of the reply (``how`` = "close": close the socket,
-    "stall": keep it open, silent, until :meth:`close`).
+    "stall": keep it open, silent, until :meth:`close`). ``how`` = "eof" with the whole reply:
+    end TCP at once after the last byte, with no TLS close_notify.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class ScriptedServer:
         self.listener.listen(1)
         self.port: int = self.listener.getsockname()[1]
         self.release = threading.Event()
+        self.finished = threading.Event()  # "eof": set once the whole reply is sent and TCP ended
         self.sent = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -142,9 +144,12 @@ class ScriptedServer:
                     time.sleep(0.001)  # let the client drain what it has: the next bytes are a new read
             if self.how == "stall":
                 self.release.wait(30)
+            elif self.how == "eof":
+                # FIN right after the last byte; SSLSocket.shutdown() sends no close_notify.
+                sock.shutdown(socket.SHUT_WR)
+                self.finished.set()
             elif self.stop_at is None:
-                # Like the real server: keep the connection until the client closes it (a TLS
-                # peer that closes without close_notify may lose what the client had not read).
+                # Like the real server: keep the connection until the client closes it.
                 with contextlib.suppress(OSError, ssl.SSLError):
                     while sock.recv(1 << 16):
                         pass
@@ -447,3 +452,48 @@ def test_a_second_cancel_does_not_orphan_a_running_job(
     assert seen == {"done while a job ran": False}
     held = partial_path(dest).read_bytes()
     assert 0 < len(held) <= 6 * MiB and data.startswith(held)
+
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_tls_eof_without_close_notify_after_the_whole_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str, seed: int
+) -> None:
+    """The server sends the whole reply, then ends TCP with no TLS close_notify while the client
+    is still behind (its write jobs held, so reading is paused between raw buffers). Both TLS
+    implementations used to drop what they still held then; every byte sent must arrive."""
+    run: Any = asyncio.run
+    if loop == "uvloop":
+        run = pytest.importorskip("uvloop").run
+    data = random_bytes(18 * MiB + 555, seed)
+    srv = ScriptedServer(tmp_path, data, tls=True, frame=1 * MiB, how="eof", seed=seed)
+    write, drain = DownloadWriter._write, ClientStream._drain_tls
+    drained: list[int] = []
+
+    def held_write(self: DownloadWriter, buf: bytearray, n: int, pos: int) -> None:
+        srv.finished.wait(20)  # 16 MiB in the buffers, the rest in the socket and TLS buffers
+        write(self, buf, n, pos)
+
+    def spy_drain(self: ClientStream) -> int:
+        drained.append(drain(self))
+        return drained[-1]
+
+    monkeypatch.setattr(DownloadWriter, "_write", held_write)
+    monkeypatch.setattr(ClientStream, "_drain_tls", spy_drain)
+    dest = tmp_path / "f.bin"
+
+    async def main() -> None:
+        async with await fake_connect(srv, tmp_path) as c:
+            r = await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
+            assert r.size == len(data)
+
+    try:
+        run(main())
+    finally:
+        srv.close()
+    assert srv.finished.is_set() and srv.error is None
+    assert dest.read_bytes() == data
+    # The TLS layer did hold bytes when TCP ended: no more than its own bounded read buffer.
+    assert sum(drained) > 0 and max(drained) < 2 * MiB, drained

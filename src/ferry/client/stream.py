@@ -19,12 +19,24 @@ were taken (:meth:`ClientStream.end_raw`) and tells the sans-IO decoder to skip 
 
 Why not subclass ``asyncio.streams.FlowControlMixin`` like ChunkStream: it is an
 ``asyncio.Protocol``, and uvloop treats any ``asyncio.Protocol`` as a non-buffered protocol.
+
+TLS and a TCP close without close_notify: both TLS implementations drop what they still hold
+when TCP ends before a close_notify, though the bytes were received. asyncio's (3.11 sslproto)
+then makes one ``get_buffer()``/``buffer_updated()`` round (none at all if reading is paused),
+calls ``eof_received()`` and closes; uvloop's closes at once and calls only
+``connection_lost()``. Reading pauses between raw buffers and after each frame header and offers
+buffers cut at the frame's end, so the rest of a reply the server sent completely was lost and
+the download failed. :meth:`ClientStream._drain_tls` therefore takes those bytes from the
+transport's ``ssl_object`` when the connection ends (it is not read by the transport any more
+then). Truncation is still caught: the wire protocol's own frames, sizes and digests decide
+whether a reply is complete. Memory stays bounded by the TLS transport's read buffer (~0.5 MiB).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from typing import Any
 
 from ferry.wire.frames import HEADER_SIZE
@@ -108,6 +120,7 @@ class ClientStream(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        self._drain_tls()  # asyncio's TLS: called just before it drops what it still holds
         self._wake()
         self._finish_target()
         return False  # let the transport close itself
@@ -117,6 +130,7 @@ class ClientStream(asyncio.BufferedProtocol):
         if exc is not None:
             self._exc = exc
         self._eof = True
+        self._drain_tls()  # uvloop's TLS: no eof_received() without close_notify
         self._wake()
         self._finish_target()
         for waiter in self._drain_waiters:
@@ -136,6 +150,33 @@ class ClientStream(asyncio.BufferedProtocol):
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _drain_tls(self) -> int:
+        """Take the plaintext a TLS transport still holds when the connection ends (see the
+        module docstring) as if the transport had delivered it; returns how many bytes."""
+        sslobj = self._transport.get_extra_info("ssl_object") if self._transport is not None else None
+        if not isinstance(sslobj, ssl.SSLObject):  # plain TCP: the kernel kept everything for us
+            return 0
+        total = 0
+        while True:
+            try:
+                data = sslobj.read(SCRATCH)
+            except ssl.SSLError:  # SSLWantReadError: all taken; or a broken record: stop there
+                return total
+            if not data:  # after close_notify
+                return total
+            total += len(data)
+            view = memoryview(data)
+            while view:
+                buf = self.get_buffer(len(view))
+                if not buf:  # raw mode at the frame's end: the rest goes through read()
+                    self._chunks.append(view.tobytes())
+                    self._size += len(view)
+                    break
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                self.buffer_updated(n)
+                view = view[n:]
 
     # --- what asyncio.StreamWriter expects of its protocol -----------------------------------
 
@@ -170,7 +211,9 @@ class ClientStream(asyncio.BufferedProtocol):
             want_paused = self._size > self._limit // 2
         else:
             want_paused = self._size > self._limit
-        if want_paused == self._reading_paused or self._transport is None or self._lost:
+        # After EOF the transport delivers nothing more (only _drain_tls), and asyncio's TLS
+        # transport would run its shutdown again on resume_reading() (a call on a closed transport).
+        if want_paused == self._reading_paused or self._transport is None or self._lost or self._eof:
             return
         self._reading_paused = want_paused
         if want_paused:
