@@ -497,3 +497,56 @@ def test_tls_eof_without_close_notify_after_the_whole_reply(
     assert dest.read_bytes() == data
     # The TLS layer did hold bytes when TCP ended: no more than its own bounded read buffer.
     assert sum(drained) > 0 and max(drained) < 2 * MiB, drained
+
+
+def _tls_pair(tmp_path: Path) -> tuple[ssl.SSLObject, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A handshaken in-memory TLS pair: (server, client, server's outgoing, client's incoming)."""
+    cert, key = ensure_certificate(tmp_path / "mem")
+    cctx = ssl.create_default_context()
+    cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ssl_context(cert, key).wrap_bio(s_in, s_out, server_side=True)
+    client = cctx.wrap_bio(c_in, c_out)
+    for _ in range(10):
+        for obj in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    client.do_handshake()
+    return server, client, s_out, c_in
+
+
+class TlsFakeTransport(FakeTransport):
+    def __init__(self, ssl_object: ssl.SSLObject) -> None:
+        super().__init__()
+        self.ssl_object = ssl_object
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.ssl_object if name == "ssl_object" else default
+
+
+def test_bytes_left_in_tls_at_eof_arrive_in_order(tmp_path: Path) -> None:
+    """What the TLS layer still holds at EOF fills the offered buffer, then the rest of the raw
+    payload, then (past the frame's end) the normal queue: in order, nothing lost."""
+    server, client, s_out, c_in = _tls_pair(tmp_path)
+
+    async def main() -> None:
+        s = ClientStream()
+        s.connection_made(TlsFakeTransport(client))  # type: ignore[arg-type]
+        s.start_raw(100)
+        buf = bytearray(40)
+        reading = asyncio.create_task(s.readinto(memoryview(buf)))
+        await asyncio.sleep(0)
+        server.write(b"a" * 40 + b"b" * 60 + b"c" * 50)
+        c_in.write(s_out.read())  # received by the transport, never delivered by it
+        s.eof_received()
+        assert await reading == 40 and bytes(buf) == b"a" * 40
+        rest = bytearray(100)
+        assert await s.readinto(memoryview(rest)) == 60 and rest[:60] == b"b" * 60
+        assert s.end_raw() == 100
+        assert await s.read() == b"c" * 50
+        assert await s.read() == b""
+        s.connection_lost(None)  # nothing more to take; no error
+
+    asyncio.run(main())
