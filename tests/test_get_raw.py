@@ -174,6 +174,21 @@ async def fake_connect(srv: ScriptedServer, tmp_path: Path) -> AsyncClient:
     return c
 
 
+def fetch_all(srv: ScriptedServer, tmp_path: Path, dest: Path, run: Any = asyncio.run) -> None:
+    """Download the scripted server's whole file into ``dest`` on the loop ``run`` starts, then
+    stop the server."""
+
+    async def main() -> None:
+        async with await fake_connect(srv, tmp_path) as c:
+            r = await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
+            assert r.size == len(srv.data)
+
+    try:
+        run(main())
+    finally:
+        srv.close()
+
+
 class Spy:
     """Records the order of normal pieces and raw hand-overs of downloads."""
 
@@ -208,16 +223,7 @@ def test_frames_split_across_many_reads_arrive_intact(
     spy = Spy(monkeypatch)
     srv = ScriptedServer(tmp_path, data, tls=not plain, seed=seed)
     dest = tmp_path / "f.bin"
-
-    async def main() -> None:
-        async with await fake_connect(srv, tmp_path) as c:
-            r = await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
-            assert r.size == len(data)
-
-    try:
-        asyncio.run(main())
-    finally:
-        srv.close()
+    fetch_all(srv, tmp_path, dest)
     assert dest.read_bytes() == data
     # The bytes read together with the first header went the normal way, before any hand-over.
     assert spy.calls[0] == "add" and "raw" in spy.calls, spy.calls
@@ -483,16 +489,7 @@ def test_tls_eof_without_close_notify_after_the_whole_reply(
     monkeypatch.setattr(DownloadWriter, "_write", held_write)
     monkeypatch.setattr(ClientStream, "_drain_tls", spy_drain)
     dest = tmp_path / "f.bin"
-
-    async def main() -> None:
-        async with await fake_connect(srv, tmp_path) as c:
-            r = await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
-            assert r.size == len(data)
-
-    try:
-        run(main())
-    finally:
-        srv.close()
+    fetch_all(srv, tmp_path, dest, run)
     assert srv.finished.is_set() and srv.error is None
     assert dest.read_bytes() == data
     # The TLS layer did hold bytes when TCP ended: no more than its own bounded read buffer.
