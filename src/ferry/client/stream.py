@@ -39,12 +39,13 @@ import collections
 import ssl
 from typing import Any
 
+from ferry.aio import ChunkQueue
 from ferry.wire.frames import HEADER_SIZE
 
 SCRATCH = 1 << 18  # normal-mode read size: what uvloop reads per call anyway
 
 
-class ClientStream(asyncio.BufferedProtocol):
+class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
     """Receive side of the client connection (see the module docstring).
 
     Reading pauses above ``limit`` buffered bytes (normal mode) and whenever raw mode has no buffer
@@ -53,15 +54,9 @@ class ClientStream(asyncio.BufferedProtocol):
 
     def __init__(self, limit: int = 1 << 22) -> None:
         self._loop = asyncio.get_running_loop()
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._limit = limit
-        self._eof = False
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._init_queue(limit)
         self._transport: Any = None
         self._reading_paused = False
-        self._closed: asyncio.Future[None] = self._loop.create_future()
         self._scratch = memoryview(bytearray(SCRATCH))
         # write-side flow control (what StreamWriter.drain() needs)
         self._write_paused = False
@@ -110,12 +105,10 @@ class ClientStream(asyncio.BufferedProtocol):
                 if self._filled == len(self._target) or self._raw_left == 0:
                     self._finish_target()
             return
-        self._chunks.append(self._scratch[:nbytes].tobytes())
-        self._size += nbytes
+        self._push(self._scratch[:nbytes].tobytes())
         if self._header_next:
             self._header_next = False
-            self._hold = True  # until the reader has looked at the header (see read())
-        self._wake()
+            self._hold = True  # until the reader has looked at the header (see _before_wait())
         self._sync_reading()
 
     def eof_received(self) -> bool:
@@ -170,8 +163,7 @@ class ClientStream(asyncio.BufferedProtocol):
             while view:
                 buf = self.get_buffer(len(view))
                 if not buf:  # raw mode at the frame's end: the rest goes through read()
-                    self._chunks.append(view.tobytes())
-                    self._size += len(view)
+                    self._push(view.tobytes())
                     break
                 n = min(len(buf), len(view))
                 buf[:n] = view[:n]
@@ -192,14 +184,7 @@ class ClientStream(asyncio.BufferedProtocol):
         finally:
             self._drain_waiters.remove(waiter)
 
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
-        return self._closed
-
     # --- normal mode ------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     def _sync_reading(self) -> None:
         """Pause or resume the transport: paused above the limit, or in raw mode without a target."""
@@ -226,25 +211,10 @@ class ClientStream(asyncio.BufferedProtocol):
         """True while received chunks wait to be read."""
         return bool(self._chunks)
 
-    async def read(self, n: int = -1) -> bytes:
-        """The next received chunk (any size); ``b""`` at EOF. ``n`` is ignored (API parity)."""
-        while not self._chunks:
-            if self._exc is not None:
-                raise self._exc
-            if self._eof:
-                return b""
-            if self._hold:  # the reader wants more: read on
-                self._hold = False
-                self._sync_reading()
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        self._sync_reading()
-        return data
+    def _before_wait(self) -> None:
+        if self._hold:  # the reader has looked at the header and wants more: read on
+            self._hold = False
+            self._sync_reading()
 
     # --- raw mode ---------------------------------------------------------------------------
 
