@@ -56,6 +56,7 @@ class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._init_queue(limit)
         self._transport: Any = None
+        self._ssl_object: ssl.SSLObject | None = None  # TLS: for _drain_tls()
         self._reading_paused = False
         self._scratch = memoryview(bytearray(SCRATCH))
         # write-side flow control (what StreamWriter.drain() needs)
@@ -81,6 +82,9 @@ class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         self._transport = transport
+        # Kept now: asyncio's TLS transport cannot answer get_extra_info() once closed twice.
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._ssl_object = ssl_object if isinstance(ssl_object, ssl.SSLObject) else None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._raw_active:
@@ -147,8 +151,8 @@ class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
     def _drain_tls(self) -> int:
         """Take the plaintext a TLS transport still holds when the connection ends (see the
         module docstring) as if the transport had delivered it; returns how many bytes."""
-        sslobj = self._transport.get_extra_info("ssl_object") if self._transport is not None else None
-        if not isinstance(sslobj, ssl.SSLObject):  # plain TCP: the kernel kept everything for us
+        sslobj = self._ssl_object
+        if sslobj is None:  # plain TCP: the kernel kept everything for us
             return 0
         total = 0
         while True:
