@@ -57,7 +57,8 @@ class ScriptedServer:
     sees many reads, and frame headers arrive together with part of their payload).
 
     ``stop_at``: stop after that many bytes of the reply (``how`` = "close": close the socket,
-    "stall": keep it open, silent, until :meth:`close`).
+    "stall": keep it open, silent, until :meth:`close`). ``how`` = "eof" with the whole reply:
+    end TCP at once after the last byte, with no TLS close_notify.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class ScriptedServer:
         self.listener.listen(1)
         self.port: int = self.listener.getsockname()[1]
         self.release = threading.Event()
+        self.finished = threading.Event()  # "eof": set once the whole reply is sent and TCP ended
         self.sent = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -142,9 +144,12 @@ class ScriptedServer:
                     time.sleep(0.001)  # let the client drain what it has: the next bytes are a new read
             if self.how == "stall":
                 self.release.wait(30)
+            elif self.how == "eof":
+                # FIN right after the last byte; SSLSocket.shutdown() sends no close_notify.
+                sock.shutdown(socket.SHUT_WR)
+                self.finished.set()
             elif self.stop_at is None:
-                # Like the real server: keep the connection until the client closes it (a TLS
-                # peer that closes without close_notify may lose what the client had not read).
+                # Like the real server: keep the connection until the client closes it.
                 with contextlib.suppress(OSError, ssl.SSLError):
                     while sock.recv(1 << 16):
                         pass
@@ -167,6 +172,21 @@ async def fake_connect(srv: ScriptedServer, tmp_path: Path) -> AsyncClient:
     )
     c.read_timeout = 20.0
     return c
+
+
+def fetch_all(srv: ScriptedServer, tmp_path: Path, dest: Path, run: Any = asyncio.run) -> None:
+    """Download the scripted server's whole file into ``dest`` on the loop ``run`` starts, then
+    stop the server."""
+
+    async def main() -> None:
+        async with await fake_connect(srv, tmp_path) as c:
+            r = await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
+            assert r.size == len(srv.data)
+
+    try:
+        run(main())
+    finally:
+        srv.close()
 
 
 class Spy:
@@ -203,16 +223,7 @@ def test_frames_split_across_many_reads_arrive_intact(
     spy = Spy(monkeypatch)
     srv = ScriptedServer(tmp_path, data, tls=not plain, seed=seed)
     dest = tmp_path / "f.bin"
-
-    async def main() -> None:
-        async with await fake_connect(srv, tmp_path) as c:
-            r = await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
-            assert r.size == len(data)
-
-    try:
-        asyncio.run(main())
-    finally:
-        srv.close()
+    fetch_all(srv, tmp_path, dest)
     assert dest.read_bytes() == data
     # The bytes read together with the first header went the normal way, before any hand-over.
     assert spy.calls[0] == "add" and "raw" in spy.calls, spy.calls
@@ -447,3 +458,92 @@ def test_a_second_cancel_does_not_orphan_a_running_job(
     assert seen == {"done while a job ran": False}
     held = partial_path(dest).read_bytes()
     assert 0 < len(held) <= 6 * MiB and data.startswith(held)
+
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_tls_eof_without_close_notify_after_the_whole_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str, seed: int
+) -> None:
+    """The server sends the whole reply, then ends TCP with no TLS close_notify while the client
+    is still behind (its write jobs held, so reading is paused between raw buffers). Both TLS
+    implementations used to drop what they still held then; every byte sent must arrive."""
+    run: Any = asyncio.run
+    if loop == "uvloop":
+        run = pytest.importorskip("uvloop").run
+    data = random_bytes(18 * MiB + 555, seed)
+    srv = ScriptedServer(tmp_path, data, tls=True, frame=1 * MiB, how="eof", seed=seed)
+    write, drain = DownloadWriter._write, ClientStream._drain_tls
+    drained: list[int] = []
+
+    def held_write(self: DownloadWriter, buf: bytearray, n: int, pos: int) -> None:
+        srv.finished.wait(20)  # 16 MiB in the buffers, the rest in the socket and TLS buffers
+        write(self, buf, n, pos)
+
+    def spy_drain(self: ClientStream) -> int:
+        drained.append(drain(self))
+        return drained[-1]
+
+    monkeypatch.setattr(DownloadWriter, "_write", held_write)
+    monkeypatch.setattr(ClientStream, "_drain_tls", spy_drain)
+    dest = tmp_path / "f.bin"
+    fetch_all(srv, tmp_path, dest, run)
+    assert srv.finished.is_set() and srv.error is None
+    assert dest.read_bytes() == data
+    # The TLS layer did hold bytes when TCP ended: no more than its own bounded read buffer.
+    assert sum(drained) > 0 and max(drained) < 2 * MiB, drained
+
+
+def _tls_pair(tmp_path: Path) -> tuple[ssl.SSLObject, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A handshaken in-memory TLS pair: (server, client, server's outgoing, client's incoming)."""
+    cert, key = ensure_certificate(tmp_path / "mem")
+    cctx = ssl.create_default_context()
+    cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ssl_context(cert, key).wrap_bio(s_in, s_out, server_side=True)
+    client = cctx.wrap_bio(c_in, c_out)
+    for _ in range(10):
+        for obj in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    client.do_handshake()
+    return server, client, s_out, c_in
+
+
+class TlsFakeTransport(FakeTransport):
+    def __init__(self, ssl_object: ssl.SSLObject) -> None:
+        super().__init__()
+        self.ssl_object = ssl_object
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.ssl_object if name == "ssl_object" else default
+
+
+def test_bytes_left_in_tls_at_eof_arrive_in_order(tmp_path: Path) -> None:
+    """What the TLS layer still holds at EOF fills the offered buffer, then the rest of the raw
+    payload, then (past the frame's end) the normal queue: in order, nothing lost."""
+    server, client, s_out, c_in = _tls_pair(tmp_path)
+
+    async def main() -> None:
+        s = ClientStream()
+        s.connection_made(TlsFakeTransport(client))  # type: ignore[arg-type]
+        s.start_raw(100)
+        buf = bytearray(40)
+        reading = asyncio.create_task(s.readinto(memoryview(buf)))
+        await asyncio.sleep(0)
+        server.write(b"a" * 40 + b"b" * 60 + b"c" * 50)
+        c_in.write(s_out.read())  # received by the transport, never delivered by it
+        s.eof_received()
+        assert await reading == 40 and bytes(buf) == b"a" * 40
+        rest = bytearray(100)
+        assert await s.readinto(memoryview(rest)) == 60 and rest[:60] == b"b" * 60
+        assert s.end_raw() == 100
+        assert await s.read() == b"c" * 50
+        assert await s.read() == b""
+        s.connection_lost(None)  # nothing more to take; no error
+
+    asyncio.run(main())

@@ -97,7 +97,71 @@ def run(coro: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     return asyncio.run(coro)
 
 
-class ChunkStream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
+class ChunkQueue:
+    """The chunk queue behind :class:`ChunkStream` and the client's ``ClientStream``: received
+    ``bytes`` objects wait in order and :meth:`read` hands them out one at a time.
+
+    A plain mixin, so that each receive side keeps its own protocol base (the client's must stay
+    an ``asyncio.BufferedProtocol``: uvloop treats any ``asyncio.Protocol`` as non-buffered).
+    Flow control is the subclass's: :meth:`_sync_reading` runs after every read.
+    """
+
+    _chunks: collections.deque[bytes]
+    _size: int
+    _limit: int
+    _eof: bool
+    _exc: BaseException | None
+    _waiter: asyncio.Future[None] | None
+    _closed: asyncio.Future[None]
+
+    def _init_queue(self, limit: int) -> None:
+        self._chunks = collections.deque()
+        self._size = 0
+        self._limit = limit
+        self._eof = False
+        self._exc = None
+        self._waiter = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    def _push(self, data: bytes) -> None:
+        """Queue a received chunk and wake the reader."""
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
+
+    def _sync_reading(self) -> None:
+        """Pause or resume the transport to match what is queued (the subclass's policy)."""
+
+    def _before_wait(self) -> None:
+        """Called when :meth:`read` finds nothing queued, before it waits."""
+
+    async def read(self, n: int = -1) -> bytes:
+        """The next received chunk (any size); ``b""`` at EOF. ``n`` is ignored (API parity)."""
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            self._before_wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        self._sync_reading()
+        return data
+
+
+class ChunkStream(ChunkQueue, asyncio.streams.FlowControlMixin, asyncio.Protocol):
     """A receive side without StreamReader's copies: ``read()`` returns the received ``bytes``
     objects as the transport delivered them.
 
@@ -108,24 +172,16 @@ class ChunkStream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
 
     def __init__(self, limit: int = 1 << 22) -> None:
         super().__init__()
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._limit = limit
-        self._eof = False
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._init_queue(limit)
         self._transport: asyncio.Transport | None = None
         self._paused_reading = False
-        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        self._wake()
+        self._push(data)
         if self._size > self._limit and not self._paused_reading and self._transport is not None:
             self._paused_reading = True
             self._transport.pause_reading()
@@ -144,28 +200,7 @@ class ChunkStream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
         if not self._closed.done():
             self._closed.set_result(None)
 
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
-        return self._closed
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def read(self, n: int = -1) -> bytes:
-        """The next received chunk (any size); ``b""`` at EOF. ``n`` is ignored (API parity)."""
-        while not self._chunks:
-            if self._exc is not None:
-                raise self._exc
-            if self._eof:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft()
-        self._size -= len(data)
+    def _sync_reading(self) -> None:
         if self._paused_reading and self._size <= self._limit // 2 and self._transport is not None:
             self._paused_reading = False
             self._transport.resume_reading()
-        return data

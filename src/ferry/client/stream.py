@@ -19,20 +19,33 @@ were taken (:meth:`ClientStream.end_raw`) and tells the sans-IO decoder to skip 
 
 Why not subclass ``asyncio.streams.FlowControlMixin`` like ChunkStream: it is an
 ``asyncio.Protocol``, and uvloop treats any ``asyncio.Protocol`` as a non-buffered protocol.
+
+TLS and a TCP close without close_notify: both TLS implementations drop what they still hold
+when TCP ends before a close_notify, though the bytes were received. asyncio's (3.11 sslproto)
+then makes one ``get_buffer()``/``buffer_updated()`` round (none at all if reading is paused),
+calls ``eof_received()`` and closes; uvloop's closes at once and calls only
+``connection_lost()``. Reading pauses between raw buffers and after each frame header and offers
+buffers cut at the frame's end, so the rest of a reply the server sent completely was lost and
+the download failed. :meth:`ClientStream._drain_tls` therefore takes those bytes from the
+transport's ``ssl_object`` when the connection ends (it is not read by the transport any more
+then). Truncation is still caught: the wire protocol's own frames, sizes and digests decide
+whether a reply is complete. Memory stays bounded by the TLS transport's read buffer (~0.5 MiB).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from typing import Any
 
+from ferry.aio import ChunkQueue
 from ferry.wire.frames import HEADER_SIZE
 
 SCRATCH = 1 << 18  # normal-mode read size: what uvloop reads per call anyway
 
 
-class ClientStream(asyncio.BufferedProtocol):
+class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
     """Receive side of the client connection (see the module docstring).
 
     Reading pauses above ``limit`` buffered bytes (normal mode) and whenever raw mode has no buffer
@@ -41,15 +54,10 @@ class ClientStream(asyncio.BufferedProtocol):
 
     def __init__(self, limit: int = 1 << 22) -> None:
         self._loop = asyncio.get_running_loop()
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._limit = limit
-        self._eof = False
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._init_queue(limit)
         self._transport: Any = None
+        self._ssl_object: ssl.SSLObject | None = None  # TLS: for _drain_tls()
         self._reading_paused = False
-        self._closed: asyncio.Future[None] = self._loop.create_future()
         self._scratch = memoryview(bytearray(SCRATCH))
         # write-side flow control (what StreamWriter.drain() needs)
         self._write_paused = False
@@ -74,6 +82,9 @@ class ClientStream(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         self._transport = transport
+        # Kept now: asyncio's TLS transport cannot answer get_extra_info() once closed twice.
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._ssl_object = ssl_object if isinstance(ssl_object, ssl.SSLObject) else None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._raw_active:
@@ -98,16 +109,15 @@ class ClientStream(asyncio.BufferedProtocol):
                 if self._filled == len(self._target) or self._raw_left == 0:
                     self._finish_target()
             return
-        self._chunks.append(self._scratch[:nbytes].tobytes())
-        self._size += nbytes
+        self._push(self._scratch[:nbytes].tobytes())
         if self._header_next:
             self._header_next = False
-            self._hold = True  # until the reader has looked at the header (see read())
-        self._wake()
+            self._hold = True  # until the reader has looked at the header (see _before_wait())
         self._sync_reading()
 
     def eof_received(self) -> bool:
         self._eof = True
+        self._drain_tls()  # asyncio's TLS: called just before it drops what it still holds
         self._wake()
         self._finish_target()
         return False  # let the transport close itself
@@ -117,6 +127,7 @@ class ClientStream(asyncio.BufferedProtocol):
         if exc is not None:
             self._exc = exc
         self._eof = True
+        self._drain_tls()  # uvloop's TLS: no eof_received() without close_notify
         self._wake()
         self._finish_target()
         for waiter in self._drain_waiters:
@@ -137,6 +148,32 @@ class ClientStream(asyncio.BufferedProtocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _drain_tls(self) -> int:
+        """Take the plaintext a TLS transport still holds when the connection ends (see the
+        module docstring) as if the transport had delivered it; returns how many bytes."""
+        sslobj = self._ssl_object
+        if sslobj is None:  # plain TCP: the kernel kept everything for us
+            return 0
+        total = 0
+        while True:
+            try:
+                data = sslobj.read(SCRATCH)
+            except ssl.SSLError:  # SSLWantReadError: all taken; or a broken record: stop there
+                return total
+            if not data:  # after close_notify
+                return total
+            total += len(data)
+            view = memoryview(data)
+            while view:
+                buf = self.get_buffer(len(view))
+                if not buf:  # raw mode at the frame's end: the rest goes through read()
+                    self._push(view.tobytes())
+                    break
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                self.buffer_updated(n)
+                view = view[n:]
+
     # --- what asyncio.StreamWriter expects of its protocol -----------------------------------
 
     async def _drain_helper(self) -> None:
@@ -151,14 +188,7 @@ class ClientStream(asyncio.BufferedProtocol):
         finally:
             self._drain_waiters.remove(waiter)
 
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
-        return self._closed
-
     # --- normal mode ------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     def _sync_reading(self) -> None:
         """Pause or resume the transport: paused above the limit, or in raw mode without a target."""
@@ -170,7 +200,9 @@ class ClientStream(asyncio.BufferedProtocol):
             want_paused = self._size > self._limit // 2
         else:
             want_paused = self._size > self._limit
-        if want_paused == self._reading_paused or self._transport is None or self._lost:
+        # After EOF the transport delivers nothing more (only _drain_tls), and asyncio's TLS
+        # transport would run its shutdown again on resume_reading() (a call on a closed transport).
+        if want_paused == self._reading_paused or self._transport is None or self._lost or self._eof:
             return
         self._reading_paused = want_paused
         if want_paused:
@@ -183,25 +215,10 @@ class ClientStream(asyncio.BufferedProtocol):
         """True while received chunks wait to be read."""
         return bool(self._chunks)
 
-    async def read(self, n: int = -1) -> bytes:
-        """The next received chunk (any size); ``b""`` at EOF. ``n`` is ignored (API parity)."""
-        while not self._chunks:
-            if self._exc is not None:
-                raise self._exc
-            if self._eof:
-                return b""
-            if self._hold:  # the reader wants more: read on
-                self._hold = False
-                self._sync_reading()
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        self._sync_reading()
-        return data
+    def _before_wait(self) -> None:
+        if self._hold:  # the reader has looked at the header and wants more: read on
+            self._hold = False
+            self._sync_reading()
 
     # --- raw mode ---------------------------------------------------------------------------
 
