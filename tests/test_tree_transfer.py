@@ -203,20 +203,25 @@ class FakeServer:
                     writer.write(conn.send(m.Welcome(version=1, features=["tree"])))
                 elif isinstance(ev, m.Auth):
                     writer.write(conn.send(m.AuthOk(user=ev.user)))
-                elif isinstance(ev, m.GetTree):
-                    for i, items in enumerate(self.batches):
-                        end = i == len(self.batches) - 1
-                        writer.write(conn.send(m.TreeItems(id=ev.id, items=items, end=end)))
-                        await writer.drain()  # a long script must not sit in our own buffer
                 elif isinstance(ev, m.Cancel):
                     writer.write(conn.send(m.Ok(id=ev.id)))
                 elif isinstance(ev, m.Ping):
                     writer.write(conn.send(m.Pong(nonce=ev.nonce)))
+                else:
+                    await self.answer(conn, writer, ev)
                 await writer.drain()
         except (ConnectionError, OSError):
             return
         finally:
             writer.close()
+
+    async def answer(self, conn: Connection, writer: asyncio.StreamWriter, ev: m.Message) -> None:
+        """Answer a request other than the log-in, Cancel and Ping: here GetTree, with the script."""
+        if isinstance(ev, m.GetTree):
+            for i, items in enumerate(self.batches):
+                end = i == len(self.batches) - 1
+                writer.write(conn.send(m.TreeItems(id=ev.id, items=items, end=end)))
+                await writer.drain()  # a long script must not sit in our own buffer
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[FakeServer]:
@@ -942,35 +947,10 @@ class AckFlooder(FakeServer):
         super().__init__([])
         self.n = n
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        flood = self.n
-        conn = Connection(Role.SERVER)
-        try:
-            while True:
-                ev = conn.next_event()
-                if ev is NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                    continue
-                if ev is CONNECTION_ENDED or isinstance(ev, m.Goodbye):
-                    return
-                if isinstance(ev, Data):
-                    continue
-                if isinstance(ev, m.Hello):
-                    writer.write(conn.send(m.Welcome(version=1, features=["tree"])))
-                elif isinstance(ev, m.Auth):
-                    writer.write(conn.send(m.AuthOk(user=ev.user)))
-                elif isinstance(ev, m.PutTree):
-                    for _ in range(flood):
-                        writer.write(conn.send(m.TreeAck(id=ev.id, files=0, bytes=0)))
-                elif isinstance(ev, m.Cancel):
-                    writer.write(conn.send(m.Ok(id=ev.id)))
-                elif isinstance(ev, m.Ping):
-                    writer.write(conn.send(m.Pong(nonce=ev.nonce)))
-                await writer.drain()
-        except (ConnectionError, OSError):
-            return
-        finally:
-            writer.close()
+    async def answer(self, conn: Connection, writer: asyncio.StreamWriter, ev: m.Message) -> None:
+        if isinstance(ev, m.PutTree):
+            for _ in range(self.n):
+                writer.write(conn.send(m.TreeAck(id=ev.id, files=0, bytes=0)))
 
 
 @pytest.mark.timeout(60)
