@@ -8,9 +8,11 @@ OpenSSL reads and writes the socket itself. A forked sender ``sendall``s 1 MiB b
 with BLAKE3 (what a ferry download must do). Same machine, loopback, tmpfs, same 1 GiB random file.
 
     .venv/bin/python bench/tls_bulk_probe.py [--size-mib 1024] [--repeat 5]
+    .venv/bin/python bench/tls_bulk_probe.py --once SRC DST   # one run; prints its seconds
 
-Prints MiB/s and CPU seconds per side for each run, then the medians. Compare with the ferry-tls
-row of ``bench/transfer.py --cases get`` run right before or after (noise between runs is large).
+Prints MiB/s and CPU seconds per side for each run, then the medians. ``bench/transfer.py`` runs
+``--once`` as its ``raw-tls`` tool, so the Python TLS limit stands in the same table as ferry-tls
+and ``scp -c aes128-gcm`` (noise between separate runs is large).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _sender(lsock: socket.socket, cert_pem: bytes, key_pem: bytes, src: str, siz
 
 
 def one_run(src: Path, dst: Path, size: int) -> tuple[float, float, float, str]:
-    """One transfer: (MiB/s, receiver CPU s, sender CPU s, cipher)."""
+    """One transfer of ``src`` into ``dst`` (kept): (seconds, receiver CPU s, sender CPU s, cipher)."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     with socket.socket() as lsock:
@@ -101,15 +103,19 @@ def one_run(src: Path, dst: Path, size: int) -> tuple[float, float, float, str]:
             s.sendall(b"x")
             sender_cpu = q.get(timeout=60)
         proc.join(60)
-    dst.unlink()
-    return size / MiB / seconds, cpu, sender_cpu, cipher
+    return seconds, cpu, sender_cpu, cipher
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--once", nargs=2, metavar=("SRC", "DST"), help="one run, no prewarm; print seconds")
     args = ap.parse_args()
+    if args.once:
+        src, dst = map(Path, args.once)
+        print(f"{one_run(src, dst, src.stat().st_size)[0]:.6f}")
+        return
     size = args.size_mib * MiB
     with scratch_dir(size * 3 + 256 * MiB, prefix="ferry-tls-probe-") as scratch:
         src, dst = scratch / "src.bin", scratch / "dst.bin"
@@ -117,7 +123,9 @@ def main() -> None:
         rates, rcpu, scpu = [], [], []
         for k in range(args.repeat):
             prewarm(scratch, size, [src])
-            rate, cpu, sender_cpu, cipher = one_run(src, dst, size)
+            seconds, cpu, sender_cpu, cipher = one_run(src, dst, size)
+            dst.unlink()
+            rate = size / MiB / seconds
             log(
                 f"run {k + 1}: {rate:,.0f} MiB/s, receiver CPU {cpu:.2f} s, sender CPU {sender_cpu:.2f} s ({cipher})"
             )

@@ -3,7 +3,8 @@
 Everything runs on loopback with the data on a tmpfs (so neither the network nor a disk is what
 is measured, only the software). One run measures, round-robin within each repetition:
 
-* 1 GiB ``get`` and ``put`` (plain and TLS ferry; raw ``sendfile`` -> ``recv_into``; ``scp`` with the
+* 1 GiB ``get`` and ``put`` (plain and TLS ferry; raw ``sendfile`` -> ``recv_into``, discarding or
+  writing to the tmpfs; the bare Python TLS path of ``tls_bulk_probe.py`` (``raw-tls``); ``scp`` with the
   default cipher and with ``-c aes128-gcm@openssh.com``; ``sftp -b``; ``rsync -a`` over ssh);
 * a folder of 10,000 x 4 KiB files, ``get -r`` and ``put -r`` (ferry, ``scp -r``, ``sftp -r``, ``rsync -a``).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import pstats
@@ -131,7 +133,13 @@ def variant_env(tool: str) -> dict[str, str] | None:
     return VARIANTS[name]
 
 
-RAW_TOOLS = ("raw-discard", "raw-tmpfs")
+#: The limits, measured in the same run: ``sendfile`` into a reader that discards (the issue's raw
+#: limit) or writes the tmpfs, and blocking ``SSLSocket``s that write and hash (what a Python TLS
+#: receiver can do without an event loop or framing; see bench/tls_bulk_probe.py).
+RAW_TOOLS = ("raw-discard", "raw-tmpfs", "raw-tls")
+#: Raw tools that write their copy to ``Layout.dst / "raw.bin"``.
+RAW_WRITERS = ("raw-tmpfs", "raw-tls")
+TLS_PROBE = str(Path(__file__).resolve().with_name("tls_bulk_probe.py"))
 SSH_FILE_TOOLS = ("scp", "scp-gcm", "sftp", "rsync-ssh")
 SSH_TREE_TOOLS = ("scp", "sftp", "rsync-ssh")
 SETUP = "setup"  # pseudo-case: the same command on an empty file
@@ -401,9 +409,14 @@ class Bench:
         background = wait_quiet(self.args.quiet_wait) if self.args.quiet_wait > 0 else 0.0
         stream: float | None = None
         if tool in RAW_TOOLS:
-            out = L.dst / "raw.bin" if tool == "raw-tmpfs" else None
+            out = L.dst / "raw.bin" if tool in RAW_WRITERS else None
             prewarm(L.dst, L.nbytes(case) if out else 0, [src])
-            r = run_timed(raw_limit_argv(src, out), timeout=RUN_TIMEOUT)
+            argv = (
+                [PYTHON, TLS_PROBE, "--once", str(src), str(out)]
+                if tool == "raw-tls"
+                else raw_limit_argv(src, out)
+            )
+            r = run_timed(argv, timeout=RUN_TIMEOUT)
             if r.ok:
                 stream = float(r.stdout.strip())
         else:
@@ -449,7 +462,7 @@ class Bench:
         L = self.L
         if tool == "raw-discard":
             return True
-        if tool == "raw-tmpfs":
+        if tool in RAW_WRITERS:
             return same_file_quick(L.source(case), L.dst / "raw.bin")
         src, dst = L.source(case), L.dest(case)
         if case is not None and case.tree:
@@ -588,6 +601,10 @@ class Bench:
             out.append(phases)
         out.append("\ntargets (same run; stream = setup subtracted, wall = as a user waits)")
         out.append(self.targets(markdown))
+        limits = self.limits(markdown)
+        if limits:
+            out.append("\nwhat the limits allow in this run (stream MiB/s ratios; context, not targets)")
+            out.append(limits)
         if self.failures:
             out.append("\nfailed runs (left out of the medians):")
             out.extend("  " + f for f in self.failures)
@@ -663,6 +680,22 @@ class Bench:
                 higher_is_better=False,
             )
         return table(["target", "measured", "needed", "verdict"], rows, markdown)
+
+    def limits(self, markdown: bool) -> str:
+        """Ratios that say how far the bare limits themselves reach in this run: a receiver that
+        writes the file (raw-tmpfs) against the discarding raw limit, and the bare Python TLS path
+        (raw-tls) against scp, next to ferry's share of each."""
+        if "get" not in self.args.cases:
+            return ""
+        rate = functools.partial(self.stream_rate, "get")
+        pairs = [
+            ("raw-tmpfs / raw-discard (a writing receiver vs the raw limit)", "raw-tmpfs", "raw-discard"),
+            ("ferry-plain / raw-tmpfs", "ferry-plain", "raw-tmpfs"),
+            ("raw-tls / scp-gcm (bare Python TLS vs the TLS peer)", "raw-tls", "scp-gcm"),
+            ("ferry-tls / raw-tls", "ferry-tls", "raw-tls"),
+        ]
+        rows = [[name, fmt_ratio(rate(a), rate(b))] for name, a, b in pairs if rate(a) and rate(b)]
+        return table(["ratio", "measured"], rows, markdown) if rows else ""
 
     def dump_json(self, path: Path) -> None:
         """Every sample, for later analysis."""
