@@ -14,7 +14,8 @@ Commands run as the console script runs them (``from ferry.cli import main; sys.
 byte-compiled sources (as an installed copy has). ``--rev REV`` measures that commit's ``src/``
 (exported) alongside the working tree, interleaved run by run so that load from elsewhere hits both
 alike; the server is always the working tree's. ``--imports`` adds the summed top-level
-``-X importtime`` of each command (a separate, shorter series). Every loop is bounded; every
+``-X importtime`` of each command (a separate, shorter series). Each command's CPU time (user +
+system) is reported beside its wall time: it excludes the server's work and so is steadier. Every loop is bounded; every
 subprocess has a timeout; only the server started here is signalled.
 
     .venv/bin/python bench/cli_startup.py                    # 20 runs of each command
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -74,18 +76,25 @@ def command_table(port: int, scratch: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def run_once(argv: list[str], env: dict[str, str], timeout: float = 60.0) -> float:
-    """Wall seconds of one run; raises if it fails (a failing command's time means nothing)."""
+def run_once(argv: list[str], env: dict[str, str], timeout: float = 60.0) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run; raises if it fails (its time would mean nothing).
+
+    CPU is user + system of the command alone (the ``RUSAGE_CHILDREN`` difference: it is the only
+    child waited for in between); unlike wall time it leaves out the server's share (argon2, TLS),
+    so it shows client-side changes with far less noise.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(
         argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
     )
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise RuntimeError(
             f"{argv[3:] or argv}: exit {r.returncode}: {r.stderr.decode(errors='replace')[-400:]}"
         )
-    return dt
+    return dt, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def import_ms(argv: list[str], env: dict[str, str]) -> float:
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _, argv in cmds:
                     run_once(argv, env)
                 log(f"{name}: warm-up done")
-            samples: dict[tuple[str, str], list[float]] = {}
+            samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
             busy: list[float] = []
             for i in range(args.runs):
                 busy.append(background_busy(0.1))
@@ -157,17 +166,21 @@ def main(argv: list[str] | None = None) -> int:
                     for name, env in envs.items():
                         imports[(label, name)] = median(import_ms(argv, env) for _ in range(5))
         names = list(envs)
-        headers = ["command", *(f"{n} ms" for n in names)]
-        if len(names) == 2:
-            headers.append("saved ms")
+        headers = ["command"]
+        for what in ("wall", "CPU"):
+            headers += [f"{n} {what} ms" for n in names]
+            if len(names) == 2:
+                headers.append(f"saved {what} ms")
         if imports:
             headers += [f"{n} imports ms" for n in names]
         rows = []
         for label, _ in cmds:
-            meds = [median(samples[(label, n)]) * 1000 for n in names]
-            row = [label, *(f"{m:.1f}" for m in meds)]
-            if len(names) == 2:
-                row.append(f"{meds[0] - meds[1]:.1f}")
+            row = [label]
+            for k in (0, 1):  # wall, CPU
+                meds = [median(s[k] for s in samples[(label, n)]) * 1000 for n in names]
+                row += [f"{m:.1f}" for m in meds]
+                if len(names) == 2:
+                    row.append(f"{meds[0] - meds[1]:.1f}")
             if imports:
                 row += [f"{imports[(label, n)]:.1f}" if (label, n) in imports else "-" for n in names]
             rows.append(row)
