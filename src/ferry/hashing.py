@@ -9,7 +9,6 @@ md5 is selectable for compatibility with the classic "simple ftp".
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Literal, Protocol
@@ -32,6 +31,8 @@ def new_hasher(name: HashName) -> _Hasher:
     if name == "blake3":
         return blake3.blake3()
     if name == "md5":
+        import hashlib  # only for md5: not every command needs it (a TLS client does, for the pin)
+
         return hashlib.md5(usedforsecurity=False)
     raise ValueError(f"unknown hash {name!r}; use blake3 or md5")
 

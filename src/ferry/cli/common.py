@@ -6,7 +6,6 @@ Passwords never come from the command line (they would show in ``ps`` and shell 
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,11 @@ from ferry.errors import AuthError, UsageError
 
 def default_user() -> str:
     """The user name when a location names none: $FERRY_USER, else the local login name."""
-    return os.environ.get("FERRY_USER") or getpass.getuser()
+    if user := os.environ.get("FERRY_USER"):
+        return user
+    import getpass  # here: most commands name their user, and it pulls termios in
+
+    return getpass.getuser()
 
 
 def resolve_password(loc: Location, password_file: str | None) -> str:
@@ -34,6 +37,8 @@ def resolve_password(loc: Location, password_file: str | None) -> str:
     if env is not None:
         return env
     if sys.stdin.isatty():
+        import getpass
+
         return getpass.getpass(f"{loc.user}@{loc.address} password: ")
     raise AuthError("no password: set FERRY_PASSWORD, use --password-file FILE, or run on a terminal to be asked")
 

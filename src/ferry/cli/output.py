@@ -17,7 +17,6 @@ by construction.
 from __future__ import annotations
 
 import contextlib
-import json
 import stat as statmod
 import sys
 import time
@@ -75,6 +74,8 @@ class Output:
     def result(self, human: str | None, record: dict[str, Any]) -> None:
         """One result: ``record`` as a JSON line in JSON mode, else ``human`` on stdout (unless quiet)."""
         if self.json:
+            import json  # only --json needs it (~2 ms of every command otherwise)
+
             click.echo(json.dumps(record, ensure_ascii=True, sort_keys=False))
         elif human is not None and not self.quiet:
             click.echo(human)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +76,8 @@ class KnownHosts:
 
     def _write_lines(self, lines: list[str]) -> None:
         """Replace the file atomically: temp file (0600) in the same folder, fsync, rename."""
+        import tempfile  # here, not at the top: it pulls shutil and random (~6 ms) into every command
+
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)  # 0600
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:

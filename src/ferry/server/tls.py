@@ -8,8 +8,8 @@ The key is EC P-256: every OpenSSL that Python's ``ssl`` links against accepts i
 1.3, signatures are fast, and files are small (Ed25519 certificates are still refused by some
 TLS 1.2 stacks).
 
-``cryptography`` is imported only when a certificate has to be generated, so importing this
-module (the client does, for :func:`fingerprint`) stays cheap.
+``cryptography`` (and tempfile, shutil) are imported only when a certificate has to be generated,
+so importing this module (the client does, for :func:`fingerprint`) stays cheap.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import datetime
 import hashlib
 import ipaddress
 import os
-import shutil
 import socket
 import ssl
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -173,6 +171,10 @@ def ensure_certificate(root: Path, hostnames: Iterable[str] = DEFAULT_HOSTNAMES)
             pass
         return cert, key
     hosts = [*hostnames, socket.gethostname()]
+    # Not at the top: the client imports this module, and these pull in bz2, lzma, random (~6 ms).
+    import shutil
+    import tempfile
+
     try:
         paths.ensure_private_dir(root)
         cert_pem, key_pem = generate_certificate(hosts)
