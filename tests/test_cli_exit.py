@@ -20,6 +20,7 @@ import pytest
 
 from conftest import FERRY, free_port
 from ferry.errors import ExitCode
+from ferry.paths import home_dir
 from ferry_server import PASSWORD, ServerThread
 
 PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
@@ -201,3 +202,27 @@ def test_main_with_argv_returns_or_raises(env: dict[str, str]) -> None:
     lines = p.stdout.splitlines()
     assert lines[0].startswith("ferry, version ")
     assert lines[1:] == [f"raised {ExitCode.USAGE}", "still here"]
+
+
+@pytest.mark.parametrize("fd", [0, 1, 2], ids=["stdin", "stdout", "stderr"])
+@pytest.mark.parametrize("op", ["get", "put"])
+def test_a_closed_standard_descriptor_is_not_reused(
+    server: ServerThread, env: dict[str, str], tmp_path: Path, fd: int, op: str
+) -> None:
+    """``ferry get ... >&-``: started with fd 0, 1 or 2 closed, the connection's socket used to take
+    that number. libuv then aborted the process when closing it (status 134), and with stderr closed
+    the command failed. ferry puts /dev/null there first, as OpenSSH does."""
+    local = tmp_path / "local.txt"
+    if op == "get":
+        argv = ["get", *remote(server, "many/file-00007.txt"), str(local)]
+    else:
+        local.write_bytes(b"uploaded\n")
+        argv = ["put", "-P", str(server.port), str(local), f"ann@127.0.0.1:put-fd{fd}.txt"]
+    # sh closes the descriptor, then exec keeps it closed for ferry (no preexec_fn with threads).
+    p = subprocess.run(["/bin/sh", "-c", f'exec "$@" {fd}>&-', "sh", *FERRY, *argv], env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    if op == "get":
+        assert local.read_bytes() == b"x"
+    else:
+        assert (home_dir(server.root, "ann") / f"put-fd{fd}.txt").read_bytes() == b"uploaded\n"

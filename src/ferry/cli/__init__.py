@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     assert isinstance(cli, LazyGroup)
     cli.invoked = None
+    if argv is None:
+        _sanitise_std_fds()
     try:
         _main(argv)
     except SystemExit as exc:
@@ -95,6 +97,27 @@ def main(argv: list[str] | None = None) -> None:
         raise
     if argv is None and cli.invoked in _ONE_SHOT:
         _exit_now(0)
+
+
+def _sanitise_std_fds() -> None:
+    """Put ``/dev/null`` on standard input, output or error if the program was started with one
+    closed (``ferry get ... >&-``), as OpenSSH does. Otherwise the next socket or file opened takes
+    that number: libuv aborts when it closes such a socket, and output meant for the terminal
+    (a message, a progress bar) would go into the connection or the file. Python leaves
+    ``sys.stdin``/``stdout``/``stderr`` None for a descriptor closed at start-up: they get a text
+    stream on /dev/null, so code that asks ``sys.stderr.isatty()`` keeps working."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one, as we go up
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # Python found the descriptor closed at start-up
+            mode = "r" if fd == 0 else "w"
+            stream = open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115 (lives as long as the process)
+            setattr(sys, name, stream)
 
 
 def _exit_now(code: object) -> NoReturn:
