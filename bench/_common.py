@@ -325,13 +325,16 @@ def is_tmpfs(path: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def scratch_dir(need: int, prefix: str = "ferry-bench-", base: str | None = None) -> Iterator[Path]:
+def scratch_dir(
+    need: int, prefix: str = "ferry-bench-", base: str | None = None, allow_disk: bool = False
+) -> Iterator[Path]:
     """A fresh folder on a tmpfs with at least ``need`` bytes free; removed afterwards, whatever happens.
 
-    ``base`` defaults to /dev/shm. Raises SystemExit with a clear message when there is no room.
+    ``base`` defaults to /dev/shm; ``allow_disk`` accepts any filesystem (to measure a real disk on
+    purpose). Raises SystemExit with a clear message when there is no room.
     """
     base = base or "/dev/shm"
-    if not is_tmpfs(base):
+    if not allow_disk and not is_tmpfs(base):
         raise SystemExit(
             f"{base} is not a tmpfs; pass a tmpfs (e.g. mount -t tmpfs) to keep the disk out of it"
         )

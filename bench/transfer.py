@@ -784,6 +784,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client-loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="event loop of the API client (experiments; the CLI decides its own)")  # fmt: skip
     p.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs to work in (default /dev/shm)")
+    p.add_argument("--disk", default=None, metavar="DIR",
+                   help="work in DIR on a disk-backed filesystem instead of a tmpfs (fsync costs show)")  # fmt: skip
     p.add_argument(
         "--rev", default=None, help="measure this git revision's src/ (exported; default: the working tree)"
     )
@@ -824,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"this would use {need / GiB:.1f} GiB of tmpfs (limit 6 GiB); use a smaller --size-mib"
         )
-    with scratch_dir(need, base=args.tmpfs) as scratch:
+    with scratch_dir(need, base=args.disk or args.tmpfs, allow_disk=args.disk is not None) as scratch:
         L = Layout(scratch, size, args.files, 4 * KiB)
         if args.rev:
             args.rev = resolve_rev(args.rev)  # pin it: HEAD may move during the run
