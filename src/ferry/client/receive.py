@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ferry.client.stream import ClientStream
 from ferry.errors import ConnectionBroken, FerryTimeout
 from ferry.hashing import ChunkHasher
+from ferry.writeback import start_writeback
 
 BUFFER_SIZE = 1 << 22  # one receive buffer: one write-and-hash job per 4 MiB
 #: buffers per download: the transport keeps filling while up to BUFFERS - 1 wait for or run their
@@ -112,9 +113,11 @@ class DownloadWriter:
 
     def _write(self, buf: bytearray, n: int, pos: int) -> None:
         view = memoryview(buf)[:n]
+        start = pos
         while view:
             k = os.pwrite(self.fd, view, pos)
             view, pos = view[k:], pos + k
+        start_writeback(self.fd, start, n)  # the fsync before the rename then has little left to do
 
     def _hash(self, buf: bytearray, n: int) -> None:
         self.hasher.update(memoryview(buf)[:n])

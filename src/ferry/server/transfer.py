@@ -32,6 +32,7 @@ from ferry.server.files import current_usage, in_thread, jail_of, log_op, start_
 from ferry.server.jail import join_path, parse_path, partial_name
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
+from ferry.writeback import start_writeback
 
 if TYPE_CHECKING:
     from ferry.server.session import Session
@@ -305,6 +306,7 @@ class Upload:
             while view:
                 n = os.pwrite(fd, view, off)
                 view, off = view[n:], off + n
+            start_writeback(fd, pos, off - pos)  # the fsync in finish() then has little left to wait for
             hasher.update(data)  # blake3 releases the GIL: overlaps with the next network read
 
         # One write in flight: the next batch is collected while this one is written.
