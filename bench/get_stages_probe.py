@@ -77,26 +77,19 @@ def instrument(st: Stages) -> None:
     ClientStream.readinto = st.atimed("wait_data", ClientStream.readinto)  # type: ignore[method-assign]
 
 
-_base_submit = receive.DownloadWriter._submit
+_base_start_job = receive.DownloadWriter._start_job
 
 
-def _hash_thread_submit(self: Any) -> None:
+def _hash_thread_start_job(self: Any, buf: bytearray, n: int, pos: int) -> asyncio.Future[Any]:
     """Variant: write on the worker, hash on a second thread at the same time."""
-    buf, n = self._cur, self._fill
-    if buf is None:
-        return
-    self._cur, self._fill = None, 0
-    if not n:
-        self._free.append(buf)
-        return
     if self._worker is None:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="ferry-get")
     if getattr(self, "_probe_hasher", None) is None:
         self._probe_hasher = ThreadPoolExecutor(1, thread_name_prefix="probe-hash")
     loop = asyncio.get_running_loop()
-    write = loop.run_in_executor(self._worker, self._write, buf, n, self.pos - n)
+    write = loop.run_in_executor(self._worker, self._write, buf, n, pos)
     digest = loop.run_in_executor(self._probe_hasher, self._hash, buf, n)
-    self._jobs.append(receive._Job(buf, asyncio.ensure_future(asyncio.gather(write, digest))))
+    return asyncio.ensure_future(asyncio.gather(write, digest))
 
 
 async def one_get(port: int, plain: bool, dst: Path) -> tuple[float, float]:
@@ -141,8 +134,8 @@ def main() -> None:
         with FerryServer(root, plain=not args.tls, env=env) as server:
             for k in range(args.repeat):
                 for v in variants if k % 2 == 0 else variants[::-1]:
-                    receive.DownloadWriter._submit = (  # type: ignore[method-assign]
-                        _hash_thread_submit if v == "hash-thread" else _base_submit
+                    receive.DownloadWriter._start_job = (  # type: ignore[method-assign]
+                        _hash_thread_start_job if v == "hash-thread" else _base_start_job
                     )
                     prewarm(dst.parent, size, [root / "homes" / USER / "big.bin"])
                     st.s = dict.fromkeys(STAGES, 0.0)

@@ -89,14 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     cli.invoked = None
     if argv is None:
         _sanitise_std_fds()
+    code: object = 0
     try:
         _main(argv)
     except SystemExit as exc:
-        if argv is None and cli.invoked in _ONE_SHOT:
-            _exit_now(exc.code)
-        raise
+        if argv is not None or cli.invoked not in _ONE_SHOT:
+            raise
+        code = exc.code
     if argv is None and cli.invoked in _ONE_SHOT:
-        _exit_now(0)
+        _exit_now(code)
 
 
 def _sanitise_std_fds() -> None:

@@ -135,10 +135,13 @@ class DownloadWriter:
         if not n:
             self._free.append(buf)
             return
+        self._jobs.append(_Job(buf, self._start_job(buf, n, self.pos - n)))
+
+    def _start_job(self, buf: bytearray, n: int, pos: int) -> asyncio.Future[None]:
+        """Write and hash ``buf[:n]`` at ``pos`` on the worker thread; the future ends with the job."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="ferry-get")
-        done = asyncio.get_running_loop().run_in_executor(self._worker, self._write_and_hash, buf, n, self.pos - n)
-        self._jobs.append(_Job(buf, done))
+        return asyncio.get_running_loop().run_in_executor(self._worker, self._write_and_hash, buf, n, pos)
 
     def _accepted(self, n: int) -> None:
         """``n`` more bytes are in the current buffer; submit it when full."""
