@@ -24,12 +24,12 @@ __all__ = ["AsyncClient", "Client", "__version__", "connect"]
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient
-    from ferry.client.sync import Client, connect
+    from ferry.client.blocking import Client, connect
 
 # name -> module that defines it; imported on first attribute access.
 _LAZY = {
-    "connect": "ferry.client.sync",
-    "Client": "ferry.client.sync",
+    "connect": "ferry.client.blocking",
+    "Client": "ferry.client.blocking",
     "AsyncClient": "ferry.client.aclient",
 }
 

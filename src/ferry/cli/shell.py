@@ -1,7 +1,7 @@
 """``ferry shell``: an interactive prompt on one connection (like ``sftp``).
 
 Built on the standard library's :mod:`cmd` (readline gives line editing, history and tab completion
-where available) and on the blocking :class:`ferry.client.sync.Client`. The portal matters here: its
+where available) and on the blocking :class:`ferry.client.blocking.Client`. The portal matters here: its
 event loop keeps running in a background thread while the prompt waits for the user, so the
 connection keeps answering the server's pings; a loop run only during commands would not.
 
@@ -51,7 +51,7 @@ from ferry.textsafe import safe_name, safe_text
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient
-    from ferry.client.sync import Client
+    from ferry.client.blocking import Client
 
 HOME_LIMIT = "already at your home folder"
 _COMPLETION_TTL = 3.0  # seconds a remote folder listing is reused for tab completion
@@ -481,7 +481,7 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
     if pty:
         return _run_pty(loc, password, common)
 
-    from ferry.client.sync import Client
+    from ferry.client.blocking import Client
 
     def connect() -> Client:
         return Client.open(lambda: _connect(loc, password, common.plain))

@@ -1,4 +1,4 @@
-"""The synchronous client: :func:`connect` and :class:`Client`, a thin "portal" over the async one.
+"""The blocking client: :func:`connect` and :class:`Client`, a thin "portal" over the async one.
 
 Why a portal and not a second implementation: the protocol (pipelining, resume, verification,
 backpressure) lives in exactly one place, :class:`~ferry.client.aclient.AsyncClient`. A blocking

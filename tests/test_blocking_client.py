@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import ferry
+from ferry.client.blocking import AsyncProxy
 from ferry.client.known_hosts import KnownHosts
-from ferry.client.sync import AsyncProxy
 from ferry.errors import AuthError, ConnectionBroken, HostKeyMismatch, NotFound, PathRefused
 from ferry_server import PASSWORD, ServerThread
 
@@ -193,7 +193,7 @@ def test_import_ferry_stays_cheap() -> None:
     assert out.stdout.strip() == "['ferry']"
     code = "import ferry; print(ferry.connect.__module__, ferry.Client.__name__, ferry.AsyncClient.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
-    assert out.stdout.split() == ["ferry.client.sync", "Client", "AsyncClient"]
+    assert out.stdout.split() == ["ferry.client.blocking", "Client", "AsyncClient"]
 
 
 @pytest.mark.parametrize("name", ["../escape", "/etc/evil", "a/../../b", "a//b", "./a", "", "a\0b"])
