@@ -9,6 +9,12 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.ferry-installed$extras"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    # A venv made before the distribution was renamed ferry -> ferry-transfer holds both; the old
+    # one (and its build metadata in src/) would linger as a second owner of the `ferry` command.
+    if [ -e "$root/src/ferry.egg-info" ]; then
+        "$venv/bin/python" -m pip uninstall -q -y ferry >/dev/null 2>&1 || true
+        rm -rf "$root/src/ferry.egg-info"
+    fi
     "$venv/bin/python" -m pip install -q -e "$root$extras" >&2
     touch "$stamp"
 fi
