@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ferry.textsafe import is_unsafe_char, safe_name, safe_text
+from ferry.textsafe import is_unsafe_char, safe_log_text, safe_name, safe_text
 
 # Every code point, lone surrogates included (they come from undecodable bytes in file names).
 ANY_CHAR = st.characters(exclude_categories=())
@@ -94,3 +94,30 @@ def test_idempotent_and_identity_on_safe_text(s: str) -> None:
 @given(ANY_CHAR)
 def test_is_unsafe_char_matches_oracle(ch: str) -> None:
     assert is_unsafe_char(ch) == dangerous(ch)
+
+
+@given(ANY_TEXT)
+def test_safe_log_text_is_one_printable_line(s: str) -> None:
+    out = safe_log_text(s)
+    assert out.isprintable()  # no control, format, separator, private-use or unassigned character
+    assert len(out.splitlines()) <= 1  # whatever a reader treats as a line break is escaped
+    assert not any(dangerous(c) for c in out)
+    assert safe_log_text(out) == out
+    out.encode("utf-8")
+    if s.isprintable():
+        assert out == s  # ordinary text (accents, CJK, spaces) is logged as it is
+
+
+@pytest.mark.parametrize(
+    ("raw", "logged"),
+    [
+        ("a\nb\tc\rd", "a\\x0ab\\x09c\\x0dd"),
+        ("sep\u2028nel\x85", "sep\\u2028nel\\x85"),
+        ("zw\u200bj\ufeff", "zw\\u200bj\\ufeff"),  # invisible format characters
+        ("tag\U000e0041", "tag\\U000e0041"),  # fixed width above U+FFFF
+        ("nbsp\u00a0x", "nbsp\\xa0x"),
+        ("plain text, ünïcödé 日本", "plain text, ünïcödé 日本"),
+    ],
+)
+def test_safe_log_text_examples(raw: str, logged: str) -> None:
+    assert safe_log_text(raw) == logged

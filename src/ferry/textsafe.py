@@ -12,7 +12,7 @@ makes both functions idempotent, so text escaped on the server and again on the 
 
 from __future__ import annotations
 
-__all__ = ["is_unsafe_char", "safe_name", "safe_text"]
+__all__ = ["is_unsafe_char", "safe_log_text", "safe_name", "safe_text"]
 
 # Invisible characters that reorder how the surrounding text is displayed ("Trojan Source"): the
 # embeddings/overrides U+202A-U+202E, the isolates U+2066-U+2069, and the marks LRM, RLM and ALM.
@@ -36,9 +36,12 @@ def is_unsafe_char(ch: str) -> bool:
 
 
 def _escape(ch: str) -> str:
-    """The visible escape of one unsafe character: ``\\x1b`` below U+0100, else ``\\u202e``."""
+    """The visible escape of one unsafe character: ``\\x1b`` below U+0100, ``\\u202e`` below
+    U+10000, else ``\\U000e0001`` (a fixed width, so the next character cannot extend it)."""
     o = ord(ch)
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 def _escape_all(s: str, keep: frozenset[str]) -> str:
@@ -73,3 +76,18 @@ def safe_text(s: str) -> str:
     before it on the same line.
     """
     return _escape_all(s, _MESSAGE_WHITESPACE)
+
+
+def safe_log_text(s: str) -> str:
+    """Return ``s`` fit for one line of a log file: every non-printing character escaped.
+
+    Stricter than :func:`safe_name`: besides what a terminal must not see, it escapes newlines and
+    tabs and everything Unicode does not print (format characters such as zero-width joiners,
+    private-use and unassigned code points, spaces other than U+0020), because a log line must
+    read the same in every viewer and split into exactly one line however it is parsed (Python's
+    ``splitlines`` also breaks at U+2028, U+0085, U+001C...). The result is printable, so
+    escaping it again changes nothing.
+    """
+    if s.isprintable():  # C-speed check; nearly every logged string takes this path
+        return s
+    return "".join(c if c.isprintable() else _escape(c) for c in s)

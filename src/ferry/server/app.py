@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from ferry import __version__, paths
 from ferry.aio import ChunkStream
 from ferry.server.accounts import Accounts
 from ferry.server.context import Limits, ServerContext
+from ferry.server.log import setup_logging
 from ferry.server.session import Session
 
 
@@ -47,31 +46,6 @@ class Banner:
     tls: bool
     fingerprint: str | None
     first_user: tuple[str, str] | None  # (name, password) when just created
-
-
-def setup_logging(root: Path, console: bool) -> logging.Logger:
-    """The server's logger: a UTF-8 file under the root plus (optionally) the console.
-
-    Handlers are attached to a logger private to this root, replaced (not duplicated) on a restart
-    in the same process.
-    """
-    logfile = paths.log_file(root)
-    paths.ensure_private_dir(logfile.parent)
-    log = logging.getLogger(f"ferry.server.{root}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    fh = logging.FileHandler(logfile, encoding="utf-8")
-    fh.setFormatter(fmt)
-    log.addHandler(fh)
-    if console:
-        ch = logging.StreamHandler(sys.stderr)
-        ch.setFormatter(fmt)
-        log.addHandler(ch)
-    return log
 
 
 class _SessionStream(ChunkStream):

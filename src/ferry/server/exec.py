@@ -600,7 +600,7 @@ class Command:
             self.id,
             self.pid,
             self.pty is not None,
-            safe_text(self.label()),
+            self.label(),
             _describe(status),
             time.monotonic() - self.started,
             self.sent[m.STDOUT],
@@ -770,8 +770,8 @@ class ExecHandler:
                 "exec refused user=%s peer=%s command=%s: %s",
                 user.name,
                 session.peer,
-                safe_text(msg.command if msg.command is not None else shlex.join(msg.argv or [])),
-                safe_text(exc.message),
+                msg.command if msg.command is not None else shlex.join(msg.argv or []),
+                exc.message,
             )
             raise
         cwd_fd = jail.open_dir(msg.cwd)  # NotFound / PathRefused (symlink, .., absolute) as usual

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.server.jail import Entry as JailEntry
 from ferry.server.jail import Jail
-from ferry.textsafe import safe_text
 from ferry.wire import messages as m
 
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ def log_op(session: Session, op: str, path: str, started: float, result: str = "
         session.user.name if session.user else "-",
         session.peer,
         op,
-        safe_text(path),
+        path,
         nbytes,
         time.monotonic() - started,
         result,

@@ -23,7 +23,6 @@ from ferry.errors import AuthError, FerryError, RemoteError
 from ferry.server import files, transfer, tree
 from ferry.server.accounts import User
 from ferry.server.jail import Jail
-from ferry.textsafe import safe_text
 from ferry.wire import (
     CONNECTION_ENDED,
     NEED_DATA,
@@ -93,6 +92,7 @@ class Session:
         self.user: User | None = None
         self.jail: Jail | None = None
         self.plain = writer.get_extra_info("sslcontext") is None
+        self.software = ""  #: what the client's Hello says it is (client-controlled text)
         self._wlock = asyncio.Lock()  # held for a whole sendfile block: no frame may interleave
         self._out = CorkedWriter(writer)
         self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
@@ -200,7 +200,7 @@ class Session:
                 self.user.name if self.user else "-",
                 self.peer,
                 time.monotonic() - started,
-                safe_text(reason),
+                reason,
             )
 
     async def _try_send(self, msg: m.Message) -> None:
@@ -275,6 +275,7 @@ class Session:
 
     async def _handshake(self) -> None:
         hello = await self._handshake_message(m.Hello, "before hello")
+        self.software = hello.software
         try:
             version = choose_version(hello)
         except ProtocolError as exc:
@@ -294,7 +295,7 @@ class Session:
                     )
             except AuthError as exc:
                 self.ctx.log.warning(
-                    "auth failed user=%s peer=%s attempt=%d", safe_text(auth.user), self.peer, attempt
+                    "auth failed user=%s peer=%s attempt=%d", auth.user, self.peer, attempt
                 )
                 await asyncio.sleep(limits.auth_fail_delay)
                 await self.send(m.Error(id=0, code="auth", message=str(exc)))
@@ -310,7 +311,12 @@ class Session:
 
                 self.exec_handler = ExecHandler(self)
             self.ctx.log.info(
-                "session %d login user=%s peer=%s plain=%s", self.sid, user.name, self.peer, self.plain
+                "session %d login user=%s peer=%s plain=%s software=%s",
+                self.sid,
+                user.name,
+                self.peer,
+                self.plain,
+                self.software,
             )
             return
         raise AuthError("too many failed attempts")
