@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +30,69 @@ def ferry_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     env["FERRY_HOME"] = str(tmp_path / "ferry-home")
     env["PYTHONUNBUFFERED"] = "1"
     yield env
+
+
+# --- Real components for the scale-out tests (tests/components.py): started on first use, once per run.
+
+
+@pytest.fixture(scope="session")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real SeaweedFS S3 store (``components.Weed``) on loopback for the whole test run."""
+    from components import start_weed  # components imports this module: import it lazily
+
+    w = start_weed(tmp_path_factory.mktemp("weed"))
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    """A key prefix of its own for one test in the shared bucket (``t/<random>/``)."""
+    return f"t/{secrets.token_hex(6)}/"
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """DSN of a fresh PostgreSQL database for this test run, dropped at the end."""
+    from components import create_database, drop_database
+
+    name, dsn = create_database()
+    try:
+        yield dsn
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture
+def pg_dsn(pg_database: str) -> Iterator[str]:
+    """DSN whose default schema is a fresh one for this test (so tests never see each other's rows)."""
+    from components import dsn_with, run_sql
+
+    schema = f"t_{secrets.token_hex(6)}"
+    run_sql(f"CREATE SCHEMA {schema}", pg_database)
+    try:
+        yield dsn_with(pg_database, schema=schema)
+    finally:
+        run_sql(f"DROP SCHEMA {schema} CASCADE", pg_database)
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``haproxy([(host, port), ...])`` starts a real HAProxy (``components.HAProxy``) in front of
+    those backends; every one started is stopped (by PID) when the test ends."""
+    from components import start_haproxy
+
+    started: list[Any] = []
+
+    def start(backends: list[tuple[str, int]], **kw: Any) -> Any:
+        h = start_haproxy(tmp_path / f"haproxy{len(started)}", backends, **kw)
+        started.append(h)
+        return h
+
+    try:
+        yield start
+    finally:
+        for h in started:
+            h.stop()
