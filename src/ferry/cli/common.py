@@ -15,6 +15,7 @@ import click
 from ferry.client.aclient import AsyncClient
 from ferry.client.location import Location
 from ferry.errors import AuthError, UsageError
+from ferry.errtext import os_reason
 
 
 def default_user() -> str:
@@ -31,8 +32,12 @@ def resolve_password(loc: Location, password_file: str | None) -> str:
     if password_file:
         try:
             return Path(password_file).read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, IndexError) as exc:
-            raise UsageError(f"cannot read a password from {password_file}: {exc}") from exc
+        except OSError as exc:
+            raise UsageError(f"cannot read a password from --password-file {password_file}: {os_reason(exc)}") from exc
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"cannot read a password from --password-file {password_file}: not UTF-8 text") from exc
+        except IndexError as exc:
+            raise UsageError(f"--password-file {password_file} is empty: put the password on its first line") from exc
     env = os.environ.get("FERRY_PASSWORD")
     if env is not None:
         return env

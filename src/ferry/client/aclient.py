@@ -22,9 +22,11 @@ from typing import Any
 from ferry import __version__
 from ferry.aio import CorkedWriter
 from ferry.client.errors import from_wire
+from ferry.client.location import format_address
 from ferry.client.receive import RawPayload
 from ferry.client.stream import ClientStream, open_client_connection
 from ferry.errors import AuthError, ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout, UsageError
+from ferry.errtext import os_reason
 from ferry.paths import DEFAULT_PORT
 from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, ProtocolError, Role
 from ferry.wire import messages as m
@@ -122,6 +124,7 @@ class AsyncClient:
         """
         if not 0 < port < 65536:
             raise UsageError(f"port {port} out of range (1-65535)")
+        where = format_address(host, port)
         ssl_ctx: ssl.SSLContext | None = None
         if not plain:
             from ferry.client.tls import client_ssl_context
@@ -133,18 +136,18 @@ class AsyncClient:
                     host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
                 )
         except TimeoutError as exc:
-            raise FerryTimeout(f"connecting to {host}:{port} timed out after {timeout:g} s") from exc
+            raise FerryTimeout(f"connecting to {where} timed out after {timeout:g} s") from exc
         except ssl.SSLError as exc:
             raise ConnectionBroken(
-                f"TLS handshake with {host}:{port} failed ({exc.reason}); if the server runs with --plain, use --plain too"
+                f"TLS handshake with {where} failed ({exc.reason}); if the server runs with --plain, use --plain too"
             ) from exc
         except OSError as exc:
-            # A bare ConnectionResetError() has neither strerror nor text: never print an empty reason.
-            reason = exc.strerror or str(exc) or type(exc).__name__
+            # In words: asyncio's own text is "Connect call failed ('::1', 7373, 0, 0)".
+            reason = os_reason(exc)
             if ssl_ctx is not None and isinstance(exc, ConnectionResetError | BrokenPipeError):
                 # A --plain server drops the TLS ClientHello as a malformed frame and resets.
                 reason += " during the TLS handshake; if the server runs with --plain, use --plain too"
-            raise ConnectionBroken(f"cannot connect to {host}:{port}: {reason}") from exc
+            raise ConnectionBroken(f"cannot connect to {where}: {reason}") from exc
         fp = status = None
         try:
             if ssl_ctx is not None:
@@ -157,13 +160,13 @@ class AsyncClient:
                 welcome, ok = await asyncio.wait_for(client._handshake(user, password), timeout)
             except TimeoutError as exc:  # a builtin TimeoutError is an OSError: the CLI called it local
                 raise FerryTimeout(
-                    f"{host}:{port} accepted the connection but did not answer the login within {timeout:g} s"
+                    f"{where} accepted the connection but did not answer the login within {timeout:g} s"
                 ) from exc
         except BaseException:
             writer.close()
             raise
         client.info = HostInfo(
-            f"{host}:{port}",
+            where,
             ssl_ctx is not None,
             fp,
             status,
@@ -208,7 +211,7 @@ class AsyncClient:
         try:
             return await self._reader.read(READ_SIZE)
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectionBroken(f"connection to the server lost: {exc}") from exc
+            raise ConnectionBroken(f"connection to the server lost: {os_reason(exc)}") from exc
 
     async def _write(self, data: bytes | memoryview) -> None:
         if self._error is not None:
@@ -228,7 +231,7 @@ class AsyncClient:
             self._writer.transport.abort()  # the buffered data would otherwise hold the socket open
             raise err from exc
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectionBroken(f"connection to the server lost: {exc}") from exc
+            raise ConnectionBroken(f"connection to the server lost: {os_reason(exc)}") from exc
 
     # --- the reader task -------------------------------------------------------------------
 

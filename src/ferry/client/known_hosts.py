@@ -25,6 +25,7 @@ from typing import Literal
 
 from ferry import paths
 from ferry.errors import FerryError, HostKeyMismatch, UsageError
+from ferry.errtext import os_reason
 
 try:
     import fcntl
@@ -71,8 +72,10 @@ class KnownHosts:
                 return f.read().splitlines()
         except FileNotFoundError:
             return []
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FerryError(f"cannot read {self.path}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise FerryError(f"cannot read {self.path}: it is not UTF-8 text") from exc
+        except OSError as exc:
+            raise FerryError(f"cannot read {self.path}: {os_reason(exc)}") from exc
 
     def _write_lines(self, lines: list[str]) -> None:
         """Replace the file atomically: temp file (0600) in the same folder, fsync, rename."""
@@ -103,7 +106,7 @@ class KnownHosts:
             paths.ensure_private_dir(self.path.parent)
             lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise FerryError(f"cannot update {self.path}: {exc}") from exc
+            raise FerryError(f"cannot update {self.path}: {os_reason(exc)}") from exc
         try:
             if fcntl is not None:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -150,7 +153,7 @@ class KnownHosts:
                 try:
                     self._write_lines([*lines, f"{key} {fingerprint}"])
                 except OSError as exc:
-                    raise FerryError(f"cannot save the server's fingerprint to {self.path}: {exc}") from exc
+                    raise FerryError(f"cannot save the server's fingerprint to {self.path}: {os_reason(exc)}") from exc
         return status
 
     def _match(self, lines: list[str], key: str, fingerprint: str) -> Literal["known", "new"]:
@@ -183,5 +186,5 @@ class KnownHosts:
             try:
                 self._write_lines(kept)
             except OSError as exc:
-                raise FerryError(f"cannot update {self.path}: {exc}") from exc
+                raise FerryError(f"cannot update {self.path}: {os_reason(exc)}") from exc
         return True

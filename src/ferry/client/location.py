@@ -23,8 +23,12 @@ class Location:
     @property
     def address(self) -> str:
         """host:port with IPv6 hosts bracketed."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return format_address(self.host, self.port)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port`` as users write it: an IPv6 address in brackets (``[::1]:7373``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _SCP = re.compile(r"^(?:(?P<user>[^@/:\[\]]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@/:\[\]]+):(?P<path>.*)$", re.S)

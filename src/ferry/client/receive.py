@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ferry.client.stream import ClientStream
 from ferry.errors import ConnectionBroken, FerryTimeout
+from ferry.errtext import os_reason
 from ferry.hashing import ChunkHasher
 from ferry.writeback import start_writeback
 
@@ -237,4 +238,4 @@ class DownloadWriter:
         except TimeoutError as exc:
             raise FerryTimeout(f"no data from the server for {timeout:g} s") from exc
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectionBroken(f"connection to the server lost: {exc}") from exc
+            raise ConnectionBroken(f"connection to the server lost: {os_reason(exc)}") from exc

@@ -32,6 +32,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from ferry import paths
 from ferry.errors import AccountError, AuthError, FerryError, NoSuchUser, UserExists
+from ferry.errtext import os_reason
 
 __all__ = [
     "FIRST_USER",
@@ -172,7 +173,8 @@ class Accounts:
                 timeout=10.0,
             )
         except (OSError, sqlite3.Error) as exc:
-            raise FerryError(f"cannot open the accounts database {self.path}: {exc}") from exc
+            why = os_reason(exc) if isinstance(exc, OSError) else exc
+            raise FerryError(f"cannot open the accounts database {self.path}: {why}") from exc
         self._conn: sqlite3.Connection | None = conn
         try:
             self._setup(conn)
@@ -269,7 +271,7 @@ class Accounts:
             home.mkdir(mode=paths.PRIVATE_DIR_MODE, exist_ok=True)
             os.chmod(home, paths.PRIVATE_DIR_MODE)
         except OSError as exc:
-            raise FerryError(f"cannot create the home folder of {name!r}: {exc}") from exc
+            raise FerryError(f"cannot create the home folder of {name!r}: {os_reason(exc)}") from exc
 
     _COLUMNS: Final = "name, quota, exec_allowed, exec_allow"
 
@@ -318,7 +320,7 @@ class Accounts:
                 pass
             except OSError as exc:
                 raise FerryError(
-                    f"user {name!r} deleted, but its home {home} was not fully removed: {exc}"
+                    f"user {name!r} deleted, but its home {home} was not fully removed: {os_reason(exc)}"
                 ) from exc
 
     def set_password(self, name: str, password: str) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final
 
 from ferry import paths
 from ferry.errors import FerryError
+from ferry.errtext import os_reason
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -66,7 +67,9 @@ def fingerprint_file(cert: Path) -> str:
     try:
         pem = cert.read_text("ascii")
         return fingerprint(ssl.PEM_cert_to_DER_cert(pem))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise FerryError(f"cannot read the TLS certificate {cert}: {os_reason(exc)}") from exc
+    except ValueError as exc:
         raise FerryError(f"cannot read the TLS certificate {cert}: {exc}") from exc
 
 
@@ -198,7 +201,7 @@ def ensure_certificate(root: Path, hostnames: Iterable[str] = DEFAULT_HOSTNAMES)
             if not moved:
                 shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:
-        raise FerryError(f"cannot create the TLS certificate under {paths.tls_dir(root)}: {exc}") from exc
+        raise FerryError(f"cannot create the TLS certificate under {paths.tls_dir(root)}: {os_reason(exc)}") from exc
     return cert, key
 
 
@@ -212,5 +215,5 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(certfile=cert, keyfile=key)
     except (OSError, ssl.SSLError) as exc:
-        raise FerryError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from exc
+        raise FerryError(f"cannot load the TLS certificate {cert} / key {key}: {os_reason(exc)}") from exc
     return ctx
