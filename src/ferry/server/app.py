@@ -170,6 +170,7 @@ class Server:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         if self.ctx is not None:
+            self.ctx.work.shutdown()
             self.ctx.accounts.close()
             for h in list(self.ctx.log.handlers):
                 self.ctx.log.removeHandler(h)

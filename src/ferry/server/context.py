@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.accounts import Accounts, User
+from ferry.server.work import WorkPools
 
 
 @dataclass
@@ -33,6 +34,16 @@ class Limits:
     #: interrupted uploads not resumed within this many seconds are deleted (0: keep for ever)
     partial_max_age: float = 7 * 86400.0
     sweep_interval: float = 3600.0  #: seconds between two sweeps for stale partial uploads
+    #: threads for bounded blocking file work (stat, open, a block read or written, a commit);
+    #: separate from the default executor, which is left to password checks (ferry.server.work)
+    file_threads: int = 16
+    file_threads_per_user: int = 8  #: of those, how many one user's jobs may hold at once
+    #: threads for work that grows with a tree (listings, GetTree, PutTree batches, rm -r, usage)
+    walk_threads: int = 4
+    walk_threads_per_user: int = 2  #: of those, how many one user's walks may hold at once
+    #: expensive operations (recursive listing, GetTree, PutTree batch, rm -r, usage count) in
+    #: progress per session; more wait their turn in the session, in order
+    walks_per_session: int = 2
 
 
 class HashCache:
@@ -124,9 +135,18 @@ class ServerContext:
     uploads: dict[tuple[str, str], Any] = field(default_factory=dict)
     software: str = "ferry"
     auth_slots: asyncio.Semaphore | None = None
+    #: the thread pools for blocking file work (ferry.server.work); shut down with the server
+    work: WorkPools = field(init=False)
 
     def __post_init__(self) -> None:
         self.auth_slots = asyncio.Semaphore(self.limits.auth_concurrency)
+        lim = self.limits
+        self.work = WorkPools(
+            file_threads=lim.file_threads,
+            file_threads_per_user=lim.file_threads_per_user,
+            walk_threads=lim.walk_threads,
+            walk_threads_per_user=lim.walk_threads_per_user,
+        )
 
     def user_home(self, user: User) -> Path:
         """The home folder of ``user``."""

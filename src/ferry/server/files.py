@@ -6,72 +6,25 @@ in a thread so one slow disk does not stall other sessions. Each operation is lo
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import os
 import stat as statmod
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
+from ferry.server import work
 from ferry.server.jail import Entry as JailEntry
 from ferry.server.jail import Jail
+from ferry.server.work import in_thread, in_walk
 from ferry.wire import messages as m
 
 if TYPE_CHECKING:
     from ferry.server.session import Session
 
-T = TypeVar("T")
 PAGE = 1000  # entries per ListReply page
 #: bytes of entry names per page: recursive names can be KiBs long, so a count alone does not keep
 #: a page below the 1 MiB message limit (the client would drop the connection)
 PAGE_BYTES = 1 << 18
-
-
-#: The thread jobs of the current session (set by Session.run; tasks it starts inherit it). The
-#: session closes its jail only once they are done: a thread still working with the home's
-#: descriptor must never find it closed, or worse, reused for an unrelated file.
-session_jobs: contextvars.ContextVar[set[asyncio.Future[Any]]] = contextvars.ContextVar("session_jobs")
-
-
-def start_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-    """Start a blocking call in the default executor, tracked as a job of the current session."""
-    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    jobs = session_jobs.get(None)
-    if jobs is not None:
-        jobs.add(fut)
-        fut.add_done_callback(jobs.discard)
-    return fut
-
-
-async def in_thread(fn: Callable[..., T], *args: object, release: Callable[[T], object] | None = None) -> T:
-    """Run a blocking call in the default executor and return its result.
-
-    A cancelled await (client gone, server shutdown) cannot stop the thread: the job is shielded so
-    its result is not lost, and ``release`` is applied to it once it is done (a result holding
-    descriptors must say how to close them, or they would leak).
-    """
-    fut = start_thread(fn, *args)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        fut.add_done_callback(lambda f: _release(f, release))
-        raise
-
-
-def _release(fut: asyncio.Future[T], release: Callable[[T], object] | None) -> None:
-    """Dispose of the result of a job nobody waits for any more (its error, too: retrieved here, or
-    asyncio would log it as never retrieved)."""
-    if fut.cancelled() or fut.exception() is not None:
-        return
-    if release is not None:
-        release(fut.result())
-
-
-async def wait_jobs(jobs: set[asyncio.Future[Any]]) -> None:
-    """Wait until every job in ``jobs`` (including ones started meanwhile) is done."""
-    while jobs:
-        await asyncio.wait(list(jobs))
 
 
 def jail_of(session: Session) -> Jail:
@@ -124,14 +77,16 @@ async def handle_stat(session: Session, msg: m.Stat) -> None:
     log_op(session, "stat", msg.path, t0)
 
 
-def walk(jail: Jail, path: str, recursive: bool) -> Iterator[m.Entry]:
-    """Entries of ``path``; with ``recursive``, the whole tree with relative names (dirs first)."""
+def walk(jail: Jail, path: str, recursive: bool, check: Callable[[], None]) -> Iterator[m.Entry]:
+    """Entries of ``path``; with ``recursive``, the whole tree with relative names (dirs first).
+    ``check`` is called before each entry (it raises to stop the walk)."""
     base = "" if path in ("", ".") else path.rstrip("/")
     stack = [""]
     while stack:
         rel = stack.pop()
         where = "/".join(p for p in (base, rel) if p)
         for e in sorted(jail.listdir(where), key=lambda e: e.name):
+            check()
             name = f"{rel}/{e.name}" if rel else e.name
             yield to_wire(e, name)
             if recursive and e.kind == "dir":
@@ -143,14 +98,17 @@ async def handle_list(session: Session, msg: m.ListDir) -> None:
     t0 = time.monotonic()
     jail = jail_of(session)
 
+    check = work.current.get().check
+
     def collect() -> list[m.Entry]:
         entry = stat_entry(jail, msg.path)
         if entry.kind != "dir":
             return [entry]
-        return list(walk(jail, msg.path, msg.recursive))
+        return list(walk(jail, msg.path, msg.recursive, check))
 
     # A listing is bounded by what the user can store; pages keep each frame small.
-    entries = await in_thread(collect)
+    async with work.current.get().walk_slot():
+        entries = await in_walk(collect)
     pages = list(_pages(entries))
     for i, page in enumerate(pages):
         await session.send(m.ListReply(id=msg.id, entries=page, more=i + 1 < len(pages)))
@@ -186,7 +144,12 @@ async def handle_remove(session: Session, msg: m.Remove) -> None:
     jail = jail_of(session)
     assert session.user is not None
     st = await in_thread(jail.lstat, msg.path)
-    await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
+    if msg.recursive and statmod.S_ISDIR(st.st_mode):
+        session_work = work.current.get()
+        async with session_work.walk_slot():
+            await in_walk(lambda: jail.remove(msg.path, recursive=True, check=session_work.check))
+    else:
+        await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
     if statmod.S_ISREG(st.st_mode):
         session.ctx.usage.add(session.user.name, -st.st_size)
     else:
@@ -217,7 +180,10 @@ async def current_usage(session: Session) -> int:
     async with usage.lock(name):
         known = usage.known(name)
         if known is None:
-            known = await in_thread(jail_of(session).usage)
+            session_work = work.current.get()
+            jail = jail_of(session)
+            async with session_work.walk_slot():
+                known = await in_walk(lambda: jail.usage(check=session_work.check))
             usage.set(name, known)
         return known
 

@@ -319,6 +319,10 @@ def _rename_noreplace(sfd: int, sname: str, dfd: int, dname: str) -> None:
 # A chain of directory fds for recursive walks
 
 
+def _no_check() -> None:
+    """The default ``check`` of a walk: never stops it."""
+
+
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
@@ -579,13 +583,14 @@ class Jail:
         """The entries of directory ``path``, sorted by name (see :meth:`iter_dir`)."""
         return sorted(self.iter_dir(path, include_partial=include_partial), key=lambda e: e.name)
 
-    def usage(self) -> int:
+    def usage(self, *, check: Callable[[], None] = _no_check) -> int:
         """Total apparent size (``st_size``) in bytes of all regular files under the home.
 
         Apparent size, not allocated blocks: it is what a user can predict from what they uploaded
         (sparse files, compression and block rounding do not change it). Partial uploads count (they
         occupy the disk). A file with several hard links inside the home counts once. Symbolic links
         are never followed. Cost is one ``lstat`` per entry; callers should cache the result.
+        ``check`` is called before each entry and may raise to abandon the count.
         """
         total = 0
         seen: set[tuple[int, int]] = set()
@@ -595,6 +600,7 @@ class Jail:
             subdirs: list[str] = []
             with os.scandir(fd) as it:
                 for de in it:
+                    check()
                     try:
                         st = de.stat(follow_symlinks=False)
                     except FileNotFoundError:
@@ -764,13 +770,14 @@ class Jail:
                 if not exist_ok:
                     raise AlreadyExists("exists", f"{_show(path)} already exists") from exc
 
-    def remove(self, path: str, *, recursive: bool = False) -> None:
+    def remove(self, path: str, *, recursive: bool = False, check: Callable[[], None] = _no_check) -> None:
         """Remove file, symlink or folder ``path``.
 
         A symlink is removed itself, never its target. A folder must be empty unless ``recursive``;
         recursive removal walks with descriptors and O_NOFOLLOW, so a symlink inside the tree (even
         one swapped in during the removal) is unlinked and never descended into. The home itself
-        cannot be removed.
+        cannot be removed. ``check`` is called before each entry and may raise to stop a recursive
+        removal half-way (what was removed stays removed, as with ``rm -r``).
         """
         parts = self._needs_name(path, "your home folder itself cannot be removed")
         with _translating(path), self._parent(parts) as (pfd, name):
@@ -778,7 +785,7 @@ class Jail:
             if not stat.S_ISDIR(st.st_mode):
                 os.unlink(name, dir_fd=pfd)
             elif recursive:
-                self._rmtree_at(pfd, name)
+                self._rmtree_at(pfd, name, check)
             else:
                 try:
                     os.rmdir(name, dir_fd=pfd)
@@ -793,7 +800,7 @@ class Jail:
                         ) from exc
                     raise
 
-    def _rmtree_at(self, pfd: int, name: str) -> None:
+    def _rmtree_at(self, pfd: int, name: str, check: Callable[[], None]) -> None:
         """Remove directory ``name`` in ``pfd`` and everything under it (raises OSError)."""
         chain = _DirChain(pfd, self._max_open_dirs)
         try:
@@ -804,7 +811,7 @@ class Jail:
                     os.unlink(name, dir_fd=pfd)
                     return
                 raise
-            pending = [_clear_files(chain.top())]
+            pending = [_clear_files(chain.top(), check)]
             while pending:
                 if pending[-1]:
                     sub = pending[-1].pop()
@@ -819,7 +826,7 @@ class Jail:
                                 os.unlink(sub, dir_fd=chain.top())
                             continue
                         raise
-                    pending.append(_clear_files(chain.top()))
+                    pending.append(_clear_files(chain.top(), check))
                 else:
                     pending.pop()
                     done = chain.pop()
@@ -1292,12 +1299,14 @@ def _only_partials(pfd: int, name: str) -> bool:
         os.close(fd)
 
 
-def _clear_files(fd: int) -> list[str]:
-    """Unlink every non-directory entry of directory ``fd``; return the names of its subdirectories."""
+def _clear_files(fd: int, check: Callable[[], None]) -> list[str]:
+    """Unlink every non-directory entry of directory ``fd``; return the names of its subdirectories.
+    ``check`` is called before each entry (it raises to stop)."""
     with os.scandir(fd) as it:
         entries = [(de.name, de.is_dir(follow_symlinks=False)) for de in it]  # list first, then unlink
     subdirs: list[str] = []
     for name, is_dir in entries:
+        check()
         if is_dir:
             subdirs.append(name)
             continue

@@ -23,6 +23,8 @@ from ferry.errors import AuthError, FerryError, RemoteError
 from ferry.server import files, transfer, tree
 from ferry.server.accounts import User
 from ferry.server.jail import Jail
+from ferry.server.work import SessionWork
+from ferry.server.work import current as current_work
 from ferry.wire import (
     CONNECTION_ENDED,
     NEED_DATA,
@@ -98,8 +100,8 @@ class Session:
         self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
         self._last_rx = time.monotonic()
         self._worker_task: asyncio.Task[None] | None = None
-        #: thread jobs of this session still running (see files.session_jobs)
-        self._jobs: set[asyncio.Future[Any]] = set()
+        #: thread jobs of this session: pools, fair share, per-session slots, cancellation
+        self.work = SessionWork(ctx.work, ctx.limits.walks_per_session)
         self.busy = 0  # requests in progress; an idle timeout only applies when zero
         #: channel id -> object receiving data frames (uploads; commands register here too)
         self.channels: dict[int, Any] = {}
@@ -166,10 +168,12 @@ class Session:
         worker: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
         reason = "closed"
-        files.session_jobs.set(self._jobs)  # before any task is started: they inherit it
+        current_work.set(self.work)  # before any task is started: they inherit it
         try:
             async with asyncio.timeout(self.ctx.limits.hello_timeout):
                 await self._handshake()
+            assert self.user is not None
+            self.work.owner = self.user.name  # the pools share their threads per user
             worker = self._worker_task = asyncio.create_task(self._worker())
             watchdog = asyncio.create_task(self._watchdog())
             await self._read_loop()
@@ -188,6 +192,7 @@ class Session:
             await self._try_send(m.Goodbye(reason="server shutting down"))
             raise
         finally:
+            self.work.close()  # threads stop walking before their next entry; queued walks are dropped
             for task in (worker, watchdog):
                 if task is not None:
                     task.cancel()
@@ -223,9 +228,9 @@ class Session:
             # descriptor: closing it now could let the number be reused for another file under the
             # thread's feet. If this wait is cancelled too (shutdown), the last job closes it.
             try:
-                await files.wait_jobs(self._jobs)
+                await self.work.wait()
             finally:
-                self._close_jail_after_jobs()
+                self.work.after_jobs(self.jail.close)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
@@ -235,15 +240,6 @@ class Session:
         still uses ``req_id``: its state is keyed by the id."""
         if req_id in self.gets or req_id in self.channels:
             raise RemoteProtocolError(f"request id {req_id} is already in use")
-
-    def _close_jail_after_jobs(self) -> None:
-        """Close the jail now, or once the session's running thread jobs are done."""
-        assert self.jail is not None
-        pending = next((f for f in self._jobs if not f.done()), None)
-        if pending is None:
-            self.jail.close()
-        else:
-            pending.add_done_callback(lambda _f: self._close_jail_after_jobs())
 
     # --- input -----------------------------------------------------------------------------
 

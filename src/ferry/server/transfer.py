@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from ferry.errors import AlreadyExists, DiskFull, IntegrityError, RemoteError
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
-from ferry.server.files import current_usage, in_thread, jail_of, log_op, start_thread
+from ferry.server.files import current_usage, jail_of, log_op
 from ferry.server.jail import join_path, parse_path, partial_name
+from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
 from ferry.writeback import start_writeback

@@ -23,13 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ferry.aio import close_after
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
-from ferry.server.files import current_usage, in_thread, jail_of, log_op, start_thread
+from ferry.server import work
+from ferry.server.files import current_usage, jail_of, log_op
 from ferry.server.jail import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
 from ferry.wire import Data, ProtocolError, RemoteProtocolError
 from ferry.wire import messages as m
@@ -88,9 +90,10 @@ def _wire_text(text: str) -> str:
 class _Batches:
     """Turns a :class:`TreeScan` into TreeItems batches (called in a thread, one call at a time)."""
 
-    def __init__(self, scan: TreeScan, hash: HashName) -> None:
+    def __init__(self, scan: TreeScan, hash: HashName, check: Callable[[], None]) -> None:
         self.scan = scan
         self.hash = hash
+        self.check = check
         self.files = 0
         self.errors = 0
         self.bytes = 0
@@ -99,7 +102,9 @@ class _Batches:
         """The next batch, and whether the scan is complete."""
         items: list[m.TreeItem] = []
         size = 0
+        check = self.check
         for rec in self.scan:
+            check()
             item = self._item(rec)
             items.append(item)
             size += _wire_cost(item)  # error messages count too: they may repeat a long path
@@ -160,13 +165,18 @@ async def handle_get_tree(session: Session, msg: m.GetTree) -> None:
 
 
 async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
+    async with work.current.get().walk_slot():
+        await _send_tree(session, msg)
+
+
+async def _send_tree(session: Session, msg: m.GetTree) -> None:
     t0 = time.monotonic()
     jail = jail_of(session)
-    scan = await in_thread(
+    scan = await work.in_thread(
         lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
     )
-    batches = _Batches(scan, msg.hash)
-    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = start_thread(batches.next)
+    batches = _Batches(scan, msg.hash, work.current.get().check)
+    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = work.start_walk(batches.next)
     result = "ok"
     try:
         while job is not None:
@@ -177,7 +187,7 @@ async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
                 await session.send(m.Error(id=msg.id, code="cancelled", message="tree download cancelled"))
                 return
             if not done:  # read the next batch while this one is encrypted and sent
-                job = start_thread(batches.next)
+                job = work.start_walk(batches.next)
             await session.send(m.TreeItems(id=msg.id, items=items, end=done))
     except BaseException:
         result = "aborted"
@@ -283,7 +293,16 @@ class TreeUpload:
         # be looked at. Otherwise that lstat per file is skipped; see _account.
         track = budget is not None or session.ctx.usage.known(user.name) is not None
         self._job_tracked = track
-        self._job = start_thread(self._store, batch.items, budget, track)
+        # A batch is an expensive operation of the session (up to 1,024 folders and files): it
+        # takes one of the session's walk slots until its job is done.
+        release_slot = await work.current.get().acquire_walk_slot()
+        if self.dead:  # aborted while waiting for the slot
+            release_slot()
+            session.ctx.usage.release(user.name, size)
+            self._reserved = 0
+            return
+        self._job = work.start_walk(self._store, batch.items, budget, track)
+        self._job.add_done_callback(lambda _f: release_slot())
         self._acker = asyncio.create_task(self._ack(self._job, batch.end, track))
         if batch.end:
             await self._acker
@@ -456,7 +475,7 @@ async def handle_put_tree(session: Session, msg: m.PutTree) -> None:
     assert session.user is not None
     if session.user.quota is not None:
         await current_usage(session)  # computed once, before the first batch needs it
-    dirs = await in_thread(jail.tree_dirs, msg.path, release=TreeDirs.close)
+    dirs = await work.in_thread(jail.tree_dirs, msg.path, release=TreeDirs.close)
     session.channels[msg.id] = TreeUpload(session, msg, dirs)
 
 

@@ -1,0 +1,233 @@
+"""Expensive operations on the server (recursive listings, tree transfers, rm -r, usage) against one
+user freezing everyone: separate bounded pools, fair shares, per-session slots, cancellation with
+the connection (issue 10, break 1; ferry.server.work).
+
+Every test runs a real server on loopback and talks to it over sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.hashing import small_digest
+from ferry.server.context import Limits
+from ferry.server.jail import Entry, Jail
+from ferry.server.work import FairPool
+from ferry.wire import CONNECTION_ENDED, Data
+from ferry.wire import messages as m
+from ferry_server import ServerThread
+from transfer_support import (
+    RawClient,
+    SessionRecorder,
+    home,
+    no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
+    no_sessions,
+    running_server,
+    wait_until,
+)
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
+
+DEPTH = 1500  # the attack's depth: a single mkdir -p (3 KB path) makes it
+
+
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(tmp_path: Path) -> Iterator[None]:
+    """pytest removes old temp folders with a recursive ``shutil.rmtree``, which dies of
+    RecursionError on a tree ~1,000 levels deep, in every later run on this machine: remove what
+    the test made here, with the jail's iterative removal."""
+    yield
+    with Jail(tmp_path) as jail:
+        for name in os.listdir(tmp_path):
+            jail.remove(name, recursive=True)
+
+
+def deep_path(depth: int) -> str:
+    return "/".join(["d"] * depth)
+
+
+def login(srv: ServerThread, user: str = "alice") -> RawClient:
+    raw = RawClient(srv.port)
+    raw.login(user)
+    return raw
+
+
+def make_deep_tree(srv: ServerThread, depth: int) -> None:
+    """One ``mkdir -p`` over the wire, as the attacker did."""
+    raw = login(srv)
+    try:
+        raw.send(m.Mkdir(id=1, path=deep_path(depth), parents=True))
+        assert isinstance(raw.reply(1), m.Ok)
+    finally:
+        raw.close()
+
+
+def pools_idle(srv: ServerThread) -> bool:
+    return srv.server.ctx is not None and srv.server.ctx.work.busy == 0
+
+
+def read_listing(raw: RawClient, req_id: int, timeout: float = 10.0) -> list[m.Entry]:
+    """Every page of listing ``req_id`` (raises on an Error reply)."""
+    entries: list[m.Entry] = []
+    for _ in range(100_000):
+        page = raw.reply(req_id, timeout)
+        assert isinstance(page, m.ListReply), page
+        entries += page.entries
+        if not page.more:
+            return entries
+    raise AssertionError("the listing did not end")
+
+
+@pytest.mark.timeout(120)
+def test_one_users_deep_listings_do_not_stall_another_users_login_and_requests(tmp_path: Path) -> None:
+    """The attack of issue 10 (break 1), scaled down: a 1,500-level tree and six connections of
+    one user each asking for a recursive listing of it. Another user must still log in, stat and
+    list at once; closing the attacking connections must stop their thread work."""
+    with running_server(tmp_path / "root", plain=True, users=("alice", "bob")) as srv:
+        make_deep_tree(srv, DEPTH)
+        attackers: list[RawClient] = []
+        try:
+            for _ in range(6):
+                raw = login(srv)
+                raw.send(m.ListDir(id=1, path="", recursive=True))
+                attackers.append(raw)
+            t0 = time.monotonic()
+            bob = login(srv, "bob")
+            bob.send(m.Stat(id=1, path=""))
+            assert isinstance(bob.reply(1), m.StatReply)
+            answered = time.monotonic() - t0
+            # bob's own recursive listing needs a walk thread: alice's walks hold only her share
+            (bob_home := home(srv, "bob") / "x" / "y").mkdir(parents=True)
+            (bob_home / "f").write_bytes(b"f")
+            t1 = time.monotonic()
+            bob.send(m.ListDir(id=2, path="", recursive=True))
+            names = [e.name for e in read_listing(bob, 2)]
+            listed = time.monotonic() - t1
+            bob.close()
+            assert answered < 2.0, f"bob's login and stat took {answered:.1f} s"
+            assert listed < 2.0, f"bob's recursive listing took {listed:.1f} s"
+            assert names == ["x", "x/y", "x/y/f"]
+        finally:
+            for raw in attackers:
+                raw.close()
+        # Closing the connections stops the work: no thread keeps walking for nobody.
+        assert wait_until(lambda: no_sessions(srv) and pools_idle(srv), 5)
+
+
+@pytest.mark.timeout(60)
+def test_a_listing_stops_between_entries_when_its_connection_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk in a thread looks at its session between entries: once the connection is gone it
+    stops at the next entry instead of walking the rest of the tree for nobody."""
+    sessions = SessionRecorder(monkeypatch)
+    stat_calls = 0
+    paused = threading.Event()
+    resume = threading.Event()
+    original = Entry.from_stat.__func__  # type: ignore[attr-defined]
+
+    def from_stat(cls: type[Entry], name: str, st: Any) -> Entry:
+        nonlocal stat_calls
+        stat_calls += 1
+        if stat_calls == 100:  # a hundred folders down: hold the walk here, in its thread
+            paused.set()
+            resume.wait(20)
+        return original(cls, name, st)  # type: ignore[no-any-return]
+
+    with running_server(tmp_path / "root", plain=True) as srv:
+        make_deep_tree(srv, 300)
+        monkeypatch.setattr(Entry, "from_stat", classmethod(from_stat))
+        raw = login(srv)
+        try:
+            raw.send(m.ListDir(id=1, path="", recursive=True))
+            assert paused.wait(10)
+        finally:
+            raw.close()
+        session = sessions.sessions[-1]
+        assert wait_until(lambda: session.writer.is_closing(), 10)  # the session saw it
+        resume.set()
+        assert wait_until(lambda: no_sessions(srv), 20)
+        assert stat_calls <= 101, f"the walk went on for {stat_calls - 100} entries after its session ended"
+        assert pools_idle(srv)
+
+
+def tree_files(folder: Path, count: int, size: int) -> None:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"f{i:03d}").write_bytes(bytes([i % 251]) * size)
+
+
+@pytest.mark.timeout(60)
+def test_expensive_operations_beyond_the_session_limit_wait_their_turn(tmp_path: Path) -> None:
+    """With ``walks_per_session=1`` a tree upload's batch waits while the session's tree download
+    holds the slot (here: stalled on a client that does not read), and runs as soon as it ends."""
+    limits = Limits(walks_per_session=1)
+    with running_server(tmp_path / "root", plain=True, limits=limits) as srv:
+        tree_files(home(srv) / "big", 48, 1 << 18)  # 12 MiB in 256 KiB inline files: many batches
+        raw = RawClient(srv.port, rcvbuf=1 << 16)
+        raw.login()
+        try:
+            raw.send(m.GetTree(id=1, path="big"))
+            raw.send(m.PutTree(id=2, path="up"))
+            data = b"payload"
+            item = m.TreeItem(
+                path="x", kind="file", size=len(data), data=data, digest=small_digest("blake3", data)
+            )
+            raw.send(m.TreeItems(id=2, items=[item], end=True))
+            assert wait_until(lambda: (home(srv) / "up").is_dir(), 10)  # the PutTree was read
+            time.sleep(1.0)  # generous: the batch would be stored within milliseconds
+            assert not (home(srv) / "up" / "x").exists(), "the batch ran beside the stalled download"
+            ack = None
+            for _ in range(10_000):
+                ev = raw.next_event()
+                assert ev is not CONNECTION_ENDED
+                if isinstance(ev, m.TreeAck):
+                    ack = ev
+                    break
+                assert isinstance(ev, m.TreeItems | Data), ev
+            assert ack is not None and ack.files == 1 and ack.end
+            assert (home(srv) / "up" / "x").read_bytes() == data
+        finally:
+            raw.close()
+
+
+def test_a_fair_pool_serves_a_second_owner_before_the_first_owners_backlog() -> None:
+    """The pool itself (no server): one owner's queue of jobs does not delay another owner's job
+    beyond the jobs already running, and an owner never holds more than its share of threads."""
+
+    async def main() -> list[str]:
+        pool = FairPool("test", threads=2, per_user=1)
+        gate = threading.Event()
+        order: list[str] = []
+
+        def job(name: str) -> str:
+            order.append(name)
+            gate.wait(10)
+            return name
+
+        try:
+            a_jobs = [pool.submit("alice", job, f"a{i}").result for i in range(5)]
+            await asyncio.sleep(0.05)
+            assert pool.running == 1 and pool.running_for("alice") == 1  # her share: one thread
+            b_job = pool.submit("bob", job, "b0").result
+            await asyncio.sleep(0.05)
+            assert pool.running == 2 and order == ["a0", "b0"]  # bob did not queue behind her backlog
+            a_jobs[4].cancel()  # a job cancelled while waiting never runs
+            gate.set()
+            done = await asyncio.gather(*a_jobs[:4], b_job)
+            assert done == ["a0", "a1", "a2", "a3", "b0"]
+            return order
+        finally:
+            gate.set()
+            pool.shutdown()
+
+    order = asyncio.run(main())
+    assert "a4" not in order
