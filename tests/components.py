@@ -136,7 +136,19 @@ class Weed:
         os.kill(self.proc.pid, signal.SIGCONT)
 
 
-def start_weed(folder: Path, *, bucket: str = "ferry", timeout: float = 60.0) -> Weed:
+def start_weed(folder: Path, *, bucket: str = "ferry", timeout: float = 60.0, attempts: int = 3) -> Weed:
+    """Start ``weed mini`` (see :func:`_start_weed_once`); a start that fails, e.g. because one of its ten
+    free ports was taken in between by another test run, is tried again with new ports."""
+    for attempt in range(attempts):
+        try:
+            return _start_weed_once(folder / f"try{attempt}", bucket=bucket, timeout=timeout)
+        except ComponentMissing as exc:
+            if attempt == attempts - 1 or "exited with status" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_weed_once(folder: Path, *, bucket: str, timeout: float) -> Weed:
     """Start ``weed mini`` with its data in ``folder``, S3 credentials required, on free loopback ports.
 
     Every port weed would open is given explicitly (its defaults are fixed numbers, and gRPC ports
@@ -335,16 +347,22 @@ class HAProxy:
 
 
 def start_haproxy(
-    folder: Path, backends: Sequence[tuple[str, int]], *, check_interval_ms: int = 200, timeout: float = 20.0
+    folder: Path,
+    backends: Sequence[tuple[str, int]],
+    *,
+    port: int | None = None,
+    check_interval_ms: int = 200,
+    timeout: float = 20.0,
 ) -> HAProxy:
     """Start HAProxy on a free loopback port, round-robin over ``backends`` (host, port), TCP mode.
 
     Backends get TCP health checks every ``check_interval_ms`` so a killed server is taken out of
-    the rotation (one failed check) and put back when it answers again.
+    the rotation (one failed check) and put back when it answers again. ``port`` reuses a port (a
+    proxy stopped and started again: the component behind it "comes back").
     """
     binary = haproxy_binary()
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     servers = "\n".join(
         f"    server s{i} {host}:{p} check inter {check_interval_ms}ms fall 1 rise 1"
         for i, (host, p) in enumerate(backends)

@@ -1,0 +1,245 @@
+"""The storage interface the server stands on: namespace operations, partial uploads, chunk reads and
+writes, usage.
+
+Two implementations: the folder backend (today's jail over a local folder, the zero-configuration
+default; adapted to this interface in phase B of issue 14) and :class:`ferry.store.objects.ObjectStorage`
+(chunks in S3, namespace in PostgreSQL, shared by N servers). docs/scale-out.md maps each jail
+operation onto it.
+
+Paths are *already checked* tuples of components relative to the user's home (``()`` is the home):
+the server's path rules (no ``..``, no absolute paths, no empty or ``.`` components, length limits;
+``parse_path`` in the jail today) run before a backend is called, once, for both backends.
+:func:`check_parts` repeats the cheap part defensively. Users are named by their account name; a
+backend maps the name to its own owner record.
+
+Files are stored as a list of chunks of :data:`CHUNK_SIZE` bytes (the last one shorter), each
+identified by the BLAKE3 hash of its bytes; a file's ``digest`` is ferry's tree digest of those chunk
+hashes (``ferry.hashing.tree_digest("blake3", size, hashes)``), the same value a default transfer
+(BLAKE3, 4 MiB chunks) carries in ``FileEnd``, so a download with the default parameters needs no
+re-hashing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
+
+from ferry.errors import PathRefused
+from ferry.hashing import DEFAULT_CHUNK
+
+#: Bytes per stored chunk (the last chunk of a file is shorter). Equal to the default transfer chunk.
+CHUNK_SIZE: Final = DEFAULT_CHUNK
+
+Parts = tuple[str, ...]
+NodeKind = Literal["file", "dir"]
+
+
+def check_parts(parts: Sequence[str]) -> Parts:
+    """Refuse components the server's path rules would never let through (a defence in depth: a bug
+    above must not turn into a name with a ``/`` in the namespace)."""
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\x00" in part:
+            raise PathRefused("bad-path", f"invalid path component {part!r}")
+    return tuple(parts)
+
+
+def show(parts: Sequence[str]) -> str:
+    """How a path appears in an error message (quoted, terminal-safe), as the jail says it."""
+    from ferry.textsafe import safe_name
+
+    return "your home folder" if not parts else f"'{safe_name('/'.join(parts))}'"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A file or folder as listed: ``mtime`` in seconds since the epoch, ``mode`` the permission bits,
+    ``digest`` the file's tree digest (empty for folders)."""
+
+    name: str
+    kind: NodeKind
+    size: int
+    mtime: float
+    mode: int
+    digest: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """One stored chunk: its record ``id`` (part of its object key), its ``owner`` (the de-duplication
+    scope), the BLAKE3 ``hash`` of its bytes and its ``size``. ``stored`` is False while the object is
+    still being written."""
+
+    id: int
+    owner: int
+    hash: bytes
+    size: int
+    stored: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FileChunks:
+    """A file opened for reading: its metadata and its chunks in order (a snapshot: the file may be
+    replaced meanwhile; its chunks stay readable for the sweeper's grace period)."""
+
+    node: Node
+    chunks: tuple[ChunkRef, ...]
+
+
+@dataclass(slots=True)
+class Upload:
+    """A partial upload to ``path``, identified across servers by ``(path, token)``.
+
+    ``held`` are the chunks already stored for it, in order from the start (a resume sends only what
+    follows them). ``owner`` and ``id`` are the backend's records.
+    """
+
+    id: int
+    owner: int
+    user: str
+    path: Parts
+    token: str
+    size: int
+    mode: int
+    mtime: float
+    held: list[ChunkRef] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A user's usage: ``used`` bytes in committed files (apparent sizes, as the folder backend counts),
+    ``files`` their number, ``reserved`` bytes set aside for uploads in progress."""
+
+    used: int
+    files: int
+    reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What one sweep removed: stale partial uploads, chunk records and chunk objects (bytes)."""
+
+    uploads: int = 0
+    chunks: int = 0
+    objects: int = 0
+    bytes: int = 0
+
+
+class Storage(Protocol):
+    """Everything the server does to users' files, whatever holds them.
+
+    All methods are coroutines; they raise :class:`ferry.errors.FerryError` subclasses with the wire
+    codes the jail uses (``not-found``, ``exists``, ``not-a-directory``, ``is-a-directory``,
+    ``not-empty``, ``quota``, ...) plus ``unavailable`` and ``corrupt`` (:mod:`ferry.store.errors`).
+    ``quota`` arguments are the user's quota in bytes (None: unlimited), as the accounts hold it.
+    """
+
+    #: False when commands cannot run next to the files (the object backend has no local folder).
+    exec_supported: bool
+
+    # -- namespace ----------------------------------------------------------------------------------
+
+    async def stat(self, user: str, path: Parts) -> Node:
+        """The file or folder at ``path`` (the home is a folder named ``""``)."""
+        ...
+
+    async def list_dir(self, user: str, path: Parts, *, after: str = "", limit: int = 1000) -> list[Node]:
+        """Up to ``limit`` entries of folder ``path`` whose names sort after ``after`` (code-point order):
+        a listing of any size is read page by page with bounded memory."""
+        ...
+
+    async def mkdir(
+        self, user: str, path: Parts, *, parents: bool = False, exist_ok: bool = False, mode: int = 0o755
+    ) -> None:
+        """Create folder ``path`` (``parents``: also the missing folders above it, like ``mkdir -p``).
+        When two servers create the same name at once, exactly one succeeds; the other gets ``exists``
+        (or nothing, with ``exist_ok``, if the winner made a folder)."""
+        ...
+
+    async def remove(self, user: str, path: Parts, *, recursive: bool = False) -> None:
+        """Remove a file, or a folder (empty unless ``recursive``); its chunks go to the sweeper."""
+        ...
+
+    async def rename(self, user: str, src: Parts, dst: Parts, *, overwrite: bool = True) -> None:
+        """Move ``src`` to ``dst`` atomically, never copying data; ``overwrite`` replaces a file (or an
+        empty folder by a folder) as ``rename(2)`` does, else an existing ``dst`` fails with ``exists``."""
+        ...
+
+    async def set_attrs(
+        self, user: str, path: Parts, *, mtime: float | None = None, mode: int | None = None
+    ) -> None:
+        """Set the modification time and/or the permission bits (``mode & 0o777``)."""
+        ...
+
+    async def usage(self, user: str) -> Usage:
+        """The user's usage, the same seen through every server."""
+        ...
+
+    # -- uploads ------------------------------------------------------------------------------------
+
+    async def open_upload(
+        self,
+        user: str,
+        path: Parts,
+        *,
+        token: str,
+        size: int,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        quota: int | None,
+    ) -> Upload:
+        """Start or resume (same ``path`` and ``token``, through any server) an upload of ``size`` bytes.
+        Checks the quota, counting other uploads in progress, and sets ``size`` aside."""
+        ...
+
+    async def write_chunk(self, upload: Upload, index: int, data: bytes) -> ChunkRef:
+        """Store chunk number ``index`` (``CHUNK_SIZE`` bytes, the last one shorter) of ``upload``. Once
+        this returns, the chunk survives a crash of this server and counts in ``held`` on resume."""
+        ...
+
+    async def commit_upload(
+        self, upload: Upload, *, digest: bytes, overwrite: bool, quota: int | None
+    ) -> int:
+        """Make the upload the file at its path, atomically (all chunks must be written); returns the
+        size of the file it replaced (0 if none). The quota is checked again, across servers."""
+        ...
+
+    async def discard_upload(self, upload: Upload) -> None:
+        """Forget a partial upload (integrity failure, cancelled); its chunks go to the sweeper."""
+        ...
+
+    async def store_small(
+        self,
+        user: str,
+        path: Parts,
+        data: bytes,
+        *,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        quota: int | None,
+    ) -> int:
+        """Store a file of at most one chunk in one step; returns the size of the file it replaced."""
+        ...
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    async def open_file(self, user: str, path: Parts) -> FileChunks:
+        """The file at ``path`` with its chunk list (``is-a-directory`` for a folder)."""
+        ...
+
+    async def read_chunk(self, ref: ChunkRef) -> bytes:
+        """The bytes of one chunk, verified against its hash (``corrupt`` if missing or damaged)."""
+        ...
+
+    # -- upkeep -------------------------------------------------------------------------------------
+
+    async def sweep(self, *, partial_max_age: float, grace: float) -> SweepReport:
+        """Remove partial uploads untouched for ``partial_max_age`` seconds, then chunks no file and no
+        upload has referenced for ``grace`` seconds."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

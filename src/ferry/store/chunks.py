@@ -1,0 +1,182 @@
+"""Content-addressed chunk objects in an S3-compatible store (through obstore, the Rust object_store
+binding; why obstore: pyproject.toml and bench/store_clients.py).
+
+Key of a chunk: ``PREFIX c/OWNER/BLAKE3HEX.ID``:
+
+* ``OWNER`` is the numeric id of the user owning it: de-duplication is scoped per user, so identical
+  chunks of two users are two objects. Shared across users, an upload that "finishes instantly"
+  would tell one user that another holds the same file (a known side channel of cross-user
+  de-duplication); docs/security.md says so.
+* ``BLAKE3HEX`` is the hash of the chunk's bytes, checked on every read.
+* ``ID`` is the chunk's record in the namespace database (:mod:`ferry.store.namespace`), never reused.
+  A key therefore never comes back after the sweeper deleted it: an upload of the same content after
+  a sweep gets a new record and writes a new key, so a late delete of the old key cannot remove the new
+  object (the race between a delete on one server and an upload of the same content on another).
+
+Writes are put-if-absent (``If-None-Match: *``): two servers writing the same chunk store it once and
+neither fails. Reads verify size and hash before returning a byte, so a missing or damaged object is a
+clear :class:`~ferry.store.errors.ChunkDamaged`, never bad data. Memory is bounded: at most
+``concurrency`` requests run at once, each holding one chunk (4 MiB). Transient failures (connection
+errors, 5xx, throttling) are retried by obstore with exponential backoff, bounded in count and time;
+what still fails is :class:`~ferry.store.errors.StoreUnavailable` with the store's own words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import blake3
+import obstore
+from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, UnauthenticatedError
+from obstore.store import S3Store
+
+from ferry.store.api import ChunkRef
+from ferry.store.errors import ChunkDamaged, StoreUnavailable
+
+#: Requests in flight per server (each holds at most one chunk in memory).
+DEFAULT_CONCURRENCY: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One object found by :meth:`ChunkStore.list_chunks`: its key, size and last write (UTC)."""
+
+    key: str
+    size: int
+    last_modified: datetime.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """Where the chunks live: ``s3://BUCKET/PREFIX`` at ``endpoint`` (None: AWS), with credentials."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    region: str = "us-east-1"
+    #: retries of one request after a transient failure, and the time they may take in all
+    max_retries: int = 4
+    retry_timeout: float = 15.0
+    connect_timeout: float = 5.0
+    request_timeout: float = 60.0
+
+    def open(self) -> S3Store:
+        """An obstore client for this configuration (no request is made yet)."""
+        retry: Any = {
+            "max_retries": self.max_retries,
+            "retry_timeout": datetime.timedelta(seconds=self.retry_timeout),
+            "backoff": {
+                "init_backoff": datetime.timedelta(milliseconds=100),
+                "max_backoff": datetime.timedelta(seconds=2),
+                "base": 2,
+            },
+        }
+        options: Any = {
+            "allow_http": bool(self.endpoint and self.endpoint.startswith("http://")),
+            "connect_timeout": datetime.timedelta(seconds=self.connect_timeout),
+            "timeout": datetime.timedelta(seconds=self.request_timeout),
+        }
+        return S3Store(
+            self.bucket,
+            endpoint=self.endpoint,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
+            region=self.region,
+            client_options=options,
+            retry_config=retry,
+        )
+
+
+class ChunkStore:
+    """Chunk objects under ``prefix`` in one bucket (see the module docstring for the key layout)."""
+
+    def __init__(self, store: S3Store, prefix: str = "", *, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        self._store = store
+        self.prefix = prefix
+        self._slots = asyncio.Semaphore(concurrency)
+
+    @classmethod
+    def from_config(cls, config: S3Config, *, concurrency: int = DEFAULT_CONCURRENCY) -> ChunkStore:
+        """A chunk store for ``config``."""
+        return cls(config.open(), config.prefix, concurrency=concurrency)
+
+    def key(self, ref: ChunkRef) -> str:
+        """The object key of ``ref``."""
+        return f"{self.prefix}c/{ref.owner}/{ref.hash.hex()}.{ref.id}"
+
+    def parse_key(self, key: str) -> int | None:
+        """The chunk record id in a key made by :meth:`key`, or None for a key that is not a chunk's."""
+        if not key.startswith(self.prefix + "c/"):
+            return None
+        _, _, tail = key.rpartition(".")
+        return int(tail) if tail.isdigit() else None
+
+    async def put(self, ref: ChunkRef, data: bytes | memoryview) -> None:
+        """Store the chunk unless its object exists already (put-if-absent: a racing writer of the same
+        chunk wrote the same bytes, which every read verifies)."""
+        key = self.key(ref)
+        async with self._slots:
+            try:
+                await obstore.put_async(self._store, key, data, mode="create")
+            except AlreadyExistsError:
+                return
+            except Exception as exc:
+                raise _unavailable("write", key, exc) from exc
+
+    async def get(self, ref: ChunkRef) -> bytes:
+        """The chunk's bytes, after checking their size and BLAKE3 hash."""
+        key = self.key(ref)
+        async with self._slots:
+            try:
+                result = await obstore.get_async(self._store, key)
+                data = bytes(await result.bytes_async())
+            except FileNotFoundError as exc:  # obstore raises the built-in for a missing object
+                raise ChunkDamaged(
+                    f"chunk {ref.hash.hex()[:16]} is missing from the object store; the file cannot be "
+                    "read (nothing was sent); restore it from a copy"
+                ) from exc
+            except Exception as exc:
+                raise _unavailable("read", key, exc) from exc
+        if len(data) != ref.size or blake3.blake3(data).digest() != ref.hash:
+            raise ChunkDamaged(
+                f"chunk {ref.hash.hex()[:16]} in the object store does not match its hash (damaged in the "
+                "store); the file cannot be read (nothing was sent); restore it from a copy"
+            )
+        return data
+
+    async def delete(self, key: str) -> None:
+        """Delete one object (already gone is fine)."""
+        async with self._slots:
+            try:
+                await obstore.delete_async(self._store, key)
+            except FileNotFoundError:
+                return
+            except Exception as exc:
+                raise _unavailable("delete", key, exc) from exc
+
+    async def list_chunks(self, owner: int | None = None) -> AsyncIterator[list[StoredObject]]:
+        """Every chunk object (of one ``owner``, or all), page by page (bounded memory)."""
+        prefix = f"{self.prefix}c/" if owner is None else f"{self.prefix}c/{owner}/"
+        try:
+            async for page in obstore.list(self._store, prefix, chunk_size=1000):
+                yield [StoredObject(o["path"], o["size"], o["last_modified"]) for o in page]
+        except Exception as exc:
+            raise _unavailable("list", prefix, exc) from exc
+
+
+def _unavailable(what: str, key: str, exc: BaseException) -> StoreUnavailable:
+    """The error for a store request that failed after obstore's retries."""
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        why = "the object store refused our credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = f"the object store is unavailable ({first[:300]})"
+    return StoreUnavailable(f"could not {what} {key}: {why}; nothing was lost, try again later")

@@ -1,0 +1,816 @@
+"""The namespace of the object backend in PostgreSQL (asyncpg): folders, files and their chunk lists,
+partial uploads, usage and quotas, and the database half of the chunk sweeper. Schema:
+:mod:`ferry.store.schema`.
+
+Every operation is one transaction on a pooled connection, so N servers sharing the database see one
+namespace. How each guarantee is kept:
+
+* **Exactly one creator wins.** ``(parent_id, name)`` is unique: of two servers creating the same name,
+  one insert fails and becomes ``exists``.
+* **Atomic rename.** A rename updates one row's parent and name; data never moves.
+* **Exact usage, quotas across servers.** Every transaction that changes a user's usage (commit, small
+  store, remove, rename over a file) first locks the user's ``owners`` row (``FOR UPDATE``), so such
+  transactions of one user run one after the other on all servers, and each checks the quota against
+  the committed usage. Uploads reserve their announced size when they start (same lock), so parallel
+  uploads through different servers fail early rather than at commit; the commit checks again.
+* **Resume anywhere.** The chunks stored for a partial upload are rows (``upload_chunks``), committed
+  before the chunk is acknowledged; any server finds them by (folder, name, token).
+* **No referenced chunk is ever swept.** References to ``chunks`` rows are foreign keys: a transaction
+  adding one holds a lock that makes the sweeper's ``DELETE`` wait and then fail, and a ``DELETE`` that
+  went first makes the adding transaction create a fresh chunk row (a new object key, see
+  :mod:`ferry.store.chunks`). ``last_ref`` (bumped on every claim and when files are removed) adds a
+  grace period so that reads of a just-removed file can finish.
+
+Database failures become :class:`~ferry.store.errors.StoreUnavailable`; deadlocks and serialisation
+failures are retried (a bounded number of times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+
+import asyncpg
+
+from ferry.errors import (
+    AlreadyExists,
+    DirectoryNotEmpty,
+    DiskFull,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    PathRefused,
+    RemoteError,
+)
+from ferry.store.api import ChunkRef, FileChunks, Node, Parts, Upload, Usage, check_parts, show
+from ferry.store.errors import StoreUnavailable, UploadGone
+from ferry.store.schema import migrate
+
+if TYPE_CHECKING:
+    from ferry.store.schema import Conn
+
+T = TypeVar("T")
+
+#: Attempts of one transaction that hit a deadlock or a serialisation failure.
+_ATTEMPTS: Final = 4
+#: Seconds an upload's reservation holds its whole announced size after its last chunk; after that
+#: (an abandoned upload) it counts only the bytes it stored, as a partial file does on the folder backend.
+DEFAULT_UPLOAD_LEASE: Final = 900.0
+
+# The chain of nodes from the home down along $2 (as far as it exists), one row per level.
+_WALK: Final = """
+WITH RECURSIVE walk AS (
+    SELECT n.id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, 0 AS depth
+    FROM nodes n WHERE n.owner_id = $1 AND n.parent_id IS NULL
+  UNION ALL
+    SELECT n.id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, w.depth + 1
+    FROM walk w JOIN nodes n ON n.parent_id = w.id AND n.name = ($2::text[])[w.depth + 1]
+    WHERE w.kind = 'd' AND w.depth < cardinality($2::text[])
+)
+SELECT * FROM walk ORDER BY depth
+"""
+
+# Bytes reserved by the uploads of owner $1 other than upload $3: the announced size while an upload is
+# live (touched within $2 seconds), else what it has stored.
+_RESERVED: Final = """
+SELECT coalesce(sum(CASE WHEN u.touched_at > now() - make_interval(secs => $2) THEN u.size
+    ELSE (SELECT coalesce(sum(c.size), 0) FROM upload_chunks uc JOIN chunks c ON c.id = uc.chunk_id
+          WHERE uc.upload_id = u.id) END), 0)::bigint
+FROM uploads u WHERE u.owner_id = $1 AND u.id <> $3
+"""
+
+# The ids of the node $1 and every node below it.
+_SUBTREE: Final = """
+WITH RECURSIVE sub AS (
+    SELECT id FROM nodes WHERE id = $1
+  UNION ALL
+    SELECT n.id FROM nodes n JOIN sub ON n.parent_id = sub.id
+)
+"""
+
+_CONNECTION_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+_RETRY_ERRORS: Final = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+
+
+def _ns(mtime: float) -> int:
+    return round(mtime * 1e9)
+
+
+def _node(row: asyncpg.Record) -> Node:
+    return Node(
+        name=row["name"],
+        kind="dir" if row["kind"] == "d" else "file",
+        size=row["size"],
+        mtime=row["mtime_ns"] / 1e9,
+        mode=row["mode"],
+        digest=row["digest"] or b"",
+    )
+
+
+def _quota_error(path: Parts, size: int, used: int, quota: int) -> DiskFull:
+    return DiskFull(
+        "quota",
+        f"quota exceeded: {show(path)} needs {size} bytes, {max(quota - used, 0)} of {quota} left; "
+        "remove files (ferry rm) or ask an admin to raise the quota",
+    )
+
+
+class Namespace:
+    """The namespace in one PostgreSQL database, shared by every server that connects to it."""
+
+    def __init__(
+        self, pool: asyncpg.Pool[asyncpg.Record], *, upload_lease: float = DEFAULT_UPLOAD_LEASE
+    ) -> None:
+        self._pool = pool
+        self.upload_lease = upload_lease
+        self._owners: dict[str, int] = {}
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        upload_lease: float = DEFAULT_UPLOAD_LEASE,
+    ) -> Namespace:
+        """Connect a pool to ``dsn`` (a ``postgresql://`` URL) and migrate the schema if needed."""
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=command_timeout,
+                timeout=connect_timeout,
+            )
+        except _CONNECTION_ERRORS as exc:
+            raise _db_down(exc) from exc
+        except asyncpg.PostgresError as exc:  # wrong database, role or password
+            raise StoreUnavailable(f"the database refused the connection: {exc}") from exc
+        ns = cls(pool, upload_lease=upload_lease)
+        try:
+            await ns._run(migrate, tx=False)
+        except BaseException:
+            await pool.close()
+            raise
+        return ns
+
+    async def close(self) -> None:
+        """Close the pool's connections."""
+        await self._pool.close()
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    async def _run(self, op: Callable[[Conn], Awaitable[T]], *, tx: bool = True, readonly: bool = False) -> T:
+        """Run ``op`` on a pooled connection, in a transaction unless ``tx`` is False; retry it after a
+        deadlock or serialisation failure; turn connection failures into StoreUnavailable."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                async with self._pool.acquire() as conn:
+                    if not tx:
+                        return await op(conn)
+                    # A read-only operation of several statements reads one snapshot.
+                    isolation: Literal["repeatable_read", "read_committed"] = (
+                        "repeatable_read" if readonly else "read_committed"
+                    )
+                    async with conn.transaction(isolation=isolation, readonly=readonly):
+                        return await op(conn)
+            except _RETRY_ERRORS:
+                if attempt == _ATTEMPTS - 1:
+                    raise StoreUnavailable(
+                        "the database kept aborting this change (contention); try again"
+                    ) from None
+                await asyncio.sleep(0.01 * 2**attempt)
+            except _CONNECTION_ERRORS as exc:
+                raise _db_down(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def owner_id(self, user: str) -> int:
+        """The owner record of ``user``, created (with an empty home) on first use."""
+        known = self._owners.get(user)
+        if known is not None:
+            return known
+
+        async def op(conn: Conn) -> int:
+            oid = await conn.fetchval("SELECT id FROM owners WHERE name = $1", user)
+            if oid is None:
+                oid = await conn.fetchval(
+                    "INSERT INTO owners (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id", user
+                )
+                if oid is None:  # another server created it at this moment
+                    oid = await conn.fetchval("SELECT id FROM owners WHERE name = $1", user)
+                else:
+                    await conn.execute(
+                        "INSERT INTO nodes (owner_id, parent_id, name, kind, mtime_ns, mode) "
+                        "VALUES ($1, NULL, '', 'd', $2, $3)",
+                        oid,
+                        time.time_ns(),
+                        0o700,
+                    )
+            return int(oid)
+
+        oid = await self._run(op)
+        self._owners[user] = oid
+        return oid
+
+    @staticmethod
+    async def _walk(conn: Conn, owner: int, path: Parts) -> list[asyncpg.Record]:
+        return list(await conn.fetch(_WALK, owner, list(path)))
+
+    async def _lookup(self, conn: Conn, owner: int, path: Parts) -> asyncpg.Record:
+        """The node at ``path``, or not-found / not-a-directory naming the first missing part."""
+        rows = await self._walk(conn, owner, path)
+        if len(rows) == len(path) + 1:
+            return rows[-1]
+        raise _missing(rows, path)
+
+    async def _folder(self, conn: Conn, owner: int, path: Parts) -> asyncpg.Record:
+        """The folder at ``path`` (not-a-directory if it is a file)."""
+        row = await self._lookup(conn, owner, path)
+        if row["kind"] != "d":
+            raise NotADirectory("not-a-directory", f"{show(path)} is not a folder")
+        return row
+
+    @staticmethod
+    async def _lock_owner(conn: Conn, owner: int) -> int:
+        """Lock the owner's row (serialising usage changes across servers); returns its ``used``."""
+        return int(await conn.fetchval("SELECT used FROM owners WHERE id = $1 FOR UPDATE", owner))
+
+    async def _reserved(self, conn: Conn, owner: int, excluding: int = 0) -> int:
+        return int(await conn.fetchval(_RESERVED, owner, self.upload_lease, excluding))
+
+    # -- namespace ----------------------------------------------------------------------------------
+
+    async def stat(self, user: str, path: Parts) -> Node:
+        """The node at ``path``."""
+        owner, path = await self.owner_id(user), check_parts(path)
+
+        async def op(conn: Conn) -> Node:
+            return _node(await self._lookup(conn, owner, path))
+
+        return await self._run(op, tx=False)
+
+    async def list_dir(self, user: str, path: Parts, *, after: str = "", limit: int = 1000) -> list[Node]:
+        """One page of folder ``path``: up to ``limit`` entries named after ``after``, in name order."""
+        owner, path = await self.owner_id(user), check_parts(path)
+
+        async def op(conn: Conn) -> list[Node]:
+            folder = await self._folder(conn, owner, path)
+            rows = await conn.fetch(
+                "SELECT name, kind, size, mtime_ns, mode, digest FROM nodes "
+                "WHERE parent_id = $1 AND name > $2 ORDER BY name LIMIT $3",
+                folder["id"],
+                after,
+                limit,
+            )
+            return [_node(r) for r in rows]
+
+        return await self._run(op, readonly=True)
+
+    async def mkdir(
+        self, user: str, path: Parts, *, parents: bool = False, exist_ok: bool = False, mode: int = 0o755
+    ) -> None:
+        """Create a folder (see :meth:`ferry.store.api.Storage.mkdir`)."""
+        owner, path = await self.owner_id(user), check_parts(path)
+        if not path:
+            if exist_ok:
+                return
+            raise AlreadyExists("exists", "your home folder already exists")
+
+        async def op(conn: Conn) -> None:
+            rows = await self._walk(conn, owner, path)
+            if len(rows) == len(path) + 1:
+                if rows[-1]["kind"] == "d" and exist_ok:
+                    return
+                raise _exists(path, rows[-1]["kind"])
+            if rows[-1]["kind"] != "d":
+                raise _missing(rows, path)
+            missing = path[len(rows) - 1 :]
+            if len(missing) > 1 and not parents:
+                raise _missing(rows, path)
+            parent = rows[-1]["id"]
+            for depth, name in enumerate(missing, start=len(rows)):
+                last = depth == len(path)
+                made = await conn.fetchval(
+                    "INSERT INTO nodes (owner_id, parent_id, name, kind, mtime_ns, mode) "
+                    "VALUES ($1, $2, $3, 'd', $4, $5) ON CONFLICT (parent_id, name) DO NOTHING RETURNING id",
+                    owner,
+                    parent,
+                    name,
+                    time.time_ns(),
+                    mode & 0o777,
+                )
+                if made is None:  # created meanwhile (by another server): the constraint decided
+                    other = await conn.fetchrow(
+                        "SELECT id, kind FROM nodes WHERE parent_id = $1 AND name = $2", parent, name
+                    )
+                    if other is None or other["kind"] != "d" or (last and not exist_ok):
+                        raise _exists(path[:depth], other["kind"] if other else "d")
+                    made = other["id"]
+                parent = made
+
+        await self._run(op)
+
+    async def remove(self, user: str, path: Parts, *, recursive: bool = False) -> None:
+        """Remove a file or folder (see :meth:`ferry.store.api.Storage.remove`)."""
+        owner, path = await self.owner_id(user), check_parts(path)
+        if not path:
+            raise PathRefused("bad-path", "your home folder itself cannot be removed")
+
+        async def op(conn: Conn) -> None:
+            await self._lock_owner(conn, owner)
+            row = await self._lookup(conn, owner, path)
+            if row["kind"] == "d" and not recursive:
+                await self._require_empty(conn, row["id"], path)
+            await self._delete_node(conn, owner, row["id"])
+
+        await self._run(op)
+
+    @staticmethod
+    async def _require_empty(conn: Conn, folder: int, path: Parts) -> None:
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM nodes WHERE parent_id = $1)", folder):
+            hidden = ""
+        elif await conn.fetchval("SELECT EXISTS (SELECT 1 FROM uploads WHERE parent_id = $1)", folder):
+            hidden = " (it holds unfinished uploads)"
+        else:
+            return
+        raise DirectoryNotEmpty(
+            "not-empty",
+            f"{show(path)} is a folder that is not empty{hidden}; remove it recursively to delete it and "
+            "everything in it",
+        )
+
+    @staticmethod
+    async def _delete_node(conn: Conn, owner: int, node: int) -> int:
+        """Delete ``node`` and everything below it (the owner row is locked); returns the bytes freed.
+        The chunks it referenced are marked as just dropped, so reads in flight keep them for the
+        sweeper's grace period."""
+        row = await conn.fetchrow(
+            _SUBTREE + "SELECT coalesce(sum(size) FILTER (WHERE kind = 'f'), 0)::bigint, "
+            "count(*) FILTER (WHERE kind = 'f') FROM nodes WHERE id IN (SELECT id FROM sub)",
+            node,
+        )
+        assert row is not None
+        freed, files = row[0], row[1]
+        await conn.execute(
+            _SUBTREE + "UPDATE chunks SET last_ref = now() WHERE id IN ("
+            "SELECT chunk_id FROM file_chunks WHERE node_id IN (SELECT id FROM sub) UNION "
+            "SELECT uc.chunk_id FROM upload_chunks uc JOIN uploads u ON u.id = uc.upload_id "
+            "WHERE u.parent_id IN (SELECT id FROM sub))",
+            node,
+        )
+        await conn.execute("DELETE FROM nodes WHERE id = $1", node)
+        if files:
+            await conn.execute(
+                "UPDATE owners SET used = used - $2, files = files - $3 WHERE id = $1", owner, freed, files
+            )
+        return int(freed)
+
+    async def rename(self, user: str, src: Parts, dst: Parts, *, overwrite: bool = True) -> None:
+        """Move ``src`` to ``dst`` in one transaction (see :meth:`ferry.store.api.Storage.rename`)."""
+        owner, src, dst = await self.owner_id(user), check_parts(src), check_parts(dst)
+        if not src:
+            raise PathRefused("bad-path", "your home folder itself cannot be renamed")
+        if not dst:
+            raise PathRefused("bad-path", "your home folder itself cannot be replaced")
+
+        async def op(conn: Conn) -> None:
+            # The owner lock also keeps two folder moves from building a cycle between their checks.
+            await self._lock_owner(conn, owner)
+            node = await self._lookup(conn, owner, src)
+            chain = await self._walk(conn, owner, dst)
+            if len(chain) < len(dst):
+                raise _missing(chain, dst)
+            parent = chain[len(dst) - 1]
+            if parent["kind"] != "d":
+                raise NotADirectory("not-a-directory", f"{show(dst[:-1])} is not a folder")
+            if node["kind"] == "d" and any(r["id"] == node["id"] for r in chain[: len(dst)]):
+                raise RemoteError("invalid", f"cannot move {show(src)} into itself ({show(dst)})")
+            if len(chain) == len(dst) + 1:
+                target = chain[-1]
+                if target["id"] == node["id"]:
+                    return
+                if not overwrite:
+                    raise AlreadyExists("exists", f"{show(dst)} already exists")
+                if node["kind"] == "f" and target["kind"] == "d":
+                    raise IsADirectory("is-a-directory", f"{show(dst)} is a folder; a file cannot replace it")
+                if node["kind"] == "d" and target["kind"] == "f":
+                    raise NotADirectory(
+                        "not-a-directory", f"{show(dst)} is not a folder; a folder cannot replace it"
+                    )
+                if target["kind"] == "d":
+                    await self._require_empty(conn, target["id"], dst)
+                await self._delete_node(conn, owner, target["id"])
+            await conn.execute(
+                "UPDATE nodes SET parent_id = $2, name = $3 WHERE id = $1", node["id"], parent["id"], dst[-1]
+            )
+
+        await self._run(op)
+
+    async def set_attrs(
+        self, user: str, path: Parts, *, mtime: float | None = None, mode: int | None = None
+    ) -> None:
+        """Set the modification time and/or permission bits of ``path``."""
+        owner, path = await self.owner_id(user), check_parts(path)
+        if not path:
+            raise PathRefused("bad-path", "the times and permissions of your home folder cannot be changed")
+
+        async def op(conn: Conn) -> None:
+            row = await self._lookup(conn, owner, path)
+            await conn.execute(
+                "UPDATE nodes SET mtime_ns = coalesce($2, mtime_ns), mode = coalesce($3, mode) WHERE id = $1",
+                row["id"],
+                None if mtime is None else _ns(mtime),
+                None if mode is None else mode & 0o777,
+            )
+
+        await self._run(op)
+
+    async def usage(self, user: str) -> Usage:
+        """Committed bytes and files of ``user`` and what uploads in progress reserve."""
+        owner = await self.owner_id(user)
+
+        async def op(conn: Conn) -> Usage:
+            row = await conn.fetchrow("SELECT used, files FROM owners WHERE id = $1", owner)
+            assert row is not None
+            return Usage(int(row["used"]), int(row["files"]), await self._reserved(conn, owner))
+
+        return await self._run(op, readonly=True)
+
+    # -- uploads ------------------------------------------------------------------------------------
+
+    async def open_upload(
+        self,
+        user: str,
+        path: Parts,
+        *,
+        token: str,
+        size: int,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        quota: int | None,
+    ) -> Upload:
+        """Start or resume an upload (see :meth:`ferry.store.api.Storage.open_upload`)."""
+        owner, path = await self.owner_id(user), check_parts(path)
+        if not path:
+            raise PathRefused("bad-path", "an upload needs a file name, not your home folder")
+
+        async def op(conn: Conn) -> Upload:
+            used = await self._lock_owner(conn, owner)
+            parent = await self._folder(conn, owner, path[:-1])
+            replaced = await self._target(conn, parent["id"], path, overwrite=overwrite)
+            upload_id = await conn.fetchval(
+                "INSERT INTO uploads (owner_id, parent_id, name, token, size, mode, mtime_ns) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (parent_id, name, token) DO UPDATE "
+                "SET size = EXCLUDED.size, mode = EXCLUDED.mode, mtime_ns = EXCLUDED.mtime_ns, touched_at = now() "
+                "RETURNING id",
+                owner,
+                parent["id"],
+                path[-1],
+                token,
+                size,
+                mode & 0o777,
+                _ns(mtime),
+            )
+            if quota is not None:
+                counted = used - replaced + await self._reserved(conn, owner, upload_id)
+                if counted + size > quota:
+                    raise _quota_error(path, size, counted, quota)
+            rows = await conn.fetch(
+                "SELECT uc.idx, c.id, c.hash, c.size, c.stored FROM upload_chunks uc "
+                "JOIN chunks c ON c.id = uc.chunk_id WHERE uc.upload_id = $1 ORDER BY uc.idx",
+                upload_id,
+            )
+            held: list[ChunkRef] = []
+            for r in rows:  # the stored prefix: a chunk whose object was never written does not count
+                if r["idx"] != len(held) or not r["stored"]:
+                    break
+                held.append(ChunkRef(r["id"], owner, r["hash"], r["size"]))
+            return Upload(upload_id, owner, user, path, token, size, mode & 0o777, mtime, held)
+
+        return await self._run(op)
+
+    @staticmethod
+    async def _target(conn: Conn, parent: int, path: Parts, *, overwrite: bool) -> int:
+        """Check that a file may be written at ``path`` in folder ``parent``; the size it replaces."""
+        row = await conn.fetchrow(
+            "SELECT kind, size FROM nodes WHERE parent_id = $1 AND name = $2", parent, path[-1]
+        )
+        if row is None:
+            return 0
+        if row["kind"] == "d":
+            raise IsADirectory("is-a-directory", f"{show(path)} is a folder")
+        if not overwrite:
+            raise AlreadyExists("exists", f"{show(path)} already exists")
+        return int(row["size"])
+
+    async def claim_chunk(self, upload: Upload, index: int, digest: bytes, size: int) -> ChunkRef:
+        """Record chunk ``index`` of ``upload`` (hash ``digest``): one statement that creates or touches
+        the user's chunk row and links it to the upload. ``stored`` in the result says whether its
+        object exists already (de-duplication: then it is not written again)."""
+
+        async def op(conn: Conn) -> ChunkRef:
+            row = await conn.fetchrow(
+                """
+                WITH c AS (
+                    INSERT INTO chunks (owner_id, hash, size) VALUES ($1, $2, $3)
+                    ON CONFLICT (owner_id, hash) DO UPDATE SET last_ref = now()
+                    RETURNING id, stored),
+                u AS (UPDATE uploads SET touched_at = now() WHERE id = $4 RETURNING id),
+                l AS (INSERT INTO upload_chunks (upload_id, idx, chunk_id) SELECT u.id, $5, c.id FROM u, c
+                      ON CONFLICT (upload_id, idx) DO UPDATE SET chunk_id = EXCLUDED.chunk_id RETURNING 1)
+                SELECT c.id, c.stored, (SELECT count(*) FROM l) AS linked FROM c
+                """,
+                upload.owner,
+                digest,
+                size,
+                upload.id,
+                index,
+            )
+            assert row is not None
+            if not row["linked"]:
+                raise UploadGone(f"the upload to {show(upload.path)} was removed meanwhile; start it again")
+            return ChunkRef(row["id"], upload.owner, digest, size, row["stored"])
+
+        return await self._run(op, tx=False)
+
+    async def claim_loose_chunk(self, owner: int, digest: bytes, size: int) -> ChunkRef:
+        """Create or touch a chunk row not (yet) linked to anything (a small file, committed next by
+        :meth:`commit_small`; the grace period keeps the sweeper away until then)."""
+
+        async def op(conn: Conn) -> ChunkRef:
+            row = await conn.fetchrow(
+                "INSERT INTO chunks (owner_id, hash, size) VALUES ($1, $2, $3) "
+                "ON CONFLICT (owner_id, hash) DO UPDATE SET last_ref = now() RETURNING id, stored",
+                owner,
+                digest,
+                size,
+            )
+            assert row is not None
+            return ChunkRef(row["id"], owner, digest, size, row["stored"])
+
+        return await self._run(op, tx=False)
+
+    async def mark_stored(self, ref: ChunkRef) -> None:
+        """The chunk's object has been written."""
+
+        async def op(conn: Conn) -> None:
+            await conn.execute("UPDATE chunks SET stored = true WHERE id = $1 AND NOT stored", ref.id)
+
+        await self._run(op, tx=False)
+
+    async def commit_upload(
+        self, upload: Upload, *, digest: bytes, overwrite: bool, quota: int | None
+    ) -> int:
+        """Turn a complete upload into the file at its path (see :meth:`ferry.store.api.Storage.commit_upload`)."""
+
+        async def op(conn: Conn) -> int:
+            used = await self._lock_owner(conn, upload.owner)
+            up = await conn.fetchrow(
+                "SELECT parent_id, name, size, mode, mtime_ns FROM uploads WHERE id = $1 FOR UPDATE",
+                upload.id,
+            )
+            if up is None:
+                raise UploadGone(f"the upload to {show(upload.path)} was removed meanwhile; start it again")
+            chunks = await conn.fetch(
+                "SELECT uc.idx, c.size, c.stored FROM upload_chunks uc JOIN chunks c ON c.id = uc.chunk_id "
+                "WHERE uc.upload_id = $1 ORDER BY uc.idx",
+                upload.id,
+            )
+            complete = (
+                chunks
+                and all(r["idx"] == i and r["stored"] for i, r in enumerate(chunks))
+                and sum(r["size"] for r in chunks) == up["size"]
+            )
+            if not complete:
+                raise RemoteError(
+                    "incomplete", f"{show(upload.path)}: not every chunk of the upload is stored"
+                )
+            return await self._place_file(
+                conn, upload.owner, up["parent_id"], upload.path, used,
+                size=up["size"], mtime_ns=up["mtime_ns"], mode=up["mode"], digest=digest,
+                overwrite=overwrite, quota=quota, from_upload=upload.id, chunk=None,
+            )  # fmt: skip
+
+        return await self._run(op)
+
+    async def commit_small(
+        self,
+        user: str,
+        path: Parts,
+        ref: ChunkRef,
+        *,
+        digest: bytes,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        quota: int | None,
+    ) -> int:
+        """Make a file of the one stored chunk ``ref``; returns the size it replaced. Raises
+        :class:`ChunkGone` if the chunk row was swept in between (the caller claims it again)."""
+        owner, path = await self.owner_id(user), check_parts(path)
+        if not path:
+            raise PathRefused("bad-path", "an upload needs a file name, not your home folder")
+
+        async def op(conn: Conn) -> int:
+            used = await self._lock_owner(conn, owner)
+            parent = await self._folder(conn, owner, path[:-1])
+            return await self._place_file(
+                conn, owner, parent["id"], path, used,
+                size=ref.size, mtime_ns=_ns(mtime), mode=mode & 0o777, digest=digest,
+                overwrite=overwrite, quota=quota, from_upload=None, chunk=ref.id,
+            )  # fmt: skip
+
+        try:
+            return await self._run(op)
+        except asyncpg.exceptions.ForeignKeyViolationError as exc:
+            raise ChunkGone(ref) from exc
+
+    async def _place_file(
+        self,
+        conn: Conn,
+        owner: int,
+        parent: int,
+        path: Parts,
+        used: int,
+        *,
+        size: int,
+        mtime_ns: int,
+        mode: int,
+        digest: bytes,
+        overwrite: bool,
+        quota: int | None,
+        from_upload: int | None,
+        chunk: int | None,
+    ) -> int:
+        """Create the file row at ``path`` (replacing a file there) with the chunks of ``from_upload``
+        (then deleted) or the one chunk ``chunk``; the owner row is locked. Returns the size replaced."""
+        old = await conn.fetchrow(
+            "SELECT id, kind, size FROM nodes WHERE parent_id = $1 AND name = $2", parent, path[-1]
+        )
+        replaced = 0
+        if old is not None:
+            if old["kind"] == "d":
+                raise IsADirectory("is-a-directory", f"{show(path)} is a folder")
+            if not overwrite:
+                raise AlreadyExists("exists", f"{show(path)} already exists")
+            replaced = int(old["size"])
+        if quota is not None and used - replaced + size > quota:
+            raise _quota_error(path, size, used - replaced, quota)
+        if old is not None:
+            await self._delete_node(conn, owner, old["id"])
+        try:
+            node = await conn.fetchval(
+                "INSERT INTO nodes (owner_id, parent_id, name, kind, size, mtime_ns, mode, digest) "
+                "VALUES ($1, $2, $3, 'f', $4, $5, $6, $7) RETURNING id",
+                owner, parent, path[-1], size, mtime_ns, mode, digest,
+            )  # fmt: skip
+        except asyncpg.exceptions.UniqueViolationError as exc:  # a folder made meanwhile by mkdir
+            raise AlreadyExists("exists", f"{show(path)} already exists") from exc
+        if from_upload is not None:
+            await conn.execute(
+                "INSERT INTO file_chunks (node_id, idx, chunk_id) "
+                "SELECT $1, idx, chunk_id FROM upload_chunks WHERE upload_id = $2",
+                node,
+                from_upload,
+            )
+            await conn.execute("DELETE FROM uploads WHERE id = $1", from_upload)
+        else:
+            await conn.execute(
+                "INSERT INTO file_chunks (node_id, idx, chunk_id) VALUES ($1, 0, $2)", node, chunk
+            )
+        await conn.execute(
+            "UPDATE owners SET used = used + $2, files = files + $3 WHERE id = $1",
+            owner,
+            size,
+            1,
+        )
+        return replaced
+
+    async def discard_upload(self, upload: Upload) -> None:
+        """Forget a partial upload; its chunks are left to the sweeper."""
+
+        async def op(conn: Conn) -> None:
+            await conn.execute("DELETE FROM uploads WHERE id = $1", upload.id)
+
+        await self._run(op, tx=False)
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    async def open_file(self, user: str, path: Parts) -> FileChunks:
+        """The file at ``path`` and its chunk list, read in one snapshot."""
+        owner, path = await self.owner_id(user), check_parts(path)
+
+        async def op(conn: Conn) -> FileChunks:
+            row = await self._lookup(conn, owner, path)
+            if row["kind"] == "d":
+                raise IsADirectory("is-a-directory", f"{show(path)} is a folder, not a file")
+            chunks = await conn.fetch(
+                "SELECT c.id, c.hash, c.size FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id "
+                "WHERE fc.node_id = $1 ORDER BY fc.idx",
+                row["id"],
+            )
+            refs = tuple(ChunkRef(c["id"], owner, c["hash"], c["size"]) for c in chunks)
+            return FileChunks(_node(row), refs)
+
+        return await self._run(op, readonly=True)
+
+    # -- the sweeper's database half ----------------------------------------------------------------
+
+    async def expire_uploads(self, max_age: float) -> int:
+        """Delete partial uploads untouched for ``max_age`` seconds; returns how many."""
+
+        async def op(conn: Conn) -> int:
+            rows = await conn.fetch(
+                "DELETE FROM uploads WHERE touched_at < now() - make_interval(secs => $1) RETURNING id",
+                max_age,
+            )
+            return len(rows)
+
+        return await self._run(op, tx=False)
+
+    async def unreferenced_chunks(self, grace: float, limit: int = 500) -> list[ChunkRef]:
+        """Up to ``limit`` chunks that no file and no upload references, untouched for ``grace`` seconds."""
+
+        async def op(conn: Conn) -> list[ChunkRef]:
+            rows = await conn.fetch(
+                "SELECT id, owner_id, hash, size, stored FROM chunks c "
+                "WHERE last_ref < now() - make_interval(secs => $1) "
+                "AND NOT EXISTS (SELECT 1 FROM file_chunks WHERE chunk_id = c.id) "
+                "AND NOT EXISTS (SELECT 1 FROM upload_chunks WHERE chunk_id = c.id) "
+                "ORDER BY id LIMIT $2",
+                grace,
+                limit,
+            )
+            return [ChunkRef(r["id"], r["owner_id"], r["hash"], r["size"], r["stored"]) for r in rows]
+
+        return await self._run(op, tx=False)
+
+    async def forget_chunk(self, ref: ChunkRef, grace: float) -> bool:
+        """Delete the chunk's row if it is still unreferenced and untouched for ``grace`` seconds; True
+        if deleted (then, and only then, its object may be deleted). A reference taken meanwhile, even
+        one not yet committed, makes the foreign key refuse the delete."""
+
+        async def op(conn: Conn) -> bool:
+            try:
+                status = await conn.execute(
+                    "DELETE FROM chunks WHERE id = $1 AND last_ref < now() - make_interval(secs => $2)",
+                    ref.id,
+                    grace,
+                )
+            except asyncpg.exceptions.ForeignKeyViolationError:
+                return False
+            return status == "DELETE 1"
+
+        return await self._run(op, tx=False)
+
+    async def known_chunk_ids(self, ids: Sequence[int]) -> set[int]:
+        """Which of ``ids`` have a chunk row (the sweeper's check for orphaned objects)."""
+
+        async def op(conn: Conn) -> set[int]:
+            rows = await conn.fetch("SELECT id FROM chunks WHERE id = ANY($1::bigint[])", list(ids))
+            return {int(r["id"]) for r in rows}
+
+        return await self._run(op, tx=False)
+
+
+class ChunkGone(Exception):
+    """A chunk row was swept between its claim and the commit that references it (claim it again)."""
+
+    def __init__(self, ref: ChunkRef) -> None:
+        super().__init__(f"chunk {ref.id} was swept before it was referenced")
+        self.ref = ref
+
+
+def _missing(rows: Sequence[asyncpg.Record], path: Parts) -> RemoteError:
+    """The error for a walk that stopped at ``rows[-1]`` short of ``path``."""
+    depth = len(rows) - 1
+    if rows and rows[-1]["kind"] != "d":
+        return NotADirectory("not-a-directory", f"{show(path[:depth])} is not a folder")
+    return NotFound("not-found", f"{show(path)}: no such file or folder")
+
+
+def _exists(path: Parts, kind: Any) -> AlreadyExists:
+    if kind == "d":
+        return AlreadyExists("exists", f"{show(path)} already exists")
+    return AlreadyExists("exists", f"{show(path)} already exists and is not a folder")
+
+
+def _db_down(exc: BaseException) -> StoreUnavailable:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreUnavailable(
+        f"the database is unavailable ({first[:300]}); nothing acknowledged was lost, try again later"
+    )

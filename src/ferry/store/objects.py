@@ -1,0 +1,221 @@
+"""The object backend: :class:`ObjectStorage` implements :class:`ferry.store.api.Storage` with chunk
+objects in S3 (:mod:`ferry.store.chunks`) and the namespace in PostgreSQL (:mod:`ferry.store.namespace`).
+
+Order of writes, which is what makes a crash at any point harmless:
+
+1. hash the chunk (BLAKE3);
+2. claim it in the database (a chunk row, linked to the upload) — from here the sweeper keeps it;
+3. if its row says the object is not stored yet, write the object (put-if-absent), then mark it stored;
+4. only then acknowledge the chunk (``held`` on resume counts stored chunks only);
+5. the commit makes the file in one transaction; readers see the whole new file or the old one.
+
+A crash between 2 and 3 leaves a row whose object is missing and not marked stored: a resume writes
+it again. A crash after 3 leaves an object the row knows. An object whose row was swept (the sweeper
+crashed between deleting the row and the object) is found by the orphan pass of :meth:`sweep`.
+
+Space comes back in :meth:`ObjectStorage.sweep`: stale partial uploads are deleted, then chunk rows
+nothing references (and untouched for the grace period) are deleted one by one, each followed by its
+object; then objects without a row are deleted. See docs/scale-out.md for why this never removes a
+chunk that a live file or an upload in progress references, also when a delete and an upload of the
+same content race on two servers.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import replace
+from typing import TYPE_CHECKING, Final
+
+import blake3
+
+from ferry.hashing import tree_digest
+from ferry.store.api import CHUNK_SIZE, ChunkRef, FileChunks, Node, Parts, Storage, SweepReport, Upload, Usage
+from ferry.store.chunks import ChunkStore
+from ferry.store.namespace import ChunkGone, Namespace
+
+#: Seconds an unreferenced chunk is kept before the sweeper deletes it: downloads of a file removed
+#: meanwhile can finish, and a small file's chunk is safe between its claim and its commit.
+DEFAULT_GRACE: Final = 3600.0
+
+
+def chunk_hash(data: bytes | memoryview) -> bytes:
+    """The BLAKE3 hash that names a chunk (the same as a default transfer's chunk hash)."""
+    return blake3.blake3(data).digest()
+
+
+class ObjectStorage:
+    """Chunks in an S3 store, namespace in PostgreSQL: one namespace for every server sharing both."""
+
+    exec_supported = False
+
+    def __init__(self, namespace: Namespace, chunks: ChunkStore) -> None:
+        self.namespace = namespace
+        self.chunks = chunks
+
+    # -- namespace (delegated) ----------------------------------------------------------------------
+
+    async def stat(self, user: str, path: Parts) -> Node:
+        """See :meth:`ferry.store.api.Storage.stat`."""
+        return await self.namespace.stat(user, path)
+
+    async def list_dir(self, user: str, path: Parts, *, after: str = "", limit: int = 1000) -> list[Node]:
+        """See :meth:`ferry.store.api.Storage.list_dir`."""
+        return await self.namespace.list_dir(user, path, after=after, limit=limit)
+
+    async def mkdir(
+        self, user: str, path: Parts, *, parents: bool = False, exist_ok: bool = False, mode: int = 0o755
+    ) -> None:
+        """See :meth:`ferry.store.api.Storage.mkdir`."""
+        await self.namespace.mkdir(user, path, parents=parents, exist_ok=exist_ok, mode=mode)
+
+    async def remove(self, user: str, path: Parts, *, recursive: bool = False) -> None:
+        """See :meth:`ferry.store.api.Storage.remove`."""
+        await self.namespace.remove(user, path, recursive=recursive)
+
+    async def rename(self, user: str, src: Parts, dst: Parts, *, overwrite: bool = True) -> None:
+        """See :meth:`ferry.store.api.Storage.rename`."""
+        await self.namespace.rename(user, src, dst, overwrite=overwrite)
+
+    async def set_attrs(
+        self, user: str, path: Parts, *, mtime: float | None = None, mode: int | None = None
+    ) -> None:
+        """See :meth:`ferry.store.api.Storage.set_attrs`."""
+        await self.namespace.set_attrs(user, path, mtime=mtime, mode=mode)
+
+    async def usage(self, user: str) -> Usage:
+        """See :meth:`ferry.store.api.Storage.usage`."""
+        return await self.namespace.usage(user)
+
+    # -- uploads ------------------------------------------------------------------------------------
+
+    async def open_upload(
+        self,
+        user: str,
+        path: Parts,
+        *,
+        token: str,
+        size: int,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        quota: int | None,
+    ) -> Upload:
+        """See :meth:`ferry.store.api.Storage.open_upload`."""
+        return await self.namespace.open_upload(
+            user, path, token=token, size=size, mode=mode, mtime=mtime, overwrite=overwrite, quota=quota
+        )
+
+    async def write_chunk(self, upload: Upload, index: int, data: bytes) -> ChunkRef:
+        """See :meth:`ferry.store.api.Storage.write_chunk` (the write order is in the module docstring)."""
+        if len(data) > CHUNK_SIZE or index < 0 or index * CHUNK_SIZE + len(data) > upload.size:
+            raise ValueError(f"chunk {index} of {len(data)} bytes does not fit an upload of {upload.size}")
+        ref = await self.namespace.claim_chunk(upload, index, chunk_hash(data), len(data))
+        if not ref.stored:
+            await self.chunks.put(ref, data)
+            await self.namespace.mark_stored(ref)
+            ref = replace(ref, stored=True)
+        if index == len(upload.held):
+            upload.held.append(ref)
+        elif index < len(upload.held):
+            upload.held[index] = ref
+        return ref
+
+    async def commit_upload(
+        self, upload: Upload, *, digest: bytes, overwrite: bool, quota: int | None
+    ) -> int:
+        """See :meth:`ferry.store.api.Storage.commit_upload`."""
+        return await self.namespace.commit_upload(upload, digest=digest, overwrite=overwrite, quota=quota)
+
+    async def discard_upload(self, upload: Upload) -> None:
+        """See :meth:`ferry.store.api.Storage.discard_upload`."""
+        await self.namespace.discard_upload(upload)
+
+    async def store_small(
+        self,
+        user: str,
+        path: Parts,
+        data: bytes,
+        *,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        quota: int | None,
+    ) -> int:
+        """See :meth:`ferry.store.api.Storage.store_small`."""
+        if len(data) > CHUNK_SIZE:
+            raise ValueError("store_small is for files of at most one chunk")
+        owner = await self.namespace.owner_id(user)
+        digest = chunk_hash(data)
+        whole = tree_digest("blake3", len(data), [digest])
+        for _ in range(3):  # the chunk row can only be swept in between after a grace period: rare
+            ref = await self.namespace.claim_loose_chunk(owner, digest, len(data))
+            if not ref.stored:
+                await self.chunks.put(ref, data)
+                await self.namespace.mark_stored(ref)
+            try:
+                return await self.namespace.commit_small(
+                    user, path, ref, digest=whole, mode=mode, mtime=mtime, overwrite=overwrite, quota=quota
+                )
+            except ChunkGone:
+                continue
+        raise AssertionError("a chunk was swept three times between its claim and its commit")
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    async def open_file(self, user: str, path: Parts) -> FileChunks:
+        """See :meth:`ferry.store.api.Storage.open_file`."""
+        return await self.namespace.open_file(user, path)
+
+    async def read_chunk(self, ref: ChunkRef) -> bytes:
+        """See :meth:`ferry.store.api.Storage.read_chunk`."""
+        return await self.chunks.get(ref)
+
+    # -- upkeep -------------------------------------------------------------------------------------
+
+    async def sweep(
+        self, *, partial_max_age: float, grace: float = DEFAULT_GRACE, pages: int = 100
+    ) -> SweepReport:
+        """Give space back (see the module docstring); at most ``pages`` pages of 500 chunks per call."""
+        uploads = await self.namespace.expire_uploads(partial_max_age) if partial_max_age > 0 else 0
+        chunks = objects = nbytes = 0
+        for _ in range(pages):
+            refs = await self.namespace.unreferenced_chunks(grace)
+            for ref in refs:
+                # Row first, object second: once the row is gone no new reference can reach this key
+                # (a new upload of the same bytes gets a new row and key).
+                if await self.namespace.forget_chunk(ref, grace):
+                    chunks += 1
+                    await self.chunks.delete(self.chunks.key(ref))
+                    objects += 1
+                    nbytes += ref.size
+            if len(refs) < 500:
+                break
+        orphans, orphan_bytes = await self.sweep_orphans(grace)
+        return SweepReport(uploads, chunks, objects + orphans, nbytes + orphan_bytes)
+
+    async def sweep_orphans(self, grace: float) -> tuple[int, int]:
+        """Delete chunk objects that have no row and were written more than ``grace`` seconds ago (a
+        sweep that stopped between deleting a row and its object). An object is only ever written after
+        its row exists, so a missing row means the chunk was swept."""
+        cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=grace)
+        count = nbytes = 0
+        async for page in self.chunks.list_chunks():
+            ids = {o.key: self.chunks.parse_key(o.key) for o in page}
+            known = await self.namespace.known_chunk_ids([i for i in ids.values() if i is not None])
+            for obj in page:
+                cid = ids[obj.key]
+                if cid is not None and cid not in known and obj.last_modified < cutoff:
+                    await self.chunks.delete(obj.key)
+                    count += 1
+                    nbytes += obj.size
+        return count, nbytes
+
+    async def close(self) -> None:
+        """Close the database pool (the S3 client holds no connection that needs closing)."""
+        await self.namespace.close()
+
+
+if TYPE_CHECKING:  # mypy proves that ObjectStorage implements the interface
+
+    def _implements(storage: ObjectStorage) -> Storage:
+        return storage
