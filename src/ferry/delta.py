@@ -1,0 +1,262 @@
+"""Delta transfer of one file: the sender's encoder and the receiver's assembler (no I/O but ``pread`` /
+``pwrite`` on descriptors the caller opened; used by client and server alike).
+
+The receiver owns a *basis*: the chunk index (:mod:`ferry.cdc`) of its old version of the file, and of
+a partial file left by an interrupted transfer. It sends the basis' chunk hashes; the sender chunks the
+new version the same way and describes it as a list of *ops*, flat triples of integers:
+
+====================  ========================================================================
+``(0, start, count)``  copy ``count`` consecutive basis chunks starting at basis chunk ``start``
+``(1, length, 0)``     one chunk of ``length`` literal bytes follows in the data, as it is
+``(2, length, size)``  one chunk of ``length`` literal bytes follows as a zstd frame of ``size``
+====================  ========================================================================
+
+Each literal op is exactly one chunk of the new version, and copies are whole basis chunks, so the
+receiver knows every chunk of the new version and its hash (the basis' hash for copies, verified
+against the bytes it copies; the hash of the bytes received for literals). At the end it compares
+the content digest built from them with the sender's (:func:`ferry.cdc.index_digest`) before the
+caller renames the assembled temp file into place: what lands is byte for byte the sender's file.
+A copy whose bytes no longer match the basis hash (the old file changed meanwhile) fails the file
+with :class:`BasisChanged`; the caller sends it whole instead.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import blake3
+
+from ferry.cdc import HASH_SIZE, MAX_SIZE, ChunkIndex, FileChanged, index_digest, iter_chunks
+from ferry.compress import RAW, ZSTD, Compressor, Decompressor
+from ferry.errors import IntegrityError, TransferError
+
+COPY = 0  #: op kind: copy basis chunks
+#: Literal payload bytes per batch of ops (a DeltaData message): well below the 1 MiB message cap
+#: even with one more maximal chunk and the ops on top.
+BATCH_BYTES = 1 << 18
+#: Ops triples per batch.
+BATCH_OPS = 4096
+
+
+class BasisChanged(TransferError):
+    """A basis chunk no longer has the hash the receiver announced (its old file changed)."""
+
+
+@dataclass
+class Batch:
+    """One batch of ops and the literal payloads they refer to."""
+
+    ops: list[int] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
+
+
+class DeltaEncoder:
+    """Describes the file open as ``fd`` (``size`` bytes) against a receiver's basis hashes.
+
+    Call :meth:`next_batch` (in a thread; one call at a time) until it says it is the last one; then
+    :attr:`index` is the new version's chunk index and :attr:`digest` its content digest. Counts:
+    :attr:`copied` bytes the receiver already had, :attr:`literal` bytes sent, :attr:`wire` bytes of
+    payload after compression.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        basis: bytes,
+        *,
+        compress: bool = False,
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
+        self.size = size
+        # First position of each basis hash (a hash listed twice: either copy is as good).
+        self._where: dict[bytes, int] = {}
+        for i in range(len(basis) // HASH_SIZE - 1, -1, -1):
+            self._where[basis[i * HASH_SIZE : (i + 1) * HASH_SIZE]] = i
+        self._chunks = iter_chunks(fd, size, on_read=on_read)
+        self._compressor = Compressor() if compress else None
+        self._lengths = array("I")
+        self._hashes: list[bytes] = []
+        self._total = 0
+        self.copied = 0
+        self.literal = 0
+        self.wire = 0
+        self.index: ChunkIndex | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """The new version's content digest (after the last batch)."""
+        assert self.index is not None
+        return self.index.digest
+
+    def next_batch(self) -> tuple[Batch, bool]:
+        """The next batch of ops, and whether it is the last one."""
+        batch = Batch()
+        ops, data = batch.ops, batch.data
+        where = self._where
+        for _off, chunk in self._chunks:
+            n = len(chunk)
+            h = blake3.blake3(chunk).digest()
+            self._lengths.append(n)
+            self._hashes.append(h)
+            self._total += n
+            i = where.get(h)
+            if i is not None:
+                self.copied += n
+                # Extend the previous copy when this chunk follows it in the basis too.
+                if ops and ops[-3] == COPY and ops[-2] + ops[-1] == i:
+                    ops[-1] += 1
+                else:
+                    ops += (COPY, i, 1)
+            else:
+                self.literal += n
+                payload: bytes | memoryview = chunk
+                kind = RAW
+                if self._compressor is not None:
+                    kind, payload = self._compressor.pack(chunk)
+                ops += (kind, n, len(payload) if kind == ZSTD else 0)
+                data += payload
+                self.wire += len(payload)
+            if len(data) >= BATCH_BYTES or len(ops) >= 3 * BATCH_OPS:
+                return batch, False
+        if self._total != self.size:
+            raise FileChanged(f"the file shrank while it was being sent ({self._total} of {self.size} bytes)")
+        self.index = ChunkIndex(self.size, self._lengths, b"".join(self._hashes))
+        return batch, True
+
+
+@dataclass
+class BasisFile:
+    """One file of a receiver's basis: an open descriptor and its chunk index."""
+
+    fd: int
+    index: ChunkIndex
+
+
+class Assembler:
+    """Builds the new version in ``out_fd`` (an empty temp file) from ops, basis chunks and literals.
+
+    ``basis`` are the files whose chunks were announced, in the order announced (chunk numbers run on
+    from one file to the next). Call :meth:`apply` per batch (in a thread; one at a time), then
+    :meth:`finish`. Raises :class:`~ferry.errors.IntegrityError` for anything inconsistent (bad op,
+    wrong length, digest mismatch) and :class:`BasisChanged` when a basis chunk changed.
+    """
+
+    def __init__(
+        self,
+        out_fd: int,
+        size: int,
+        basis: Sequence[BasisFile] = (),
+        *,
+        on_write: Callable[[int], None] | None = None,
+    ) -> None:
+        self.out_fd = out_fd
+        self.size = size
+        self.pos = 0
+        self.on_write = on_write
+        self._files: array[int] = array("I")
+        self._offsets: array[int] = array("Q")
+        self._lengths: array[int] = array("I")
+        self._fds = [b.fd for b in basis]
+        hashes: list[bytes] = []
+        for k, b in enumerate(basis):
+            off = 0
+            for n in b.index.lengths:
+                self._files.append(k)
+                self._offsets.append(off)
+                self._lengths.append(n)
+                off += n
+            hashes.append(b.index.hashes)
+        self._basis_hashes = b"".join(hashes)
+        self._new_lengths = array("I")
+        self._new_hashes: list[bytes] = []
+        self._unpack = Decompressor()
+        self.copied = 0
+        self.received = 0
+
+    @property
+    def basis_count(self) -> int:
+        """How many chunks the basis offers."""
+        return len(self._lengths)
+
+    def basis_hashes(self) -> bytes:
+        """The concatenated hashes of the basis chunks, in announced order."""
+        return self._basis_hashes
+
+    def apply(self, ops: Sequence[int], data: bytes | memoryview) -> None:
+        """Write the chunks one batch of ops describes."""
+        if len(ops) % 3:
+            raise IntegrityError("malformed delta: ops are not triples")
+        view = memoryview(data)
+        used = 0
+        for j in range(0, len(ops), 3):
+            kind, a, b = ops[j], ops[j + 1], ops[j + 2]
+            if kind == COPY:
+                if b <= 0 or a < 0 or a + b > len(self._lengths):
+                    raise IntegrityError(f"malformed delta: copy of chunks {a}..{a + b} of {len(self._lengths)}")
+                self._copy(a, b)
+                continue
+            if kind not in (RAW, ZSTD) or not 0 < a <= MAX_SIZE:
+                raise IntegrityError(f"malformed delta: op {kind} of {a} bytes")
+            take = a if kind == RAW else b
+            if take <= 0 or used + take > len(view):
+                raise IntegrityError("malformed delta: literal data shorter than its ops say")
+            chunk = self._unpack.unpack(kind, view[used : used + take], a)
+            used += take
+            self._write(chunk)
+            self._new_lengths.append(a)
+            self._new_hashes.append(blake3.blake3(chunk).digest())
+            self.received += a
+        if used != len(view):
+            raise IntegrityError("malformed delta: literal data longer than its ops say")
+
+    def _copy(self, start: int, count: int) -> None:
+        files, offsets, lengths = self._files, self._offsets, self._lengths
+        i, end = start, start + count
+        while i < end:
+            # Read a run of chunks that are contiguous in one basis file with one pread (<= 4 MiB).
+            k, first = files[i], offsets[i]
+            j, span = i, 0
+            while j < end and files[j] == k and offsets[j] == first + span and span < (4 << 20):
+                span += lengths[j]
+                j += 1
+            buf = os.pread(self._fds[k], span, first)
+            if len(buf) != span:
+                raise BasisChanged("the old version of the file changed while the new one was being built")
+            view = memoryview(buf)
+            pos = 0
+            for c in range(i, j):
+                n = lengths[c]
+                h = blake3.blake3(view[pos : pos + n]).digest()
+                if h != self._basis_hashes[c * HASH_SIZE : (c + 1) * HASH_SIZE]:
+                    raise BasisChanged("the old version of the file changed while the new one was being built")
+                self._new_lengths.append(n)
+                self._new_hashes.append(h)
+                pos += n
+            self._write(view)
+            self.copied += span
+            i = j
+
+    def _write(self, data: bytes | memoryview) -> None:
+        if self.pos + len(data) > self.size:
+            raise IntegrityError(f"malformed delta: more than the announced {self.size} bytes")
+        view = memoryview(data)
+        pos = self.pos
+        while view:
+            n = os.pwrite(self.out_fd, view, pos)
+            view, pos = view[n:], pos + n
+        if self.on_write is not None:
+            self.on_write(pos - self.pos)
+        self.pos = pos
+
+    def finish(self, digest: bytes) -> ChunkIndex:
+        """Check the size and the content digest; return the new version's chunk index."""
+        if self.pos != self.size:
+            raise IntegrityError(f"the new version has {self.pos} bytes, {self.size} announced; nothing was kept")
+        index = ChunkIndex(self.size, self._new_lengths, b"".join(self._new_hashes))
+        if index_digest(self.size, index.hashes) != digest:
+            raise IntegrityError("the assembled file does not match the sender's digest; nothing was kept")
+        return index
