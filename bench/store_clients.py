@@ -219,11 +219,6 @@ async def pg_asyncpg(dsn: str, n: int) -> tuple[float, float]:
 
 
 async def bench_pg(dsn: str, reps: int, n: int) -> list[list[str]]:
-    run_sql(
-        "CREATE TABLE b (id int PRIMARY KEY, name text, size bigint);\n"
-        "INSERT INTO b SELECT i, 'name' || i, i * 7 FROM generate_series(0, 999) i",
-        dsn,
-    )
     drivers: list[tuple[str, Callable[[str, int], Awaitable[tuple[float, float]]]]] = [
         ("asyncpg", pg_asyncpg)
     ]
@@ -292,6 +287,11 @@ def main() -> None:
             weed.stop()
     name, dsn = create_database()
     try:
+        run_sql(  # before the loop starts: run_sql runs its own
+            "CREATE TABLE b (id int PRIMARY KEY, name text, size bigint);\n"
+            "INSERT INTO b SELECT i, 'name' || i, i * 7 FROM generate_series(0, 999) i",
+            dsn,
+        )
         pg_rows = run(bench_pg(dsn, args.reps, args.queries))
     finally:
         drop_database(name)

@@ -372,3 +372,70 @@ def test_store_and_database_going_away_give_clear_errors_then_recover(
             await st.close()
 
     run(main(), timeout=90)
+
+
+_WRITER = """
+import asyncio, sys
+sys.path[:0] = sys.argv[1:2]
+from components import Weed
+from store_support import open_storage, write_from
+
+async def main(weed, prefix, dsn, data):
+    st = await open_storage(weed, prefix, dsn)
+    up = await st.open_upload("alice", ("killed",), token="K", size=len(data), mode=0o644, mtime=1.0,
+                              overwrite=True, quota=None)
+    await write_from(st, up, data, 0, 2)
+    print("stored 2", flush=True)
+    await asyncio.sleep(60)  # killed here, with its pool and S3 client open
+
+weed = Weed(sys.argv[2], "ferry", sys.argv[3], sys.argv[4], None, None, None)
+asyncio.run(main(weed, sys.argv[5], sys.argv[6], open(sys.argv[7], "rb").read()))
+"""
+
+
+def test_upload_of_a_process_killed_with_sigkill_resumes_elsewhere(
+    weed: Weed, s3_prefix: str, pg_dsn: str, tmp_path: Any
+) -> None:
+    """A "server" process stores two chunks and is killed with SIGKILL; another resumes the upload
+    and sends only the third chunk."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = os.urandom(2 * CHUNK_SIZE + 99)
+    src = tmp_path / "data"
+    src.write_bytes(data)
+    tests = str(Path(__file__).parent)
+    args = [weed.endpoint, weed.access_key, weed.secret_key, s3_prefix, pg_dsn, str(src)]
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, tests, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "stored 2"  # bounded by the test timeout
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    async def main() -> None:
+        st = await open_storage(weed, s3_prefix, pg_dsn)
+        try:
+            up = await st.open_upload(
+                "alice",
+                ("killed",),
+                token="K",
+                size=len(data),
+                mode=0o644,
+                mtime=1.0,
+                overwrite=True,
+                quota=None,
+            )
+            assert len(up.held) == 2
+            before = await object_keys(st)
+            await write_from(st, up, data, len(up.held))
+            assert len(await object_keys(st) - before) == 1
+            await st.commit_upload(up, digest=digest_of(data), overwrite=True, quota=None)
+            assert await read_file(st, "alice", ("killed",)) == data
+        finally:
+            await st.close()
+
+    run(main())
