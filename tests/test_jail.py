@@ -671,6 +671,54 @@ def test_deep_trees_with_few_descriptors(home: Path) -> None:
     assert list(home.iterdir()) == []
 
 
+def test_deep_walks_cost_one_open_per_folder(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Climbing back out of a tree deeper than max_open_dirs reopens each closed ancestor as '..' of
+    the folder being left: one open per folder. Reopening it from the nearest open ancestor (or the
+    home) costs opens growing with the square of the depth (a 1,500-level listing took 13 s)."""
+    depth = 600
+    (home / "/".join(["d"] * depth)).mkdir(parents=True)
+    opens = 0
+    real_open = os.open
+
+    def counting_open(*args: Any, **kw: Any) -> int:
+        nonlocal opens
+        opens += 1
+        return real_open(*args, **kw)
+
+    def listing(jail: Jail) -> None:
+        scan = jail.list_scan("", recursive=True)
+        try:
+            assert sum(1 for _ in scan) == depth
+        finally:
+            scan.close()
+
+    with Jail(home, max_open_dirs=8) as jail:
+        monkeypatch.setattr(os, "open", counting_open)
+        for walk in (Jail.usage, listing, lambda j: j.remove("d", recursive=True)):
+            opens = 0
+            walk(jail)
+            assert opens <= 2 * depth + 8, opens
+        monkeypatch.undo()
+    assert list(home.iterdir()) == []
+
+
+def test_a_walk_climbing_back_into_a_moved_folder_stops_with_changed(home: Path) -> None:
+    """A folder moved while a walk is below it is never taken for the one the walk entered: the
+    reopened parent must be the same inode, or the walk fails with code ``changed``."""
+    (home / "a" / "b" / "c" / "d" / "e").mkdir(parents=True)
+    with Jail(home, max_open_dirs=2) as jail:
+        walk = jail.usage_walk()
+        try:
+            for _ in range(5):  # one entry per folder: the walk is in e, its ancestors a..c are closed
+                next(walk)
+            (home / "a" / "b").rename(home / "b")  # b, with the walk inside it, leaves a
+            with raises(RemoteError, "changed"):
+                for _ in walk:
+                    pass
+        finally:
+            walk.close()
+
+
 def test_rename(jail: Jail, home: Path, guard: Path) -> None:
     write(home / "f", b"one")
     (home / "d").mkdir()

@@ -159,6 +159,77 @@ def test_a_listing_stops_between_entries_when_its_connection_closes(
         assert pools_idle(srv)
 
 
+@pytest.mark.timeout(120)
+def test_walks_of_a_2000_level_tree_cost_time_linear_in_its_folders(tmp_path: Path) -> None:
+    """A recursive listing used to reopen every folder from the home: 13-16 s for 1,500 levels.
+    Listing, usage (df), a tree download and rm -r of the deepest tree one mkdir -p can make now
+    walk it once, with a bounded number of descriptors."""
+    depth = 2000  # a 3,999-byte path
+    with running_server(tmp_path / "root", plain=True) as srv:
+        make_deep_tree(srv, depth)
+        raw = login(srv)
+        try:
+            t0 = time.monotonic()
+            raw.send(m.ListDir(id=1, path="", recursive=True))
+            entries = read_listing(raw, 1, timeout=60)
+            listed = time.monotonic() - t0
+            assert [e.name for e in entries] == [deep_path(n) for n in range(1, depth + 1)]
+            assert listed < 3.0, f"listing {depth} levels took {listed:.1f} s"
+            raw.send(m.Df(id=2))
+            assert isinstance(raw.reply(2), m.DfReply)
+            raw.send(m.GetTree(id=3, path="d"))
+            items: list[m.TreeItem] = []
+            for _ in range(depth):
+                batch = raw.reply(3)
+                assert isinstance(batch, m.TreeItems), batch
+                items += batch.items
+                if batch.end:
+                    break
+            assert [it.path for it in items] == [deep_path(n) for n in range(1, depth)]
+            raw.send(m.Remove(id=4, path="d", recursive=True))
+            assert isinstance(raw.reply(4, timeout=60), m.Ok)
+            assert list(home(srv).iterdir()) == []
+            elapsed = time.monotonic() - t0
+            assert elapsed < 20.0, f"list, df, get-tree and rm -r of {depth} levels took {elapsed:.1f} s"
+        finally:
+            raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_recursive_listing_comes_in_ls_r_order(tmp_path: Path) -> None:
+    """A folder's entries (by name), then each subfolder's in name order; links, FIFOs and
+    partial uploads as before (links and FIFOs listed, never followed; partials hidden)."""
+    with running_server(tmp_path / "root", plain=True) as srv:
+        h = home(srv)
+        (h / "a" / "b" / "c").mkdir(parents=True)
+        (h / "a" / "f").write_bytes(b"12345")
+        (h / "a" / "b" / ".x.ferry-part-tok").write_bytes(b"partial")
+        (h / "z").mkdir()
+        (h / "z" / "link").symlink_to("/etc")
+        os.mkfifo(h / "z" / "pipe")
+        raw = login(srv)
+        try:
+            raw.send(m.ListDir(id=1, path="", recursive=True))
+            got = [(e.name, e.kind) for e in read_listing(raw, 1)]
+            assert got == [
+                ("a", "dir"),
+                ("z", "dir"),
+                ("a/b", "dir"),
+                ("a/f", "file"),
+                ("a/b/c", "dir"),
+                ("z/link", "link"),
+                ("z/pipe", "other"),
+            ]
+            raw.send(m.ListDir(id=2, path="a", recursive=True))
+            assert [e.name for e in read_listing(raw, 2)] == ["b", "f", "b/c"]
+            raw.send(m.ListDir(id=3, path="a/f", recursive=True))  # a file lists as itself
+            assert [(e.name, e.size) for e in read_listing(raw, 3)] == [("f", 5)]
+            raw.send(m.ListDir(id=4, path="z/link", recursive=True))  # a link too, never followed
+            assert [(e.name, e.kind) for e in read_listing(raw, 4)] == [("link", "link")]
+        finally:
+            raw.close()
+
+
 def tree_files(folder: Path, count: int, size: int) -> None:
     folder.mkdir(parents=True)
     for i in range(count):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import stat as statmod
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ferry.server import work
 from ferry.server.jail import Entry as JailEntry
 from ferry.server.jail import Jail
-from ferry.server.work import in_thread, in_walk
+from ferry.server.work import in_thread, in_walk, run_steps
 from ferry.wire import messages as m
 
 if TYPE_CHECKING:
@@ -77,34 +77,25 @@ async def handle_stat(session: Session, msg: m.Stat) -> None:
     log_op(session, "stat", msg.path, t0)
 
 
-def walk(jail: Jail, path: str, recursive: bool, check: Callable[[], None]) -> Iterator[m.Entry]:
-    """Entries of ``path``; with ``recursive``, the whole tree with relative names (dirs first).
-    ``check`` is called before each entry (it raises to stop the walk)."""
-    base = "" if path in ("", ".") else path.rstrip("/")
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        where = "/".join(p for p in (base, rel) if p)
-        for e in sorted(jail.listdir(where), key=lambda e: e.name):
-            check()
-            name = f"{rel}/{e.name}" if rel else e.name
-            yield to_wire(e, name)
-            if recursive and e.kind == "dir":
-                stack.append(name)
-
-
 async def handle_list(session: Session, msg: m.ListDir) -> None:
     """Reply with pages of entries (a single file lists as itself)."""
     t0 = time.monotonic()
     jail = jail_of(session)
-
     check = work.current.get().check
 
     def collect() -> list[m.Entry]:
         entry = stat_entry(jail, msg.path)
         if entry.kind != "dir":
             return [entry]
-        return list(walk(jail, msg.path, msg.recursive, check))
+        scan = jail.list_scan(msg.path, recursive=msg.recursive)
+        try:
+            out = []
+            for name, e in scan:
+                check()
+                out.append(to_wire(e, name))
+            return out
+        finally:
+            scan.close()
 
     # A listing is bounded by what the user can store; pages keep each frame small.
     async with work.current.get().walk_slot():
@@ -147,7 +138,7 @@ async def handle_remove(session: Session, msg: m.Remove) -> None:
     if msg.recursive and statmod.S_ISDIR(st.st_mode):
         session_work = work.current.get()
         async with session_work.walk_slot():
-            await in_walk(lambda: jail.remove(msg.path, recursive=True, check=session_work.check))
+            await run_steps(jail.remove_walk(msg.path))
     else:
         await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
     if statmod.S_ISREG(st.st_mode):
@@ -180,10 +171,8 @@ async def current_usage(session: Session) -> int:
     async with usage.lock(name):
         known = usage.known(name)
         if known is None:
-            session_work = work.current.get()
-            jail = jail_of(session)
-            async with session_work.walk_slot():
-                known = await in_walk(lambda: jail.usage(check=session_work.check))
+            async with work.current.get().walk_slot():
+                known = await run_steps(jail_of(session).usage_walk()) or 0
             usage.set(name, known)
         return known
 

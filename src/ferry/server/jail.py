@@ -32,7 +32,7 @@ import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Literal
+from typing import Final, Generic, Literal, TypeVar
 
 from ferry.errors import (
     AlreadyExists,
@@ -55,6 +55,7 @@ __all__ = [
     "Entry",
     "EntryKind",
     "Jail",
+    "ListScan",
     "TreeDir",
     "TreeDirs",
     "TreeFailure",
@@ -94,6 +95,7 @@ _PARTIAL_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK |
 MAX_OPEN_DIRS: Final = 64
 
 EntryKind = Literal["file", "dir", "link", "other"]
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,21 +321,23 @@ def _rename_noreplace(sfd: int, sname: str, dfd: int, dname: str) -> None:
 # A chain of directory fds for recursive walks
 
 
-def _no_check() -> None:
-    """The default ``check`` of a walk: never stops it."""
-
-
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
+
+
+def _changed() -> RemoteError:
+    return RemoteError("changed", "a folder was moved or replaced while ferry was working in it; try again")
 
 
 class _DirChain:
     """The directories from a root down to the current one, as fds, for depth-first walks.
 
     At most ``limit`` descriptors (besides the borrowed root) stay open: when deeper, the ones nearest
-    the root are closed, and reopened by name with O_NOFOLLOW relative to the nearest open ancestor
-    when the walk climbs back. A reopened directory must be the same inode as before, else the walk
-    fails with code ``changed`` rather than work on a directory it did not mean to.
+    the root are closed. Climbing back into a closed one reopens it as ``..`` of the directory being
+    left (one ``openat`` however deep the walk: a walk costs time linear in the folders it visits),
+    and the result must be the very directory entered on the way down (same device and inode), else
+    the walk fails with code ``changed`` rather than work on a directory it did not mean to. ``..``
+    can never lead above the chain's root: the root is borrowed and never left.
     """
 
     def __init__(self, root_fd: int, limit: int) -> None:
@@ -348,11 +352,8 @@ class _DirChain:
         return len(self._fds)
 
     def top(self) -> int:
-        """The fd of the current (deepest) directory, reopening it if it was evicted."""
-        i = len(self._fds) - 1
-        if self._fds[i] < 0:
-            self._reopen(i)
-        return self._fds[i]
+        """The fd of the current (deepest) directory (always open: eviction spares the deepest)."""
+        return self._fds[-1]
 
     def push(self, name: str) -> None:
         """Enter subdirectory ``name`` of the current directory (raises OSError as ``os.open``)."""
@@ -373,11 +374,24 @@ class _DirChain:
         """Leave the current directory (closing its fd); returns its name in its parent."""
         if len(self._fds) == 1:
             raise IndexError("cannot pop the root of a _DirChain")
-        fd = self._fds.pop()
+        fd = self._fds[-1]
+        parent = -1
+        if self._fds[-2] < 0:
+            # The parent was evicted: reopen it through the directory we are leaving (still open).
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            try:
+                if _ident(os.fstat(parent)) != self._ids[-2]:
+                    raise _changed()
+            except BaseException:
+                os.close(parent)
+                raise
+        self._fds.pop()
         self._ids.pop()
-        if fd >= 0:
-            self._open.pop()  # the deepest open fd is the one we are popping
-            os.close(fd)
+        self._open.pop()  # the deepest open fd is the one we are leaving
+        os.close(fd)
+        if parent >= 0:  # evictions close the shallowest first: no other owned fd is open now
+            self._fds[-1] = parent
+            self._open.append(len(self._fds) - 1)
         return self._names.pop()
 
     def close(self) -> None:
@@ -392,18 +406,6 @@ class _DirChain:
             i = self._open.popleft()
             os.close(self._fds[i])
             self._fds[i] = -1
-
-    def _reopen(self, i: int) -> None:
-        j = i - 1
-        while self._fds[j] < 0:  # index 0 (the root) is never evicted
-            j -= 1
-        for k in range(j + 1, i + 1):
-            fd = os.open(self._names[k], _DIR_FLAGS, dir_fd=self._fds[k - 1])
-            self._fds[k] = fd
-            self._open.append(k)
-            if _ident(os.fstat(fd)) != self._ids[k]:
-                raise RemoteError("changed", "a folder was replaced while ferry was working in it; try again")
-        self._evict()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,15 +569,8 @@ class Jail:
         """
         fd = self.open_dir(path)
         try:
-            with _translating(path), os.scandir(fd) as it:
-                for de in it:
-                    if not include_partial and is_partial_name(de.name):
-                        continue
-                    try:
-                        st = de.stat(follow_symlinks=False)  # fstatat(fd, name, AT_SYMLINK_NOFOLLOW)
-                    except FileNotFoundError:
-                        continue
-                    yield Entry.from_stat(de.name, st)
+            with _translating(path):
+                yield from _entries_at(fd, include_partial)
         finally:
             os.close(fd)
 
@@ -583,24 +578,29 @@ class Jail:
         """The entries of directory ``path``, sorted by name (see :meth:`iter_dir`)."""
         return sorted(self.iter_dir(path, include_partial=include_partial), key=lambda e: e.name)
 
-    def usage(self, *, check: Callable[[], None] = _no_check) -> int:
+    def usage(self) -> int:
         """Total apparent size (``st_size``) in bytes of all regular files under the home.
 
         Apparent size, not allocated blocks: it is what a user can predict from what they uploaded
         (sparse files, compression and block rounding do not change it). Partial uploads count (they
         occupy the disk). A file with several hard links inside the home counts once. Symbolic links
         are never followed. Cost is one ``lstat`` per entry; callers should cache the result.
-        ``check`` is called before each entry and may raise to abandon the count.
         """
+        last = collections.deque(self.usage_walk(), maxlen=1)  # the final running total
+        return last[0] if last else 0
+
+    def usage_walk(self) -> Generator[int, None, None]:
+        """:meth:`usage` one entry at a time: yields the running total after each entry (the last
+        value is the usage; nothing for an empty home). Lets a caller spread the count over several
+        thread jobs and stop between entries; close it when abandoned (it holds descriptors)."""
         total = 0
         seen: set[tuple[int, int]] = set()
 
-        def scan(fd: int) -> list[str]:
+        def scan(fd: int) -> Generator[int, None, list[str]]:
             nonlocal total
             subdirs: list[str] = []
             with os.scandir(fd) as it:
                 for de in it:
-                    check()
                     try:
                         st = de.stat(follow_symlinks=False)
                     except FileNotFoundError:
@@ -613,12 +613,13 @@ class Jail:
                                 continue
                             seen.add(_ident(st))
                         total += st.st_size
+                    yield total
             return subdirs
 
         with _translating(""):
             chain = _DirChain(self._home_fd(), self._max_open_dirs)
             try:
-                pending = [scan(chain.top())]
+                pending = [(yield from scan(chain.top()))]
                 while pending:
                     if not pending[-1]:
                         pending.pop()
@@ -633,10 +634,14 @@ class Jail:
                         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                             continue
                         raise
-                    pending.append(scan(chain.top()))
+                    pending.append((yield from scan(chain.top())))
             finally:
                 chain.close()
-        return total
+
+    def list_scan(self, path: str, *, recursive: bool) -> ListScan:
+        """Walk folder ``path`` for a listing (see :class:`ListScan`); fails at once if it is
+        missing, not a folder, or a symlink."""
+        return ListScan(self, path, recursive)
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -770,22 +775,28 @@ class Jail:
                 if not exist_ok:
                     raise AlreadyExists("exists", f"{_show(path)} already exists") from exc
 
-    def remove(self, path: str, *, recursive: bool = False, check: Callable[[], None] = _no_check) -> None:
+    def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove file, symlink or folder ``path``.
 
         A symlink is removed itself, never its target. A folder must be empty unless ``recursive``;
         recursive removal walks with descriptors and O_NOFOLLOW, so a symlink inside the tree (even
         one swapped in during the removal) is unlinked and never descended into. The home itself
-        cannot be removed. ``check`` is called before each entry and may raise to stop a recursive
-        removal half-way (what was removed stays removed, as with ``rm -r``).
+        cannot be removed.
         """
+        for _ in self.remove_walk(path, recursive=recursive):
+            pass
+
+    def remove_walk(self, path: str, *, recursive: bool = True) -> Generator[None, None, None]:
+        """:meth:`remove` one entry at a time: yields after each entry of a recursive removal, so a
+        caller can spread it over several thread jobs and stop between entries (what was removed
+        stays removed, as with ``rm -r``). Close it when abandoned (it holds descriptors)."""
         parts = self._needs_name(path, "your home folder itself cannot be removed")
         with _translating(path), self._parent(parts) as (pfd, name):
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
                 os.unlink(name, dir_fd=pfd)
             elif recursive:
-                self._rmtree_at(pfd, name, check)
+                yield from _rmtree_at(pfd, name, self._max_open_dirs)
             else:
                 try:
                     os.rmdir(name, dir_fd=pfd)
@@ -799,40 +810,6 @@ class Jail:
                             "to delete it and everything in it",
                         ) from exc
                     raise
-
-    def _rmtree_at(self, pfd: int, name: str, check: Callable[[], None]) -> None:
-        """Remove directory ``name`` in ``pfd`` and everything under it (raises OSError)."""
-        chain = _DirChain(pfd, self._max_open_dirs)
-        try:
-            try:
-                chain.push(name)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # no longer a folder: remove the entry
-                    os.unlink(name, dir_fd=pfd)
-                    return
-                raise
-            pending = [_clear_files(chain.top(), check)]
-            while pending:
-                if pending[-1]:
-                    sub = pending[-1].pop()
-                    try:
-                        chain.push(sub)
-                    except OSError as exc:
-                        if exc.errno == errno.ENOENT:
-                            continue
-                        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                            # Swapped for a symlink or file since listed: unlink that entry itself.
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(sub, dir_fd=chain.top())
-                            continue
-                        raise
-                    pending.append(_clear_files(chain.top(), check))
-                else:
-                    pending.pop()
-                    done = chain.pop()
-                    os.rmdir(done, dir_fd=chain.top())
-        finally:
-            chain.close()
 
     def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         """Rename (move) ``src`` to ``dst`` inside the home, atomically.
@@ -954,7 +931,47 @@ class TreeFailure:
 TreeRecord = TreeFile | TreeDir | TreeFailure
 
 
-class TreeScan:
+class _FolderScan(Generic[_R]):
+    """A walk over folder ``path`` below a jail, as an iterator (what :class:`TreeScan` and
+    :class:`ListScan` share): the folder is opened at once (a missing folder, a file or a symlink
+    fails here, not on the first ``next``), its subfolders through a :class:`_DirChain`.
+    Subclasses yield their records from :meth:`_walk`. Call :meth:`close` when done."""
+
+    def __init__(self, jail: Jail, path: str) -> None:
+        self._root = jail.open_dir(path)
+        try:
+            self._chain = _DirChain(self._root, jail._max_open_dirs)
+        except BaseException:
+            os.close(self._root)
+            raise
+        self._base = "" if path in ("", ".") else path
+        self._gen = self._walk()
+
+    def __iter__(self) -> _FolderScan[_R]:
+        """The scan is its own iterator."""
+        return self
+
+    def __next__(self) -> _R:
+        """The next record (raises StopIteration at the end)."""
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Release every descriptor (idempotent)."""
+        self._gen.close()
+        self._chain.close()
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    def _client_path(self, rel: str) -> str:
+        """The home-relative path of ``rel`` (relative to the scanned folder)."""
+        return f"{self._base}/{rel}" if self._base and rel else rel or self._base
+
+    def _walk(self) -> Generator[_R, None, None]:
+        raise NotImplementedError
+
+
+class TreeScan(_FolderScan[TreeRecord]):
     """Iterates over a folder tree: :class:`TreeDir` before the folder's contents, :class:`TreeFile`
     with the bytes of files up to ``inline_max``, :class:`TreeFailure` for what cannot be read.
 
@@ -968,33 +985,7 @@ class TreeScan:
 
     def __init__(self, jail: Jail, path: str, inline_max: int) -> None:
         self._inline_max = inline_max
-        self._root = jail.open_dir(path)
-        try:
-            self._chain = _DirChain(self._root, jail._max_open_dirs)
-        except BaseException:
-            os.close(self._root)
-            raise
-        self._base = "" if path in ("", ".") else path
-        self._gen = self._walk()
-
-    def __iter__(self) -> TreeScan:
-        """The scan is its own iterator."""
-        return self
-
-    def __next__(self) -> TreeRecord:
-        """The next record (raises StopIteration at the end)."""
-        return next(self._gen)
-
-    def close(self) -> None:
-        """Release every descriptor (idempotent)."""
-        self._gen.close()
-        self._chain.close()
-        if self._root >= 0:
-            os.close(self._root)
-            self._root = -1
-
-    def _client_path(self, rel: str) -> str:
-        return f"{self._base}/{rel}" if self._base else rel
+        super().__init__(jail, path)
 
     def _walk(self) -> Generator[TreeRecord, None, None]:
         chain = self._chain
@@ -1078,6 +1069,57 @@ class TreeScan:
             yield TreeFile(path, st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), data)
         subdirs.reverse()
         return subdirs
+
+
+class ListScan(_FolderScan[tuple[str, Entry]]):
+    """Iterates over a folder for a listing: ``(name, entry)`` pairs, the folder's own entries first
+    (sorted by name) and, with ``recursive``, then each subfolder's in turn, depth-first in name
+    order (the order of ``ls -R``); names are relative to the listed folder.
+
+    Each folder is opened once (``O_NOFOLLOW``, relative to its parent's descriptor) and its entries
+    are described relative to it: the cost is linear in the entries visited, however deep the tree,
+    and at most ``MAX_OPEN_DIRS`` descriptors stay open. Memory holds one folder's entries (to sort
+    them) and the names of the subfolders still to visit, never the whole listing. Partial uploads
+    are hidden. A subfolder that vanished or was swapped for a file or symlink after it was listed
+    is skipped; other errors (e.g. an unreadable folder) end the scan with a FerryError. Call
+    :meth:`close` when done (also when abandoned).
+    """
+
+    def __init__(self, jail: Jail, path: str, recursive: bool) -> None:
+        self._recursive = recursive
+        super().__init__(jail, path)
+
+    def _folder(self, rel: str) -> list[Entry]:
+        with _translating(self._client_path(rel)):
+            return sorted(_entries_at(self._chain.top()), key=lambda e: e.name)
+
+    def _walk(self) -> Generator[tuple[str, Entry], None, None]:
+        chain = self._chain
+        entries = self._folder("")
+        yield from ((e.name, e) for e in entries)
+        if not self._recursive:
+            return
+        # Per level: the subfolders still to visit, last first (a stack).
+        stack: list[tuple[str, list[str]]] = [("", [e.name for e in reversed(entries) if e.kind == "dir"])]
+        while stack:
+            rel, todo = stack[-1]
+            if not todo:
+                stack.pop()
+                if len(chain) > 1:
+                    with _translating(self._client_path(rel)):
+                        chain.pop()
+                continue
+            name = todo.pop()
+            sub = f"{rel}/{name}" if rel else name
+            try:
+                chain.push(name)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue  # vanished or swapped since it was listed: nothing left to list in it
+                raise translate_oserror(exc, self._client_path(sub)) from exc
+            entries = self._folder(sub)
+            yield from ((f"{sub}/{e.name}", e) for e in entries)
+            stack.append((sub, [e.name for e in reversed(entries) if e.kind == "dir"]))
 
 
 class TreeDirs:
@@ -1299,14 +1341,13 @@ def _only_partials(pfd: int, name: str) -> bool:
         os.close(fd)
 
 
-def _clear_files(fd: int, check: Callable[[], None]) -> list[str]:
-    """Unlink every non-directory entry of directory ``fd``; return the names of its subdirectories.
-    ``check`` is called before each entry (it raises to stop)."""
+def _clear_files(fd: int) -> Generator[None, None, list[str]]:
+    """Unlink every non-directory entry of directory ``fd`` (yielding after each); return the names
+    of its subdirectories."""
     with os.scandir(fd) as it:
         entries = [(de.name, de.is_dir(follow_symlinks=False)) for de in it]  # list first, then unlink
     subdirs: list[str] = []
     for name, is_dir in entries:
-        check()
         if is_dir:
             subdirs.append(name)
             continue
@@ -1316,4 +1357,57 @@ def _clear_files(fd: int, check: Callable[[], None]) -> list[str]:
             pass
         except IsADirectoryError:  # replaced by a folder since listed
             subdirs.append(name)
+        yield
     return subdirs
+
+
+def _rmtree_at(pfd: int, name: str, max_open_dirs: int) -> Generator[None, None, None]:
+    """Remove directory ``name`` in ``pfd`` and everything under it, yielding after each entry
+    (raises OSError)."""
+    chain = _DirChain(pfd, max_open_dirs)
+    try:
+        try:
+            chain.push(name)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # no longer a folder: remove the entry
+                os.unlink(name, dir_fd=pfd)
+                return
+            raise
+        pending = [(yield from _clear_files(chain.top()))]
+        while pending:
+            if pending[-1]:
+                sub = pending[-1].pop()
+                try:
+                    chain.push(sub)
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        continue
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        # Swapped for a symlink or file since listed: unlink that entry itself.
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(sub, dir_fd=chain.top())
+                        continue
+                    raise
+                pending.append((yield from _clear_files(chain.top())))
+            else:
+                pending.pop()
+                done = chain.pop()
+                os.rmdir(done, dir_fd=chain.top())
+                yield
+    finally:
+        chain.close()
+
+
+def _entries_at(fd: int, include_partial: bool = False) -> Generator[Entry, None, None]:
+    """The entries of directory ``fd`` in directory order, each ``lstat`` relative to ``fd``
+    (``fstatat(AT_SYMLINK_NOFOLLOW)``); partial uploads skipped unless ``include_partial``, entries
+    removed meanwhile skipped. Raises OSError."""
+    with os.scandir(fd) as it:
+        for de in it:
+            if not include_partial and is_partial_name(de.name):
+                continue
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield Entry.from_stat(de.name, st)

@@ -36,9 +36,11 @@ import concurrent.futures
 import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from ferry.aio import close_after
 
 T = TypeVar("T")
 
@@ -50,6 +52,7 @@ __all__ = [
     "current",
     "in_thread",
     "in_walk",
+    "run_steps",
     "start_thread",
     "start_walk",
 ]
@@ -337,6 +340,41 @@ async def in_thread(fn: Callable[..., T], *args: Any, release: Callable[[T], obj
 async def in_walk(fn: Callable[..., T], *args: Any, release: Callable[[T], object] | None = None) -> T:
     """:func:`in_thread` for one step of a tree walk (walk pool)."""
     return await _run(start_walk(fn, *args), release)
+
+
+#: Entries one step of :func:`run_steps` handles before it gives its thread back: milliseconds of
+#: work, after which the walk's next step queues behind other users' waiting jobs.
+WALK_STEP = 1000
+
+
+async def run_steps(steps: Generator[T, None, object], *, step: int = WALK_STEP) -> T | None:
+    """Drive a walk generator (one ``next`` per entry) to its end in the walk pool, ``step``
+    entries per job and checking the session before each entry; returns the last value it yielded
+    (None if none). The generator is closed in every case, after the step running in a thread if
+    this await is cancelled."""
+    work = current.get()
+    check = work.check
+    last: list[T | None] = [None]
+
+    def advance() -> bool:
+        for _ in range(step):
+            check()
+            try:
+                last[0] = next(steps)
+            except StopIteration:
+                return True
+        return False
+
+    job: asyncio.Future[bool] | None = None
+    try:
+        while True:
+            job = work.start(work.pools.walks, advance)
+            done = await _run(job, None)
+            job = None
+            if done:
+                return last[0]
+    finally:
+        close_after(job, steps.close)
 
 
 async def _run(fut: asyncio.Future[T], release: Callable[[T], object] | None) -> T:
