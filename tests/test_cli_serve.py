@@ -103,6 +103,28 @@ def test_banner_for_the_default_port_and_a_wildcard_host() -> None:
     assert "ferry ls -P 7000 USER@[::1]:" in v6 and "password:" not in v6
 
 
+def test_banner_repeats_the_root_and_says_how_to_put_ferry_on_path(tmp_path: Path) -> None:
+    import sys
+
+    root = Path("/srv/ferry data")
+    banner = Banner("127.0.0.1:7000", root, True, "SHA256:x", ("ferry", "pw123"))
+    bindir = Path(sys.executable).parent  # where this environment's `ferry` script is
+    assert (bindir / "ferry").is_file()
+    lines = banner_lines(banner, "127.0.0.1", plain=False, root_option=root, env_path=str(tmp_path))
+    text = "\n".join(lines)
+    assert "ferry user passwd ferry --root '/srv/ferry data'" in text
+    assert "ferry user add NAME --root '/srv/ferry data'" in text
+    assert f"'ferry' is not on your PATH: export PATH={bindir}:\"$PATH\"" in text
+    assert lines[-1].strip().startswith("stop with")  # still the last line (readers wait for it)
+    # a restart (no first user) still tells the root to give `ferry user`
+    again = banner_lines(Banner("127.0.0.1:7000", root, True, "SHA256:x", None), "127.0.0.1", False,
+                         root_option=root, env_path=str(tmp_path))  # fmt: skip
+    assert "ferry user list --root '/srv/ferry data'" in "\n".join(again)
+    # no --root given: no --root in the hints; ferry on PATH: no PATH hint
+    plain = "\n".join(banner_lines(banner, "127.0.0.1", plain=False, env_path=str(bindir)))
+    assert "--root" not in plain and "PATH" not in plain.replace("FERRY_PASSWORD", "")
+
+
 def test_keep_partials_must_not_be_negative(tmp_path: Path) -> None:
     r = run_ferry(["serve", "--root", str(tmp_path / "root"), "--keep-partials", "-1"], env_for(tmp_path))
     assert r.returncode == 2

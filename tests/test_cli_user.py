@@ -100,19 +100,24 @@ def test_duplicate_and_invalid_names(ferry_env: dict[str, str], root: Path) -> N
 def test_bad_quota(ferry_env: dict[str, str], root: Path) -> None:
     proc = run(ferry_env, "add", "bob", "--password-stdin", "--quota", "10X", stdin="pw\n", root=root)
     assert_one_line_error(proc, ExitCode.USAGE, "invalid size '10X'")
-    assert listed(ferry_env, root) == {}
+    assert not root.exists()  # refused before anything was created
 
 
 def test_empty_password_from_stdin(ferry_env: dict[str, str], root: Path) -> None:
     proc = run(ferry_env, "add", "bob", "--password-stdin", stdin="\n", root=root)
     assert_one_line_error(proc, ExitCode.USAGE, "no password")
-    assert listed(ferry_env, root) == {}
+    assert not root.exists()  # the password is read before the root is created
+    assert run(ferry_env, "add", "ann", "--password-stdin", stdin="pw\n", root=root).returncode == 0
+    proc = run(ferry_env, "add", "bob", "--password-stdin", stdin="\n", root=root)
+    assert_one_line_error(proc, ExitCode.USAGE, "no password")
+    assert set(listed(ferry_env, root)) == {"ann"}
 
 
 def test_missing_user_errors(ferry_env: dict[str, str], root: Path) -> None:
+    assert run(ferry_env, "add", "ann", "--password-stdin", stdin="pw\n", root=root).returncode == 0
     for args in (["del", "nobody"], ["passwd", "nobody", "--password-stdin"], ["mod", "nobody", "--exec"]):
         proc = run(ferry_env, *args, root=root)
-        assert_one_line_error(proc, ExitCode.USAGE, "no such user: 'nobody'")
+        assert_one_line_error(proc, ExitCode.USAGE, f"no such user: 'nobody' (data root {root})")
 
 
 def test_passwd(ferry_env: dict[str, str], root: Path) -> None:
@@ -247,3 +252,80 @@ def test_format_size() -> None:
     assert format_size(512) == "512 B"
     assert format_size(10 * 1024**3) == "10 GiB"
     assert format_size(3 * 1024**3 // 2) == "1.5 GiB"
+
+
+# --- which data root, and never a new one by accident ---------------------------------------------
+
+
+def test_user_commands_never_create_a_root(ferry_env: dict[str, str], tmp_path: Path) -> None:
+    """The reported trap: the server runs with --root elsewhere, `ferry user` without --root used the
+    default root, said "no such user" and left a new empty database there."""
+    from cli_inproc import run_cli
+
+    home = tmp_path / "home"  # the default root is under it: ~/.local/share/ferry
+    env = {"HOME": str(home), "FERRY_ROOT": None, "XDG_DATA_HOME": None}
+    default = home / ".local" / "share" / "ferry"
+    elsewhere = tmp_path / "elsewhere"
+    commands = (
+        ["passwd", "ferry", "--password-stdin"],
+        ["mod", "ferry", "--exec"],
+        ["del", "ferry"],
+        ["list"],
+        ["list", "--json"],
+    )
+    for where, extra in ((default, []), (elsewhere, ["--root", str(elsewhere)])):
+        for args in commands:
+            r = run_cli(["user", *args, *extra], env=env, input="pw\n")
+            assert r.code == ExitCode.USAGE, (args, r)
+            assert r.stderr.startswith(f"ferry: no ferry data root at {where} "), r.stderr
+            assert r.stderr.count("\n") == 1 and r.stdout == ""
+        assert not where.exists(), where
+    assert not home.exists()
+    # `add` is the one that may create a root, and it says where.
+    r = run_cli(["user", "add", "bob", "--password-stdin", "--root", str(elsewhere)], env=env, input="pw\n")
+    assert r.code == 0, r
+    assert f"created the data root {elsewhere} (serve it with 'ferry serve --root {elsewhere}')" in r.stdout
+    assert f"created user bob in {elsewhere}: " in r.stdout
+    r = run_cli(["user", "add", "cy", "--password-stdin", "--root", str(elsewhere)], env=env, input="pw\n")
+    assert r.code == 0 and "created the data root" not in r.stdout
+
+
+def test_every_message_names_the_root(ferry_env: dict[str, str], root: Path) -> None:
+    from cli_inproc import run_cli
+
+    env = {"FERRY_HOME": ferry_env["FERRY_HOME"]}
+
+    def ok(*args: str, stdin: str | None = None) -> str:
+        r = run_cli(["user", *args, "--root", str(root)], env=env, input=stdin)
+        assert r.code == 0, r
+        assert str(root) in r.stdout + r.stderr, (args, r)
+        return r.stdout
+
+    ok("add", "bob", "--password-stdin", stdin="pw\n")
+    ok("passwd", "bob", "--password-stdin", stdin="pw2\n")
+    ok("mod", "bob", "--quota", "1G")
+    ok("list")
+    ok("del", "bob")
+    ok("add", "bob", "--password-stdin", stdin="pw\n")
+    r = run_cli(["user", "add", "bob", "--password-stdin", "--root", str(root)], env=env, input="pw\n")
+    assert r.code == ExitCode.USAGE
+    assert r.stderr == f"ferry: user 'bob' already exists (data root {root})\n"
+
+
+def test_no_terminal_for_the_password_is_one_line(ferry_env: dict[str, str], root: Path) -> None:
+    """`ferry user add NAME </dev/null` without a terminal: no GetPassWarning text, one line."""
+    for args in (["add", "bob"], ["passwd", "ferry"]):
+        if args[0] == "passwd":
+            assert run(ferry_env, "add", "ferry", "--password-stdin", stdin="pw\n", root=root).returncode == 0
+        proc = subprocess.run(
+            [*FERRY, "user", *args, "--root", str(root)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=ferry_env,
+            timeout=60,
+            start_new_session=True,  # no controlling terminal: /dev/tty cannot be opened
+        )
+        assert_one_line_error(proc, ExitCode.USAGE, "no terminal to ask for the password of")
+        assert "--password-stdin" in proc.stderr and "Warning" not in proc.stderr
+    assert set(listed(ferry_env, root)) == {"ferry"}

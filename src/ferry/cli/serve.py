@@ -8,6 +8,9 @@ to learn the port; the server's log goes to standard error (and to the log file)
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,8 +36,32 @@ def _client_host(host: str) -> str:
     return host
 
 
-def banner_lines(banner: Banner, host: str, plain: bool) -> list[str]:
-    """The text ``ferry serve`` prints once it listens."""
+def path_hint(env_path: str | None = None) -> str | None:
+    """How to put ``ferry`` on PATH when the command the banner suggests would not be found there
+    (a checkout run through ``./scripts/serve`` or ``.venv/bin/ferry``); None when it is.
+
+    The ``ferry`` script pip installed sits next to this interpreter (``sys.executable`` is not
+    resolved: in a venv its folder is the venv's ``bin``).
+    """
+    bindir = Path(sys.executable).parent
+    script = bindir / "ferry"
+    if not script.is_file():
+        return None
+    found = shutil.which("ferry", path=os.environ.get("PATH", "") if env_path is None else env_path)
+    if found is not None and Path(found).resolve() == script.resolve():
+        return None
+    folder = shlex.quote(str(bindir))
+    return f"  'ferry' is not on your PATH: export PATH={folder}:\"$PATH\"  (or run {shlex.quote(str(script))})"
+
+
+def banner_lines(
+    banner: Banner, host: str, plain: bool, *, root_option: Path | None = None, env_path: str | None = None
+) -> list[str]:
+    """The text ``ferry serve`` prints once it listens.
+
+    ``root_option``: the ``--root`` given, repeated in the hints (``ferry user`` needs the same
+    root to find the accounts). ``env_path``: the PATH to check for ``ferry`` (default: ours).
+    """
     port = int(banner.address.rsplit(":", 1)[1])
     chost = _client_host(host)
     scp_host = f"[{chost}]" if ":" in chost else chost
@@ -53,20 +80,27 @@ def banner_lines(banner: Banner, host: str, plain: bool) -> list[str]:
         f"  data root:       {banner.root}",
         f"  log file:        {paths.log_file(banner.root)}",
     ]
+    root_opt = "" if root_option is None else f" --root {shlex.quote(str(root_option))}"
     if banner.first_user:
         name, password = banner.first_user
         lines += [
             f"{FIRST_USER}{name!r} with password: {password}",
-            "  (shown only this once; change it with 'ferry user passwd "
-            f"{name}', add users with 'ferry user add NAME')",
+            "  (shown only this once)",
+            f"  change it with:  ferry user passwd {name}{root_opt}",
+            f"  add users with:  ferry user add NAME{root_opt}",
         ]
+    elif root_option is not None:
+        lines.append(f"  manage users with: ferry user list{root_opt}")
     lines += [
         "  connect with:",
         f"    export FERRY_PASSWORD='...'   # the password of {user}",
         f"    ferry ls{opts} {user}@{scp_host}:",
         f"    ferry put{opts} FILE {user}@{scp_host}:",
-        "  stop with Ctrl-C (or SIGTERM)",
     ]
+    hint = path_hint(env_path)
+    if hint is not None:
+        lines.append(hint)
+    lines.append("  stop with Ctrl-C (or SIGTERM)")  # the last line: readers wait for it
     return lines
 
 
@@ -114,7 +148,9 @@ def serve(root: Path | None, host: str, port: int, plain: bool, keep_partials: f
     )
 
     def on_ready(banner: Banner) -> None:
-        for line in banner_lines(banner, host, plain):
+        # The absolute root: the hints must work from any folder.
+        shown_root = banner.root if root is not None else None
+        for line in banner_lines(banner, host, plain, root_option=shown_root):
             click.echo(line)
         sys.stdout.flush()  # readers wait for the listening line; never leave it in a buffer
 

@@ -2,14 +2,21 @@
 
 Works directly on the server's data root (``--root``, default ``$FERRY_ROOT`` or
 ``~/.local/share/ferry``), also while the server runs: changes apply at the next login.
+
+Only ``add`` may create a data root (and says so): every other command refuses a root that holds
+no accounts, instead of quietly starting an empty one beside the server's real root and answering
+"no such user". Every message names the root it used, so a wrong root is seen at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -17,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import click
 
 from ferry import paths
-from ferry.errors import NoSuchUser, UsageError, UserExists
+from ferry.errors import AccountError, NoSuchUser, UsageError, UserExists
 
 if TYPE_CHECKING:
     # Typing only: at run time the accounts module (argon2, sqlite3) is imported by the commands
@@ -90,11 +97,37 @@ _password_stdin_option = click.option(
 )
 
 
+def _root(root: Path | None) -> Path:
+    """The data root a command works on: ``--root``, else the default (``$FERRY_ROOT``, ...)."""
+    return (root if root is not None else paths.default_root()).absolute()
+
+
+def _has_accounts(where: Path) -> bool:
+    return paths.users_db(where).is_file()
+
+
 def _open(root: Path | None) -> Accounts:
+    """The accounts of an existing data root; never creates one (see the module docstring)."""
     # Imported here: `ferry --help` should not pay for argon2 and sqlite3.
     from ferry.server.accounts import Accounts
 
-    return Accounts(root if root is not None else paths.default_root())
+    where = _root(root)
+    if not _has_accounts(where):
+        origin = "--root" if root is not None else "the default data root"
+        raise UsageError(
+            f"no ferry data root at {where} ({origin}; it holds no users.db): give the server's "
+            "root with --root DIR or $FERRY_ROOT ('ferry serve' prints it as 'data root')"
+        )
+    return Accounts(where)
+
+
+@contextlib.contextmanager
+def _naming_root(where: Path) -> Iterator[None]:
+    """Account errors ("no such user", "already exists") say which root they were found in."""
+    try:
+        yield
+    except AccountError as exc:
+        raise type(exc)(f"{exc} (data root {where})") from exc
 
 
 def _read_password(name: str, from_stdin: bool) -> str:
@@ -105,8 +138,16 @@ def _read_password(name: str, from_stdin: bool) -> str:
             raise UsageError("no password on standard input (expected one non-empty line)")
         return password
     try:
-        first = getpass.getpass(f"New password for {name}: ")
-        second = getpass.getpass("Repeat the password: ")
+        # Without a terminal getpass warns (GetPassWarning, a traceback-like text) and then reads
+        # standard input with echo: refuse in one line instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            first = getpass.getpass(f"New password for {name}: ")
+            second = getpass.getpass("Repeat the password: ")
+    except getpass.GetPassWarning:
+        raise UsageError(
+            f"no terminal to ask for the password of {name}: pipe it in with --password-stdin"
+        ) from None
     except EOFError:
         raise UsageError("no password given (use --password-stdin to pipe one in)") from None
     if first != second:
@@ -177,15 +218,19 @@ def add_cmd(
     allow: tuple[str, ...],
 ) -> None:
     """Create user NAME with a home folder under the root."""
-    from ferry.server.accounts import validate_name
+    from ferry.server.accounts import Accounts, validate_name
 
     validate_name(name)
     quota_bytes = parse_size(quota) if quota is not None else None
-    with _open(root) as accounts:
-        if accounts.get(name) is not None:
-            raise UserExists(f"user {name!r} already exists")
-        home_existed = paths.home_dir(accounts.root, name).exists()
-        password = _read_password(name, password_stdin)
+    where = _root(root)
+    new_root = not _has_accounts(where)
+    if not new_root:  # fail before asking for a password, rather than after
+        with _open(root) as accounts:
+            if accounts.get(name) is not None:
+                raise UserExists(f"user {name!r} already exists (data root {where})")
+    home_existed = paths.home_dir(where, name).exists()
+    password = _read_password(name, password_stdin)  # before creating anything: it may fail
+    with Accounts(where) as accounts, _naming_root(where):  # the one command that may create a root
         created = accounts.add(
             name,
             password,
@@ -194,7 +239,10 @@ def add_cmd(
             exec_allowed=exec_ if exec_ is not None else bool(allow),
             exec_allow=allow or None,
         )
-    click.echo(f"created user {created.name}: {_describe(created)}")
+    if new_root:
+        serve = "ferry serve" if root is None else f"ferry serve --root {where}"
+        click.echo(f"created the data root {where} (serve it with '{serve}')")
+    click.echo(f"created user {created.name} in {where}: {_describe(created)}")
     if home_existed:
         click.echo(f"note: the existing folder {created.home} was kept and is now {created.name}'s home")
 
@@ -205,13 +253,14 @@ def add_cmd(
 @click.option("--remove-home", is_flag=True, help="Also delete the user's home folder and all files in it.")
 def del_cmd(name: str, root: Path | None, remove_home: bool) -> None:
     """Delete user NAME (its home folder is kept unless --remove-home)."""
-    with _open(root) as accounts:
+    where = _root(root)
+    with _open(root) as accounts, _naming_root(where):
         home = paths.home_dir(accounts.root, name)
         accounts.delete(name, remove_home=remove_home)
     if remove_home:
-        click.echo(f"deleted user {name} and its home folder")
+        click.echo(f"deleted user {name} and its home folder from {where}")
     else:
-        click.echo(f"deleted user {name} (home folder kept: {home})")
+        click.echo(f"deleted user {name} from {where} (home folder kept: {home})")
 
 
 @user.command("passwd")
@@ -220,10 +269,11 @@ def del_cmd(name: str, root: Path | None, remove_home: bool) -> None:
 @_password_stdin_option
 def passwd_cmd(name: str, root: Path | None, password_stdin: bool) -> None:
     """Set a new password for user NAME."""
-    with _open(root) as accounts:
+    where = _root(root)
+    with _open(root) as accounts, _naming_root(where):
         _require_user(accounts, name)
         accounts.set_password(name, _read_password(name, password_stdin))
-    click.echo(f"password of {name} changed")
+    click.echo(f"password of {name} changed in {where}")
 
 
 @user.command("mod")
@@ -258,9 +308,10 @@ def mod_cmd(
     exec_allow = allow if allow else (None if allow_any else UNCHANGED)
     # Naming programs implies --exec (unless --no-exec is given), as in `add`.
     exec_allowed = exec_ if exec_ is not None else (True if (allow or allow_any) else UNCHANGED)
-    with _open(root) as accounts:
+    where = _root(root)
+    with _open(root) as accounts, _naming_root(where):
         changed = accounts.modify(name, quota=quota_bytes, exec_allowed=exec_allowed, exec_allow=exec_allow)
-    click.echo(f"user {changed.name}: {_describe(changed)}")
+    click.echo(f"user {changed.name} in {where}: {_describe(changed)}")
 
 
 @user.command("list")
@@ -268,16 +319,16 @@ def mod_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (quota in bytes, null = unlimited / any).")
 def list_cmd(root: Path | None, as_json: bool) -> None:
     """List all users."""
+    where = _root(root)
     with _open(root) as accounts:
         users = accounts.list()
     if as_json:
         click.echo(json.dumps([_user_json(u) for u in users], indent=2))
         return
     if not users:
-        click.echo(
-            "no users yet (`ferry user add NAME`, or `ferry serve` creates one on first start)", err=True
-        )
+        click.echo(f"no users in {where} yet (`ferry user add NAME`)", err=True)
         return
+    click.echo(f"users in {where}:", err=True)  # a note: standard output stays the table
     rows = [("NAME", "QUOTA", "EXEC", "HOME")]
     for u in users:
         if not u.exec_allowed:
