@@ -105,7 +105,7 @@ def test_errors_keep_the_shell_going_and_set_the_exit_status(
     served: tuple[ServeProcess, dict[str, str]], tmp_path: Path
 ) -> None:
     srv, env = served
-    script = "get nothing-here\nfrobnicate\nls -z\nmv onlyone\nput 'unbalanced\nmkdir fine\nls\nrm fine\n"
+    script = "get nothing-here\nfrobnicate\nls -z\nmv onlyone\nput 'unbalanced\nmkdir fine\nls\nrmdir fine\n"
     p = run_ferry(["shell", target(srv)], env, input=script, cwd=tmp_path)
     assert p.stdout.splitlines() == ["fine/"]
     errors = p.stderr.splitlines()
@@ -115,7 +115,7 @@ def test_errors_keep_the_shell_going_and_set_the_exit_status(
     p = run_ferry(["shell", target(srv)], env, input="get nothing-here\n", cwd=tmp_path)
     assert p.returncode == 4
     # --json: listings, metadata and usage as JSON lines for scripts
-    p = run_ferry(["shell", "--json", target(srv)], env, input="mkdir j\nls\nstat j\ndf\nrm j\n")
+    p = run_ferry(["shell", "--json", target(srv)], env, input="mkdir j\nls\nstat j\ndf\nrmdir j\n")
     recs = [json.loads(line) for line in p.stdout.splitlines()]
     assert p.returncode == 0 and [r.get("name") for r in recs[:2]] == ["j", "j"] and "used" in recs[2]
     p = run_ferry(["shell", target(srv)], dict(env, FERRY_PASSWORD="wrong"), input="ls\n")

@@ -128,8 +128,8 @@ def _exit_now(code: object) -> NoReturn:
 
     What teardown would still do is flush: log handlers and standard output and error are flushed
     here. A reader that closed our standard output early (``| head``) makes that flush fail: the
-    output is unwanted then, so no traceback, and the status is the command's own, or
-    ``ExitCode.ERROR`` if it had succeeded (as ``main`` maps BrokenPipeError).
+    output is unwanted then, so no traceback and the command's own status (as coreutils: see
+    :func:`ferry.cli.output.reader_gone`).
     """
     if code is None:
         status = 0
@@ -151,8 +151,7 @@ def _exit_now(code: object) -> NoReturn:
         try:
             stream.flush()
         except (OSError, ValueError):  # BrokenPipeError; ValueError: closed
-            if stream is sys.stdout and status == 0:
-                status = ExitCode.ERROR
+            pass
     os._exit(status & 0xFF)
 
 
@@ -161,8 +160,10 @@ def _main(argv: list[str] | None) -> None:
         rv = cli.main(args=argv, prog_name="ferry", standalone_mode=False)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
-    except click.exceptions.Abort:
-        click.echo("ferry: interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        from ferry.cli.output import interrupted_message  # only now: start-up pays every import
+
+        click.echo(interrupted_message(cli.invoked), err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -172,8 +173,8 @@ def _main(argv: list[str] | None) -> None:
 
         click.echo(f"ferry: {safe_text(str(exc))}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("ferry: interrupted", err=True)
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(ExitCode.ERROR)
+    except BrokenPipeError:  # (commands that print through ferry.cli.files.run end there already)
+        from ferry.cli.output import reader_gone  # only now: every command's start-up pays imports
+
+        reader_gone()
+        sys.exit(ExitCode.OK)

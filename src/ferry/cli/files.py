@@ -32,11 +32,21 @@ from ferry.cli.output import (
     format_time,
     human_size,
     mode_string,
+    reader_gone,
+    short_size,
     transfer_record,
     transfer_summary,
 )
 from ferry.client.location import Location, is_remote, parse_location, parse_target
-from ferry.errors import FerryError, IsADirectory, NotADirectory, NotFound, TransferError, UsageError
+from ferry.errors import (
+    ExitCode,
+    FerryError,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    TransferError,
+    UsageError,
+)
 from ferry.textsafe import safe_name
 
 if TYPE_CHECKING:
@@ -207,6 +217,9 @@ def run(coro: Coroutine[Any, Any, T], *, bulk: bool = True) -> T:
 
     try:
         return aio_run(coro, use_uvloop=bulk)
+    except BrokenPipeError:  # our reader went away (`ferry ls | head`): end quietly, as ls does
+        reader_gone()  # (click would print nothing and exit 1)
+        raise SystemExit(ExitCode.OK) from None
     except OSError as exc:
         raise local_error(exc, exc.filename or "local file") from exc
 
@@ -395,19 +408,30 @@ def entry_record(e: Entry, path: str | None = None) -> dict[str, Any]:
     return rec
 
 
-def entry_line(e: Entry, long: bool, width: int = 0) -> str:
+def entry_line(e: Entry, long: bool, width: int = 0, *, human: bool = False) -> str:
     """One line of ``ls`` output (folders end in ``/`` so they stand out without colour)."""
     name = safe_name(e.name) + ("/" if e.kind == "dir" else "")
     if not long:
         return name
-    return f"{mode_string(e.kind, e.mode)} {e.size:>{width}} {format_time(e.mtime)} {name}"
+    size = short_size(e.size) if human else str(e.size)
+    return f"{mode_string(e.kind, e.mode)} {size:>{width}} {format_time(e.mtime)} {name}"
 
 
-def print_listing(out: Output, entries: list[Entry], long: bool) -> None:
-    """Print entries in ``ls`` style (or JSON lines)."""
-    width = max((len(str(e.size)) for e in entries), default=1)
+def is_hidden(name: str) -> bool:
+    """Whether ``ls`` hides a (relative) name without ``-a``: it, or a folder it is in, starts with '.'."""
+    return any(part.startswith(".") for part in name.split("/"))
+
+
+def print_listing(
+    out: Output, entries: list[Entry], long: bool, *, human: bool = False, listed: str | None = None
+) -> None:
+    """Print entries in ``ls`` style (or JSON lines; ``listed``: the folder, added as ``dir``)."""
+    width = max((len(short_size(e.size) if human else str(e.size)) for e in entries), default=1)
     for e in entries:
-        out.result(entry_line(e, long, width), entry_record(e))
+        record = entry_record(e)
+        if listed is not None:
+            record["dir"] = listed
+        out.result(entry_line(e, long, width, human=human), record)
 
 
 def stat_lines(path: str, e: Entry) -> list[str]:
@@ -421,20 +445,68 @@ def stat_lines(path: str, e: Entry) -> list[str]:
     ]
 
 
-@click.command()
-@click.argument("remote")
+async def list_paths(
+    client: AsyncClient,
+    out: Output,
+    paths: list[str],
+    *,
+    long: bool,
+    human: bool,
+    all_names: bool,
+    recursive: bool,
+    shown: Callable[[str], str],
+) -> None:
+    """``ls`` of one or more remote paths, as coreutils prints them: files given by name first
+    (always shown, even hidden ones), then each folder under a ``NAME:`` heading when there are
+    several operands; names starting with '.' only with ``all_names``."""
+    several = len(paths) > 1
+    files: list[Entry] = []
+    folders: list[tuple[str, list[Entry]]] = []
+    for path in paths:
+        entries = await client.listdir(path, recursive=recursive)
+        # A folder holding only a file of its own name lists the same: ask only then.
+        alone = len(entries) == 1 and entries[0].kind != "dir" and entries[0].name == remote_basename(path)
+        if alone and await is_remote_dir(client, path) is False:
+            files.append(entries[0])  # a file lists as itself
+        else:
+            folders.append((path, [e for e in entries if all_names or not is_hidden(e.name)]))
+    if files:
+        print_listing(out, files, long, human=human)
+    for i, (path, entries) in enumerate(folders):
+        if several and not out.json:
+            out.result(("\n" if files or i else "") + f"{safe_name(shown(path))}:", {})
+        print_listing(out, entries, long, human=human, listed=path if several else None)
+
+
+@click.command(context_settings={"help_option_names": ["--help"]})  # -h is --human-readable, as in ls
+@click.argument("remotes", nargs=-1, required=True, metavar="REMOTE...")
 @click.option("-l", "long", is_flag=True, help="Long listing: permissions, size in bytes, time, name.")
+@click.option("-h", "--human-readable", "human", is_flag=True, help="Sizes as 1.5K, 23M, 4.0G (with -l).")
+@click.option("-a", "--all", "all_names", is_flag=True, help="Also list names starting with '.'.")
 @click.option("-R", "--recursive", is_flag=True, help="List the whole tree (names relative to REMOTE).")
 @common_options
-def ls(remote: str, long: bool, recursive: bool, common: Common) -> None:
-    """List a remote folder (HOST: is your home). A file lists as itself."""
-    loc = remote_location(remote, common.port)
+def ls(remotes: tuple[str, ...], long: bool, human: bool, all_names: bool, recursive: bool, common: Common) -> None:
+    """List remote folders (HOST: is your home). A file lists as itself.
+
+    Names starting with '.' are hidden unless -a. With several REMOTEs (all on one server) each
+    folder is listed under a heading, as ls does.
+    """
+    locs = [remote_location(r, common.port) for r in remotes]
+    loc = same_server(locs)
     out = common.output()
 
     async def main() -> None:
         async with connected(loc, common) as client:
-            entries = await client.listdir(loc.path, recursive=recursive)
-        print_listing(out, entries, long)
+            await list_paths(
+                client,
+                out,
+                [one.path for one in locs],
+                long=long,
+                human=human,
+                all_names=all_names,
+                recursive=recursive,
+                shown=lambda p: show_remote(loc, p),
+            )
 
     run(main(), bulk=False)
 
@@ -456,9 +528,13 @@ def stat(remote: str, common: Common) -> None:
 
 
 def _each_remote(
-    remotes: tuple[str, ...], common: Common, op: str, action: Callable[[AsyncClient, str], Awaitable[None]]
+    remotes: tuple[str, ...],
+    common: Common,
+    op: str,
+    action: Callable[[AsyncClient, str, str], Awaitable[None]],
 ) -> None:
-    """Run ``action`` for each remote path (all on one server, one connection), reporting each."""
+    """Run ``action(client, path, shown)`` for each remote path (all on one server, one
+    connection; ``shown``: the path as messages show it), reporting each."""
     locs = [remote_location(r, common.port) for r in remotes]
     loc = same_server(locs)
     out = common.output()
@@ -466,7 +542,7 @@ def _each_remote(
     async def main() -> None:
         async with connected(loc, common) as client:
             for one in locs:
-                await action(client, one.path)
+                await action(client, one.path, show_remote(loc, one.path))
                 out.result(None, {"op": op, "path": one.path, "ok": True})
 
     run(main(), bulk=False)
@@ -478,7 +554,14 @@ def _each_remote(
 @common_options
 def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
     """Create remote folders."""
-    _each_remote(remotes, common, "mkdir", lambda c, path: c.mkdir(path, parents=parents))
+    _each_remote(remotes, common, "mkdir", lambda c, path, _shown: c.mkdir(path, parents=parents))
+
+
+async def remove_path(client: AsyncClient, path: str, *, recursive: bool, shown: str) -> None:
+    """Remove ``path``; as rm(1), a folder (even an empty one) only with ``recursive``."""
+    if not recursive and await is_remote_dir(client, path):
+        raise IsADirectory("is-a-directory", f"{safe_name(shown)} is a folder: use -r to remove it")
+    await client.remove(path, recursive=recursive)
 
 
 @click.command()
@@ -486,8 +569,10 @@ def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
 @click.option("-r", "--recursive", is_flag=True, help="Remove folders and everything in them.")
 @common_options
 def rm(remotes: tuple[str, ...], recursive: bool, common: Common) -> None:
-    """Remove remote files (and folders with -r)."""
-    _each_remote(remotes, common, "rm", lambda c, path: c.remove(path, recursive=recursive))
+    """Remove remote files (and folders with -r, as rm does)."""
+    _each_remote(
+        remotes, common, "rm", lambda c, path, shown: remove_path(c, path, recursive=recursive, shown=shown)
+    )
 
 
 async def do_mv(client: AsyncClient, src: str, dst: str) -> str:

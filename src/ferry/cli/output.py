@@ -17,6 +17,8 @@ by construction.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import stat as statmod
 import sys
 import time
@@ -40,6 +42,46 @@ def human_size(n: int | None) -> str:
         if n >= factor:
             return f"{n / factor:.1f} {unit}"
     return f"{n} B"
+
+
+def reader_gone() -> None:
+    """Standard output's reader went away (``ferry ls | head``). Like ``ls`` and ``cat``, end
+    quietly: the rest of the output is unwanted, not an error (coreutils die of SIGPIPE, which a
+    shell does not report; Python ignores SIGPIPE, so the write fails with EPIPE instead).
+    ``/dev/null`` takes standard output's place, so the interpreter's own last flush finds nowhere
+    to fail ("Exception ignored ... BrokenPipeError")."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def interrupted_message(command: str | None) -> str:
+    """What Ctrl-C prints: for a transfer, that running it again continues where it stopped."""
+    if command in _RESUMABLE:
+        return "ferry: interrupted; run the same command again to resume where it stopped"
+    return "ferry: interrupted"
+
+
+#: Commands whose work an interruption keeps: the same command again resumes it.
+_RESUMABLE = frozenset({"get", "put", "mget", "mput", "sync"})
+
+
+def short_size(n: int) -> str:
+    """A size as ``ls -h`` prints it: ``999``, ``1.5K``, ``23M``, ``4.0G`` (powers of 1024, rounded
+    up, as coreutils does: a listing never shows a file as smaller than it is)."""
+    if n < 1024:
+        return str(n)
+    value = float(n)
+    for letter in "KMGTPE":
+        value /= 1024
+        if value < 10 and math.ceil(value * 10) < 100:
+            return f"{math.ceil(value * 10) / 10:.1f}{letter}"
+        if math.ceil(value) < 1024 or letter == "E":
+            return f"{math.ceil(value)}{letter}"
+    raise AssertionError("unreachable")  # pragma: no cover - E covers every 64-bit size
 
 
 def human_rate(nbytes: int, seconds: float) -> str:

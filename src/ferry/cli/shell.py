@@ -38,13 +38,14 @@ from ferry.cli.files import (
     do_mv,
     do_put,
     entry_record,
-    print_listing,
+    list_paths,
+    remove_path,
     show_remote,
     stat_lines,
     target_location,
     transfer_options,
 )
-from ferry.cli.output import Output
+from ferry.cli.output import Output, interrupted_message
 from ferry.client.location import Location
 from ferry.errors import ConnectionBroken, ExitCode, FerryError, HostKeyMismatch, UsageError
 from ferry.textsafe import safe_name, safe_text
@@ -171,7 +172,7 @@ class FerryShell(cmd.Cmd):
             self._fail(exc)
             return False
         except KeyboardInterrupt:
-            click.echo("ferry: interrupted", err=True)
+            click.echo(interrupted_message(line.split()[0] if line.split() else None), err=True)
             self.exit_code = 130
             return False
 
@@ -247,15 +248,22 @@ class FerryShell(cmd.Cmd):
     # --- remote commands -----------------------------------------------------------------------
 
     def do_ls(self, arg: str) -> None:
-        """ls [-l] [-R] [PATH]: list a remote folder (-l long, -R the whole tree)."""
-        flags, args = split_flags(self._args(arg), "lR")
-        paths = args or [""]
-        for i, p in enumerate(paths):
-            path = self._path(p)
-            entries = self.client.listdir(path, recursive="R" in flags)
-            if len(paths) > 1:
-                click.echo(("\n" if i else "") + f"{safe_name(path) or '/'}:", file=self.stdout)
-            print_listing(self.out, entries, "l" in flags)
+        """ls [-l] [-h] [-a] [-R] [PATH...]: list remote folders (-l long, -h sizes as 1.5K,
+        -a names starting with '.' too, -R the whole tree)."""
+        flags, args = split_flags(self._args(arg), "lhaR")
+        paths = [self._path(p) for p in args or [""]]
+        self._call(
+            lambda c: list_paths(
+                c,
+                self.out,
+                paths,
+                long="l" in flags,
+                human="h" in flags,
+                all_names="a" in flags,
+                recursive="R" in flags,
+                shown=lambda p: "/" + p,
+            )
+        )
 
     def do_stat(self, arg: str) -> None:
         """stat PATH: show a remote path's metadata."""
@@ -282,7 +290,19 @@ class FerryShell(cmd.Cmd):
             path = self._path(p)
             if not path:
                 raise UsageError("your home folder itself cannot be removed")
-            self.client.remove(path, recursive="r" in flags)
+            self._call(lambda c: remove_path(c, path, recursive="r" in flags, shown="/" + path))  # noqa: B023 (awaited at once)
+        self._cache.clear()
+
+    def do_rmdir(self, arg: str) -> None:
+        """rmdir PATH...: remove empty remote folders (as sftp; rm -r removes full ones)."""
+        args = self._args(arg)
+        if not args:
+            raise UsageError("rmdir needs a PATH")
+        for p in args:
+            path = self._path(p)
+            if self.client.stat(path).kind != "dir":
+                raise UsageError(f"/{safe_name(path)} is not a folder")
+            self.client.remove(path)
         self._cache.clear()
 
     def do_mv(self, arg: str) -> None:

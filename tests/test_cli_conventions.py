@@ -1,0 +1,118 @@
+"""Habits users bring from coreutils, scp and sftp, checked in-process against a real server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli_inproc import CliResult, run_cli
+from ferry.errors import ExitCode
+from ferry_server import PASSWORD, ServerThread
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    srv = ServerThread(tmp_path_factory.mktemp("conventions") / "root")
+    srv.add_user("ann")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def home(server: ServerThread) -> Iterator[Path]:
+    """ann's home, emptied after each test."""
+    path = server.root / "homes" / "ann"
+    yield path
+    for p in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink()
+
+
+class Ferry:
+    """``ferry ...`` in this process, as ann on the test server."""
+
+    def __init__(self, server: ServerThread, tmp_path: Path) -> None:
+        self.port = str(server.port)
+        self.env = {"FERRY_HOME": str(tmp_path / "ferry-home"), "FERRY_PASSWORD": PASSWORD, "FERRY_USER": None}
+
+    def at(self, path: str = "") -> str:
+        return f"ann@127.0.0.1:{path}"
+
+    def __call__(self, *args: str, input: str | bytes | None = None) -> CliResult:
+        return run_cli([*args, "-P", self.port], env=self.env, input=input)
+
+    def ok(self, *args: str, input: str | bytes | None = None) -> CliResult:
+        r = self(*args, input=input)
+        assert r.code == 0, r
+        return r
+
+
+@pytest.fixture(scope="module")
+def ferry(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Ferry:
+    f = Ferry(server, tmp_path_factory.mktemp("client"))
+    assert "pinned its certificate" in f.ok("ls", f.at()).stderr  # once: later stderr is the command's own
+    return f
+
+
+def test_ls_human_sizes_hidden_names_and_several_paths(ferry: Ferry, home: Path) -> None:
+    (home / "d").mkdir()
+    (home / "d" / "big.bin").write_bytes(b"x" * 1536)
+    (home / "d" / ".hidden").write_text("h")
+    (home / "d" / ".cache").mkdir()
+    (home / "d" / ".cache" / "c").write_text("c")
+    (home / "e").mkdir()
+    (home / "e" / "one").write_text("1")
+    (home / "f.txt").write_text("f")
+
+    assert ferry.ok("ls", ferry.at("d")).stdout.splitlines() == ["big.bin"]
+    assert ferry.ok("ls", "-a", ferry.at("d")).stdout.splitlines() == [".cache/", ".hidden", "big.bin"]
+    assert ferry.ok("ls", "-R", ferry.at("d")).stdout.splitlines() == ["big.bin"]  # nor under .cache
+    assert ".cache/c" in ferry.ok("ls", "-aR", ferry.at("d")).stdout.splitlines()
+    (line,) = ferry.ok("ls", "-lh", ferry.at("d")).stdout.splitlines()
+    assert " 1.5K " in line and line.endswith(" big.bin")
+    assert " 1536 " in ferry.ok("ls", "-l", ferry.at("d")).stdout
+    assert "Show this message" in ferry.ok("ls", "--help").stdout  # help stays on --help
+    # a hidden file named on the command line is listed, as ls does
+    assert ferry.ok("ls", ferry.at("d/.hidden")).stdout == ".hidden\n"
+
+    # several paths: files first, then each folder under a heading
+    r = ferry.ok("ls", ferry.at("e"), ferry.at("f.txt"), ferry.at("d"))
+    assert r.stdout == "f.txt\n\n127.0.0.1:e:\none\n\n127.0.0.1:d:\nbig.bin\n"
+    records = [json.loads(x) for x in ferry.ok("ls", "--json", ferry.at("e"), ferry.at("d")).stdout.splitlines()]
+    assert [(r["dir"], r["name"]) for r in records] == [("e", "one"), ("d", "big.bin")]
+    r = ferry("ls", ferry.at("e"), ferry.at("missing"))
+    assert r.code == ExitCode.NOT_FOUND and "missing" in r.stderr
+
+
+def test_rm_refuses_a_folder_without_r(ferry: Ferry, home: Path) -> None:
+    (home / "empty").mkdir()
+    (home / "file").write_text("x")
+    r = ferry("rm", ferry.at("empty"))
+    assert r.code == ExitCode.USAGE
+    assert r.stderr == "ferry: 127.0.0.1:empty is a folder: use -r to remove it\n"
+    assert (home / "empty").is_dir()  # even an empty one, as rm(1)
+    ferry.ok("rm", ferry.at("file"))
+    ferry.ok("rm", "-r", ferry.at("empty"))
+    assert list(home.iterdir()) == []
+
+
+def test_short_size_like_ls_h() -> None:
+    from ferry.cli.output import short_size
+
+    cases = {0: "0", 1023: "1023", 1024: "1.0K", 1536: "1.5K", 10239: "10K", 10241: "11K",
+             1048575: "1.0M", 5 << 30: "5.0G", (1 << 63) - 1: "8.0E"}  # fmt: skip
+    assert {n: short_size(n) for n in cases} == cases
+
+
+def test_interrupted_transfer_says_how_to_resume() -> None:
+    from ferry.cli.output import interrupted_message
+
+    assert "run the same command again to resume" in interrupted_message("get")
+    assert "run the same command again to resume" in interrupted_message("put")
+    assert interrupted_message("ls") == "ferry: interrupted"
