@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from conftest import FERRY
 from ferry.cli.shell import HOME_LIMIT, resolve, split_flags
 from ferry.errors import UsageError
 from serve_process import ServeProcess, run_ferry
@@ -192,3 +195,126 @@ def test_pty_mode_delegates_to_the_terminal_session(
     finally:
         child.close(force=True)
     assert child.exitstatus == 3
+
+
+def test_split_partial_and_completion_text() -> None:
+    from ferry.cli.shell import completion_text, split_partial
+
+    assert split_partial('get "my fi') == (["get"], "my fi", '"')
+    assert split_partial("get my\\ fi") == (["get"], "my fi", None)
+    assert split_partial("put 'a b' c") == (["put", "a b"], "c", None)
+    assert split_partial('get "') == (["get"], "", '"')
+    # readline replaces only what follows the last space or quote
+    assert completion_text("my fi", '"', "fi", "my file.txt") == "file.txt"  # readline closes the quote
+    assert completion_text("my fi", None, "fi", "my file.txt") == "file.txt"  # after 'my\ '
+    assert completion_text("my", None, "my", "my file.txt") == "my\\ file.txt"
+    assert completion_text('say "hi', '"', "hi", 'say "hi".txt') == 'hi\\".txt'
+    assert completion_text('say "hi', "'", "hi", 'say "hi".txt') == 'hi".txt'
+    assert completion_text("it", "'", "it", "it's") is None
+
+
+@pytest.mark.timeout(60)
+def test_interactive_quoting_ctrl_c_bang_and_exit_status(
+    served: tuple[ServeProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    srv, env = served
+    home = srv.root / "homes" / "ferry"
+    (home / "quoting").mkdir()
+    (home / "quoting" / "space name.txt").write_text("s")
+    transcript = io.StringIO()
+    child = pexpect.spawn(
+        sys.executable, ["-m", "ferry", "shell", target(srv)], env=env, cwd=str(tmp_path),
+        encoding="utf-8", timeout=15, dimensions=(24, 200),
+    )  # fmt: skip
+    child.logfile_read = transcript
+    try:
+        child.expect_exact("> ")
+        child.send("cd quoting\r")
+        child.expect_exact("/quoting> ")
+        child.send("stat spa\t")  # unquoted: completed with an escaped space
+        child.expect_exact("stat space\\ name.txt")
+        child.send("\r")
+        child.expect_exact("kind: file")
+        child.expect_exact("> ")
+        child.send('stat "spa\t')  # after an opening quote: completed inside it, quote closed
+        child.expect_exact('stat "space name.txt"')
+        child.send("\r")
+        child.expect_exact("kind: file")
+        child.expect_exact("> ")
+        child.send("ls nothing-here\r")  # a failed command ...
+        child.expect_exact("no such file or folder")
+        child.expect_exact("> ")
+        child.send("\x03")  # Ctrl-C at the prompt: a new prompt, no banner
+        child.expect_exact("^C")
+        child.expect_exact("/quoting> ")
+        child.send("!echo local-$((6 * 7))\r")  # a local command
+        child.expect_exact("local-42")
+        child.expect_exact("> ")
+        child.send("exit\r")  # ... then exit: status 0, as sftp
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, transcript.getvalue()
+    assert transcript.getvalue().count("Connected to") == 1
+
+
+@pytest.mark.timeout(60)
+def test_batch_comments_local_commands_and_df_json(
+    served: tuple[ServeProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    srv, env = served
+    script = "# a comment line\n  # indented too\n!echo from-the-local-shell\n!exit 3\ndf\n"
+    p = run_ferry(["shell", "--json", target(srv)], env, input=script, cwd=tmp_path)
+    lines = p.stdout.splitlines()
+    assert lines[0] == "from-the-local-shell"
+    assert p.stderr == "ferry: local command ended with status 3\n"
+    assert p.returncode == 1  # the failed local command
+    shell_df = json.loads(lines[1])
+    (cli_df,) = [json.loads(x) for x in run_ferry(["df", "--json", target(srv)], env).stdout.splitlines()]
+    assert list(shell_df) == list(cli_df) == ["used", "quota", "free", "available"]
+
+
+@pytest.mark.timeout(90)
+def test_reconnect_keeps_the_remote_folder_or_says_it_cannot(tmp_path: Path) -> None:
+    env = dict(os.environ, FERRY_HOME=str(tmp_path / "client-home"), PYTHONUNBUFFERED="1")
+    srv = ServeProcess(tmp_path / "root", env).start()
+    env["FERRY_PASSWORD"] = srv.password or ""
+    port = srv.port
+    work = srv.root / "homes" / "ferry" / "work"
+    work.mkdir()
+    (work / "inside.txt").write_text("x")
+    shell = subprocess.Popen(
+        [*FERRY, "shell", "-P", str(port), "ferry@127.0.0.1:"], env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert shell.stdin is not None and shell.stdout is not None and shell.stderr is not None
+
+    def command(line: str) -> str:
+        assert shell.stdin is not None and shell.stdout is not None
+        shell.stdin.write(line + "\npwd\n")  # pwd marks the end of the command's output
+        shell.stdin.flush()
+        return shell.stdout.readline()
+
+    try:
+        assert command("cd work") == "/work\n"
+        srv.stop()  # the server goes away (its sessions are closed) and comes back
+        srv = ServeProcess(tmp_path / "root", env, port=port).start()
+        assert command("ls") == "inside.txt\n"
+        assert shell.stdout.readline() == "/work\n"  # still in the folder
+        srv.stop()
+        (work / "inside.txt").unlink()
+        work.rmdir()
+        srv = ServeProcess(tmp_path / "root", env, port=port).start()
+        shell.stdin.write("ls\npwd\n")
+        shell.stdin.close()
+        rest = shell.stdout.read()
+        err = shell.stderr.read()
+        assert shell.wait(30) == 4  # a script ends: its next commands were meant for /work
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait(10)
+        srv.stop()
+    assert rest == ""  # neither the 'ls' nor the 'pwd' ran
+    assert "reconnecting" in err and "reconnected; still in /work" in err
+    assert "reconnected, but /work is no longer a folder on the server; back in your home folder" in err

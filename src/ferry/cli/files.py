@@ -50,7 +50,7 @@ from ferry.errors import (
 from ferry.textsafe import safe_name
 
 if TYPE_CHECKING:
-    from ferry.client.aclient import AsyncClient
+    from ferry.client.aclient import AsyncClient, Usage
     from ferry.wire.messages import Entry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -619,6 +619,15 @@ def df_lines(used: int, quota: int | None, free: int) -> list[str]:
     ]
 
 
+def print_df(out: Output, u: Usage) -> None:
+    """``df`` output: the table, or ``{"used", "quota", "free", "available"}`` (also the shell's)."""
+    available = u.free if u.quota is None else max(min(u.quota - u.used, u.free), 0)
+    out.result(
+        "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free)),
+        {"used": u.used, "quota": u.quota, "free": u.free, "available": available},
+    )
+
+
 @click.command()
 @click.argument("target", metavar="[USER@]HOST[:PORT]")
 @common_options
@@ -630,10 +639,6 @@ def df(target: str, common: Common) -> None:
     async def main() -> None:
         async with connected(loc, common) as client:
             u = await client.df()
-        available = u.free if u.quota is None else max(min(u.quota - u.used, u.free), 0)
-        out.result(
-            "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free)),
-            {"used": u.used, "quota": u.quota, "free": u.free, "available": available},
-        )
+        print_df(out, u)
 
     run(main(), bulk=False)

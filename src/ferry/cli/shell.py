@@ -33,12 +33,12 @@ import click
 from ferry.cli.files import (
     Common,
     common_options,
-    df_lines,
     do_get,
     do_mv,
     do_put,
     entry_record,
     list_paths,
+    print_df,
     remove_path,
     show_remote,
     stat_lines,
@@ -48,6 +48,7 @@ from ferry.cli.files import (
 from ferry.cli.output import Output, interrupted_message
 from ferry.client.location import Location
 from ferry.errors import ConnectionBroken, ExitCode, FerryError, HostKeyMismatch, UsageError
+from ferry.errtext import os_reason
 from ferry.textsafe import safe_name, safe_text
 
 if TYPE_CHECKING:
@@ -96,6 +97,68 @@ def split_flags(args: list[str], allowed: str) -> tuple[set[str], list[str]]:
     return flags, rest
 
 
+def split_partial(line: str) -> tuple[list[str], str, str | None]:
+    """Split a command line being typed as :func:`shlex.split` would, tolerating an unfinished end:
+    (the finished words, the last word so far, the quote still open in it or None).
+
+    Completion needs this: readline hands over only the characters after the last space or quote,
+    but a name may hold spaces (``get "my fi<Tab>``, ``get my\\ fi<Tab>``).
+    """
+    words: list[str] = []
+    word: list[str] = []
+    quote: str | None = None
+    started = False  # a word has begun (it may be empty so far: an opening quote)
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quote is not None:
+            if ch == quote:
+                quote = None
+            elif ch == "\\" and quote == '"' and i + 1 < len(line) and line[i + 1] in '"\\':
+                i += 1
+                word.append(line[i])
+            else:
+                word.append(ch)
+        elif ch in " \t":
+            if started:
+                words.append("".join(word))
+                word, started = [], False
+        elif ch in "'\"":
+            quote, started = ch, True
+        elif ch == "\\" and i + 1 < len(line):
+            i += 1
+            word.append(line[i])
+            started = True
+        else:
+            word.append(ch)
+            started = True
+        i += 1
+    return words, "".join(word), quote
+
+
+#: Characters that must be escaped in a word typed without quotes (as shlex.split reads it).
+_ESCAPE_OUTSIDE_QUOTES = frozenset(" \t\n'\"\\")
+
+
+def completion_text(word: str, quote: str | None, text: str, candidate: str) -> str | None:
+    """What replaces readline's ``text`` (the characters after the last space or quote) so the
+    line holds ``candidate`` in place of the unfinished ``word``: escaped as the line needs it
+    (backslashes outside quotes; inside quotes as they allow). None if ``text`` is not the end of
+    ``word`` (nothing sensible to insert).
+    """
+    typed = split_partial(text)[1]  # text as shlex reads it (a backslash-escaped character)
+    if not word.endswith(typed) or not candidate.startswith(word):
+        return None
+    rest = candidate[len(word) - len(typed) :]
+    if quote is None:
+        rest = "".join("\\" + ch if ch in _ESCAPE_OUTSIDE_QUOTES else ch for ch in rest)
+    elif quote == '"':
+        rest = rest.replace("\\", "\\\\").replace('"', '\\"')
+    elif "'" in rest:
+        return None  # a single-quoted word cannot hold a single quote
+    return rest  # (readline itself closes an open quote after a single match)
+
+
 class FerryShell(cmd.Cmd):
     """The command interpreter. Each ``do_*`` method is one command; its docstring is its help."""
 
@@ -122,6 +185,8 @@ class FerryShell(cmd.Cmd):
         self.resume = resume
         self.interactive = interactive
         self.exit_code = ExitCode.OK
+        #: the user left (exit, quit, Ctrl-D), rather than a fatal error ending the shell
+        self.left = False
         # Reading a script: no prompt text interleaved with the output.
         self.use_rawinput = interactive
         self._cache: dict[str, tuple[float, list[tuple[str, bool]]]] = {}
@@ -151,23 +216,30 @@ class FerryShell(cmd.Cmd):
 
     def onecmd(self, line: str) -> bool:
         """Run one command; errors are reported and the shell goes on (the connection too)."""
+        if line.lstrip().startswith("#"):  # a comment line (scripts)
+            return False
         try:
             return self._run(line)
         except HostKeyMismatch as exc:
             self._fail(exc)
             return True
         except ConnectionBroken as exc:
-            # Typically the server closed an idle session. Reconnect and retry once: every shell
-            # command is safe to repeat (transfers resume, listings are read-only).
+            # Typically the server closed an idle session, or restarted. Reconnect and retry once:
+            # every shell command is safe to repeat (transfers resume, listings are read-only).
             click.echo(f"ferry: {safe_text(str(exc))}; reconnecting", err=True)
+            if not self._reconnect():
+                # A script stops (its next commands would act in the wrong place); a person may
+                # wait for the server and try again.
+                return not self.interactive
+            if not self._keep_cwd():
+                return not self.interactive  # not run in another folder than it was meant for
             try:
-                with contextlib.suppress(Exception):
-                    self.client.close()
-                self.client = self._connect()
                 return self._run(line)
             except FerryError as again:
                 self._fail(again)
-                return isinstance(again, ConnectionBroken | HostKeyMismatch)
+                return isinstance(again, HostKeyMismatch) or (
+                    isinstance(again, ConnectionBroken) and not self.interactive
+                )
         except FerryError as exc:
             self._fail(exc)
             return False
@@ -175,6 +247,43 @@ class FerryShell(cmd.Cmd):
             click.echo(interrupted_message(line.split()[0] if line.split() else None), err=True)
             self.exit_code = 130
             return False
+
+    def _reconnect(self) -> bool:
+        """Replace a broken connection, keeping the remote folder (or saying why it cannot)."""
+        try:
+            fresh = self._connect()
+        except FerryError as exc:
+            self._fail(exc)
+            if self.interactive and not isinstance(exc, HostKeyMismatch):
+                click.echo("ferry: not connected; the next command tries again (exit to leave)", err=True)
+            return False  # the broken client stays: the next remote command lands here again
+        old, self.client = self.client, fresh
+        with contextlib.suppress(Exception):
+            old.close()
+        self._cache.clear()
+        return True
+
+    def _keep_cwd(self) -> bool:
+        """After a reconnection: whether the remote folder is still there (the folder is the
+        client's, so the new connection needs no more than that). If not, say so and go home."""
+        if not self.cwd:
+            return True
+        try:
+            kept = self.client.stat(self.cwd).kind == "dir"
+        except FerryError:
+            kept = False
+        if kept:
+            click.echo(f"ferry: reconnected; still in /{safe_name(self.cwd)}", err=True)
+            return True
+        click.echo(
+            f"ferry: reconnected, but /{safe_name(self.cwd)} is no longer a folder on the server; "
+            "back in your home folder (the command was not run)",
+            err=True,
+        )
+        self.exit_code = ExitCode.NOT_FOUND
+        self.cwd = ""
+        self._set_prompt()
+        return False
 
     def _run(self, line: str) -> bool:
         try:
@@ -316,11 +425,7 @@ class FerryShell(cmd.Cmd):
 
     def do_df(self, arg: str) -> None:
         """df: your disk usage, quota and the server's free space."""
-        u = self.client.df()
-        self.out.result(
-            "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free)),
-            {"used": u.used, "quota": u.quota, "free": u.free},
-        )
+        print_df(self.out, self.client.df())
 
     def do_ping(self, arg: str) -> None:
         """ping: round-trip time to the server."""
@@ -369,8 +474,26 @@ class FerryShell(cmd.Cmd):
         )
         self._cache.clear()
 
+    def do_shell(self, arg: str) -> None:
+        """!COMMAND: run COMMAND on this machine (in the local folder); '!' alone: a local shell."""
+        import subprocess
+
+        for stream in (self.stdout, sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()  # our output so far comes before the command's
+        user_shell = os.environ.get("SHELL") or "/bin/sh"
+        argv = [user_shell, "-c", arg] if arg.strip() else [user_shell]
+        try:
+            status = subprocess.call(argv)
+        except OSError as exc:
+            raise UsageError(f"cannot run {user_shell}: {os_reason(exc)}") from exc
+        if status != 0:
+            click.echo(f"ferry: local command ended with status {status}", err=True)
+            self.exit_code = ExitCode.ERROR
+
     def do_exit(self, arg: str) -> bool:
         """exit: leave the shell (also quit, or Ctrl-D)."""
+        self.left = True
         return True
 
     do_quit = do_exit
@@ -379,6 +502,7 @@ class FerryShell(cmd.Cmd):
         """Ctrl-D leaves the shell."""
         if self.interactive:
             click.echo(file=self.stdout)
+        self.left = True
         return True
 
     # --- tab completion ------------------------------------------------------------------------
@@ -421,20 +545,25 @@ class FerryShell(cmd.Cmd):
             out.append(shown + ("/" if os.path.isdir(p) else ""))
         return sorted(out)
 
-    def _arg_index(self, line: str, begidx: int) -> int:
-        words = [w for w in line[:begidx].split()[1:] if not w.startswith("-")]
-        return len(words)
-
     def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
-        """Remote paths for every command, except local paths where a command takes one."""
-        command = line.split()[0] if line.split() else ""
-        index = self._arg_index(line, begidx)
+        """Remote paths for every command, except local paths where a command takes one.
+
+        Names with spaces or quotes are completed escaped (``my\\ file``), or inside the quote
+        the word was started with (``"my file"``, closed after a whole name).
+        """
+        words, word, quote = split_partial(line[:endidx])
+        if not words:
+            return []
+        command = words[0]
+        index = len([w for w in words[1:] if not w.startswith("-")])
         local = (
             command in ("lcd", "lls")
             or (command == "put" and index == 0)
             or (command == "get" and index == 1)
         )
-        return self.complete_local(text) if local else self.complete_remote(text)
+        names = self.complete_local(word) if local else self.complete_remote(word)
+        out = [completion_text(word, quote, text, name) for name in names]
+        return [c for c in out if c is not None]
 
     def get_names(self) -> list[str]:
         """Method names cmd uses for help and completion; EOF is a key, not a command to list."""
@@ -460,18 +589,18 @@ def _run_interactive(sh: FerryShell) -> None:
         with contextlib.suppress(OSError):
             readline.read_history_file(hist)
         readline.set_history_length(1000)
-    intro: str | None = (
+    sh.intro = (
         f"Connected to {safe_name(sh.loc.address)} as {safe_name(sh.loc.user or '')}. "
         "Type 'help' for commands, Ctrl-D to leave."
     )
     try:
         while True:
             try:
-                sh.cmdloop(intro)
+                sh.cmdloop()
                 break
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a new prompt, not the banner again
                 click.echo("^C", file=sh.stdout)
-                intro = None
+                sh.intro = None
     finally:
         if readline is not None:
             with contextlib.suppress(OSError):
@@ -519,6 +648,8 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
             sh.cmdloop(intro="")
     finally:
         sh.client.close()
+    if interactive and sh.left:
+        return ExitCode.OK  # a person who typed exit: earlier errors were shown and dealt with
     return sh.exit_code
 
 
