@@ -308,16 +308,16 @@ def main() -> None:
         ):
             # Pin both certificates once (the first connection prints a notice).
             for port in (prod_port, cheap_port):
-                time_process([*FERRY, "exec", f"bench@127.0.0.1:{port}", "--", "true"], env)
+                time_process([*FERRY, "exec", f"ferry://bench@127.0.0.1:{port}", "--", "true"], env)
             results["open_client_ms"] = open_client_latency(prod_port, args.rounds, work / "client")
             print(f"(a) open client: {results['open_client_ms']}", flush=True)
 
             runs: dict[str, Callable[[], float]] = {
                 "ferry exec (argon2 prod)": lambda: time_process(
-                    [*FERRY, "exec", f"bench@127.0.0.1:{prod_port}", "--", "true"], env
+                    [*FERRY, "exec", f"ferry://bench@127.0.0.1:{prod_port}", "--", "true"], env
                 ),
                 "ferry exec (cheap hash)": lambda: time_process(
-                    [*FERRY, "exec", f"bench@127.0.0.1:{cheap_port}", "--", "true"], env
+                    [*FERRY, "exec", f"ferry://bench@127.0.0.1:{cheap_port}", "--", "true"], env
                 ),
             }
             ssh_base: list[str] = []
@@ -355,7 +355,7 @@ def main() -> None:
                     tput: dict[str, Callable[[], tuple[float, float]]] = {
                         "ferry exec cat (TLS, process)": with_cpu(
                             lambda: time_process(
-                                [*FERRY, "exec", f"bench@127.0.0.1:{cheap_port}", "--", "cat", str(big)],
+                                [*FERRY, "exec", f"ferry://bench@127.0.0.1:{cheap_port}", "--", "cat", str(big)],
                                 env,
                                 null,
                             ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from cli_inproc import CliResult, run_cli
 from ferry.errors import ExitCode
+from ferry.paths import DEFAULT_PORT
 from ferry_server import PASSWORD, ServerThread
 
 
@@ -116,3 +118,38 @@ def test_interrupted_transfer_says_how_to_resume() -> None:
     assert "run the same command again to resume" in interrupted_message("get")
     assert "run the same command again to resume" in interrupted_message("put")
     assert interrupted_message("ls") == "ferry: interrupted"
+
+
+def test_host_colon_is_always_a_path_and_a_number_there_is_explained(ferry: Ferry, home: Path) -> None:
+    port = ferry.port
+    env = ferry.env
+    # df, shell and exec once read HOST:PORT: now refused, with both readings spelled out
+    for args in (["df", f"ann@127.0.0.1:{port}"], ["shell", f"ann@127.0.0.1:{port}"],
+                 ["exec", f"ann@127.0.0.1:{port}", "--", "true"]):  # fmt: skip
+        r = run_cli(args, env=env, input="")
+        assert r.code in (ExitCode.USAGE, 255), (args, r)
+        assert (
+            f"'ann@127.0.0.1:{port}': after the colon comes a path, not a port; for port {port} write "
+            f"-P {port} ann@127.0.0.1: or ferry://ann@127.0.0.1:{port}/ "
+            f"(a folder named {port}: ann@127.0.0.1:./{port})"
+        ) in r.stderr, args
+    # the same servers with -P or a URL
+    assert "available" in ferry.ok("df", "--json", ferry.at()).stdout
+    assert "available" in run_cli(["df", "--json", f"ferry://ann@127.0.0.1:{port}"], env=env).stdout
+    # a path after the colon: df accepts one (the home's usage), shell starts there
+    (home / "start").mkdir()
+    assert ferry.ok("df", ferry.at("start")).stdout.startswith("used")
+    assert ferry.ok("shell", ferry.at("start"), input="pwd\n").stdout == "/start\n"
+    # commands that take paths: a number is a path (a file of that name just works) ...
+    (home / "7").write_text("a file named 7")
+    assert ferry.ok("ls", ferry.at("7")).stdout == "7\n"
+    # ... and when that fails to connect (no -P: the default port), the error says how to write a port
+    with socket.socket() as probe:  # (127.0.0.2: a server started by hand on 127.0.0.1:7373 is no matter)
+        if probe.connect_ex(("127.0.0.2", DEFAULT_PORT)) == 0:
+            pytest.skip(f"something listens on 127.0.0.2:{DEFAULT_PORT}")
+    r = run_cli(["ls", f"ann@127.0.0.2:{port}"], env=env)
+    assert r.code == ExitCode.CONNECTION
+    assert r.stderr == (
+        f"ferry: cannot connect to 127.0.0.2:{DEFAULT_PORT}: connection refused ({port} is a path here; "
+        f"for port {port} write -P {port} ann@127.0.0.2: or ferry://ann@127.0.0.2:{port}/)\n"
+    )

@@ -199,7 +199,7 @@ def test_ls_stat_mkdir_mv_rm_df(tls: Served, tmp_path: Path) -> None:
     assert rec == {"op": "mv", "source": "m/a/b/f.txt", "dest": "m/g.txt", "ok": True}
     assert (s.home / "m" / "g.txt").read_text() == "x" * 1000
 
-    (rec,) = json_lines(ok(s.ferry("df", "--json", f"ferry@127.0.0.1:{s.srv.port}")))
+    (rec,) = json_lines(ok(s.ferry("df", "--json", s.srv.remote())))
     assert rec["used"] >= 1000 and rec["quota"] is None and rec["free"] > 0
     p = ok(s.ferry("df", "-P", str(s.srv.port), "ferry@127.0.0.1:"))
     assert "unlimited" in p.stdout

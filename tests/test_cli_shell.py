@@ -27,7 +27,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
     srv = ServeProcess(tmp / "root", env).start()
     env["FERRY_PASSWORD"] = srv.password or ""
     # Pin the certificate now, so no test sees the first-connection notice on its stderr.
-    assert "first connection" in run_ferry(["df", f"ferry@127.0.0.1:{srv.port}"], env).stderr
+    assert "first connection" in run_ferry(["df", f"ferry://ferry@127.0.0.1:{srv.port}"], env).stderr
     try:
         yield srv, env
     finally:
@@ -35,7 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
 
 
 def target(srv: ServeProcess) -> str:
-    return f"ferry@127.0.0.1:{srv.port}"
+    return f"ferry://ferry@127.0.0.1:{srv.port}"
 
 
 def test_resolve_is_lexical_and_stays_in_the_home() -> None:

@@ -37,7 +37,7 @@ def env(ferry_env: dict[str, str]) -> dict[str, str]:
 
 
 def target(srv: ServerThread, user: str = "alice") -> str:
-    return f"{user}@127.0.0.1:{srv.port}"
+    return f"ferry://{user}@127.0.0.1:{srv.port}"
 
 
 def ferry_exec(
@@ -302,3 +302,21 @@ def test_pty_command_output_and_exit_code(server: ServerThread, env: dict[str, s
     finally:
         child.close()
     assert child.exitstatus == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_terminal_session_exits_255_from_exec_t_and_shell_pty(
+    server: ServerThread, env: dict[str, str]
+) -> None:
+    """bob may not run programs: both ways to ask for a terminal session fail the same way."""
+    statuses = {}
+    for name, args in (("exec -t", ["exec", "-t", target(server, "bob")]),
+                       ("shell --pty", ["shell", "--pty", target(server, "bob")])):  # fmt: skip
+        child = pexpect.spawn(FERRY[0], [*FERRY[1:], *args], env=env, encoding="utf-8", timeout=20)
+        try:
+            child.expect_exact("remote commands are disabled")
+            child.expect(pexpect.EOF)
+        finally:
+            child.close()
+        statuses[name] = child.exitstatus
+    assert statuses == {"exec -t": 255, "shell --pty": 255}

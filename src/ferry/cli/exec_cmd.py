@@ -53,7 +53,7 @@ class _ExecCommand(click.Command):
 
 
 @click.command("exec", cls=_ExecCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("target", metavar="[USER@]HOST[:PORT]")
+@click.argument("target", metavar="[USER@]HOST[:DIR]")
 @click.argument("command", nargs=-1, metavar="-- CMD [ARGS]...")
 @click.option("-P", "--port", type=click.IntRange(1, 65535), default=None, help="Server port (default 7373).")
 @click.option("--plain", is_flag=True, help="Connect without TLS (only to a server run with --plain).")
@@ -111,16 +111,17 @@ def exec_(
       ferry exec -t ann@host -- top
     """
     from ferry.aio import run as aio_run
+    from ferry.cli.files import clean_remote, target_location
     from ferry.client.exec import Interrupted
-    from ferry.client.location import Location, parse_target
     from ferry.errors import FerryError
 
     try:
         env = _parse_env(env_pairs)
-        spec = target[:-1] if target.endswith(":") and not target.startswith("ferry://") else target
-        loc = parse_target(spec)
-        if port is not None and not target.startswith("ferry://"):
-            loc = Location(loc.host, port, loc.user, loc.path)
+        loc = target_location(target, port)  # a path after the colon is the working folder
+        if loc.path:
+            if cwd and clean_remote(cwd) != loc.path:
+                raise click.UsageError(f"{target!r} and --cwd {cwd!r} name two working folders; give one")
+            cwd = loc.path
         if not command and not use_tty:
             raise click.UsageError("no command given (with -t and no command you get a shell)")
         cmd: str | list[str] | None = (

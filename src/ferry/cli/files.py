@@ -37,8 +37,9 @@ from ferry.cli.output import (
     transfer_record,
     transfer_summary,
 )
-from ferry.client.location import Location, is_remote, parse_location, parse_target
+from ferry.client.location import Location, is_remote, parse_location
 from ferry.errors import (
+    ConnectionBroken,
     ExitCode,
     FerryError,
     IsADirectory,
@@ -47,6 +48,7 @@ from ferry.errors import (
     TransferError,
     UsageError,
 )
+from ferry.paths import DEFAULT_PORT
 from ferry.textsafe import safe_name
 
 if TYPE_CHECKING:
@@ -172,11 +174,38 @@ def remote_location(spec: str, port: int | None) -> Location:
     return Location(loc.host, loc.port, loc.user, clean_remote(loc.path))
 
 
+def number_after_colon(loc: Location, port_option: int | None) -> int | None:
+    """The port the user probably meant when a location's path is a bare number (``host:7374``)
+    and no port was given any other way; None otherwise."""
+    path = loc.path
+    if port_option is not None or loc.port != DEFAULT_PORT or not (path.isascii() and path.isdigit()):
+        return None
+    number = int(path)
+    return number if 0 < number < 65536 else None
+
+
+def port_hint(loc: Location, number: int) -> str:
+    """How to write port ``number`` for ``loc``'s server (after-the-colon is always a path)."""
+    user = f"{loc.user}@" if loc.user else ""
+    host = f"[{loc.host}]" if ":" in loc.host else loc.host
+    return f"-P {number} {user}{host}: or ferry://{user}{host}:{number}/"
+
+
 def target_location(spec: str, port: int | None) -> Location:
-    """Parse a ``[USER@]HOST[:PORT]`` (or URL) operand of commands that need no path."""
-    if spec.endswith(":") and not spec.startswith("ferry://"):
-        spec = spec[:-1]  # 'HOST:' as in the other commands means the home: same server
-    return _with_port(spec, parse_target(spec), port)
+    """Parse the server operand of commands that name a server first (df, shell, exec):
+    ``[USER@]HOST``, ``[USER@]HOST:PATH`` or a URL. The rule is every location's: after the colon
+    comes a path (the port is ``-P`` or the URL's); a bare number there is refused with both
+    readings spelled out, since these commands once took ``HOST:PORT``."""
+    if not is_remote(spec):
+        spec += ":"  # a bare HOST: the home on that server
+    loc = remote_location(spec, port)
+    number = number_after_colon(loc, port) if not spec.startswith("ferry://") else None
+    if number is not None:
+        raise UsageError(
+            f"{spec!r}: after the colon comes a path, not a port; for port {number} write "
+            f"{port_hint(loc, number)} (a folder named {number}: {spec[: -len(loc.path)]}./{number})"
+        )
+    return loc
 
 
 def same_server(locs: list[Location]) -> Location:
@@ -226,10 +255,21 @@ def run(coro: Coroutine[Any, Any, T], *, bulk: bool = True) -> T:
 
 @contextlib.asynccontextmanager
 async def connected(loc: Location, common: Common) -> AsyncIterator[AsyncClient]:
-    """An authenticated client for ``loc``, closed on exit."""
+    """An authenticated client for ``loc``, closed on exit.
+
+    When ``loc``'s path is a bare number (``ferry ls host:7374``), no port was given and nothing
+    answers on the default port, the error adds how to write a port: after the colon comes a path.
+    """
     from ferry.cli.common import open_client
 
-    client = await open_client(loc, plain=common.plain, password_file=common.password_file)
+    number = number_after_colon(loc, common.port)
+    hint = "" if number is None else f" ({number} is a path here; for port {number} write {port_hint(loc, number)})"
+    try:
+        client = await open_client(loc, plain=common.plain, password_file=common.password_file)
+    except ConnectionBroken as exc:
+        if not hint:
+            raise
+        raise ConnectionBroken(f"{exc}{hint}") from exc
     try:
         yield client
     finally:
@@ -629,10 +669,11 @@ def print_df(out: Output, u: Usage) -> None:
 
 
 @click.command()
-@click.argument("target", metavar="[USER@]HOST[:PORT]")
+@click.argument("target", metavar="[USER@]HOST[:PATH]")
 @common_options
 def df(target: str, common: Common) -> None:
-    """Show your disk usage, quota and the server's free space."""
+    """Show your disk usage, quota and the server's free space (the same for every PATH in
+    your home, as df reports the filesystem holding a path)."""
     loc = target_location(target, common.port)
     out = common.output()
 

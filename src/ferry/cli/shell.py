@@ -609,7 +609,7 @@ def _run_interactive(sh: FerryShell) -> None:
 
 
 @click.command(short_help="Interactive prompt (ls, cd, get, put, ...) on one connection.")
-@click.argument("target", metavar="[USER@]HOST[:PORT]")
+@click.argument("target", metavar="[USER@]HOST[:PATH]")
 @click.option("--pty", is_flag=True, help="Open a terminal session on the server instead of the file prompt.")
 @transfer_options
 @common_options
@@ -623,12 +623,11 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
 
     loc = target_location(target, common.port)
     loc = Location(loc.host, loc.port, loc.user or default_user(), loc.path)
+    if pty:
+        return _run_pty(loc, common)
     # Asked here, on the main thread, once: a prompt must not block the client's loop thread, and a
     # reconnect (after an idle timeout) must not ask again.
     password = resolve_password(loc, common.password_file)
-
-    if pty:
-        return _run_pty(loc, password, common)
 
     from ferry.client.blocking import Client
 
@@ -659,11 +658,18 @@ async def _connect(loc: Location, password: str, plain: bool) -> AsyncClient:
     return await connect_with_password(loc, password, plain=plain)
 
 
-def _run_pty(loc: Location, password: str, common: Common) -> int:
-    """``--pty``: hand the connection to the terminal-session client (ferry.client.pty)."""
+def _run_pty(loc: Location, common: Common) -> int:
+    """``--pty``: hand the connection to the terminal-session client (ferry.client.pty).
+
+    Exit statuses are those of ``ferry exec -t`` (the same session): the remote shell's own, or
+    255 when ferry itself failed (password, connection, login, a refused terminal session).
+    """
+    from ferry.aio import run as aio_run
+    from ferry.cli.common import resolve_password
+    from ferry.cli.exec_cmd import EXIT_FERRY
     from ferry.client.pty import run_pty_session
 
-    async def main() -> int:
+    async def main(password: str) -> int:
         client = await _connect(loc, password, common.plain)
         try:
             return await run_pty_session(client, command=None)
@@ -672,6 +678,8 @@ def _run_pty(loc: Location, password: str, common: Common) -> int:
         finally:
             await client.close()
 
-    from ferry.aio import run as aio_run
-
-    return aio_run(main())
+    try:
+        return aio_run(main(resolve_password(loc, common.password_file)))
+    except FerryError as exc:
+        click.echo(f"ferry: {safe_text(str(exc))}", err=True)
+        return EXIT_FERRY
