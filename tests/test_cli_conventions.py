@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +155,65 @@ def test_host_colon_is_always_a_path_and_a_number_there_is_explained(ferry: Ferr
         f"ferry: cannot connect to 127.0.0.2:{DEFAULT_PORT}: connection refused ({port} is a path here; "
         f"for port {port} write -P {port} ann@127.0.0.2: or ferry://ann@127.0.0.2:{port}/)\n"
     )
+
+
+def standard_hash(name: str, path: Path) -> str:
+    """What the usual tool prints for ``path``: md5sum itself; for BLAKE3 the blake3 package's hash
+    of the whole file, which is b3sum's value (b3sum is not installed here)."""
+    if name == "md5":
+        out = subprocess.run(["md5sum", str(path)], capture_output=True, text=True, check=True, timeout=60)
+        return out.stdout.split()[0]
+    import blake3
+
+    return str(blake3.blake3(path.read_bytes()).hexdigest())
+
+
+@pytest.mark.parametrize("hash_name", ["blake3", "md5"])
+def test_json_reports_the_standard_whole_file_hash(
+    ferry: Ferry, home: Path, tmp_path: Path, hash_name: str
+) -> None:
+    sizes = {"empty": 0, "small": 1000, "large": 9 * (1 << 20) + 123}  # inline, and three 4 MiB chunks
+    for label, size in sizes.items():
+        src = tmp_path / f"{label}.bin"
+        src.write_bytes(os.urandom(size))
+        expected = standard_hash(hash_name, src)
+        r = ferry.ok("put", "--json", "--hash", hash_name, str(src), ferry.at(f"{label}.bin"))
+        (put,) = [json.loads(x) for x in r.stdout.splitlines()]
+        assert (put["hash"], put["checksum"]) == (hash_name, expected), label
+        assert put["digest"] != expected  # the chunk-tree digest is another value
+        back = tmp_path / f"{label}.back"
+        r = ferry.ok("get", "--json", "--hash", hash_name, ferry.at(f"{label}.bin"), str(back))
+        (got,) = [json.loads(x) for x in r.stdout.splitlines()]
+        assert (got["hash"], got["checksum"]) == (hash_name, expected), label
+        assert standard_hash(hash_name, back) == expected
+    assert "checksum" not in ferry.ok("get", ferry.at("small.bin"), str(tmp_path / "x")).stdout
+
+
+def test_whole_file_hash_after_a_resume(
+    server: ServerThread, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed transfers stream only the rest: the whole-file hash still covers every byte."""
+    import ferry as api
+
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(10 * (1 << 20)))
+    expected = standard_hash("blake3", src)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two_chunks(done: int, total: int) -> None:
+        if done > 8 << 20:
+            raise Stop
+
+    monkeypatch.setenv("FERRY_HOME", str(tmp_path / "api-home"))
+    with api.connect(f"ann@127.0.0.1:{server.port}", password=PASSWORD) as c:
+        with pytest.raises(Stop):
+            c.put(src, "big.bin", progress=stop_after_two_chunks)
+        r = c.put(src, "big.bin", checksum=True)
+        assert r.resumed_from > 0 and r.checksum == expected
+        dest = tmp_path / "down.bin"
+        with pytest.raises(Stop):
+            c.get("big.bin", dest, progress=stop_after_two_chunks)
+        r = c.get("big.bin", dest, checksum=True)
+        assert r.resumed_from > 0 and r.checksum == expected

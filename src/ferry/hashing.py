@@ -1,7 +1,9 @@
 """Chunked integrity hashing shared by both ends of a transfer.
 
 A file is hashed in fixed-size chunks (4 MiB by default); its *digest* is the hash of
-``b"ferry-tree-1" + size + concat(chunk hashes)``. Why not one plain hash of the file: chunk hashes let
+``b"ferry-tree-1" + size + concat(chunk hashes)``. That digest is ferry's own: it is *not* what
+``b3sum`` or ``md5sum`` print. When asked (``file_hash=True``), :class:`ChunkHasher` also computes
+the standard hash of the whole file in the same pass, the value those tools print. Why not one plain hash of the file: chunk hashes let
 a resumed transfer re-check only chunk boundaries (not gigabytes), can be computed in any order or
 in parallel, and can be cached per file by (inode, size, mtime). BLAKE3 is the default (GB/s per core);
 md5 is selectable for compatibility with the classic "simple ftp".
@@ -66,10 +68,18 @@ class ChunkHasher:
     """Hashes a byte stream incrementally, producing one hash per ``chunk_size`` bytes.
 
     ``prefix`` are the hashes of chunks already verified before this stream started (resume).
+    ``file_hash``: also hash the whole stream the standard way (:meth:`file_digest`, the value of
+    ``b3sum``/``md5sum``); after a ``prefix`` the bytes it covers must be given to
+    :meth:`update_file_hash` first (the chunk hashes alone cannot produce it).
     """
 
     def __init__(
-        self, name: HashName, chunk_size: int = DEFAULT_CHUNK, prefix: list[bytes] | None = None
+        self,
+        name: HashName,
+        chunk_size: int = DEFAULT_CHUNK,
+        prefix: list[bytes] | None = None,
+        *,
+        file_hash: bool = False,
     ) -> None:
         self.name = name
         self.chunk_size = chunk_size
@@ -77,11 +87,14 @@ class ChunkHasher:
         self.size = len(self.chunk_hashes) * chunk_size
         self._current = new_hasher(name)
         self._fill = 0
+        self._file: _Hasher | None = new_hasher(name) if file_hash else None
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes; closes a chunk every ``chunk_size`` bytes."""
         view = memoryview(data)
         self.size += len(view)
+        if self._file is not None:
+            self._file.update(view)
         while view:
             take = min(len(view), self.chunk_size - self._fill)
             self._current.update(view[:take])
@@ -91,6 +104,15 @@ class ChunkHasher:
                 self.chunk_hashes.append(self._current.digest())
                 self._current = new_hasher(self.name)
                 self._fill = 0
+
+    def update_file_hash(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes of the ``prefix`` (already held before this stream) to the whole-file hash only."""
+        assert self._file is not None, "ChunkHasher(file_hash=True) computes the whole-file hash"
+        self._file.update(data)
+
+    def file_digest(self) -> bytes | None:
+        """The standard hash of everything hashed so far (None without ``file_hash``)."""
+        return None if self._file is None else self._file.digest()
 
     def finish(self) -> tuple[list[bytes], bytes]:
         """Close the last partial chunk; return (chunk hashes, file digest)."""
@@ -131,6 +153,18 @@ def hash_fd_chunks(
         if on_chunk is not None:
             on_chunk(pos)
     return out
+
+
+def file_hash_prefix(hasher: ChunkHasher, fd: int, end: int) -> None:
+    """Give bytes ``[0, end)`` of ``fd`` to ``hasher``'s whole-file hash (a resumed transfer's
+    prefix, which this stream does not carry). Reads with ``pread`` in bounded blocks."""
+    pos = 0
+    while pos < end:
+        data = os.pread(fd, min(1 << 20, end - pos), pos)
+        if not data:
+            raise OSError(f"file shrank while hashing (at byte {pos})")
+        hasher.update_file_hash(data)
+        pos += len(data)
 
 
 def matching_prefix(ours: list[bytes], theirs: list[bytes]) -> int:

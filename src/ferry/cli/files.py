@@ -320,11 +320,14 @@ async def do_get(
             raise UsageError(f"{local}: no such local folder to download into")
         try:
             with out.progress(safe_name(remote_basename(rpath))) as cb:
-                result = await client.get(rpath, dest, resume=resume, hash=hash_name, progress=cb)
+                result = await client.get(
+                    rpath, dest, resume=resume, hash=hash_name, progress=cb, checksum=out.json
+                )
         except IsADirectory as exc:
             raise UsageError(f"{safe_name(shown)} is a folder: use -r to download a folder") from exc
     out.result(
-        transfer_summary("get", shown, str(dest), result), transfer_record("get", shown, str(dest), result)
+        transfer_summary("get", shown, str(dest), result),
+        transfer_record("get", shown, str(dest), result, hash_name),
     )
 
 
@@ -364,10 +367,12 @@ async def do_put(
                 result: Any = await client.put_tree(p, dest, hash=hash_name, progress=cb)
         else:
             with out.progress(safe_name(name)) as cb:
-                result = await client.put(p, dest, resume=resume, hash=hash_name, progress=cb)
+                result = await client.put(
+                    p, dest, resume=resume, hash=hash_name, progress=cb, checksum=out.json
+                )
         out.result(
             transfer_summary("put", src, shown(dest), result),
-            transfer_record("put", src, shown(dest), result),
+            transfer_record("put", src, shown(dest), result, hash_name),
         )
 
 

@@ -176,8 +176,13 @@ class Output:
             yield update
 
 
-def transfer_record(op: str, source: str, dest: str, result: Any) -> dict[str, Any]:
-    """The JSON object for a finished transfer (a TransferResult or a TreeResult)."""
+def transfer_record(op: str, source: str, dest: str, result: Any, hash_name: str = "blake3") -> dict[str, Any]:
+    """The JSON object for a finished transfer (a TransferResult or a TreeResult).
+
+    A file's ``digest`` is ferry's chunk-tree digest (``ferry.hashing``); ``checksum`` (when the
+    transfer computed it) is the standard hash of the whole file, ``hash`` its algorithm: the value
+    ``b3sum`` or ``md5sum`` print.
+    """
     rec: dict[str, Any] = {"op": op, "source": source, "dest": dest}
     if hasattr(result, "files"):  # TreeResult
         rec.update(kind="tree", files=result.files, size=result.bytes, seconds=round(result.seconds, 6))
@@ -190,6 +195,8 @@ def transfer_record(op: str, source: str, dest: str, result: Any) -> dict[str, A
             seconds=round(result.seconds, 6),
             digest=result.digest,
         )
+        if getattr(result, "checksum", None) is not None:
+            rec.update(hash=hash_name, checksum=result.checksum)
     return rec
 
 

@@ -25,6 +25,7 @@ from ferry.hashing import (
     DEFAULT_CHUNK,
     ChunkHasher,
     HashName,
+    file_hash_prefix,
     hash_bytes,
     hash_fd_chunks,
     matching_prefix,
@@ -54,7 +55,11 @@ class TransferResult:
     sent: int  # bytes that actually crossed the network
     resumed_from: int
     seconds: float
+    #: ferry's chunk-tree digest (hex; see ferry.hashing), compared by both sides
     digest: str
+    #: the standard hash of the whole file with the transfer's algorithm, hex: what ``b3sum`` or
+    #: ``md5sum`` print for it; computed while the data streams, only when asked (``checksum=True``)
+    checksum: str | None = None
 
 
 def partial_path(dest: Path) -> Path:
@@ -78,8 +83,12 @@ async def get_file(
     hash: HashName = "blake3",
     chunk_size: int = DEFAULT_CHUNK,
     progress: Progress | None = None,
+    checksum: bool = False,
 ) -> TransferResult:
-    """Download ``remote`` to ``local`` (a file path, or an existing folder to put it in)."""
+    """Download ``remote`` to ``local`` (a file path, or an existing folder to put it in).
+
+    ``checksum``: also compute the standard whole-file hash (:attr:`TransferResult.checksum`).
+    """
     t0 = time.monotonic()
     dest = Path(local)
     if dest.is_dir():
@@ -112,7 +121,9 @@ async def get_file(
             assert isinstance(info, m.FileInfo)
             offset = info.offset
             os.ftruncate(fd, offset)
-            hasher = ChunkHasher(hash, chunk_size, prefix=held[: offset // chunk_size])
+            hasher = ChunkHasher(hash, chunk_size, prefix=held[: offset // chunk_size], file_hash=checksum)
+            if checksum and offset:  # resumed: the whole-file hash starts at byte 0
+                await _thread(file_hash_prefix, hasher, fd, offset)
             writer = DownloadWriter(
                 fd, offset, hasher, expect=info.size - offset, inline=info.size <= INLINE_MAX
             )
@@ -172,7 +183,7 @@ async def get_file(
         os.close(fd)  # after the rename: the lock covers the partial until it has a new name
         fd = -1
         return TransferResult(
-            remote, info.size, info.size - offset, offset, time.monotonic() - t0, digest.hex()
+            remote, info.size, info.size - offset, offset, time.monotonic() - t0, digest.hex(), _hex(hasher)
         )
     finally:
         if fd >= 0:
@@ -230,8 +241,12 @@ async def put_file(
     chunk_size: int = DEFAULT_CHUNK,
     overwrite: bool = True,
     progress: Progress | None = None,
+    checksum: bool = False,
 ) -> TransferResult:
-    """Upload the file ``local`` to ``remote`` (verified, atomic on the server, resumable)."""
+    """Upload the file ``local`` to ``remote`` (verified, atomic on the server, resumable).
+
+    ``checksum``: also compute the standard whole-file hash (:attr:`TransferResult.checksum`).
+    """
     t0 = time.monotonic()
     try:
         fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
@@ -261,13 +276,13 @@ async def put_file(
             data = os.pread(fd, size + 1, 0)
             if len(data) != size:
                 raise TransferError(f"{local} changed while being read; try again")
-            h = ChunkHasher(hash, chunk_size)
+            h = ChunkHasher(hash, chunk_size, file_hash=checksum)
             h.update(data)
             _, digest = h.finish()
             await client._call(lambda i: put_msg(i, data=data, digest=digest))
             if progress is not None:
                 progress(size, size)
-            return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex())
+            return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex(), _hex(h))
         token = upload_token(remote, st) if resume else ""
         req_id, route = client._open(QUEUE_DEPTH)
         try:
@@ -284,9 +299,10 @@ async def put_file(
             k = matching_prefix(ours, ready.chunk_hashes)
             offset = k * chunk_size
             await client.send(m.PutFrom(id=req_id, offset=offset))
-            hashes = await _send_body(
-                client, req_id, route, fd, offset, size, hash, chunk_size, ours[:k], progress
-            )
+            hasher = ChunkHasher(hash, chunk_size, prefix=ours[:k], file_hash=checksum)
+            if checksum and offset:  # resumed: the whole-file hash starts at byte 0
+                await _thread(file_hash_prefix, hasher, fd, offset)
+            hashes = await _send_body(client, req_id, route, fd, offset, size, hasher, progress)
             digest = tree_digest(hash, size, hashes)
             await client.send(m.FileEnd(id=req_id, size=size, chunk_hashes=hashes, digest=digest))
             reply = await client._recv(route)
@@ -298,9 +314,16 @@ async def put_file(
             raise
         finally:
             client._close_route(req_id)
-        return TransferResult(remote, size, size - offset, offset, time.monotonic() - t0, digest.hex())
+        return TransferResult(
+            remote, size, size - offset, offset, time.monotonic() - t0, digest.hex(), _hex(hasher)
+        )
     finally:
         os.close(fd)
+
+
+def _hex(hasher: ChunkHasher) -> str | None:
+    value = hasher.file_digest()
+    return None if value is None else value.hex()
 
 
 async def _send_body(
@@ -310,14 +333,12 @@ async def _send_body(
     fd: int,
     offset: int,
     size: int,
-    hash: HashName,
-    chunk_size: int,
-    prefix: list[bytes],
+    hasher: ChunkHasher,
     progress: Progress | None,
 ) -> list[bytes]:
-    """Stream [offset, size) and return all chunk hashes; stops early if the server reports an error."""
+    """Stream [offset, size) through ``hasher`` (which holds the chunks before ``offset``) and
+    return all chunk hashes; stops early if the server reports an error."""
     loop = asyncio.get_running_loop()
-    hasher = ChunkHasher(hash, chunk_size, prefix=prefix)
 
     def read_and_hash(pos: int) -> bytes:
         data = os.pread(fd, min(BLOCK, size - pos), pos)
