@@ -217,3 +217,20 @@ def test_whole_file_hash_after_a_resume(
             c.get("big.bin", dest, progress=stop_after_two_chunks)
         r = c.get("big.bin", dest, checksum=True)
         assert r.resumed_from > 0 and r.checksum == expected
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_documented_shell_completion_scripts(shell: str) -> None:
+    """docs/cli.md tells how to enable completion in each shell, and the command it gives works."""
+    from conftest import FERRY
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert f"_FERRY_COMPLETE={shell}_source ferry" in docs
+    env = dict(os.environ, _FERRY_COMPLETE=f"{shell}_source")
+    script = subprocess.run([*FERRY], env=env, capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0 and "_ferry_completion" in script.stdout, script.stderr
+    # and the completion it drives answers (bash's protocol: one "type,value" per line)
+    if shell == "bash":
+        env = dict(os.environ, _FERRY_COMPLETE="bash_complete", COMP_WORDS="ferry ls --hu", COMP_CWORD="2")
+        answer = subprocess.run([*FERRY], env=env, capture_output=True, text=True, timeout=60)
+        assert answer.stdout.splitlines() == ["plain,--human-readable"]
