@@ -19,10 +19,11 @@ import contextlib
 import errno
 import functools
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import click
@@ -31,6 +32,7 @@ from ferry.cli.output import (
     Output,
     format_time,
     human_size,
+    interrupted_message,
     mode_string,
     reader_gone,
     short_size,
@@ -53,6 +55,7 @@ from ferry.textsafe import safe_name
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient, Usage
+    from ferry.hashing import HashName
     from ferry.wire.messages import Entry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -234,8 +237,11 @@ def local_error(exc: OSError, what: str) -> FerryError:
     return TransferError(message)
 
 
-def run(coro: Coroutine[Any, Any, T], *, bulk: bool = True) -> T:
+def run(coro: Coroutine[Any, Any, T], *, bulk: bool = True, resumable: bool = False) -> T:
     """Run a command's coroutine; local I/O errors that escaped the library become FerryErrors.
+
+    ``resumable``: the command's work survives an interruption (a get or put of files): Ctrl-C
+    then says that the same command continues it.
 
     ``bulk``: the command may move file data, so it runs on uvloop when present (~1.3x on big
     downloads here). Commands that only exchange a few small messages (ls, stat, mkdir, rm, mv, df)
@@ -246,6 +252,9 @@ def run(coro: Coroutine[Any, Any, T], *, bulk: bool = True) -> T:
 
     try:
         return aio_run(coro, use_uvloop=bulk)
+    except KeyboardInterrupt:
+        click.echo(interrupted_message("get" if resumable else None), err=True)
+        raise SystemExit(130) from None
     except BrokenPipeError:  # our reader went away (`ferry ls | head`): end quietly, as ls does
         reader_gone()  # (click would print nothing and exit 1)
         raise SystemExit(ExitCode.OK) from None
@@ -274,6 +283,16 @@ async def connected(loc: Location, common: Common) -> AsyncIterator[AsyncClient]
         yield client
     finally:
         await client.close()
+
+
+def run_connected(loc: Location, common: Common, action: Callable[[AsyncClient], Awaitable[None]]) -> None:
+    """Run ``action`` with a client connected to ``loc`` (see :func:`run`; not resumable)."""
+
+    async def main() -> None:
+        async with connected(loc, common) as client:
+            await action(client)
+
+    run(main())
 
 
 async def is_remote_dir(client: AsyncClient, path: str) -> bool | None:
@@ -376,6 +395,41 @@ async def do_put(
         )
 
 
+def as_hash(name: str) -> HashName:
+    """A --hash value (click.Choice has checked it) as the library's type."""
+    assert name in ("blake3", "md5")
+    return cast("HashName", name)
+
+
+async def get_to_stdout(client: AsyncClient, out: Output, rpath: str, *, hash_name: str, shown: str) -> None:
+    """``get REMOTE -``: the file to standard output; the summary (or JSON) goes to standard error."""
+    from ferry.client.stdio import get_stream
+
+    out.to_stderr = True  # standard output carries the data
+    sys.stdout.flush()
+    try:
+        with out.progress(safe_name(remote_basename(rpath))) as cb:
+            result = await get_stream(
+                client, rpath, sys.stdout.fileno(), hash=as_hash(hash_name), progress=cb, checksum=out.json
+            )
+    except IsADirectory as exc:
+        raise UsageError(f"{safe_name(shown)} is a folder: standard output takes one file") from exc
+    out.result(transfer_summary("get", shown, "-", result), transfer_record("get", shown, "-", result, hash_name))
+
+
+async def put_from_stdin(client: AsyncClient, out: Output, rpath: str, *, hash_name: str, shown: str) -> None:
+    """``put - REMOTE``: standard input, streamed until its end, as the file REMOTE."""
+    from ferry.client.stdio import put_stream
+
+    if await is_remote_dir(client, rpath):  # (the home, too: rpath "")
+        raise UsageError(f"{safe_name(shown)} is a folder: standard input needs a file name, e.g. {shown}/NAME")
+    with out.progress("stdin") as cb:
+        result = await put_stream(
+            client, sys.stdin.fileno(), rpath, hash=as_hash(hash_name), progress=cb, checksum=out.json
+        )
+    out.result(transfer_summary("put", "-", shown, result), transfer_record("put", "-", shown, result, hash_name))
+
+
 @click.command(short_help="Download a file (a folder with -r).")
 @click.argument("remote")
 @click.argument("local", required=False, default=".")
@@ -387,9 +441,17 @@ def get(remote: str, local: str, recursive: bool, hash_name: str, no_resume: boo
 
     Data is verified chunk by chunk; an interrupted download is continued by running the same
     command again (unless --no-resume). The file appears under its final name only when complete.
+    LOCAL '-' writes the file to standard output (verified at the end; no resume).
     """
     loc = remote_location(remote, common.port)
     out = common.output()
+    if local == "-":
+        if recursive:
+            raise UsageError("get -r writes folders, not standard output: give a local folder")
+
+        shown = show_remote(loc)
+        run_connected(loc, common, lambda c: get_to_stdout(c, out, loc.path, hash_name=hash_name, shown=shown))
+        return
 
     async def main() -> None:
         async with connected(loc, common) as client:
@@ -404,7 +466,7 @@ def get(remote: str, local: str, recursive: bool, hash_name: str, no_resume: boo
                 shown=show_remote(loc),
             )
 
-    run(main())
+    run(main(), resumable=True)
 
 
 @click.command(short_help="Upload files (folders with -r).")
@@ -417,6 +479,7 @@ def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool
 
     If REMOTE is an existing folder (or the home, HOST:), each LOCAL goes inside it under its own
     name. Uploads are verified, appear only when complete, and resume after an interruption.
+    LOCAL '-' uploads standard input to the file REMOTE (streamed and verified; no resume).
     """
     if len(paths) < 2:
         raise UsageError("put needs at least one LOCAL and a REMOTE: ferry put FILE... [USER@]HOST:PATH")
@@ -424,6 +487,13 @@ def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool
     loc = remote_location(target, common.port)
     out = common.output()
     raw_path = parse_location(target).path
+    if "-" in sources:
+        if len(sources) > 1 or recursive:
+            raise UsageError("'-' (standard input) must be the only LOCAL, without -r")
+
+        shown = show_remote(loc)
+        run_connected(loc, common, lambda c: put_from_stdin(c, out, loc.path, hash_name=hash_name, shown=shown))
+        return
 
     async def main() -> None:
         async with connected(loc, common) as client:
@@ -439,7 +509,7 @@ def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool
                 shown=lambda p: show_remote(loc, p),
             )
 
-    run(main())
+    run(main(), resumable=True)
 
 
 # --- listings and metadata ---------------------------------------------------------------------------

@@ -106,6 +106,8 @@ class Output:
     def __init__(self, *, quiet: bool = False, json_mode: bool = False, progress: bool | None = None) -> None:
         self.quiet = quiet
         self.json = json_mode
+        #: results go to standard error: standard output carries data (``ferry get REMOTE -``)
+        self.to_stderr = False
         # Bars only for a person watching: stderr must be a terminal and nothing asked for silence.
         self.bars = (not quiet and not json_mode and sys.stderr.isatty()) if progress is None else progress
 
@@ -118,9 +120,9 @@ class Output:
         if self.json:
             import json  # only --json needs it (~2 ms of every command otherwise)
 
-            click.echo(json.dumps(record, ensure_ascii=True, sort_keys=False))
+            click.echo(json.dumps(record, ensure_ascii=True, sort_keys=False), err=self.to_stderr)
         elif human is not None and not self.quiet:
-            click.echo(human)
+            click.echo(human, err=self.to_stderr)
 
     def note(self, message: str) -> None:
         """A human note on standard error (suppressed by -q and --json)."""
@@ -170,7 +172,7 @@ class Output:
         task = bar.add_task(label, total=total)
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total or None)  # 0: not known (a stream)
 
         with bar:
             yield update

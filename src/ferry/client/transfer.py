@@ -105,76 +105,31 @@ async def get_file(
             n = size // chunk_size
             if n:  # re-check what we hold, chunk by chunk (size alone is not trusted)
                 held = await _thread(hash_fd_chunks, fd, hash, chunk_size, 0, n * chunk_size)
-        req_id, route = client._open(QUEUE_DEPTH, raw=True)
-        writer: DownloadWriter | None = None
-        ended = False  # the server finished this request (FileEnd or Error)
-        try:
-            await client.send(
-                m.GetFile(id=req_id, path=remote, hash=hash, chunk_size=chunk_size, chunk_hashes=held)
-            )
-            info = await client._recv(route)
-            if isinstance(info, m.Error):
-                ended = True
-                if os.fstat(fd).st_size == 0:  # refused (not found, a folder, ...): leave no empty partial
-                    part.unlink(missing_ok=True)  # before closing: the lock still covers it
-                raise from_wire(info)
-            assert isinstance(info, m.FileInfo)
+
+        async def start(info: m.FileInfo) -> DownloadWriter:
             offset = info.offset
             os.ftruncate(fd, offset)
             hasher = ChunkHasher(hash, chunk_size, prefix=held[: offset // chunk_size], file_hash=checksum)
             if checksum and offset:  # resumed: the whole-file hash starts at byte 0
                 await _thread(file_hash_prefix, hasher, fd, offset)
-            writer = DownloadWriter(
-                fd, offset, hasher, expect=info.size - offset, inline=info.size <= INLINE_MAX
+            return DownloadWriter(fd, offset, hasher, expect=info.size - offset, inline=info.size <= INLINE_MAX)
+
+        try:
+            info, writer, end = await fetch(
+                client, remote, hash=hash, chunk_size=chunk_size, held=held, progress=progress, start=start
             )
-            done = offset
-
-            def advanced(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress is not None:
-                    progress(done, info.size)
-
-            while True:
-                ev = await client._recv(route)
-                if isinstance(ev, Data):
-                    await writer.add(ev.data)
-                    advanced(len(ev.data))
-                    continue
-                if isinstance(ev, RawPayload):  # the bulk of the file, straight off the transport
-                    try:
-                        await writer.take_raw(ev, client.read_timeout, advanced)
-                    finally:
-                        ev.release()
-                    continue
-                ended = True
-                await writer.flush()
-                if isinstance(ev, m.Error):
-                    raise from_wire(ev)
-                assert isinstance(ev, m.FileEnd)
-                hashes, digest = hasher.finish()
-                if writer.pos != info.size or hashes != ev.chunk_hashes or digest != ev.digest:
-                    bad = matching_prefix(hashes, ev.chunk_hashes)
-                    part.unlink(missing_ok=True)  # before closing: the lock still covers it
-                    os.close(fd)
-                    fd = -1
-                    raise IntegrityError(
-                        f"{remote}: received data does not match the server's hash (chunk {bad}); "
-                        "the bad copy was deleted, run the command again"
-                    )
-                break
-        except BaseException:
-            try:
-                if not ended:  # given up (progress callback, timeout, cancel): stop the server streaming
-                    await _cancel(client, req_id)
-            finally:  # even if cancelled (again) while sending the Cancel
-                if writer is not None:
-                    await writer.settle()  # its thread must not write to the fd after it is closed
+        except RemoteError:
+            if os.fstat(fd).st_size == 0:  # refused (not found, a folder, ...): leave no empty partial
+                part.unlink(missing_ok=True)  # before closing: the lock still covers it
             raise
-        finally:
-            client._close_route(req_id)
-            if writer is not None:
-                writer.close()
+        hashes, digest = writer.hasher.finish()
+        if writer.pos != info.size or hashes != end.chunk_hashes or digest != end.digest:
+            bad = matching_prefix(hashes, end.chunk_hashes)
+            part.unlink(missing_ok=True)  # before closing: the lock still covers it
+            raise IntegrityError(
+                f"{remote}: received data does not match the server's hash (chunk {bad}); "
+                "the bad copy was deleted, run the command again"
+            )
         os.fchmod(fd, info.mode & 0o777 or 0o644)
         os.utime(fd, (info.mtime, info.mtime))
         if info.size > INLINE_MAX:  # like the server: no fsync per small file (rename keeps it atomic)
@@ -182,12 +137,96 @@ async def get_file(
         os.replace(part, dest)  # only now does the final name appear
         os.close(fd)  # after the rename: the lock covers the partial until it has a new name
         fd = -1
+        offset = info.offset
         return TransferResult(
-            remote, info.size, info.size - offset, offset, time.monotonic() - t0, digest.hex(), _hex(hasher)
+            remote,
+            info.size,
+            info.size - offset,
+            offset,
+            time.monotonic() - t0,
+            digest.hex(),
+            file_checksum(writer.hasher),
         )
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+async def fetch(
+    client: AsyncClient,
+    remote: str,
+    *,
+    hash: HashName,
+    chunk_size: int,
+    held: list[bytes],
+    progress: Progress | None,
+    start: Callable[[m.FileInfo], Awaitable[DownloadWriter]],
+) -> tuple[m.FileInfo, DownloadWriter, m.FileEnd]:
+    """The exchange of one download, wherever its bytes go: ask for ``remote`` (offering the
+    ``held`` chunk hashes for a resume), let ``start`` make the writer once the server said what
+    comes, hand it every byte, and return (the file's info, the flushed writer, the server's
+    FileEnd) for the caller to verify. A refusal or an error from the server raises its
+    RemoteError; when the download is given up (an error, a cancel) the server is told to stop."""
+    req_id, route = client._open(QUEUE_DEPTH, raw=True)
+    writer: DownloadWriter | None = None
+    ended = False  # the server finished this request (FileEnd or Error)
+    try:
+        await client.send(
+            m.GetFile(id=req_id, path=remote, hash=hash, chunk_size=chunk_size, chunk_hashes=held)
+        )
+        info = await client._recv(route)
+        if isinstance(info, m.Error):
+            ended = True
+            raise from_wire(info)
+        assert isinstance(info, m.FileInfo)
+        writer = await start(info)
+        done = info.offset
+
+        def advanced(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, info.size)
+
+        end = await receive_data(client, route, writer, advanced)
+        ended = True
+        await writer.flush()
+        if isinstance(end, m.Error):
+            raise from_wire(end)
+        assert isinstance(end, m.FileEnd)
+        return info, writer, end
+    except BaseException:
+        try:
+            if not ended:  # given up (progress callback, timeout, cancel): stop the server streaming
+                await _cancel(client, req_id)
+        finally:  # even if cancelled (again) while sending the Cancel
+            if writer is not None:
+                await writer.settle()  # its thread must not write to the fd after it is closed
+        raise
+    finally:
+        client._close_route(req_id)
+        if writer is not None:
+            writer.close()
+
+
+async def receive_data(
+    client: AsyncClient, route: Any, writer: DownloadWriter, advanced: Callable[[int], None]
+) -> m.Message:
+    """Give a download's data to ``writer`` until the server ends it; returns that last message
+    (FileEnd or Error). The writer may still be writing: flush it before trusting the hashes."""
+    while True:
+        ev = await client._recv(route)
+        if isinstance(ev, Data):
+            await writer.add(ev.data)
+            advanced(len(ev.data))
+        elif isinstance(ev, RawPayload):  # the bulk of the file, straight off the transport
+            try:
+                await writer.take_raw(ev, client.read_timeout, advanced)
+            finally:
+                ev.release()
+        else:
+            assert isinstance(ev, m.Message)
+            return ev
 
 
 def _open_partial(part: Path, dest: Path) -> int:
@@ -282,15 +321,13 @@ async def put_file(
             await client._call(lambda i: put_msg(i, data=data, digest=digest))
             if progress is not None:
                 progress(size, size)
-            return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex(), _hex(h))
+            return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex(), file_checksum(h))
         token = upload_token(remote, st) if resume else ""
-        req_id, route = client._open(QUEUE_DEPTH)
-        try:
-            await client.send(put_msg(req_id, token=token))
-            ready = await client._recv(route)
-            if isinstance(ready, m.Error):
-                raise from_wire(ready)
-            assert isinstance(ready, m.PutReady)
+        offset = 0
+        hasher = ChunkHasher(hash, chunk_size, file_hash=checksum)
+
+        async def body(req_id: int, route: Any, ready: m.PutReady) -> tuple[int, list[bytes], bytes]:
+            nonlocal offset, hasher
             ours = (
                 await _thread(hash_fd_chunks, fd, hash, chunk_size, 0, len(ready.chunk_hashes) * chunk_size)
                 if ready.chunk_hashes
@@ -303,27 +340,60 @@ async def put_file(
             if checksum and offset:  # resumed: the whole-file hash starts at byte 0
                 await _thread(file_hash_prefix, hasher, fd, offset)
             hashes = await _send_body(client, req_id, route, fd, offset, size, hasher, progress)
-            digest = tree_digest(hash, size, hashes)
-            await client.send(m.FileEnd(id=req_id, size=size, chunk_hashes=hashes, digest=digest))
-            reply = await client._recv(route)
-            if isinstance(reply, m.Error):
-                raise from_wire(reply)
-        except BaseException as exc:
-            if not isinstance(exc, RemoteError):  # the server did not end it: release it there
-                await _cancel(client, req_id)
-            raise
-        finally:
-            client._close_route(req_id)
+            return size, hashes, tree_digest(hash, size, hashes)
+
+        digest = await upload(client, lambda i: put_msg(i, token=token), body)
         return TransferResult(
-            remote, size, size - offset, offset, time.monotonic() - t0, digest.hex(), _hex(hasher)
+            remote, size, size - offset, offset, time.monotonic() - t0, digest.hex(), file_checksum(hasher)
         )
     finally:
         os.close(fd)
 
 
-def _hex(hasher: ChunkHasher) -> str | None:
+def file_checksum(hasher: ChunkHasher) -> str | None:
+    """The whole-file hash of ``hasher`` as hex (None unless it was asked to compute one)."""
     value = hasher.file_digest()
     return None if value is None else value.hex()
+
+
+async def upload(
+    client: AsyncClient,
+    request: Callable[[int], m.PutFile],
+    body: Callable[[int, Any, m.PutReady], Awaitable[tuple[int, list[bytes], bytes]]],
+) -> bytes:
+    """The exchange of one streamed upload, wherever its bytes come from: send the ``request``
+    built for a fresh id, let ``body(id, route, ready)`` send PutFrom and the data and return (size,
+    chunk hashes, digest), end with FileEnd and wait for the server's verdict. Returns the digest.
+    When the upload is given up, the server is told to release it (unless it ended it itself)."""
+    req_id, route = client._open(QUEUE_DEPTH)
+    try:
+        await client.send(request(req_id))
+        ready = await client._recv(route)
+        if isinstance(ready, m.Error):
+            raise from_wire(ready)
+        assert isinstance(ready, m.PutReady)
+        size, hashes, digest = await body(req_id, route, ready)
+        await client.send(m.FileEnd(id=req_id, size=size, chunk_hashes=hashes, digest=digest))
+        reply = await client._recv(route)
+        if isinstance(reply, m.Error):
+            raise from_wire(reply)
+    except BaseException as exc:
+        if not isinstance(exc, RemoteError):  # the server did not end it: release it there
+            await _cancel(client, req_id)
+        raise
+    finally:
+        client._close_route(req_id)
+    return digest
+
+
+def raise_if_refused(route: Any) -> None:
+    """Raise the server's error if it gave up on an upload while the data was on its way (quota,
+    disk full, ...): it answers at once, without waiting for the end."""
+    if not route.queue.empty():
+        ev = route.queue.get_nowait()
+        if isinstance(ev, m.Error):
+            raise from_wire(ev)
+        raise ConnectionBroken(f"unexpected reply during upload: {type(ev).__name__}")
 
 
 async def _send_body(
@@ -354,11 +424,7 @@ async def _send_body(
                 raise TransferError("the local file shrank while being sent; try again")
             pos += len(data)
             nxt = loop.run_in_executor(None, read_and_hash, pos) if pos < size else None
-            if not route.queue.empty():  # the server gave up on this upload (quota, disk full, ...)
-                ev = route.queue.get_nowait()
-                if isinstance(ev, m.Error):
-                    raise from_wire(ev)
-                raise ConnectionBroken(f"unexpected reply during upload: {type(ev).__name__}")
+            raise_if_refused(route)
             await client.send_data(req_id, m.STDIN, data)
             if progress is not None:
                 progress(pos, size)

@@ -250,7 +250,7 @@ class Upload:
             raise RemoteProtocolError("put_from sent twice for one upload")
         chunk = self.msg.chunk_size
         if offset % chunk or offset // chunk > len(self.held) or offset > self.msg.size:
-            raise RemoteProtocolError(f"bad resume offset {offset}")
+            raise RemoteProtocolError(f"bad resume offset {offset}")  # (a streamed upload: size 0)
         os.ftruncate(self.fd, offset)
         self.hasher = ChunkHasher(self.msg.hash, chunk, prefix=self.held[: offset // chunk])
         self.pos = offset
@@ -261,7 +261,9 @@ class Upload:
         if not self.started:
             raise RemoteProtocolError("upload data before put_from")
         self._check_owner()
-        if self.pos + self._buffered + len(ev.data) > self.msg.size:
+        if self.msg.streamed:
+            await _grow_streamed(self, len(ev.data))
+        elif self.pos + self._buffered + len(ev.data) > self.msg.size:
             raise RemoteProtocolError(f"more data than the announced {self.msg.size} bytes")
         self._buf.append(ev.data)
         self._buffered += len(ev.data)
@@ -322,9 +324,10 @@ class Upload:
         assert self.hasher is not None
         hashes, digest = self.hasher.finish()
         msg = self.msg
-        if self.pos != msg.size or end.size != msg.size:
+        expected = end.size if msg.streamed else msg.size  # streamed: the size is known only now
+        if self.pos != expected or end.size != expected:
             raise IntegrityError(
-                f"{msg.path}: received {self.pos} bytes, expected {msg.size}; nothing was kept"
+                f"{msg.path}: received {self.pos} bytes, expected {expected}; nothing was kept"
             )
         if hashes != end.chunk_hashes or digest != end.digest:
             bad = matching_prefix(hashes, end.chunk_hashes)
@@ -418,9 +421,29 @@ async def _check_quota(session: Session, msg: m.PutFile) -> None:
         )
 
 
+async def _grow_streamed(up: Upload, nbytes: int) -> None:
+    """A streamed upload (size unknown in advance) received ``nbytes`` more: check the quota for
+    them and set them aside, as the announced size of another upload is at its start."""
+    session = up.session
+    user = session.user
+    assert user is not None
+    if user.quota is not None:
+        used = await current_usage(session) + session.ctx.usage.reserved(user.name)
+        if used + nbytes > user.quota:
+            raise DiskFull(
+                "quota",
+                f"quota exceeded while receiving {up.msg.path} ({up.pos + up._buffered} bytes so far); "
+                "nothing was kept; remove files (ferry rm) or ask an admin to raise the quota",
+            )
+    session.ctx.usage.reserve(user.name, nbytes)
+    up.reserved += nbytes
+
+
 async def handle_put(session: Session, msg: m.PutFile) -> None:
     """Start an upload (or store a small inline file at once)."""
     jail = jail_of(session)
+    if msg.streamed and (msg.token or msg.data is not None or msg.size):
+        raise RemoteProtocolError("a streamed upload has no size, token or inline data")
     await _check_quota(session, msg)
     if msg.data is not None:
         await _put_inline(session, msg)  # checks "exists" atomically itself

@@ -234,7 +234,11 @@ class FileEnd(Message, tag="file_end"):
 
 class PutFile(Message, tag="put"):
     """Upload ``path`` of ``size`` bytes. ``token`` names a resumable partial upload (same source =
-    same token). Small files may carry their bytes inline in ``data`` (then no data frames follow)."""
+    same token). Small files may carry their bytes inline in ``data`` (then no data frames follow).
+
+    ``streamed``: the size is not known in advance (a pipe): ``size`` is 0, the data ends with the
+    :class:`FileEnd`, whose ``size`` says how much was sent; such an upload has no ``token`` and
+    no inline ``data`` (it cannot be resumed) and the quota is checked as the data arrives."""
 
     id: U32
     path: Path
@@ -248,6 +252,7 @@ class PutFile(Message, tag="put"):
     data: Annotated[bytes, Meta(max_length=1 << 18)] | None = None
     chunk_hashes: Annotated[list[Digest], Meta(max_length=1 << 16)] = []
     digest: Digest = b""
+    streamed: bool = False
 
 
 class PutReady(Message, tag="put_ready"):
