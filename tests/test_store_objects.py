@@ -46,6 +46,14 @@ def test_chunked_file_round_trip_with_digest(weed: Weed, s3_prefix: str, pg_dsn:
             assert [c.hash for c in f.chunks] == [chunk_hash(c) for c in chunks_of(data)]
             assert f.node.digest == digest_of(data) and f.node.size == len(data)
             assert await read_file(st, "alice", ("f",)) == data
+            up = await st.open_upload(
+                "alice", ("h",), token="H", size=len(data), mode=0o644, mtime=1.0, overwrite=True, quota=None
+            )
+            with pytest.raises(ValueError):
+                await st.write_chunk(up, 0, data[:100])  # a short chunk that is not the last
+            with pytest.raises(ValueError):
+                await st.write_chunk(up, 3, b"x")  # past the announced size
+            await st.discard_upload(up)
             # Replacing a file reports the size it replaced and keeps usage exact.
             assert await put_file(st, "alice", ("f",), b"short") == len(data)
             assert (

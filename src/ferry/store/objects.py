@@ -107,7 +107,14 @@ class ObjectStorage:
 
     async def write_chunk(self, upload: Upload, index: int, data: bytes) -> ChunkRef:
         """See :meth:`ferry.store.api.Storage.write_chunk` (the write order is in the module docstring)."""
-        if len(data) > CHUNK_SIZE or index < 0 or index * CHUNK_SIZE + len(data) > upload.size:
+        end = index * CHUNK_SIZE + len(data)
+        # Every chunk but the last is whole: chunk i always starts at i * CHUNK_SIZE (resume, ranges).
+        if (
+            index < 0
+            or len(data) > CHUNK_SIZE
+            or end > upload.size
+            or (end < upload.size and len(data) < CHUNK_SIZE)
+        ):
             raise ValueError(f"chunk {index} of {len(data)} bytes does not fit an upload of {upload.size}")
         ref = await self.namespace.claim_chunk(upload, index, chunk_hash(data), len(data))
         if not ref.stored:
