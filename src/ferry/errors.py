@@ -116,7 +116,8 @@ class PathRefused(PermissionDenied):
     """The client path is refused before touching the disk.
 
     Codes: ``outside-home`` (absolute or ``..``), ``bad-path`` (NUL, empty or ``.`` component, too long),
-    ``symlink`` (the path goes through a symbolic link, which the jail never follows).
+    ``symlink`` (the path goes through a symbolic link, which the jail never follows),
+    ``reserved-name`` (a name of the partial-upload namespace ``.NAME.ferry-part-TOKEN``).
     """
 
 

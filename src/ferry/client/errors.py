@@ -12,6 +12,7 @@ _BY_CODE: dict[str, type[e.RemoteError]] = {
     "outside-home": e.PathRefused,
     "bad-path": e.PathRefused,
     "symlink": e.PathRefused,
+    "reserved-name": e.PathRefused,
     "exists": e.AlreadyExists,
     "not-a-directory": e.NotADirectory,
     "is-a-directory": e.IsADirectory,

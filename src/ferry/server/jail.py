@@ -12,6 +12,13 @@ Policy (see docs/security.md): a symbolic link anywhere in a client path is refu
 ``symlink``, even one that points inside the home. Links are still listed (kind ``"link"``), can be
 inspected with :meth:`Jail.lstat`, renamed, and removed (the link itself, never its target).
 
+Partial uploads (``.NAME.ferry-part-TOKEN``) are the server's own namespace: no client operation may
+create such a name or rename anything onto or off it (code ``reserved-name``). A partial is resumed
+only if it is genuine: a regular file with one link that carries the :data:`PARTIAL_XATTR` mark the
+server set when it created it (see :meth:`Jail.open_partial`); anything else under that name is
+never read, written or truncated, only replaced by a fresh partial. :meth:`Jail.commit` moves the
+inode whose descriptor the upload wrote, not whatever carries the partial's name by then.
+
 Linux is the target platform (``O_DIRECTORY``, ``O_NOFOLLOW``, ``renameat2``); the module needs
 nothing beyond the standard library. A :class:`Jail` holds only its home descriptor, so one instance
 may be used from several threads at once; :meth:`Jail.close` must only be called when none is using it.
@@ -52,6 +59,7 @@ from ferry.textsafe import safe_name
 __all__ = [
     "MAX_PATH_BYTES",
     "PARTIAL_MARK",
+    "PARTIAL_XATTR",
     "Entry",
     "EntryKind",
     "Jail",
@@ -65,6 +73,7 @@ __all__ = [
     "join_path",
     "parse_path",
     "partial_name",
+    "refuse_reserved",
     "translate_oserror",
 ]
 
@@ -86,8 +95,14 @@ _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 # never become our controlling terminal. Both are harmless for regular files.
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
 _TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
-# Partial files are opened read-write: resuming means hashing the prefix already received.
-_PARTIAL_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+# A new partial file: read-write (resuming means hashing the prefix already received), and always a
+# fresh inode (O_EXCL), never an existing file or a link planted under that name.
+_NEW_PARTIAL_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+
+#: Extended attribute set on every partial file the server creates; its value is the partial's own
+#: name. Survives a restart (it lives with the inode), so resume after a restart still works; a
+#: file that lacks it (made by anyone else, or renamed from another partial's name) is not resumed.
+PARTIAL_XATTR: Final = "user.ferry.partial"
 
 #: Most directory descriptors a recursive walk (remove, usage) keeps open at once. Deeper trees still
 #: work: ancestors are closed and reopened by name (with O_NOFOLLOW) on the way back up, so a
@@ -210,6 +225,54 @@ def partial_name(name: str, token: str) -> str:
         return candidate
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
     return f".{digest}{PARTIAL_MARK}{token}"
+
+
+def refuse_reserved(name: str, path: str) -> None:
+    """Raise :class:`~ferry.errors.PathRefused` (code ``reserved-name``) if ``name``, a component
+    that a client operation would create or move, lies in the partial-upload namespace.
+
+    Partial names belong to the server: a client that could rename a file onto one (or create one)
+    could make an upload resume onto, and commit, a file the server never created.
+    """
+    if is_partial_name(name):
+        raise PathRefused(
+            "reserved-name",
+            f"{_show(path)}: names of the form '.NAME{PARTIAL_MARK}TOKEN' are reserved for ferry's "
+            "unfinished uploads; choose another name",
+        )
+
+
+def _refuse_reserved_parts(parts: Sequence[str], path: str) -> None:
+    for part in parts:
+        refuse_reserved(part, path)
+
+
+def _mark_partial(fd: int, pname: str) -> None:
+    """Mark a partial the server just created (best effort: without the mark, e.g. on a filesystem
+    without user extended attributes, the upload still works but cannot be resumed)."""
+    with contextlib.suppress(OSError):
+        os.setxattr(fd, PARTIAL_XATTR, os.fsencode(pname))
+
+
+def _is_genuine_partial(fd: int, st: os.stat_result, pname: str) -> bool:
+    """True if open file ``fd`` (status ``st``) is a partial the server created under ``pname``: a
+    regular file with exactly one link, carrying the mark :func:`_mark_partial` set."""
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    try:
+        return os.getxattr(fd, PARTIAL_XATTR) == os.fsencode(pname)
+    except OSError:  # no mark (ENODATA), or no extended attributes here at all
+        return False
+
+
+def _reopen_rw(ro: int, st: os.stat_result) -> int:
+    """Open the inode of read-only descriptor ``ro`` again, read-write, without a name lookup
+    (``/proc/self/fd``): the inode that was checked is the one opened for writing."""
+    fd = os.open(f"/proc/self/fd/{ro}", os.O_RDWR | os.O_NOCTTY | _CLOEXEC)
+    if _ident(os.fstat(fd)) != _ident(st):  # cannot happen through /proc; never write if it did
+        os.close(fd)
+        raise RemoteError("changed", "a partial file changed while it was opened; try again")
+    return fd
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,6 +555,7 @@ class Jail:
         except FileNotFoundError as exc:
             if create_mode is None:
                 raise translate_oserror(exc, prefix) from exc
+            refuse_reserved(name, prefix)
             with _translating(prefix), contextlib.suppress(FileExistsError):
                 os.mkdir(name, create_mode, dir_fd=dir_fd)
             return self._open_dir_at(dir_fd, name, prefix)
@@ -691,6 +755,7 @@ class Jail:
         ``is-a-directory`` if ``path`` is an existing folder.
         """
         parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
+        refuse_reserved(parts[-1], path)
         with _translating(path), self._parent(parts) as (pfd, name):
             _refuse_existing_dir(pfd, name, path)
             for _ in range(16):
@@ -711,40 +776,82 @@ class Jail:
         final name only ever shows complete content.
         """
         parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
+        refuse_reserved(parts[-1], path)
         with _translating(path), self._parent(parts) as (pfd, name):
             return _store_small_at(pfd, name, path, data, mode=mode, mtime=mtime, overwrite=overwrite)
 
-    def open_partial(self, path: str, token: str) -> tuple[int, str, int]:
+    def open_partial(
+        self, path: str, token: str, *, on_foreign: Callable[[str, os.stat_result], None] | None = None
+    ) -> tuple[int, str, int]:
         """Open or create the resumable partial file for an upload to ``path``.
 
         The name is deterministic, ``.<name>.ferry-part-<token>`` next to ``path``, so a reconnecting
         client with the same ``token`` (1-64 of ``[A-Za-z0-9_-]``) finds what it sent before. Returns
         ``(fd, partial_rel, size)``: a blocking read-write fd (read access lets the server hash the
         prefix it already has before resuming) positioned at the end, the partial's client path, and
-        its current size. A symlink or non-regular file under that name is refused.
+        the size it holds.
+
+        Only a *genuine* partial is resumed: a regular file with one link that carries the mark the
+        server set when it created it under this name (:data:`PARTIAL_XATTR`). Anything else found
+        under the name (a hard link to another file, a file someone else made or renamed there) is
+        never read, written or truncated: a fresh partial replaces the *name* (atomically, by a
+        rename), ``size`` is 0, and ``on_foreign(partial_rel, its status)`` is called so the caller
+        can log it. A symlink, folder or special file under that name is refused.
         """
         parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
+        refuse_reserved(parts[-1], path)
         with _translating(path), self._parent(parts) as (pfd, name):
             _refuse_existing_dir(pfd, name, path)
             pname = partial_name(name, token)
             prel = join_path((*parts[:-1], pname))
-            # Check before opening so a device planted under that name is never opened; the fstat
-            # below catches a swap in between (O_NONBLOCK keeps a swapped-in FIFO from blocking).
-            with contextlib.suppress(FileNotFoundError):
-                _require_regular(os.stat(pname, dir_fd=pfd, follow_symlinks=False), prel)
-            try:
-                fd = os.open(pname, _PARTIAL_FLAGS, 0o600, dir_fd=pfd)
-            except OSError as exc:
-                raise translate_oserror(exc, prel) from exc
-            try:
-                st = os.fstat(fd)
+            for _ in range(8):  # bounded: each retry means the name changed under us
+                try:
+                    st = os.stat(pname, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    try:
+                        fd = os.open(pname, _NEW_PARTIAL_FLAGS, 0o600, dir_fd=pfd)
+                    except FileExistsError:
+                        continue  # created meanwhile: look at it again
+                    _mark_partial(fd, pname)
+                    return fd, prel, 0
+                # Checked before opening, so a device planted under the name is never opened.
                 _require_regular(st, prel)
-                os.set_blocking(fd, True)
-                os.lseek(fd, 0, os.SEEK_END)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, prel, st.st_size
+                try:
+                    ro = os.open(pname, _READ_FLAGS, dir_fd=pfd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    st = os.fstat(ro)
+                    _require_regular(st, prel)  # swapped for a FIFO since the check
+                    if _is_genuine_partial(ro, st, pname):
+                        fd = _reopen_rw(ro, st)
+                        try:
+                            os.lseek(fd, 0, os.SEEK_END)
+                        except BaseException:
+                            os.close(fd)
+                            raise
+                        return fd, prel, st.st_size
+                finally:
+                    os.close(ro)
+                # Not ours: leave its content alone and give the name to a fresh partial.
+                if on_foreign is not None:
+                    on_foreign(prel, st)
+                return _replace_name(pfd, name, pname), prel, 0
+            raise RemoteError("changed", f"{_show(prel)} keeps changing; try again")
+
+    def remove_partial(self, partial_rel: str, fd: int) -> None:
+        """Unlink partial ``partial_rel`` if it still names the inode open as ``fd`` (an upload
+        discarding its own partial must not delete whatever was put under that name since)."""
+        parts = self._needs_name(partial_rel, _UPLOAD_NEEDS_NAME)
+        if not is_partial_name(parts[-1]):
+            raise PathRefused("bad-path", f"{_show(partial_rel)} is not a ferry partial file")
+        with (
+            _translating(partial_rel),
+            self._parent(parts) as (pfd, pname),
+            contextlib.suppress(FileNotFoundError),
+        ):
+            if _ident(os.stat(pname, dir_fd=pfd, follow_symlinks=False)) == _ident(os.fstat(fd)):
+                os.unlink(pname, dir_fd=pfd)
 
     # -- changing ------------------------------------------------------------------------------------
 
@@ -761,6 +868,7 @@ class Jail:
             if exist_ok:
                 return
             raise AlreadyExists("exists", "your home folder already exists")
+        refuse_reserved(parts[-1], path)  # the parents are checked as they are created
         with _translating(path), self._parent(parts, mode if parents else None) as (pfd, name):
             try:
                 os.mkdir(name, mode, dir_fd=pfd)
@@ -817,10 +925,13 @@ class Jail:
         With ``overwrite`` an existing destination is replaced as ``rename(2)`` does (a file replaces
         a file or symlink, a folder replaces an empty folder); without it an existing destination
         fails with ``exists`` (atomically via ``renameat2(RENAME_NOREPLACE)`` where supported).
-        A symlink as ``src`` is moved itself. The parent of ``dst`` must exist.
+        A symlink as ``src`` is moved itself. The parent of ``dst`` must exist. Partial uploads are
+        the server's: neither name may be one (``reserved-name``).
         """
         sparts = self._needs_name(src, "your home folder itself cannot be renamed")
         dparts = self._needs_name(dst, "your home folder itself cannot be replaced")
+        refuse_reserved(sparts[-1], src)
+        refuse_reserved(dparts[-1], dst)
         with (
             _translating(src, dst),
             self._parent(sparts) as (sfd, sname),
@@ -831,7 +942,15 @@ class Jail:
             else:
                 _rename_noreplace(sfd, sname, dfd, dname)
 
-    def commit(self, temp_rel: str, final_rel: str, *, overwrite: bool = True, durable: bool = True) -> None:
+    def commit(
+        self,
+        temp_rel: str,
+        final_rel: str,
+        *,
+        overwrite: bool = True,
+        durable: bool = True,
+        fd: int | None = None,
+    ) -> None:
         """Atomically move a finished upload from ``temp_rel`` (a partial file) to ``final_rel``.
 
         The caller must ``fsync`` the file's fd *before* committing, so the final name never points at
@@ -840,20 +959,39 @@ class Jail:
         its target) at ``final_rel`` is replaced, unless ``overwrite`` is False: then it fails with
         ``exists``, atomically, so a check made when the upload started cannot be raced. An existing
         folder is never replaced (``is-a-directory``). ``temp_rel`` must name a partial file.
+
+        With ``fd`` (the descriptor the upload wrote and verified), the inode moved is that one:
+        the partial is first renamed to a private random name, which only this call knows, and
+        checked there (same device and inode as ``fd``, one link) before it gets the final name. If
+        anything else carries the partial's name by then, nothing is moved (code ``changed``) and
+        that file is put back where it was.
         """
         tparts = self._needs_name(temp_rel, _UPLOAD_NEEDS_NAME)
         if not is_partial_name(tparts[-1]):
             raise PathRefused("bad-path", f"{_show(temp_rel)} is not a ferry partial file")
         fparts = self._needs_name(final_rel, _UPLOAD_NEEDS_NAME)
+        refuse_reserved(fparts[-1], final_rel)
         with (
             _translating(temp_rel, final_rel),
             self._parent(tparts) as (sfd, sname),
             self._parent(fparts) as (dfd, dname),
         ):
-            if overwrite:
-                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-            else:
-                _rename_noreplace(sfd, sname, dfd, dname)
+            if fd is not None:
+                sname = _take_verified(sfd, sname, dname, fd, final_rel)
+            try:
+                if overwrite:
+                    os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+                else:
+                    _rename_noreplace(sfd, sname, dfd, dname)
+            except BaseException:
+                if fd is not None:  # keep the partial resumable under its own name
+                    with contextlib.suppress(OSError):
+                        _rename_noreplace(sfd, sname, sfd, tparts[-1])
+                raise
+            if fd is not None:
+                # A complete file is no partial any more: drop the mark (best effort).
+                with contextlib.suppress(OSError):
+                    os.removexattr(fd, PARTIAL_XATTR)
             if durable:
                 os.fsync(dfd)
                 if tparts[:-1] != fparts[:-1]:
@@ -1206,8 +1344,9 @@ class TreeDirs:
         ):
             parse_path(rel)  # raises the precise refusal
             raise PathRefused("bad-path", f"{_show(rel)}: not a file name")
-        pfd = self._folder(rel_dir)
         path = self.client_path(rel)
+        refuse_reserved(name, path)
+        pfd = self._folder(rel_dir)
         temp = f".{name}{PARTIAL_MARK}{self._tag}{next(self._seq):x}"
         if len(temp) > 63 and len(os.fsencode(temp)) > MAX_NAME_BYTES:
             temp = partial_name(name, f"{self._tag}{next(self._seq):x}")
@@ -1293,6 +1432,56 @@ def _store_small_at(
             os.unlink(temp, dir_fd=pfd)
         raise
     return replaced
+
+
+def _replace_name(pfd: int, name: str, pname: str) -> int:
+    """Create a fresh, marked partial for final name ``name`` under a private random name and
+    rename it over ``pname`` (which holds a file the server did not create: only that *name* is
+    replaced, its inode is left alone). Returns the new partial's read-write fd."""
+    for _ in range(16):
+        private = partial_name(name, secrets.token_hex(8))
+        try:
+            fd = os.open(private, _NEW_PARTIAL_FLAGS, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            continue  # astronomically unlikely with 64 random bits; pick another
+        try:
+            _mark_partial(fd, pname)
+            os.rename(private, pname, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(private, dir_fd=pfd)
+            raise
+        return fd
+    raise AlreadyExists("exists", "could not create a partial file; try again")
+
+
+def _take_verified(sfd: int, sname: str, dname: str, fd: int, final_rel: str) -> str:
+    """Move partial ``sname`` (in ``sfd``) to a private random name and check that it is the inode
+    open as ``fd`` with a single link; returns the private name. Otherwise the entry is put back and
+    ``changed`` raised: a commit must never publish bytes it did not verify."""
+    why = "was removed"
+    for _ in range(16):
+        private = partial_name(dname, secrets.token_hex(8))
+        try:
+            _rename_noreplace(sfd, sname, sfd, private)
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            break
+        mine = os.fstat(fd)
+        st = os.stat(private, dir_fd=sfd, follow_symlinks=False)
+        if _ident(st) == _ident(mine) and mine.st_nlink == 1:
+            return private
+        with contextlib.suppress(OSError):
+            _rename_noreplace(sfd, private, sfd, sname)
+        why = "was replaced" if _ident(st) != _ident(mine) else "got another link"
+        break
+    raise RemoteError(
+        "changed",
+        f"{_show(final_rel)}: the upload's partial file {why} while the data was on its way; "
+        "nothing was kept (run the upload again)",
+    )
 
 
 def _kind_at(dir_fd: int, name: str) -> EntryKind | None:

@@ -10,7 +10,9 @@ Upload (``PutFile``): data goes to a hidden partial file next to the target (``.
 the same token for the same source so an interrupted upload resumes). The server tells the client
 which chunks it already holds (``PutReady``), the client continues from the first one that does not
 match (``PutFrom``), and at ``FileEnd`` the server compares every chunk hash and the digest, fsyncs,
-and only then renames the partial to the final name. Small files travel inline in ``PutFile``.
+and only then renames the partial to the final name (the inode it wrote, checked by device and
+inode: :meth:`~ferry.server.jail.Jail.commit`). Only partials the server created for that upload are
+resumed (:meth:`~ferry.server.jail.Jail.open_partial`). Small files travel inline in ``PutFile``.
 """
 
 from __future__ import annotations
@@ -340,7 +342,7 @@ class Upload:
             _finalise(fd, msg)
             # overwrite=False was checked at PutFile; the commit repeats it atomically, or a file
             # created while the data was on its way would be replaced.
-            jail.commit(partial, msg.path, overwrite=msg.overwrite)
+            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd)
 
         # Tracked like a write: an upload taking over the partial waits until the rename is done.
         self._pending = start_thread(seal)
@@ -358,11 +360,10 @@ class Upload:
 
     def discard(self) -> None:
         """Remove the partial file (integrity failure, disk full), unless another upload owns it."""
+        if not self.superseded and self.partial and self.fd >= 0:
+            with contextlib.suppress(Exception):
+                jail_of(self.session).remove_partial(self.partial, self.fd)
         self.close()
-        if self.superseded or not self.partial:
-            return
-        with contextlib.suppress(Exception):
-            jail_of(self.session).remove(self.partial)
 
     async def supersede(self) -> None:
         """A newer upload of the same source takes the partial over: stop writing to it once the
@@ -478,10 +479,22 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
         if older is not None:
             await older.supersede()  # before opening: its final rename may still be running
         up._check_owner()
+
+        def foreign(prel: str, st: os.stat_result) -> None:
+            # Never read, written or hashed (no content oracle): the name went to a fresh partial.
+            session.ctx.log.warning(
+                "put user=%s path=%s: partial name held by a file ferry did not create (links=%d); "
+                "replaced by a fresh partial, the file itself left alone",
+                session.user.name if session.user else "-",
+                prel,
+                st.st_nlink,
+            )
+
         # Released if this request is abandoned while the thread opens it (the partial itself stays
         # for a resume).
         up.fd, up.partial, have = await in_thread(
-            jail.open_partial, msg.path, token, release=lambda opened: os.close(opened[0])
+            lambda: jail.open_partial(msg.path, token, on_foreign=foreign),
+            release=lambda opened: os.close(opened[0]),
         )
         up._check_owner()
         n = min(have, msg.size) // msg.chunk_size
