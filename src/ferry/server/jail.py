@@ -380,6 +380,14 @@ def _rename_noreplace(sfd: int, sname: str, dfd: int, dname: str) -> None:
     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
 
 
+def _rename(sfd: int, sname: str, dfd: int, dname: str, *, overwrite: bool) -> None:
+    """``renameat``, replacing an existing ``dname`` only with ``overwrite``."""
+    if overwrite:
+        os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+    else:
+        _rename_noreplace(sfd, sname, dfd, dname)
+
+
 # --------------------------------------------------------------------------------------------------
 # A chain of directory fds for recursive walks
 
@@ -937,10 +945,7 @@ class Jail:
             self._parent(sparts) as (sfd, sname),
             self._parent(dparts) as (dfd, dname),
         ):
-            if overwrite:
-                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-            else:
-                _rename_noreplace(sfd, sname, dfd, dname)
+            _rename(sfd, sname, dfd, dname, overwrite=overwrite)
 
     def commit(
         self,
@@ -979,10 +984,7 @@ class Jail:
             if fd is not None:
                 sname = _take_verified(sfd, sname, dname, fd, final_rel)
             try:
-                if overwrite:
-                    os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-                else:
-                    _rename_noreplace(sfd, sname, dfd, dname)
+                _rename(sfd, sname, dfd, dname, overwrite=overwrite)
             except BaseException:
                 if fd is not None:  # keep the partial resumable under its own name
                     with contextlib.suppress(OSError):
@@ -1423,10 +1425,7 @@ def _store_small_at(
         raise
     os.close(fd)
     try:
-        if overwrite:
-            os.rename(temp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        else:
-            _rename_noreplace(pfd, temp, pfd, name)
+        _rename(pfd, temp, pfd, name, overwrite=overwrite)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=pfd)
