@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import FERRY
@@ -22,9 +23,19 @@ class ServeProcess:
     """One ``ferry serve`` process; ``port``, ``password`` (first start only) and ``lines`` after start."""
 
     def __init__(
-        self, root: Path, env: dict[str, str], *, plain: bool = False, port: int = 0, root_option: bool = True
+        self,
+        root: Path,
+        env: dict[str, str],
+        *,
+        plain: bool = False,
+        port: int = 0,
+        root_option: bool = True,
+        args: list[str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.root = root
+        self.args = list(args or [])  # more `ferry serve` options
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. to lower its rlimits)
         self.root_option = root_option  # False: no --root, the server finds its root in the environment
         self.env = env
         self.plain = plain
@@ -44,10 +55,11 @@ class ServeProcess:
             args += ["--root", str(self.root)]
         if self.plain:
             args.append("--plain")
+        args += self.args
         self.root.parent.mkdir(parents=True, exist_ok=True)
         self._stderr = open(self.root.parent / f"serve-{self.root.name}.err", "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=self.env
+            args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=self.env, preexec_fn=self.preexec_fn
         )
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + timeout

@@ -130,3 +130,57 @@ def test_keep_partials_must_not_be_negative(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "--keep-partials" in r.stderr
     assert not (tmp_path / "root").exists()  # refused before anything was created
+
+
+def test_serve_limit_options_default_to_the_server_limits() -> None:
+    from ferry.cli.serve import serve
+    from ferry.server.context import Limits
+
+    defaults = {p.name: p.default for p in serve.params}
+    lim = Limits()
+    for name in (
+        "max_sessions",
+        "max_sessions_per_user",
+        "max_pending_logins",
+        "max_pending_logins_per_address",
+        "login_timeout",
+    ):
+        assert defaults[name] == getattr(lim, name), name
+
+
+@pytest.mark.timeout(60)
+def test_max_sessions_per_user_reaches_the_server(tmp_path: Path) -> None:
+    import asyncio
+
+    from ferry.client.aclient import AsyncClient
+    from ferry.client.known_hosts import KnownHosts
+
+    env = env_for(tmp_path)
+    srv = ServeProcess(tmp_path / "root", env, args=["--max-sessions-per-user", "1"]).start()
+    try:
+        assert srv.password is not None
+
+        async def main() -> None:
+            held = await AsyncClient.connect(
+                "127.0.0.1",
+                srv.port,
+                user="ferry",
+                password=srv.password or "",
+                known_hosts=KnownHosts(tmp_path / "client-home" / "known_hosts"),
+            )
+            try:
+                p = await asyncio.to_thread(run_ferry, ["ls", *srv.scp()], dict(env, FERRY_PASSWORD=srv.password or ""))
+                assert p.returncode == 6, (p.returncode, p.stderr)
+                assert "'ferry' already has 1 sessions open (at most 1)" in p.stderr
+            finally:
+                await held.close()
+            for _ in range(20):  # the server ends the closed session within moments
+                p = await asyncio.to_thread(run_ferry, ["ls", *srv.scp()], dict(env, FERRY_PASSWORD=srv.password or ""))
+                if p.returncode == 0:
+                    break
+                await asyncio.sleep(0.25)
+            assert p.returncode == 0, p.stderr
+
+        asyncio.run(main())
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0

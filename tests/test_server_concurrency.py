@@ -42,7 +42,9 @@ CLIENTS = 50
 def test_fifty_clients_upload_and_download_at_once(tmp_path: Path, plain: bool) -> None:
     local = tmp_path / "local"
     local.mkdir()
-    with running_server(tmp_path / "root", plain=plain, users=("alice", "bob")) as srv:
+    # All clients log in at once from one address: allow that many logins in progress from it.
+    limits = Limits(max_pending_logins_per_address=CLIENTS + 2)
+    with running_server(tmp_path / "root", plain=plain, users=("alice", "bob"), limits=limits) as srv:
         homes = {u: home(srv, u) for u in ("alice", "bob")}
         sizes = [MiB + (i * 20011) % MiB for i in range(CLIENTS)]  # 1-2 MiB, all different
         ups = {}

@@ -488,7 +488,7 @@ def test_disk_full_during_an_upload(tmp_path: Path, plain: bool) -> None:
 
 @pytest.mark.timeout(60)
 def test_silent_and_half_handshaken_connections_are_dropped(tmp_path: Path) -> None:
-    with running_server(tmp_path / "root", plain=True, limits=Limits(hello_timeout=0.5)) as srv:
+    with running_server(tmp_path / "root", plain=True, limits=Limits(login_timeout=0.5)) as srv:
         silent = RawClient(srv.port)
         half = RawClient(srv.port)
         try:

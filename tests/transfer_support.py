@@ -179,10 +179,14 @@ class SessionRecorder:
 class RawClient:
     """A blocking socket speaking the ferry wire protocol by hand (for misbehaving clients)."""
 
-    def __init__(self, port: int, *, tls: bool = False, rcvbuf: int | None = None) -> None:
+    def __init__(
+        self, port: int, *, tls: bool = False, rcvbuf: int | None = None, source: str | None = None
+    ) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:  # another loopback address (127.0.0.2...): another client address
+            sock.bind((source, 0))
         sock.settimeout(10)
         sock.connect(("127.0.0.1", port))
         if tls:

@@ -136,6 +136,11 @@ class ChunkQueue:
     def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
         return self._closed
 
+    @property
+    def lost(self) -> asyncio.Future[None]:
+        """Done once the connection is gone (closed by either side: ``connection_lost`` ran)."""
+        return self._closed
+
     def _sync_reading(self) -> None:
         """Pause or resume the transport to match what is queued (the subclass's policy)."""
 

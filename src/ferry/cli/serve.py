@@ -12,8 +12,9 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -21,6 +22,8 @@ from ferry import paths
 
 if TYPE_CHECKING:
     from ferry.server.app import Banner
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Prefix of the machine-parsable banner lines (documented in docs/cli.md; tests parse them).
 LISTENING = "ferry serve: listening on "
@@ -104,6 +107,11 @@ def banner_lines(
     return lines
 
 
+def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
+    """A server limit given as a count (``N >= 1``), its default shown in ``--help``."""
+    return click.option(flag, type=click.IntRange(min=1), default=default, show_default=True, metavar="N", help=help)
+
+
 @click.command()
 @click.option(
     "--root",
@@ -129,7 +137,37 @@ def banner_lines(
     metavar="DAYS",
     help="Delete interrupted uploads not resumed within DAYS (checked hourly; 0 keeps them for ever).",
 )
-def serve(root: Path | None, host: str, port: int, plain: bool, keep_partials: float) -> None:
+@_count_option("--max-sessions", 1000, "Logged-in sessions at once; further logins are refused as busy.")
+@_count_option("--max-sessions-per-user", 100, "Logged-in sessions of one user at once.")
+@_count_option(
+    "--max-pending-logins", 1024, "Connections that have not logged in yet, from all addresses together."
+)
+@_count_option(
+    "--max-pending-logins-per-address",
+    32,
+    "Connections that have not logged in yet from one IPv4 address or IPv6 /64 "
+    "(raise it for many users behind one NAT or proxy).",
+)
+@click.option(
+    "--login-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time a new connection has to finish TLS and send its credentials.",
+)
+def serve(
+    root: Path | None,
+    host: str,
+    port: int,
+    plain: bool,
+    keep_partials: float,
+    max_sessions: int,
+    max_sessions_per_user: int,
+    max_pending_logins: int,
+    max_pending_logins_per_address: int,
+    login_timeout: float,
+) -> None:
     """Run the ferry file server until Ctrl-C or SIGTERM.
 
     With no options it serves ~/.local/share/ferry on 127.0.0.1:7373 over TLS; on first start it
@@ -144,7 +182,14 @@ def serve(root: Path | None, host: str, port: int, plain: bool, keep_partials: f
         host=host,
         port=port,
         plain=plain,
-        limits=Limits(partial_max_age=keep_partials * 86400),
+        limits=Limits(
+            partial_max_age=keep_partials * 86400,
+            max_sessions=max_sessions,
+            max_sessions_per_user=max_sessions_per_user,
+            max_pending_logins=max_pending_logins,
+            max_pending_logins_per_address=max_pending_logins_per_address,
+            login_timeout=login_timeout,
+        ),
     )
 
     def on_ready(banner: Banner) -> None:

@@ -188,6 +188,8 @@ class AsyncClient:
         assert isinstance(welcome, m.Welcome)
         await self._write(self._conn.send(m.Auth(user=user, password=password)))
         ok = await self._next_message()
+        if isinstance(ok, m.Error) and ok.code == "busy":
+            raise from_wire(ok)  # not a wrong password: the server is at a limit (exit status 6, not 3)
         if isinstance(ok, m.Error):
             raise AuthError(f"login as {user!r} refused: {ok.message}")
         assert isinstance(ok, m.AuthOk)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.accounts import Accounts, User
+from ferry.server.admission import Admission
+from ferry.server.login_queue import LoginQueue
 from ferry.server.work import WorkPools
 
 
@@ -21,21 +23,33 @@ from ferry.server.work import WorkPools
 class Limits:
     """Timeouts and caps; defaults are documented in docs/server.md."""
 
-    hello_timeout: float = 30.0  #: seconds a new connection has to send Hello and authenticate
+    #: seconds from accept until a connection has finished TLS and sent Hello and its credentials
+    #: (the time its password check waits in the login queue is not counted: see login_wait)
+    login_timeout: float = 10.0
     idle_timeout: float = 900.0  #: seconds without any request before an idle session is closed
     stall_timeout: float = 300.0  #: seconds a peer may leave our output unread before it is dropped
     auth_attempts: int = 3  #: wrong passwords per connection before it is dropped
     auth_fail_delay: float = 0.3  #: pause after a wrong password (slows guessing)
-    max_sessions: int = 1000  #: concurrent sessions; more are refused with a clear error
+    max_sessions: int = 1000  #: logged-in sessions at once; more logins are refused with ``busy``
+    max_sessions_per_user: int = 100  #: logged-in sessions of one user at once
+    max_pending_logins: int = 1024  #: connections that have not logged in yet (the pre-login pool)
+    max_pending_logins_per_address: int = 32  #: of those, from one IPv4 address or IPv6 /64
+    max_login_queue: int = 1024  #: password checks waiting for a thread; more are told ``busy``
+    #: seconds a password check may wait for a thread; a login that would wait longer (estimated
+    #: from the recent cost of a check) is told ``busy`` at once. Below the client's 15 s timeout.
+    login_wait: float = 12.0
+    fd_reserve: int = 64  #: descriptors kept free: new connections are refused once fewer are left
     write_high_water: int = 1 << 20  #: transport buffer above which writers wait (bounded memory)
     read_size: int = 1 << 18  #: bytes per socket read
-    auth_concurrency: int = 2  #: password checks at once (each argon2id check takes 19 MiB and ~20 ms)
+    #: password checks at once, each in a thread of its own (an argon2id check takes 19 MiB and ~20 ms
+    #: of a core): one per core here
+    auth_concurrency: int = 2
     max_uploads: int = 128  #: unfinished uploads per connection (each holds an open partial file)
     #: interrupted uploads not resumed within this many seconds are deleted (0: keep for ever)
     partial_max_age: float = 7 * 86400.0
     sweep_interval: float = 3600.0  #: seconds between two sweeps for stale partial uploads
     #: threads for bounded blocking file work (stat, open, a block read or written, a commit);
-    #: separate from the default executor, which is left to password checks (ferry.server.work)
+    #: separate from the login threads of password checks (ferry.server.work, ferry.server.login_queue)
     file_threads: int = 16
     file_threads_per_user: int = 8  #: of those, how many one user's jobs may hold at once
     #: threads for work that grows with a tree (listings, GetTree, PutTree batches, rm -r, usage)
@@ -134,12 +148,12 @@ class ServerContext:
     #: uploads in progress by (home, partial path): one writer per partial file (ferry.server.transfer)
     uploads: dict[tuple[str, str], Any] = field(default_factory=dict)
     software: str = "ferry"
-    auth_slots: asyncio.Semaphore | None = None
     #: the thread pools for blocking file work (ferry.server.work); shut down with the server
     work: WorkPools = field(init=False)
+    admission: Admission = field(init=False)
+    logins: LoginQueue = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth_slots = asyncio.Semaphore(self.limits.auth_concurrency)
         lim = self.limits
         self.work = WorkPools(
             file_threads=lim.file_threads,
@@ -147,6 +161,13 @@ class ServerContext:
             walk_threads=lim.walk_threads,
             walk_threads_per_user=lim.walk_threads_per_user,
         )
+        self.admission = Admission(
+            per_address=lim.max_pending_logins_per_address,
+            pre_login=lim.max_pending_logins,
+            sessions=lim.max_sessions,
+            per_user=lim.max_sessions_per_user,
+        )
+        self.logins = LoginQueue(workers=lim.auth_concurrency, max_waiting=lim.max_login_queue, max_wait=lim.login_wait)
 
     def user_home(self, user: User) -> Path:
         """The home folder of ``user``."""

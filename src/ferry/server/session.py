@@ -15,13 +15,14 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.aio import ChunkStream, CorkedWriter
 from ferry.errors import AuthError, FerryError, RemoteError
 from ferry.server import files, transfer, tree
 from ferry.server.accounts import User
+from ferry.server.admission import Refused, Ticket
 from ferry.server.jail import Jail
 from ferry.server.work import SessionWork
 from ferry.server.work import current as current_work
@@ -82,9 +83,19 @@ class Session:
     """Serves one connection until it ends; never lets an error escape into the server."""
 
     def __init__(
-        self, ctx: ServerContext, reader: ChunkStream, writer: asyncio.StreamWriter
+        self,
+        ctx: ServerContext,
+        reader: ChunkStream,
+        writer: asyncio.StreamWriter,
+        *,
+        ticket: Ticket,
+        deadline: float,
     ) -> None:
         self.ctx = ctx
+        #: this connection's place in the admission counts (pre-login until the login succeeds)
+        self.ticket = ticket
+        #: loop time by which the client must have sent Hello and its credentials (set at accept)
+        self.deadline = deadline
         self.reader = reader
         self.writer = writer
         self.sid = next(_session_ids)
@@ -170,8 +181,8 @@ class Session:
         reason = "closed"
         current_work.set(self.work)  # before any task is started: they inherit it
         try:
-            async with asyncio.timeout(self.ctx.limits.hello_timeout):
-                await self._handshake()
+            async with asyncio.timeout_at(self.deadline) as login_clock:
+                await self._handshake(login_clock)
             assert self.user is not None
             self.work.owner = self.user.name  # the pools share their threads per user
             worker = self._worker_task = asyncio.create_task(self._worker())
@@ -180,6 +191,9 @@ class Session:
         except TimeoutError:
             reason = "timeout"
             await self._try_send(m.Goodbye(reason="timed out"))
+        except Refused as exc:
+            reason = f"refused: {exc.reason}"
+            await self._try_send(m.Error(id=0, code="busy", message=str(exc)))
         except AuthError as exc:
             reason = f"auth failed: {exc}"
         except ProtocolError as exc:
@@ -187,6 +201,9 @@ class Session:
             await self._try_send(m.Error(id=0, code="protocol", message=str(exc)))
         except (ConnectionError, OSError) as exc:
             reason = f"connection lost: {exc.__class__.__name__}"
+        except FerryError as exc:  # e.g. the home cannot be opened (out of descriptors): say why
+            reason = f"failed: {exc}"
+            await self._try_send(error_reply(0, exc))
         except asyncio.CancelledError:
             reason = "server shutdown"
             await self._try_send(m.Goodbye(reason="server shutting down"))
@@ -269,7 +286,7 @@ class Session:
             elif not isinstance(ev, m.Pong):  # the state table admits nothing else; never assert
                 raise RemoteProtocolError(f"unexpected {type(ev).__name__} {during}")
 
-    async def _handshake(self) -> None:
+    async def _handshake(self, login_clock: asyncio.Timeout) -> None:
         hello = await self._handshake_message(m.Hello, "before hello")
         self.software = hello.software
         try:
@@ -281,13 +298,12 @@ class Session:
         limits = self.ctx.limits
         for attempt in range(1, limits.auth_attempts + 1):
             auth = await self._handshake_message(m.Auth, "during authentication")
-            loop = asyncio.get_running_loop()
+            if self.ctx.admission.sessions_full():  # say so before spending a password check
+                raise self.ctx.admission.full_refusal()
             try:
-                # argon2 is deliberately slow: keep it off the event loop so others are served.
-                assert self.ctx.auth_slots is not None
-                async with self.ctx.auth_slots:
-                    user = await loop.run_in_executor(
-                        None, self.ctx.accounts.verify, auth.user, auth.password
+                async with self._server_time(login_clock):
+                    user = await self.ctx.logins.check(
+                        self.reader.lost, self.ctx.accounts.verify, auth.user, auth.password
                     )
             except AuthError as exc:
                 self.ctx.log.warning(
@@ -298,6 +314,7 @@ class Session:
                 if attempt == limits.auth_attempts:
                     raise
                 continue
+            self.ticket.login(user.name)  # Refused: the server or this user is at the session limit
             self.user = user
             os.makedirs(user.home, mode=0o700, exist_ok=True)
             self.jail = Jail(user.home)
@@ -316,6 +333,21 @@ class Session:
             )
             return
         raise AuthError("too many failed attempts")
+
+    @contextlib.asynccontextmanager
+    async def _server_time(self, login_clock: asyncio.Timeout) -> AsyncIterator[None]:
+        """Stop the client's login clock while the server itself works (a queued password check):
+        the login deadline bounds how long a client may take, not how busy the server is. The
+        login queue bounds the server's part (``Limits.login_wait``)."""
+        loop = asyncio.get_running_loop()
+        when = login_clock.when()
+        left = (when - loop.time()) if when is not None else None
+        login_clock.reschedule(None)
+        try:
+            yield
+        finally:
+            if left is not None:
+                login_clock.reschedule(loop.time() + max(0.0, left))
 
     async def _read_loop(self) -> None:
         while True:

@@ -6,8 +6,8 @@ the same few threads (``min(32, cores + 4)``: 6 on two cores) that password chec
 listings from one user filled them; nobody could log in or ``stat`` for minutes, and closing the
 attacking connections did not stop the work. So:
 
-- **Separate pools.** File work never uses the default executor (that one is left to password
-  checks). :class:`WorkPools` holds two :class:`FairPool` s: ``files`` for calls whose cost is
+- **Separate pools.** File work never uses the default executor, nor the login threads that run
+  password checks (:mod:`ferry.server.login_queue`). :class:`WorkPools` holds two :class:`FairPool` s: ``files`` for calls whose cost is
   bounded by the request (a stat, an open, a 1 MiB read or write, a mkdir of one path, a commit),
   and ``walks`` for work that grows with a folder tree (a recursive listing, a GetTree scan, a
   PutTree batch, ``rm -r``, the usage count). Walks come in steps (a page, a batch), so a walk
