@@ -6,16 +6,17 @@ in a thread so one slow disk does not stall other sessions. Each operation is lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat as statmod
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ferry.server import work
 from ferry.server.jail import Entry as JailEntry
-from ferry.server.jail import Jail
-from ferry.server.work import in_thread, in_walk, run_steps
+from ferry.server.jail import Jail, ListScan
+from ferry.server.work import in_thread, run_steps
 from ferry.wire import messages as m
 
 if TYPE_CHECKING:
@@ -78,47 +79,66 @@ async def handle_stat(session: Session, msg: m.Stat) -> None:
 
 
 async def handle_list(session: Session, msg: m.ListDir) -> None:
-    """Reply with pages of entries (a single file lists as itself)."""
+    """Reply with pages of entries (a single file lists as itself), streamed from the walk: memory
+    holds the page being sent and the next one, never the whole listing."""
     t0 = time.monotonic()
     jail = jail_of(session)
-    check = work.current.get().check
 
-    def collect() -> list[m.Entry]:
+    def open_listing() -> m.Entry | ListScan:
         entry = stat_entry(jail, msg.path)
         if entry.kind != "dir":
-            return [entry]
-        scan = jail.list_scan(msg.path, recursive=msg.recursive)
-        try:
-            out = []
-            for name, e in scan:
-                check()
-                out.append(to_wire(e, name))
-            return out
-        finally:
-            scan.close()
+            return entry
+        return jail.list_scan(msg.path, recursive=msg.recursive)
 
-    # A listing is bounded by what the user can store; pages keep each frame small.
     async with work.current.get().walk_slot():
-        entries = await in_walk(collect)
-    pages = list(_pages(entries))
-    for i, page in enumerate(pages):
-        await session.send(m.ListReply(id=msg.id, entries=page, more=i + 1 < len(pages)))
-    log_op(session, "list", msg.path, t0, nbytes=len(entries))
+        opened = await in_thread(open_listing, release=_close_listing)
+        if isinstance(opened, m.Entry):
+            await session.send(m.ListReply(id=msg.id, entries=[opened]))
+            log_op(session, "list", msg.path, t0, nbytes=1)
+            return
+        pages = _Pages(opened, work.current.get().check)
+        async with contextlib.aclosing(work.prefetched(pages.next, opened.close)) as steps:
+            async for page, done in steps:
+                await session.send(m.ListReply(id=msg.id, entries=page, more=not done))
+    log_op(session, "list", msg.path, t0, nbytes=pages.count)
 
 
-def _pages(entries: list[m.Entry]) -> Iterator[list[m.Entry]]:
-    """``entries`` split into pages of at most :data:`PAGE` entries and about :data:`PAGE_BYTES`
-    of names (always at least one page, possibly empty)."""
-    page: list[m.Entry] = []
-    size = 0
-    for e in entries:
-        cost = len(e.name.encode("utf-8", "surrogatepass")) + 64  # 64: the other fields, generously
-        if page and (len(page) >= PAGE or size + cost > PAGE_BYTES):
-            yield page
-            page, size = [], 0
-        page.append(e)
-        size += cost
-    yield page
+def _close_listing(opened: m.Entry | ListScan) -> None:
+    if isinstance(opened, ListScan):
+        opened.close()
+
+
+class _Pages:
+    """Cuts a :class:`ListScan` into ListReply pages of at most :data:`PAGE` entries and about
+    :data:`PAGE_BYTES` of names (called in the walk pool, one call at a time)."""
+
+    def __init__(self, scan: ListScan, check: Callable[[], None]) -> None:
+        self.scan = scan
+        self.check = check
+        self.count = 0  # entries handed out so far
+        self._ahead: m.Entry | None = None  # read but did not fit into the previous page
+
+    def next(self) -> tuple[list[m.Entry], bool]:
+        """The next page, and whether it is the last (the first page of an empty folder is empty)."""
+        page: list[m.Entry] = []
+        size = 0
+        while True:
+            entry = self._ahead
+            if entry is None:
+                self.check()
+                try:
+                    name, e = next(self.scan)
+                except StopIteration:
+                    return page, True
+                entry = to_wire(e, name)
+            cost = len(entry.name.encode("utf-8", "surrogatepass")) + 64  # 64: the other fields, generously
+            if page and (len(page) >= PAGE or size + cost > PAGE_BYTES):
+                self._ahead = entry
+                return page, False
+            self._ahead = None
+            page.append(entry)
+            size += cost
+            self.count += 1
 
 
 async def handle_mkdir(session: Session, msg: m.Mkdir) -> None:

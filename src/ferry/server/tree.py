@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ferry.aio import close_after
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
 from ferry.server import work
@@ -176,24 +175,20 @@ async def _send_tree(session: Session, msg: m.GetTree) -> None:
         lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
     )
     batches = _Batches(scan, msg.hash, work.current.get().check)
-    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = work.start_walk(batches.next)
     result = "ok"
     try:
-        while job is not None:
-            items, done = await asyncio.shield(job)
-            job = None
-            if msg.id in session.cancelled:
-                result = "cancelled"
-                await session.send(m.Error(id=msg.id, code="cancelled", message="tree download cancelled"))
-                return
-            if not done:  # read the next batch while this one is encrypted and sent
-                job = work.start_walk(batches.next)
-            await session.send(m.TreeItems(id=msg.id, items=items, end=done))
+        # The next batch is read while this one is encrypted and sent.
+        async with contextlib.aclosing(work.prefetched(batches.next, scan.close)) as steps:
+            async for items, done in steps:
+                if msg.id in session.cancelled:
+                    result = "cancelled"
+                    await session.send(m.Error(id=msg.id, code="cancelled", message="tree download cancelled"))
+                    return
+                await session.send(m.TreeItems(id=msg.id, items=items, end=done))
     except BaseException:
         result = "aborted"
         raise
     finally:
-        close_after(job, scan.close)
         log_op(
             session,
             "get-tree",

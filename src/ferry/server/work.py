@@ -19,13 +19,14 @@ attacking connections did not stop the work. So:
   one step of the jobs already running.
 - **Per-session limit.** A session runs at most ``walks_per_session`` expensive operations at
   once (:meth:`SessionWork.walk_slot`); more wait their turn inside the session, in order.
-- **Cancelled with the connection.** When a session ends, its jobs that have not started are
-  dropped, and running ones see :meth:`SessionWork.check` fail before their next entry. The jail
+- **Cancelled with the connection.** When a session ends, its walk steps that have not started
+  are dropped, and running ones see :meth:`SessionWork.check` fail before their next entry. The jail
   is closed only once every thread that may use it has returned (:meth:`SessionWork.after_jobs`).
 
 The session's :class:`SessionWork` is found through a context variable set by ``Session.run``
 (the tasks it starts inherit it), so handlers call :func:`start_thread` / :func:`in_thread` (file
-pool) and :func:`start_walk` / :func:`in_walk` (walk pool) without passing the session around.
+pool), :func:`start_walk`, :func:`run_steps` and :func:`prefetched` (walk pool) without passing
+the session around.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -51,7 +52,7 @@ __all__ = [
     "WorkPools",
     "current",
     "in_thread",
-    "in_walk",
+    "prefetched",
     "run_steps",
     "start_thread",
     "start_walk",
@@ -337,11 +338,6 @@ async def in_thread(fn: Callable[..., T], *args: Any, release: Callable[[T], obj
     return await _run(start_thread(fn, *args), release)
 
 
-async def in_walk(fn: Callable[..., T], *args: Any, release: Callable[[T], object] | None = None) -> T:
-    """:func:`in_thread` for one step of a tree walk (walk pool)."""
-    return await _run(start_walk(fn, *args), release)
-
-
 #: Entries one step of :func:`run_steps` handles before it gives its thread back: milliseconds of
 #: work, after which the walk's next step queues behind other users' waiting jobs.
 WALK_STEP = 1000
@@ -375,6 +371,27 @@ async def run_steps(steps: Generator[T, None, object], *, step: int = WALK_STEP)
                 return last[0]
     finally:
         close_after(job, steps.close)
+
+
+async def prefetched(
+    step: Callable[[], tuple[T, bool]], close: Callable[[], object]
+) -> AsyncGenerator[tuple[T, bool], None]:
+    """What ``step`` returns (one walk step: a page, a batch, and whether the walk is done), called
+    in the walk pool until the walk is done, one step ahead of the consumer:
+    the next page is read while this one is being sent, and never more, so memory holds two steps
+    whatever the size of the walk. ``close`` (releasing the walk) runs once no step is running,
+    also when the consumer stops early; use with ``contextlib.aclosing``."""
+    work = current.get()
+    job: asyncio.Future[tuple[T, bool]] | None = work.start(work.pools.walks, step)
+    try:
+        while job is not None:
+            item, done = await asyncio.shield(job)
+            job = None if done else work.start(work.pools.walks, step)
+            yield item, done
+    finally:
+        if job is not None:
+            work.cancel_waiting(job)
+        close_after(job, close)
 
 
 async def _run(fut: asyncio.Future[T], release: Callable[[T], object] | None) -> T:
