@@ -124,16 +124,9 @@ class Weed:
         }
 
     def stop(self) -> None:
-        """Stop it (by PID)."""
-        _stop_pid(self.proc)
-
-    def suspend(self) -> None:
-        """Freeze the process (SIGSTOP): the store hangs, as a store that went away would."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """Undo :meth:`suspend`."""
-        os.kill(self.proc.pid, signal.SIGCONT)
+        """Stop it (by PID). Its data is thrown away, so a shutdown that lingers (weed waits for open
+        client connections) is cut short after 3 s."""
+        _stop_pid(self.proc, timeout=3.0)
 
 
 def start_weed(folder: Path, *, bucket: str = "ferry", timeout: float = 60.0, attempts: int = 3) -> Weed:
