@@ -93,14 +93,16 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
             await session.send(m.Error(id=msg.id, code="cancelled", message="download cancelled"))
             session.cancelled.discard(msg.id)
             return
-        if cached is not None:
-            hashes = cached
-        else:
+        hashes: list[bytes] | None = cached
+        if hashes is None:
             assert hash_job is not None
-            hashes = prefix + await asyncio.shield(hash_job)
+            try:
+                hashes = prefix + await asyncio.shield(hash_job)
+            except OSError:  # the file shrank under the hash (rewritten in place): report it as such
+                hashes = None
         st2 = os.fstat(fd)
         changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (size, st.st_mtime_ns, st.st_ctime_ns)
-        if not complete or changed:
+        if not complete or changed or hashes is None:
             await session.send(
                 m.Error(
                     id=msg.id,
