@@ -1,4 +1,4 @@
-"""``ferry user``: manage the accounts of a ferry server (add, del, passwd, mod, list).
+"""``ferry user``: manage the accounts of a ferry server (add, del, passwd, mod, list, key, token).
 
 Works directly on the server's data root (``--root``, default ``$FERRY_ROOT`` or
 ``~/.local/share/ferry``), also while the server runs: changes apply at the next login.
@@ -164,7 +164,8 @@ def _describe(user: User) -> str:
         exec_text = "any program"
     else:
         exec_text = ", ".join(user.exec_allow) or "(none)"
-    return f"home {user.home}, quota {format_size(user.quota)}, exec {exec_text}"
+    disabled = " (disabled: cannot log in)" if user.disabled else ""
+    return f"home {user.home}, quota {format_size(user.quota)}, exec {exec_text}{disabled}"
 
 
 def _user_json(user: User) -> dict[str, Any]:
@@ -174,6 +175,7 @@ def _user_json(user: User) -> dict[str, Any]:
         "quota": user.quota,
         "exec_allowed": user.exec_allowed,
         "exec_allow": None if user.exec_allow is None else list(user.exec_allow),
+        "disabled": user.disabled,
     }
 
 
@@ -189,7 +191,16 @@ def _require_user(accounts: Accounts, name: str) -> None:
 # --- commands ------------------------------------------------------------------------------------
 
 
-@click.group()
+def _lazy_group() -> type[click.Group]:
+    from ferry.cli import LazyGroup  # the package is imported anyway: this command runs under it
+
+    return LazyGroup
+
+
+@click.group(
+    cls=_lazy_group(),
+    lazy={"key": "ferry.cli.user_creds:key", "token": "ferry.cli.user_creds:token"},
+)
 def user() -> None:
     """Manage the accounts of a ferry server (works while the server runs)."""
 
@@ -289,6 +300,12 @@ def passwd_cmd(name: str, root: Path | None, password_stdin: bool) -> None:
     help="Replace the allowed programs (repeatable); implies --exec.",
 )
 @click.option("--allow-any", is_flag=True, help="Allow any program (clears the list); implies --exec.")
+@click.option(
+    "--disable/--enable",
+    "disable",
+    default=None,
+    help="Lock the account (no login; its open sessions end within seconds) or unlock it.",
+)
 def mod_cmd(
     name: str,
     root: Path | None,
@@ -296,21 +313,34 @@ def mod_cmd(
     exec_: bool | None,
     allow: tuple[str, ...],
     allow_any: bool,
+    disable: bool | None,
 ) -> None:
-    """Change the quota or program permissions of user NAME."""
+    """Change the quota, program permissions or lock of user NAME.
+
+    Takes effect on a running server within seconds: sessions of a disabled user end, and
+    sessions that may run programs end when those rights are reduced.
+    """
     from ferry.server.accounts import UNCHANGED
 
     if allow and allow_any:
         raise UsageError("--allow and --allow-any cannot be combined")
-    if quota is None and exec_ is None and not allow and not allow_any:
-        raise UsageError("nothing to change: give --quota, --exec/--no-exec, --allow or --allow-any")
+    if quota is None and exec_ is None and not allow and not allow_any and disable is None:
+        raise UsageError(
+            "nothing to change: give --quota, --exec/--no-exec, --allow, --allow-any or --disable/--enable"
+        )
     quota_bytes = parse_size(quota) if quota is not None else UNCHANGED
     exec_allow = allow if allow else (None if allow_any else UNCHANGED)
     # Naming programs implies --exec (unless --no-exec is given), as in `add`.
     exec_allowed = exec_ if exec_ is not None else (True if (allow or allow_any) else UNCHANGED)
     where = _root(root)
     with _open(root) as accounts, _naming_root(where):
-        changed = accounts.modify(name, quota=quota_bytes, exec_allowed=exec_allowed, exec_allow=exec_allow)
+        changed = accounts.modify(
+            name,
+            quota=quota_bytes,
+            exec_allowed=exec_allowed,
+            exec_allow=exec_allow,
+            disabled=UNCHANGED if disable is None else disable,
+        )
     click.echo(f"user {changed.name} in {where}: {_describe(changed)}")
 
 

@@ -13,6 +13,7 @@ Layout and modes (see :mod:`ferry.paths`): ``<root>/users.db`` is 0600, each use
 from __future__ import annotations
 
 import builtins
+import contextlib
 import enum
 import json
 import os
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -37,6 +38,7 @@ from ferry.errtext import os_reason
 __all__ = [
     "FIRST_USER",
     "UNCHANGED",
+    "USER_COLUMNS",
     "Accounts",
     "User",
     "validate_name",
@@ -53,17 +55,59 @@ _NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 # One message for unknown user and wrong password, so a client cannot probe which names exist.
 _AUTH_FAILED: Final = "wrong user name or password"
 
-_SCHEMA_VERSION: Final = 1
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS users (
-    name          TEXT PRIMARY KEY NOT NULL,
-    hash          TEXT NOT NULL,              -- argon2id PHC string (includes salt and parameters)
-    quota         INTEGER,                    -- bytes; NULL = unlimited
-    exec_allowed  INTEGER NOT NULL DEFAULT 0, -- 0/1
-    exec_allow    TEXT,                       -- JSON list of program names; NULL = any program
-    created       INTEGER NOT NULL DEFAULT (strftime('%s', 'now'))
-) WITHOUT ROWID;
-"""
+_SCHEMA_VERSION: Final = 2
+#: Statements that bring the schema from version N-1 to N, in order. A new database runs them all;
+#: an older one runs those above its version (additive changes only, so old rows stay valid).
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        """
+        CREATE TABLE IF NOT EXISTS users (
+            name          TEXT PRIMARY KEY NOT NULL,
+            hash          TEXT NOT NULL,              -- argon2id PHC string (includes salt and parameters)
+            quota         INTEGER,                    -- bytes; NULL = unlimited
+            exec_allowed  INTEGER NOT NULL DEFAULT 0, -- 0/1
+            exec_allow    TEXT,                       -- JSON list of program names; NULL = any program
+            created       INTEGER NOT NULL DEFAULT (strftime('%s', 'now'))
+        ) WITHOUT ROWID
+        """,
+    ),
+    2: (
+        # 0/1: a disabled account cannot log in and its sessions end (ferry user mod --disable)
+        "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
+        # bumped by every change of the account or of its keys and tokens: a running server
+        # compares it with what its sessions logged in with (ferry.server.revocation)
+        "ALTER TABLE users ADD COLUMN rev INTEGER NOT NULL DEFAULT 0",
+        # bumped by a password change only (not by a re-hash): it ends password sessions
+        "ALTER TABLE users ADD COLUMN pw_gen INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE IF NOT EXISTS keys (
+            user          TEXT NOT NULL,
+            fingerprint   TEXT NOT NULL,              -- SHA256:... of the blob, as ssh-keygen -l prints
+            type          TEXT NOT NULL,              -- ssh-ed25519, ecdsa-sha2-nistp256, ssh-rsa, ...
+            blob          BLOB NOT NULL,              -- the public key in SSH wire format
+            comment       TEXT NOT NULL DEFAULT '',
+            added         INTEGER NOT NULL DEFAULT (strftime('%s', 'now')),
+            PRIMARY KEY (user, fingerprint)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS tokens (
+            id            TEXT PRIMARY KEY NOT NULL,  -- public part of the token, shown by token list
+            user          TEXT NOT NULL,
+            hash          BLOB NOT NULL,              -- SHA-256 of the whole token; the token is not kept
+            read_only     INTEGER NOT NULL DEFAULT 0,
+            label         TEXT NOT NULL DEFAULT '',
+            created       INTEGER NOT NULL DEFAULT (strftime('%s', 'now')),
+            expires       INTEGER                     -- Unix time; NULL = never
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user)",
+    ),
+}
+
+
+#: The columns of ``users`` that make a :class:`User`, in the order ``Accounts.user_from_row`` reads.
+USER_COLUMNS: Final = "name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen"
 
 
 class _Unchanged(enum.Enum):
@@ -81,7 +125,10 @@ class User:
     """One account as stored: what the server needs to authorise a session.
 
     ``quota`` is in bytes (``None`` = unlimited). ``exec_allowed`` says whether the user may run
-    programs at all; ``exec_allow`` then restricts which ones (``None`` = any program).
+    programs at all; ``exec_allow`` then restricts which ones (``None`` = any program). A
+    ``disabled`` account cannot log in. ``rev`` and ``pw_gen`` are the account's revision (any
+    change of it or of its keys and tokens) and password generation when it was read: a running
+    server compares them to notice changes made by ``ferry user`` (see ferry.server.revocation).
     """
 
     name: str
@@ -89,6 +136,9 @@ class User:
     quota: int | None
     exec_allowed: bool
     exec_allow: tuple[str, ...] | None
+    disabled: bool = False
+    rev: int = 0
+    pw_gen: int = 0
 
     def may_exec(self, program: str) -> bool:
         """Whether this user may run ``program`` (matched *exactly*, so ``/tmp/x/ls`` is not ``ls``)."""
@@ -189,14 +239,24 @@ class Accounts:
     def _create_private_file(path: Path) -> None:
         """Create the database file 0600 *before* SQLite does, so it is never briefly world-readable.
 
-        SQLite gives its -wal and -shm files the same mode as the database file.
+        SQLite gives its -wal and -shm files the same mode as the database file. An existing file
+        is never opened here: closing *any* descriptor of a file drops all of this process's POSIX
+        locks on it, including those of an SQLite connection already open in the process (a
+        server, when tests or tools open the accounts beside it). Without its shared lock, another
+        process closing its connection takes the database for unused and deletes the WAL under the
+        server's feet, which then reads a stale snapshot for ever.
         """
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, paths.PRIVATE_FILE_MODE)
         try:
-            # O_CREAT's mode is filtered by the umask and ignored for an existing file: enforce it.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, paths.PRIVATE_FILE_MODE)
+        except FileExistsError:
+            try:
+                os.chmod(path, paths.PRIVATE_FILE_MODE)  # by name: no descriptor, no lost locks
+            except PermissionError:
+                pass  # not our file (e.g. root inspecting another user's root); leave its mode alone
+            return
+        try:
+            # O_CREAT's mode is filtered by the umask: enforce it.
             os.fchmod(fd, paths.PRIVATE_FILE_MODE)
-        except PermissionError:
-            pass  # not our file (e.g. root inspecting another user's root); leave its mode alone
         finally:
             os.close(fd)
 
@@ -213,9 +273,11 @@ class Accounts:
                         raise FerryError(
                             f"{self.path} was written by a newer ferry (schema {version}); upgrade ferry"
                         )
+                    for step in range(version + 1, _SCHEMA_VERSION + 1):
+                        # One statement per execute(): executescript() would COMMIT our transaction.
+                        for statement in _MIGRATIONS[step]:
+                            conn.execute(statement)
                     if version < _SCHEMA_VERSION:
-                        # One statement via execute(): executescript() would COMMIT our transaction.
-                        conn.execute(_SCHEMA)
                         conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -253,14 +315,18 @@ class Accounts:
                 raise
             conn.execute("COMMIT")
 
-    def _user(self, row: tuple[str, int | None, int, str | None]) -> User:
-        name, quota, exec_allowed, exec_allow = row
+    def _user(self, row: tuple[Any, ...]) -> User:
+        """A :class:`User` from a row of :data:`USER_COLUMNS`."""
+        name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen = row
         return User(
             name=name,
             home=paths.home_dir(self.root, name),
             quota=quota,
             exec_allowed=bool(exec_allowed),
             exec_allow=None if exec_allow is None else tuple(json.loads(exec_allow)),
+            disabled=bool(disabled),
+            rev=rev,
+            pw_gen=pw_gen,
         )
 
     def _make_home(self, name: str) -> None:
@@ -273,7 +339,26 @@ class Accounts:
         except OSError as exc:
             raise FerryError(f"cannot create the home folder of {name!r}: {os_reason(exc)}") from exc
 
-    _COLUMNS: Final = "name, quota, exec_allowed, exec_allow"
+    _COLUMNS: Final = USER_COLUMNS
+
+    # --- for the credential stores (ferry.server.credentials) ---------------------------------------
+
+    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """The connection under the lock, for a read; errors become FerryError."""
+        return self._read()
+
+    def writing(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction under the lock (rolled back if the body raises)."""
+        return self._write()
+
+    def user_from_row(self, row: tuple[Any, ...]) -> User:
+        """A :class:`User` from a row selected with :data:`USER_COLUMNS` (in that order)."""
+        return self._user(row)
+
+    @staticmethod
+    def bump(conn: sqlite3.Connection, name: str) -> bool:
+        """Increase the revision of ``name`` inside a write transaction; whether the user exists."""
+        return conn.execute("UPDATE users SET rev = rev + 1 WHERE name = ?", (name,)).rowcount > 0
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -310,6 +395,9 @@ class Accounts:
         with self._write() as conn:
             if conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
                 raise NoSuchUser(f"no such user: {name!r}")
+            # Else a user added later under the same name would inherit them.
+            conn.execute("DELETE FROM keys WHERE user = ?", (name,))
+            conn.execute("DELETE FROM tokens WHERE user = ?", (name,))
         if remove_home:
             home = paths.home_dir(self.root, name)
             try:
@@ -329,7 +417,8 @@ class Accounts:
         _validate_password(password)
         pw_hash = self._hasher.hash(password)
         with self._write() as conn:
-            if conn.execute("UPDATE users SET hash = ? WHERE name = ?", (pw_hash, name)).rowcount == 0:
+            sql = "UPDATE users SET hash = ?, pw_gen = pw_gen + 1, rev = rev + 1 WHERE name = ?"
+            if conn.execute(sql, (pw_hash, name)).rowcount == 0:
                 raise NoSuchUser(f"no such user: {name!r}")
 
     def modify(
@@ -339,6 +428,7 @@ class Accounts:
         quota: int | _Unchanged | None = UNCHANGED,
         exec_allowed: bool | _Unchanged = UNCHANGED,
         exec_allow: Iterable[str] | _Unchanged | None = UNCHANGED,
+        disabled: bool | _Unchanged = UNCHANGED,
     ) -> User:
         """Change some of a user's settings (fields left at :data:`UNCHANGED` keep their value).
 
@@ -358,6 +448,11 @@ class Accounts:
             allow = _validate_allow(exec_allow)
             sets.append("exec_allow = ?")
             args.append(None if allow is None else json.dumps(allow))
+        if disabled is not UNCHANGED:
+            sets.append("disabled = ?")
+            args.append(int(bool(disabled)))
+        if sets:
+            sets.append("rev = rev + 1")
         with self._write() as conn:
             if sets:
                 # The column names come from the fixed strings above, never from the caller.
@@ -390,7 +485,7 @@ class Accounts:
         response time does not reveal which user names exist. CPU-heavy: call it in a thread.
         If the stored hash used other parameters than the current hasher, it is re-hashed.
         """
-        row: tuple[str, str, int | None, int, str | None] | None = None
+        row: tuple[Any, ...] | None = None
         if isinstance(name, str) and _NAME_RE.fullmatch(name):
             with self._read() as conn:
                 row = conn.execute(
@@ -408,6 +503,8 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             # InvalidHashError: a corrupt stored hash must lock the account, not crash the server.
             raise AuthError(_AUTH_FAILED) from None
+        if user.disabled:  # after the hash: a disabled account costs what any other does
+            raise AuthError(_AUTH_FAILED)
         if self._hasher.check_needs_rehash(stored):
             new_hash = self._hasher.hash(password)
             with self._write() as conn:
@@ -416,6 +513,22 @@ class Accounts:
                     "UPDATE users SET hash = ? WHERE name = ? AND hash = ?", (new_hash, name, stored)
                 )
         return user
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes whenever *another* connection (``ferry user``
+        in another process) committed a change. Costs a read of shared memory, no query."""
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def revisions(self, names: builtins.list[str]) -> dict[str, int]:
+        """The revision (``rev``) of each existing user among ``names``."""
+        out: dict[str, int] = {}
+        with self._read() as conn:
+            for start in range(0, len(names), 500):  # stay far below SQLite's variable limit
+                chunk = names[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                out.update(conn.execute(f"SELECT name, rev FROM users WHERE name IN ({marks})", chunk).fetchall())
+        return out
 
     def _get_dummy_hash(self) -> str:
         # Computed lazily (it costs one hash) with the current parameters, so the dummy check takes
@@ -444,7 +557,9 @@ class Accounts:
                 (FIRST_USER, pw_hash),
             )
             self._make_home(FIRST_USER)
-        return User(FIRST_USER, paths.home_dir(self.root, FIRST_USER), None, False, None), password
+        user = self.get(FIRST_USER)
+        assert user is not None
+        return user, password
 
     def close(self) -> None:
         """Close the database connection; further calls raise. Closing twice is harmless."""
