@@ -237,12 +237,17 @@ def test_exit_codes_and_messages(tls: Served, tmp_path: Path) -> None:
     no_pw = {k: v for k, v in s.env.items() if k != "FERRY_PASSWORD"}
     pwfile = tmp_path / "pw"
     pwfile.write_text(f"{s.srv.password}\n")
+    pwfile.chmod(0o600)  # a password file other users can read is refused
+    loose = tmp_path / "loose-pw"
+    loose.write_text(f"{s.srv.password}\n")
+    loose.chmod(0o644)
     scp = s.srv.scp
     # (argv, environment, expected exit status, expected words on stderr); independent: run in parallel
     cases: list[tuple[list[str], dict[str, str], int, str]] = [
         (["ls", *scp()], dict(s.env, FERRY_PASSWORD="wrong"), 3, "wrong user name or password"),
         (["ls", *scp()], no_pw, 3, "FERRY_PASSWORD"),
         (["ls", "--password-file", str(pwfile), *scp()], no_pw, 0, ""),
+        (["ls", "--password-file", str(loose), *scp()], no_pw, 2, "lets other users read or change it"),
         (["get", *scp("no-such-file"), str(tmp_path)], s.env, 4, "no-such-file"),
         (["get", *scp("/etc/passwd"), str(tmp_path)], s.env, 4, "absolute paths"),
         (["get", *scp("../x"), str(tmp_path)], s.env, 4, "'..'"),

@@ -12,9 +12,11 @@ script can tell a remote failure from a ferry failure.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
+
+from ferry.cli.login_opts import login_options
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient
@@ -84,6 +86,7 @@ class _ExecCommand(click.Command):
     "--cwd", default="", metavar="DIR", help="Working folder, relative to the home (default: home)."
 )
 @click.option("-n", "--no-stdin", is_flag=True, help="Do not forward standard input (the command reads EOF).")
+@login_options
 def exec_(
     target: str,
     command: tuple[str, ...],
@@ -95,6 +98,9 @@ def exec_(
     use_tty: bool,
     cwd: str,
     no_stdin: bool,
+    identities: tuple[str, ...],
+    token_file: str | None,
+    verbose: bool,
 ) -> int:
     """Run a command on the server and exit with its exit status.
 
@@ -128,7 +134,8 @@ def exec_(
             None if not command else command[0] if len(command) == 1 else list(command)
         )
         # uvloop when installed: its TLS costs about half the CPU per byte of asyncio's.
-        return aio_run(_main(loc, cmd, plain, password_file, env, timeout, use_tty, cwd, no_stdin))
+        login = {"password_file": password_file, "token_file": token_file, "identities": identities, "verbose": verbose}
+        return aio_run(_main(loc, cmd, plain, login, env, timeout, use_tty, cwd, no_stdin))
     except Interrupted as exc:
         click.echo(f"ferry: {exc}", err=True)
         return exc.exit_code
@@ -143,7 +150,7 @@ async def _main(
     loc: Location,
     cmd: str | list[str] | None,
     plain: bool,
-    password_file: str | None,
+    login: dict[str, Any],
     env: dict[str, str],
     timeout: float | None,
     use_tty: bool,
@@ -152,7 +159,7 @@ async def _main(
 ) -> int:
     from ferry.cli.common import open_client
 
-    client = await open_client(loc, plain=plain, password_file=password_file)
+    client = await open_client(loc, plain=plain, **login)
     try:
         return await _run(client, cmd, env, timeout, use_tty, cwd, no_stdin)
     finally:

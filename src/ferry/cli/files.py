@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from ferry.cli.login_opts import login_options
 from ferry.cli.output import (
     Output,
     format_time,
@@ -73,6 +74,9 @@ class Common:
     password_file: str | None
     quiet: bool
     json: bool
+    identities: tuple[str, ...] = ()
+    token_file: str | None = None
+    verbose: bool = False
 
     def output(self) -> Output:
         """The printing policy these options ask for."""
@@ -80,7 +84,8 @@ class Common:
 
 
 def common_options(f: F) -> F:
-    """Add ``-P/--port``, ``--plain``, ``--password-file``, ``-q/--quiet``, ``--json``; pass ``common``."""
+    """Add ``-P/--port``, ``--plain``, the login options (``-i``, ``--token-file``,
+    ``--password-file``, ``-v``), ``-q/--quiet``, ``--json``; pass ``common``."""
 
     @click.option(
         "-P",
@@ -96,6 +101,7 @@ def common_options(f: F) -> F:
         default=None,
         help="Read the password from the first line of FILE (else $FERRY_PASSWORD, else a prompt).",
     )
+    @login_options
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
     @click.option("--json", "json_mode", is_flag=True, help="One JSON object per result on standard output.")
     @functools.wraps(f)
@@ -106,9 +112,12 @@ def common_options(f: F) -> F:
         password_file: str | None,
         quiet: bool,
         json_mode: bool,
+        identities: tuple[str, ...],
+        token_file: str | None,
+        verbose: bool,
         **kwargs: Any,
     ) -> Any:
-        common = Common(port, plain, password_file, quiet, json_mode)
+        common = Common(port, plain, password_file, quiet, json_mode, identities, token_file, verbose)
         return f(*args, common=common, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -274,7 +283,14 @@ async def connected(loc: Location, common: Common) -> AsyncIterator[AsyncClient]
     number = number_after_colon(loc, common.port)
     hint = "" if number is None else f" ({number} is a path here; for port {number} write {port_hint(loc, number)})"
     try:
-        client = await open_client(loc, plain=common.plain, password_file=common.password_file)
+        client = await open_client(
+            loc,
+            plain=common.plain,
+            password_file=common.password_file,
+            token_file=common.token_file,
+            identities=common.identities,
+            verbose=common.verbose,
+        )
     except ConnectionBroken as exc:
         if not hint:
             raise

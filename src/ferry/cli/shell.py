@@ -53,6 +53,7 @@ from ferry.textsafe import safe_name, safe_text
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient
+    from ferry.client.auth import LoginOptions
     from ferry.client.blocking import Client
 
 HOME_LIMIT = "already at your home folder"
@@ -619,20 +620,25 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
 
     Commands can also be piped in, one per line: ferry shell HOST < commands.txt
     """
-    from ferry.cli.common import default_user, resolve_password
+    from ferry.cli.common import default_user, login_options
 
     loc = target_location(target, common.port)
     loc = Location(loc.host, loc.port, loc.user or default_user(), loc.path)
     if pty:
         return _run_pty(loc, common)
-    # Asked here, on the main thread, once: a prompt must not block the client's loop thread, and a
-    # reconnect (after an idle timeout) must not ask again.
-    password = resolve_password(loc, common.password_file)
+    # Made once: a password typed at the prompt is kept in it, so a reconnect (after an idle
+    # timeout) does not ask again.
+    login = login_options(
+        password_file=common.password_file,
+        token_file=common.token_file,
+        identities=common.identities,
+        verbose=common.verbose,
+    )
 
     from ferry.client.blocking import Client
 
     def connect() -> Client:
-        return Client.open(lambda: _connect(loc, password, common.plain))
+        return Client.open(lambda: _connect(loc, login, common))
 
     interactive = sys.stdin.isatty()
     sh = FerryShell(
@@ -652,10 +658,10 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
     return sh.exit_code
 
 
-async def _connect(loc: Location, password: str, plain: bool) -> AsyncClient:
-    from ferry.cli.common import connect_with_password
+async def _connect(loc: Location, login: LoginOptions, common: Common) -> AsyncClient:
+    from ferry.cli.common import open_client
 
-    return await connect_with_password(loc, password, plain=plain)
+    return await open_client(loc, plain=common.plain, login=login, verbose=common.verbose)
 
 
 def _run_pty(loc: Location, common: Common) -> int:
@@ -665,12 +671,12 @@ def _run_pty(loc: Location, common: Common) -> int:
     255 when ferry itself failed (password, connection, login, a refused terminal session).
     """
     from ferry.aio import run as aio_run
-    from ferry.cli.common import resolve_password
+    from ferry.cli.common import login_options
     from ferry.cli.exec_cmd import EXIT_FERRY
     from ferry.client.pty import run_pty_session
 
-    async def main(password: str) -> int:
-        client = await _connect(loc, password, common.plain)
+    async def main(login: LoginOptions) -> int:
+        client = await _connect(loc, login, common)
         try:
             return await run_pty_session(client, command=None)
         except NotImplementedError as exc:
@@ -679,7 +685,13 @@ def _run_pty(loc: Location, common: Common) -> int:
             await client.close()
 
     try:
-        return aio_run(main(resolve_password(loc, common.password_file)))
+        login = login_options(
+            password_file=common.password_file,
+            token_file=common.token_file,
+            identities=common.identities,
+            verbose=common.verbose,
+        )
+        return aio_run(main(login))
     except FerryError as exc:
         click.echo(f"ferry: {safe_text(str(exc))}", err=True)
         return EXIT_FERRY

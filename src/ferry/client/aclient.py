@@ -21,6 +21,7 @@ from typing import Any
 
 from ferry import __version__
 from ferry.aio import CorkedWriter
+from ferry.client.auth import LoginOptions, LoginResult, NeedReconnect, log_in
 from ferry.client.errors import from_wire
 from ferry.client.location import format_address
 from ferry.client.receive import RawPayload
@@ -62,6 +63,12 @@ class HostInfo:
     exec_allowed: bool
     #: what the server announced it supports (e.g. "tree": GetTree / PutTree)
     features: tuple[str, ...] = ()
+    #: how the login succeeded: "password", "key" or "token"
+    login_method: str = ""
+    #: the same for people: "password", "key SHA256:... (ssh-agent)", "token ID"
+    login_detail: str = ""
+    #: the login is a read-only token: writes and commands are refused
+    read_only: bool = False
 
 
 class _Route:
@@ -101,6 +108,8 @@ class AsyncClient:
         #: seconds without any byte from the server while waiting for one (or without the server
         #: reading what we send, when its buffers are full) before giving up
         self.read_timeout = 60.0
+        self._handshake_timeout = 15.0
+        self._handshake_where = "the server"
 
     # --- connecting ------------------------------------------------------------------------
 
@@ -111,19 +120,51 @@ class AsyncClient:
         port: int = DEFAULT_PORT,
         *,
         user: str,
-        password: str,
+        password: str | None = None,
+        token: str | None = None,
+        key: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        agent: bool | str = False,
+        passphrase: str | None = None,
+        login: LoginOptions | None = None,
         plain: bool = False,
         known_hosts: Any = None,
         timeout: float = 15.0,
     ) -> AsyncClient:
         """Connect, verify (pin) the server certificate, and authenticate.
 
+        Credentials, tried in this order: ``token``; ``key`` (a private key file or a list of them;
+        ``passphrase`` opens a protected one); the keys of ssh-agent when ``agent`` is True (or the
+        agent's socket path); ``password``. ``login`` gives all of it at once
+        (:class:`ferry.client.auth.LoginOptions`, also prompts and default key files) instead.
         ``known_hosts`` is a :class:`ferry.client.known_hosts.KnownHosts` (default: the per-user file).
         Raises :class:`~ferry.errors.AuthError`, :class:`~ferry.errors.HostKeyMismatch`,
         :class:`~ferry.errors.ConnectionBroken` / :class:`~ferry.errors.FerryTimeout`.
         """
         if not 0 < port < 65536:
             raise UsageError(f"port {port} out of range (1-65535)")
+        if login is None:
+            keys = [] if key is None else [key] if isinstance(key, str | os.PathLike) else list(key)
+            login = LoginOptions(
+                password=password, token=token, identities=keys, agent=agent, passphrase=passphrase
+            )
+        try:
+            return await cls._connect_once(host, port, user, login, plain, known_hosts, timeout, None)
+        except NeedReconnect as again:
+            # The server gave up waiting while the user typed a password: send it on a new connection.
+            return await cls._connect_once(host, port, user, login, plain, known_hosts, timeout, again.password)
+
+    @classmethod
+    async def _connect_once(
+        cls,
+        host: str,
+        port: int,
+        user: str,
+        login: LoginOptions,
+        plain: bool,
+        known_hosts: Any,
+        timeout: float,
+        typed_password: str | None,
+    ) -> AsyncClient:
         where = format_address(host, port)
         ssl_ctx: ssl.SSLContext | None = None
         if not plain:
@@ -156,12 +197,9 @@ class AsyncClient:
                 sslobj = writer.get_extra_info("ssl_object")
                 status, fp = check_peer(sslobj, host, port, known_hosts)
             client = cls(reader, writer, Connection(Role.CLIENT))
-            try:
-                welcome, ok = await asyncio.wait_for(client._handshake(user, password), timeout)
-            except TimeoutError as exc:  # a builtin TimeoutError is an OSError: the CLI called it local
-                raise FerryTimeout(
-                    f"{where} accepted the connection but did not answer the login within {timeout:g} s"
-                ) from exc
+            client._handshake_timeout = timeout
+            client._handshake_where = where
+            welcome, result = await client._handshake(user, login, fp, typed_password)
         except BaseException:
             writer.close()
             raise
@@ -171,30 +209,47 @@ class AsyncClient:
             fp,
             status,
             welcome.software,
-            ok.exec_allowed,
+            result.ok.exec_allowed,
             tuple(welcome.features),
+            login_method=result.method,
+            login_detail=result.detail,
+            read_only=result.ok.read_only,
         )
         return client
 
-    async def _handshake(self, user: str, password: str) -> tuple[m.Welcome, m.AuthOk]:
+    async def _handshake(
+        self, user: str, login: LoginOptions, fingerprint: str | None, typed_password: str | None
+    ) -> tuple[m.Welcome, LoginResult]:
         await self._write(
             self._conn.send(
                 m.Hello(min_version=1, max_version=m.PROTOCOL_VERSION, software=f"ferry/{__version__}")
             )
         )
-        welcome = await self._next_message()
+        welcome = await self.receive()
         if isinstance(welcome, m.Error):
             raise from_wire(welcome)
         assert isinstance(welcome, m.Welcome)
-        await self._write(self._conn.send(m.Auth(user=user, password=password)))
-        ok = await self._next_message()
-        if isinstance(ok, m.Error) and ok.code == "busy":
-            raise from_wire(ok)  # not a wrong password: the server is at a limit (exit status 6, not 3)
-        if isinstance(ok, m.Error):
-            raise AuthError(f"login as {user!r} refused: {ok.message}")
-        assert isinstance(ok, m.AuthOk)
+        # fingerprint: the certificate just checked against the pin (None on --plain); key logins sign it.
+        result = await log_in(self, welcome, user, login, fingerprint=fingerprint, typed_password=typed_password)
         self._task = asyncio.create_task(self._read_loop())
-        return welcome, ok
+        return welcome, result
+
+    async def receive(self) -> m.Message:
+        """The next message during the handshake (the :class:`~ferry.client.auth.Exchange` side);
+        bounded by the connect timeout for each answer, not counting prompts for passwords."""
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                while True:
+                    msg = await self._next_message()
+                    if isinstance(msg, m.Ping):
+                        await self._write(self._conn.send(m.Pong(nonce=msg.nonce)))
+                    elif not isinstance(msg, m.Pong):
+                        return msg
+        except TimeoutError as exc:  # a builtin TimeoutError is an OSError: the CLI called it local
+            raise FerryTimeout(
+                f"{self._handshake_where} accepted the connection but did not answer the login "
+                f"within {self._handshake_timeout:g} s"
+            ) from exc
 
     async def _next_message(self) -> m.Message:
         """Handshake-time read (before the reader task runs)."""
@@ -274,7 +329,10 @@ class AsyncClient:
                     await self._write(self._conn.send(m.Pong(nonce=ev.nonce)))
                     continue
                 if isinstance(ev, m.Goodbye):
-                    err = ConnectionBroken(f"the server closed the connection: {ev.reason or 'goodbye'}")
+                    if ev.code == "revoked":  # the login was revoked: retrying would not help
+                        err = AuthError(f"the server ended the session: {ev.reason or 'login revoked'}")
+                    else:
+                        err = ConnectionBroken(f"the server closed the connection: {ev.reason or 'goodbye'}")
                     break
                 req_id = getattr(ev, "id", 0)
                 if isinstance(ev, m.Error) and req_id == 0:

@@ -39,7 +39,7 @@ import getpass
 import inspect
 import os
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.errors import AuthError, UsageError
@@ -336,36 +336,51 @@ def connect(
     plain: bool = False,
     known_hosts: KnownHosts | None = None,
     timeout: float = 15.0,
+    token: str | None = None,
+    key: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    agent: bool | str = False,
+    passphrase: str | None = None,
 ) -> Client:
     """Connect and log in; returns a blocking :class:`Client` (use it in a ``with`` block).
 
-    ``host_or_location`` is a host (``"files.example.org"``, ``"::1"``), ``"USER@HOST[:PORT]"`` or
-    ``"ferry://USER@HOST:PORT"``. Explicit ``user``/``port`` win over the string. The user defaults
-    to ``$FERRY_USER`` or the login name, the password to ``$FERRY_PASSWORD`` (never prompted:
-    this is a library). ``known_hosts`` defaults to the per-user pin file; the first connection
-    to a server pins its certificate (``client.info.pin_status == "new"``), a changed certificate
-    raises :class:`~ferry.errors.HostKeyMismatch`.
+    ``host_or_location`` is a host (``"files.example.org"``, ``"::1"``), ``"USER@HOST[:PORT]"``,
+    ``"ferry://USER@HOST:PORT"`` or a host alias of the config file (``[hosts.NAME]``, see
+    docs/cli.md). Explicit ``user``/``port`` win over the string, the string over the alias.
+
+    Credentials, tried in this order: ``token`` (default ``$FERRY_TOKEN``); ``key``, a private
+    key file or a list of them (``passphrase`` for a protected one; default: the alias's
+    ``identity``); the keys of ssh-agent when ``agent`` is True (or the agent's socket path);
+    ``password`` (default ``$FERRY_PASSWORD``). Nothing is ever prompted: this is a library. The
+    user defaults to ``$FERRY_USER`` or the login name. ``known_hosts`` defaults to the per-user
+    pin file; the first connection to a server pins its certificate (``client.info.pin_status ==
+    "new"``), a changed certificate raises :class:`~ferry.errors.HostKeyMismatch`.
     """
     from ferry.client.aclient import AsyncClient
+    from ferry.client.auth import LoginOptions
     from ferry.client.location import parse_target
 
     loc = parse_target(host_or_location)
     name = user or loc.user or _default_user()
     if password is None:
         password = os.environ.get("FERRY_PASSWORD")
-        if password is None:
-            raise AuthError("no password: pass password=... or set FERRY_PASSWORD")
+    if token is None:
+        token = os.environ.get("FERRY_TOKEN") or None
+    keys = [] if key is None else [key] if isinstance(key, str | os.PathLike) else list(key)
+    if password is None and token is None and not keys and not agent:
+        raise AuthError(
+            "no credential: pass password=, token=, key= or agent=True, or set FERRY_PASSWORD or FERRY_TOKEN"
+        )
     the_port = port if port is not None else loc.port
     if not 0 < the_port < 65536:
         raise UsageError(f"port {the_port} out of range (1-65535)")
-    pw = password
+    login = LoginOptions(password=password, token=token, identities=keys, agent=agent, passphrase=passphrase)
 
     def factory() -> Awaitable[AsyncClient]:
         return AsyncClient.connect(
             loc.host,
             the_port,
             user=name,
-            password=pw,
+            login=login,
             plain=plain,
             known_hosts=known_hosts,
             timeout=timeout,

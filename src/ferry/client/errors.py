@@ -21,6 +21,7 @@ _BY_CODE: dict[str, type[e.RemoteError]] = {
     "disk-full": e.DiskFull,
     "quota": e.DiskFull,
     "exec-denied": e.PermissionDenied,
+    "read-only-token": e.PermissionDenied,
 }
 
 

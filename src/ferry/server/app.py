@@ -87,6 +87,7 @@ class Server:
         self._refusal_log: _RefusalLog | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._revoker: asyncio.Task[None] | None = None
         self.banner: Banner | None = None
 
     async def start(self) -> Banner:
@@ -112,6 +113,7 @@ class Server:
             log=log,
             limits=cfg.limits,
             software=f"ferry/{__version__}",
+            fingerprint=fp,
         )
         try:
             sockets = bind_sockets(cfg.host, cfg.port, backlog=_BACKLOG)
@@ -138,6 +140,7 @@ class Server:
             from ferry.server.sweeper import sweep_forever
 
             self._sweeper = asyncio.create_task(sweep_forever(self.ctx))
+        self._revoker = asyncio.create_task(self.ctx.revocation.run())
         self.banner = Banner(address, root, not cfg.plain, fp, (first[0].name, first[1]) if first else None)
         return self.banner
 
@@ -238,10 +241,11 @@ class Server:
         self._closing = True
         if self.listener is not None:
             self.listener.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for background in (self._sweeper, self._revoker):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:

@@ -15,7 +15,10 @@ from typing import Any
 
 from ferry.server.accounts import Accounts, User
 from ferry.server.admission import Admission
+from ferry.server.auth import Authenticator
 from ferry.server.login_queue import LoginQueue
+from ferry.server.revocation import Revocation
+from ferry.server.throttle import Throttle
 from ferry.server.work import WorkPools
 
 
@@ -28,7 +31,9 @@ class Limits:
     login_timeout: float = 10.0
     idle_timeout: float = 900.0  #: seconds without any request before an idle session is closed
     stall_timeout: float = 300.0  #: seconds a peer may leave our output unread before it is dropped
-    auth_attempts: int = 3  #: wrong passwords per connection before it is dropped
+    #: login messages per connection (a password, a token, a batch of keys, a key query) before it
+    #: is dropped: room for a client's token, three key stages, a query and three passwords
+    auth_attempts: int = 10
     auth_fail_delay: float = 0.3  #: pause after a wrong password (slows guessing)
     max_sessions: int = 1000  #: logged-in sessions at once; more logins are refused with ``busy``
     max_sessions_per_user: int = 100  #: logged-in sessions of one user at once
@@ -39,6 +44,7 @@ class Limits:
     #: from the recent cost of a check) is told ``busy`` at once. Below the client's 15 s timeout.
     login_wait: float = 12.0
     fd_reserve: int = 64  #: descriptors kept free: new connections are refused once fewer are left
+    revocation_interval: float = 1.0  #: seconds between two checks for revoked logins
     write_high_water: int = 1 << 20  #: transport buffer above which writers wait (bounded memory)
     read_size: int = 1 << 18  #: bytes per socket read
     #: password checks at once, each in a thread of its own (an argon2id check takes 19 MiB and ~20 ms
@@ -152,6 +158,12 @@ class ServerContext:
     work: WorkPools = field(init=False)
     admission: Admission = field(init=False)
     logins: LoginQueue = field(init=False)
+    #: the ``SHA256:...`` fingerprint of the TLS certificate (None with --plain): key logins sign it
+    fingerprint: str | None = None
+    #: the failed-login slowdown (a test may pass one with another policy or clock)
+    throttle: Throttle = field(default_factory=Throttle)
+    auth: Authenticator = field(init=False)
+    revocation: Revocation = field(init=False)
 
     def __post_init__(self) -> None:
         lim = self.limits
@@ -168,6 +180,15 @@ class ServerContext:
             per_user=lim.max_sessions_per_user,
         )
         self.logins = LoginQueue(workers=lim.auth_concurrency, max_waiting=lim.max_login_queue, max_wait=lim.login_wait)
+        self.auth = Authenticator(
+            self.accounts,
+            log=self.log,
+            fingerprint=self.fingerprint,
+            password_check=self.logins.check,
+            fail_delay=self.limits.auth_fail_delay,
+            throttle=self.throttle,
+        )
+        self.revocation = Revocation(self.accounts, interval=self.limits.revocation_interval)
 
     def user_home(self, user: User) -> Path:
         """The home folder of ``user``."""

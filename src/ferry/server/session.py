@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,6 +24,7 @@ from ferry.errors import AuthError, FerryError, RemoteError
 from ferry.server import files, transfer, tree
 from ferry.server.accounts import User
 from ferry.server.admission import Refused, Ticket
+from ferry.server.auth import Login, LoginThrottled
 from ferry.server.jail import Jail
 from ferry.server.work import SessionWork
 from ferry.server.work import current as current_work
@@ -37,6 +39,7 @@ from ferry.wire import (
     choose_version,
 )
 from ferry.wire import messages as m
+from ferry.wire.auth import NONCE_SIZE
 
 if TYPE_CHECKING:
     from ferry.server.context import ServerContext
@@ -70,6 +73,15 @@ READER_HANDLERS: dict[type[m.Message], Handler] = {
 }
 
 
+#: The messages a client may log in with (one per attempt).
+_AUTH_MESSAGES: tuple[type[m.Message], ...] = (m.Auth, m.AuthKey, m.AuthToken)
+
+#: Requests that change the home or run programs: a read-only token login gets ``read-only-token``.
+WRITE_REQUESTS: frozenset[type[m.Message]] = frozenset(
+    {m.Mkdir, m.Remove, m.Rename, m.PutFile, m.PutFrom, m.FileEnd, m.PutTree, m.TreeItems, m.Exec}
+)
+
+
 def error_reply(req_id: int, exc: BaseException) -> m.Error:
     """The wire Error for an exception raised while serving request ``req_id``."""
     if isinstance(exc, RemoteError):
@@ -101,8 +113,16 @@ class Session:
         self.sid = next(_session_ids)
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        #: the client's address without the port: what the failed-login slowdown counts by
+        self.address = str(peer[0]) if isinstance(peer, tuple) else self.peer
         self.conn = Connection(Role.SERVER)
         self.user: User | None = None
+        #: how the session logged in (None before); its credential is watched for revocation
+        self.login: Login | None = None
+        #: the account revision this session was last checked against (ferry.server.revocation)
+        self.checked_rev = 0
+        self._end_reason: str | None = None
+        self._task: asyncio.Task[Any] | None = None
         self.jail: Jail | None = None
         self.plain = writer.get_extra_info("sslcontext") is None
         self.software = ""  #: what the client's Hello says it is (client-controlled text)
@@ -180,6 +200,7 @@ class Session:
         watchdog: asyncio.Task[None] | None = None
         reason = "closed"
         current_work.set(self.work)  # before any task is started: they inherit it
+        self._task = asyncio.current_task()
         try:
             async with asyncio.timeout_at(self.deadline) as login_clock:
                 await self._handshake(login_clock)
@@ -205,8 +226,12 @@ class Session:
             reason = f"failed: {exc}"
             await self._try_send(error_reply(0, exc))
         except asyncio.CancelledError:
-            reason = "server shutdown"
-            await self._try_send(m.Goodbye(reason="server shutting down"))
+            if self._end_reason is not None:  # revoked (see end()), not a shutdown
+                reason = f"revoked: {self._end_reason}"
+                await self._try_send(m.Goodbye(reason=f"session ended: {self._end_reason}", code="revoked"))
+            else:
+                reason = "server shutdown"
+                await self._try_send(m.Goodbye(reason="server shutting down"))
             raise
         finally:
             self.work.close()  # threads stop walking before their next entry; queued walks are dropped
@@ -215,6 +240,7 @@ class Session:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
+            self.ctx.revocation.discard(self)
             await self._cleanup()
             log.info(
                 "session %d end user=%s peer=%s seconds=%.3f result=%s",
@@ -272,7 +298,7 @@ class Session:
             self._last_rx = time.monotonic()
             self.conn.receive_data(data)
 
-    async def _handshake_message(self, expected: type[M], during: str) -> M:
+    async def _handshake_message(self, expected: type[M] | tuple[type[M], ...], during: str) -> M:
         """The next handshake message: pings are answered and pongs ignored here (the protocol allows
         both in every state, and they are no authentication attempts); a Goodbye ends the session."""
         while True:
@@ -294,43 +320,37 @@ class Session:
         except ProtocolError as exc:
             await self.send(m.Error(id=0, code="version", message=str(exc)))
             raise
-        await self.send(m.Welcome(version=version, software=self.ctx.software, features=["exec", "tree"]))
+        # A fresh nonce per connection: a key login signs it, so a signature is good only here.
+        nonce = secrets.token_bytes(NONCE_SIZE) if version >= m.KEY_LOGIN_VERSION else b""
+        features = ["exec", "tree", "key", "token"] if nonce else ["exec", "tree"]
+        await self.send(m.Welcome(version=version, software=self.ctx.software, features=features, nonce=nonce))
         limits = self.ctx.limits
-        for attempt in range(1, limits.auth_attempts + 1):
-            auth = await self._handshake_message(m.Auth, "during authentication")
-            if self.ctx.admission.sessions_full():  # say so before spending a password check
+        for _attempt in range(1, limits.auth_attempts + 1):
+            msg = await self._handshake_message(_AUTH_MESSAGES, "during authentication")
+            assert isinstance(msg, m.Auth | m.AuthKey | m.AuthToken)  # what _AUTH_MESSAGES admits
+            if self.ctx.admission.sessions_full():  # say so before spending a check
                 raise self.ctx.admission.full_refusal()
             try:
                 async with self._server_time(login_clock):
-                    user = await self.ctx.logins.check(
-                        self.reader.lost, self.ctx.accounts.verify, auth.user, auth.password
+                    result = await self.ctx.auth.attempt(
+                        msg,
+                        address=self.address,
+                        peer=self.peer,
+                        version=version,
+                        server_nonce=nonce,
+                        gone=self.reader.lost,
                     )
-            except AuthError as exc:
-                self.ctx.log.warning(
-                    "auth failed user=%s peer=%s attempt=%d", auth.user, self.peer, attempt
-                )
-                await asyncio.sleep(limits.auth_fail_delay)
+            except LoginThrottled as exc:
                 await self.send(m.Error(id=0, code="auth", message=str(exc)))
-                if attempt == limits.auth_attempts:
-                    raise
+                raise
+            except AuthError as exc:
+                await self.send(m.Error(id=0, code="auth", message=str(exc)))
                 continue
-            self.ticket.login(user.name)  # Refused: the server or this user is at the session limit
-            self.user = user
-            os.makedirs(user.home, mode=0o700, exist_ok=True)
-            self.jail = Jail(user.home)
-            await self.send(m.AuthOk(user=user.name, exec_allowed=user.exec_allowed, quota=user.quota))
-            if user.exec_allowed:
-                from ferry.server.exec import ExecHandler  # imported only for exec users
-
-                self.exec_handler = ExecHandler(self)
-            self.ctx.log.info(
-                "session %d login user=%s peer=%s plain=%s software=%s",
-                self.sid,
-                user.name,
-                self.peer,
-                self.plain,
-                self.software,
-            )
+            if isinstance(result, m.AuthKeyOk):
+                await self.send(result)
+                continue
+            self.ticket.login(result.user.name)  # Refused: the server or this user is at the session limit
+            await self._logged_in(result)
             return
         raise AuthError("too many failed attempts")
 
@@ -348,6 +368,75 @@ class Session:
         finally:
             if left is not None:
                 login_clock.reschedule(loop.time() + max(0.0, left))
+
+    async def _logged_in(self, login: Login) -> None:
+        """Open the session for ``login``: home, rights, the reply, and the revocation watch."""
+        user = login.user
+        self.login = login
+        self.user = user
+        os.makedirs(user.home, mode=0o700, exist_ok=True)
+        self.jail = Jail(user.home)
+        may_exec = user.exec_allowed and not login.read_only
+        await self.send(
+            m.AuthOk(
+                user=user.name,
+                exec_allowed=may_exec,
+                quota=user.quota,
+                method=login.method,
+                key_id=login.credential,
+                read_only=login.read_only,
+            )
+        )
+        if may_exec:
+            from ferry.server.exec import ExecHandler  # imported only for exec users
+
+            self.exec_handler = ExecHandler(self)
+        self.ctx.revocation.add(self)
+        self.ctx.log.info(
+            "session %d login user=%s peer=%s plain=%s software=%s method=%s%s%s",
+            self.sid,
+            user.name,
+            self.peer,
+            self.plain,
+            self.software,
+            login.method,
+            f" key={login.credential}" if login.credential else "",
+            " read_only=True" if login.read_only else "",
+        )
+
+    # --- revocation (ferry.server.revocation) ---------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the session logged in with a read-only token."""
+        return self.login is not None and self.login.read_only
+
+    def may_run_programs(self) -> bool:
+        """Whether this session can start commands."""
+        return self.exec_handler is not None
+
+    def end(self, reason: str) -> None:
+        """End the session now (its login was revoked): the client is told ``reason``."""
+        if self._end_reason is not None or self._task is None:
+            return
+        self._end_reason = reason
+        self._task.cancel()
+
+    async def _refuse_read_only(self, ev: m.Message) -> bool:
+        """Answer a request a read-only login may not make; whether it was refused."""
+        if type(ev) not in WRITE_REQUESTS:
+            return False
+        if isinstance(ev, m.PutFrom | m.FileEnd | m.TreeItems):
+            return True  # the rest of an upload that was refused already: dropped without a reply
+        await self.send(
+            m.Error(
+                id=getattr(ev, "id", 0),
+                code="read-only-token",
+                message="this login uses a read-only token: it may list and download, "
+                "not write, delete, rename or run programs",
+            )
+        )
+        return True  # data frames that follow find no channel and are dropped
 
     async def _read_loop(self) -> None:
         while True:
@@ -369,6 +458,8 @@ class Session:
                 await self.send(m.Pong(nonce=ev.nonce))
             elif isinstance(ev, m.Goodbye):
                 return
+            elif self.read_only and await self._refuse_read_only(ev):
+                continue
             elif type(ev) in WORKER_HANDLERS:
                 if isinstance(ev, m.GetFile | m.GetTree):
                     # Two downloads under one id would share their cancel state (the first to

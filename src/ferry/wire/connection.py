@@ -79,8 +79,8 @@ SERVER_REPLIES: Final = _types(
 ALLOWED: Final[dict[tuple[Role, State], frozenset[type[m.Message]]]] = {
     (Role.CLIENT, State.HELLO): _types(m.Hello) | _ALWAYS,
     (Role.SERVER, State.HELLO): _types(m.Welcome, m.Error) | _ALWAYS,
-    (Role.CLIENT, State.AUTH): _types(m.Auth) | _ALWAYS,
-    (Role.SERVER, State.AUTH): _types(m.AuthOk, m.Error) | _ALWAYS,
+    (Role.CLIENT, State.AUTH): _types(m.Auth, m.AuthKey, m.AuthToken) | _ALWAYS,
+    (Role.SERVER, State.AUTH): _types(m.AuthOk, m.AuthKeyOk, m.Error) | _ALWAYS,
     (Role.CLIENT, State.OPEN): CLIENT_REQUESTS | _ALWAYS,
     (Role.SERVER, State.OPEN): SERVER_REPLIES | _ALWAYS,
     (Role.CLIENT, State.CLOSED): _types(),

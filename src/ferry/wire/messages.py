@@ -20,8 +20,12 @@ from msgspec import Meta
 from ferry.wire.errors import LocalProtocolError, MalformedMessage
 
 #: Highest protocol version this code speaks; the handshake picks the highest one both sides share.
-PROTOCOL_VERSION = 1
+#: 1: password login only. 2: adds key and token login (:class:`AuthKey`, :class:`AuthToken`) and
+#: the server nonce in :class:`Welcome`; a version-1 peer still logs in with a password.
+PROTOCOL_VERSION = 2
 MIN_PROTOCOL_VERSION = 1
+#: The first version with key and token login.
+KEY_LOGIN_VERSION = 2
 
 U32 = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
 U64 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
@@ -56,11 +60,13 @@ class Hello(Message, tag="hello"):
 
 
 class Welcome(Message, tag="welcome"):
-    """The server's answer to :class:`Hello`: the chosen version."""
+    """The server's answer to :class:`Hello`: the chosen version; from version 2 on, a fresh random
+    ``nonce`` that a key login signs (see :func:`ferry.wire.auth.key_transcript`)."""
 
     version: Annotated[int, Meta(ge=1, le=65535)]
     software: Short = ""
     features: Annotated[list[Short], Meta(max_length=64)] = []
+    nonce: Annotated[bytes, Meta(max_length=64)] = b""
 
 
 class Auth(Message, tag="auth"):
@@ -70,12 +76,51 @@ class Auth(Message, tag="auth"):
     password: Annotated[str, Meta(max_length=1024)]
 
 
+class KeyOffer(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One public key of an :class:`AuthKey`: the SSH wire blob and, unless this is only a query,
+    an SSH-format signature (string algorithm, string signature) of the key transcript."""
+
+    public_key: Annotated[bytes, Meta(max_length=16384)]
+    signature: Annotated[bytes, Meta(max_length=16384)] = b""
+
+
+#: Keys one :class:`AuthKey` may offer.
+MAX_KEY_OFFERS = 16
+
+
+class AuthKey(Message, tag="auth_key"):
+    """Key login (version 2): signed offers log in if one of them is a key of ``user`` and its
+    signature verifies; unsigned offers only ask which keys the server would accept (answered by
+    :class:`AuthKeyOk`), so a client asks for a passphrase only for a key worth unlocking."""
+
+    user: Short
+    client_nonce: Annotated[bytes, Meta(min_length=16, max_length=64)]
+    offers: Annotated[list[KeyOffer], Meta(min_length=1, max_length=MAX_KEY_OFFERS)]
+
+
+class AuthKeyOk(Message, tag="auth_key_ok"):
+    """Answer to an :class:`AuthKey` with unsigned offers: the indexes of the acceptable ones."""
+
+    accepted: Annotated[list[Annotated[int, Meta(ge=0, lt=MAX_KEY_OFFERS)]], Meta(max_length=MAX_KEY_OFFERS)]
+
+
+class AuthToken(Message, tag="auth_token"):
+    """Token login (version 2). ``user`` may be empty: the token names its user."""
+
+    token: Annotated[str, Meta(max_length=256)]
+    user: Short = ""
+
+
 class AuthOk(Message, tag="auth_ok"):
-    """Authentication succeeded; what the account may do."""
+    """Authentication succeeded; what the account may do, and how it logged in (``method``:
+    ``password``, ``key`` or ``token``; ``key_id`` the key fingerprint or token id)."""
 
     user: Short
     exec_allowed: bool = False
     quota: U64 | None = None
+    method: Short = ""
+    key_id: Short = ""
+    read_only: bool = False
 
 
 class Ping(Message, tag="ping"):
@@ -91,9 +136,12 @@ class Pong(Message, tag="pong"):
 
 
 class Goodbye(Message, tag="bye"):
-    """Either side is closing the connection on purpose."""
+    """Either side is closing the connection on purpose. ``code`` says why in a machine-readable
+    way when there is more to say than "done" (``revoked``: the credential or account the session
+    logged in with was removed, disabled or changed)."""
 
     reason: Text = ""
+    code: Short = ""
 
 
 # --- generic replies -----------------------------------------------------------------------
@@ -416,6 +464,9 @@ AnyMessage = (
     Hello
     | Welcome
     | Auth
+    | AuthKey
+    | AuthKeyOk
+    | AuthToken
     | AuthOk
     | Ping
     | Pong
