@@ -55,6 +55,7 @@ def test_add_list_and_login(ferry_env: dict[str, str], root: Path) -> None:
             "quota": 10 * 1024**3,
             "exec_allowed": False,
             "exec_allow": None,
+            "disabled": False,
         }
     }
     assert (root / "homes" / "bob").is_dir()
