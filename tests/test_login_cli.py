@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from conftest import FERRY
 from ferry.errors import ExitCode
 from ferry.server.accounts import Accounts
+from ferry.server.context import Limits
 from ferry.server.credentials import Credentials
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
 from login_support import PASSPHRASE, KeySet, make_keys, ssh_add, ssh_agent
@@ -144,6 +146,36 @@ def test_password_prompt_three_tries(setup: Setup) -> None:
         child.close()
     assert child.exitstatus == ExitCode.AUTH, transcript.getvalue()
     assert "wrong user name or password" in transcript.getvalue()
+
+
+def test_password_typed_after_the_login_deadline_is_sent_on_a_new_connection(
+    tmp_path: Path, ferry_env: dict[str, str]
+) -> None:
+    """The server gives a connection little time to log in; a person typing after a key stage failed
+    may take longer. The typed password is then sent on a fresh connection, not lost."""
+    srv = ServerThread(tmp_path / "root", limits=Limits(login_timeout=1.0))
+    srv.add_user("alice")
+    srv.start()
+    env = dict(ferry_env, HOME=str(tmp_path))
+    for var in ("SSH_AUTH_SOCK", "FERRY_PASSWORD", "FERRY_TOKEN"):
+        env.pop(var, None)
+    try:
+        argv = [*FERRY, "ls", "-v", "-P", str(srv.port), "alice@127.0.0.1:"]
+        child = pexpect.spawn(argv[0], argv[1:], env=env, encoding="utf-8", timeout=30)
+        transcript = io.StringIO()
+        child.logfile_read = transcript
+        try:
+            child.expect("alice password: ")
+            time.sleep(2.0)  # longer than the server's login deadline
+            child.sendline(PASSWORD)
+            child.expect(pexpect.EOF)
+        finally:
+            child.close()
+        assert child.exitstatus == 0, transcript.getvalue()
+        assert "with password" in transcript.getvalue()
+        assert transcript.getvalue().count("alice password: ") == 1  # not asked twice
+    finally:
+        srv.stop()
 
 
 def test_passphrase_prompt_on_a_terminal(setup: Setup, keys: KeySet) -> None:

@@ -280,6 +280,8 @@ class _Login:
 
     async def _reply(self) -> m.Message:
         reply = await self.x.receive()
+        if isinstance(reply, m.Goodbye):  # e.g. the server's login deadline passed
+            raise ConnectionBroken(f"the server closed the connection: {reply.reason or 'goodbye'}")
         if isinstance(reply, m.Error) and reply.code != "auth":
             from ferry.client.errors import from_wire
 
