@@ -156,9 +156,12 @@ def test_max_sessions_per_user_reaches_the_server(tmp_path: Path) -> None:
     from ferry.client.known_hosts import KnownHosts
 
     env = env_for(tmp_path)
-    srv = ServeProcess(tmp_path / "root", env, args=["--max-sessions-per-user", "1"]).start()
+    args = ["--max-sessions-per-user", "1", "--login-threads", "3", "--max-pending-logins-per-address", "7"]
+    srv = ServeProcess(tmp_path / "root", env, args=args).start()
     try:
         assert srv.password is not None
+        log = (tmp_path / "root" / "logs" / "ferry.log").read_text(encoding="utf-8")
+        assert "limits: sessions=1000 per-user=1 pending-logins=1024 per-address=7 login-threads=3" in log
 
         async def main() -> None:
             held = await AsyncClient.connect(

@@ -136,6 +136,16 @@ class Server:
             f" (raised from {before})" if after != before else "",
             budget.reserve,
         )
+        lim = cfg.limits
+        log.info(
+            "limits: sessions=%d per-user=%d pending-logins=%d per-address=%d login-threads=%d login-timeout=%gs",
+            lim.max_sessions,
+            lim.max_sessions_per_user,
+            lim.max_pending_logins,
+            lim.max_pending_logins_per_address,
+            lim.auth_concurrency,
+            lim.login_timeout,
+        )
         if cfg.limits.partial_max_age > 0:
             from ferry.server.sweeper import sweep_forever
 

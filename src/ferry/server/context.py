@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,9 +48,9 @@ class Limits:
     revocation_interval: float = 1.0  #: seconds between two checks for revoked logins
     write_high_water: int = 1 << 20  #: transport buffer above which writers wait (bounded memory)
     read_size: int = 1 << 18  #: bytes per socket read
-    #: password checks at once, each in a thread of its own (an argon2id check takes 19 MiB and ~20 ms
-    #: of a core): one per core here
-    auth_concurrency: int = 2
+    #: password checks at once, each in a login thread (an argon2id check takes 19 MiB and ~22 ms of
+    #: a core): one per core, since a check keeps its core busy for its whole duration
+    auth_concurrency: int = field(default_factory=lambda: os.cpu_count() or 2)
     max_uploads: int = 128  #: unfinished uploads per connection (each holds an open partial file)
     #: interrupted uploads not resumed within this many seconds are deleted (0: keep for ever)
     partial_max_age: float = 7 * 86400.0
