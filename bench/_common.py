@@ -608,6 +608,8 @@ class FerryServer:
     plain: bool
     env: Mapping[str, str] | None = None
     profile_to: Path | None = None
+    #: more ``ferry serve`` options (limits...), passed when the CLI is used
+    args: Sequence[str] = ()
     start_timeout: float = 60.0
     port: int = 0
     proc: subprocess.Popen[str] | None = field(default=None, repr=False)
@@ -620,6 +622,7 @@ class FerryServer:
             argv = [*FERRY, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", "0"]
             if self.plain:
                 argv.append("--plain")
+            argv += list(self.args)
         else:
             argv = [PYTHON, "-c", _SERVE_SCRIPT, str(self.root), "plain" if self.plain else "tls"]
             if self.profile_to is not None:
