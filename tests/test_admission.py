@@ -350,3 +350,22 @@ def test_a_login_that_would_wait_too_long_is_refused_early(tmp_path: Path) -> No
             c.close()
         assert outcomes[0] == "AuthOk", outcomes  # the first never waits
         assert logins.refused >= 2
+
+
+@pytest.mark.parametrize(
+    ("peer", "key"),
+    [
+        (("127.0.0.2", 5000), "127.0.0.2"),
+        (("2001:db8:1:2:aaaa::1", 5000, 0, 0), "2001:db8:1:2::/64"),
+        (("2001:db8:1:2:ffff::9", 5001, 0, 0), "2001:db8:1:2::/64"),  # same /64: same group
+        (("2001:db8:1:3::1", 5000, 0, 0), "2001:db8:1:3::/64"),
+        (("::ffff:192.0.2.7", 5000, 0, 0), "192.0.2.7"),  # IPv4-mapped counts as the IPv4 address
+        (("fe80::1%eth0", 5000, 0, 2), "fe80::/64"),
+        ("/run/ferry.sock", "local"),
+        (None, "local"),
+    ],
+)
+def test_clients_are_grouped_by_ipv4_address_and_ipv6_64(peer: object, key: str) -> None:
+    from ferry.server.admission import address_key
+
+    assert address_key(peer) == key
