@@ -356,9 +356,10 @@ class Session:
 
     @contextlib.asynccontextmanager
     async def _server_time(self, login_clock: asyncio.Timeout) -> AsyncIterator[None]:
-        """Stop the client's login clock while the server itself works (a queued password check):
-        the login deadline bounds how long a client may take, not how busy the server is. The
-        login queue bounds the server's part (``Limits.login_wait``)."""
+        """Stop the client's login clock while the server itself works on an attempt (a queued
+        password check, a failed-login slowdown): the login deadline bounds how long a client may
+        take, not how busy the server is. The login queue (``Limits.login_wait``) and the
+        slowdown's own bound limit the server's part."""
         loop = asyncio.get_running_loop()
         when = login_clock.when()
         left = (when - loop.time()) if when is not None else None
