@@ -15,8 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from ferry_server import ServerThread
 
 PASSPHRASE = "correct passphrase"
 
@@ -105,3 +109,26 @@ def ssh_add(env: dict[str, str], *keys: Key) -> None:
     subprocess.run(
         [need("ssh-add"), *(str(k.path) for k in keys)], check=True, timeout=30, env=env, capture_output=True
     )
+
+
+def key_server(root: Path, *lines: str, exec_allowed: bool = True) -> ServerThread:
+    """A started server with user ``alice`` (password PASSWORD) whose keys are ``lines``."""
+    from ferry.server.accounts import Accounts
+    from ferry.server.credentials import Credentials
+    from ferry_server import CHEAP_HASHER
+    from ferry_server import ServerThread as Server
+
+    srv = Server(root)
+    srv.add_user("alice", exec_allowed=exec_allowed)
+    srv.start()
+    with Accounts(srv.root, hasher=CHEAP_HASHER) as acc:
+        Credentials(acc).add_keys("alice", "".join(lines))
+    return srv
+
+
+def bare_env(ferry_env: dict[str, str], home: Path) -> dict[str, str]:
+    """``ferry_env`` with HOME at ``home`` and no agent, password, token or user from outside."""
+    env = dict(ferry_env, HOME=str(home))
+    for var in ("SSH_AUTH_SOCK", "FERRY_PASSWORD", "FERRY_TOKEN", "FERRY_USER"):
+        env.pop(var, None)
+    return env

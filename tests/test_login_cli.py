@@ -18,7 +18,7 @@ from ferry.server.accounts import Accounts
 from ferry.server.context import Limits
 from ferry.server.credentials import Credentials
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
-from login_support import PASSPHRASE, KeySet, make_keys, ssh_add, ssh_agent
+from login_support import PASSPHRASE, KeySet, bare_env, key_server, make_keys, ssh_add, ssh_agent
 from serve_process import run_ferry
 
 
@@ -41,19 +41,14 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path, keys: KeySet, ferry_env: dict[str, str]) -> Iterator[Setup]:
-    srv = ServerThread(tmp_path / "root")
-    srv.add_user("alice", exec_allowed=True)
-    srv.start()
+    srv = key_server(tmp_path / "root", keys.ed25519.pub, keys.rsa.pub, keys.protected.pub)
     with Accounts(srv.root, hasher=CHEAP_HASHER) as acc:
         creds = Credentials(acc)
-        creds.add_keys("alice", keys.ed25519.pub + keys.rsa.pub + keys.protected.pub)
         token = creds.add_token("alice")[1]
         read_token = creds.add_token("alice", read_only=True)[1]
     home = tmp_path / "home"
     home.mkdir()
-    env = dict(ferry_env, HOME=str(home))
-    for var in ("SSH_AUTH_SOCK", "FERRY_PASSWORD", "FERRY_TOKEN", "FERRY_USER"):
-        env.pop(var, None)
+    env = bare_env(ferry_env, home)
     try:
         yield Setup(srv, env, home, token, read_token)
     finally:
@@ -156,9 +151,7 @@ def test_password_typed_after_the_login_deadline_is_sent_on_a_new_connection(
     srv = ServerThread(tmp_path / "root", limits=Limits(login_timeout=1.0))
     srv.add_user("alice")
     srv.start()
-    env = dict(ferry_env, HOME=str(tmp_path))
-    for var in ("SSH_AUTH_SOCK", "FERRY_PASSWORD", "FERRY_TOKEN"):
-        env.pop(var, None)
+    env = bare_env(ferry_env, tmp_path)
     try:
         argv = [*FERRY, "ls", "-v", "-P", str(srv.port), "alice@127.0.0.1:"]
         child = pexpect.spawn(argv[0], argv[1:], env=env, encoding="utf-8", timeout=30)

@@ -35,6 +35,7 @@ _COMMANDS: dict[str, str] = {
     "mv": "ferry.cli.files:mv",
     "df": "ferry.cli.files:df",
     "shell": "ferry.cli.shell:shell",
+    "known-hosts": "ferry.cli.known_hosts:known_hosts",
 }
 
 #: Commands that have nothing left for the interpreter's teardown when they return (connection
@@ -74,8 +75,29 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, lazy=_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ferry")
-def cli() -> None:
-    """ferry: fast, verified file transfer and remote commands over plain sockets."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """ferry: fast, verified file transfer and remote commands over plain sockets.
+
+    Host aliases and defaults come from $FERRY_HOME/config.toml (~/.config/ferry/config.toml).
+    """
+    # Runs before the subcommand parses its options: the config's [defaults] become its defaults.
+    ctx.default_map = _config_defaults(ctx.invoked_subcommand)
+
+
+def _config_defaults(command: str | None) -> dict[str, dict[str, object]] | None:
+    """click defaults from the config file's ``[defaults]`` for ``command`` (None without a file)."""
+    if command is None or command in ("user", "serve", "net", "known-hosts"):
+        return None
+    from ferry.client.config import load_config
+
+    defaults = load_config().defaults
+    values: dict[str, object] = {}
+    if defaults.hash is not None:
+        values["hash_name"] = defaults.hash
+    if defaults.bwlimit is not None:
+        values["bwlimit"] = defaults.bwlimit
+    return {command: values} if values else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ order the methods are tried in is :mod:`ferry.client.auth`'s (documented in docs
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -96,7 +97,16 @@ async def open_client(
     """Connect and log in; tells the user (on stderr) when a server certificate is pinned for the
     first time, warns about ``--plain``, and with ``verbose`` says how the login succeeded."""
     user = loc.user or default_user()
-    loc = Location(loc.host, loc.port, user, loc.path)
+    loc = dataclasses.replace(loc, user=user)
+    if loc.alias is not None:  # the config file's [hosts.NAME]: its keys come after -i, its plain applies
+        from ferry.client.config import load_config
+
+        alias = load_config().alias(loc.alias)
+        if alias is not None:
+            identities = [*identities, *alias.identity]
+            plain = plain or bool(alias.plain)
+            if login is not None:
+                login.identities = [*login.identities, *(i for i in alias.identity if i not in login.identities)]
     if login is None:
         login = login_options(
             password_file=password_file, token_file=token_file, identities=identities, verbose=verbose

@@ -16,6 +16,7 @@ spelling of each path; absolute paths and ``..`` are sent as they are so that th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import os
@@ -79,8 +80,14 @@ class Common:
     verbose: bool = False
 
     def output(self) -> Output:
-        """The printing policy these options ask for."""
-        return Output(quiet=self.quiet, json_mode=self.json)
+        """The printing policy these options ask for (progress bars: the config file's
+        ``[defaults] progress`` when set, else on a terminal)."""
+        from ferry.client.config import load_config
+
+        progress = load_config().defaults.progress
+        if progress is not None:
+            progress = progress and not self.quiet and not self.json
+        return Output(quiet=self.quiet, json_mode=self.json, progress=progress)
 
 
 def common_options(f: F) -> F:
@@ -173,7 +180,7 @@ def _with_port(spec: str, loc: Location, port: int | None) -> Location:
             url_port = urlsplit(spec).port
             if url_port is not None and url_port != port:
                 raise UsageError(f"{spec!r} says port {url_port} but -P says {port}; give only one")
-    return Location(loc.host, port, loc.user, loc.path)
+    return dataclasses.replace(loc, port=port)
 
 
 def remote_location(spec: str, port: int | None) -> Location:
@@ -183,7 +190,7 @@ def remote_location(spec: str, port: int | None) -> Location:
             f"{spec!r} is not a remote location; write [USER@]HOST:PATH or ferry://USER@HOST:PORT/PATH"
         )
     loc = _with_port(spec, parse_location(spec, require_path=True), port)
-    return Location(loc.host, loc.port, loc.user, clean_remote(loc.path))
+    return dataclasses.replace(loc, path=clean_remote(loc.path))
 
 
 def number_after_colon(loc: Location, port_option: int | None) -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import cmd
 import contextlib
+import dataclasses
 import glob
 import os
 import shlex
@@ -623,7 +624,7 @@ def shell(target: str, pty: bool, hash_name: str, no_resume: bool, common: Commo
     from ferry.cli.common import default_user, login_options
 
     loc = target_location(target, common.port)
-    loc = Location(loc.host, loc.port, loc.user or default_user(), loc.path)
+    loc = dataclasses.replace(loc, user=loc.user or default_user())
     if pty:
         return _run_pty(loc, common)
     # Made once: a password typed at the prompt is kept in it, so a reconnect (after an idle

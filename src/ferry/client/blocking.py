@@ -366,6 +366,13 @@ def connect(
     if token is None:
         token = os.environ.get("FERRY_TOKEN") or None
     keys = [] if key is None else [key] if isinstance(key, str | os.PathLike) else list(key)
+    if loc.alias is not None:  # a config file alias: its key files and plain setting apply
+        from ferry.client.config import load_config
+
+        alias = load_config().alias(loc.alias)
+        if alias is not None:
+            keys = keys or list(alias.identity)
+            plain = plain or bool(alias.plain)
     if password is None and token is None and not keys and not agent:
         raise AuthError(
             "no credential: pass password=, token=, key= or agent=True, or set FERRY_PASSWORD or FERRY_TOKEN"

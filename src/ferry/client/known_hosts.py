@@ -174,6 +174,15 @@ class KnownHosts:
             "and connect again; otherwise do not connect."
         )
 
+    def pins(self) -> list[tuple[str, int, str]]:
+        """Every pin as ``(host, port, fingerprint)``, in file order (IPv6 hosts without brackets)."""
+        out = []
+        for _, key, fp in self._entries(self._read_lines()):
+            host, _, port = key.rpartition(":")
+            if port.isdigit():
+                out.append((host.strip("[]"), int(port), fp))
+        return out
+
     def forget(self, host: str, port: int) -> bool:
         """Remove every pin for ``host:port``; returns whether there was one."""
         key = host_key(host, port)

@@ -19,6 +19,9 @@ class Location:
     port: int = DEFAULT_PORT
     user: str | None = None
     path: str = ""
+    #: the config file's host alias this location was written with (``box:`` for ``[hosts.box]``);
+    #: its ``identity`` and ``plain`` apply to the connection (ferry.client.config)
+    alias: str | None = None
 
     @property
     def address(self) -> str:
@@ -64,8 +67,8 @@ def parse_location(spec: str, *, default_user: str | None = None, require_path: 
             raise UsageError(f"{spec!r}: port out of range (1-65535)")
         port = DEFAULT_PORT if port is None else port
         path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
-        user = unquote(parts.username) if parts.username else default_user
-        return Location(parts.hostname, port, user, path)
+        user = unquote(parts.username) if parts.username else None
+        return _resolve(parts.hostname, port if parts.port is not None else None, user, path, default_user)
     if "://" in spec:
         raise UsageError(f"{spec!r}: unknown scheme; use ferry://USER@HOST:PORT/PATH or USER@HOST:PATH")
     mt = _SCP.match(spec)
@@ -78,7 +81,7 @@ def parse_location(spec: str, *, default_user: str | None = None, require_path: 
         if mt is None:
             raise UsageError(f"{spec!r} is not a host; write [USER@]HOST or ferry://USER@HOST:PORT")
     host = mt.group("host").strip("[]")
-    return Location(host, DEFAULT_PORT, mt.group("user") or default_user, mt.group("path"))
+    return _resolve(host, None, mt.group("user"), mt.group("path"), default_user)
 
 
 def parse_target(spec: str, *, default_user: str | None = None) -> Location:
@@ -100,10 +103,27 @@ def parse_target(spec: str, *, default_user: str | None = None) -> Location:
         host, port_s = rest, ""
     if not host:
         raise UsageError(f"{spec!r}: no host")
-    port = DEFAULT_PORT
+    port = None
     if port_s:
         # isascii: str.isdigit() accepts '²', which int() then rejects with a bare ValueError
         if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
             raise UsageError(f"{spec!r}: port out of range (1-65535)")
         port = int(port_s)
-    return Location(host, port, user or default_user, "")
+    return _resolve(host, port, user or None, "", default_user)
+
+
+def _resolve(host: str, port: int | None, user: str | None, path: str, default_user: str | None) -> Location:
+    """The location, with a config file host alias (``[hosts.NAME]``) put in: what the user wrote
+    (a port, ``USER@``) wins over the alias, the alias over the defaults."""
+    from ferry.client.config import load_config  # a stat when there is no config file
+
+    alias = load_config().alias(host) if not host.startswith("[") and ":" not in host else None
+    if alias is None:
+        return Location(host, DEFAULT_PORT if port is None else port, user or default_user, path)
+    return Location(
+        alias.host,
+        port if port is not None else alias.port or DEFAULT_PORT,
+        user or alias.user or default_user,
+        path,
+        alias.name,
+    )
