@@ -135,8 +135,8 @@ def test_a_refused_client_is_told_busy_and_why(tmp_path: Path) -> None:
 
 def raise_first_error(data: bytes) -> None:
     """Decode the server's first message and raise it as the client would."""
-    from ferry.client.errors import from_wire
     from ferry.wire import NEED_DATA, Connection, Role
+    from ferry.wire.codes import from_wire
 
     conn = Connection(Role.CLIENT)
     conn.receive_data(data)
@@ -310,7 +310,7 @@ def test_a_full_login_queue_says_busy_at_once(tmp_path: Path) -> None:
         refused = send_login(srv.port)
         events = refused.until_closed(10)
         answered = time.monotonic() - t0
-        assert [(type(e), getattr(e, "code", None)) for e in events] == [(m.Error, "busy")], events
+        assert [(type(e), getattr(e, "code", None)) for e in events] == [(m.Error, "refused")], events
         assert "too many logins waiting" in events[0].message
         # told at once, not after the two checks ahead of it
         assert answered < max(0.4, 0.8 * logins.cost), (answered, logins.cost)
@@ -340,7 +340,7 @@ def test_a_login_that_would_wait_too_long_is_refused_early(tmp_path: Path) -> No
         # them are still running (not after waiting max_wait).
         for c in clients[-2:]:
             ev = c.next_event(timeout=max(0.3, 0.8 * cost))
-            assert isinstance(ev, m.Error) and ev.code == "busy", ev
+            assert isinstance(ev, m.Error) and ev.code == "refused", ev
             assert "busy with logins (about" in ev.message
         outcomes = []
         for c in clients[:-2]:

@@ -37,6 +37,8 @@ from ferry.errors import (
     PathRefused,
     PermissionDenied,
     RemoteError,
+    RemoteTransferError,
+    ServerBusy,
     TransferError,
 )
 from ferry.server import jail as jail_mod
@@ -963,8 +965,8 @@ def test_utime_and_chmod(jail: Jail, home: Path, monkeypatch: pytest.MonkeyPatch
         (errno.ELOOP, PathRefused, "symlink"),
         (errno.ENAMETOOLONG, PathRefused, "bad-path"),
         (errno.EXDEV, RemoteError, "cross-device"),
-        (errno.EMFILE, RemoteError, "busy"),
-        (errno.EIO, RemoteError, "io-error"),
+        (errno.EMFILE, ServerBusy, "busy"),
+        (errno.EIO, RemoteTransferError, "io"),
     ],
 )
 def test_translate_oserror(err: int, cls: type[RemoteError], code: str) -> None:

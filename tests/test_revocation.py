@@ -64,7 +64,8 @@ async def ended(c: AsyncClient, within: float = WITHIN) -> str | None:
         try:
             await c.ping()
         except FerryError as exc:
-            return f"{type(exc).__name__}: {exc}"
+            # The class that says why: an AuthError (revoked) is not retried, a ConnectionBroken is.
+            return f"{'AuthError' if isinstance(exc, AuthError) else type(exc).__name__}: {exc}"
         await asyncio.sleep(0.1)
     return None
 

@@ -18,8 +18,8 @@ from ferry.errors import (
     NotFound,
     PathRefused,
     RemoteError,
+    StoreUnavailable,
 )
-from ferry.store.errors import StoreUnavailable
 from ferry.store.namespace import Namespace
 from ferry.store.schema import SCHEMA_VERSION
 from store_support import object_keys, open_storage, put_file, read_file, run

@@ -16,9 +16,8 @@ import obstore
 import pytest
 
 from components import Weed
-from ferry.errors import DiskFull
+from ferry.errors import ChunkDamaged, DiskFull, StoreUnavailable, UploadGone
 from ferry.store.api import CHUNK_SIZE
-from ferry.store.errors import ChunkDamaged, StoreUnavailable, UploadGone
 from ferry.store.objects import chunk_hash
 from store_support import (
     chunks_of,

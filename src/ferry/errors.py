@@ -3,6 +3,10 @@
 Every error a user can meet derives from :class:`FerryError`. Each carries an ``exit_code`` so the
 command line can map failures to distinct exit statuses, and a message that says what to do.
 Low-level ``OSError`` is translated into these at the I/O boundary (``raise X from exc``).
+
+This module is the bottom layer: it imports nothing of ferry. Which wire error code becomes which
+of these classes (and with what scope) is decided in one place above it, the registry
+:class:`ferry.wire.codes.ErrorCode`; the server raises and the client receives the same classes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ class ExitCode:
     USAGE = 2  #: bad command line or bad input given by the user
     AUTH = 3  #: wrong password, unknown user, permission to log in refused
     NOT_FOUND = 4  #: remote path missing, or permission denied on it
-    TRANSFER = 5  #: integrity mismatch, quota, disk full, interrupted transfer
+    TRANSFER = 5  #: integrity mismatch, quota, disk full, server I/O error, interrupted transfer
     CONNECTION = 6  #: could not connect, connection broken, timeout, TLS / pin mismatch
 
 
@@ -55,7 +59,10 @@ class AuthError(FerryError):
 
 
 class RemoteError(FerryError):
-    """The server refused or failed an operation; ``code`` is the wire error code."""
+    """The server refused or failed an operation; ``code`` is the wire error code.
+
+    Build one with :meth:`ferry.wire.codes.ErrorCode.error` (the registry picks the class).
+    """
 
     exit_code = ExitCode.ERROR
 
@@ -153,5 +160,71 @@ class DirectoryNotEmpty(RemoteError):
 
 class DiskFull(RemoteError, TransferError):
     """The server ran out of disk space or quota (codes ``disk-full``, ``quota``)."""
+
+    exit_code = ExitCode.TRANSFER
+
+
+class ServerBusy(RemoteError):
+    """The server cannot take this request now (too many open transfers on the connection, out of
+    file descriptors); the connection is fine: try the request again later (code ``busy``)."""
+
+    exit_code = ExitCode.ERROR
+
+
+class BadRequest(RemoteError):
+    """The server could not accept the request as given (an empty command, a malformed tree record);
+    the connection goes on (code ``bad-request``)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class RemoteIntegrityError(RemoteError, IntegrityError):
+    """The server found that uploaded data did not match the client's hashes (code ``integrity``)."""
+
+    exit_code = ExitCode.TRANSFER
+
+
+class RemoteTransferError(RemoteError, TransferError):
+    """A transfer failed on the server: the file changed, the transfer was cancelled, or the
+    server's storage failed (codes ``changed``, ``cancelled``, ``io``)."""
+
+    exit_code = ExitCode.TRANSFER
+
+
+class RemoteAuthError(RemoteError, AuthError):
+    """The server refused the login (code ``auth``)."""
+
+    exit_code = ExitCode.AUTH
+
+
+class RemoteConnectionError(RemoteError, ConnectionBroken):
+    """The server ended the whole connection with an error: it refused it (``refused``: a
+    connection or login limit, out of capacity, shutting down), a protocol violation
+    (``protocol``), no common version (``version``)."""
+
+    exit_code = ExitCode.CONNECTION
+
+
+# --- The object backend (ferry.store): storage that is not a local folder. ---
+
+
+class StoreUnavailable(RemoteError):
+    """The database or the object store cannot be reached, or refused the server's credentials
+    (code ``unavailable``). Nothing that was acknowledged is lost; the same request can be retried
+    once it is back."""
+
+    exit_code = ExitCode.CONNECTION
+
+
+class ChunkDamaged(RemoteError, IntegrityError):
+    """A stored chunk is missing or its bytes do not match the hash recorded for it (code
+    ``corrupt``); found on read, before any of its bytes are handed out."""
+
+    exit_code = ExitCode.TRANSFER
+
+
+class UploadGone(RemoteError):
+    """The partial upload was removed while in use (its folder was removed, or it was swept as
+    stale) (code ``upload-gone``); start the upload again."""
 
     exit_code = ExitCode.TRANSFER

@@ -47,7 +47,6 @@ from ferry.errors import (
     ExitCode,
     FerryError,
     IsADirectory,
-    NotADirectory,
     NotFound,
     TransferError,
     UsageError,
@@ -391,11 +390,13 @@ async def do_put(
     ``base`` is then an error, except for a single source folder, which is created as ``base``
     (as ``cp -r DIR NEW/`` does).
     """
+    from ferry.wire.codes import ErrorCode  # connected by now: the wire layer is loaded anyway
+
     target_dir = await is_remote_dir(client, base)
     if target_dir is None and into_dir and not (len(sources) == 1 and Path(sources[0]).is_dir()):
-        raise NotFound("not-found", f"{safe_name(shown(base))}: no such remote folder")
+        raise ErrorCode.NOT_FOUND.error(f"{safe_name(shown(base))}: no such remote folder")
     if target_dir is False and into_dir:  # else each source would overwrite that one file in turn
-        raise NotADirectory("not-a-directory", f"{safe_name(shown(base))}: not a folder")
+        raise ErrorCode.NOT_A_DIRECTORY.error(f"{safe_name(shown(base))}: not a folder")
     for src in sources:
         p = Path(src)
         if not p.exists():
@@ -697,8 +698,10 @@ def mkdir(remotes: tuple[str, ...], parents: bool, common: Common) -> None:
 
 async def remove_path(client: AsyncClient, path: str, *, recursive: bool, shown: str) -> None:
     """Remove ``path``; as rm(1), a folder (even an empty one) only with ``recursive``."""
+    from ferry.wire.codes import ErrorCode  # connected by now: the wire layer is loaded anyway
+
     if not recursive and await is_remote_dir(client, path):
-        raise IsADirectory("is-a-directory", f"{safe_name(shown)} is a folder: use -r to remove it")
+        raise ErrorCode.IS_A_DIRECTORY.error(f"{safe_name(shown)} is a folder: use -r to remove it")
     await client.remove(path, recursive=recursive)
 
 

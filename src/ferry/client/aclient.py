@@ -22,15 +22,15 @@ from typing import Any
 from ferry import __version__
 from ferry.aio import CorkedWriter
 from ferry.client.auth import LoginOptions, LoginResult, NeedReconnect, log_in
-from ferry.client.errors import from_wire
 from ferry.client.location import format_address
 from ferry.client.receive import RawPayload
 from ferry.client.stream import ClientStream, open_client_connection
-from ferry.errors import AuthError, ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout, UsageError
+from ferry.errors import ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout, UsageError
 from ferry.errtext import os_reason
 from ferry.paths import DEFAULT_PORT
 from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, ProtocolError, Role
 from ferry.wire import messages as m
+from ferry.wire.codes import ErrorCode, ends_connection, from_wire
 
 Progress = Callable[[int, int], None]
 """Progress callback: ``(bytes done, bytes total)``."""
@@ -329,15 +329,15 @@ class AsyncClient:
                     await self._write(self._conn.send(m.Pong(nonce=ev.nonce)))
                     continue
                 if isinstance(ev, m.Goodbye):
-                    if ev.code == "revoked":  # the login was revoked: retrying would not help
-                        err = AuthError(f"the server ended the session: {ev.reason or 'login revoked'}")
+                    if ev.code == ErrorCode.REVOKED:  # the login was revoked: retrying would not help
+                        err = ErrorCode.REVOKED.error(f"the server ended the session: {ev.reason or 'login revoked'}")
                     else:
                         err = ConnectionBroken(f"the server closed the connection: {ev.reason or 'goodbye'}")
                     break
-                req_id = getattr(ev, "id", 0)
-                if isinstance(ev, m.Error) and req_id == 0:
+                if isinstance(ev, m.Error) and ends_connection(ev):  # else it fails one request
                     err = from_wire(ev)
                     break
+                req_id = getattr(ev, "id", 0)
                 route = self._routes.get(req_id)
                 if route is not None:
                     await route.queue.put(ev)

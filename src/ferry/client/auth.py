@@ -31,6 +31,7 @@ from ferry.errors import AuthError, ConnectionBroken, UsageError
 from ferry.errtext import os_reason
 from ferry.wire import messages as m
 from ferry.wire.auth import key_fingerprint, key_transcript, read_ssh_string
+from ferry.wire.codes import ErrorCode, from_wire
 
 if TYPE_CHECKING:
     from ferry.sshkeys import PrivateKey
@@ -282,9 +283,7 @@ class _Login:
         reply = await self.x.receive()
         if isinstance(reply, m.Goodbye):  # e.g. the server's login deadline passed
             raise ConnectionBroken(f"the server closed the connection: {reply.reason or 'goodbye'}")
-        if isinstance(reply, m.Error) and reply.code != "auth":
-            from ferry.client.errors import from_wire
-
+        if isinstance(reply, m.Error) and reply.code != ErrorCode.AUTH:
             raise from_wire(reply)
         return reply
 

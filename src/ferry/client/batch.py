@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ferry.client.errors import from_wire
 from ferry.errors import IntegrityError, TransferError
 from ferry.hashing import DEFAULT_CHUNK, ChunkHasher, HashName
 from ferry.wire import Data
 from ferry.wire import messages as m
+from ferry.wire.codes import from_wire
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient

@@ -30,10 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from ferry.client.errors import from_wire
 from ferry.errors import FerryError, FerryTimeout, UsageError
 from ferry.wire import Data
 from ferry.wire import messages as m
+from ferry.wire.codes import from_wire
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient, _Route

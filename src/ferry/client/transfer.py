@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ferry.client.errors import from_wire
 from ferry.client.receive import DownloadWriter, RawPayload
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.hashing import (
@@ -34,6 +33,7 @@ from ferry.hashing import (
 from ferry.textsafe import safe_name
 from ferry.wire import Data
 from ferry.wire import messages as m
+from ferry.wire.codes import from_wire
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient

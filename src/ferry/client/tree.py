@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ferry.aio import close_after
-from ferry.client.errors import from_wire
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.hashing import HashName, small_digest
 from ferry.textsafe import safe_name
 from ferry.wire import messages as m
+from ferry.wire.codes import from_wire
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient

@@ -28,7 +28,7 @@ from ferry.server.listener import DescriptorBudget, Listener, bind_sockets, rais
 from ferry.server.log import setup_logging
 from ferry.server.session import Session
 from ferry.wire import Connection, Role
-from ferry.wire import messages as m
+from ferry.wire.codes import ErrorCode
 
 #: Kernel queue of connections not yet accepted (a burst waits there, not refused).
 _BACKLOG = 1024
@@ -225,7 +225,7 @@ class Server:
             stream = ChunkStream(limit=1 << 16)
             writer = await _connect(loop, sock, stream, self.ctx.ssl_context, loop.time() + _REFUSAL_TIMEOUT)
             # An Error is allowed before Hello: the client shows the message instead of a bare reset.
-            writer.write(Connection(Role.SERVER).send(m.Error(id=0, code="busy", message=message)))
+            writer.write(Connection(Role.SERVER).send(ErrorCode.REFUSED.reply(0, message)))
             async with asyncio.timeout(_REFUSAL_TIMEOUT):
                 await writer.drain()
                 writer.close()

@@ -49,10 +49,11 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Final
 
-from ferry.errors import RemoteError, UsageError
+from ferry.errors import RemoteError
 from ferry.textsafe import safe_text
 from ferry.wire import Data
 from ferry.wire import messages as m
+from ferry.wire.codes import ErrorCode
 from ferry.wire.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ _SIGNAL_NAMES: Final = {int(s): s.name for s in signal.Signals}
 
 def _denied(message: str) -> RemoteError:
     """The refusal every client sees as ``exec-denied`` (a PermissionDenied on the client)."""
-    return RemoteError("exec-denied", message)
+    return ErrorCode.EXEC_DENIED.error(message)
 
 
 # --- policy: environment and program ------------------------------------------------------------
@@ -171,10 +172,10 @@ def plan_argv(user: User, msg: m.Exec) -> tuple[list[str], str]:
     * neither, with a PTY: an interactive ``/bin/sh`` (allowed when ``sh`` or ``/bin/sh`` is).
     """
     if msg.command is not None and msg.argv is not None:
-        raise UsageError("give either a command string or an argv list, not both")
+        raise ErrorCode.BAD_REQUEST.error("give either a command string or an argv list, not both")
     if msg.argv is not None:
         if not msg.argv or not msg.argv[0]:
-            raise UsageError("empty argv: nothing to run")
+            raise ErrorCode.BAD_REQUEST.error("empty argv: nothing to run")
         argv = list(msg.argv)
         program = argv[0]
     elif msg.command is not None:
@@ -182,16 +183,16 @@ def plan_argv(user: User, msg: m.Exec) -> tuple[list[str], str]:
             return ["/bin/sh", "-c", msg.command], "sh"
         argv = simple_words(msg.command)
         if not argv:
-            raise UsageError("empty command: nothing to run")
+            raise ErrorCode.BAD_REQUEST.error("empty command: nothing to run")
         program = argv[0]
     elif msg.pty is not None:
         if not (user.may_exec("sh") or user.may_exec("/bin/sh")):
             raise _denied("this account may not start an interactive shell (sh is not in its allow list)")
         return ["/bin/sh"], "sh"
     else:
-        raise UsageError("no command given")
+        raise ErrorCode.BAD_REQUEST.error("no command given")
     if any("\0" in a for a in argv):
-        raise UsageError("the command contains a NUL character")
+        raise ErrorCode.BAD_REQUEST.error("the command contains a NUL character")
     if not user.may_exec(program):
         allowed = ", ".join(user.exec_allow or ())
         raise _denied(
@@ -503,9 +504,7 @@ class Command:
             self._spawn_aux(self._terminate(CLOSE_GRACE))
             with contextlib.suppress(Exception):
                 await self.session.send(
-                    m.Error(
-                        id=self.id, code="internal", message="the command failed on the server; it was killed"
-                    )
+                    ErrorCode.INTERNAL.reply(self.id, "the command failed on the server; it was killed")
                 )
 
     async def _lifecycle(self) -> None:
@@ -761,7 +760,7 @@ class ExecHandler:
         user, jail = session.user, session.jail
         assert user is not None and jail is not None
         if msg.id in self.commands or msg.id in session.channels or msg.id in session.gets or msg.id == 0:
-            raise UsageError(f"request id {msg.id} is already in use")
+            raise ErrorCode.BAD_REQUEST.error(f"request id {msg.id} is already in use")
         try:
             argv, program = plan_argv(user, msg)
             env = build_env(user, dict(msg.env), msg.pty.term if msg.pty is not None else None)
@@ -781,14 +780,14 @@ class ExecHandler:
             cmd.spawn(cwd_fd)
         except OSError as exc:
             if exc.filename == cwd:  # the child's chdir failed: no /proc?
-                raise RemoteError(
-                    "exec-failed", f"cannot enter the working directory: {exc.strerror}"
+                raise ErrorCode.EXEC_FAILED.error(
+                    f"cannot enter the working directory: {exc.strerror}"
                 ) from exc
             if isinstance(exc, FileNotFoundError | PermissionError | NotADirectoryError):
                 # Like sh: "command not found" is exit status 127, "not executable" 126.
                 await self._failed_start(cmd, program, exc)
                 return
-            raise RemoteError("exec-failed", f"cannot start the command: {exc.strerror or exc}") from exc
+            raise ErrorCode.EXEC_FAILED.error(f"cannot start the command: {exc.strerror or exc}") from exc
         finally:
             os.close(cwd_fd)
         self.commands[msg.id] = cmd

@@ -41,20 +41,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Generic, Literal, TypeVar
 
-from ferry.errors import (
-    AlreadyExists,
-    DirectoryNotEmpty,
-    DiskFull,
-    FerryError,
-    IsADirectory,
-    NotADirectory,
-    NotAFile,
-    NotFound,
-    PathRefused,
-    PermissionDenied,
-    RemoteError,
-)
+from ferry.errors import FerryError, NotFound, RemoteError
 from ferry.textsafe import safe_name
+from ferry.wire.codes import ErrorCode
 
 __all__ = [
     "MAX_PATH_BYTES",
@@ -162,39 +151,37 @@ def parse_path(path: str) -> tuple[str, ...]:
     (clients normalise before sending): one spelling per path lets the server compare paths as strings.
     """
     if not isinstance(path, str):
-        raise PathRefused("bad-path", f"a path must be text, not {type(path).__name__}")
+        raise ErrorCode.BAD_PATH.error(f"a path must be text, not {type(path).__name__}")
     if "\x00" in path:
-        raise PathRefused("bad-path", f"{_show(path)}: paths may not contain NUL characters")
+        raise ErrorCode.BAD_PATH.error(f"{_show(path)}: paths may not contain NUL characters")
     try:
         size = len(os.fsencode(path))
     except UnicodeEncodeError as exc:
-        raise PathRefused("bad-path", f"{_show(path)}: the path is not valid text") from exc
+        raise ErrorCode.BAD_PATH.error(f"{_show(path)}: the path is not valid text") from exc
     if size > MAX_PATH_BYTES:
-        raise PathRefused("bad-path", f"path too long ({size} bytes; at most {MAX_PATH_BYTES})")
+        raise ErrorCode.BAD_PATH.error(f"path too long ({size} bytes; at most {MAX_PATH_BYTES})")
     if path in ("", "."):
         return ()
     if path.startswith("/"):
-        raise PathRefused(
-            "outside-home",
+        raise ErrorCode.OUTSIDE_HOME.error(
             f"{_show(path)}: absolute paths are not allowed; paths are relative to your home folder "
             "(drop the leading '/')",
         )
     parts = tuple(path.split("/"))
     # '..' is checked over all parts first so 'a//../x' reports the more important problem.
     if ".." in parts:
-        raise PathRefused(
-            "outside-home",
+        raise ErrorCode.OUTSIDE_HOME.error(
             f"{_show(path)}: paths may not contain '..'; paths are relative to your home folder",
         )
     for part in parts:
         if part == "":
-            raise PathRefused(
-                "bad-path", f"{_show(path)}: empty path component (a doubled, leading or trailing '/')"
+            raise ErrorCode.BAD_PATH.error(
+                f"{_show(path)}: empty path component (a doubled, leading or trailing '/')"
             )
         if part == ".":
-            raise PathRefused("bad-path", f"{_show(path)}: '.' components are not allowed; drop the './'")
+            raise ErrorCode.BAD_PATH.error(f"{_show(path)}: '.' components are not allowed; drop the './'")
         if len(os.fsencode(part)) > MAX_NAME_BYTES:
-            raise PathRefused("bad-path", f"{_show(part)}: name too long (at most {MAX_NAME_BYTES} bytes)")
+            raise ErrorCode.BAD_PATH.error(f"{_show(part)}: name too long (at most {MAX_NAME_BYTES} bytes)")
     return parts
 
 
@@ -219,7 +206,7 @@ def partial_name(name: str, token: str) -> str:
     is still deterministic (needed for resume) and still recognised by :func:`is_partial_name`.
     """
     if _TOKEN_RE.fullmatch(token) is None:
-        raise PathRefused("bad-path", "invalid resume token (use 1-64 letters, digits, '-' or '_')")
+        raise ErrorCode.BAD_PATH.error("invalid resume token (use 1-64 letters, digits, '-' or '_')")
     candidate = f".{name}{PARTIAL_MARK}{token}"
     if len(os.fsencode(candidate)) <= MAX_NAME_BYTES:
         return candidate
@@ -235,8 +222,7 @@ def refuse_reserved(name: str, path: str) -> None:
     could make an upload resume onto, and commit, a file the server never created.
     """
     if is_partial_name(name):
-        raise PathRefused(
-            "reserved-name",
+        raise ErrorCode.RESERVED_NAME.error(
             f"{_show(path)}: names of the form '.NAME{PARTIAL_MARK}TOKEN' are reserved for ferry's "
             "unfinished uploads; choose another name",
         )
@@ -271,7 +257,7 @@ def _reopen_rw(ro: int, st: os.stat_result) -> int:
     fd = os.open(f"/proc/self/fd/{ro}", os.O_RDWR | os.O_NOCTTY | _CLOEXEC)
     if _ident(os.fstat(fd)) != _ident(st):  # cannot happen through /proc; never write if it did
         os.close(fd)
-        raise RemoteError("changed", "a partial file changed while it was opened; try again")
+        raise ErrorCode.CHANGED.error("a partial file changed while it was opened; try again")
     return fd
 
 
@@ -279,9 +265,8 @@ def _reopen_rw(ro: int, st: os.stat_result) -> int:
 # OSError -> FerryError
 
 
-def _symlink_refused(path: str) -> PathRefused:
-    return PathRefused(
-        "symlink",
+def _symlink_refused(path: str) -> RemoteError:
+    return ErrorCode.SYMLINK.error(
         f"{_show(path)} is a symbolic link; ferry does not follow symbolic links on the server "
         "(use the real path of the file or folder instead)",
     )
@@ -291,46 +276,48 @@ def _symlink_refused(path: str) -> PathRefused:
 _DST_ERRNOS: Final = frozenset({errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY})
 
 
-def translate_oserror(exc: OSError, path: str, dst: str | None = None) -> FerryError:
-    """Map an ``OSError`` raised while working on client path ``path`` to a :class:`FerryError`.
+def translate_oserror(exc: OSError, path: str, dst: str | None = None) -> RemoteError:
+    """Map an ``OSError`` raised while working on client path ``path`` to the server's error for it.
 
-    ``dst`` is the destination of a rename; errors about the destination (exists, is a folder, ...)
-    then name it instead of ``path``. Codes: ``not-found``, ``permission``, ``read-only``,
-    ``disk-full``, ``quota``, ``exists``, ``not-a-directory``, ``is-a-directory``, ``not-empty``,
-    ``symlink``, ``bad-path``, ``cross-device``, ``invalid``, ``busy``, ``io-error``.
+    The one translation of the server: the jail, the transfer handlers and the session (for an
+    ``OSError`` a handler let through) all use it. ``dst`` is the destination of a rename; errors
+    about the destination (exists, is a folder, ...) then name it instead of ``path``. Codes:
+    ``not-found``, ``permission``, ``read-only``, ``disk-full``, ``quota``, ``exists``,
+    ``not-a-directory``, ``is-a-directory``, ``not-empty``, ``symlink``, ``bad-path``,
+    ``cross-device``, ``invalid``, ``busy``, and ``io`` for anything else.
     """
     code = exc.errno
     where = _show(dst if dst is not None and code in _DST_ERRNOS else path)
     if code == errno.ENOENT:
-        return NotFound("not-found", f"{where}: no such file or folder")
+        return ErrorCode.NOT_FOUND.error(f"{where}: no such file or folder")
     if code in (errno.EACCES, errno.EPERM):
-        return PermissionDenied("permission", f"{where}: permission denied on the server")
+        return ErrorCode.PERMISSION.error(f"{where}: permission denied on the server")
     if code == errno.EROFS:
-        return PermissionDenied("read-only", f"{where}: the server's storage is read-only")
+        return ErrorCode.READ_ONLY.error(f"{where}: the server's storage is read-only")
     if code == errno.ENOSPC:
-        return DiskFull("disk-full", f"{where}: the server's disk is full")
+        return ErrorCode.DISK_FULL.error(f"{where}: the server's disk is full")
     if code == errno.EDQUOT:
-        return DiskFull("quota", f"{where}: disk quota exceeded on the server")
+        return ErrorCode.QUOTA.error(f"{where}: disk quota exceeded on the server")
     if code == errno.EEXIST:
-        return AlreadyExists("exists", f"{where} already exists")
+        return ErrorCode.EXISTS.error(f"{where} already exists")
     if code == errno.ENOTDIR:
-        return NotADirectory("not-a-directory", f"{where}: not a folder (or a part of the path is not)")
+        return ErrorCode.NOT_A_DIRECTORY.error(f"{where}: not a folder (or a part of the path is not)")
     if code == errno.EISDIR:
-        return IsADirectory("is-a-directory", f"{where} is a folder")
+        return ErrorCode.IS_A_DIRECTORY.error(f"{where} is a folder")
     if code == errno.ENOTEMPTY:
-        return DirectoryNotEmpty("not-empty", f"{where} is a folder that is not empty")
+        return ErrorCode.NOT_EMPTY.error(f"{where} is a folder that is not empty")
     if code == errno.ELOOP:
         # Every final open/stat here uses O_NOFOLLOW / AT_SYMLINK_NOFOLLOW: ELOOP means a symlink.
         return _symlink_refused(path)
     if code == errno.ENAMETOOLONG:
-        return PathRefused("bad-path", f"{where}: name too long")
+        return ErrorCode.BAD_PATH.error(f"{where}: name too long")
     if code == errno.EXDEV:
-        return RemoteError("cross-device", f"{where}: cannot move across filesystems on the server")
+        return ErrorCode.CROSS_DEVICE.error(f"{where}: cannot move across filesystems on the server")
     if code == errno.EINVAL:
-        return RemoteError("invalid", f"{where}: invalid operation (e.g. moving a folder into itself)")
+        return ErrorCode.INVALID.error(f"{where}: invalid operation (e.g. moving a folder into itself)")
     if code in (errno.EMFILE, errno.ENFILE, errno.EBUSY, errno.EAGAIN, errno.ETXTBSY):
-        return RemoteError("busy", f"{where}: the server is busy ({exc.strerror}); try again later")
-    return RemoteError("io-error", f"{where}: {exc.strerror or 'I/O error'} on the server")
+        return ErrorCode.BUSY.error(f"{where}: the server is busy ({exc.strerror}); try again later")
+    return ErrorCode.IO.error(f"{where}: {exc.strerror or 'I/O error'} on the server")
 
 
 @contextlib.contextmanager
@@ -397,7 +384,7 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
 
 
 def _changed() -> RemoteError:
-    return RemoteError("changed", "a folder was moved or replaced while ferry was working in it; try again")
+    return ErrorCode.CHANGED.error("a folder was moved or replaced while ferry was working in it; try again")
 
 
 class _DirChain:
@@ -506,7 +493,7 @@ class Jail:
         try:
             self._fd = os.open(self._home_path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
         except FileNotFoundError as exc:
-            raise NotFound("no-home", f"home folder {self._home_path!r} does not exist") from exc
+            raise ErrorCode.NO_HOME.error(f"home folder {self._home_path!r} does not exist") from exc
         except OSError as exc:
             raise translate_oserror(exc, "") from exc
 
@@ -578,7 +565,7 @@ class Jail:
                 return self._open_dir_at(dir_fd, name, prefix, create_mode, _retries - 1)
             if kind == "link":
                 raise _symlink_refused(prefix) from exc
-            raise NotADirectory("not-a-directory", f"{_show(prefix)} is not a folder") from exc
+            raise ErrorCode.NOT_A_DIRECTORY.error(f"{_show(prefix)} is not a folder") from exc
 
     def _walk(self, parts: Sequence[str], create_mode: int | None = None) -> int:
         """Open the directory at ``parts`` (relative to home) component by component; caller closes."""
@@ -608,7 +595,7 @@ class Jail:
         """Parse ``path``, refusing the home itself with ``refusal`` (code ``bad-path``)."""
         parts = parse_path(path)
         if not parts:
-            raise PathRefused("bad-path", refusal)
+            raise ErrorCode.BAD_PATH.error(refusal)
         return parts
 
     # -- inspection ----------------------------------------------------------------------------------
@@ -742,7 +729,7 @@ class Jail:
         """
         parts = parse_path(path)
         if not parts:
-            raise IsADirectory("is-a-directory", "your home folder is a folder, not a file")
+            raise ErrorCode.IS_A_DIRECTORY.error("your home folder is a folder, not a file")
         with _translating(path), self._parent(parts) as (pfd, name):
             _require_regular(os.stat(name, dir_fd=pfd, follow_symlinks=False), path)
             fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
@@ -773,7 +760,7 @@ class Jail:
                 except FileExistsError:
                     continue  # astronomically unlikely with 64 random bits; just pick another
                 return fd, join_path((*parts[:-1], temp))
-            raise AlreadyExists("exists", f"{_show(path)}: could not create a temporary file")
+            raise ErrorCode.EXISTS.error(f"{_show(path)}: could not create a temporary file")
 
     def store_small(self, path: str, data: bytes, *, mode: int, mtime: float, overwrite: bool = True) -> int:
         """Write a small file to ``path`` atomically, in one walk: a temp file next to it, data,
@@ -845,14 +832,14 @@ class Jail:
                 if on_foreign is not None:
                     on_foreign(prel, st)
                 return _replace_name(pfd, name, pname), prel, 0
-            raise RemoteError("changed", f"{_show(prel)} keeps changing; try again")
+            raise ErrorCode.CHANGED.error(f"{_show(prel)} keeps changing; try again")
 
     def remove_partial(self, partial_rel: str, fd: int) -> None:
         """Unlink partial ``partial_rel`` if it still names the inode open as ``fd`` (an upload
         discarding its own partial must not delete whatever was put under that name since)."""
         parts = self._needs_name(partial_rel, _UPLOAD_NEEDS_NAME)
         if not is_partial_name(parts[-1]):
-            raise PathRefused("bad-path", f"{_show(partial_rel)} is not a ferry partial file")
+            raise ErrorCode.BAD_PATH.error(f"{_show(partial_rel)} is not a ferry partial file")
         with (
             _translating(partial_rel),
             self._parent(parts) as (pfd, pname),
@@ -875,7 +862,7 @@ class Jail:
         if not parts:
             if exist_ok:
                 return
-            raise AlreadyExists("exists", "your home folder already exists")
+            raise ErrorCode.EXISTS.error("your home folder already exists")
         refuse_reserved(parts[-1], path)  # the parents are checked as they are created
         with _translating(path), self._parent(parts, mode if parents else None) as (pfd, name):
             try:
@@ -885,11 +872,11 @@ class Jail:
                 if stat.S_ISLNK(st.st_mode):
                     raise _symlink_refused(path) from exc
                 if not stat.S_ISDIR(st.st_mode):
-                    raise AlreadyExists(
-                        "exists", f"{_show(path)} already exists and is not a folder"
+                    raise ErrorCode.EXISTS.error(
+                        f"{_show(path)} already exists and is not a folder"
                     ) from exc
                 if not exist_ok:
-                    raise AlreadyExists("exists", f"{_show(path)} already exists") from exc
+                    raise ErrorCode.EXISTS.error(f"{_show(path)} already exists") from exc
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove file, symlink or folder ``path``.
@@ -920,8 +907,7 @@ class Jail:
                     if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                         # Listings hide partial uploads, so say why a folder that looks empty is not.
                         hidden = " (it holds unfinished uploads)" if _only_partials(pfd, name) else ""
-                        raise DirectoryNotEmpty(
-                            "not-empty",
+                        raise ErrorCode.NOT_EMPTY.error(
                             f"{_show(path)} is a folder that is not empty{hidden}; remove it recursively "
                             "to delete it and everything in it",
                         ) from exc
@@ -973,7 +959,7 @@ class Jail:
         """
         tparts = self._needs_name(temp_rel, _UPLOAD_NEEDS_NAME)
         if not is_partial_name(tparts[-1]):
-            raise PathRefused("bad-path", f"{_show(temp_rel)} is not a ferry partial file")
+            raise ErrorCode.BAD_PATH.error(f"{_show(temp_rel)} is not a ferry partial file")
         fparts = self._needs_name(final_rel, _UPLOAD_NEEDS_NAME)
         refuse_reserved(fparts[-1], final_rel)
         with (
@@ -1029,7 +1015,7 @@ class Jail:
             except (NotImplementedError, ValueError):
                 pass  # older libc, or the entry became a symlink: the path below decides
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                raise NotAFile("not-a-file", f"{_show(path)} is not a regular file or folder")
+                raise ErrorCode.NOT_A_FILE.error(f"{_show(path)} is not a regular file or folder")
             fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
             try:
                 os.fchmod(fd, mode)
@@ -1187,7 +1173,7 @@ class TreeScan(_FolderScan[TreeRecord]):
                 if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO/device since listed
                     yield TreeFailure(
                         path,
-                        NotAFile("not-a-file", f"{_show(self._client_path(path))} is not a regular file"),
+                        ErrorCode.NOT_A_FILE.error(f"{_show(self._client_path(path))} is not a regular file"),
                     )
                     continue
                 data: bytes | None = None
@@ -1196,8 +1182,8 @@ class TreeScan(_FolderScan[TreeRecord]):
                     if len(data) != st.st_size:
                         yield TreeFailure(
                             path,
-                            RemoteError(
-                                "changed", f"{_show(self._client_path(path))} changed while being read"
+                            ErrorCode.CHANGED.error(
+                                f"{_show(self._client_path(path))} changed while being read"
                             ),
                         )
                         continue
@@ -1308,7 +1294,7 @@ class TreeDirs:
             self._fds.move_to_end(rel)
             return fd
         if not parse_path(rel):  # "." (parse_path's spelling of the home): not a folder name here
-            raise PathRefused("bad-path", "'.' components are not allowed; drop the './'")
+            raise ErrorCode.BAD_PATH.error("'.' components are not allowed; drop the './'")
         return self._open(rel)
 
     def client_path(self, rel: str) -> str:
@@ -1318,7 +1304,7 @@ class TreeDirs:
     def mkdir(self, rel: str) -> None:
         """Make sure folder ``rel`` exists (with its parents)."""
         if not parse_path(rel):
-            raise PathRefused("bad-path", "a folder record needs a name")
+            raise ErrorCode.BAD_PATH.error("a folder record needs a name")
         self._open(rel)
 
     def store(
@@ -1345,7 +1331,7 @@ class TreeDirs:
             or (len(name) > 63 and len(os.fsencode(name)) > MAX_NAME_BYTES)
         ):
             parse_path(rel)  # raises the precise refusal
-            raise PathRefused("bad-path", f"{_show(rel)}: not a file name")
+            raise ErrorCode.BAD_PATH.error(f"{_show(rel)}: not a file name")
         path = self.client_path(rel)
         refuse_reserved(name, path)
         pfd = self._folder(rel_dir)
@@ -1401,11 +1387,11 @@ def _store_small_at(
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
-            raise IsADirectory(
-                "is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it"
+            raise ErrorCode.IS_A_DIRECTORY.error(
+                f"{_show(path)} is a folder; upload to a file name inside it"
             )
         if not overwrite:
-            raise AlreadyExists("exists", f"{_show(path)} already exists")
+            raise ErrorCode.EXISTS.error(f"{_show(path)} already exists")
         if stat.S_ISREG(st.st_mode):
             replaced = st.st_size
     if admit is not None:
@@ -1452,7 +1438,7 @@ def _replace_name(pfd: int, name: str, pname: str) -> int:
                 os.unlink(private, dir_fd=pfd)
             raise
         return fd
-    raise AlreadyExists("exists", "could not create a partial file; try again")
+    raise ErrorCode.EXISTS.error("could not create a partial file; try again")
 
 
 def _take_verified(sfd: int, sname: str, dname: str, fd: int, final_rel: str) -> str:
@@ -1476,8 +1462,7 @@ def _take_verified(sfd: int, sname: str, dname: str, fd: int, final_rel: str) ->
             _rename_noreplace(sfd, private, sfd, sname)
         why = "was replaced" if _ident(st) != _ident(mine) else "got another link"
         break
-    raise RemoteError(
-        "changed",
+    raise ErrorCode.CHANGED.error(
         f"{_show(final_rel)}: the upload's partial file {why} while the data was on its way; "
         "nothing was kept (run the upload again)",
     )
@@ -1497,9 +1482,8 @@ def _require_regular(st: os.stat_result, path: str) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise _symlink_refused(path)
     if stat.S_ISDIR(st.st_mode):
-        raise IsADirectory("is-a-directory", f"{_show(path)} is a folder, not a file")
-    raise NotAFile(
-        "not-a-file",
+        raise ErrorCode.IS_A_DIRECTORY.error(f"{_show(path)} is a folder, not a file")
+    raise ErrorCode.NOT_A_FILE.error(
         f"{_show(path)} is not a regular file (a device, FIFO or socket); ferry only reads files",
     )
 
@@ -1511,7 +1495,7 @@ def _refuse_existing_dir(pfd: int, name: str, path: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        raise IsADirectory("is-a-directory", f"{_show(path)} is a folder; upload to a file name inside it")
+        raise ErrorCode.IS_A_DIRECTORY.error(f"{_show(path)} is a folder; upload to a file name inside it")
 
 
 def _only_partials(pfd: int, name: str) -> bool:

@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.aio import ChunkStream, CorkedWriter
-from ferry.errors import AuthError, FerryError, RemoteError
+from ferry.errors import AuthError, FerryError
 from ferry.server import files, transfer, tree
 from ferry.server.accounts import User
 from ferry.server.admission import Refused, Ticket
 from ferry.server.auth import Login, LoginThrottled
-from ferry.server.jail import Jail
+from ferry.server.jail import Jail, translate_oserror
 from ferry.server.work import SessionWork
 from ferry.server.work import current as current_work
 from ferry.wire import (
@@ -40,6 +40,7 @@ from ferry.wire import (
 )
 from ferry.wire import messages as m
 from ferry.wire.auth import NONCE_SIZE
+from ferry.wire.codes import ErrorCode, reply_for
 
 if TYPE_CHECKING:
     from ferry.server.context import ServerContext
@@ -80,15 +81,6 @@ _AUTH_MESSAGES: tuple[type[m.Message], ...] = (m.Auth, m.AuthKey, m.AuthToken)
 WRITE_REQUESTS: frozenset[type[m.Message]] = frozenset(
     {m.Mkdir, m.Remove, m.Rename, m.PutFile, m.PutFrom, m.FileEnd, m.PutTree, m.TreeItems, m.Exec}
 )
-
-
-def error_reply(req_id: int, exc: BaseException) -> m.Error:
-    """The wire Error for an exception raised while serving request ``req_id``."""
-    if isinstance(exc, RemoteError):
-        return m.Error(id=req_id, code=exc.code, message=str(exc))
-    if isinstance(exc, FerryError):
-        return m.Error(id=req_id, code=type(exc).__name__.lower(), message=str(exc))
-    return m.Error(id=req_id, code="internal", message=f"internal server error ({type(exc).__name__})")
 
 
 class Session:
@@ -214,21 +206,21 @@ class Session:
             await self._try_send(m.Goodbye(reason="timed out"))
         except Refused as exc:
             reason = f"refused: {exc.reason}"
-            await self._try_send(m.Error(id=0, code="busy", message=str(exc)))
+            await self._try_send(ErrorCode.REFUSED.reply(0, str(exc)))
         except AuthError as exc:
             reason = f"auth failed: {exc}"
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
-            await self._try_send(m.Error(id=0, code="protocol", message=str(exc)))
+            await self._try_send(ErrorCode.PROTOCOL.reply(0, str(exc)))
         except (ConnectionError, OSError) as exc:
             reason = f"connection lost: {exc.__class__.__name__}"
         except FerryError as exc:  # e.g. the home cannot be opened (out of descriptors): say why
             reason = f"failed: {exc}"
-            await self._try_send(error_reply(0, exc))
+            await self._try_send(ErrorCode.REFUSED.reply(0, str(exc)))
         except asyncio.CancelledError:
             if self._end_reason is not None:  # revoked (see end()), not a shutdown
                 reason = f"revoked: {self._end_reason}"
-                await self._try_send(m.Goodbye(reason=f"session ended: {self._end_reason}", code="revoked"))
+                await self._try_send(m.Goodbye(reason=f"session ended: {self._end_reason}", code=ErrorCode.REVOKED.value))
             else:
                 reason = "server shutdown"
                 await self._try_send(m.Goodbye(reason="server shutting down"))
@@ -318,7 +310,7 @@ class Session:
         try:
             version = choose_version(hello)
         except ProtocolError as exc:
-            await self.send(m.Error(id=0, code="version", message=str(exc)))
+            await self.send(ErrorCode.VERSION.reply(0, str(exc)))
             raise
         # A fresh nonce per connection: a key login signs it, so a signature is good only here.
         nonce = secrets.token_bytes(NONCE_SIZE) if version >= m.KEY_LOGIN_VERSION else b""
@@ -341,10 +333,10 @@ class Session:
                         gone=self.reader.lost,
                     )
             except LoginThrottled as exc:
-                await self.send(m.Error(id=0, code="auth", message=str(exc)))
+                await self.send(ErrorCode.AUTH.reply(0, str(exc)))
                 raise
             except AuthError as exc:
-                await self.send(m.Error(id=0, code="auth", message=str(exc)))
+                await self.send(ErrorCode.AUTH.reply(0, str(exc)))
                 continue
             if isinstance(result, m.AuthKeyOk):
                 await self.send(result)
@@ -430,10 +422,9 @@ class Session:
         if isinstance(ev, m.PutFrom | m.FileEnd | m.TreeItems):
             return True  # the rest of an upload that was refused already: dropped without a reply
         await self.send(
-            m.Error(
-                id=getattr(ev, "id", 0),
-                code="read-only-token",
-                message="this login uses a read-only token: it may list and download, "
+            ErrorCode.READ_ONLY_TOKEN.reply(
+                getattr(ev, "id", 0),
+                "this login uses a read-only token: it may list and download, "
                 "not write, delete, rename or run programs",
             )
         )
@@ -453,7 +444,7 @@ class Session:
                         raise
                     except Exception as exc:  # e.g. disk full: fail this transfer, keep the session
                         transfer.fail_upload(self, ev.channel)
-                        await self.send(error_reply(ev.channel, transfer.as_remote_error(exc)))
+                        await self.send(reply_for(ev.channel, self._translated(exc, target)))
                 continue  # data for a cancelled/failed channel is dropped
             if isinstance(ev, m.Ping):
                 await self.send(m.Pong(nonce=ev.nonce))
@@ -473,10 +464,9 @@ class Session:
             elif isinstance(ev, m.Exec | m.Window | m.Eof | m.Signal | m.Resize):
                 if self.exec_handler is None:
                     await self.send(
-                        m.Error(
-                            id=ev.id,
-                            code="exec-denied",
-                            message="remote commands are disabled for this user; an admin can enable "
+                        ErrorCode.EXEC_DENIED.reply(
+                            ev.id,
+                            "remote commands are disabled for this user; an admin can enable "
                             "them with 'ferry user mod NAME --exec'",
                         )
                     )
@@ -492,12 +482,22 @@ class Session:
             raise
         except Exception as exc:
             req_id = getattr(msg, "id", 0)
+            exc = self._translated(exc, msg)
             if not isinstance(exc, FerryError):
                 self.ctx.log.exception("internal error in %s", type(msg).__name__)
-            await self.send(error_reply(req_id, exc))
+            await self.send(reply_for(req_id, exc))
         finally:
             self.busy -= 1
             self._last_rx = time.monotonic()
+
+    @staticmethod
+    def _translated(exc: Exception, about: Any) -> Exception:
+        """``exc`` as the client should see it: an ``OSError`` a handler let through becomes the
+        error the jail gives for it (one translation for every handler), naming the request's path."""
+        if not isinstance(exc, OSError):
+            return exc
+        path = getattr(about, "path", None) or getattr(getattr(about, "msg", None), "path", "")
+        return translate_oserror(exc, path if isinstance(path, str) else "")
 
     async def _worker(self) -> None:
         while True:

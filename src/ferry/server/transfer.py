@@ -28,13 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ferry.errors import AlreadyExists, DiskFull, IntegrityError, RemoteError
+from ferry.errors import IntegrityError, RemoteError
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
 from ferry.server.files import current_usage, jail_of, log_op
-from ferry.server.jail import join_path, parse_path, partial_name
+from ferry.server.jail import join_path, parse_path, partial_name, translate_oserror
 from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
+from ferry.wire.codes import ErrorCode
 from ferry.writeback import start_writeback
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
         hash_job = job(hash_fd_chunks, fd, msg.hash, chunk, offset, size) if cached is None else None
         complete = await _stream(session, msg.id, fd, offset, size, job)
         if complete is None:
-            await session.send(m.Error(id=msg.id, code="cancelled", message="download cancelled"))
+            await session.send(ErrorCode.CANCELLED.reply(msg.id, "download cancelled"))
             session.cancelled.discard(msg.id)
             return
         hashes: list[bytes] | None = cached
@@ -104,11 +105,7 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
         changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (size, st.st_mtime_ns, st.st_ctime_ns)
         if not complete or changed or hashes is None:
             await session.send(
-                m.Error(
-                    id=msg.id,
-                    code="changed",
-                    message=f"{msg.path} changed while it was being sent; try again",
-                )
+                ErrorCode.CHANGED.reply(msg.id, f"{msg.path} changed while it was being sent; try again")
             )
             log_op(session, "get", msg.path, t0, "changed", size - offset)
             return
@@ -171,9 +168,7 @@ def _retrieved_if_done(f: asyncio.Future[Any]) -> bool:
 async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_result, t0: float) -> None:
     data = os.pread(fd, st.st_size + 1, 0)
     if len(data) != st.st_size:
-        await session.send(
-            m.Error(id=msg.id, code="changed", message=f"{msg.path} changed while it was being sent")
-        )
+        await session.send(ErrorCode.CHANGED.reply(msg.id, f"{msg.path} changed while it was being sent"))
         return
     hasher = ChunkHasher(msg.hash, msg.chunk_size)
     hasher.update(data)
@@ -276,8 +271,7 @@ class Upload:
 
     def _check_owner(self) -> None:
         if self.superseded:
-            raise RemoteError(
-                "cancelled",
+            raise ErrorCode.CANCELLED.error(
                 f"{self.msg.path}: another upload of the same file took over (a retry from a new "
                 "connection?); this one was stopped",
             )
@@ -330,12 +324,12 @@ class Upload:
         msg = self.msg
         expected = end.size if msg.streamed else msg.size  # streamed: the size is known only now
         if self.pos != expected or end.size != expected:
-            raise IntegrityError(
+            raise ErrorCode.INTEGRITY.error(
                 f"{msg.path}: received {self.pos} bytes, expected {expected}; nothing was kept"
             )
         if hashes != end.chunk_hashes or digest != end.digest:
             bad = matching_prefix(hashes, end.chunk_hashes)
-            raise IntegrityError(
+            raise ErrorCode.INTEGRITY.error(
                 f"{msg.path}: chunk {bad} does not match the sender's hash; nothing was kept"
             )
         fd, partial, jail = self.fd, self.partial, jail_of(self.session)
@@ -417,8 +411,7 @@ async def _check_quota(session: Session, msg: m.PutFile) -> None:
         existing = st.st_size
     used += session.ctx.usage.reserved(user.name)  # uploads still running count as stored
     if used - existing + msg.size > user.quota:
-        raise DiskFull(
-            "quota",
+        raise ErrorCode.QUOTA.error(
             f"quota exceeded: {msg.path} needs {msg.size} bytes, {max(user.quota - used, 0)} of "
             f"{user.quota} left; remove files (ferry rm) or ask an admin to raise the quota",
         )
@@ -433,8 +426,7 @@ async def _grow_streamed(up: Upload, nbytes: int) -> None:
     if user.quota is not None:
         used = await current_usage(session) + session.ctx.usage.reserved(user.name)
         if used + nbytes > user.quota:
-            raise DiskFull(
-                "quota",
+            raise ErrorCode.QUOTA.error(
                 f"quota exceeded while receiving {up.msg.path} ({up.pos + up._buffered} bytes so far); "
                 "nothing was kept; remove files (ferry rm) or ask an admin to raise the quota",
             )
@@ -451,10 +443,10 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     if msg.data is not None:
         await _put_inline(session, msg)  # checks "exists" atomically itself
         return
-    if not msg.overwrite:
-        with contextlib.suppress(RemoteError):
-            jail.lstat(msg.path)
-            raise AlreadyExists("exists", f"{msg.path} already exists")
+    if not msg.overwrite and jail.exists(msg.path):
+        # Refused now, before PutReady: not after the client has sent the whole file. (The commit
+        # repeats the check atomically: a file may still appear while the data is on its way.)
+        raise ErrorCode.EXISTS.error(f"{msg.path} already exists")
     token = msg.token or secrets.token_hex(8)
     if not _TOKEN.match(token):
         raise RemoteProtocolError("bad upload token")
@@ -462,8 +454,8 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     cap = session.ctx.limits.max_uploads
     if sum(isinstance(c, Upload) for c in session.channels.values()) >= cap:
         # Each holds a descriptor: one connection must not exhaust the server's.
-        raise RemoteError(
-            "busy", f"too many unfinished uploads on this connection (at most {cap}); finish some first"
+        raise ErrorCode.BUSY.error(
+            f"too many unfinished uploads on this connection (at most {cap}); finish some first"
         )
     # Two uploads writing one partial (a retry while the server still serves the first connection)
     # could commit a file the other one truncated: the newest takes over, the older one stops.
@@ -520,14 +512,14 @@ async def _put_inline(session: Session, msg: m.PutFile) -> None:
     hasher.update(data)
     _, digest = hasher.finish()
     if len(data) != msg.size or (msg.digest and digest != msg.digest):
-        raise IntegrityError(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
+        raise ErrorCode.INTEGRITY.error(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
     try:
         # Small: done on the loop thread in one path walk, cheaper than a thread hop per file.
         replaced = jail_of(session).store_small(
             msg.path, data, mode=msg.mode, mtime=msg.mtime, overwrite=msg.overwrite
         )
     except OSError as exc:
-        raise _os_error(msg.path, exc) from exc
+        raise translate_oserror(exc, msg.path) from exc
     _account(session, msg.path, len(data), replaced)
     await session.send(m.Ok(id=msg.id))
     log_op(session, "put", msg.path, t0, nbytes=len(data))
@@ -545,19 +537,6 @@ def _existing_size(session: Session, path: str) -> int:
 def _account(session: Session, path: str, size: int, replaced: int) -> None:
     assert session.user is not None
     session.ctx.usage.add(session.user.name, size - replaced)
-
-
-def as_remote_error(exc: BaseException, path: str = "") -> BaseException:
-    """Translate an OSError raised while writing into the matching RemoteError."""
-    return _os_error(path or "upload", exc) if isinstance(exc, OSError) else exc
-
-
-def _os_error(path: str, exc: OSError) -> RemoteError:
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull("disk-full", f"the server's disk is full while writing {path}; nothing was kept")
-    return RemoteError("io", f"{path}: {exc.strerror or exc}")
 
 
 def _upload(session: Session, req_id: int) -> Upload:
@@ -588,7 +567,7 @@ async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
         raise
     except OSError as exc:
         up.discard()
-        raise _os_error(up.msg.path, exc) from exc
+        raise translate_oserror(exc, up.msg.path) from exc
     except BaseException:
         if not up.msg.token:  # the server chose the token: nobody could ever resume this partial
             up.discard()

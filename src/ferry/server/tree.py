@@ -34,6 +34,7 @@ from ferry.server.files import current_usage, jail_of, log_op
 from ferry.server.jail import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
 from ferry.wire import Data, ProtocolError, RemoteProtocolError
 from ferry.wire import messages as m
+from ferry.wire.codes import ErrorCode, code_of, reply_for
 
 if TYPE_CHECKING:
     from ferry.server.session import Session
@@ -52,9 +53,8 @@ ACK_ERROR_BYTES = 1 << 19
 
 
 def _error_item(path: str, exc: BaseException) -> m.TreeItem:
-    code = exc.code if isinstance(exc, RemoteError) else type(exc).__name__.lower()
     return m.TreeItem(
-        path=_wire_path(path), kind="error", code=code[:256], message=_wire_text(str(exc))[:8192]
+        path=_wire_path(path), kind="error", code=code_of(exc).value, message=_wire_text(str(exc))[:8192]
     )
 
 
@@ -120,7 +120,7 @@ class _Batches:
             self.errors += 1
             return _error_item(
                 rec.path,
-                RemoteError("bad-path", f"the path is too long to send (at most {m.MAX_PATH_CHARS})"),
+                ErrorCode.BAD_PATH.error(f"the path is too long to send (at most {m.MAX_PATH_CHARS})"),
             )
         if isinstance(rec, TreeFile):
             path = rec.path
@@ -129,7 +129,7 @@ class _Batches:
                     path.encode("utf-8")
                 except UnicodeEncodeError:
                     self.errors += 1
-                    return _error_item(path, RemoteError("bad-path", "the name is not valid UTF-8"))
+                    return _error_item(path, ErrorCode.BAD_PATH.error("the name is not valid UTF-8"))
             self.files += 1
             self.bytes += rec.size
             if rec.data is None:
@@ -148,7 +148,7 @@ class _Batches:
                 rec.path.encode("utf-8")
             except UnicodeEncodeError:
                 self.errors += 1
-                return _error_item(rec.path, RemoteError("bad-path", "the name is not valid UTF-8"))
+                return _error_item(rec.path, ErrorCode.BAD_PATH.error("the name is not valid UTF-8"))
             return m.TreeItem(path=rec.path, kind="dir")
         self.errors += 1
         return _error_item(rec.path, rec.error)
@@ -182,7 +182,7 @@ async def _send_tree(session: Session, msg: m.GetTree) -> None:
             async for items, done in steps:
                 if msg.id in session.cancelled:
                     result = "cancelled"
-                    await session.send(m.Error(id=msg.id, code="cancelled", message="tree download cancelled"))
+                    await session.send(ErrorCode.CANCELLED.reply(msg.id, "tree download cancelled"))
                     return
                 await session.send(m.TreeItems(id=msg.id, items=items, end=done))
     except BaseException:
@@ -316,12 +316,11 @@ class TreeUpload:
                     continue
                 data = it.data
                 if it.kind != "file" or data is None:
-                    raise RemoteError(
-                        "protocol",
+                    raise ErrorCode.BAD_REQUEST.error(
                         f"{it.path}: a tree upload record must be a folder or a file with its data",
                     )
                 if len(data) != it.size or small_digest(hash, data) != it.digest:
-                    raise IntegrityError(
+                    raise ErrorCode.INTEGRITY.error(
                         f"{dirs.client_path(it.path)}: received data does not match its hash; nothing was "
                         "kept for it"
                     )
@@ -330,8 +329,7 @@ class TreeUpload:
                     assert budget is not None
                     need = it.size - replaced
                     if need > budget[0]:
-                        raise DiskFull(
-                            "quota",
+                        raise ErrorCode.QUOTA.error(
                             f"quota exceeded: {dirs.client_path(it.path)} needs {it.size} bytes, "
                             f"{max(budget[0], 0)} of {quota} left; remove files (ferry rm) or ask an "
                             "admin to raise the quota",
@@ -354,7 +352,7 @@ class TreeUpload:
                 out.fatal = exc
                 break
             except RemoteError as exc:
-                if exc.code == "protocol":
+                if exc.code == ErrorCode.BAD_REQUEST:  # a broken client: the rest is no better
                     out.fatal = exc
                     break
                 out.fail(_error_item(it.path, exc))
@@ -371,7 +369,7 @@ class TreeUpload:
                 out = await asyncio.shield(job)
             except Exception as exc:  # a bug in the job: fail this tree, keep the session
                 session.ctx.log.exception("internal error storing a tree batch")
-                out = _Stored(fatal=RemoteError("internal", f"internal server error ({type(exc).__name__})"))
+                out = _Stored(fatal=ErrorCode.INTERNAL.error(f"internal server error ({type(exc).__name__})"))
             self._account(out, track)
             if self._job is job:
                 self._job = None  # accounted: an abort from now on must not count it again
@@ -406,10 +404,9 @@ class TreeUpload:
         self.errors += out.failed
 
     async def _fail(self, exc: FerryError) -> None:
-        from ferry.server.session import error_reply
-
-        self._finish(f"failed:{exc.code if isinstance(exc, RemoteError) else 'error'}")
-        await self.session.send(error_reply(self.msg.id, exc))
+        reply = reply_for(self.msg.id, exc)
+        self._finish(f"failed:{reply.code}")
+        await self.session.send(reply)
 
     def _finish(self, result: str) -> None:
         """Unregister, release the folders, log the one line of this tree (once)."""
@@ -465,7 +462,7 @@ async def handle_put_tree(session: Session, msg: m.PutTree) -> None:
     """Open (create) the tree's root and register the upload; no reply until its first batch."""
     session.check_id_free(msg.id)
     if sum(isinstance(c, TreeUpload) for c in session.channels.values()) >= MAX_TREES:
-        raise RemoteError("busy", f"too many tree uploads on this connection (at most {MAX_TREES})")
+        raise ErrorCode.BUSY.error(f"too many tree uploads on this connection (at most {MAX_TREES})")
     jail = jail_of(session)
     assert session.user is not None
     if session.user.quota is not None:

@@ -4,7 +4,9 @@ One namespace served by N ferry servers (docs/scale-out.md). The modules, bottom
 
 * :mod:`ferry.store.api` — the storage interface the server stands on (a ``typing.Protocol``) and its
   value types; the folder backend and the object backend both implement it;
-* :mod:`ferry.store.errors` — what a store can fail with, as :class:`ferry.errors.FerryError` subclasses;
+* what a store can fail with are :class:`ferry.errors.FerryError` subclasses with codes from the
+  registry (:class:`ferry.wire.codes.ErrorCode`: ``unavailable``, ``corrupt``, ``upload-gone``,
+  ``incomplete``, and the jail's codes);
 * :mod:`ferry.store.chunks` — content-addressed chunk objects in an S3-compatible store (obstore);
 * :mod:`ferry.store.schema` — the PostgreSQL schema and its migrations;
 * :mod:`ferry.store.namespace` — folders, files, chunk lists, partial uploads, usage, in PostgreSQL

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
-from ferry.errors import PathRefused
 from ferry.hashing import DEFAULT_CHUNK
+from ferry.wire.codes import ErrorCode
 
 #: Bytes per stored chunk (the last chunk of a file is shorter). Equal to the default transfer chunk.
 CHUNK_SIZE: Final = DEFAULT_CHUNK
@@ -40,7 +40,7 @@ def check_parts(parts: Sequence[str]) -> Parts:
     above must not turn into a name with a ``/`` in the namespace)."""
     for part in parts:
         if not part or part in (".", "..") or "/" in part or "\x00" in part:
-            raise PathRefused("bad-path", f"invalid path component {part!r}")
+            raise ErrorCode.BAD_PATH.error(f"invalid path component {part!r}")
     return tuple(parts)
 
 
@@ -130,7 +130,7 @@ class Storage(Protocol):
 
     All methods are coroutines; they raise :class:`ferry.errors.FerryError` subclasses with the wire
     codes the jail uses (``not-found``, ``exists``, ``not-a-directory``, ``is-a-directory``,
-    ``not-empty``, ``quota``, ...) plus ``unavailable`` and ``corrupt`` (:mod:`ferry.store.errors`).
+    ``not-empty``, ``quota``, ...) plus ``unavailable`` and ``corrupt`` (:mod:`ferry.wire.codes`).
     ``quota`` arguments are the user's quota in bytes (None: unlimited), as the accounts hold it.
     """
 

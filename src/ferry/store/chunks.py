@@ -15,10 +15,10 @@ Key of a chunk: ``PREFIX c/OWNER/BLAKE3HEX.ID``:
 
 Writes are put-if-absent (``If-None-Match: *``): two servers writing the same chunk store it once and
 neither fails. Reads verify size and hash before returning a byte, so a missing or damaged object is a
-clear :class:`~ferry.store.errors.ChunkDamaged`, never bad data. Memory is bounded: at most
+clear :class:`~ferry.errors.ChunkDamaged`, never bad data. Memory is bounded: at most
 ``concurrency`` requests run at once, each holding one chunk (4 MiB). Transient failures (connection
 errors, 5xx, throttling) are retried by obstore with exponential backoff, bounded in count and time;
-what still fails is :class:`~ferry.store.errors.StoreUnavailable` with the store's own words.
+what still fails is :class:`~ferry.errors.StoreUnavailable` with the store's own words.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, UnauthenticatedError
 from obstore.store import S3Store
 
+from ferry.errors import RemoteError
 from ferry.store.api import ChunkRef
-from ferry.store.errors import ChunkDamaged, StoreUnavailable
+from ferry.wire.codes import ErrorCode
 
 #: Requests in flight per server (each holds at most one chunk in memory).
 DEFAULT_CONCURRENCY: Final = 16
@@ -139,14 +140,14 @@ class ChunkStore:
                 result = await obstore.get_async(self._store, key)
                 data = bytes(await result.bytes_async())
             except FileNotFoundError as exc:  # obstore raises the built-in for a missing object
-                raise ChunkDamaged(
+                raise ErrorCode.CORRUPT.error(
                     f"chunk {ref.hash.hex()[:16]} is missing from the object store; the file cannot be "
                     "read (nothing was sent); restore it from a copy"
                 ) from exc
             except Exception as exc:
                 raise _unavailable("read", key, exc) from exc
         if len(data) != ref.size or blake3.blake3(data).digest() != ref.hash:
-            raise ChunkDamaged(
+            raise ErrorCode.CORRUPT.error(
                 f"chunk {ref.hash.hex()[:16]} in the object store does not match its hash (damaged in the "
                 "store); the file cannot be read (nothing was sent); restore it from a copy"
             )
@@ -172,11 +173,11 @@ class ChunkStore:
             raise _unavailable("list", prefix, exc) from exc
 
 
-def _unavailable(what: str, key: str, exc: BaseException) -> StoreUnavailable:
+def _unavailable(what: str, key: str, exc: BaseException) -> RemoteError:
     """The error for a store request that failed after obstore's retries."""
     if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
         why = "the object store refused our credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
     else:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         why = f"the object store is unavailable ({first[:300]})"
-    return StoreUnavailable(f"could not {what} {key}: {why}; nothing was lost, try again later")
+    return ErrorCode.UNAVAILABLE.error(f"could not {what} {key}: {why}; nothing was lost, try again later")

@@ -21,7 +21,7 @@ namespace. How each guarantee is kept:
   :mod:`ferry.store.chunks`). ``last_ref`` (bumped on every claim and when files are removed) adds a
   grace period so that reads of a just-removed file can finish.
 
-Database failures become :class:`~ferry.store.errors.StoreUnavailable`; deadlocks and serialisation
+Database failures become :class:`~ferry.errors.StoreUnavailable`; deadlocks and serialisation
 failures are retried (a bounded number of times).
 """
 
@@ -35,18 +35,11 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 import asyncpg
 
 from ferry.errors import (
-    AlreadyExists,
-    DirectoryNotEmpty,
-    DiskFull,
-    IsADirectory,
-    NotADirectory,
-    NotFound,
-    PathRefused,
     RemoteError,
 )
 from ferry.store.api import ChunkRef, FileChunks, Node, Parts, Upload, Usage, check_parts, show
-from ferry.store.errors import StoreUnavailable, UploadGone
 from ferry.store.schema import migrate
+from ferry.wire.codes import ErrorCode
 
 if TYPE_CHECKING:
     from ferry.store.schema import Conn
@@ -117,9 +110,8 @@ def _node(row: asyncpg.Record) -> Node:
     )
 
 
-def _quota_error(path: Parts, size: int, used: int, quota: int) -> DiskFull:
-    return DiskFull(
-        "quota",
+def _quota_error(path: Parts, size: int, used: int, quota: int) -> RemoteError:
+    return ErrorCode.QUOTA.error(
         f"quota exceeded: {show(path)} needs {size} bytes, {max(quota - used, 0)} of {quota} left; "
         "remove files (ferry rm) or ask an admin to raise the quota",
     )
@@ -158,7 +150,7 @@ class Namespace:
         except _CONNECTION_ERRORS as exc:
             raise _db_down(exc) from exc
         except asyncpg.PostgresError as exc:  # wrong database, role or password
-            raise StoreUnavailable(f"the database refused the connection: {exc}") from exc
+            raise ErrorCode.UNAVAILABLE.error(f"the database refused the connection: {exc}") from exc
         ns = cls(pool, upload_lease=upload_lease)
         try:
             await ns._run(migrate, tx=False)
@@ -189,7 +181,7 @@ class Namespace:
                         return await op(conn)
             except _RETRY_ERRORS:
                 if attempt == _ATTEMPTS - 1:
-                    raise StoreUnavailable(
+                    raise ErrorCode.UNAVAILABLE.error(
                         "the database kept aborting this change (contention); try again"
                     ) from None
                 await asyncio.sleep(0.01 * 2**attempt)
@@ -240,7 +232,7 @@ class Namespace:
         """The folder at ``path`` (not-a-directory if it is a file)."""
         row = await self._lookup(conn, owner, path)
         if row["kind"] != "d":
-            raise NotADirectory("not-a-directory", f"{show(path)} is not a folder")
+            raise ErrorCode.NOT_A_DIRECTORY.error(f"{show(path)} is not a folder")
         return row
 
     @staticmethod
@@ -287,7 +279,7 @@ class Namespace:
         if not path:
             if exist_ok:
                 return
-            raise AlreadyExists("exists", "your home folder already exists")
+            raise ErrorCode.EXISTS.error("your home folder already exists")
 
         async def op(conn: Conn) -> None:
             rows = await self._walk(conn, owner, path)
@@ -327,7 +319,7 @@ class Namespace:
         """Remove a file or folder (see :meth:`ferry.store.api.Storage.remove`)."""
         owner, path = await self.owner_id(user), check_parts(path)
         if not path:
-            raise PathRefused("bad-path", "your home folder itself cannot be removed")
+            raise ErrorCode.BAD_PATH.error("your home folder itself cannot be removed")
 
         async def op(conn: Conn) -> None:
             await self._lock_owner(conn, owner)
@@ -346,8 +338,7 @@ class Namespace:
             hidden = " (it holds unfinished uploads)"
         else:
             return
-        raise DirectoryNotEmpty(
-            "not-empty",
+        raise ErrorCode.NOT_EMPTY.error(
             f"{show(path)} is a folder that is not empty{hidden}; remove it recursively to delete it and "
             "everything in it",
         )
@@ -382,9 +373,9 @@ class Namespace:
         """Move ``src`` to ``dst`` in one transaction (see :meth:`ferry.store.api.Storage.rename`)."""
         owner, src, dst = await self.owner_id(user), check_parts(src), check_parts(dst)
         if not src:
-            raise PathRefused("bad-path", "your home folder itself cannot be renamed")
+            raise ErrorCode.BAD_PATH.error("your home folder itself cannot be renamed")
         if not dst:
-            raise PathRefused("bad-path", "your home folder itself cannot be replaced")
+            raise ErrorCode.BAD_PATH.error("your home folder itself cannot be replaced")
 
         async def op(conn: Conn) -> None:
             # The owner lock also keeps two folder moves from building a cycle between their checks.
@@ -395,20 +386,20 @@ class Namespace:
                 raise _missing(chain, dst)
             parent = chain[len(dst) - 1]
             if parent["kind"] != "d":
-                raise NotADirectory("not-a-directory", f"{show(dst[:-1])} is not a folder")
+                raise ErrorCode.NOT_A_DIRECTORY.error(f"{show(dst[:-1])} is not a folder")
             if node["kind"] == "d" and any(r["id"] == node["id"] for r in chain[: len(dst)]):
-                raise RemoteError("invalid", f"cannot move {show(src)} into itself ({show(dst)})")
+                raise ErrorCode.INVALID.error(f"cannot move {show(src)} into itself ({show(dst)})")
             if len(chain) == len(dst) + 1:
                 target = chain[-1]
                 if target["id"] == node["id"]:
                     return
                 if not overwrite:
-                    raise AlreadyExists("exists", f"{show(dst)} already exists")
+                    raise ErrorCode.EXISTS.error(f"{show(dst)} already exists")
                 if node["kind"] == "f" and target["kind"] == "d":
-                    raise IsADirectory("is-a-directory", f"{show(dst)} is a folder; a file cannot replace it")
+                    raise ErrorCode.IS_A_DIRECTORY.error(f"{show(dst)} is a folder; a file cannot replace it")
                 if node["kind"] == "d" and target["kind"] == "f":
-                    raise NotADirectory(
-                        "not-a-directory", f"{show(dst)} is not a folder; a folder cannot replace it"
+                    raise ErrorCode.NOT_A_DIRECTORY.error(
+                        f"{show(dst)} is not a folder; a folder cannot replace it"
                     )
                 if target["kind"] == "d":
                     await self._require_empty(conn, target["id"], dst)
@@ -425,7 +416,7 @@ class Namespace:
         """Set the modification time and/or permission bits of ``path``."""
         owner, path = await self.owner_id(user), check_parts(path)
         if not path:
-            raise PathRefused("bad-path", "the times and permissions of your home folder cannot be changed")
+            raise ErrorCode.BAD_PATH.error("the times and permissions of your home folder cannot be changed")
 
         async def op(conn: Conn) -> None:
             row = await self._lookup(conn, owner, path)
@@ -466,7 +457,7 @@ class Namespace:
         """Start or resume an upload (see :meth:`ferry.store.api.Storage.open_upload`)."""
         owner, path = await self.owner_id(user), check_parts(path)
         if not path:
-            raise PathRefused("bad-path", "an upload needs a file name, not your home folder")
+            raise ErrorCode.BAD_PATH.error("an upload needs a file name, not your home folder")
 
         async def op(conn: Conn) -> Upload:
             used = await self._lock_owner(conn, owner)
@@ -512,9 +503,9 @@ class Namespace:
         if row is None:
             return 0
         if row["kind"] == "d":
-            raise IsADirectory("is-a-directory", f"{show(path)} is a folder")
+            raise ErrorCode.IS_A_DIRECTORY.error(f"{show(path)} is a folder")
         if not overwrite:
-            raise AlreadyExists("exists", f"{show(path)} already exists")
+            raise ErrorCode.EXISTS.error(f"{show(path)} already exists")
         return int(row["size"])
 
     async def claim_chunk(self, upload: Upload, index: int, digest: bytes, size: int) -> ChunkRef:
@@ -542,7 +533,7 @@ class Namespace:
             )
             assert row is not None
             if not row["linked"]:
-                raise UploadGone(f"the upload to {show(upload.path)} was removed meanwhile; start it again")
+                raise ErrorCode.UPLOAD_GONE.error(f"the upload to {show(upload.path)} was removed meanwhile; start it again")
             return ChunkRef(row["id"], upload.owner, digest, size, row["stored"])
 
         return await self._run(op, tx=False)
@@ -584,7 +575,7 @@ class Namespace:
                 upload.id,
             )
             if up is None:
-                raise UploadGone(f"the upload to {show(upload.path)} was removed meanwhile; start it again")
+                raise ErrorCode.UPLOAD_GONE.error(f"the upload to {show(upload.path)} was removed meanwhile; start it again")
             chunks = await conn.fetch(
                 "SELECT uc.idx, c.size, c.stored FROM upload_chunks uc JOIN chunks c ON c.id = uc.chunk_id "
                 "WHERE uc.upload_id = $1 ORDER BY uc.idx",
@@ -596,9 +587,7 @@ class Namespace:
                 and sum(r["size"] for r in chunks) == up["size"]
             )
             if not complete:
-                raise RemoteError(
-                    "incomplete", f"{show(upload.path)}: not every chunk of the upload is stored"
-                )
+                raise ErrorCode.INCOMPLETE.error(f"{show(upload.path)}: not every chunk of the upload is stored")
             return await self._place_file(
                 conn, upload.owner, up["parent_id"], upload.path, used,
                 size=up["size"], mtime_ns=up["mtime_ns"], mode=up["mode"], digest=digest,
@@ -623,7 +612,7 @@ class Namespace:
         :class:`ChunkGone` if the chunk row was swept in between (the caller claims it again)."""
         owner, path = await self.owner_id(user), check_parts(path)
         if not path:
-            raise PathRefused("bad-path", "an upload needs a file name, not your home folder")
+            raise ErrorCode.BAD_PATH.error("an upload needs a file name, not your home folder")
 
         async def op(conn: Conn) -> int:
             used = await self._lock_owner(conn, owner)
@@ -664,9 +653,9 @@ class Namespace:
         replaced = 0
         if old is not None:
             if old["kind"] == "d":
-                raise IsADirectory("is-a-directory", f"{show(path)} is a folder")
+                raise ErrorCode.IS_A_DIRECTORY.error(f"{show(path)} is a folder")
             if not overwrite:
-                raise AlreadyExists("exists", f"{show(path)} already exists")
+                raise ErrorCode.EXISTS.error(f"{show(path)} already exists")
             replaced = int(old["size"])
         if quota is not None and used - replaced + size > quota:
             raise _quota_error(path, size, used - replaced, quota)
@@ -679,7 +668,7 @@ class Namespace:
                 owner, parent, path[-1], size, mtime_ns, mode, digest,
             )  # fmt: skip
         except asyncpg.exceptions.UniqueViolationError as exc:  # a folder made meanwhile by mkdir
-            raise AlreadyExists("exists", f"{show(path)} already exists") from exc
+            raise ErrorCode.EXISTS.error(f"{show(path)} already exists") from exc
         if from_upload is not None:
             await conn.execute(
                 "INSERT INTO file_chunks (node_id, idx, chunk_id) "
@@ -717,7 +706,7 @@ class Namespace:
         async def op(conn: Conn) -> FileChunks:
             row = await self._lookup(conn, owner, path)
             if row["kind"] == "d":
-                raise IsADirectory("is-a-directory", f"{show(path)} is a folder, not a file")
+                raise ErrorCode.IS_A_DIRECTORY.error(f"{show(path)} is a folder, not a file")
             chunks = await conn.fetch(
                 "SELECT c.id, c.hash, c.size FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id "
                 "WHERE fc.node_id = $1 ORDER BY fc.idx",
@@ -799,18 +788,18 @@ def _missing(rows: Sequence[asyncpg.Record], path: Parts) -> RemoteError:
     """The error for a walk that stopped at ``rows[-1]`` short of ``path``."""
     depth = len(rows) - 1
     if rows and rows[-1]["kind"] != "d":
-        return NotADirectory("not-a-directory", f"{show(path[:depth])} is not a folder")
-    return NotFound("not-found", f"{show(path)}: no such file or folder")
+        return ErrorCode.NOT_A_DIRECTORY.error(f"{show(path[:depth])} is not a folder")
+    return ErrorCode.NOT_FOUND.error(f"{show(path)}: no such file or folder")
 
 
-def _exists(path: Parts, kind: Any) -> AlreadyExists:
+def _exists(path: Parts, kind: Any) -> RemoteError:
     if kind == "d":
-        return AlreadyExists("exists", f"{show(path)} already exists")
-    return AlreadyExists("exists", f"{show(path)} already exists and is not a folder")
+        return ErrorCode.EXISTS.error(f"{show(path)} already exists")
+    return ErrorCode.EXISTS.error(f"{show(path)} already exists and is not a folder")
 
 
-def _db_down(exc: BaseException) -> StoreUnavailable:
+def _db_down(exc: BaseException) -> RemoteError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StoreUnavailable(
+    return ErrorCode.UNAVAILABLE.error(
         f"the database is unavailable ({first[:300]}); nothing acknowledged was lost, try again later"
     )

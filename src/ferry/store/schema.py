@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from ferry.store.errors import StoreUnavailable
+from ferry.wire.codes import ErrorCode
 
 if TYPE_CHECKING:
     import asyncpg
@@ -130,7 +130,7 @@ async def migrate(conn: Conn, target: int = SCHEMA_VERSION) -> int:
         )
         found = await schema_version(conn)
         if found > len(MIGRATIONS):
-            raise StoreUnavailable(
+            raise ErrorCode.UNAVAILABLE.error(
                 f"the database holds ferry schema version {found}, newer than this ferry understands "
                 f"({SCHEMA_VERSION}); upgrade this server"
             )
