@@ -21,6 +21,7 @@ import pytest
 from ferry.hashing import small_digest
 from ferry.server.context import Limits
 from ferry.server.jail import Entry, Jail
+from ferry.server.sweeper import sweep_once
 from ferry.server.work import FairPool
 from ferry.wire import CONNECTION_ENDED, Data
 from ferry.wire import messages as m
@@ -340,3 +341,162 @@ def test_a_fair_pool_serves_a_second_owner_before_the_first_owners_backlog() -> 
 
     order = asyncio.run(main())
     assert "a4" not in order
+
+
+# --- depth limits ------------------------------------------------------------------------------
+
+
+def make_chain(folder: Path, names: list[str]) -> str:
+    """Folders ``names[0]/names[1]/...`` under ``folder``, made one at a time relative to their
+    parent (a path longer than the OS takes in one call works too); returns the relative path."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+    finally:
+        os.close(fd)
+    return "/".join(names)
+
+
+def tree_acks(raw: RawClient, req_id: int) -> m.TreeAck:
+    ack = raw.reply(req_id, timeout=60)
+    assert isinstance(ack, m.TreeAck), ack
+    return ack
+
+
+def file_item(path: str, data: bytes = b"x") -> m.TreeItem:
+    return m.TreeItem(path=path, kind="file", size=len(data), data=data, digest=small_digest("blake3", data))
+
+
+@pytest.mark.timeout(60)
+def test_a_tree_upload_record_2040_levels_deep_is_stored(tmp_path: Path) -> None:
+    """The record of the report answered "internal server error (RecursionError)": folders were
+    opened by a recursion per level. Now they are opened in a loop from the nearest one already
+    open, and 2,040 levels are within the limit (2,048, the deepest one path can name)."""
+    with running_server(tmp_path / "root", plain=True) as srv:
+        raw = login(srv)
+        try:
+            raw.send(m.PutTree(id=1, path="up"))
+            raw.send(m.TreeItems(id=1, items=[file_item(deep_path(2040) + "/f", b"deep")], end=True))
+            ack = tree_acks(raw, 1)
+            assert (ack.files, ack.errors) == (1, []), ack
+            with Jail(home(srv)) as jail:  # the absolute path is longer than the OS takes
+                fd = jail.open_read("up/" + deep_path(2040) + "/f")
+                try:
+                    assert os.read(fd, 100) == b"deep"
+                finally:
+                    os.close(fd)
+        finally:
+            raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_folders_deeper_than_the_limit_are_refused_with_too_deep(tmp_path: Path) -> None:
+    """mkdir -p and tree uploads create no folder deeper than max_depth below the home: a clear
+    ``too-deep`` error before anything is created; a tree upload goes on with its other records."""
+    with running_server(tmp_path / "root", plain=True, limits=Limits(max_depth=100)) as srv:
+        raw = login(srv)
+        try:
+            raw.send(m.Mkdir(id=1, path=deep_path(101), parents=True))
+            err = raw.reply(1)
+            assert isinstance(err, m.Error) and err.code == "too-deep", err
+            assert "goes deeper than 100 folder levels below your home" in err.message
+            assert not (home(srv) / "d").exists()
+            raw.send(m.Mkdir(id=2, path=deep_path(100), parents=True))
+            assert isinstance(raw.reply(2), m.Ok)
+            raw.send(m.PutTree(id=3, path="up"))  # "up" is one level: records may add 99
+            raw.send(m.TreeItems(id=3, items=[file_item(deep_path(100) + "/f"), file_item("ok.txt")], end=True))
+            ack = tree_acks(raw, 3)
+            assert ack.files == 1 and ack.end
+            [error] = ack.errors
+            assert error.code == "too-deep" and error.path.startswith("d/d/"), error
+            assert (home(srv) / "up" / "ok.txt").read_bytes() == b"x"
+            assert not (home(srv) / "up" / "d").exists()
+        finally:
+            raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_walks_stop_at_the_depth_limit_with_a_clear_error_and_rm_r_has_none(tmp_path: Path) -> None:
+    """A tree moved into another can be deeper than any mkdir makes: a listing then ends with
+    ``too-deep`` where it would go deeper than max_depth below the folder listed, a tree download
+    reports that folder as a ``too-deep`` record and goes on, a listing further down works, and the
+    usage count and rm -r, which must reach everything, have no limit."""
+    limit = 40
+    with running_server(tmp_path / "root", plain=True, limits=Limits(max_depth=limit)) as srv:
+        raw = login(srv)
+        try:
+            for i, path in enumerate((deep_path(limit), "e/" + deep_path(limit - 1))):
+                raw.send(m.Mkdir(id=10 + i, path=path, parents=True))
+                assert isinstance(raw.reply(10 + i), m.Ok)
+            (home(srv) / "side.txt").write_bytes(b"side")
+            raw.send(m.Rename(id=12, src="e", dst=deep_path(limit) + "/e"))  # now 80 levels deep
+            assert isinstance(raw.reply(12), m.Ok)
+            raw.send(m.ListDir(id=1, path="", recursive=True))
+            reply = raw.reply(1)  # the walk meets the limit within its first page
+            assert isinstance(reply, m.Error) and reply.code == "too-deep", reply
+            assert f"goes deeper than {limit} folder levels below the folder listed" in reply.message
+            raw.send(m.ListDir(id=2, path=deep_path(limit), recursive=True))  # further down: fine
+            below = [e.name for e in read_listing(raw, 2)]
+            assert below[-1] == "e/" + deep_path(limit - 1) and len(below) == limit
+            raw.send(m.GetTree(id=3, path=""))
+            items: list[m.TreeItem] = []
+            for _ in range(100):
+                batch = raw.reply(3)
+                assert isinstance(batch, m.TreeItems), batch
+                items += batch.items
+                if batch.end:
+                    break
+            errors = [it for it in items if it.kind == "error"]
+            assert [(e.code, e.path.count("/") + 1) for e in errors] == [("too-deep", limit)]
+            assert any(it.path == "side.txt" for it in items)
+            raw.send(m.Df(id=4))
+            assert isinstance(raw.reply(4), m.DfReply)
+            raw.send(m.Remove(id=5, path="d", recursive=True))
+            assert isinstance(raw.reply(5), m.Ok)
+            assert sorted(p.name for p in home(srv).iterdir()) == ["side.txt"]
+        finally:
+            raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_name_too_long_for_the_wire_ends_the_listing_with_an_error_not_the_connection(tmp_path: Path) -> None:
+    """Relative names in a deep listing can outgrow what a message may carry (4,096 characters):
+    the listing then ends with ``bad-path`` instead of a page the client must refuse (which cost
+    the whole connection)."""
+    with running_server(tmp_path / "root", plain=True) as srv:
+        # 20 names of 250 characters: a 5,019-character relative path
+        make_chain(home(srv), [f"{i:02d}" + "n" * 248 for i in range(20)])
+        raw = login(srv)
+        try:
+            raw.send(m.ListDir(id=1, path="", recursive=True))
+            reply = None
+            for _ in range(100):
+                reply = raw.reply(1)
+                if not isinstance(reply, m.ListReply):
+                    break
+            assert isinstance(reply, m.Error) and reply.code == "bad-path", reply
+            assert "too long to send" in reply.message
+            raw.send(m.Stat(id=2, path=""))  # the connection is still fine
+            assert isinstance(raw.reply(2), m.StatReply)
+        finally:
+            raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_deep_tree_does_not_stop_the_sweep_of_stale_partials(tmp_path: Path) -> None:
+    """The sweeper used os.fwalk, which recurses: one home with a ~1,000-level tree raised
+    RecursionError and ended the sweep, for that home and every home after it."""
+    limits = Limits(partial_max_age=86400.0, sweep_interval=3600)
+    with running_server(tmp_path / "root", limits=limits, users=("alice", "bob")) as srv:
+        old = time.time() - 2 * 86400
+        deepest = make_chain(home(srv), ["d"] * 1200)
+        stale = [home(srv) / deepest / ".a.bin.ferry-part-t1", home(srv, "bob") / ".b.bin.ferry-part-t2"]
+        for path in stale:
+            path.write_bytes(b"left behind")
+            os.utime(path, (old, old))
+        assert srv.loop is not None and srv.server.ctx is not None
+        swept = asyncio.run_coroutine_threadsafe(sweep_once(srv.server.ctx), srv.loop).result(30)
+        assert not any(p.exists() for p in stale), swept

@@ -17,6 +17,7 @@ from typing import Any
 from ferry.server.accounts import Accounts, User
 from ferry.server.admission import Admission
 from ferry.server.auth import Authenticator
+from ferry.server.jail import MAX_DEPTH
 from ferry.server.login_queue import LoginQueue
 from ferry.server.revocation import Revocation
 from ferry.server.throttle import Throttle
@@ -65,6 +66,9 @@ class Limits:
     #: expensive operations (recursive listing, GetTree, PutTree batch, rm -r, usage count) in
     #: progress per session; more wait their turn in the session, in order
     walks_per_session: int = 2
+    #: deepest folder created below a home, and deepest a listing or tree download descends below
+    #: where it starts (code too-deep; ferry.server.jail.MAX_DEPTH); rm -r and usage have no limit
+    max_depth: int = MAX_DEPTH
 
 
 class HashCache:

@@ -18,6 +18,7 @@ from ferry.server.jail import Entry as JailEntry
 from ferry.server.jail import Jail, ListScan
 from ferry.server.work import in_thread, run_steps
 from ferry.wire import messages as m
+from ferry.wire.codes import ErrorCode
 
 if TYPE_CHECKING:
     from ferry.server.session import Session
@@ -130,6 +131,11 @@ class _Pages:
                     name, e = next(self.scan)
                 except StopIteration:
                     return page, True
+                if len(name) > m.MAX_PATH_CHARS:  # the client would refuse the whole page
+                    raise ErrorCode.BAD_PATH.error(
+                        f"a name in this folder is too long to send ({len(name):,} characters, at most "
+                        f"{m.MAX_PATH_CHARS:,}); list a folder further down to see the rest",
+                    )
                 entry = to_wire(e, name)
             cost = len(entry.name.encode("utf-8", "surrogatepass")) + 64  # 64: the other fields, generously
             if page and (len(page) >= PAGE or size + cost > PAGE_BYTES):

@@ -46,6 +46,7 @@ from ferry.textsafe import safe_name
 from ferry.wire.codes import ErrorCode
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_PATH_BYTES",
     "PARTIAL_MARK",
     "PARTIAL_XATTR",
@@ -93,6 +94,13 @@ _NEW_PARTIAL_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
 #: file that lacks it (made by anyone else, or renamed from another partial's name) is not resumed.
 PARTIAL_XATTR: Final = "user.ferry.partial"
 
+#: Deepest folder the jail creates (``mkdir``, tree uploads), counted in folders below the home, and
+#: deepest a listing or tree download descends below the folder it starts from (code ``too-deep``).
+#: 2,048 is the deepest folder one client path can name (4,096 bytes of ``d/d/...``), so the limit
+#: refuses nothing a single request could make; it stops walks where a tree moved into another
+#: goes further (walks cost linear time whatever the depth, but names grow with it). ``rm -r`` and
+#: the usage count have no depth limit: they must reach whatever exists.
+MAX_DEPTH: Final = 2048
 #: Most directory descriptors a recursive walk (remove, usage) keeps open at once. Deeper trees still
 #: work: ancestors are closed and reopened by name (with O_NOFOLLOW) on the way back up, so a
 #: pathologically deep tree cannot exhaust the server's descriptors.
@@ -138,8 +146,18 @@ def _kind(mode: int) -> EntryKind:
 
 
 def _show(path: str) -> str:
-    """How a client path appears in an error message: quoted and terminal-safe."""
-    return "your home folder" if path in ("", ".") else f"'{safe_name(path)}'"
+    """How a client path appears in an error message: quoted and terminal-safe; a path longer than
+    a request can hold (found deep in a walk) is shortened in the middle, so that the message stays
+    within what the wire carries."""
+    if path in ("", "."):
+        return "your home folder"
+    if len(path) > 1024:
+        path = f"{path[:500]}...{path[-500:]}"
+    return f"'{safe_name(path)}'"
+
+
+def _too_deep(path: str, levels: int, where: str) -> RemoteError:
+    return ErrorCode.TOO_DEEP.error(f"{_show(path)}: goes deeper than {levels} folder levels {where}")
 
 
 def parse_path(path: str) -> tuple[str, ...]:
@@ -486,10 +504,13 @@ class Jail:
     to the home are trusted. No client operation can do that: every rename stays inside the home.
     """
 
-    def __init__(self, home: str | os.PathLike[str], *, max_open_dirs: int = MAX_OPEN_DIRS) -> None:
+    def __init__(
+        self, home: str | os.PathLike[str], *, max_open_dirs: int = MAX_OPEN_DIRS, max_depth: int = MAX_DEPTH
+    ) -> None:
         """Open ``home``; raises :class:`~ferry.errors.NotFound` (code ``no-home``) if missing."""
         self._home_path = os.fspath(home)
         self._max_open_dirs = max_open_dirs
+        self._max_depth = max(1, max_depth)
         try:
             self._fd = os.open(self._home_path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
         except FileNotFoundError as exc:
@@ -697,6 +718,47 @@ class Jail:
             finally:
                 chain.close()
 
+    def folder_walk(self) -> Generator[tuple[str, int, list[str]], None, None]:
+        """Every folder of the home, depth-first: ``(home-relative path, its descriptor, the names of
+        its entries that are not folders)``. The descriptor is valid until the next step only.
+
+        Iterative over the same descriptor chain as :meth:`usage` (at most ``MAX_OPEN_DIRS`` open,
+        linear in the entries, no depth limit: ``os.fwalk`` recurses, and a tree ~1,000 levels deep
+        made it fail with RecursionError). Symbolic links are never followed. A folder that cannot
+        be read (permission) or that vanished or was swapped for a link since its parent was read is
+        skipped. Close the generator when abandoned (it holds descriptors)."""
+        with _translating(""):
+            chain = _DirChain(self._home_fd(), self._max_open_dirs)
+            try:
+                subdirs, others = _split_at(chain.top())
+                yield "", chain.top(), others
+                stack = [("", subdirs)]
+                while stack:
+                    rel, todo = stack[-1]
+                    if not todo:
+                        stack.pop()
+                        if len(chain) > 1:
+                            chain.pop()
+                        continue
+                    name = todo.pop()
+                    try:
+                        chain.push(name)
+                    except OSError as exc:
+                        if exc.errno in _SKIPPED:
+                            continue
+                        raise
+                    try:
+                        subdirs, others = _split_at(chain.top())
+                    except OSError as exc:
+                        if exc.errno not in _SKIPPED:
+                            raise
+                        subdirs, others = [], []  # unreadable: left on the way back like an empty one
+                    sub = f"{rel}/{name}" if rel else name
+                    yield sub, chain.top(), others
+                    stack.append((sub, subdirs))
+            finally:
+                chain.close()
+
     def list_scan(self, path: str, *, recursive: bool) -> ListScan:
         """Walk folder ``path`` for a listing (see :class:`ListScan`); fails at once if it is
         missing, not a folder, or a symlink."""
@@ -864,6 +926,8 @@ class Jail:
                 return
             raise ErrorCode.EXISTS.error("your home folder already exists")
         refuse_reserved(parts[-1], path)  # the parents are checked as they are created
+        if len(parts) > self._max_depth:
+            raise _too_deep(path, self._max_depth, "below your home; ferry creates no deeper folder")
         with _translating(path), self._parent(parts, mode if parents else None) as (pfd, name):
             try:
                 os.mkdir(name, mode, dir_fd=pfd)
@@ -1071,6 +1135,7 @@ class _FolderScan(Generic[_R]):
             os.close(self._root)
             raise
         self._base = "" if path in ("", ".") else path
+        self._max_depth = jail._max_depth
         self._gen = self._walk()
 
     def __iter__(self) -> _FolderScan[_R]:
@@ -1117,13 +1182,15 @@ class TreeScan(_FolderScan[TreeRecord]):
         chain = self._chain
         with _translating(self._base):
             subdirs = yield from self._folder(chain.top(), "")
-        stack: list[tuple[str, list[str]]] = [("", subdirs)]
+        # Per level: its path, its depth below the root, the subfolders still to visit (a stack).
+        stack: list[tuple[str, int, list[str]]] = [("", 0, subdirs)]
         while stack:
-            rel, todo = stack[-1]
+            rel, depth, todo = stack[-1]
             if not todo:
                 stack.pop()
                 if len(chain) > 1:
-                    chain.pop()
+                    with _translating(self._client_path(rel)):
+                        chain.pop()
                 continue
             name = todo.pop()
             sub = f"{rel}/{name}" if rel else name
@@ -1135,11 +1202,17 @@ class TreeScan(_FolderScan[TreeRecord]):
                 continue
             yield TreeDir(sub)
             try:
-                subdirs = yield from self._folder(chain.top(), sub)
+                if depth + 2 <= self._max_depth:
+                    subdirs = yield from self._folder(chain.top(), sub)
+                else:  # its contents would be deeper than the limit: report them, if any, as one
+                    subdirs = []
+                    if _has_entries(chain.top()):
+                        path = self._client_path(sub)
+                        yield TreeFailure(sub, _too_deep(path, self._max_depth, "below the folder downloaded"))
             except OSError as exc:  # e.g. unreadable folder: report it, skip its contents
                 yield TreeFailure(sub, translate_oserror(exc, self._client_path(sub)))
                 subdirs = []
-            stack.append((sub, subdirs))
+            stack.append((sub, depth + 1, subdirs))
 
     def _why(self, exc: OSError, parent: int, name: str, rel: str) -> FerryError:
         path = self._client_path(rel)
@@ -1225,10 +1298,10 @@ class ListScan(_FolderScan[tuple[str, Entry]]):
         yield from ((e.name, e) for e in entries)
         if not self._recursive:
             return
-        # Per level: the subfolders still to visit, last first (a stack).
-        stack: list[tuple[str, list[str]]] = [("", [e.name for e in reversed(entries) if e.kind == "dir"])]
+        # Per level: its path, its depth below the root, the subfolders still to visit, last first.
+        stack = [("", 0, [e.name for e in reversed(entries) if e.kind == "dir"])]
         while stack:
-            rel, todo = stack[-1]
+            rel, depth, todo = stack[-1]
             if not todo:
                 stack.pop()
                 if len(chain) > 1:
@@ -1244,8 +1317,14 @@ class ListScan(_FolderScan[tuple[str, Entry]]):
                     continue  # vanished or swapped since it was listed: nothing left to list in it
                 raise translate_oserror(exc, self._client_path(sub)) from exc
             entries = self._folder(sub)
+            if entries and depth + 2 > self._max_depth:  # they would be deeper than the limit
+                raise _too_deep(
+                    self._client_path(sub),
+                    self._max_depth,
+                    "below the folder listed; list a folder further down to see the rest",
+                )
             yield from ((f"{sub}/{e.name}", e) for e in entries)
-            stack.append((sub, [e.name for e in reversed(entries) if e.kind == "dir"]))
+            stack.append((sub, depth + 1, [e.name for e in reversed(entries) if e.kind == "dir"]))
 
 
 class TreeDirs:
@@ -1261,6 +1340,10 @@ class TreeDirs:
     def __init__(self, jail: Jail, path: str, limit: int = 32) -> None:
         self._jail = jail
         self._base = parse_path(path)
+        #: folder levels a record may add below the tree's root (see MAX_DEPTH)
+        self._depth_left = jail._max_depth - len(self._base)
+        if self._depth_left < 0:
+            raise _too_deep(path, jail._max_depth, "below your home; ferry creates no deeper folder")
         with _translating(path):
             self._root = jail._walk(self._base, create_mode=0o777)
         #: folder (relative to the root, validated) -> its descriptor, least recently used first
@@ -1271,20 +1354,35 @@ class TreeDirs:
         self._seq = itertools.count()
 
     def _open(self, rel: str) -> int:
-        """The descriptor of folder ``rel`` (already validated by :func:`parse_path`)."""
+        """The descriptor of folder ``rel`` (already validated by :func:`parse_path`), opened (and
+        created) from its nearest cached ancestor down: a loop, not a recursion, however deep."""
         if not rel:
             return self._root
         fd = self._fds.get(rel)
         if fd is not None:
             self._fds.move_to_end(rel)
             return fd
-        parent_rel, _, name = rel.rpartition("/")
-        parent = self._open(parent_rel)
-        fd = self._jail._open_dir_at(parent, name, self.client_path(rel), 0o777)
-        self._fds[rel] = fd
-        while len(self._fds) > self._limit:  # the parent just used is second newest: never evicted
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
+        if rel.count("/") >= self._depth_left:
+            raise _too_deep(
+                self.client_path(rel), self._jail._max_depth, "below your home; ferry creates no deeper folder"
+            )
+        # The nearest ancestor already open (a tree sends folders before their contents: usually
+        # the parent), else the tree's root.
+        end = rel.rfind("/")
+        while end > 0 and rel[:end] not in self._fds:
+            end = rel.rfind("/", 0, end)
+        fd = self._root if end <= 0 else self._fds[rel[:end]]
+        while True:
+            nxt = rel.find("/", end + 1)
+            sub = rel if nxt < 0 else rel[:nxt]
+            name = sub[end + 1 :] if end > 0 else sub
+            fd = self._jail._open_dir_at(fd, name, self.client_path(sub), 0o777)
+            self._fds[sub] = fd
+            while len(self._fds) > self._limit:  # the folder just opened is the newest: never evicted
+                os.close(self._fds.popitem(last=False)[1])
+            if nxt < 0:
+                return fd
+            end = nxt
 
     def _folder(self, rel: str) -> int:
         if not rel:
@@ -1468,6 +1566,12 @@ def _take_verified(sfd: int, sname: str, dname: str, fd: int, final_rel: str) ->
     )
 
 
+def _has_entries(fd: int) -> bool:
+    """True if directory ``fd`` holds anything but partial uploads. Raises OSError."""
+    with os.scandir(fd) as it:
+        return any(not is_partial_name(de.name) for de in it)
+
+
 def _kind_at(dir_fd: int, name: str) -> EntryKind | None:
     """The kind of entry ``name`` in ``dir_fd`` (not following links); None if it is gone."""
     try:
@@ -1583,3 +1687,19 @@ def _entries_at(fd: int, include_partial: bool = False) -> Generator[Entry, None
             except FileNotFoundError:
                 continue
             yield Entry.from_stat(de.name, st)
+
+
+#: Why :meth:`Jail.folder_walk` may skip a folder: gone, swapped for a non-folder, unreadable.
+_SKIPPED: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM})
+
+
+def _split_at(fd: int) -> tuple[list[str], list[str]]:
+    """The entries of directory ``fd``: (names of folders, last first; names of the others), by the
+    type the directory reports (no stat per entry). Raises OSError."""
+    subdirs: list[str] = []
+    others: list[str] = []
+    with os.scandir(fd) as it:
+        for de in it:
+            (subdirs if de.is_dir(follow_symlinks=False) else others).append(de.name)
+    subdirs.reverse()
+    return subdirs, others

@@ -368,7 +368,7 @@ class Session:
         self.login = login
         self.user = user
         os.makedirs(user.home, mode=0o700, exist_ok=True)
-        self.jail = Jail(user.home)
+        self.jail = Jail(user.home, max_depth=self.ctx.limits.max_depth)
         may_exec = user.exec_allowed and not login.read_only
         await self.send(
             m.AuthOk(

@@ -5,9 +5,10 @@ An interrupted upload keeps its verified partial so that the same ``ferry put`` 
 and quota. The server sweeps every home periodically and deletes partials whose last write is older
 than ``Limits.partial_max_age``, except those an upload is writing right now.
 
-The walk never follows a symlink and deletes through directory descriptors (``os.fwalk`` +
-``unlink(dir_fd=...)``), so a folder swapped for a symlink while the sweep runs cannot make it
-delete anything outside the home.
+The walk never follows a symlink and deletes through directory descriptors
+(:meth:`~ferry.server.jail.Jail.folder_walk` + ``unlink(dir_fd=...)``), so a folder swapped for a
+symlink while the sweep runs cannot make it delete anything outside the home; it is iterative, with
+a bounded number of open descriptors, so no tree is too deep for it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from ferry.errors import FerryError
 from ferry.server.context import ServerContext
-from ferry.server.jail import is_partial_name
+from ferry.server.jail import Jail, is_partial_name
 
 
 @dataclass(frozen=True)
@@ -42,24 +44,25 @@ def sweep_home(home: str, max_age: float, active: Collection[str], now: float | 
     cutoff = (time.time() if now is None else now) - max_age
     files = nbytes = 0
     try:
-        walk = os.fwalk(home, follow_symlinks=False)
-        for dirpath, _dirs, names, dirfd in walk:
-            rel_dir = os.path.relpath(dirpath, home)
-            for name in names:
-                if not is_partial_name(name):
-                    continue
-                rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-                if rel in active:
-                    continue
-                with contextlib.suppress(OSError):
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                    # Only regular files: a symlink or fifo named like a partial is not ours.
-                    if not stat.S_ISREG(st.st_mode) or st.st_mtime >= cutoff:
+        # The jail's walk, not os.fwalk: that one recurses (a tree ~1,000 levels deep raised
+        # RecursionError and stopped the sweep of every later home) and keeps a descriptor per level.
+        with Jail(home) as jail, contextlib.closing(jail.folder_walk()) as walk:
+            for rel_dir, dirfd, names in walk:
+                for name in names:
+                    if not is_partial_name(name):
                         continue
-                    os.unlink(name, dir_fd=dirfd)
-                    files += 1
-                    nbytes += st.st_size
-    except OSError:
+                    rel = f"{rel_dir}/{name}" if rel_dir else name
+                    if rel in active:
+                        continue
+                    with contextlib.suppress(OSError):
+                        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                        # Only regular files: a symlink or fifo named like a partial is not ours.
+                        if not stat.S_ISREG(st.st_mode) or st.st_mtime >= cutoff:
+                            continue
+                        os.unlink(name, dir_fd=dirfd)
+                        files += 1
+                        nbytes += st.st_size
+    except (OSError, FerryError):
         pass  # the home itself vanished or is unreadable: nothing to sweep
     return SweepResult(files, nbytes)
 

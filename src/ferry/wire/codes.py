@@ -99,6 +99,7 @@ class ErrorCode(enum.StrEnum):
     NOT_EMPTY = ("not-empty", DirectoryNotEmpty)
     CROSS_DEVICE = ("cross-device", RemoteError)
     INVALID = ("invalid", RemoteError)
+    TOO_DEEP = ("too-deep", RemoteError)
     # --- storage and transfers ------------------------------------------------------------
     DISK_FULL = ("disk-full", DiskFull)
     QUOTA = ("quota", DiskFull)
