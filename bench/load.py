@@ -17,8 +17,9 @@ memory, no sockets), and sequential logins against an idle server.
 
 The clients all come from 127.0.0.1, so the server is started with a per-address pending-login
 limit above C (the default, 32, would refuse most of them: that guard is tested in
-tests/test_admission.py, not measured here). Logins are with passwords; ``--auth`` is the hook for
-keys and tokens once they exist (docs/performance.md has the runs).
+tests/test_admission.py, not measured here). Logins are with passwords (argon2id), or with
+``--auth token`` (a token per account) or ``--auth key`` (an ed25519 key made with ssh-keygen,
+registered for every account); docs/performance.md has the runs.
 
 Timed runs take the shared benchmark lock: ``flock /work/bench.lock python bench/load.py``.
 """
@@ -31,6 +32,7 @@ import concurrent.futures
 import os
 import ssl
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -40,11 +42,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import FerryServer, KiB, MiB, fmt_num, log, scratch_dir, table
+from _common import FerryServer, KiB, MiB, fmt_num, log, scratch_dir, table, wait_quiet
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
 from ferry.errors import FerryError
 from ferry.server.accounts import Accounts, default_hasher
+from ferry.server.credentials import Credentials
 
 PASSWORD = "a long and honest benchmark password"
 FILE_SIZE = 4 * KiB
@@ -72,16 +75,24 @@ class Result:
     peak_mib: float | None = None
     straggler_login: float | None = None
     straggler_kind: str = ""
+    background: float = 0.0  #: share of the CPUs busy with other work just before the burst
 
 
-def credentials(auth: str, user: str) -> dict[str, Any]:
-    """Keyword arguments for :meth:`AsyncClient.connect` that log ``user`` in with ``auth``.
+@dataclass
+class Logins:
+    """How the clients log in (``--auth``): what :meth:`AsyncClient.connect` gets for each user."""
 
-    The hook for key and token logins (issue 12): add their kinds here when the client has them.
-    """
-    if auth == "password":
-        return {"user": user, "password": PASSWORD}
-    raise SystemExit(f"--auth {auth}: not available in this version of ferry (only password)")
+    auth: str
+    tokens: dict[str, str] = field(default_factory=dict)  #: user -> token (``--auth token``)
+    key: Path | None = None  #: private key file (``--auth key``; one key for every account)
+
+    def kwargs(self, user: str) -> dict[str, Any]:
+        """Keyword arguments for :meth:`AsyncClient.connect` that log ``user`` in."""
+        if self.auth == "password":
+            return {"user": user, "password": PASSWORD}
+        if self.auth == "token":
+            return {"user": user, "token": self.tokens[user]}
+        return {"user": user, "key": str(self.key)}
 
 
 def classify(exc: BaseException) -> str:
@@ -104,33 +115,45 @@ def percentile(values: list[float], q: float) -> float:
     return data[min(len(data) - 1, max(0, round(q * (len(data) - 1))))]
 
 
-def prepare(root: Path, users: int, local: Path) -> list[str]:
-    """Accounts (production hashing) with a 4 KiB file in each home; the local file to upload."""
+def prepare(root: Path, users: int, local: Path, auth: str = "password") -> tuple[list[str], Logins]:
+    """Accounts (production password hashing) with a 4 KiB file in each home, the local file to
+    upload, and the credentials for ``auth`` (a token per user, or one SSH key for all)."""
     names = [f"u{i:04d}" for i in range(users)]
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "up4k").write_bytes(os.urandom(FILE_SIZE))
+    logins = Logins(auth)
+    if auth == "key":
+        logins.key = local / "id_ed25519"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "load", "-f", str(logins.key)],
+            check=True,
+            timeout=60,
+        )
     acc = Accounts(root)
     try:
+        creds = Credentials(acc)
         for name in names:
             home = acc.add(name, PASSWORD).home
             home.mkdir(parents=True, exist_ok=True)
             (home / "f4k").write_bytes(os.urandom(FILE_SIZE))
+            if auth == "token":
+                logins.tokens[name] = creds.add_token(name, label="load")[1]
+            elif auth == "key":
+                creds.add_keys(name, (local / "id_ed25519.pub").read_text())
     finally:
         acc.close()
-    local.mkdir(parents=True, exist_ok=True)
-    (local / "up4k").write_bytes(os.urandom(FILE_SIZE))
-    return names
+    return names, logins
 
 
 async def one_client(
-    port: int, plain: bool, auth: str, user: str, local: Path, index: int, known: KnownHosts, delay: float
+    port: int, plain: bool, logins: Logins, user: str, local: Path, index: int, known: KnownHosts, delay: float
 ) -> Outcome:
     """Wait ``delay``, then log in, get 4 KiB, put 4 KiB, close."""
     await asyncio.sleep(delay)
     t0 = time.monotonic()
     login: float | None = None
     try:
-        client = await AsyncClient.connect(
-            "127.0.0.1", port, plain=plain, known_hosts=known, **credentials(auth, user)
-        )
+        client = await AsyncClient.connect("127.0.0.1", port, plain=plain, known_hosts=known, **logins.kwargs(user))
         login = time.monotonic() - t0
         async with client:
             await client.get("f4k", local / f"got{index}")
@@ -144,20 +167,20 @@ def _at(delay: float, login: float | None) -> float | None:
     return None if login is None else delay + login
 
 
-async def burst(port: int, plain: bool, auth: str, names: list[str], local: Path, n: int, spread: float) -> Result:
+async def burst(port: int, plain: bool, logins: Logins, names: list[str], local: Path, n: int, spread: float) -> Result:
     """``n`` clients with start times spread evenly over ``spread`` seconds, plus one straggler
     that starts just after the last of them."""
     known = KnownHosts(local / "known_hosts")
     # Pin the certificate once, so a thousand first connections do not all write known_hosts.
-    async with await AsyncClient.connect("127.0.0.1", port, plain=plain, known_hosts=known, **credentials(auth, names[0])):
+    async with await AsyncClient.connect("127.0.0.1", port, plain=plain, known_hosts=known, **logins.kwargs(names[0])):
         pass
     res = Result(n)
     t0 = time.monotonic()
     tasks = [
-        asyncio.create_task(one_client(port, plain, auth, names[i % len(names)], local, i, known, spread * i / n))
+        asyncio.create_task(one_client(port, plain, logins, names[i % len(names)], local, i, known, spread * i / n))
         for i in range(n)
     ]
-    straggler = asyncio.create_task(one_client(port, plain, auth, names[-1], local, n, known, spread + 0.01))
+    straggler = asyncio.create_task(one_client(port, plain, logins, names[-1], local, n, known, spread + 0.01))
     res.outcomes = list(await asyncio.gather(*tasks))
     res.wall = time.monotonic() - t0
     late = await straggler
@@ -169,7 +192,7 @@ def run_one(n: int, args: argparse.Namespace) -> Result:
     """A fresh server, one burst of ``n`` clients."""
     with scratch_dir(256 * MiB, prefix="ferry-load-") as tmp:
         root, local = Path(tmp) / "root", Path(tmp) / "local"
-        names = prepare(root, min(args.users, n), local)
+        names, logins = prepare(root, min(args.users, n), local, args.auth)
         serve_args = [
             "--max-pending-logins-per-address",
             str(n + 64),
@@ -181,7 +204,7 @@ def run_one(n: int, args: argparse.Namespace) -> Result:
         with FerryServer(root, args.plain, args=serve_args) as srv:
             srv.reset_peak()
             cpu0 = srv.cpu()
-            res = asyncio.run(burst(srv.port, args.plain, args.auth, names, local, n, args.spread))
+            res = asyncio.run(burst(srv.port, args.plain, logins, names, local, n, args.spread))
             cpu1 = srv.cpu()
             res.cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
             res.peak_mib = srv.peak_mib()
@@ -212,7 +235,7 @@ def profile(args: argparse.Namespace) -> None:
     rows.append(["TLS handshake, client side (CPU, in memory)", f"{client_ms:.2f} ms", ""])
     with scratch_dir(256 * MiB, prefix="ferry-load-") as tmp:
         root, local = Path(tmp) / "root", Path(tmp) / "local"
-        names = prepare(root, 1, local)
+        names, logins = prepare(root, 1, local, args.auth)
         with FerryServer(root, args.plain) as srv:
 
             async def sequential() -> list[float]:
@@ -221,7 +244,7 @@ def profile(args: argparse.Namespace) -> None:
                 for _ in range(30):
                     t = time.perf_counter()
                     c = await AsyncClient.connect(
-                        "127.0.0.1", srv.port, plain=args.plain, known_hosts=known, **credentials(args.auth, names[0])
+                        "127.0.0.1", srv.port, plain=args.plain, known_hosts=known, **logins.kwargs(names[0])
                     )
                     times.append(time.perf_counter() - t)
                     await c.close()
@@ -284,18 +307,29 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=100, help="accounts the clients log in as, round-robin (default: 100)")
     ap.add_argument("--spread", type=float, default=1.0, help="seconds over which a burst's clients start (default: 1)")
     ap.add_argument("--plain", action="store_true", help="no TLS")
-    ap.add_argument("--auth", default="password", help="how clients log in (password; keys and tokens later)")
+    ap.add_argument(
+        "--auth", choices=("password", "token", "key"), default="password", help="how clients log in (default: password)"
+    )
     ap.add_argument("--login-threads", type=int, default=0, help="ferry serve --login-threads (default: the server's)")
     ap.add_argument("--profile", action="store_true", help="first measure where a login's time goes")
     ap.add_argument("--markdown", action="store_true", help="tables in markdown")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="before each burst, wait up to this long for other work on the machine to calm down",
+    )
     args = ap.parse_args()
     log(f"load: {os.cpu_count()} cores, clients {args.clients}, {args.users} users, tls={not args.plain}")
     if args.profile:
         profile(args)
     rows = []
     for n in (int(x) for x in args.clients.split(",")):
-        log(f"load: burst of {n} clients...")
+        busy = wait_quiet(args.wait_quiet)
+        log(f"load: burst of {n} clients (other work on the machine: {busy:.0%} of the CPUs)...")
         res = run_one(n, args)
+        res.background = busy
         ok = [o for o in res.outcomes if o.ok]
         failed = Counter(o.kind for o in res.outcomes if not o.ok)
         logins = [o.login for o in res.outcomes if o.login is not None]
@@ -314,6 +348,7 @@ def main() -> None:
                 fmt_num(res.cpu, 1, " s"),
                 fmt_num(res.peak_mib, 0, " MiB"),
                 (fmt_num(res.straggler_login, 2, " s") if res.straggler_login is not None else res.straggler_kind),
+                f"{res.background:.0%}",
             ]
         )
     print(
@@ -331,6 +366,7 @@ def main() -> None:
                 "server CPU",
                 "server peak RSS",
                 "next login",
+                "other load",
             ],
             rows,
             markdown=args.markdown,

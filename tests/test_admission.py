@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,10 +215,8 @@ def test_connections_still_logging_in_do_not_count_as_sessions(tmp_path: Path) -
 @contextlib.contextmanager
 def slow_checks(tmp_path: Path, **limits: float) -> Iterator[ServerThread]:
     """A server whose password checks take ~0.5 s each, one at a time (``limits`` override more)."""
-    srv = ServerThread(
-        tmp_path / "root",
-        limits=Limits(auth_concurrency=1, max_pending_logins_per_address=64, **limits),  # type: ignore[arg-type]
-    )
+    settings: dict[str, float] = {"auth_concurrency": 1, "max_pending_logins_per_address": 64, **limits}
+    srv = ServerThread(tmp_path / "root", limits=Limits(**settings))  # type: ignore[arg-type]
     srv.config.hasher = SLOW  # the dummy hash of unknown users costs as much as a real check
     acc = Accounts(srv.root, hasher=SLOW)
     try:
@@ -369,3 +369,48 @@ def test_clients_are_grouped_by_ipv4_address_and_ipv6_64(peer: object, key: str)
     from ferry.server.admission import address_key
 
     assert address_key(peer) == key
+
+
+@pytest.mark.timeout(120)
+def test_the_hopeless_tail_of_a_burst_is_refused_long_before_its_wait_runs_out(tmp_path: Path) -> None:
+    """More login threads than cores: a check then takes longer than its CPU time, so the estimate
+    on arrival (the best case) lets the whole burst queue. Once checks have been waiting a few
+    seconds, the measured rate shows which logins at the back cannot start within ``login_wait``:
+    they are told ``busy`` then, not when the wait runs out."""
+    max_wait = 8.0
+    cores = os.cpu_count() or 2
+    with slow_checks(tmp_path, auth_concurrency=2 * cores, login_wait=max_wait) as srv:
+        assert srv.server.ctx is not None
+        logins = srv.server.ctx.logins
+        warm = send_login(srv.port)
+        assert isinstance(warm.next_event(timeout=30), m.AuthOk)
+        warm.close()
+        # Just under what the best case lets queue: about twice what the cores can really check
+        # in max_wait (the threads share them), so the back half of the burst is hopeless.
+        count = int(0.9 * max_wait * logins.workers / logins.cost)
+        assert logins.best_case_wait(count) < max_wait  # nobody is refused on arrival
+        answers: dict[int, tuple[float, object]] = {}
+
+        def one(i: int) -> None:
+            raw = send_login(srv.port)
+            sent = time.monotonic()
+            try:
+                ev = raw.next_event(timeout=60)
+                answers[i] = (time.monotonic() - sent, ev)
+            finally:
+                raw.close()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join(90)
+        assert len(answers) == count
+        refused = {i: a for i, a in answers.items() if isinstance(a[1], m.Error)}
+        assert all(e.code == "busy" for _, e in refused.values())  # type: ignore[attr-defined]
+        assert len(refused) >= count // 4, (len(refused), count)
+        # the last ones, the most hopeless, heard it within ~3-5 s, not after 8
+        late = [answers[i][0] for i in range(count - 5, count)]
+        assert all(isinstance(answers[i][1], m.Error) for i in range(count - 5, count)), late
+        assert max(late) < 0.75 * max_wait, late
