@@ -34,6 +34,7 @@ from ferry.errors import FerryError, FerryTimeout, UsageError
 from ferry.wire import Data
 from ferry.wire import messages as m
 from ferry.wire.codes import from_wire
+from ferry.wire.credit import Credit
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient, _Route
@@ -145,8 +146,10 @@ class RemoteProcess:
         self.timed_out = False
         self._chunks: deque[tuple[int, bytes]] = deque()
         self._have = asyncio.Event()
-        self._to_grant = {m.STDOUT: 0, m.STDERR: 0}
-        self._credit = 0  # stdin bytes the server accepts now
+        #: what the server may still send per output stream, granted back as it is consumed
+        self._out_credit = {m.STDOUT: Credit(window), m.STDERR: Credit(window)}
+        #: stdin bytes the server accepts now (it grants its window after ExecStarted)
+        self._credit = Credit(None, initial=0)
         self._credit_wake = asyncio.Event()
         self._stdin_closed = False
         self._done = asyncio.Event()
@@ -207,12 +210,14 @@ class RemoteProcess:
             while True:
                 ev = await self.client._recv(self._route, timeout=_NO_LIMIT)
                 if isinstance(ev, Data):
-                    if ev.stream in self._to_grant and ev.data:
+                    credit = self._out_credit.get(ev.stream)
+                    if credit is not None and ev.data:
+                        credit.receive(len(ev.data))  # beyond our window: the server broke the protocol
                         self._chunks.append((ev.stream, ev.data))
                         self._have.set()
                 elif isinstance(ev, m.Window):
                     if ev.stream == m.STDIN:
-                        self._credit += ev.increment
+                        self._credit.grant(ev.increment)
                         self._credit_wake.set()
                 elif isinstance(ev, m.ExitStatus):
                     self.status = ev
@@ -284,10 +289,9 @@ class RemoteProcess:
         return _KIND[stream], data
 
     async def _consumed(self, stream: int, n: int) -> None:
-        # Batch window updates: one message per half window consumed (not one per chunk).
-        self._to_grant[stream] += n
-        if self._to_grant[stream] >= self.window // 2 and not self._done.is_set():
-            inc, self._to_grant[stream] = self._to_grant[stream], 0
+        # Batched by the credit: one Window message per half window consumed (not one per chunk).
+        inc = self._out_credit[stream].consumed(n)
+        if inc and not self._done.is_set():
             with contextlib.suppress(FerryError):  # a broken connection surfaces in read()
                 await self.client.send(m.Window(id=self.id, stream=stream, increment=inc))
 
@@ -327,15 +331,14 @@ class RemoteProcess:
             raise UsageError("stdin of this command was already closed")
         view = memoryview(data).cast("B")
         while view:
-            while self._credit <= 0:
+            while self._credit.available <= 0:
                 if self._done.is_set():
                     return
                 self._credit_wake.clear()
                 await self._credit_wake.wait()
             if self._done.is_set():
                 return
-            n = min(len(view), self._credit, STDIN_CHUNK)
-            self._credit -= n
+            n = self._credit.take(min(len(view), STDIN_CHUNK))
             await self.client.send_data(self.id, m.STDIN, view[:n])
             view = view[n:]
 

@@ -37,6 +37,8 @@ from ferry.hashing import HashName, small_digest
 from ferry.textsafe import safe_name
 from ferry.wire import messages as m
 from ferry.wire.codes import from_wire
+from ferry.wire.credit import Credit
+from ferry.wire.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient
@@ -483,7 +485,7 @@ async def put_tree(
     # while this task reads the local disk (and is refused below once read).
     req_id, route = client._open(WINDOW + 2)
     job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = None
-    inflight = 0
+    window = Credit(WINDOW)  # batches we may still send: each TreeAck grants one back
     finished = False  # the server acknowledged the last batch
     server_ended = False  # ... or ended the tree with an Error
     stored = [0, 0]  # files, bytes
@@ -491,15 +493,17 @@ async def put_tree(
     failures = _Failures()
 
     def on_reply(ev: Any) -> None:
-        nonlocal inflight, finished, server_ended
+        nonlocal finished, server_ended
         if isinstance(ev, m.Error):
             server_ended = True
             raise from_wire(ev)
         if not isinstance(ev, m.TreeAck):
             raise ConnectionBroken(f"unexpected {type(ev).__name__} in a tree upload")
-        if inflight <= 0:  # believed, it would end the tree early or have us wait for an end forever
-            raise ConnectionBroken("the server acknowledged a tree batch that was never sent")
-        inflight -= 1
+        try:
+            window.grant(1)
+        except RemoteProtocolError as exc:
+            # Believed, it would end the tree early or have us wait for an end forever.
+            raise ConnectionBroken("the server acknowledged a tree batch that was never sent") from exc
         finished = ev.end
         for e in ev.errors:
             failures.add(f"{safe_name(e.path)}: {safe_name(e.message)}")
@@ -515,12 +519,12 @@ async def put_tree(
             job = None
             if not done:  # read and hash the next batch while this one is on its way
                 job = loop.run_in_executor(None, scan.next)
-            while inflight >= WINDOW:
+            while window.available <= 0:
                 on_reply(await client._recv(route))
             while not route.queue.empty():
                 on_reply(await client._recv(route))
+            window.spend(1)
             await client.send(m.TreeItems(id=req_id, items=items, end=done))
-            inflight += 1
             if done:
                 break
         while not finished:

@@ -32,7 +32,7 @@ from ferry.wire.codes import ErrorCode
 
 #: Kernel queue of connections not yet accepted (a burst waits there, not refused).
 _BACKLOG = 1024
-#: Descriptors held back so that a connection can still be accepted and told "busy" when none is free.
+#: Descriptors held back so that a connection can still be accepted and told "refused" when none is free.
 _SPARE_DESCRIPTORS = 4
 #: Refusals (a TLS handshake and one Error) in progress at once, and per address group; beyond
 #: that a refused connection is closed without a word (a flood must not make us work for it).

@@ -54,6 +54,7 @@ from ferry.textsafe import safe_text
 from ferry.wire import Data
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode
+from ferry.wire.credit import Credit
 from ferry.wire.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -291,7 +292,8 @@ class Command:
         self.started = time.monotonic()
         # Output: fd per stream (pty: only STDOUT, the master); credit granted by the client.
         self.out_fds: dict[int, int] = {}
-        self.credit = {m.STDOUT: msg.window, m.STDERR: msg.window}
+        # The client may grow its window (its grants are only checked for sanity): window=None.
+        self.credit = {m.STDOUT: Credit(None, initial=msg.window), m.STDERR: Credit(None, initial=msg.window)}
         self.sent = {m.STDOUT: 0, m.STDERR: 0}
         self._credit_wake: dict[int, asyncio.Event] = {m.STDOUT: asyncio.Event(), m.STDERR: asyncio.Event()}
         self._read_waiters: dict[int, asyncio.Future[None]] = {}
@@ -299,8 +301,7 @@ class Command:
         self.in_fd = -1
         self._stdin: deque[bytes] = deque()
         self._stdin_queued = 0
-        self._stdin_granted = STDIN_WINDOW  # bytes the client may still send
-        self._stdin_to_grant = 0
+        self._stdin_credit = Credit(STDIN_WINDOW)  # what the client may still send
         self._stdin_eof = False
         self._stdin_broken = False  # the child closed its stdin: data is dropped
         self._stdin_wake = asyncio.Event()
@@ -414,9 +415,7 @@ class Command:
         if ev.stream != m.STDIN:
             raise RemoteProtocolError(f"data on stream {ev.stream} of command {self.id}: only stdin (0)")
         n = len(ev.data)
-        if n > self._stdin_granted:
-            raise RemoteProtocolError(f"command {self.id}: the client sent more stdin than its window")
-        self._stdin_granted -= n
+        self._stdin_credit.receive(n)  # more than the window we granted: a protocol error
         self.received += n
         if self._stdin_broken or self._stdin_eof:
             await self._grant_stdin(n)  # dropped: keep the client flowing until the exit status
@@ -431,9 +430,10 @@ class Command:
         self._stdin_wake.set()
 
     def grant(self, stream: int, increment: int) -> None:
-        """The client granted ``increment`` more bytes on output ``stream``."""
+        """The client granted ``increment`` more bytes on output ``stream`` (beyond its own
+        window: a protocol error)."""
         if stream in self.credit:
-            self.credit[stream] += increment
+            self.credit[stream].grant(increment)
             self._credit_wake[stream].set()
 
     def send_signal(self, signum: int) -> None:
@@ -644,12 +644,13 @@ class Command:
     async def _pump(self, stream: int, fd: int) -> None:
         """Move output from ``fd`` to the client, never more than the client granted on ``stream``."""
         wake = self._credit_wake[stream]
+        credit = self.credit[stream]
         while True:
-            while self.credit[stream] <= 0:
+            while credit.available <= 0:
                 wake.clear()
                 await wake.wait()
             try:
-                data = os.read(fd, min(self.credit[stream], CHUNK))
+                data = os.read(fd, min(credit.available, CHUNK))
             except BlockingIOError:
                 if not await self._wait_readable(stream, fd):
                     break  # held open by something that escaped the group; stop waiting
@@ -660,7 +661,7 @@ class Command:
                 raise
             if not data:
                 break
-            self.credit[stream] -= len(data)
+            credit.spend(len(data))
             self.sent[stream] += len(data)
             await self.session.send_data(self.id, stream, data)
         await self.session.send(m.Eof(id=self.id, stream=stream))
@@ -669,10 +670,8 @@ class Command:
 
     async def _grant_stdin(self, n: int) -> None:
         """Return ``n`` consumed stdin bytes to the client's window (batched: half a window)."""
-        self._stdin_to_grant += n
-        if self._stdin_to_grant >= STDIN_WINDOW // 2:
-            inc, self._stdin_to_grant = self._stdin_to_grant, 0
-            self._stdin_granted += inc
+        inc = self._stdin_credit.consumed(n)
+        if inc:
             await self.session.send(m.Window(id=self.id, stream=m.STDIN, increment=inc))
 
     async def _feed_stdin(self) -> None:
