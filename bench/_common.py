@@ -39,8 +39,9 @@ GiB = 1 << 30
 
 #: The project checkout (bench/ lives directly under it).
 PROJECT = Path(__file__).resolve().parent.parent
-#: The shared folder beside the project (reference figures, peers).
-SHARED = PROJECT.parent / "shared"
+#: The shared folder beside the project (reference figures, peers); $FERRY_SHARED for a worktree
+#: that does not sit beside it.
+SHARED = Path(os.environ.get("FERRY_SHARED") or PROJECT.parent / "shared")
 SSHD_SCRIPT = SHARED / "peers" / "sshd-loopback.sh"
 #: Python used for ferry subprocesses: the project's venv when present.
 PYTHON = (

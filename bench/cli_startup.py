@@ -7,8 +7,12 @@ interpreter teardown around its real work. This times whole short commands again
 
 * ``python -c pass``: the interpreter's own start and exit (the floor no command can go below);
 * ``ferry --version``: start, the CLI's imports, exit (no connection);
-* ``ferry ls HOST:`` of a home holding one small file;
-* ``ferry put`` and ``ferry get`` of one 4 KiB file.
+* ``ferry ls HOST:`` of a home holding one small file, logging in with a password, and (without
+  ``--rev``: older revisions have no key login) with an SSH key file (``-i``), the same key held
+  by a real ``ssh-agent``, and a token (``--token-file``);
+* ``ferry put`` and ``ferry get`` of one 4 KiB file;
+* ``ssh HOST true`` against the private loopback sshd (``../shared/peers/sshd-loopback.sh``) with
+  the same ed25519 key, when it can run (``--no-ssh`` skips it).
 
 Commands run as the console script runs them (``from ferry.cli import main; sys.exit(main())``), with
 byte-compiled sources (as an installed copy has). ``--rev REV`` measures that commit's ``src/``
@@ -25,9 +29,11 @@ subprocess has a timeout; only the server started here is signalled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +47,7 @@ from _common import (
     FerryServer,
     KiB,
     MiB,
+    SshPeer,
     background_busy,
     compile_source,
     export_source,
@@ -50,6 +57,7 @@ from _common import (
     resolve_rev,
     scratch_dir,
     source_version,
+    ssh_peer,
     table,
 )
 
@@ -60,20 +68,71 @@ CONSOLE = "import sys; from ferry.cli import main; sys.exit(main())"
 MAX_RUNS = 200
 
 
-def command_table(port: int, scratch: Path) -> list[tuple[str, list[str]]]:
-    """(label, argv) of each timed command; the ferry ones run through :data:`CONSOLE`."""
+Login = tuple[list[str], list[str]]
+"""How a ``ferry ls`` row logs in: an argv prefix (``env VAR=...``) and the options of the method."""
+
+
+def command_table(port: int, scratch: Path, logins: dict[str, Login] | None = None) -> list[tuple[str, list[str]]]:
+    """(label, argv) of each timed command; the ferry ones run through :data:`CONSOLE`.
+
+    ``logins``: extra ``ferry ls`` rows, label -> how that row logs in.
+    """
     target = f"{USER}@127.0.0.1:"
     ferry = [PYTHON, "-c", CONSOLE]
+    extra = [
+        (f"ferry ls ({label})", [*prefix, *ferry, "ls", *opts, "-P", str(port), target])
+        for label, (prefix, opts) in (logins or {}).items()
+    ]
     return [
         ("python -c pass", [PYTHON, "-c", "pass"]),
         ("ferry --version", [*ferry, "--version"]),
         ("ferry ls", [*ferry, "ls", "-P", str(port), target]),
+        *extra,
         ("ferry put (4 KiB)", [*ferry, "put", "-P", str(port), str(scratch / "small.bin"), target]),
         (
             "ferry get (4 KiB)",
             [*ferry, "get", "-P", str(port), target + "small.bin", str(scratch / "got.bin")],
         ),
     ]
+
+
+def login_methods(
+    root: Path, scratch: Path, env: dict[str, str], peer: SshPeer | None, stack: contextlib.ExitStack
+) -> tuple[dict[str, Login], list[tuple[str, list[str]]]]:
+    """Key, agent and token logins for the bench user, and the ``ssh true`` row with the same key.
+
+    The key is the private sshd's own ed25519 key when it runs (so ssh and ferry use one key),
+    else a new one. The agent is a real ``ssh-agent`` on a socket in ``scratch``, killed by PID.
+    """
+    ferry_user = [PYTHON, "-m", "ferry", "user"]
+    if peer is not None:
+        key = Path(peer.peer_dir) / "id"
+    else:
+        key = scratch / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
+    subprocess.run([*ferry_user, "key", "add", USER, f"{key}.pub", "--root", str(root)],
+                   env=env, check=True, timeout=60, capture_output=True)  # fmt: skip
+    token = subprocess.run([*ferry_user, "token", "add", USER, "--root", str(root)],
+                           env=env, check=True, timeout=60, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    token_file = scratch / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    out = subprocess.run(["ssh-agent", "-s", "-a", str(scratch / "agent.sock")],
+                         check=True, timeout=30, capture_output=True, text=True).stdout  # fmt: skip
+    agent_pid = int(out.split("SSH_AGENT_PID=", 1)[1].split(";", 1)[0])
+    stack.callback(os.kill, agent_pid, signal.SIGTERM)
+    agent_env = dict(os.environ, SSH_AUTH_SOCK=str(scratch / "agent.sock"))
+    subprocess.run(["ssh-add", str(key)], env=agent_env, check=True, timeout=30, capture_output=True)
+    logins: dict[str, Login] = {
+        "key -i": ([], ["-i", str(key)]),
+        # ferry reads SSH_AUTH_SOCK: env(1) sets it for this row only (one more exec, ~1 ms)
+        "ssh-agent": (["env", f"SSH_AUTH_SOCK={scratch / 'agent.sock'}"], []),
+        "token": ([], ["--token-file", str(token_file)]),
+    }
+    ssh_rows: list[tuple[str, list[str]]] = []
+    if peer is not None:
+        ssh_rows.append(("ssh true (same key)", ["ssh", *peer.opts, "-p", str(peer.port), "root@127.0.0.1", "true"]))
+    return logins, ssh_rows
 
 
 def run_once(argv: list[str], env: dict[str, str], timeout: float = 60.0) -> tuple[float, float]:
@@ -122,6 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--imports", action="store_true", help="also report -X importtime totals (5 runs each)")
     p.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs to work in (default /dev/shm)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--no-ssh", action="store_true", help="no ssh row (and no key/agent rows without ssh-keygen)")
     args = p.parse_args(argv)
     if not 1 <= args.runs <= MAX_RUNS:
         p.error(f"--runs must be 1..{MAX_RUNS}")
@@ -138,15 +198,22 @@ def main(argv: list[str] | None = None) -> int:
         trees.append((f"tree {source_version()}", PROJECT / "src"))
         for _, src in trees:
             compile_source(src)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
-        base_env.update(FERRY_HOME=str(scratch / "home"), FERRY_PASSWORD=PASSWORD)
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "SSH_AUTH_SOCK"}
+        # HOME without ~/.ssh: the password rows must not try someone's default key files first.
+        base_env.update(FERRY_HOME=str(scratch / "home"), FERRY_PASSWORD=PASSWORD, HOME=str(scratch / "no-home"))
         envs = {name: dict(base_env, PYTHONPATH=str(src)) for name, src in trees}
         server_env = envs[trees[-1][0]]
         root = scratch / "root"
         ferry_add_user(root, USER, PASSWORD, env=server_env)
         (scratch / "small.bin").write_bytes(os.urandom(4 * KiB))
-        with FerryServer(root, plain=False, env=server_env) as srv:
-            cmds = command_table(srv.port, scratch)
+        with contextlib.ExitStack() as stack:
+            srv = stack.enter_context(FerryServer(root, plain=False, env=server_env))
+            logins: dict[str, Login] = {}
+            ssh_row: list[tuple[str, list[str]]] = []
+            if not args.rev:  # an older revision has no key or token login
+                peer = None if args.no_ssh else stack.enter_context(ssh_peer(str(scratch / "sshd")))
+                logins, ssh_row = login_methods(root, scratch, server_env, peer, stack)
+            cmds = command_table(srv.port, scratch, logins) + ssh_row
             for name, env in envs.items():  # pin the certificate and create small.bin remotely
                 for _, argv in cmds:
                     run_once(argv, env)

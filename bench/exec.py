@@ -6,6 +6,9 @@ Measures, in one run, on loopback:
 * ``ferry exec HOST -- true`` as a whole process (Python start-up, imports, TCP, TLS, login,
   command), against a server with production argon2id parameters (what users get) and against one
   whose password hash is cheap (to show what the rest costs);
+* the same ``ferry exec`` logging in with an SSH key file (``-i``), the same key through a real
+  ``ssh-agent``, and a token, against the production server (no argon2 on these paths); the key
+  is the private sshd's own ed25519 key, so ``ssh`` below uses the very same key;
 * argon2id verification alone with the production parameters (it is part of every fresh login);
 * ``ssh HOST true`` fresh, and over a ControlMaster connection, against a private sshd
   (``/work/shared/peers/sshd-loopback.sh``, key authentication);
@@ -148,6 +151,38 @@ def time_process(argv: list[str], env: dict[str, str], stdout: Any = subprocess.
     if r.returncode != 0:
         raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.decode()[-300:]}")
     return took
+
+
+def login_runs(
+    root: Path,
+    port: int,
+    work: Path,
+    env: dict[str, str],
+    sshd: tuple[int, list[str], int] | None,
+    stack: contextlib.ExitStack,
+) -> dict[str, Callable[[], float]]:
+    """``ferry exec -- true`` rows that log in with a key file, ssh-agent (a real one, killed by
+    PID at the end) and a token; the key is the private sshd's when it runs (the same key as ssh)."""
+    key = work / "sshd" / "id" if sshd is not None else work / "id_ed25519"
+    if sshd is None:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
+    user = [*FERRY, "user"]
+    subprocess.run([*user, "key", "add", "bench", f"{key}.pub", "--root", str(root)],
+                   env=env, check=True, timeout=60, capture_output=True)  # fmt: skip
+    token = subprocess.run([*user, "token", "add", "bench", "--root", str(root)],
+                           env=env, check=True, timeout=60, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    sock = work / "agent.sock"
+    out = subprocess.run(["ssh-agent", "-s", "-a", str(sock)], check=True, timeout=30, capture_output=True, text=True)
+    agent_pid = int(out.stdout.split("SSH_AGENT_PID=", 1)[1].split(";", 1)[0])
+    stack.callback(os.kill, agent_pid, 15)
+    agent_env = dict(env, SSH_AUTH_SOCK=str(sock))
+    subprocess.run(["ssh-add", str(key)], env=agent_env, check=True, timeout=30, capture_output=True)
+    target = [f"ferry://bench@127.0.0.1:{port}", "--", "true"]
+    return {
+        "ferry exec (key -i)": lambda: time_process([*FERRY, "exec", "-i", str(key), *target], env),
+        "ferry exec (ssh-agent)": lambda: time_process([*FERRY, "exec", *target], agent_env),
+        "ferry exec (token)": lambda: time_process([*FERRY, "exec", *target], dict(env, FERRY_TOKEN=token)),
+    }
 
 
 def open_client_latency(port: int, rounds: int, home: Path) -> dict[str, float]:
@@ -297,7 +332,9 @@ def main() -> None:
             chunk = os.urandom(1 << 20)
             for i in range(args.size >> 20):
                 f.write(chunk[i % 7 :] + chunk[: i % 7])
-        env = dict(os.environ, FERRY_HOME=str(work / "client"), FERRY_PASSWORD=PASSWORD)
+        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        # HOME without ~/.ssh: the password rows must not try someone's default key files first.
+        env.update(FERRY_HOME=str(work / "client"), FERRY_PASSWORD=PASSWORD, HOME=str(work / "no-home"))
         results["argon2_ms"] = argon2_ms()
         print(f"argon2id verify (production parameters): {results['argon2_ms']:.0f} ms", flush=True)
 
@@ -305,6 +342,7 @@ def main() -> None:
             server([*FERRY, "serve", "--root", str(prod_root), "--port", "0"], env) as (prod_port, _),
             server([sys.executable, "-c", _SERVER, str(cheap_root), "tls"], env) as (cheap_port, cheap_pid),
             private_sshd(work) as sshd,
+            contextlib.ExitStack() as stack,
         ):
             # Pin both certificates once (the first connection prints a notice).
             for port in (prod_port, cheap_port):
@@ -320,6 +358,7 @@ def main() -> None:
                     [*FERRY, "exec", f"ferry://bench@127.0.0.1:{cheap_port}", "--", "true"], env
                 ),
             }
+            runs.update(login_runs(prod_root, prod_port, work, env, sshd, stack))
             ssh_base: list[str] = []
             control = work / "cm.sock"
             if sshd is not None and not args.no_ssh:
