@@ -4,6 +4,7 @@ while the real user logs in from another address without delay."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ async def raw_login(port: int, user: str, password: str, source: str, timeout: f
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=client_ssl_context(), server_hostname="127.0.0.1", local_addr=(source, 0)
         )
-    except ConnectionError:
+    except (ConnectionError, ssl.SSLError):
         return None
 
     async def next_message() -> m.Message | None:
