@@ -10,7 +10,8 @@ u32 = st.integers(min_value=0, max_value=(1 << 32) - 1)
 u64 = st.integers(min_value=0, max_value=(1 << 63) - 1)
 paths = st.text(max_size=64)
 digests = st.binary(min_size=0, max_size=64)
-floats = st.floats(allow_nan=False, allow_infinity=False)
+#: file times as the wire carries them (years 1-9999; outside is a MalformedMessage: test_wire_times)
+floats = st.floats(min_value=m.MIN_TIME, max_value=m.MAX_TIME)
 
 entries = st.builds(
     m.Entry,

@@ -168,7 +168,7 @@ async def put_small_files(
                     id=req_id,
                     path=remote,
                     size=len(data),
-                    mtime=st.st_mtime,
+                    mtime=m.wire_time(st.st_mtime),
                     mode=statmod.S_IMODE(st.st_mode),
                     hash=hash,
                     overwrite=overwrite,

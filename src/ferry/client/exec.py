@@ -111,7 +111,8 @@ def _exec_message(
     timeout: float | None = None,
 ) -> m.Exec:
     fields: dict[str, Any] = {"id": req_id, "env": dict(env or {}), "cwd": cwd, "pty": pty, "window": window}
-    if timeout is not None and _SERVER_TIMEOUTS:
+    if timeout is not None and _SERVER_TIMEOUTS and timeout < m.MAX_TIMEOUT:
+        # Longer (``--timeout inf``) is no timeout for the server: the wire refuses it as malformed.
         fields["timeout"] = timeout
     if isinstance(cmd, str):
         return m.Exec(command=cmd, **fields)

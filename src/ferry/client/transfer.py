@@ -303,7 +303,7 @@ async def put_file(
                 id=i,
                 path=remote,
                 size=size,
-                mtime=st.st_mtime,
+                mtime=m.wire_time(st.st_mtime),
                 mode=mode,
                 hash=hash,
                 chunk_size=chunk_size,

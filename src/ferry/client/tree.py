@@ -439,7 +439,7 @@ class _LocalScan:
             path=rel,
             kind="file",
             size=len(data),
-            mtime=st.st_mtime,
+            mtime=m.wire_time(st.st_mtime),
             mode=statmod.S_IMODE(st.st_mode),
             data=data,
             digest=small_digest(self.hash, data),

@@ -38,7 +38,7 @@ def jail_of(session: Session) -> Jail:
 def to_wire(e: JailEntry, name: str | None = None) -> m.Entry:
     """Convert a jail entry to its wire form."""
     return m.Entry(
-        name=name if name is not None else e.name, kind=e.kind, size=e.size, mtime=e.mtime, mode=e.mode
+        name=name if name is not None else e.name, kind=e.kind, size=e.size, mtime=m.wire_time(e.mtime), mode=e.mode
     )
 
 
@@ -54,7 +54,7 @@ def stat_entry(jail: Jail, path: str) -> m.Entry:
     else:
         kind = "other"
     name = path.rstrip("/").rsplit("/", 1)[-1] if path not in ("", ".") else "."
-    return m.Entry(name=name, kind=kind, size=st.st_size, mtime=st.st_mtime, mode=statmod.S_IMODE(st.st_mode))  # type: ignore[arg-type]
+    return m.Entry(name=name, kind=kind, size=st.st_size, mtime=m.wire_time(st.st_mtime), mode=statmod.S_IMODE(st.st_mode))  # type: ignore[arg-type]
 
 
 def log_op(session: Session, op: str, path: str, started: float, result: str = "ok", nbytes: int = 0) -> None:

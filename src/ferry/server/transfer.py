@@ -85,7 +85,9 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
             k = matching_prefix(ours, msg.chunk_hashes[:n])
             offset, prefix = k * chunk, ours[:k]
         await session.send(
-            m.FileInfo(id=msg.id, size=size, mtime=st.st_mtime, mode=st.st_mode & 0o7777, offset=offset)
+            m.FileInfo(
+                id=msg.id, size=size, mtime=m.wire_time(st.st_mtime), mode=st.st_mode & 0o7777, offset=offset
+            )
         )
         # Hash the rest in a thread while the data is on its way (page cache makes it cheap).
         hash_job = job(hash_fd_chunks, fd, msg.hash, chunk, offset, size) if cached is None else None
@@ -175,7 +177,7 @@ async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_resu
     hashes, digest = hasher.finish()
     conn = session.conn
     frames = [
-        conn.send(m.FileInfo(id=msg.id, size=st.st_size, mtime=st.st_mtime, mode=st.st_mode & 0o7777)),
+        conn.send(m.FileInfo(id=msg.id, size=st.st_size, mtime=m.wire_time(st.st_mtime), mode=st.st_mode & 0o7777)),
         conn.data_header(msg.id, m.STDOUT, len(data)),
         data,
         conn.send(m.FileEnd(id=msg.id, size=st.st_size, chunk_hashes=hashes, digest=digest)),

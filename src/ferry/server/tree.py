@@ -133,12 +133,14 @@ class _Batches:
             self.files += 1
             self.bytes += rec.size
             if rec.data is None:
-                return m.TreeItem(path=path, kind="file", size=rec.size, mtime=rec.mtime, mode=rec.mode)
+                return m.TreeItem(
+                    path=path, kind="file", size=rec.size, mtime=m.wire_time(rec.mtime), mode=rec.mode
+                )
             return m.TreeItem(
                 path=path,
                 kind="file",
                 size=rec.size,
-                mtime=rec.mtime,
+                mtime=m.wire_time(rec.mtime),
                 mode=rec.mode,
                 data=rec.data,
                 digest=small_digest(self.hash, rec.data),

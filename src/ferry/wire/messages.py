@@ -35,6 +35,25 @@ Path = Annotated[str, Meta(max_length=MAX_PATH_CHARS)]
 Short = Annotated[str, Meta(max_length=256)]
 Text = Annotated[str, Meta(max_length=8192)]
 Digest = Annotated[bytes, Meta(max_length=64)]
+#: Earliest and latest file time the wire carries, in seconds since the epoch: the first and the
+#: last second of the years 1 and 9999 (what every filesystem call and ``datetime`` accept).
+#: Decoding refuses anything else, infinities and NaN included, naming the field: an mtime of inf
+#: or NaN used to reach ``os.utime`` and answer "internal server error".
+MIN_TIME = -62_135_596_800.0
+MAX_TIME = 253_402_300_799.0
+Time = Annotated[float, Meta(ge=MIN_TIME, le=MAX_TIME)]
+#: Longest command timeout, in seconds (about 31 years): finite, so the server can schedule it.
+MAX_TIMEOUT = 1e9
+
+
+def wire_time(t: float) -> float:
+    """A file time read from a disk, as the wire carries it: clamped to [MIN_TIME, MAX_TIME], NaN
+    as 0. A filesystem may hold any 64-bit time (tmpfs, btrfs), and the receiver refuses a message
+    with a time outside that range: without the clamp one odd file would cost a whole listing or
+    tree transfer."""
+    if t != t:  # NaN
+        return 0.0
+    return min(max(t, MIN_TIME), MAX_TIME)
 HashName = Literal["blake3", "md5"]
 
 # Streams of a data channel.
@@ -170,7 +189,7 @@ class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
     name: Path
     kind: Literal["file", "dir", "link", "other"]
     size: U64 = 0
-    mtime: float = 0.0
+    mtime: Time = 0.0
     mode: U32 = 0
 
 
@@ -262,7 +281,7 @@ class FileInfo(Message, tag="file"):
 
     id: U32
     size: U64
-    mtime: float
+    mtime: Time
     mode: U32
     offset: U64 = 0
 
@@ -291,7 +310,7 @@ class PutFile(Message, tag="put"):
     id: U32
     path: Path
     size: U64
-    mtime: float
+    mtime: Time
     mode: U32 = 0o644
     hash: HashName = "blake3"
     chunk_size: Annotated[int, Meta(ge=1 << 16, le=1 << 30)] = 1 << 22
@@ -342,7 +361,7 @@ class TreeItem(msgspec.Struct, frozen=True, omit_defaults=True):
     path: Path
     kind: Literal["file", "dir", "error"]
     size: U64 = 0
-    mtime: float = 0.0
+    mtime: Time = 0.0
     mode: U32 = 0
     data: Annotated[bytes, Meta(max_length=TREE_INLINE_MAX)] | None = None
     digest: Digest = b""
@@ -411,7 +430,7 @@ class Exec(Message, tag="exec"):
     pty: PtySpec | None = None
     window: U32 = 1 << 20
     #: seconds after which the server kills the command's group (TERM, then KILL) and reports it
-    timeout: Annotated[float, Meta(gt=0)] | None = None
+    timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] | None = None
 
 
 class ExecStarted(Message, tag="exec_started"):
