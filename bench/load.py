@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import FerryServer, KiB, MiB, fmt_num, log, scratch_dir, table, wait_quiet
+from _common import FerryServer, KiB, MiB, _cpu_jiffies, fmt_num, log, scratch_dir, table, wait_quiet
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
 from ferry.errors import FerryError
@@ -76,6 +76,8 @@ class Result:
     straggler_login: float | None = None
     straggler_kind: str = ""
     background: float = 0.0  #: share of the CPUs busy with other work just before the burst
+    client_cpu: float | None = None  #: CPU seconds of this process (the clients) during the burst
+    others: float | None = None  #: share of all CPUs used by other processes during the burst
 
 
 @dataclass
@@ -203,10 +205,16 @@ def run_one(n: int, args: argparse.Namespace) -> Result:
             serve_args += ["--login-threads", str(args.login_threads)]
         with FerryServer(root, args.plain, args=serve_args) as srv:
             srv.reset_peak()
-            cpu0 = srv.cpu()
+            cpu0, own0, (busy0, total0) = srv.cpu(), time.process_time(), _cpu_jiffies()
             res = asyncio.run(burst(srv.port, args.plain, logins, names, local, n, args.spread))
-            cpu1 = srv.cpu()
+            cpu1, own1, (busy1, total1) = srv.cpu(), time.process_time(), _cpu_jiffies()
             res.cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+            res.client_cpu = own1 - own0
+            if res.cpu is not None and total1 > total0:
+                # Everything busy on the machine, minus the server and the clients: other people's work.
+                tick = os.sysconf("SC_CLK_TCK")
+                others = (busy1 - busy0) / tick - res.cpu - res.client_cpu
+                res.others = max(0.0, others) / ((total1 - total0) / tick)
             res.peak_mib = srv.peak_mib()
         return res
 
@@ -334,6 +342,7 @@ def main() -> None:
         failed = Counter(o.kind for o in res.outcomes if not o.ok)
         logins = [o.login for o in res.outcomes if o.login is not None]
         totals = [o.total for o in ok]
+        refusals = [o.total for o in res.outcomes if o.kind == "busy"]
         rows.append(
             [
                 str(n),
@@ -343,12 +352,16 @@ def main() -> None:
                 fmt_num(percentile(logins, 0.99), 2, " s"),
                 fmt_num(percentile(totals, 0.5), 2, " s"),
                 fmt_num(percentile(totals, 0.99), 2, " s"),
+                (
+                    f"{percentile(refusals, 0.5):.2f} / {max(refusals):.2f} s" if refusals else "-"
+                ),
                 fmt_num(res.wall, 1, " s"),
                 fmt_num(len(logins) / max(o.login_at or 0 for o in res.outcomes) if logins else None, 0, "/s"),
                 fmt_num(res.cpu, 1, " s"),
+                fmt_num(res.client_cpu, 1, " s"),
                 fmt_num(res.peak_mib, 0, " MiB"),
                 (fmt_num(res.straggler_login, 2, " s") if res.straggler_login is not None else res.straggler_kind),
-                f"{res.background:.0%}",
+                f"{res.background:.0%} / {res.others:.0%}" if res.others is not None else f"{res.background:.0%}",
             ]
         )
     print(
@@ -361,12 +374,14 @@ def main() -> None:
                 "login p99",
                 "client p50",
                 "client p99",
+                "refused after (p50 / max)",
                 "burst",
                 "logins/s",
                 "server CPU",
+                "client CPU",
                 "server peak RSS",
                 "next login",
-                "other load",
+                "other load (before / during)",
             ],
             rows,
             markdown=args.markdown,
