@@ -148,3 +148,17 @@ def test_a_bad_config_is_a_clear_error_for_client_commands(setup: Setup) -> None
     assert r.returncode == 2 and "config.toml, line 2: port must be a number from 1 to 65535" in r.stderr
     r = run_ferry(["user", "list", "--root", str(setup.srv.root)], setup.env)  # not a client command
     assert r.returncode == 0, r.stderr
+
+
+def test_progress_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferry.cli.files import Common
+
+    monkeypatch.setenv("FERRY_HOME", str(tmp_path))
+    common = Common(port=None, plain=False, password_file=None, quiet=False, json=False)
+    write_config(tmp_path, "[defaults]\nprogress = true\n")
+    assert common.output().bars is True  # even without a terminal: the file asked for bars
+    write_config(tmp_path, "[defaults]\nprogress = false\n")
+    assert common.output().bars is False
+    quiet = Common(port=None, plain=False, password_file=None, quiet=True, json=False)
+    write_config(tmp_path, "[defaults]\nprogress = true  # -q still wins\n")
+    assert quiet.output().bars is False
