@@ -89,18 +89,35 @@ def read_listing(raw: RawClient, req_id: int, timeout: float = 10.0) -> list[m.E
 
 
 @pytest.mark.timeout(120)
-def test_one_users_deep_listings_do_not_stall_another_users_login_and_requests(tmp_path: Path) -> None:
+def test_one_users_deep_listings_do_not_stall_another_users_login_and_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The attack of issue 10 (break 1), scaled down: a 1,500-level tree and six connections of
     one user each asking for a recursive listing of it. Another user must still log in, stat and
-    list at once; closing the attacking connections must stop their thread work."""
+    list at once; closing the attacking connections must stop their thread work.
+
+    Walks are linear now (milliseconds for this tree), so the disk is made slow for the attacker's
+    folders (2 ms per entry, as on a busy network file system): her listings then hold threads
+    for seconds, as they did on the attacked server, whatever the speed of the walk itself."""
+    original = Entry.from_stat.__func__  # type: ignore[attr-defined]
+
+    def slow_for_d(cls: type[Entry], name: str, st: Any) -> Entry:
+        if name == "d":
+            time.sleep(0.002)  # releases the GIL, as a real slow stat does
+        return original(cls, name, st)  # type: ignore[no-any-return]
+
     with running_server(tmp_path / "root", plain=True, users=("alice", "bob")) as srv:
         make_deep_tree(srv, DEPTH)
+        monkeypatch.setattr(Entry, "from_stat", classmethod(slow_for_d))
+        assert srv.server.ctx is not None
+        walks = srv.server.ctx.work.walks
         attackers: list[RawClient] = []
         try:
             for _ in range(6):
                 raw = login(srv)
                 raw.send(m.ListDir(id=1, path="", recursive=True))
                 attackers.append(raw)
+            assert wait_until(lambda: walks.running_for("alice") > 0, 10)
             t0 = time.monotonic()
             bob = login(srv, "bob")
             bob.send(m.Stat(id=1, path=""))
@@ -114,13 +131,16 @@ def test_one_users_deep_listings_do_not_stall_another_users_login_and_requests(t
             names = [e.name for e in read_listing(bob, 2)]
             listed = time.monotonic() - t1
             bob.close()
+            still_walking = walks.running_for("alice")
             assert answered < 2.0, f"bob's login and stat took {answered:.1f} s"
             assert listed < 2.0, f"bob's recursive listing took {listed:.1f} s"
             assert names == ["x", "x/y", "x/y/f"]
+            assert still_walking == srv.config.limits.walk_threads_per_user  # the attack was on, capped
         finally:
             for raw in attackers:
                 raw.close()
-        # Closing the connections stops the work: no thread keeps walking for nobody.
+        # Closing the connections stops the work: no thread keeps walking for nobody (each listing
+        # had seconds left).
         assert wait_until(lambda: no_sessions(srv) and pools_idle(srv), 5)
 
 
