@@ -234,3 +234,103 @@ def test_documented_shell_completion_scripts(shell: str) -> None:
         env = dict(os.environ, _FERRY_COMPLETE="bash_complete", COMP_WORDS="ferry ls --hu", COMP_CWORD="2")
         answer = subprocess.run([*FERRY], env=env, capture_output=True, text=True, timeout=60)
         assert answer.stdout.splitlines() == ["plain,--human-readable"]
+
+
+def make_logs(home: Path) -> None:
+    (home / "logs" / "old").mkdir(parents=True)
+    for name in ("a.log", "b.log", "notes.txt", ".hidden.log", "star*.log"):
+        (home / "logs" / name).write_text(name)
+    (home / "logs" / "old" / "c.log").write_text("c.log")
+    (home / "x").mkdir()
+    (home / "x" / "data.csv").write_text("x")
+    (home / "y").mkdir()
+    (home / "y" / "data.csv").write_text("y")
+
+
+def test_get_several_sources_and_server_side_globs(ferry: Ferry, home: Path, tmp_path: Path) -> None:
+    make_logs(home)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    r = ferry.ok("get", "-q", ferry.at("logs/*.log"), str(dest))
+    assert sorted(p.name for p in dest.iterdir()) == ["a.log", "b.log", "star*.log"]  # not .hidden, not old/
+    (tmp_path / "d2").mkdir()
+    r = ferry.ok("get", "--json", ferry.at("logs/.*.log"), ferry.at("logs/star[*].log"), str(tmp_path / "d2"))
+    assert [json.loads(x)["source"] for x in r.stdout.splitlines()] == [
+        "127.0.0.1:logs/.hidden.log", "127.0.0.1:logs/star*.log"]  # fmt: skip
+    # a pattern in a middle component, and several plain sources
+    r = ferry.ok("get", "--json", ferry.at("*/data.csv"), ferry.at("logs/notes.txt"), str(tmp_path / "d2"))
+    assert [json.loads(x)["source"] for x in r.stdout.splitlines()] == [
+        "127.0.0.1:x/data.csv", "127.0.0.1:y/data.csv", "127.0.0.1:logs/notes.txt"]  # fmt: skip
+    # mistakes: no match, several into a file, a folder without -r, a pattern leaving the home
+    r = ferry("get", ferry.at("logs/*.nothing"), str(dest))
+    assert r.code == ExitCode.NOT_FOUND and r.stderr.endswith("127.0.0.1:logs/*.nothing: no match\n")
+    r = ferry("get", ferry.at("logs/*.log"), str(dest / "a.log"))
+    assert r.code == ExitCode.USAGE and "several files go into an existing folder" in r.stderr
+    r = ferry("get", ferry.at("log?"), str(dest))
+    assert r.code == ExitCode.USAGE and "is a folder: use -r" in r.stderr
+    ferry.ok("get", "-r", "-q", ferry.at("log?"), str(dest))
+    assert (dest / "logs" / "old" / "c.log").read_text() == "c.log"
+    r = ferry("get", ferry.at("../*"), str(dest))
+    assert r.code == ExitCode.NOT_FOUND and "'..'" in r.stderr
+    # put: several local files into a folder
+    srcs = [tmp_path / f"up{i}.txt" for i in range(3)]
+    for p in srcs:
+        p.write_text(p.name)
+    ferry.ok("mkdir", ferry.at("up"))
+    ferry.ok("put", "-q", *map(str, srcs), ferry.at("up/"))
+    assert sorted(p.name for p in (home / "up").iterdir()) == ["up0.txt", "up1.txt", "up2.txt"]
+
+
+def test_glob_never_follows_a_link_out_of_the_home(server: ServerThread, home: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from ferry.client.aclient import AsyncClient
+    from ferry.client.known_hosts import KnownHosts
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    (home / "link").symlink_to(outside)
+    (home / "plain.txt").write_text("p")
+
+    async def main() -> tuple[list[tuple[str, str]], list[str], list[str]]:
+        known = KnownHosts(tmp_path / "known_hosts")
+        async with await AsyncClient.connect(
+            "127.0.0.1", server.port, user="ann", password=PASSWORD, known_hosts=known
+        ) as c:
+            top = [(e.name, e.kind) for e in await c.glob("*")]
+            inside = [e.name for e in await c.glob("link/*")]
+            named = [e.name for e in await c.glob("link/secret.txt")]
+            return top, inside, named
+
+    top, inside, named = asyncio.run(main())
+    assert top == [("link", "link"), ("plain.txt", "file")]  # the link itself matches, as a link
+    assert inside == [] and named == []  # never entered
+
+
+def test_shell_get_put_mget_mput_take_patterns(
+    ferry: Ferry, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the shell's lcd changes this process's folder: put it back after
+    make_logs(home)
+    work = tmp_path / "work"
+    (work / "in").mkdir(parents=True)
+    for name in ("one.txt", "two.txt", "three.md"):
+        (work / name).write_text(name)
+    script = "\n".join([
+        "lcd " + str(work / "in"),
+        "get logs/*.log",
+        "mget x/data.csv logs/notes.txt",
+        "lcd " + str(work),
+        "mkdir up",
+        "put *.txt up",
+        "cd up",
+        "mput *.md",
+        "get nothing*",
+        "ls",
+    ]) + "\n"  # fmt: skip
+    r = run_cli(["shell", "-P", ferry.port, "ann@127.0.0.1:"], env=ferry.env, input=script)
+    assert sorted(p.name for p in (work / "in").iterdir()) == ["a.log", "b.log", "data.csv", "notes.txt", "star*.log"]
+    assert sorted(p.name for p in (home / "up").iterdir()) == ["one.txt", "three.md", "two.txt"]
+    assert r.stdout.splitlines()[-3:] == ["one.txt", "three.md", "two.txt"]
+    assert "/nothing*: no match" in r.stderr and r.code == ExitCode.NOT_FOUND

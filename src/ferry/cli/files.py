@@ -454,43 +454,98 @@ async def put_from_stdin(client: AsyncClient, out: Output, rpath: str, *, hash_n
     out.result(transfer_summary("put", "-", shown, result), transfer_record("put", "-", shown, result, hash_name))
 
 
-@click.command(short_help="Download a file (a folder with -r).")
-@click.argument("remote")
-@click.argument("local", required=False, default=".")
-@click.option("-r", "--recursive", is_flag=True, help="Download a folder tree.")
+def has_magic(path: str) -> bool:
+    """Whether a remote path is a glob pattern (``*``, ``?`` or ``[``), expanded by the server."""
+    return any(ch in path for ch in "*?[")
+
+
+async def expand_remote(client: AsyncClient, paths: list[str], shown: Callable[[str], str]) -> list[str]:
+    """Remote operands with their patterns expanded on the server (in order; each pattern's
+    matches sorted); a pattern that matches nothing is an error, as in scp."""
+    out: list[str] = []
+    for path in paths:
+        if not has_magic(path):
+            out.append(path)
+            continue
+        found = await client.glob(path)
+        if not found:
+            raise NotFound("not-found", f"{safe_name(shown(path))}: no match")
+        out.extend(e.name for e in found)
+    return out
+
+
+async def get_many(
+    client: AsyncClient,
+    out: Output,
+    paths: list[str],
+    local: str,
+    *,
+    recursive: bool,
+    hash_name: str,
+    resume: bool,
+    shown: Callable[[str], str],
+) -> None:
+    """Download remote ``paths`` (patterns expanded on the server) to ``local``: into it when
+    there are several (it must be a folder then), to standard output for ``-`` (one file)."""
+    sources = await expand_remote(client, paths, shown)
+    if local == "-":
+        if len(sources) != 1:
+            raise UsageError(f"standard output takes one file; {len(sources)} match")
+        await get_to_stdout(client, out, sources[0], hash_name=hash_name, shown=shown(sources[0]))
+        return
+    if len(sources) > 1 and not Path(local).is_dir():
+        raise UsageError(f"{local}: no such local folder (several files go into an existing folder)")
+    for src in sources:
+        await do_get(
+            client, out, src, local, recursive=recursive, hash_name=hash_name, resume=resume, shown=shown(src)
+        )
+
+
+def split_get_operands(operands: tuple[str, ...]) -> tuple[list[str], str]:
+    """``REMOTE... [LOCAL]``: the last word is LOCAL unless it is a remote location too."""
+    if len(operands) > 1 and not is_remote(operands[-1]):
+        return list(operands[:-1]), operands[-1]
+    return list(operands), "."
+
+
+@click.command(short_help="Download files (folders with -r).")
+@click.argument("operands", nargs=-1, required=True, metavar="REMOTE... [LOCAL]")
+@click.option("-r", "--recursive", is_flag=True, help="Download folder trees.")
 @transfer_options
 @common_options
-def get(remote: str, local: str, recursive: bool, hash_name: str, no_resume: bool, common: Common) -> None:
+def get(operands: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool, common: Common) -> None:
     """Download REMOTE ([USER@]HOST:PATH or ferry://USER@HOST:PORT/PATH) to LOCAL (default: here).
 
-    Data is verified chunk by chunk; an interrupted download is continued by running the same
-    command again (unless --no-resume). The file appears under its final name only when complete.
-    LOCAL '-' writes the file to standard output (verified at the end; no resume).
+    Several REMOTEs (on one server) and patterns ('HOST:logs/*.log', expanded by the server)
+    go into LOCAL, which must then be a folder. Data is verified chunk by chunk; an interrupted
+    download is continued by running the same command again (unless --no-resume). A file appears
+    under its final name only when complete. LOCAL '-' writes one file to standard output
+    (verified at the end; no resume).
     """
-    loc = remote_location(remote, common.port)
+    remotes, local = split_get_operands(operands)
+    locs = [remote_location(r, common.port) for r in remotes]
+    loc = same_server(locs)
     out = common.output()
-    if local == "-":
-        if recursive:
-            raise UsageError("get -r writes folders, not standard output: give a local folder")
+    if local == "-" and recursive:
+        raise UsageError("get -r writes folders, not standard output: give a local folder")
 
-        shown = show_remote(loc)
-        run_connected(loc, common, lambda c: get_to_stdout(c, out, loc.path, hash_name=hash_name, shown=shown))
-        return
+    def shown(path: str) -> str:
+        return show_remote(loc, path)
 
     async def main() -> None:
         async with connected(loc, common) as client:
-            await do_get(
+            await get_many(
                 client,
                 out,
-                loc.path,
+                [one.path for one in locs],
                 local,
                 recursive=recursive,
                 hash_name=hash_name,
                 resume=not no_resume,
-                shown=show_remote(loc),
+                shown=shown,
             )
 
-    run(main(), resumable=True)
+    run(main(), resumable=local != "-")
 
 
 @click.command(short_help="Upload files (folders with -r).")

@@ -34,10 +34,10 @@ import click
 from ferry.cli.files import (
     Common,
     common_options,
-    do_get,
     do_mv,
     do_put,
     entry_record,
+    get_many,
     list_paths,
     print_df,
     remove_path,
@@ -97,6 +97,22 @@ def split_flags(args: list[str], allowed: str) -> tuple[set[str], list[str]]:
         else:
             rest.append(a)
     return flags, rest
+
+
+def local_matches(patterns: list[str]) -> list[str]:
+    """Local operands with ``~`` and patterns expanded here (as a shell would; sorted per
+    pattern); a pattern that matches nothing is an error."""
+    out: list[str] = []
+    for pattern in patterns:
+        path = os.path.expanduser(pattern)
+        if not glob.has_magic(path):
+            out.append(path)
+            continue
+        found = sorted(glob.glob(path))
+        if not found:
+            raise UsageError(f"{pattern}: no match here")
+        out.extend(found)
+    return out
 
 
 def split_partial(line: str) -> tuple[list[str], str, str | None]:
@@ -434,40 +450,61 @@ class FerryShell(cmd.Cmd):
         click.echo(f"{self.client.ping() * 1000:.2f} ms", file=self.stdout)
 
     def do_get(self, arg: str) -> None:
-        """get [-r] REMOTE [LOCAL]: download a file (a folder with -r) to LOCAL (default: here)."""
+        """get [-r] REMOTE [LOCAL]: download a file (a folder with -r) to LOCAL (default: here);
+        a pattern (*.log, expanded by the server) downloads every match into the folder LOCAL."""
         flags, args = split_flags(self._args(arg), "r")
         if not 1 <= len(args) <= 2:
-            raise UsageError("get needs REMOTE [LOCAL]")
-        rpath = self._path(args[0])
-        local = os.path.expanduser(args[1]) if len(args) == 2 else "."
+            raise UsageError("get needs REMOTE [LOCAL] (mget takes several)")
+        self._get([args[0]], os.path.expanduser(args[1]) if len(args) == 2 else ".", "r" in flags)
+
+    def do_mget(self, arg: str) -> None:
+        """mget [-r] REMOTE...: download files (patterns expanded by the server) into the local folder."""
+        flags, args = split_flags(self._args(arg), "r")
+        if not args:
+            raise UsageError("mget needs REMOTE...")
+        self._get(args, ".", "r" in flags)
+
+    def _get(self, remotes: list[str], local: str, recursive: bool) -> None:
+        paths = [self._path(r) for r in remotes]
         self._call(
-            lambda c: do_get(
+            lambda c: get_many(
                 c,
                 self.out,
-                rpath,
+                paths,
                 local,
-                recursive="r" in flags,
+                recursive=recursive,
                 hash_name=self.hash_name,
                 resume=self.resume,
-                shown=self._show(rpath),
+                shown=self._show,
             )
         )
 
     def do_put(self, arg: str) -> None:
-        """put [-r] LOCAL [REMOTE]: upload a file (a folder with -r) to REMOTE (default: here)."""
+        """put [-r] LOCAL [REMOTE]: upload a file (a folder with -r) to REMOTE (default: here);
+        a pattern (*.txt) uploads every local match into the folder REMOTE."""
         flags, args = split_flags(self._args(arg), "r")
         if not 1 <= len(args) <= 2:
-            raise UsageError("put needs LOCAL [REMOTE]")
+            raise UsageError("put needs LOCAL [REMOTE] (mput takes several)")
+        sources = local_matches([args[0]])
         base = self._path(args[1]) if len(args) == 2 else self.cwd
-        into_dir = len(args) == 1 or args[1].endswith("/")
-        src = os.path.expanduser(args[0])
+        into_dir = len(args) == 1 or args[1].endswith("/") or len(sources) > 1
+        self._put(sources, base, into_dir, "r" in flags)
+
+    def do_mput(self, arg: str) -> None:
+        """mput [-r] LOCAL...: upload files (patterns expanded here) into the remote folder."""
+        flags, args = split_flags(self._args(arg), "r")
+        if not args:
+            raise UsageError("mput needs LOCAL...")
+        self._put(local_matches(args), self.cwd, True, "r" in flags)
+
+    def _put(self, sources: list[str], base: str, into_dir: bool, recursive: bool) -> None:
         self._call(
             lambda c: do_put(
                 c,
                 self.out,
-                [src],
+                sources,
                 base,
-                recursive="r" in flags,
+                recursive=recursive,
                 hash_name=self.hash_name,
                 resume=self.resume,
                 into_dir=into_dir,
@@ -559,7 +596,7 @@ class FerryShell(cmd.Cmd):
         command = words[0]
         index = len([w for w in words[1:] if not w.startswith("-")])
         local = (
-            command in ("lcd", "lls")
+            command in ("lcd", "lls", "mput")
             or (command == "put" and index == 0)
             or (command == "get" and index == 1)
         )

@@ -471,10 +471,18 @@ class AsyncClient:
             out.extend(page)
         return out
 
-    async def _list_pages(self, path: str, recursive: bool) -> AsyncIterator[list[m.Entry]]:
+    async def glob(self, pattern: str) -> list[m.Entry]:
+        """The paths matching ``pattern`` (``logs/*.log``), expanded by the server inside the home;
+        each entry is named by its path. No match: an empty list. Rules: :mod:`ferry.server.glob`."""
+        out: list[m.Entry] = []
+        async for page in self._list_pages(pattern, False, glob=True):
+            out.extend(page)
+        return out
+
+    async def _list_pages(self, path: str, recursive: bool, *, glob: bool = False) -> AsyncIterator[list[m.Entry]]:
         req_id, route = self._open()
         try:
-            await self.send(m.ListDir(id=req_id, path=path, recursive=recursive))
+            await self.send(m.ListDir(id=req_id, path=path, recursive=recursive, glob=glob))
             while True:
                 reply = await self._recv(route)
                 if isinstance(reply, m.Error):

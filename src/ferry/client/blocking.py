@@ -264,6 +264,10 @@ class Client:
         """Entries of a remote folder (a file lists as itself); ``recursive`` walks the tree."""
         return self._portal.call(self._aclient.listdir(path, recursive=recursive))
 
+    def glob(self, pattern: str) -> list[Entry]:
+        """The paths matching ``pattern``, expanded by the server (see AsyncClient.glob)."""
+        return self._portal.call(self._aclient.glob(pattern))
+
     def mkdir(self, path: str, *, parents: bool = False) -> None:
         """Create a remote folder (``parents``: like ``mkdir -p``)."""
         self._portal.call(self._aclient.mkdir(path, parents=parents))

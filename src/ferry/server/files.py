@@ -10,10 +10,11 @@ import contextlib
 import os
 import stat as statmod
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
 from ferry.server import work
+from ferry.server.glob import expand as expand_glob
 from ferry.server.jail import Entry as JailEntry
 from ferry.server.jail import Jail, ListScan
 from ferry.server.work import in_thread, run_steps
@@ -85,7 +86,9 @@ async def handle_list(session: Session, msg: m.ListDir) -> None:
     t0 = time.monotonic()
     jail = jail_of(session)
 
-    def open_listing() -> m.Entry | ListScan:
+    def open_listing() -> m.Entry | Listing:
+        if msg.glob:  # a pattern: its matches, found as the pages are cut (ferry.server.glob)
+            return expand_glob(jail, msg.path, work.current.get().check)
         entry = stat_entry(jail, msg.path)
         if entry.kind != "dir":
             return entry
@@ -104,16 +107,21 @@ async def handle_list(session: Session, msg: m.ListDir) -> None:
     log_op(session, "list", msg.path, t0, nbytes=pages.count)
 
 
-def _close_listing(opened: m.Entry | ListScan) -> None:
-    if isinstance(opened, ListScan):
+#: What a listing's pages are cut from: a folder walk, or the matches of a pattern; (name, entry)
+#: pairs, closed when the listing ends or is abandoned.
+Listing = ListScan | Generator[tuple[str, JailEntry], None, None]
+
+
+def _close_listing(opened: m.Entry | Listing) -> None:
+    if not isinstance(opened, m.Entry):
         opened.close()
 
 
 class _Pages:
-    """Cuts a :class:`ListScan` into ListReply pages of at most :data:`PAGE` entries and about
+    """Cuts a listing (a :class:`ListScan`, or a pattern's matches) into ListReply pages of at most :data:`PAGE` entries and about
     :data:`PAGE_BYTES` of names (called in the walk pool, one call at a time)."""
 
-    def __init__(self, scan: ListScan, check: Callable[[], None]) -> None:
+    def __init__(self, scan: Listing, check: Callable[[], None]) -> None:
         self.scan = scan
         self.check = check
         self.count = 0  # entries handed out so far

@@ -208,11 +208,16 @@ class StatReply(Message, tag="stat_reply"):
 
 
 class ListDir(Message, tag="list"):
-    """List a directory; ``recursive`` walks the whole tree (entry names are relative paths)."""
+    """List a directory; ``recursive`` walks the whole tree (entry names are relative paths).
+
+    ``glob``: ``path`` is a pattern (``logs/*.log``; rules in ``ferry.server.glob``), expanded on
+    the server; the entries are the matches, named by their path from the home (none: an empty
+    page). ``recursive`` does not apply then."""
 
     id: U32
     path: Path
     recursive: bool = False
+    glob: bool = False
 
 
 class ListReply(Message, tag="list_reply"):
