@@ -334,3 +334,28 @@ def test_shell_get_put_mget_mput_take_patterns(
     assert sorted(p.name for p in (home / "up").iterdir()) == ["one.txt", "three.md", "two.txt"]
     assert r.stdout.splitlines()[-3:] == ["one.txt", "three.md", "two.txt"]
     assert "/nothing*: no match" in r.stderr and r.code == ExitCode.NOT_FOUND
+
+
+def test_links_show_their_target_never_followed(ferry: Ferry, home: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    (home / "d").mkdir()
+    (home / "d" / "to-etc").symlink_to(outside)
+    (home / "d" / "rel").symlink_to("../elsewhere/file\x1b[31m")  # dangling, with a control character
+    (home / "d" / "plain").write_text("p")
+    lines = ferry.ok("ls", "-l", ferry.at("d")).stdout.splitlines()
+    assert lines[0].startswith("-") and lines[0].endswith(" plain")
+    assert lines[1].startswith("l") and lines[1].endswith(" rel -> ../elsewhere/file\\x1b[31m")
+    assert lines[2].startswith("l") and lines[2].endswith(f" to-etc -> {outside}")
+    assert ferry.ok("ls", ferry.at("d")).stdout.splitlines() == ["plain", "rel", "to-etc"]  # names only
+    listing = ferry.ok("ls", "--json", ferry.at("d")).stdout.splitlines()
+    records = {json.loads(x)["name"]: json.loads(x) for x in listing}
+    assert records["to-etc"]["target"] == str(outside) and "target" not in records["plain"]
+    assert f"kind: link -> {outside}" in ferry.ok("stat", ferry.at("d/to-etc")).stdout
+    assert json.loads(ferry.ok("stat", "--json", ferry.at("d/to-etc")).stdout)["target"] == str(outside)
+    assert ferry.ok("ls", ferry.at("d/to-etc/")).stdout == "to-etc\n"  # the link itself, not entered
+    r = ferry("ls", ferry.at("d/to-etc/secret"))
+    assert r.code == ExitCode.NOT_FOUND and "symbolic link" in r.stderr
+    # recursive listings and patterns carry the target too
+    assert f"d/to-etc -> {outside}" in ferry.ok("ls", "-lR", ferry.at()).stdout

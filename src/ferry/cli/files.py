@@ -597,6 +597,8 @@ def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool
 def entry_record(e: Entry, path: str | None = None) -> dict[str, Any]:
     """The JSON object of one entry."""
     rec: dict[str, Any] = {"name": e.name, "kind": e.kind, "size": e.size, "mtime": e.mtime, "mode": e.mode}
+    if e.target is not None:
+        rec["target"] = e.target
     if path is not None:
         rec = {"path": path, **rec}
     return rec
@@ -608,6 +610,8 @@ def entry_line(e: Entry, long: bool, width: int = 0, *, human: bool = False) -> 
     if not long:
         return name
     size = short_size(e.size) if human else str(e.size)
+    if e.target is not None:  # as ls -l: where the link points (the server never follows it)
+        name += f" -> {safe_name(e.target)}"
     return f"{mode_string(e.kind, e.mode)} {size:>{width}} {format_time(e.mtime)} {name}"
 
 
@@ -632,7 +636,7 @@ def stat_lines(path: str, e: Entry) -> list[str]:
     """Human ``stat`` output."""
     return [
         f"  path: {safe_name(path) or '(home)'}",
-        f"  kind: {e.kind}",
+        f"  kind: {e.kind}" + (f" -> {safe_name(e.target)}" if e.target is not None else ""),
         f"  size: {e.size} bytes ({human_size(e.size)})",
         f"  mode: {mode_string(e.kind, e.mode)} ({e.mode & 0o7777:04o})",
         f"  modified: {format_time(e.mtime)}",

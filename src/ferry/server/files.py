@@ -39,7 +39,12 @@ def jail_of(session: Session) -> Jail:
 def to_wire(e: JailEntry, name: str | None = None) -> m.Entry:
     """Convert a jail entry to its wire form."""
     return m.Entry(
-        name=name if name is not None else e.name, kind=e.kind, size=e.size, mtime=m.wire_time(e.mtime), mode=e.mode
+        name=name if name is not None else e.name,
+        kind=e.kind,
+        size=e.size,
+        mtime=m.wire_time(e.mtime),
+        mode=e.mode,
+        target=e.target,
     )
 
 
@@ -55,7 +60,14 @@ def stat_entry(jail: Jail, path: str) -> m.Entry:
     else:
         kind = "other"
     name = path.rstrip("/").rsplit("/", 1)[-1] if path not in ("", ".") else "."
-    return m.Entry(name=name, kind=kind, size=st.st_size, mtime=m.wire_time(st.st_mtime), mode=statmod.S_IMODE(st.st_mode))  # type: ignore[arg-type]
+    return m.Entry(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        size=st.st_size,
+        mtime=m.wire_time(st.st_mtime),
+        mode=statmod.S_IMODE(st.st_mode),
+        target=jail.readlink(path) if kind == "link" else None,
+    )
 
 
 def log_op(session: Session, op: str, path: str, started: float, result: str = "ok", nbytes: int = 0) -> None:
@@ -85,10 +97,11 @@ async def handle_list(session: Session, msg: m.ListDir) -> None:
     holds the page being sent and the next one, never the whole listing."""
     t0 = time.monotonic()
     jail = jail_of(session)
+    check = work.current.get().check  # (here: the thread below does not see the context)
 
     def open_listing() -> m.Entry | Listing:
         if msg.glob:  # a pattern: its matches, found as the pages are cut (ferry.server.glob)
-            return expand_glob(jail, msg.path, work.current.get().check)
+            return expand_glob(jail, msg.path, check)
         entry = stat_entry(jail, msg.path)
         if entry.kind != "dir":
             return entry
@@ -146,6 +159,8 @@ class _Pages:
                     )
                 entry = to_wire(e, name)
             cost = len(entry.name.encode("utf-8", "surrogatepass")) + 64  # 64: the other fields, generously
+            if entry.target is not None:  # a link's target may be as long as a path
+                cost += len(entry.target.encode("utf-8", "surrogatepass"))
             if page and (len(page) >= PAGE or size + cost > PAGE_BYTES):
                 self._ahead = entry
                 return page, False

@@ -84,6 +84,8 @@ def _expand(
         except (NotFound, NotADirectory, PermissionDenied):
             continue  # a plain name that is not there; an entry removed meanwhile
         entry = Entry.from_stat(name, st)
+        if last and entry.kind == "link":
+            entry = Entry.from_stat(name, st, jail.readlink("/".join(path)))
         if last:
             yield "/".join(path), entry
         elif entry.kind == "dir":

@@ -117,6 +117,7 @@ class Entry:
     ``kind`` is ``"file"`` (regular file), ``"dir"``, ``"link"`` (a symbolic link; ``size`` is the
     length of its target string) or ``"other"`` (FIFO, socket, device). ``mtime`` is in seconds since
     the epoch, ``mode`` holds the permission bits only (``stat.S_IMODE``); the type is in ``kind``.
+    ``target``: what a link says (read with ``readlinkat``, never followed), as ``ls -l`` shows it.
     """
 
     name: str
@@ -124,11 +125,21 @@ class Entry:
     size: int
     mtime: float
     mode: int
+    target: str | None = None
 
     @classmethod
-    def from_stat(cls, name: str, st: os.stat_result) -> Entry:
-        """Build an entry from an ``lstat`` result."""
-        return cls(name, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
+    def from_stat(cls, name: str, st: os.stat_result, target: str | None = None) -> Entry:
+        """Build an entry from an ``lstat`` result (``target``: a link's, if read)."""
+        return cls(name, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), target)
+
+
+def link_target(dir_fd: int, name: str) -> str | None:
+    """What the symbolic link ``name`` in ``dir_fd`` says (``readlinkat``: the link is read, never
+    followed); None if it is gone or no longer a link."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError:
+        return None
 
 
 def _kind(mode: int) -> EntryKind:
@@ -629,6 +640,13 @@ class Jail:
                 return os.fstat(self._home_fd())
             with self._parent(parts) as (pfd, name):
                 return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+
+    def readlink(self, path: str) -> str | None:
+        """What the symbolic link ``path`` says (read relative to its folder's descriptor, never
+        followed); None if ``path`` is not a link."""
+        parts = self._needs_name(path, "your home folder is not a link")
+        with _translating(path), self._parent(parts) as (pfd, name):
+            return link_target(pfd, name)
 
     def exists(self, path: str) -> bool:
         """True if ``path`` exists (a final symlink counts, dangling or not); False if missing."""
@@ -1686,7 +1704,8 @@ def _entries_at(fd: int, include_partial: bool = False) -> Generator[Entry, None
                 st = de.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield Entry.from_stat(de.name, st)
+            target = link_target(fd, de.name) if stat.S_ISLNK(st.st_mode) else None
+            yield Entry.from_stat(de.name, st, target)
 
 
 #: Why :meth:`Jail.folder_walk` may skip a folder: gone, swapped for a non-folder, unreadable.

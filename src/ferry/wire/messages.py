@@ -184,13 +184,14 @@ class Error(Message, tag="error"):
 
 
 class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One directory entry / stat result."""
+    """One directory entry / stat result. ``target``: what a symbolic link says (never followed)."""
 
     name: Path
     kind: Literal["file", "dir", "link", "other"]
     size: U64 = 0
     mtime: Time = 0.0
     mode: U32 = 0
+    target: Path | None = None
 
 
 class Stat(Message, tag="stat"):
