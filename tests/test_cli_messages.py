@@ -47,6 +47,20 @@ def test_os_reason_words() -> None:
     assert os_reason(OSError()) == "OSError"
     for exc in (FileNotFoundError(2, "x", "f"), OSError(13, "Permission denied")):
         assert "Errno" not in os_reason(exc)
+    import ssl
+
+    bad_cert = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    bad_cert.verify_message = "unable to get local issuer certificate"
+    assert os_reason(bad_cert) == "certificate verify failed: unable to get local issuer certificate"
+    plain = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    plain.reason = "WRONG_VERSION_NUMBER"
+    assert os_reason(plain) == "TLS error (WRONG_VERSION_NUMBER)"
+
+
+def test_net_tools_say_it_in_words_too(tmp_path: Path) -> None:
+    r = run_cli(["net", "fetch", "-o", str(tmp_path / "no-such-dir" / "x"), "http://127.0.0.1:1/"])
+    assert r.code == ExitCode.USAGE
+    assert r.stderr == f"ferry: cannot write {tmp_path / 'no-such-dir' / 'x'}: no such file or folder\n"
 
 
 @pytest.mark.parametrize("ipv6", [True, False])

@@ -46,6 +46,9 @@ def os_reason(exc: OSError) -> str:
     if "gaierror" in names:  # name resolution: its numbers are not errnos
         return _lower_first(exc.strerror or str(exc) or "cannot resolve the host name")
     if "SSLError" in names:  # its numbers are OpenSSL's; the reason is the readable part
+        verify = getattr(exc, "verify_message", None)
+        if verify:
+            return f"certificate verify failed: {verify}"
         reason = getattr(exc, "reason", None)
         return f"TLS error ({reason})" if reason else f"TLS error ({type(exc).__name__})"
     if exc.errno is not None and exc.errno > 0:

@@ -51,6 +51,7 @@ from ferry.errors import (
     TransferError,
     UsageError,
 )
+from ferry.errtext import os_reason
 from ferry.paths import DEFAULT_PORT
 from ferry.textsafe import safe_name
 
@@ -246,7 +247,7 @@ def show_remote(loc: Location, path: str | None = None) -> str:
 
 def local_error(exc: OSError, what: str) -> FerryError:
     """A local OSError as a FerryError: the user's mistake (2) or a failed transfer (5)."""
-    message = f"{what}: {exc.strerror or exc}"
+    message = f"{what}: {os_reason(exc)}"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST):
         return UsageError(message)
     return TransferError(message)

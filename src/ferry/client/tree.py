@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ferry.aio import close_after
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
+from ferry.errtext import os_reason
 from ferry.hashing import HashName, small_digest
 from ferry.textsafe import safe_name
 from ferry.wire import messages as m
@@ -231,7 +232,7 @@ class _LocalTree:
                 out.failures.append(str(exc))
             except OSError as exc:
                 where = self.root / it.path
-                raise TransferError(f"cannot write {safe_name(str(where))}: {exc.strerror or exc}") from exc
+                raise TransferError(f"cannot write {safe_name(str(where))}: {os_reason(exc)}") from exc
         return out
 
     def _check_large(self, rel: str) -> None:

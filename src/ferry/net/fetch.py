@@ -28,6 +28,7 @@ import h11
 
 from ferry import __version__
 from ferry.errors import ConnectionBroken, FerryError, FerryTimeout, TransferError, UsageError
+from ferry.errtext import os_reason
 from ferry.net.target import connect_stream, format_hostport, parse_port
 
 __all__ = [
@@ -281,7 +282,7 @@ def _tls_context(insecure: bool, cafile: str | os.PathLike[str] | None) -> ssl.S
         try:
             context.load_verify_locations(cafile=cafile)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"cannot load CA file {os.fspath(cafile)}: {exc}") from exc
+            raise UsageError(f"cannot load CA file {os.fspath(cafile)}: {os_reason(exc)}") from exc
     if insecure:
         context.check_hostname = False  # must be switched off before verify_mode
         context.verify_mode = ssl.CERT_NONE
@@ -311,7 +312,7 @@ class _Exchange:
         except ssl.SSLError as exc:
             raise TLSError(f"TLS error {doing} from {self.what}: {exc.reason or exc}") from exc
         except OSError as exc:
-            raise ConnectionBroken(f"connection to {self.what} broken {doing}: {exc.strerror or exc}") from exc
+            raise ConnectionBroken(f"connection to {self.what} broken {doing}: {os_reason(exc)}") from exc
 
     def _next_event(self, doing: str) -> object:
         while True:
@@ -353,7 +354,7 @@ class _Exchange:
         except TimeoutError as exc:
             raise FerryTimeout(f"timed out sending the request to {self.what}") from exc
         except OSError as exc:
-            raise ConnectionBroken(f"connection to {self.what} broken sending the request: {exc}") from exc
+            raise ConnectionBroken(f"connection to {self.what} broken sending the request: {os_reason(exc)}") from exc
 
     def read_head(self) -> Response:
         """Read up to and including the final (non-1xx) response head."""
@@ -404,7 +405,7 @@ def _open(url: URL, timeout: float, context: Callable[[], ssl.SSLContext]) -> so
         raise FerryTimeout(f"timed out in the TLS handshake with {url.authority}") from exc
     except (ssl.SSLError, OSError) as exc:
         sock.close()
-        raise TLSError(f"TLS handshake with {url.authority} failed: {exc}") from exc
+        raise TLSError(f"TLS handshake with {url.authority} failed: {os_reason(exc)}") from exc
 
 
 def fetch(
@@ -497,7 +498,7 @@ def fetch_to_file(
         # result gets the permissions any other newly written file would get.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
-        raise UsageError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        raise UsageError(f"cannot write {final}: {os_reason(exc)}") from exc
     try:
         try:
             with os.fdopen(fd, "wb") as f:
@@ -521,7 +522,7 @@ def fetch_to_file(
         except OSError as exc:
             # Socket errors were already translated by fetch(): an OSError here is the local disk
             # (full, read-only) or the destination (e.g. a directory of that name).
-            raise TransferError(f"cannot write {final}: {exc.strerror or exc}") from exc
+            raise TransferError(f"cannot write {final}: {os_reason(exc)}") from exc
     except BaseException:
         with suppress(OSError):
             os.unlink(tmp)

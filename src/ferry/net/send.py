@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, Literal
 
 from ferry.errors import ConnectionBroken, FerryError, FerryTimeout, UsageError
+from ferry.errtext import os_reason
 from ferry.net.target import connect_stream, connect_unix, format_hostport, parse_hostport
 
 __all__ = [
@@ -67,7 +68,7 @@ def _io_error(exc: OSError, what: str, timeout: float | None, doing: str) -> Fer
         return ConnectionBroken(f"connection reset by {what}")
     if isinstance(exc, BrokenPipeError):
         return ConnectionBroken(f"connection closed by {what} while sending")
-    return ConnectionBroken(f"error {doing} {what}: {exc.strerror or exc}")
+    return ConnectionBroken(f"error {doing} {what}: {os_reason(exc)}")
 
 
 def _recv(sock: socket.socket, size: int, what: str, timeout: float | None, doing: str) -> bytes:

@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass
 
 from ferry.errors import ConnectionBroken, FerryTimeout, UsageError
+from ferry.errtext import os_reason
 
 __all__ = [
     "HostPort",
@@ -121,7 +122,7 @@ def connect_error(exc: OSError, what: str, timeout: float | None) -> ConnectionB
     if isinstance(exc, FileNotFoundError):
         return ConnectionBroken(f"no such socket: {what} (is the server running?)")
     name = errno.errorcode.get(exc.errno or 0, "error")
-    return ConnectionBroken(f"cannot connect to {what}: {exc.strerror or exc} ({name})")
+    return ConnectionBroken(f"cannot connect to {what}: {os_reason(exc)} ({name})")
 
 
 def connect_stream(host: str, port: int, timeout: float | None, *, socktype: int = socket.SOCK_STREAM) -> socket.socket:

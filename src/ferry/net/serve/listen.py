@@ -10,6 +10,7 @@ import stat
 from dataclasses import dataclass
 
 from ferry.errors import FerryError, UsageError
+from ferry.errtext import os_reason
 from ferry.net.serve.config import ServeConfig
 
 
@@ -59,7 +60,7 @@ def _bind_error(where: str, exc: OSError) -> FerryError:
         return FerryError(f"cannot listen on {where}: permission denied (ports below 1024 need privileges)")
     if exc.errno == errno.EADDRNOTAVAIL:
         return UsageError(f"cannot listen on {where}: no such local address")
-    return FerryError(f"cannot listen on {where}: {exc.strerror or exc}")
+    return FerryError(f"cannot listen on {where}: {os_reason(exc)}")
 
 
 def _open_inet(config: ServeConfig) -> Listener:
@@ -99,7 +100,7 @@ def _remove_stale(path: str) -> None:
             os.unlink(path)
         return
     except OSError as exc:
-        raise FerryError(f"cannot check existing socket {path}: {exc.strerror or exc}") from exc
+        raise FerryError(f"cannot check existing socket {path}: {os_reason(exc)}") from exc
     finally:
         probe.close()
     raise FerryError(f"{path} is in use by a running server; stop it or choose another --path")
