@@ -318,3 +318,32 @@ def test_reconnect_keeps_the_remote_folder_or_says_it_cannot(tmp_path: Path) -> 
     assert rest == ""  # neither the 'ls' nor the 'pwd' ran
     assert "reconnecting" in err and "reconnected; still in /work" in err
     assert "reconnected, but /work is no longer a folder on the server; back in your home folder" in err
+
+
+@pytest.mark.timeout(90)
+def test_interactive_shell_waits_for_a_server_that_is_away(tmp_path: Path) -> None:
+    env = dict(os.environ, FERRY_HOME=str(tmp_path / "client-home"), PYTHONUNBUFFERED="1")
+    srv = ServeProcess(tmp_path / "root", env).start()
+    env["FERRY_PASSWORD"] = srv.password or ""
+    port = srv.port
+    (srv.root / "homes" / "ferry" / "here").mkdir()
+    child = pexpect.spawn(sys.executable, ["-m", "ferry", "shell", "-P", str(port), "ferry@127.0.0.1:here"],
+                          env=env, cwd=str(tmp_path), encoding="utf-8", timeout=20)  # fmt: skip
+    try:
+        child.expect_exact("/here> ")
+        srv.stop()
+        child.send("ls\r")
+        child.expect_exact("connection refused")
+        child.expect_exact("not connected; the next command tries again (exit to leave)")
+        child.expect_exact("/here> ")  # still in the shell, still in the folder
+        (srv.root / "homes" / "ferry" / "here" / "back.txt").write_text("b")
+        srv = ServeProcess(tmp_path / "root", env, port=port).start()
+        child.send("ls\r")
+        child.expect_exact("reconnected; still in /here")
+        child.expect_exact("back.txt")
+        child.send("exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+        srv.stop()
+    assert child.exitstatus == 0
