@@ -32,10 +32,10 @@ def home(server: ServerThread) -> Iterator[Path]:
     path = server.root / "homes" / "ann"
     yield path
     for p in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if p.is_dir() and not p.is_symlink():
-            p.rmdir()
-        else:
+        if p.is_symlink() or not p.is_dir():
             p.unlink()
+        else:
+            p.rmdir()
 
 
 class Ferry:
@@ -359,3 +359,14 @@ def test_links_show_their_target_never_followed(ferry: Ferry, home: Path, tmp_pa
     assert r.code == ExitCode.NOT_FOUND and "symbolic link" in r.stderr
     # recursive listings and patterns carry the target too
     assert f"d/to-etc -> {outside}" in ferry.ok("ls", "-lR", ferry.at()).stdout
+
+
+def test_a_listing_of_links_with_long_targets_stays_in_small_pages(ferry: Ferry, home: Path) -> None:
+    """Each page of a listing must stay under the message limit (1 MiB), targets included."""
+    (home / "many").mkdir()
+    long = "t" * 3000
+    for i in range(1200):  # ~3.6 MB of targets: several pages
+        (home / "many" / f"l{i:04d}").symlink_to(f"{long}{i}")
+    r = ferry.ok("ls", "--json", ferry.at("many"))
+    records = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(records) == 1200 and records[-1]["target"] == f"{long}1199"
