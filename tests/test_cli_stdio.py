@@ -140,7 +140,7 @@ def test_ctrl_c_says_whether_running_it_again_resumes(tmp_path: Path) -> None:
     assert srv.proc is not None
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:
-        for block in pattern(200 * MiB):
+        for block in pattern(96 * MiB):
             f.write(block)
     home = srv.root / "homes" / "ferry"
     pin = subprocess.run([*FERRY, "ls", *srv.scp()], env=env, capture_output=True, text=True, timeout=60)
