@@ -142,6 +142,8 @@ def test_host_colon_is_always_a_path_and_a_number_there_is_explained(ferry: Ferr
     (home / "start").mkdir()
     assert ferry.ok("df", ferry.at("start")).stdout.startswith("used")
     assert ferry.ok("shell", ferry.at("start"), input="pwd\n").stdout == "/start\n"
+    (home / "2024").mkdir()
+    assert ferry.ok("shell", ferry.at("./2024"), input="pwd\n").stdout == "/2024\n"
     # commands that take paths: a number is a path (a file of that name just works) ...
     (home / "7").write_text("a file named 7")
     assert ferry.ok("ls", ferry.at("7")).stdout == "7\n"
@@ -155,6 +157,9 @@ def test_host_colon_is_always_a_path_and_a_number_there_is_explained(ferry: Ferr
         f"ferry: cannot connect to 127.0.0.2:{DEFAULT_PORT}: connection refused ({port} is a path here; "
         f"for port {port} write -P {port} ann@127.0.0.2: or ferry://ann@127.0.0.2:{port}/)\n"
     )
+    # './N' is how the hint names a folder N without -P: accepted (it then tries the default port)
+    r = run_cli(["df", "ann@127.0.0.2:./7"], env=env)
+    assert r.code == ExitCode.CONNECTION and "after the colon" not in r.stderr
 
 
 def standard_hash(name: str, path: Path) -> str:

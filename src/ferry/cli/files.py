@@ -218,7 +218,8 @@ def target_location(spec: str, port: int | None) -> Location:
     if not is_remote(spec):
         spec += ":"  # a bare HOST: the home on that server
     loc = remote_location(spec, port)
-    number = number_after_colon(loc, port) if not spec.startswith("ferry://") else None
+    typed = parse_location(spec).path  # as written: './7374' is the way to name such a folder
+    number = number_after_colon(loc, port) if typed == loc.path and not spec.startswith("ferry://") else None
     if number is not None:
         raise UsageError(
             f"{spec!r}: after the colon comes a path, not a port; for port {number} write "
