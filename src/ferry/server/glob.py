@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Final
 
 from ferry.errors import NotADirectory, NotFound, PermissionDenied, RemoteError
@@ -47,7 +47,7 @@ def matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def expand(jail: Jail, pattern: str, check: Callable[[], None]) -> Iterator[tuple[str, Entry]]:
+def expand(jail: Jail, pattern: str, check: Callable[[], None]) -> Generator[tuple[str, Entry], None, None]:
     """The (path, entry) pairs ``pattern`` matches in ``jail``, sorted by path. ``check`` is called
     before each entry looked at (it raises to stop the walk). Raises :class:`PathRefused` for a
     pattern that is not a clean relative path, and :class:`RemoteError` ``too-many`` past
