@@ -85,7 +85,7 @@ def _expand(
             continue  # a plain name that is not there; an entry removed meanwhile
         entry = Entry.from_stat(name, st)
         if last and entry.kind == "link":
-            entry = Entry.from_stat(name, st, jail.readlink("/".join(path)))
+            entry = entry.with_target(jail.readlink("/".join(path)))
         if last:
             yield "/".join(path), entry
         elif entry.kind == "dir":

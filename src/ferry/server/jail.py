@@ -37,7 +37,7 @@ import re
 import secrets
 import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Final, Generic, Literal, TypeVar
 
@@ -128,9 +128,13 @@ class Entry:
     target: str | None = None
 
     @classmethod
-    def from_stat(cls, name: str, st: os.stat_result, target: str | None = None) -> Entry:
-        """Build an entry from an ``lstat`` result (``target``: a link's, if read)."""
-        return cls(name, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), target)
+    def from_stat(cls, name: str, st: os.stat_result) -> Entry:
+        """Build an entry from an ``lstat`` result (a link's ``target`` is added by :meth:`with_target`)."""
+        return cls(name, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
+
+    def with_target(self, target: str | None) -> Entry:
+        """This entry with a link's target filled in."""
+        return replace(self, target=target)
 
 
 def link_target(dir_fd: int, name: str) -> str | None:
@@ -1704,8 +1708,8 @@ def _entries_at(fd: int, include_partial: bool = False) -> Generator[Entry, None
                 st = de.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            target = link_target(fd, de.name) if stat.S_ISLNK(st.st_mode) else None
-            yield Entry.from_stat(de.name, st, target)
+            entry = Entry.from_stat(de.name, st)
+            yield entry.with_target(link_target(fd, de.name)) if entry.kind == "link" else entry
 
 
 #: Why :meth:`Jail.folder_walk` may skip a folder: gone, swapped for a non-folder, unreadable.
