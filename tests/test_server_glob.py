@@ -10,6 +10,7 @@ from ferry.errors import PathRefused, RemoteError
 from ferry.server import glob as server_glob
 from ferry.server.glob import expand, matches
 from ferry.server.jail import Jail
+from ferry.wire.codes import ErrorCode
 
 
 def names(jail: Jail, pattern: str) -> list[str]:
@@ -47,7 +48,7 @@ def test_too_many_matches_is_an_error(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(server_glob, "MAX_MATCHES", 4)
     with Jail(tmp_path) as jail, pytest.raises(RemoteError) as err:
         names(jail, "f*")
-    assert err.value.code == "too-many" and "narrow the pattern" in str(err.value)
+    assert err.value.code == ErrorCode.BAD_REQUEST and "narrow the pattern" in str(err.value)
 
 
 def test_matches() -> None:

@@ -464,6 +464,8 @@ def has_magic(path: str) -> bool:
 async def expand_remote(client: AsyncClient, paths: list[str], shown: Callable[[str], str]) -> list[str]:
     """Remote operands with their patterns expanded on the server (in order; each pattern's
     matches sorted); a pattern that matches nothing is an error, as in scp."""
+    from ferry.wire.codes import ErrorCode  # connected by now: the wire layer is loaded anyway
+
     out: list[str] = []
     for path in paths:
         if not has_magic(path):
@@ -471,7 +473,7 @@ async def expand_remote(client: AsyncClient, paths: list[str], shown: Callable[[
             continue
         found = await client.glob(path)
         if not found:
-            raise NotFound("not-found", f"{safe_name(shown(path))}: no match")
+            raise ErrorCode.NOT_FOUND.error(f"{safe_name(shown(path))}: no match")
         out.extend(e.name for e in found)
     return out
 

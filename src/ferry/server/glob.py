@@ -25,8 +25,9 @@ import re
 from collections.abc import Callable, Generator, Iterator
 from typing import Final
 
-from ferry.errors import NotADirectory, NotFound, PermissionDenied, RemoteError
+from ferry.errors import NotADirectory, NotFound, PermissionDenied
 from ferry.server.jail import Entry, Jail, parse_path
+from ferry.wire.codes import ErrorCode
 
 #: Most matches one pattern may give: beyond, the client is asked to narrow it (a listing of the
 #: whole home is what ``ls -R`` is for).
@@ -50,15 +51,14 @@ def matches(pattern: str, name: str) -> bool:
 def expand(jail: Jail, pattern: str, check: Callable[[], None]) -> Generator[tuple[str, Entry], None, None]:
     """The (path, entry) pairs ``pattern`` matches in ``jail``, sorted by path. ``check`` is called
     before each entry looked at (it raises to stop the walk). Raises :class:`PathRefused` for a
-    pattern that is not a clean relative path, and :class:`RemoteError` ``too-many`` past
-    :data:`MAX_MATCHES`."""
+    pattern that is not a clean relative path, and ``bad-request`` past :data:`MAX_MATCHES`."""
     parts = parse_path(pattern)
     if not parts:
-        raise NotFound("not-found", "an empty pattern matches nothing")
+        raise ErrorCode.NOT_FOUND.error("an empty pattern matches nothing")
     for count, found in enumerate(_expand(jail, (), parts, check), start=1):
         if count > MAX_MATCHES:
-            raise RemoteError(
-                "too-many", f"'{pattern}' matches more than {MAX_MATCHES} names; narrow the pattern"
+            raise ErrorCode.BAD_REQUEST.error(
+                f"'{pattern}' matches more than {MAX_MATCHES} names; narrow the pattern"
             )
         yield found
 
