@@ -81,6 +81,9 @@ class DescriptorBudget:
         self._spares: list[int] = []
         for _ in range(self._wanted_spares):
             self._open_spare()
+        # Only what could be opened counts as wanted: a host without os.devnull must not look
+        # short of descriptors for ever (tight() treats a missing spare as exhaustion).
+        self._wanted_spares = len(self._spares)
         self._count = _open_descriptors()
         self._counted_at = time.monotonic()
         self._since = 0  # connections accepted since the count (closes are not seen: an upper bound)
