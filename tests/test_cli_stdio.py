@@ -225,10 +225,10 @@ def test_a_streamed_upload_with_a_size_or_token_breaks_the_protocol(
         client = await AsyncClient.connect("127.0.0.1", server.port, user="ann", password=PASSWORD,
                                            known_hosts=known)  # fmt: skip
         try:
-            _, route = client._open()
+            _, route = client.mux.open()
             await client.send(bad)
             with pytest.raises(ConnectionBroken):
-                await client._recv(route, timeout=10)
+                await client.mux.recv(route, timeout=10)
         finally:
             await client.close()
 

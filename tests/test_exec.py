@@ -190,13 +190,13 @@ def test_server_respects_each_streams_window(server: ServerThread, tmp_path: Pat
     script = f"head -c {total} /dev/zero >&2 & head -c {total} /dev/zero; wait"
 
     async def body(c: AsyncClient) -> tuple[int, int, int, int]:
-        req_id, route = c._open(0)
+        req_id, route = c.mux.open(0)
         await c.send(m.Exec(id=req_id, command=script, window=window))
-        assert isinstance(await c._recv(route), m.ExecStarted)
+        assert isinstance(await c.mux.recv(route), m.ExecStarted)
         got = {m.STDOUT: 0, m.STDERR: 0}
         granted = {m.STDOUT: window, m.STDERR: window}
         while got[m.STDOUT] < total:  # the shell keeps stdout open while it waits: count bytes
-            ev = await c._recv(route, timeout=10)
+            ev = await c.mux.recv(route, timeout=10)
             if isinstance(ev, Data):
                 got[ev.stream] += len(ev.data)
                 assert got[ev.stream] <= granted[ev.stream], "server sent beyond the window"
@@ -212,11 +212,11 @@ def test_server_respects_each_streams_window(server: ServerThread, tmp_path: Pat
         # Now release stderr and let the command finish.
         await c.send(m.Window(id=req_id, stream=m.STDERR, increment=total))
         while True:
-            ev = await c._recv(route, timeout=10)
+            ev = await c.mux.recv(route, timeout=10)
             if isinstance(ev, Data):
                 got[ev.stream] += len(ev.data)
             elif isinstance(ev, m.ExitStatus):
-                c._close_route(req_id)
+                c.mux.close_route(req_id)
                 return got[m.STDOUT], stalled_stderr, got[m.STDERR], ev.code or 0
 
     out, stalled, err, code = go(server, tmp_path, body)
@@ -231,7 +231,7 @@ def test_client_buffers_at_most_the_window(server: ServerThread, tmp_path: Path)
     window = 256 << 10
 
     async def body(c: AsyncClient) -> tuple[int, int]:
-        proc = await RemoteProcess.start(c, "head -c 20000000 /dev/zero", window=window)
+        proc = await c.start("head -c 20000000 /dev/zero", window=window)
         async with proc:
             await asyncio.sleep(0.5)  # a consumer that does not read
             buffered = sum(len(d) for _, d in proc._chunks)
@@ -572,15 +572,15 @@ def test_server_enforces_an_exec_timeout_field(
     monkeypatch.setattr(m.Exec, "timeout", 0.3, raising=False)
 
     async def body(c: AsyncClient) -> m.ExitStatus:
-        req_id, route = c._open(0)
+        req_id, route = c.mux.open(0)
         try:
             await c.send(m.Exec(id=req_id, command=f"sleep {mk}"))
             while True:
-                ev = await c._recv(route, timeout=10)
+                ev = await c.mux.recv(route, timeout=10)
                 if isinstance(ev, m.ExitStatus):
                     return ev
         finally:
-            c._close_route(req_id)
+            c.mux.close_route(req_id)
 
     status = go(server, tmp_path, body)
     assert status.timed_out and status.signal == 15

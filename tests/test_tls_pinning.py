@@ -22,7 +22,8 @@ from ferry import paths
 from ferry.client.known_hosts import KnownHosts, host_key
 from ferry.client.tls import check_peer, client_ssl_context, peer_fingerprint
 from ferry.errors import ConnectionBroken, ExitCode, FerryError, HostKeyMismatch, UsageError
-from ferry.server.tls import ensure_certificate, fingerprint, fingerprint_file, server_ssl_context
+from ferry.server.tls import ensure_certificate, fingerprint_file, server_ssl_context
+from ferry.tlsbase import fingerprint
 
 FP_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 

@@ -259,14 +259,14 @@ def test_clients_vanishing_mid_upload_and_mid_download(server: ServerThread, tmp
             assert sorted(e.name for e in await c.listdir("")) == ["down.bin"]  # partial hidden
             # The kept partial is resumable by the real client (its token differs, so resume by
             # talking to the same partial: same token through the low-level API).
-            req_id, route = c._open(64)
+            req_id, route = c.mux.open(64)
             await c.send(
                 m.PutFile(id=req_id, path="up.bin", size=size, mtime=0.0, chunk_size=SMALL_CHUNK, token="tok")
             )
-            ready = await c._recv(route)
+            ready = await c.mux.recv(route)
             assert isinstance(ready, m.PutReady)
             assert len(ready.chunk_hashes) == held // SMALL_CHUNK
-            c._close_route(req_id)
+            c.mux.close_route(req_id)
             await c.send(m.Cancel(id=req_id))
             assert await c.ping() < 5
 
@@ -522,7 +522,7 @@ def test_idle_sessions_are_closed_and_active_ones_are_not(tmp_path: Path) -> Non
                 for _ in range(10):
                     assert await busy.ping() < 5
                     await asyncio.sleep(0.25)
-                assert await await_until(lambda: idle._error is not None, 5)
+                assert await await_until(lambda: idle.mux.error is not None, 5)
                 with pytest.raises(ConnectionBroken, match="idle"):
                     await idle.stat("")
                 with pytest.raises(ConnectionBroken):
@@ -546,10 +546,10 @@ def test_a_request_abandoned_with_a_full_queue_does_not_wedge_the_client(
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
-            req_id, route = c._open(4)
+            req_id, route = c.mux.open(4)
             await c.send(m.GetFile(id=req_id, path="big.bin"))
             assert await await_until(route.queue.full, 10)
-            c._close_route(req_id)  # what every transfer does when it gives up
+            c.mux.close_route(req_id)  # what every transfer does when it gives up
             await c.send(m.Cancel(id=req_id))
             async with asyncio.timeout(10):
                 assert (await c.stat("big.bin")).size == 32 * MiB
@@ -566,7 +566,7 @@ def test_closing_the_client_under_a_full_transfer_queue_fails_fast(
 
     async def main() -> None:
         c = await connect(plain_server, tmp_path)
-        req_id, route = c._open(4)
+        req_id, route = c.mux.open(4)
         await c.send(m.GetFile(id=req_id, path="big.bin"))
         assert await await_until(route.queue.full, 10)
         await c.close()
@@ -574,7 +574,7 @@ def test_closing_the_client_under_a_full_transfer_queue_fails_fast(
         async with asyncio.timeout(5):  # not the 30 s read timeout
             with pytest.raises(ConnectionClosed):
                 for _ in range(10):
-                    await c._recv(route)
+                    await c.mux.recv(route)
 
     asyncio.run(main())
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ferry.client.aclient import AsyncClient
+from ferry.client.mux import Mux
 from ferry.client.transfer import partial_path
 from ferry.errors import IntegrityError, TransferError
 from ferry.server.session import Session
@@ -115,12 +115,12 @@ def test_upload_corrupted_on_the_wire_is_refused(
     src = tmp_path / "f.bin"
     data = write_random(src, SIZE, 2)
     flipper = Flipper(nth)
-    original = AsyncClient.send_data
+    original = Mux.send_data
 
-    async def send_data(self: AsyncClient, channel: int, stream: int, payload: bytes | memoryview) -> None:
+    async def send_data(self: Mux, channel: int, stream: int, payload: bytes | memoryview) -> None:
         await original(self, channel, stream, flipper(payload))
 
-    monkeypatch.setattr(AsyncClient, "send_data", send_data)
+    monkeypatch.setattr(Mux, "send_data", send_data)
     h = home(server)
 
     async def main() -> None:
@@ -148,13 +148,14 @@ def test_inline_upload_with_a_wrong_digest_is_refused(server: ServerThread, tmp_
         async with await connect(server, tmp_path) as c:
             data = b"x" * 1000
             with pytest.raises(IntegrityError):
-                await c._call(
+                await c.mux.call(
                     lambda i: m.PutFile(
                         id=i, path="small", size=len(data), mtime=0.0, data=data, digest=b"\x00" * 32
-                    )
+                    ),
+                    m.Ok,
                 )
             with pytest.raises(IntegrityError):  # size that does not match the data
-                await c._call(lambda i: m.PutFile(id=i, path="small", size=999, mtime=0.0, data=data))
+                await c.mux.call(lambda i: m.PutFile(id=i, path="small", size=999, mtime=0.0, data=data), m.Ok)
             assert await c.listdir("") == []
 
     asyncio.run(main())
@@ -169,27 +170,27 @@ def test_upload_with_wrong_final_hashes_is_refused(server: ServerThread, tmp_pat
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
-            req_id, route = c._open(64)
+            req_id, route = c.mux.open(64)
             await c.send(m.PutFile(id=req_id, path="f", size=len(data), mtime=0.0, chunk_size=SMALL_CHUNK))
-            assert isinstance(await c._recv(route), m.PutReady)
+            assert isinstance(await c.mux.recv(route), m.PutReady)
             await c.send(m.PutFrom(id=req_id, offset=0))
-            await c.send_data(req_id, m.STDIN, data)
+            await c.mux.send_data(req_id, m.STDIN, data)
             n = len(data) // SMALL_CHUNK
             await c.send(
                 m.FileEnd(id=req_id, size=len(data), chunk_hashes=[b"\x01" * 32] * n, digest=b"\x02" * 32)
             )
-            reply = await c._recv(route)
+            reply = await c.mux.recv(route)
             assert isinstance(reply, m.Error)
             assert "integrity" in reply.code
-            c._close_route(req_id)
+            c.mux.close_route(req_id)
             # Fewer bytes than announced is refused too.
-            req_id, route = c._open(64)
+            req_id, route = c.mux.open(64)
             await c.send(m.PutFile(id=req_id, path="g", size=len(data), mtime=0.0, chunk_size=SMALL_CHUNK))
-            assert isinstance(await c._recv(route), m.PutReady)
+            assert isinstance(await c.mux.recv(route), m.PutReady)
             await c.send(m.PutFrom(id=req_id, offset=0))
-            await c.send_data(req_id, m.STDIN, data[:-1])
+            await c.mux.send_data(req_id, m.STDIN, data[:-1])
             await c.send(m.FileEnd(id=req_id, size=len(data), chunk_hashes=[], digest=b""))
-            reply = await c._recv(route)
+            reply = await c.mux.recv(route)
             assert isinstance(reply, m.Error)
             assert "integrity" in reply.code
             assert await c.listdir("") == []

@@ -99,7 +99,7 @@ def test_get_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path:
                     "big.bin",
                     dest,
                     chunk_size=SMALL_CHUNK,
-                    progress=interrupt_after(4 * MiB, c._writer.transport.abort),
+                    progress=interrupt_after(4 * MiB, c.mux.transport.abort),
                 )
         finally:
             await c.close()
@@ -222,7 +222,7 @@ def test_put_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path:
                     src,
                     "big.bin",
                     chunk_size=SMALL_CHUNK,
-                    progress=interrupt_after(5 * MiB, c._writer.transport.abort),
+                    progress=interrupt_after(5 * MiB, c.mux.transport.abort),
                 )
         finally:
             await c.close()
@@ -256,7 +256,7 @@ def test_put_resends_from_a_corrupted_chunk_of_the_server_partial(
                     src,
                     "big.bin",
                     chunk_size=chunk,
-                    progress=interrupt_after(6 * MiB, c._writer.transport.abort),
+                    progress=interrupt_after(6 * MiB, c.mux.transport.abort),
                 )
         finally:
             await c.close()
@@ -309,26 +309,26 @@ def test_two_uploads_of_the_same_source_never_commit_a_torn_file(tmp_path: Path)
     piece = 1 << 18
 
     async def start(c: AsyncClient) -> tuple[int, Any]:
-        req_id, route = c._open(64)
+        req_id, route = c.mux.open(64)
         await c.send(
             m.PutFile(
                 id=req_id, path="big.bin", size=SIZE, mtime=st.st_mtime, chunk_size=SMALL_CHUNK, token=token
             )
         )
-        ready = await c._recv(route)
+        ready = await c.mux.recv(route)
         assert isinstance(ready, m.PutReady), ready
         await c.send(m.PutFrom(id=req_id, offset=0))  # offset 0 is always allowed
         return req_id, route
 
     async def send_range(c: AsyncClient, req_id: int, lo: int, hi: int) -> None:
         for pos in range(lo, hi, piece):
-            await c.send_data(req_id, m.STDIN, data[pos : min(pos + piece, hi)])
+            await c.mux.send_data(req_id, m.STDIN, data[pos : min(pos + piece, hi)])
         assert await c.ping() < 5  # everything before the ping reached the server's handlers
 
     async def finish(c: AsyncClient, req_id: int, route: Any) -> bool:
         try:
             await c.send(m.FileEnd(id=req_id, size=SIZE, chunk_hashes=hashes, digest=digest))
-            reply = await c._recv(route)
+            reply = await c.mux.recv(route)
         except ConnectionBroken:
             return False
         return isinstance(reply, m.Ok)

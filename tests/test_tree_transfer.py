@@ -1,14 +1,13 @@
 """Tree transfers (GetTree / PutTree): real loopback sockets, real files, hostile peers.
 
-The per-file requests (``ferry.client.batch``) keep their own tests in test_transfer_batch.py; here
-the streaming tree protocol: round trips, integrity, hostile names, symlinks, quota, vanished and
-stalled clients, cancel, and the wire messages themselves.
+The streaming tree protocol (the only way folders move: one protocol version): round trips,
+integrity, hostile names, symlinks, quota, vanished and stalled clients, cancel, and the wire
+messages themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import shutil
 import stat
@@ -107,7 +106,6 @@ def test_tree_round_trip(tmp_path: Path, plain: bool) -> None:
 
         async def main() -> None:
             async with await connect(srv, tmp_path) as c:
-                assert ctree.supports_tree(c)
                 up = await c.put_tree(src, "a/tree")
                 assert (up.files, up.bytes) == (len(files), sum(map(len, files.values())))
                 down = await c.get_tree("a/tree", tmp_path / "dst")
@@ -140,27 +138,6 @@ def test_md5_trees_and_the_home_as_root(tmp_path: Path) -> None:
         assert (home(srv) / "x" / "a").read_bytes() == b"alpha"
         assert (tmp_path / "dst" / "x" / "a").read_bytes() == b"alpha"
         assert (tmp_path / "dst" / "b").read_bytes() == b""
-
-
-@pytest.mark.timeout(60)
-def test_servers_without_the_tree_feature_get_per_file_requests(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    src = tmp_path / "src"
-    files = make_tree(src)
-    with running_server(tmp_path / "root") as srv:
-
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                assert c.info is not None
-                monkeypatch.setattr(c, "info", dataclasses.replace(c.info, features=()))
-                assert not ctree.supports_tree(c)
-                await c.put_tree(src, "tree")
-                await c.get_tree("tree", tmp_path / "dst")
-
-        asyncio.run(main())
-        check_copy(src, tmp_path / "dst", files)
-        assert "op=get-tree" not in (srv.root / "logs" / "ferry.log").read_text()
 
 
 def test_small_digest_is_the_single_chunk_file_digest() -> None:
@@ -844,10 +821,7 @@ def test_a_non_canonical_upload_record_is_refused_like_any_client_path(tmp_path:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("tree", [True, False], ids=["tree", "per-file"])
-def test_an_absolute_tree_upload_target_is_refused_like_any_absolute_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tree: bool
-) -> None:
+def test_an_absolute_tree_upload_target_is_refused_like_any_absolute_path(tmp_path: Path) -> None:
     # Stripping the trailing '/' of '/' left '' (the home): the tree landed in the home while every
     # other command refuses absolute paths. 'HOST:/' is refused by ls, get, put and mkdir alike.
     src = tmp_path / "src"
@@ -857,9 +831,6 @@ def test_an_absolute_tree_upload_target_is_refused_like_any_absolute_path(
 
         async def main() -> None:
             async with await connect(srv, tmp_path) as c:
-                if not tree:
-                    assert c.info is not None
-                    monkeypatch.setattr(c, "info", dataclasses.replace(c.info, features=()))
                 for remote in ("/", "//", "/d/"):
                     with pytest.raises(PathRefused, match="absolute paths are not allowed"):
                         await c.put_tree(src, remote)
@@ -906,7 +877,7 @@ def test_a_server_flooding_tree_acks_keeps_the_client_queue_bounded(
             upload = asyncio.create_task(c.put_tree(src, "t"))
             try:
                 def route() -> Any:
-                    return next(iter(c._routes.values()), None)
+                    return next(iter(c.mux.routes.values()), None)
 
                 # The reader stops when the queue is full (bounded) or has queued the whole flood.
                 assert await await_until(

@@ -178,13 +178,13 @@ async def _run(
     if use_tty:
         from ferry.client.pty import pty_session
 
-        proc = await pty_session(client, cmd, env=env, cwd=cwd, timeout=timeout)
+        proc = await pty_session(client.mux, cmd, env=env, cwd=cwd, timeout=timeout)
         code = proc.exit_code
         assert code is not None
     else:
-        from ferry.client.exec import RemoteProcess, attach
+        from ferry.client.exec import attach
 
-        proc = await RemoteProcess.start(client, cmd, env=env, cwd=cwd, timeout=timeout)
+        proc = await client.start(cmd, env=env, cwd=cwd, timeout=timeout)
         try:
             code = await attach(proc, stdin=not no_stdin)
         finally:

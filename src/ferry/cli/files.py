@@ -354,7 +354,7 @@ async def do_get(
         if dest.is_dir() and rpath:
             dest = dest / remote_basename(rpath)
         with out.progress(safe_name(remote_basename(rpath) or "home")) as cb:
-            result = await client.get_tree(rpath, dest, hash=hash_name, progress=cb)
+            result: Any = await client.get_tree(rpath, dest, hash=as_hash(hash_name), progress=cb)
     else:
         dest = Path(local)
         if dest.is_dir():
@@ -364,7 +364,7 @@ async def do_get(
         try:
             with out.progress(safe_name(remote_basename(rpath))) as cb:
                 result = await client.get(
-                    rpath, dest, resume=resume, hash=hash_name, progress=cb, checksum=out.json
+                    rpath, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
                 )
         except IsADirectory as exc:
             raise UsageError(f"{safe_name(shown)} is a folder: use -r to download a folder") from exc
@@ -409,11 +409,11 @@ async def do_put(
             if not recursive:
                 raise UsageError(f"{src} is a folder: use -r to upload a folder")
             with out.progress(safe_name(name)) as cb:
-                result: Any = await client.put_tree(p, dest, hash=hash_name, progress=cb)
+                result: Any = await client.put_tree(p, dest, hash=as_hash(hash_name), progress=cb)
         else:
             with out.progress(safe_name(name)) as cb:
                 result = await client.put(
-                    p, dest, resume=resume, hash=hash_name, progress=cb, checksum=out.json
+                    p, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
                 )
         out.result(
             transfer_summary("put", src, shown(dest), result),
@@ -436,7 +436,7 @@ async def get_to_stdout(client: AsyncClient, out: Output, rpath: str, *, hash_na
     try:
         with out.progress(safe_name(remote_basename(rpath))) as cb:
             result = await get_stream(
-                client, rpath, sys.stdout.fileno(), hash=as_hash(hash_name), progress=cb, checksum=out.json
+                client.mux, rpath, sys.stdout.fileno(), hash=as_hash(hash_name), progress=cb, checksum=out.json
             )
     except IsADirectory as exc:
         raise UsageError(f"{safe_name(shown)} is a folder: standard output takes one file") from exc
@@ -451,7 +451,7 @@ async def put_from_stdin(client: AsyncClient, out: Output, rpath: str, *, hash_n
         raise UsageError(f"{safe_name(shown)} is a folder: standard input needs a file name, e.g. {shown}/NAME")
     with out.progress("stdin") as cb:
         result = await put_stream(
-            client, sys.stdin.fileno(), rpath, hash=as_hash(hash_name), progress=cb, checksum=out.json
+            client.mux, sys.stdin.fileno(), rpath, hash=as_hash(hash_name), progress=cb, checksum=out.json
         )
     out.result(transfer_summary("put", "-", shown, result), transfer_record("put", "-", shown, result, hash_name))
 

@@ -716,7 +716,7 @@ def _run_pty(loc: Location, common: Common) -> int:
     async def main(login: LoginOptions) -> int:
         client = await _connect(loc, login, common)
         try:
-            return await run_pty_session(client, command=None)
+            return await run_pty_session(client.mux, command=None)
         except NotImplementedError as exc:
             raise UsageError("terminal sessions (--pty) are not available in this version of ferry") from exc
         finally:

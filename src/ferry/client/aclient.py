@@ -1,45 +1,44 @@
-"""The asyncio client: one connection, many concurrent requests.
+"""The asyncio client: connecting (TLS, pinning, login) and a typed facade over the features.
 
-A single reader task decodes the connection (sans-IO :class:`~ferry.wire.Connection`) and routes
-every event to the queue of the request id it belongs to; requests are therefore freely pipelined
-and concurrent. Queues of transfers are bounded, so a slow consumer (e.g. a slow disk) stops the
-reader and TCP pushes back on the server instead of buffering without bound. ``OSError`` is
-translated into :class:`~ferry.errors.ConnectionBroken` at this boundary.
+:meth:`AsyncClient.connect` opens the connection, checks the server's certificate against the
+pin, logs in (:mod:`ferry.client.auth`) and starts the connection's request multiplexer
+(:class:`~ferry.client.mux.Mux`: one reader task, requests pipelined and concurrent). The methods
+of :class:`AsyncClient` are the public API, typed: the small requests (stat, listdir, mkdir, ...)
+are here; transfers and commands are the feature modules' (:mod:`ferry.client.transfer`,
+:mod:`ferry.client.tree`, :mod:`ferry.client.exec`), which depend on the mux and never on this
+module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry import __version__
-from ferry.aio import CorkedWriter
 from ferry.client.auth import LoginOptions, LoginResult, NeedReconnect, log_in
 from ferry.client.location import format_address
-from ferry.client.receive import RawPayload
-from ferry.client.stream import ClientStream, open_client_connection
-from ferry.errors import ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout, UsageError
+from ferry.client.mux import Mux
+from ferry.client.stream import open_client_connection
+from ferry.errors import ConnectionBroken, FerryTimeout, UsageError
 from ferry.errtext import os_reason
+from ferry.hashing import DEFAULT_CHUNK, HashName
 from ferry.paths import DEFAULT_PORT
-from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, ProtocolError, Role
+from ferry.wire import Connection, Role
 from ferry.wire import messages as m
-from ferry.wire.codes import ErrorCode, ends_connection, from_wire
+from ferry.wire.codes import from_wire
+
+if TYPE_CHECKING:
+    from ferry.client.exec import Command, CommandStream, RemoteProcess, Result
+    from ferry.client.transfer import TransferResult
+    from ferry.client.tree import TreeResult
 
 Progress = Callable[[int, int], None]
 """Progress callback: ``(bytes done, bytes total)``."""
 
-READ_SIZE = 1 << 20
-#: A data frame with at least this much payload still to come is handed to a route that takes raw
-#: payloads (a download) instead of going through the decoder piece by piece.
-RAW_MIN = 1 << 18
-_CLOSED = object()
 
 
 @dataclass(frozen=True)
@@ -71,17 +70,40 @@ class HostInfo:
     read_only: bool = False
 
 
-class _Route:
-    """Events for one request id; bounded for transfers so the reader applies backpressure."""
+class _Handshake:
+    """The login's side of a connection (:class:`ferry.client.auth.Exchange`): before the mux's
+    reader task runs, each answer is read here, bounded by the connect timeout (not counting
+    prompts for passwords); pings are answered."""
 
-    def __init__(self, maxsize: int, *, raw: bool = False) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
-        #: the consumer takes large data frames as :class:`RawPayload` events (single-file downloads)
-        self.raw = raw
+    def __init__(self, mux: Mux, timeout: float, where: str) -> None:
+        self.mux, self.timeout, self.where = mux, timeout, where
+
+    async def send(self, msg: m.Message) -> None:
+        """Send ``msg``."""
+        await self.mux.send(msg)
+
+    async def receive(self) -> m.Message:
+        """The next message from the server other than a ping or pong."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    msg = await self.mux.next_message()
+                    if isinstance(msg, m.Ping):
+                        await self.mux.send(m.Pong(nonce=msg.nonce))
+                    elif not isinstance(msg, m.Pong):
+                        return msg
+        except TimeoutError as exc:  # a builtin TimeoutError is an OSError: the CLI called it local
+            raise FerryTimeout(
+                f"{self.where} accepted the connection but did not answer the login within {self.timeout:g} s"
+            ) from exc
 
 
 class AsyncClient:
     """An authenticated connection to a ferry server. Create with :meth:`connect`.
+
+    A typed facade: the requests go through the connection's :class:`~ferry.client.mux.Mux`
+    (:attr:`mux`), the transfers and commands are the feature modules' (:mod:`ferry.client.transfer`,
+    :mod:`ferry.client.tree`, :mod:`ferry.client.exec`).
 
     Example::
 
@@ -90,26 +112,25 @@ class AsyncClient:
             print(await c.listdir("inbox"))
     """
 
-    def __init__(self, reader: ClientStream, writer: asyncio.StreamWriter, conn: Connection) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._conn = conn
-        self._ids = itertools.count(1)
-        self._routes: dict[int, _Route] = {}
-        self._out = CorkedWriter(writer)  # pipelined requests share TLS records and syscalls
-        self._error: FerryError | None = None
-        self._closed = False
-        self._pings: dict[int, asyncio.Future[None]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self.info: HostInfo | None = None
-        self.plain = writer.get_extra_info("sslcontext") is None
-        # Below the low-water mark the transport is not paused: drain() cannot block.
-        self._low_water = writer.transport.get_write_buffer_limits()[0]
-        #: seconds without any byte from the server while waiting for one (or without the server
-        #: reading what we send, when its buffers are full) before giving up
-        self.read_timeout = 60.0
-        self._handshake_timeout = 15.0
-        self._handshake_where = "the server"
+    def __init__(self, mux: Mux, info: HostInfo) -> None:
+        #: the connection's request multiplexer (for feature modules and custom requests)
+        self.mux = mux
+        #: what the handshake told about the server
+        self.info = info
+
+    @property
+    def plain(self) -> bool:
+        """True without TLS (``--plain``)."""
+        return self.mux.plain
+
+    @property
+    def read_timeout(self) -> float:
+        """Seconds without any byte from the server while waiting for one before giving up."""
+        return self.mux.read_timeout
+
+    @read_timeout.setter
+    def read_timeout(self, seconds: float) -> None:
+        self.mux.read_timeout = seconds
 
     # --- connecting ------------------------------------------------------------------------
 
@@ -190,284 +211,45 @@ class AsyncClient:
                 reason += " during the TLS handshake; if the server runs with --plain, use --plain too"
             raise ConnectionBroken(f"cannot connect to {where}: {reason}") from exc
         fp = status = None
+        mux = Mux(reader, writer, Connection(Role.CLIENT))
         try:
             if ssl_ctx is not None:
                 from ferry.client.tls import check_peer
 
                 sslobj = writer.get_extra_info("ssl_object")
                 status, fp = check_peer(sslobj, host, port, known_hosts)
-            client = cls(reader, writer, Connection(Role.CLIENT))
-            client._handshake_timeout = timeout
-            client._handshake_where = where
-            welcome, result = await client._handshake(user, login, fp, typed_password)
+            welcome, result = await _handshake(mux, user, login, fp, typed_password, timeout, where)
         except BaseException:
-            writer.close()
+            mux.abort()
             raise
-        client.info = HostInfo(
-            where,
-            ssl_ctx is not None,
-            fp,
-            status,
-            welcome.software,
-            result.ok.exec_allowed,
-            tuple(welcome.features),
-            login_method=result.method,
-            login_detail=result.detail,
-            read_only=result.ok.read_only,
+        mux.start()
+        return cls(
+            mux,
+            HostInfo(
+                where,
+                ssl_ctx is not None,
+                fp,
+                status,
+                welcome.software,
+                result.ok.exec_allowed,
+                tuple(welcome.features),
+                login_method=result.method,
+                login_detail=result.detail,
+                read_only=result.ok.read_only,
+            ),
         )
-        return client
-
-    async def _handshake(
-        self, user: str, login: LoginOptions, fingerprint: str | None, typed_password: str | None
-    ) -> tuple[m.Welcome, LoginResult]:
-        await self._write(
-            self._conn.send(
-                m.Hello(min_version=1, max_version=m.PROTOCOL_VERSION, software=f"ferry/{__version__}")
-            )
-        )
-        welcome = await self.receive()
-        if isinstance(welcome, m.Error):
-            raise from_wire(welcome)
-        assert isinstance(welcome, m.Welcome)
-        # fingerprint: the certificate just checked against the pin (None on --plain); key logins sign it.
-        result = await log_in(self, welcome, user, login, fingerprint=fingerprint, typed_password=typed_password)
-        self._task = asyncio.create_task(self._read_loop())
-        return welcome, result
-
-    async def receive(self) -> m.Message:
-        """The next message during the handshake (the :class:`~ferry.client.auth.Exchange` side);
-        bounded by the connect timeout for each answer, not counting prompts for passwords."""
-        try:
-            async with asyncio.timeout(self._handshake_timeout):
-                while True:
-                    msg = await self._next_message()
-                    if isinstance(msg, m.Ping):
-                        await self._write(self._conn.send(m.Pong(nonce=msg.nonce)))
-                    elif not isinstance(msg, m.Pong):
-                        return msg
-        except TimeoutError as exc:  # a builtin TimeoutError is an OSError: the CLI called it local
-            raise FerryTimeout(
-                f"{self._handshake_where} accepted the connection but did not answer the login "
-                f"within {self._handshake_timeout:g} s"
-            ) from exc
-
-    async def _next_message(self) -> m.Message:
-        """Handshake-time read (before the reader task runs)."""
-        while True:
-            ev = self._conn.next_event()
-            if ev is CONNECTION_ENDED:
-                # A TLS server drops a plain Hello it cannot parse as a ClientHello: say what to try.
-                hint = "; if the server uses TLS (the default), drop --plain" if self.plain else ""
-                raise ConnectionBroken(f"the server closed the connection during the handshake{hint}")
-            if isinstance(ev, m.Message):
-                return ev
-            if ev is NEED_DATA:
-                self._conn.receive_data(await self._read())
-
-    async def _read(self) -> bytes:
-        try:
-            return await self._reader.read(READ_SIZE)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectionBroken(f"connection to the server lost: {os_reason(exc)}") from exc
-
-    async def _write(self, data: bytes | memoryview) -> None:
-        if self._error is not None:
-            raise self._error
-        try:
-            self._out.write(data)
-            if self._writer.transport.get_write_buffer_size() <= self._low_water:
-                await self._out.drain()  # not paused: returns at once, no timer needed on this hot path
-            else:
-                # A server that stopped reading (stopped process, dead host) would block here for
-                # ever, and the Cancel sent when the caller gives up would block again: bound it.
-                async with asyncio.timeout(self.read_timeout):
-                    await self._out.drain()
-        except TimeoutError as exc:
-            err = FerryTimeout(f"the server has not read anything for {self.read_timeout:g} s")
-            self._fail(err)
-            self._writer.transport.abort()  # the buffered data would otherwise hold the socket open
-            raise err from exc
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectionBroken(f"connection to the server lost: {os_reason(exc)}") from exc
-
-    # --- the reader task -------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        err: FerryError
-        raw_ok = True  # whether a raw hand-over may be tried (see _hand_over)
-        try:
-            while True:
-                ev = self._conn.next_event()
-                if ev is NEED_DATA:
-                    if self._conn.data_remaining >= RAW_MIN and not self._reader.has_chunks and raw_ok:
-                        # In the middle of a large data frame with nothing read ahead: a download
-                        # takes the rest straight off the transport (ferry.client.receive).
-                        channel = self._conn.data_channel
-                        route = self._routes.get(channel) if channel is not None else None
-                        if route is not None and route.raw and channel is not None:
-                            # Nothing taken: the connection ended or the consumer gave up. The
-                            # next bytes (or the EOF) must then come the normal way.
-                            raw_ok = await self._hand_over(route, channel) > 0
-                            continue
-                    self._conn.receive_data(await self._read())
-                    raw_ok = True
-                    continue
-                if ev is CONNECTION_ENDED:
-                    err = ConnectionBroken("the server closed the connection")
-                    break
-                if isinstance(ev, Data):
-                    route = self._routes.get(ev.channel)
-                    if route is not None:
-                        await route.queue.put(ev)
-                    continue
-                if isinstance(ev, m.Pong):
-                    fut = self._pings.pop(ev.nonce, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
-                    continue
-                if isinstance(ev, m.Ping):
-                    await self._write(self._conn.send(m.Pong(nonce=ev.nonce)))
-                    continue
-                if isinstance(ev, m.Goodbye):
-                    if ev.code == ErrorCode.REVOKED:  # the login was revoked: retrying would not help
-                        err = ErrorCode.REVOKED.error(f"the server ended the session: {ev.reason or 'login revoked'}")
-                    else:
-                        err = ConnectionBroken(f"the server closed the connection: {ev.reason or 'goodbye'}")
-                    break
-                if isinstance(ev, m.Error) and ends_connection(ev):  # else it fails one request
-                    err = from_wire(ev)
-                    break
-                req_id = getattr(ev, "id", 0)
-                route = self._routes.get(req_id)
-                if route is not None:
-                    await route.queue.put(ev)
-        except asyncio.CancelledError:
-            err = ConnectionClosed("the client was closed")
-            self._fail(err)
-            raise
-        except ProtocolError as exc:
-            err = ConnectionBroken(f"the server broke the protocol: {exc}")
-        except FerryError as exc:
-            err = exc
-        except Exception as exc:  # keep waiters from hanging whatever happens
-            err = ConnectionBroken(f"client reader failed: {exc!r}")
-        self._fail(err)
-
-    async def _hand_over(self, route: _Route, channel: int) -> int:
-        """Let the route's consumer take the rest of this data frame off the transport itself
-        (see :mod:`ferry.client.stream`), and wait until it has; returns how many bytes it took."""
-        stream = self._reader
-        stream.start_raw(self._conn.data_remaining)
-        ev = RawPayload(channel, stream.raw_left, stream, asyncio.get_running_loop().create_future())
-        try:
-            await route.queue.put(ev)
-            if self._routes.get(channel) is route:  # else closed meanwhile: nobody will take it
-                await ev.done
-        finally:
-            taken = stream.end_raw()  # also ends a readinto() in progress (when cancelled)
-            self._conn.skip_data(taken)
-        return taken
-
-    def _fail(self, err: FerryError) -> None:
-        if self._error is None:
-            self._error = err
-        for route in self._routes.values():
-            with contextlib.suppress(asyncio.QueueFull):
-                route.queue.put_nowait(_CLOSED)
-        for fut in self._pings.values():
-            if not fut.done():
-                fut.set_exception(err)
-
-    # --- request plumbing -----------------------------------------------------------------
-
-    def _open(self, maxsize: int = 0, *, raw: bool = False) -> tuple[int, _Route]:
-        if self._closed:
-            raise ConnectionClosed("this client is closed; connect again")
-        if self._error is not None:
-            raise self._error
-        req_id = next(self._ids)
-        route = _Route(maxsize, raw=raw)
-        self._routes[req_id] = route
-        return req_id, route
-
-    def _open_shared(self, route: _Route) -> int:
-        """A new request id whose events go to an existing ``route`` (batched small transfers)."""
-        if self._closed:
-            raise ConnectionClosed("this client is closed; connect again")
-        if self._error is not None:
-            raise self._error
-        req_id = next(self._ids)
-        self._routes[req_id] = route
-        return req_id
-
-    def _forget(self, req_id: int) -> None:
-        """Stop routing ``req_id`` without touching its (shared) queue; late events are dropped."""
-        self._routes.pop(req_id, None)
-
-    def _close_route(self, req_id: int) -> None:
-        route = self._routes.pop(req_id, None)
-        if route is not None:
-            # The reader may be blocked putting into this (full, bounded) queue: empty it so that put
-            # completes; later events for the id find no route and are dropped.
-            while not route.queue.empty():
-                ev = route.queue.get_nowait()
-                if isinstance(ev, RawPayload):
-                    ev.release()  # the reader waits for it; the rest of the frame is dropped
-
-    async def _recv(self, route: _Route, timeout: float | None = None) -> Any:
-        """Next event for a request; raises the connection's error if it broke."""
-        if self._error is not None and route.queue.empty():
-            # The reader has ended; its end marker may not have fitted into this full queue.
-            raise self._error
-        try:
-            async with asyncio.timeout(timeout if timeout is not None else self.read_timeout):
-                ev = await route.queue.get()
-        except TimeoutError as exc:
-            raise FerryTimeout(f"no answer from the server for {self.read_timeout:g} s") from exc
-        if ev is _CLOSED:
-            assert self._error is not None
-            raise self._error
-        return ev
-
-    async def send(self, msg: m.Message) -> None:
-        """Send one message (advanced use: custom requests)."""
-        if self._closed:
-            raise ConnectionClosed("this client is closed; connect again")
-        if self._error is not None:  # e.g. the server said goodbye: the state table would refuse
-            raise self._error
-        await self._write(self._conn.send(msg))
-
-    async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:
-        """Send one data frame."""
-        if self._error is not None:
-            raise self._error
-        # Header and payload separately: no 1 MiB concatenation copy per frame.
-        self._out.write(self._conn.data_header(channel, stream, len(data)))
-        await self._write(data)
-
-    async def _call(self, build: Callable[[int], m.Message]) -> Any:
-        """Send a request built for a fresh id and return its single reply (raising on Error)."""
-        req_id, route = self._open()
-        try:
-            await self.send(build(req_id))
-            reply = await self._recv(route)
-            if isinstance(reply, m.Error):
-                raise from_wire(reply)
-            return reply
-        finally:
-            self._close_route(req_id)
 
     # --- file-system API -------------------------------------------------------------------
 
     async def stat(self, path: str) -> m.Entry:
         """Metadata of a remote path (links are not followed)."""
-        reply = await self._call(lambda i: m.Stat(id=i, path=path))
-        return reply.entry  # type: ignore[no-any-return]
+        reply = await self.mux.call(lambda i: m.Stat(id=i, path=path), m.StatReply)
+        return reply.entry
 
     async def listdir(self, path: str = "", *, recursive: bool = False) -> list[m.Entry]:
         """Entries of a remote folder (a file lists as itself); ``recursive`` walks the tree."""
         out: list[m.Entry] = []
-        async for page in self._list_pages(path, recursive):
+        async for page in self.list_pages(path, recursive=recursive):
             out.extend(page)
         return out
 
@@ -475,103 +257,188 @@ class AsyncClient:
         """The paths matching ``pattern`` (``logs/*.log``), expanded by the server inside the home;
         each entry is named by its path. No match: an empty list. Rules: :mod:`ferry.server.glob`."""
         out: list[m.Entry] = []
-        async for page in self._list_pages(pattern, False, glob=True):
+        async for page in self.list_pages(pattern, glob=True):
             out.extend(page)
         return out
 
-    async def _list_pages(self, path: str, recursive: bool, *, glob: bool = False) -> AsyncIterator[list[m.Entry]]:
-        req_id, route = self._open()
+    async def list_pages(
+        self, path: str = "", *, recursive: bool = False, glob: bool = False
+    ) -> AsyncIterator[list[m.Entry]]:
+        """The entries of a remote folder page by page, as the server streams them (a huge
+        folder never has to fit in memory); ``glob``: ``path`` is a pattern (see :meth:`glob`)."""
+        mux = self.mux
+        req_id, route = mux.open()
         try:
-            await self.send(m.ListDir(id=req_id, path=path, recursive=recursive, glob=glob))
+            await mux.send(m.ListDir(id=req_id, path=path, recursive=recursive, glob=glob))
             while True:
-                reply = await self._recv(route)
-                if isinstance(reply, m.Error):
-                    raise from_wire(reply)
-                assert isinstance(reply, m.ListReply)
+                reply = await mux.expect(route, m.ListReply)
                 yield reply.entries
                 if not reply.more:
                     return
         finally:
-            self._close_route(req_id)
+            mux.close_route(req_id)
 
     async def mkdir(self, path: str, *, parents: bool = False) -> None:
         """Create a remote folder (``parents``: like ``mkdir -p``)."""
-        await self._call(lambda i: m.Mkdir(id=i, path=path, parents=parents))
+        await self.mux.call(lambda i: m.Mkdir(id=i, path=path, parents=parents), m.Ok)
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a remote file or link, or (``recursive``) a folder tree."""
-        await self._call(lambda i: m.Remove(id=i, path=path, recursive=recursive))
+        await self.mux.call(lambda i: m.Remove(id=i, path=path, recursive=recursive), m.Ok)
 
     async def rename(self, src: str, dst: str) -> None:
         """Rename/move inside the home."""
-        await self._call(lambda i: m.Rename(id=i, src=src, dst=dst))
+        await self.mux.call(lambda i: m.Rename(id=i, src=src, dst=dst), m.Ok)
 
     async def df(self) -> Usage:
         """Usage, quota and free space."""
-        r = await self._call(lambda i: m.Df(id=i))
+        r = await self.mux.call(lambda i: m.Df(id=i), m.DfReply)
         return Usage(r.used, r.quota, r.free)
 
     async def ping(self) -> float:
         """Round-trip time to the server in seconds (also a keepalive)."""
-        nonce = next(self._ids)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pings[nonce] = fut
-        t0 = time.perf_counter()
-        await self.send(m.Ping(nonce=nonce))
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                await fut
-        except TimeoutError as exc:  # the builtin one is an OSError: callers would take it for a local error
-            raise FerryTimeout(f"no answer to a ping from the server for {self.read_timeout:g} s") from exc
-        finally:
-            self._pings.pop(nonce, None)
-        return time.perf_counter() - t0
+        return await self.mux.ping()
 
-    # --- transfers (implemented in ferry.client.transfer) ----------------------------------
+    async def send(self, msg: m.Message) -> None:
+        """Send one message (advanced use: custom requests; see :attr:`mux` for their replies)."""
+        await self.mux.send(msg)
 
-    async def get(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> Any:
-        """Download a file; see :func:`ferry.client.transfer.get_file` for options."""
+    # --- transfers (ferry.client.transfer, ferry.client.tree) --------------------------------
+    # The feature modules are imported on first use: a short command (ferry ls) does not load them.
+
+    async def get(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        resume: bool = True,
+        hash: HashName = "blake3",
+        chunk_size: int = DEFAULT_CHUNK,
+        progress: Progress | None = None,
+        checksum: bool = False,
+    ) -> TransferResult:
+        """Download the file ``remote`` to ``local`` (a file path, or an existing folder to put it in),
+        verified, resumable; ``checksum`` also computes the standard whole-file hash."""
         from ferry.client.transfer import get_file
 
-        return await get_file(self, remote, local, **kw)
+        return await get_file(
+            self.mux,
+            remote,
+            local,
+            resume=resume,
+            hash=hash,
+            chunk_size=chunk_size,
+            progress=progress,
+            checksum=checksum,
+        )
 
-    async def put(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> Any:
-        """Upload a file; see :func:`ferry.client.transfer.put_file` for options."""
+    async def put(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        resume: bool = True,
+        hash: HashName = "blake3",
+        chunk_size: int = DEFAULT_CHUNK,
+        overwrite: bool = True,
+        progress: Progress | None = None,
+        checksum: bool = False,
+    ) -> TransferResult:
+        """Upload the file ``local`` to ``remote`` (verified, atomic on the server, resumable);
+        ``overwrite=False`` refuses an existing ``remote`` (AlreadyExists) before sending anything."""
         from ferry.client.transfer import put_file
 
-        return await put_file(self, local, remote, **kw)
+        return await put_file(
+            self.mux,
+            local,
+            remote,
+            resume=resume,
+            hash=hash,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+            progress=progress,
+            checksum=checksum,
+        )
 
-    async def get_tree(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> Any:
-        """Download a folder tree; see :func:`ferry.client.transfer.get_tree`."""
-        from ferry.client.transfer import get_tree
+    async def get_tree(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        hash: HashName = "blake3",
+        progress: Progress | None = None,
+    ) -> TreeResult:
+        """Download the folder ``remote`` into ``local`` (created) in one stream."""
+        from ferry.client.tree import get_tree
 
-        return await get_tree(self, remote, local, **kw)
+        return await get_tree(self.mux, remote, local, hash=hash, progress=progress)
 
-    async def put_tree(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> Any:
-        """Upload a folder tree; see :func:`ferry.client.transfer.put_tree`."""
-        from ferry.client.transfer import put_tree
+    async def put_tree(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        hash: HashName = "blake3",
+        progress: Progress | None = None,
+    ) -> TreeResult:
+        """Upload the folder ``local`` as ``remote`` (created like ``mkdir -p``) in one stream."""
+        from ferry.client.tree import put_tree
 
-        return await put_tree(self, local, remote, **kw)
+        return await put_tree(self.mux, local, remote, hash=hash, progress=progress)
+
+    # --- remote commands (ferry.client.exec) ---------------------------------------------------
+
+    async def run(
+        self,
+        cmd: Command,
+        *,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+    ) -> Result:
+        """Run ``cmd`` to completion: its output collected, ``input`` fed to its stdin (see
+        :func:`ferry.client.exec.run`)."""
+        from ferry.client.exec import run
+
+        return await run(self.mux, cmd, input=input, timeout=timeout, env=env, cwd=cwd)
+
+    def stream(
+        self,
+        cmd: Command,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> CommandStream:
+        """``async for kind, data in client.stream(cmd)``: output as the command writes it (see
+        :class:`ferry.client.exec.CommandStream`; ``window``: bytes per output stream the server
+        may send ahead, None: :data:`ferry.client.exec.DEFAULT_WINDOW`)."""
+        from ferry.client.exec import CommandStream
+
+        return CommandStream(self.mux, cmd, env=env, cwd=cwd, timeout=timeout, window=window)
+
+    async def start(
+        self,
+        cmd: Command | None,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        pty: m.PtySpec | None = None,
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> RemoteProcess:
+        """Start ``cmd`` and return its handle (see :meth:`ferry.client.exec.RemoteProcess.start`)."""
+        from ferry.client.exec import RemoteProcess
+
+        return await RemoteProcess.start(self.mux, cmd, env=env, cwd=cwd, pty=pty, timeout=timeout, window=window)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Say goodbye and close the connection (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._error is None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await self._write(self._conn.send(m.Goodbye(reason="client done")))
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1):
-                await self._writer.wait_closed()
+        await self.mux.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -579,22 +446,22 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # --- remote commands (implemented in ferry.client.exec) --------------------------------
 
-    async def run(self, cmd: str | Sequence[str], **kw: Any) -> Any:
-        """Run a command to completion -> Result; see :func:`ferry.client.exec.run`."""
-        from ferry.client.exec import run
-
-        return await run(self, cmd, **kw)
-
-    def stream(self, cmd: str | Sequence[str], **kw: Any) -> Any:
-        """``async for kind, data in client.stream(cmd)``; see :class:`ferry.client.exec.CommandStream`."""
-        from ferry.client.exec import CommandStream
-
-        return CommandStream(self, cmd, kw)
-
-    async def start(self, cmd: str | Sequence[str] | None, **kw: Any) -> Any:
-        """Start a command -> RemoteProcess; see :meth:`ferry.client.exec.RemoteProcess.start`."""
-        from ferry.client.exec import RemoteProcess
-
-        return await RemoteProcess.start(self, cmd, **kw)
+async def _handshake(
+    mux: Mux,
+    user: str,
+    login: LoginOptions,
+    fingerprint: str | None,
+    typed_password: str | None,
+    timeout: float,
+    where: str,
+) -> tuple[m.Welcome, LoginResult]:
+    exchange = _Handshake(mux, timeout, where)
+    await mux.send(m.Hello(min_version=1, max_version=m.PROTOCOL_VERSION, software=f"ferry/{__version__}"))
+    welcome = await exchange.receive()
+    if isinstance(welcome, m.Error):
+        raise from_wire(welcome)
+    assert isinstance(welcome, m.Welcome)
+    # fingerprint: the certificate just checked against the pin (None on --plain); key logins sign it.
+    result = await log_in(exchange, welcome, user, login, fingerprint=fingerprint, typed_password=typed_password)
+    return welcome, result

@@ -16,10 +16,10 @@ Consequences worth knowing:
 - **Ctrl-C** (``KeyboardInterrupt``) while a call waits cancels that call on the loop, then re-raises.
 - A client may be used from several threads; calls from different threads run concurrently on the one
   connection (the async client pipelines them).
-- Methods of the async client not written out here (``run``, ``start``, ``stream``, ...) are
-  forwarded generically: each runs on the loop and blocks until done; an async iterator or async
-  context manager it returns (a command's output stream, a remote process) comes back as an
-  :class:`AsyncProxy` usable with ``for`` and ``with``.
+- A command's output stream (``stream``) and a remote process (``start``) come back as an
+  :class:`AsyncProxy`, usable with ``for`` and ``with``. Methods of the async client not written
+  out here (``send``, ``list_pages``, ...) are forwarded generically in the same way: each runs
+  on the loop and blocks until done.
 
 Example::
 
@@ -35,24 +35,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import getpass
 import inspect
 import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from ferry.client.aclient import AsyncClient
 from ferry.errors import AuthError, UsageError
 
 if TYPE_CHECKING:
-    from ferry.client.aclient import AsyncClient, HostInfo, Usage
+    from ferry.client.aclient import HostInfo
     from ferry.client.known_hosts import KnownHosts
-    from ferry.client.transfer import TransferResult, TreeResult
-    from ferry.wire.messages import Entry
 
 __all__ = ["AsyncProxy", "Client", "connect"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 _DONE = object()
 
 
@@ -202,6 +203,35 @@ class AsyncProxy:
         self._portal.call(self._target.__aexit__(*exc))
 
 
+def _blocking_method(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[Client, P], T]:
+    """``method`` of the async client as a blocking method of :class:`Client` (same signature)."""
+
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._portal.call(method(self._aclient, *args, **kwargs))
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+def _proxy_method(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, Any] | Any],
+) -> Callable[Concatenate[Client, P], AsyncProxy]:
+    """``method`` of the async client (returning an async iterator or context manager, or a
+    coroutine of one) as a method of :class:`Client` returning its :class:`AsyncProxy`."""
+
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> AsyncProxy:
+        async def invoke() -> Any:
+            result = method(self._aclient, *args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return AsyncProxy(self._portal, self._portal.call(invoke()))
+
+    functools.update_wrapper(call, method)
+    return call
+
+
 class Client:
     """A blocking ferry client: the methods of :class:`~ferry.client.aclient.AsyncClient`, synchronously.
 
@@ -254,59 +284,28 @@ class Client:
             raise AttributeError(name)
         return _forward(self._portal, getattr(self._aclient, name), name)
 
-    # --- the file API (explicit for documentation and type checking) ----------------------------
+    # --- the API: each method of AsyncClient, blocking, with its very signature ---------------------
+    # (mypy and editors see the async method's parameters through ParamSpec; written once there)
 
-    def stat(self, path: str) -> Entry:
-        """Metadata of a remote path (links are not followed)."""
-        return self._portal.call(self._aclient.stat(path))
-
-    def listdir(self, path: str = "", *, recursive: bool = False) -> list[Entry]:
-        """Entries of a remote folder (a file lists as itself); ``recursive`` walks the tree."""
-        return self._portal.call(self._aclient.listdir(path, recursive=recursive))
-
-    def glob(self, pattern: str) -> list[Entry]:
-        """The paths matching ``pattern``, expanded by the server (see AsyncClient.glob)."""
-        return self._portal.call(self._aclient.glob(pattern))
-
-    def mkdir(self, path: str, *, parents: bool = False) -> None:
-        """Create a remote folder (``parents``: like ``mkdir -p``)."""
-        self._portal.call(self._aclient.mkdir(path, parents=parents))
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        """Remove a remote file or link, or (``recursive``) a folder tree."""
-        self._portal.call(self._aclient.remove(path, recursive=recursive))
-
-    def rename(self, src: str, dst: str) -> None:
-        """Rename/move inside the home."""
-        self._portal.call(self._aclient.rename(src, dst))
-
-    def df(self) -> Usage:
-        """Usage, quota and free space."""
-        return self._portal.call(self._aclient.df())
-
-    def ping(self) -> float:
-        """Round-trip time to the server in seconds."""
-        return self._portal.call(self._aclient.ping())
-
-    def get(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> TransferResult:
-        """Download a file (options as :func:`ferry.client.transfer.get_file`; ``progress`` runs on the loop thread)."""
-        result: TransferResult = self._portal.call(self._aclient.get(remote, local, **kw))
-        return result
-
-    def put(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> TransferResult:
-        """Upload a file (options as :func:`ferry.client.transfer.put_file`; ``progress`` runs on the loop thread)."""
-        result: TransferResult = self._portal.call(self._aclient.put(local, remote, **kw))
-        return result
-
-    def get_tree(self, remote: str, local: str | os.PathLike[str], **kw: Any) -> TreeResult:
-        """Download a folder tree (see :func:`ferry.client.transfer.get_tree`)."""
-        result: TreeResult = self._portal.call(self._aclient.get_tree(remote, local, **kw))
-        return result
-
-    def put_tree(self, local: str | os.PathLike[str], remote: str, **kw: Any) -> TreeResult:
-        """Upload a folder tree (see :func:`ferry.client.transfer.put_tree`)."""
-        result: TreeResult = self._portal.call(self._aclient.put_tree(local, remote, **kw))
-        return result
+    stat = _blocking_method(AsyncClient.stat)
+    listdir = _blocking_method(AsyncClient.listdir)
+    glob = _blocking_method(AsyncClient.glob)
+    mkdir = _blocking_method(AsyncClient.mkdir)
+    remove = _blocking_method(AsyncClient.remove)
+    rename = _blocking_method(AsyncClient.rename)
+    df = _blocking_method(AsyncClient.df)
+    ping = _blocking_method(AsyncClient.ping)
+    #: ``progress`` callbacks of transfers run on the client's loop thread (see the module docs)
+    get = _blocking_method(AsyncClient.get)
+    put = _blocking_method(AsyncClient.put)
+    get_tree = _blocking_method(AsyncClient.get_tree)
+    put_tree = _blocking_method(AsyncClient.put_tree)
+    run = _blocking_method(AsyncClient.run)
+    #: ``for kind, data in client.stream(cmd)``; in a ``with`` block the command is cancelled if
+    #: you stop early
+    stream = _proxy_method(AsyncClient.stream)
+    #: a :class:`~ferry.client.exec.RemoteProcess` as a blocking proxy (``with``, ``write``, ``wait``, ...)
+    start = _proxy_method(AsyncClient.start)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -359,7 +358,6 @@ def connect(
     pin file; the first connection to a server pins its certificate (``client.info.pin_status ==
     "new"``), a changed certificate raises :class:`~ferry.errors.HostKeyMismatch`.
     """
-    from ferry.client.aclient import AsyncClient
     from ferry.client.auth import LoginOptions
     from ferry.client.location import parse_target
 

@@ -1,7 +1,8 @@
 """Remote commands from the client side: start one, stream its output, or run it to completion.
 
-Three levels, all over one :class:`~ferry.client.aclient.AsyncClient` (several commands may run at
-once on one connection, each under its own request id):
+Three levels, all over one connection's :class:`~ferry.client.mux.Mux` (several commands may run
+at once on one connection, each under its own request id); the
+:class:`~ferry.client.aclient.AsyncClient` offers them as ``run``, ``stream`` and ``start``:
 
 * :func:`run` -> :class:`Result`: run to completion, optionally feeding ``input``; output collected.
 * :class:`CommandStream` (``client.stream(cmd)``): ``async for kind, data in stream`` yields
@@ -28,16 +29,14 @@ import stat
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
+from ferry.client.mux import Mux, Route
 from ferry.errors import FerryError, FerryTimeout, UsageError
 from ferry.wire import Data
 from ferry.wire import messages as m
 from ferry.wire.codes import from_wire
 from ferry.wire.credit import Credit
-
-if TYPE_CHECKING:
-    from ferry.client.aclient import AsyncClient, _Route
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -134,8 +133,8 @@ class RemoteProcess:
     status are seen even while nobody reads output.
     """
 
-    def __init__(self, client: AsyncClient, req_id: int, route: _Route, window: int) -> None:
-        self.client = client
+    def __init__(self, mux: Mux, req_id: int, route: Route, window: int) -> None:
+        self.mux = mux
         self.id = req_id
         self._route = route
         self.window = window
@@ -164,14 +163,14 @@ class RemoteProcess:
     @classmethod
     async def start(
         cls,
-        client: AsyncClient,
+        mux: Mux,
         cmd: Command | None,
         *,
         env: dict[str, str] | None = None,
         cwd: str = "",
         pty: m.PtySpec | None = None,
         timeout: float | None = None,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
     ) -> RemoteProcess:
         """Start ``cmd`` on the server and return once it runs.
 
@@ -183,18 +182,15 @@ class RemoteProcess:
         """
         if timeout is not None and timeout <= 0:
             raise UsageError("the timeout must be positive")
-        req_id, route = client._open(0)  # unbounded queue: the windows bound what can arrive
+        window = DEFAULT_WINDOW if window is None else window
+        req_id, route = mux.open(0)  # unbounded queue: the windows bound what can arrive
         try:
-            await client.send(_exec_message(req_id, cmd, env, cwd, pty, window, timeout))
-            reply = await client._recv(route)
-            if isinstance(reply, m.Error):
-                raise from_wire(reply)
-            if not isinstance(reply, m.ExecStarted):
-                raise FerryError(f"unexpected reply to exec: {type(reply).__name__}")
+            await mux.send(_exec_message(req_id, cmd, env, cwd, pty, window, timeout))
+            reply = await mux.expect(route, m.ExecStarted)
         except BaseException:
-            client._close_route(req_id)
+            mux.close_route(req_id)
             raise
-        proc = cls(client, req_id, route, window)
+        proc = cls(mux, req_id, route, window)
         proc.pid = reply.pid
         proc._task = asyncio.create_task(proc._dispatch(), name=f"ferry-exec-{req_id}")
         if timeout is not None:
@@ -209,7 +205,7 @@ class RemoteProcess:
         err: FerryError | None = None
         try:
             while True:
-                ev = await self.client._recv(self._route, timeout=_NO_LIMIT)
+                ev = await self.mux.recv(self._route, timeout=_NO_LIMIT)
                 if isinstance(ev, Data):
                     credit = self._out_credit.get(ev.stream)
                     if credit is not None and ev.data:
@@ -241,7 +237,7 @@ class RemoteProcess:
         self._done.set()
         self._have.set()
         self._credit_wake.set()
-        self.client._close_route(self.id)
+        self.mux.close_route(self.id)
 
     def _on_timeout(self) -> None:
         if self._done.is_set():
@@ -294,7 +290,7 @@ class RemoteProcess:
         inc = self._out_credit[stream].consumed(n)
         if inc and not self._done.is_set():
             with contextlib.suppress(FerryError):  # a broken connection surfaces in read()
-                await self.client.send(m.Window(id=self.id, stream=stream, increment=inc))
+                await self.mux.send(m.Window(id=self.id, stream=stream, increment=inc))
 
     def __aiter__(self) -> RemoteProcess:
         return self
@@ -340,7 +336,7 @@ class RemoteProcess:
             if self._done.is_set():
                 return
             n = self._credit.take(min(len(view), STDIN_CHUNK))
-            await self.client.send_data(self.id, m.STDIN, view[:n])
+            await self.mux.send_data(self.id, m.STDIN, view[:n])
             view = view[n:]
 
     async def close_stdin(self) -> None:
@@ -349,23 +345,23 @@ class RemoteProcess:
             return
         self._stdin_closed = True
         if not self._done.is_set():
-            await self.client.send(m.Eof(id=self.id, stream=m.STDIN))
+            await self.mux.send(m.Eof(id=self.id, stream=m.STDIN))
 
     async def signal(self, signum: int) -> None:
         """Send signal ``signum`` to the command's process group (a PTY's foreground job)."""
         if not self._done.is_set():
-            await self.client.send(m.Signal(id=self.id, signum=int(signum)))
+            await self.mux.send(m.Signal(id=self.id, signum=int(signum)))
 
     async def resize(self, rows: int, cols: int) -> None:
         """Tell the server the terminal size changed (PTY commands)."""
         if not self._done.is_set():
-            await self.client.send(m.Resize(id=self.id, rows=max(1, rows), cols=max(1, cols)))
+            await self.mux.send(m.Resize(id=self.id, rows=max(1, rows), cols=max(1, cols)))
 
     async def cancel(self) -> None:
         """Stop the command: SIGTERM to everything it runs, SIGKILL 2 s later (done by the server)."""
         if not self._done.is_set():
             with contextlib.suppress(FerryError):
-                await self.client.send(m.Cancel(id=self.id))
+                await self.mux.send(m.Cancel(id=self.id))
 
     async def close(self, grace: float = 5.0) -> None:
         """Cancel the command if it still runs and wait (up to ``grace`` s) for it to end."""
@@ -401,16 +397,27 @@ class CommandStream:
     command cancelled if you stop iterating early.
     """
 
-    def __init__(self, client: AsyncClient, cmd: Command, kwargs: dict[str, Any]) -> None:
-        self._client = client
+    def __init__(
+        self,
+        mux: Mux,
+        cmd: Command,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> None:
+        self._mux = mux
         self._cmd = cmd
-        self._kwargs = kwargs
+        self._env, self._cwd, self._timeout, self._window = env, cwd, timeout, window
         #: the running process (None until the first iteration)
         self.process: RemoteProcess | None = None
 
     async def _ensure(self) -> RemoteProcess:
         if self.process is None:
-            self.process = await RemoteProcess.start(self._client, self._cmd, **self._kwargs)
+            self.process = await RemoteProcess.start(
+                self._mux, self._cmd, env=self._env, cwd=self._cwd, timeout=self._timeout, window=self._window
+            )
             await self.process.close_stdin()  # a stream has no input
         return self.process
 
@@ -449,7 +456,7 @@ class CommandStream:
 
 
 async def run(
-    client: AsyncClient,
+    mux: Mux,
     cmd: Command,
     *,
     input: bytes | None = None,
@@ -462,7 +469,7 @@ async def run(
     ``input`` is fed to stdin (then EOF; without it stdin is empty). ``timeout`` cancels the command
     after that many seconds (SIGTERM, then SIGKILL) and returns with ``timed_out=True``.
     """
-    proc = await RemoteProcess.start(client, cmd, env=env, cwd=cwd, timeout=timeout)
+    proc = await RemoteProcess.start(mux, cmd, env=env, cwd=cwd, timeout=timeout)
     feeder: asyncio.Task[None] | None = None
     try:
         if input:

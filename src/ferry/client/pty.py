@@ -15,13 +15,11 @@ import os
 import signal
 import termios
 import tty
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ferry.client.exec import Command, RemoteProcess, attach
+from ferry.client.mux import Mux
 from ferry.wire.messages import PtySpec
-
-if TYPE_CHECKING:
-    from ferry.client.aclient import AsyncClient
 
 __all__ = ["pty_session", "run_pty_session", "terminal_size"]
 
@@ -37,7 +35,7 @@ def terminal_size(*fds: int) -> tuple[int, int]:
 
 
 async def run_pty_session(
-    client: AsyncClient, command: str | None = None, env: dict[str, str] | None = None, cwd: str = ""
+    mux: Mux, command: str | None = None, env: dict[str, str] | None = None, cwd: str = ""
 ) -> int:
     """Run ``command`` (None: an interactive ``/bin/sh``) under a PTY on the server, wired to this
     terminal; return its exit status (128+N when signal N killed it).
@@ -45,14 +43,14 @@ async def run_pty_session(
     ``command`` runs through ``/bin/sh -c`` on the server; ``env`` adds allowed variables (see
     docs/exec.md); ``cwd`` is relative to the home. Used by ``ferry shell --pty`` and ``ferry exec -t``.
     """
-    proc = await pty_session(client, command, env=env, cwd=cwd)
+    proc = await pty_session(mux, command, env=env, cwd=cwd)
     code = proc.exit_code
     assert code is not None
     return code
 
 
 async def pty_session(
-    client: AsyncClient,
+    mux: Mux,
     cmd: Command | None,
     *,
     env: dict[str, str] | None = None,
@@ -67,7 +65,7 @@ async def pty_session(
     rows, cols = terminal_size(stdin_fd, stdout_fd)
     term = (os.environ.get("TERM") or "xterm-256color")[:256]
     spec = PtySpec(term=term, rows=rows, cols=cols)
-    proc = await RemoteProcess.start(client, cmd, env=env, cwd=cwd, pty=spec, timeout=timeout)
+    proc = await RemoteProcess.start(mux, cmd, env=env, cwd=cwd, pty=spec, timeout=timeout)
     tasks: set[asyncio.Task[Any]] = set()
 
     def on_winch(_signum: int) -> None:

@@ -22,8 +22,9 @@ import select
 import threading
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ferry.client.mux import Mux
 from ferry.client.receive import DownloadWriter
 from ferry.client.transfer import (
     BLOCK,
@@ -37,9 +38,6 @@ from ferry.client.transfer import (
 from ferry.errors import IntegrityError
 from ferry.hashing import DEFAULT_CHUNK, ChunkHasher, HashName, matching_prefix
 from ferry.wire import messages as m
-
-if TYPE_CHECKING:
-    from ferry.client.aclient import AsyncClient
 
 #: The mode a file uploaded from a stream gets (as ``> file`` under the usual umask 022).
 STREAM_MODE = 0o644
@@ -58,7 +56,7 @@ class _PipeWriter(DownloadWriter):
 
 
 async def get_stream(
-    client: AsyncClient,
+    mux: Mux,
     remote: str,
     fd: int,
     *,
@@ -74,7 +72,7 @@ async def get_stream(
         return _PipeWriter(fd, 0, ChunkHasher(hash, chunk_size, file_hash=checksum), expect=info.size)
 
     info, writer, end = await fetch(
-        client, remote, hash=hash, chunk_size=chunk_size, held=[], progress=progress, start=start
+        mux, remote, hash=hash, chunk_size=chunk_size, held=[], progress=progress, start=start
     )
     hashes, digest = writer.hasher.finish()
     if writer.pos != info.size or hashes != end.chunk_hashes or digest != end.digest:
@@ -123,7 +121,7 @@ def _read_ahead(
 
 
 async def put_stream(
-    client: AsyncClient,
+    mux: Mux,
     fd: int,
     remote: str,
     *,
@@ -141,7 +139,7 @@ async def put_stream(
 
     async def body(req_id: int, route: Any, ready: m.PutReady) -> tuple[int, list[bytes], bytes]:
         nonlocal size
-        await client.send(m.PutFrom(id=req_id, offset=0))
+        await mux.send(m.PutFrom(id=req_id, offset=0))
         blocks: asyncio.Queue[bytes | BaseException] = asyncio.Queue(READ_AHEAD)
         reader = threading.Thread(target=_read_ahead, args=(fd, hasher, loop, blocks), daemon=True)
         reader.start()
@@ -149,7 +147,7 @@ async def put_stream(
             if isinstance(data, BaseException):
                 raise data
             raise_if_refused(route)
-            await client.send_data(req_id, m.STDIN, data)
+            await mux.send_data(req_id, m.STDIN, data)
             size += len(data)
             if progress is not None:
                 progress(size, 0)  # 0: the total is not known
@@ -166,5 +164,5 @@ async def put_stream(
         overwrite=overwrite,
         streamed=True,
     )
-    digest = await upload(client, lambda i: request(id=i), body)
+    digest = await upload(mux, lambda i: request(id=i), body)
     return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex(), file_checksum(hasher))

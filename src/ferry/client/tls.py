@@ -12,7 +12,7 @@ from typing import Literal
 
 from ferry.client.known_hosts import KnownHosts
 from ferry.errors import ConnectionBroken
-from ferry.server.tls import TLS12_CIPHERS, fingerprint
+from ferry.tlsbase import TLS12_CIPHERS, fingerprint
 
 __all__ = ["check_peer", "client_ssl_context", "peer_fingerprint"]
 

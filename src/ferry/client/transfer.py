@@ -16,8 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ferry.client.mux import Mux, Route
 from ferry.client.receive import DownloadWriter, RawPayload
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.hashing import (
@@ -30,19 +31,14 @@ from ferry.hashing import (
     matching_prefix,
     tree_digest,
 )
-from ferry.textsafe import safe_name
 from ferry.wire import Data
 from ferry.wire import messages as m
 from ferry.wire.codes import from_wire
-
-if TYPE_CHECKING:
-    from ferry.client.aclient import AsyncClient
 
 Progress = Callable[[int, int], None]
 BLOCK = 1 << 20
 INLINE_MAX = 1 << 18  # files up to 256 KiB travel inside the PutFile message: one frame, no round trip
 QUEUE_DEPTH = 64  # data pieces buffered per transfer before the reader pushes back
-WINDOW = 64  # pipelined small-file requests in flight in tree transfers
 PART = ".ferry-part"
 
 
@@ -75,7 +71,7 @@ async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def get_file(
-    client: AsyncClient,
+    mux: Mux,
     remote: str,
     local: str | os.PathLike[str],
     *,
@@ -116,7 +112,7 @@ async def get_file(
 
         try:
             info, writer, end = await fetch(
-                client, remote, hash=hash, chunk_size=chunk_size, held=held, progress=progress, start=start
+                mux, remote, hash=hash, chunk_size=chunk_size, held=held, progress=progress, start=start
             )
         except RemoteError:
             if os.fstat(fd).st_size == 0:  # refused (not found, a folder, ...): leave no empty partial
@@ -153,7 +149,7 @@ async def get_file(
 
 
 async def fetch(
-    client: AsyncClient,
+    mux: Mux,
     remote: str,
     *,
     hash: HashName,
@@ -167,18 +163,18 @@ async def fetch(
     comes, hand it every byte, and return (the file's info, the flushed writer, the server's
     FileEnd) for the caller to verify. A refusal or an error from the server raises its
     RemoteError; when the download is given up (an error, a cancel) the server is told to stop."""
-    req_id, route = client._open(QUEUE_DEPTH, raw=True)
+    req_id, route = mux.open(QUEUE_DEPTH, raw=True)
     writer: DownloadWriter | None = None
     ended = False  # the server finished this request (FileEnd or Error)
     try:
-        await client.send(
+        await mux.send(
             m.GetFile(id=req_id, path=remote, hash=hash, chunk_size=chunk_size, chunk_hashes=held)
         )
-        info = await client._recv(route)
-        if isinstance(info, m.Error):
-            ended = True
-            raise from_wire(info)
-        assert isinstance(info, m.FileInfo)
+        try:
+            info = await mux.expect(route, m.FileInfo)
+        except RemoteError:
+            ended = True  # refused: the server has ended the request
+            raise
         writer = await start(info)
         done = info.offset
 
@@ -188,7 +184,7 @@ async def fetch(
             if progress is not None:
                 progress(done, info.size)
 
-        end = await receive_data(client, route, writer, advanced)
+        end = await receive_data(mux, route, writer, advanced)
         ended = True
         await writer.flush()
         if isinstance(end, m.Error):
@@ -198,30 +194,30 @@ async def fetch(
     except BaseException:
         try:
             if not ended:  # given up (progress callback, timeout, cancel): stop the server streaming
-                await _cancel(client, req_id)
+                await mux.cancel(req_id)
         finally:  # even if cancelled (again) while sending the Cancel
             if writer is not None:
                 await writer.settle()  # its thread must not write to the fd after it is closed
         raise
     finally:
-        client._close_route(req_id)
+        mux.close_route(req_id)
         if writer is not None:
             writer.close()
 
 
 async def receive_data(
-    client: AsyncClient, route: Any, writer: DownloadWriter, advanced: Callable[[int], None]
+    mux: Mux, route: Route, writer: DownloadWriter, advanced: Callable[[int], None]
 ) -> m.Message:
     """Give a download's data to ``writer`` until the server ends it; returns that last message
     (FileEnd or Error). The writer may still be writing: flush it before trusting the hashes."""
     while True:
-        ev = await client._recv(route)
+        ev = await mux.recv(route)
         if isinstance(ev, Data):
             await writer.add(ev.data)
             advanced(len(ev.data))
         elif isinstance(ev, RawPayload):  # the bulk of the file, straight off the transport
             try:
-                await writer.take_raw(ev, client.read_timeout, advanced)
+                await writer.take_raw(ev, mux.read_timeout, advanced)
             finally:
                 ev.release()
         else:
@@ -255,13 +251,6 @@ def _open_partial(part: Path, dest: Path) -> int:
     raise TransferError(f"{dest}: its partial file keeps changing; is another download running?")
 
 
-async def _cancel(client: AsyncClient, req_id: int) -> None:
-    """Tell the server to stop a transfer we gave up on (best effort: the connection may be gone)."""
-    if client._error is None and not client._closed:
-        with contextlib.suppress(Exception):
-            await client.send(m.Cancel(id=req_id))
-
-
 # --- upload --------------------------------------------------------------------------------
 
 
@@ -271,7 +260,7 @@ def upload_token(remote: str, st: os.stat_result) -> str:
 
 
 async def put_file(
-    client: AsyncClient,
+    mux: Mux,
     local: str | os.PathLike[str],
     remote: str,
     *,
@@ -318,7 +307,7 @@ async def put_file(
             h = ChunkHasher(hash, chunk_size, file_hash=checksum)
             h.update(data)
             _, digest = h.finish()
-            await client._call(lambda i: put_msg(i, data=data, digest=digest))
+            await mux.call(lambda i: put_msg(i, data=data, digest=digest), m.Ok)
             if progress is not None:
                 progress(size, size)
             return TransferResult(remote, size, size, 0, time.monotonic() - t0, digest.hex(), file_checksum(h))
@@ -326,7 +315,7 @@ async def put_file(
         offset = 0
         hasher = ChunkHasher(hash, chunk_size, file_hash=checksum)
 
-        async def body(req_id: int, route: Any, ready: m.PutReady) -> tuple[int, list[bytes], bytes]:
+        async def body(req_id: int, route: Route, ready: m.PutReady) -> tuple[int, list[bytes], bytes]:
             nonlocal offset, hasher
             ours = (
                 await _thread(hash_fd_chunks, fd, hash, chunk_size, 0, len(ready.chunk_hashes) * chunk_size)
@@ -335,14 +324,14 @@ async def put_file(
             )
             k = matching_prefix(ours, ready.chunk_hashes)
             offset = k * chunk_size
-            await client.send(m.PutFrom(id=req_id, offset=offset))
+            await mux.send(m.PutFrom(id=req_id, offset=offset))
             hasher = ChunkHasher(hash, chunk_size, prefix=ours[:k], file_hash=checksum)
             if checksum and offset:  # resumed: the whole-file hash starts at byte 0
                 await _thread(file_hash_prefix, hasher, fd, offset)
-            hashes = await _send_body(client, req_id, route, fd, offset, size, hasher, progress)
+            hashes = await _send_body(mux, req_id, route, fd, offset, size, hasher, progress)
             return size, hashes, tree_digest(hash, size, hashes)
 
-        digest = await upload(client, lambda i: put_msg(i, token=token), body)
+        digest = await upload(mux, lambda i: put_msg(i, token=token), body)
         return TransferResult(
             remote, size, size - offset, offset, time.monotonic() - t0, digest.hex(), file_checksum(hasher)
         )
@@ -357,7 +346,7 @@ def file_checksum(hasher: ChunkHasher) -> str | None:
 
 
 async def upload(
-    client: AsyncClient,
+    mux: Mux,
     request: Callable[[int], m.PutFile],
     body: Callable[[int, Any, m.PutReady], Awaitable[tuple[int, list[bytes], bytes]]],
 ) -> bytes:
@@ -365,28 +354,23 @@ async def upload(
     built for a fresh id, let ``body(id, route, ready)`` send PutFrom and the data and return (size,
     chunk hashes, digest), end with FileEnd and wait for the server's verdict. Returns the digest.
     When the upload is given up, the server is told to release it (unless it ended it itself)."""
-    req_id, route = client._open(QUEUE_DEPTH)
+    req_id, route = mux.open(QUEUE_DEPTH)
     try:
-        await client.send(request(req_id))
-        ready = await client._recv(route)
-        if isinstance(ready, m.Error):
-            raise from_wire(ready)
-        assert isinstance(ready, m.PutReady)
+        await mux.send(request(req_id))
+        ready = await mux.expect(route, m.PutReady)
         size, hashes, digest = await body(req_id, route, ready)
-        await client.send(m.FileEnd(id=req_id, size=size, chunk_hashes=hashes, digest=digest))
-        reply = await client._recv(route)
-        if isinstance(reply, m.Error):
-            raise from_wire(reply)
+        await mux.send(m.FileEnd(id=req_id, size=size, chunk_hashes=hashes, digest=digest))
+        await mux.expect(route, m.Ok)
     except BaseException as exc:
         if not isinstance(exc, RemoteError):  # the server did not end it: release it there
-            await _cancel(client, req_id)
+            await mux.cancel(req_id)
         raise
     finally:
-        client._close_route(req_id)
+        mux.close_route(req_id)
     return digest
 
 
-def raise_if_refused(route: Any) -> None:
+def raise_if_refused(route: Route) -> None:
     """Raise the server's error if it gave up on an upload while the data was on its way (quota,
     disk full, ...): it answers at once, without waiting for the end."""
     if not route.queue.empty():
@@ -397,9 +381,9 @@ def raise_if_refused(route: Any) -> None:
 
 
 async def _send_body(
-    client: AsyncClient,
+    mux: Mux,
     req_id: int,
-    route: Any,
+    route: Route,
     fd: int,
     offset: int,
     size: int,
@@ -425,7 +409,7 @@ async def _send_body(
             pos += len(data)
             nxt = loop.run_in_executor(None, read_and_hash, pos) if pos < size else None
             raise_if_refused(route)
-            await client.send_data(req_id, m.STDIN, data)
+            await mux.send_data(req_id, m.STDIN, data)
             if progress is not None:
                 progress(pos, size)
     finally:
@@ -434,157 +418,3 @@ async def _send_body(
                 await asyncio.shield(nxt)
     hashes, _ = hasher.finish()
     return hashes
-
-
-# --- trees ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TreeResult:
-    """What a folder transfer did."""
-
-    files: int
-    bytes: int
-    seconds: float
-
-
-async def get_tree(
-    client: AsyncClient,
-    remote: str,
-    local: str | os.PathLike[str],
-    *,
-    hash: HashName = "blake3",
-    progress: Progress | None = None,
-    window: int = WINDOW,
-) -> TreeResult:
-    """Download the folder ``remote`` into ``local`` (created): one streamed GetTree when the server
-    supports it (see :mod:`ferry.client.tree`), else pipelined per-file requests."""
-    from ferry.client import tree
-
-    if tree.supports_tree(client):
-        return await tree.get_tree(client, remote, local, hash=hash, progress=progress)
-    t0 = time.monotonic()
-    root = Path(local)
-    entries = await client.listdir(remote, recursive=True)
-    for e in entries:
-        # Names come from the server and become local paths: a hostile or broken server must not
-        # be able to write outside ``local`` with "../x" or "/etc/x". Checked before creating anything.
-        if not _safe_relative(e.name):
-            raise TransferError(
-                f"the server listed an unsafe name {safe_name(e.name)!r} in {safe_name(remote)!r}; "
-                "nothing was downloaded"
-            )
-    root.mkdir(parents=True, exist_ok=True)
-    files = [e for e in entries if e.kind == "file"]
-    for e in entries:
-        if e.kind == "dir":
-            (root / e.name).mkdir(parents=True, exist_ok=True)
-    tally = _Tally(sum(e.size for e in files), progress)
-    prefix = remote.rstrip("/") + "/" if remote not in ("", ".") else ""
-    # Small files go through the batched pipeline (no task per file); large ones stream.
-    from ferry.client.batch import BATCH_MAX, get_small_files
-
-    small = [(prefix + e.name, root / e.name) for e in files if e.size <= BATCH_MAX]
-    large = [(prefix + e.name, root / e.name) for e in files if e.size > BATCH_MAX]
-    large += await get_small_files(client, small, hash=hash, window=window, on_file=tally)
-    await _each_large(large, lambda src, dest: get_file(client, src, dest, hash=hash), tally)
-    return TreeResult(len(files), tally.total, time.monotonic() - t0)
-
-
-def _safe_relative(name: str) -> bool:
-    """True for a relative POSIX path of plain names (no empty, ``.`` or ``..`` parts, no NUL)."""
-    if not name or "\0" in name or (os.sep != "/" and os.sep in name):
-        return False
-    return all(part not in ("", ".", "..") for part in name.split("/"))
-
-
-async def put_tree(
-    client: AsyncClient,
-    local: str | os.PathLike[str],
-    remote: str,
-    *,
-    hash: HashName = "blake3",
-    progress: Progress | None = None,
-    window: int = WINDOW,
-) -> TreeResult:
-    """Upload the folder ``local`` as ``remote``: one streamed PutTree when the server supports it
-    (see :mod:`ferry.client.tree`), else folders first, then files pipelined."""
-    from ferry.client import tree
-
-    if tree.supports_tree(client):
-        return await tree.put_tree(client, local, remote, hash=hash, progress=progress)
-    t0 = time.monotonic()
-    root = Path(local)
-    if not root.is_dir():
-        raise UsageError(f"{local} is not a folder")
-    dirs: list[str] = []
-    files: list[tuple[str, int]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        dirnames.sort()
-        for d in dirnames:
-            dirs.append(rel + d)
-        for f in sorted(filenames):
-            p = os.path.join(dirpath, f)
-            st = os.lstat(p)
-            if statmod.S_ISREG(st.st_mode):
-                files.append((rel + f, st.st_size))
-    base = remote.rstrip("/") or remote  # '/' stays absolute (refused by the server), not the home
-    join = (lambda r: f"{base}/{r}") if base not in ("", ".") else (lambda r: r)
-    if base not in ("", "."):
-        await client.mkdir(base, parents=True)
-    # Folders must exist before files: pipeline all mkdirs, wait for them, then the files.
-    sem = asyncio.Semaphore(window)
-
-    async def mk(d: str) -> None:
-        async with sem:
-            await client.mkdir(join(d), parents=True)
-
-    await _gather_all([mk(d) for d in dirs])
-    tally = _Tally(sum(s for _, s in files), progress)
-    from ferry.client.batch import BATCH_MAX, put_small_files
-
-    small = [(root / rel, join(rel)) for rel, size in files if size <= BATCH_MAX]
-    large = [(root / rel, join(rel)) for rel, size in files if size > BATCH_MAX]
-    large += await put_small_files(client, small, hash=hash, window=window, on_file=tally)
-    await _each_large(large, lambda src, dst: put_file(client, src, dst, hash=hash), tally)
-    return TreeResult(len(files), tally.total, time.monotonic() - t0)
-
-
-class _Tally:
-    """Bytes done across a tree transfer, reported to the progress callback as files finish."""
-
-    def __init__(self, total: int, progress: Progress | None) -> None:
-        self.total, self.done, self.progress = total, 0, progress
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-
-
-async def _each_large(
-    items: list[Any], transfer: Callable[[Any, Any], Awaitable[TransferResult]], tally: _Tally
-) -> None:
-    """Stream the large files of a tree, four at a time (each already pipelines its own data)."""
-    sem = asyncio.Semaphore(4)
-
-    async def one(src: Any, dst: Any) -> None:
-        async with sem:
-            r = await transfer(src, dst)
-        tally(r.size)
-
-    await _gather_all([one(src, dst) for src, dst in items])
-
-
-async def _gather_all(coros: list[Any]) -> None:
-    """Run all; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

@@ -26,12 +26,14 @@ import os
 import secrets
 import stat as statmod
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ferry.aio import close_after
+from ferry.client.mux import Mux
+from ferry.client.transfer import Progress, TransferResult, get_file, put_file
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.errtext import os_reason
 from ferry.hashing import HashName, small_digest
@@ -41,12 +43,8 @@ from ferry.wire.codes import from_wire
 from ferry.wire.credit import Credit
 from ferry.wire.errors import RemoteProtocolError
 
-if TYPE_CHECKING:
-    from ferry.client.aclient import AsyncClient
-    from ferry.client.transfer import Progress, TreeResult
+__all__ = ["TreeResult", "get_tree", "put_tree", "safe_relative"]
 
-#: Feature name a server announces in Welcome when it speaks GetTree / PutTree.
-FEATURE = "tree"
 #: Tree-upload batches sent and not yet acknowledged before the client waits for the server.
 WINDOW = 8
 #: Received tree-download batches queued for the writer before the reader stops reading.
@@ -65,12 +63,6 @@ SHOWN_ERRORS = 10
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
-def supports_tree(client: AsyncClient) -> bool:
-    """True if the server announced GetTree / PutTree (older servers get the per-file requests)."""
-    info = getattr(client, "info", None)  # duck-typed stand-ins (tests) may have none
-    return info is not None and FEATURE in info.features
 
 
 def safe_relative(name: str) -> bool:
@@ -130,13 +122,6 @@ class _Failures:
         return TransferError(
             f"{total} item(s) could not be {what}: {shown}{more}; everything else was transferred"
         )
-
-
-async def _cancel(client: AsyncClient, req_id: int) -> None:
-    """Tell the server to stop a tree transfer we gave up on (best effort)."""
-    if client._error is None and not client._closed:
-        with contextlib.suppress(Exception):
-            await client.send(m.Cancel(id=req_id))
 
 
 # --- download ------------------------------------------------------------------------------
@@ -284,7 +269,7 @@ class _LocalTree:
 
 
 async def get_tree(
-    client: AsyncClient,
+    mux: Mux,
     remote: str,
     local: str | os.PathLike[str],
     *,
@@ -292,12 +277,10 @@ async def get_tree(
     progress: Progress | None = None,
 ) -> TreeResult:
     """Download folder ``remote`` into ``local`` (created) with one GetTree stream."""
-    from ferry.client.transfer import TreeResult, _each_large, _Tally, get_file
-
     t0 = time.monotonic()
     root = Path(local)
     loop = asyncio.get_running_loop()
-    req_id, route = client._open(RECV_DEPTH)
+    req_id, route = mux.open(RECV_DEPTH)
     writer: _LocalTree | None = None
     job: asyncio.Future[_Written] | None = None
     ended = False  # the server finished this request (last batch or Error)
@@ -315,9 +298,9 @@ async def get_tree(
         _tally(progress, done_bytes, w.bytes)
 
     try:
-        await client.send(m.GetTree(id=req_id, path=remote, hash=hash))
+        await mux.send(m.GetTree(id=req_id, path=remote, hash=hash))
         while not ended:
-            ev = await client._recv(route)
+            ev = await mux.recv(route)
             if isinstance(ev, m.Error):
                 ended = True
                 raise from_wire(ev)
@@ -342,17 +325,17 @@ async def get_tree(
         job = None
     except BaseException:
         if not ended:  # given up (unsafe name, integrity, local error, cancel): stop the server
-            await _cancel(client, req_id)
+            await mux.cancel(req_id)
         raise
     finally:
-        client._close_route(req_id)
+        mux.close_route(req_id)
         if writer is not None:
             close_after(job, writer.close)
     if large:
         prefix = remote.rstrip("/") + "/" if remote not in ("", ".") else ""
         tally = _Tally(sum(it.size for it in large), None)
         pairs = [(prefix + it.path, root / it.path) for it in large]
-        await _each_large(pairs, lambda src, dest: get_file(client, src, dest, hash=hash), tally)
+        await _each_large(pairs, lambda src, dest: get_file(mux, src, dest, hash=hash), tally)
         files += len(large)
         nbytes += tally.done
         _tally(progress, done_bytes, tally.done)
@@ -461,7 +444,7 @@ class _LocalScan:
 
 
 async def put_tree(
-    client: AsyncClient,
+    mux: Mux,
     local: str | os.PathLike[str],
     remote: str,
     *,
@@ -469,8 +452,6 @@ async def put_tree(
     progress: Progress | None = None,
 ) -> TreeResult:
     """Upload folder ``local`` as ``remote`` with one PutTree stream (large files streamed after)."""
-    from ferry.client.transfer import TreeResult, _each_large, _Tally, put_file
-
     t0 = time.monotonic()
     root = Path(local)
     if not root.is_dir():
@@ -484,7 +465,7 @@ async def put_tree(
     # Acknowledgements only: one per batch in flight (at most WINDOW), or an Error, then the Ok of
     # a Cancel. Bounded: a server sending more is held back by the reader instead of piling up here
     # while this task reads the local disk (and is refused below once read).
-    req_id, route = client._open(WINDOW + 2)
+    req_id, route = mux.open(WINDOW + 2)
     job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = None
     window = Credit(WINDOW)  # batches we may still send: each TreeAck grants one back
     finished = False  # the server acknowledged the last batch
@@ -512,7 +493,7 @@ async def put_tree(
         stored[0], stored[1] = ev.files, ev.bytes
 
     try:
-        await client.send(m.PutTree(id=req_id, path=base, hash=hash))
+        await mux.send(m.PutTree(id=req_id, path=base, hash=hash))
         job = loop.run_in_executor(None, scan.next)
         while True:
             assert job is not None
@@ -521,21 +502,21 @@ async def put_tree(
             if not done:  # read and hash the next batch while this one is on its way
                 job = loop.run_in_executor(None, scan.next)
             while window.available <= 0:
-                on_reply(await client._recv(route))
+                on_reply(await mux.recv(route))
             while not route.queue.empty():
-                on_reply(await client._recv(route))
+                on_reply(await mux.recv(route))
             window.spend(1)
-            await client.send(m.TreeItems(id=req_id, items=items, end=done))
+            await mux.send(m.TreeItems(id=req_id, items=items, end=done))
             if done:
                 break
         while not finished:
-            on_reply(await client._recv(route))
+            on_reply(await mux.recv(route))
     except BaseException as exc:
         if not (finished or server_ended) and not isinstance(exc, RemoteError):
-            await _cancel(client, req_id)
+            await mux.cancel(req_id)
         raise
     finally:
-        client._close_route(req_id)
+        mux.close_route(req_id)
         close_after(job, lambda: None)
     failures.extend(scan.failures)
     files, nbytes = stored
@@ -543,7 +524,7 @@ async def put_tree(
         join = (lambda r: f"{base}/{r}") if base else (lambda r: r)
         tally = _Tally(sum(size for _, size in scan.large), None)
         pairs = [(root / rel, join(rel)) for rel, _ in scan.large]
-        await _each_large(pairs, lambda src, dst: put_file(client, src, dst, hash=hash), tally)
+        await _each_large(pairs, lambda src, dst: put_file(mux, src, dst, hash=hash), tally)
         files += len(scan.large)
         nbytes += tally.done
         _tally(progress, done_bytes, tally.done)
@@ -552,4 +533,51 @@ async def put_tree(
     return TreeResult(files, nbytes, time.monotonic() - t0)
 
 
-__all__ = ["FEATURE", "get_tree", "put_tree", "safe_relative", "supports_tree"]
+# --- shared by both directions -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeResult:
+    """What a folder transfer did."""
+
+    files: int
+    bytes: int
+    seconds: float
+
+
+class _Tally:
+    """Bytes done across a tree's large files, reported to the progress callback as they finish."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+async def _each_large(
+    items: list[Any], transfer: Callable[[Any, Any], Awaitable[TransferResult]], tally: _Tally
+) -> None:
+    """Stream the large files of a tree, four at a time (each already pipelines its own data)."""
+    sem = asyncio.Semaphore(4)
+
+    async def one(src: Any, dst: Any) -> None:
+        async with sem:
+            r = await transfer(src, dst)
+        tally(r.size)
+
+    await _gather_all([one(src, dst) for src, dst in items])
+
+
+async def _gather_all(coros: list[Any]) -> None:
+    """Run all; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -8,15 +8,13 @@ The key is EC P-256: every OpenSSL that Python's ``ssl`` links against accepts i
 1.3, signatures are fast, and files are small (Ed25519 certificates are still refused by some
 TLS 1.2 stacks).
 
-``cryptography`` (and tempfile, shutil) are imported only when a certificate has to be generated,
-so importing this module (the client does, for :func:`fingerprint`) stays cheap.
+``cryptography`` (and tempfile, shutil) are imported only when a certificate has to be generated.
+The cipher suites and the fingerprint format are shared with the client: :mod:`ferry.tlsbase`.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
 import ipaddress
 import os
 import socket
@@ -28,15 +26,14 @@ from typing import TYPE_CHECKING, Final
 from ferry import paths
 from ferry.errors import FerryError
 from ferry.errtext import os_reason
+from ferry.tlsbase import TLS12_CIPHERS, fingerprint
 
 if TYPE_CHECKING:
     from cryptography import x509
 
 __all__ = [
     "DEFAULT_HOSTNAMES",
-    "TLS12_CIPHERS",
     "ensure_certificate",
-    "fingerprint",
     "fingerprint_file",
     "generate_certificate",
     "server_ssl_context",
@@ -49,18 +46,6 @@ DEFAULT_HOSTNAMES: Final = ("localhost", "127.0.0.1", "::1")
 #: Validity of a generated certificate: long, because a new certificate means a new fingerprint
 #: and every client would see a (loud) pin mismatch.
 VALIDITY_DAYS: Final = 3650
-
-#: TLS 1.2 cipher suites, AES-GCM first (hardware-accelerated almost everywhere, so it is the
-#: fastest for bulk transfers), ChaCha20 for CPUs without AES instructions; forward secrecy only.
-#: TLS 1.3 suites are not configurable from Python and OpenSSL's defaults are already these.
-TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
-
-
-def fingerprint(cert_der: bytes) -> str:
-    """``"SHA256:" + base64(sha256(DER))`` without padding: the same format as OpenSSH uses."""
-    digest = hashlib.sha256(cert_der).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
 
 def fingerprint_file(cert: Path) -> str:
     """The fingerprint of a PEM certificate file (what ``ferry serve`` prints at start-up)."""
