@@ -214,8 +214,14 @@ def test_connections_still_logging_in_do_not_count_as_sessions(tmp_path: Path) -
 
 @contextlib.contextmanager
 def slow_checks(tmp_path: Path, **limits: float) -> Iterator[ServerThread]:
-    """A server whose password checks take ~0.5 s each, one at a time (``limits`` override more)."""
-    settings: dict[str, float] = {"auth_concurrency": 1, "max_pending_logins_per_address": 64, **limits}
+    """A server whose password checks take ~0.5 s each, one at a time (``limits`` override more).
+    Every login pays its check: no cache of verified passwords (these tests are about the queue)."""
+    settings: dict[str, float] = {
+        "auth_concurrency": 1,
+        "max_pending_logins_per_address": 64,
+        "password_cache": 0,
+        **limits,
+    }
     srv = ServerThread(tmp_path / "root", limits=Limits(**settings))  # type: ignore[arg-type]
     srv.config.hasher = SLOW  # the dummy hash of unknown users costs as much as a real check
     acc = Accounts(srv.root, hasher=SLOW)

@@ -163,6 +163,15 @@ def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
     metavar="SECONDS",
     help="Time a new connection has to finish TLS and send its credentials.",
 )
+@click.option(
+    "--password-cache",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Remember a verified password this long (as a keyed hash in memory) so the same account's "
+    "next logins skip argon2; 0 turns it off.",
+)
 def serve(
     root: Path | None,
     host: str,
@@ -175,6 +184,7 @@ def serve(
     max_pending_logins_per_address: int,
     login_threads: int | None,
     login_timeout: float,
+    password_cache: float,
 ) -> None:
     """Run the ferry file server until Ctrl-C or SIGTERM.
 
@@ -197,6 +207,7 @@ def serve(
             max_pending_logins=max_pending_logins,
             max_pending_logins_per_address=max_pending_logins_per_address,
             login_timeout=login_timeout,
+            password_cache=password_cache,
         ),
     )
     if login_threads is not None:

@@ -26,6 +26,7 @@ from typing import Final
 from ferry.errors import AuthError
 from ferry.server.accounts import Accounts, User
 from ferry.server.credentials import Credentials
+from ferry.server.pwcache import VerifiedPasswords
 from ferry.server.throttle import Throttle
 from ferry.wire import RemoteProtocolError
 from ferry.wire import messages as m
@@ -74,6 +75,7 @@ class Authenticator:
         password_check: PasswordCheck,
         fail_delay: float = 0.3,
         throttle: Throttle | None = None,
+        verified: VerifiedPasswords | None = None,
     ) -> None:
         self.accounts = accounts
         self.credentials = Credentials(accounts)
@@ -84,6 +86,10 @@ class Authenticator:
         self.password_check = password_check
         self.fail_delay = fail_delay
         self.throttle = throttle if throttle is not None else Throttle()
+        #: passwords argon2 accepted a short while ago (ferry.server.pwcache); used on the loop thread only
+        self.verified = verified if verified is not None else VerifiedPasswords(0)
+        #: password checks running now, by (name, MAC of the password): see _verify_once
+        self._checking: dict[tuple[str, bytes], asyncio.Future[User]] = {}
 
     async def attempt(
         self,
@@ -123,12 +129,7 @@ class Authenticator:
         loop = asyncio.get_running_loop()
         result: Login | m.AuthKeyOk | None
         if isinstance(msg, m.Auth):
-            try:
-                # argon2 is deliberately slow: the login queue runs it in its own threads.
-                user = await self.password_check(gone, self.accounts.verify, msg.user, msg.password)
-                result = Login(user, "password")
-            except AuthError:
-                result = None
+            result = await self._check_password(msg, gone)
         elif isinstance(msg, m.AuthKey):
             result = await loop.run_in_executor(None, self._check_keys, msg, version, server_nonce)
         else:
@@ -139,6 +140,50 @@ class Authenticator:
             self.throttle.succeeded(address, result.user.name)
         assert result is not None
         return result
+
+    async def _check_password(self, msg: m.Auth, gone: asyncio.Future[None]) -> Login | None:
+        """A password login: from the cache of recently verified passwords, else through argon2."""
+        # The lookup is done for every name, known or not, so a miss costs the same either way.
+        loop = asyncio.get_running_loop()
+        user = await loop.run_in_executor(None, self.accounts.get, msg.user)
+        if user is not None and not user.disabled and self.verified.matches(user, msg.password):
+            return Login(user, "password")
+        try:
+            user = await self._verify_once(msg.user, msg.password, gone)
+        except AuthError:
+            return None
+        self.verified.remember(user, msg.password)
+        return Login(user, "password")
+
+    async def _verify_once(self, name: str, password: str, gone: asyncio.Future[None]) -> User:
+        """argon2 through the login queue. With the cache on, logins that arrive together with the
+        same name and password (a script's parallel commands, a burst of one account) share one
+        check instead of each queuing their own: the answer can only be the same."""
+        if not self.verified.enabled:
+            # argon2 is deliberately slow: the login queue runs it in its own threads.
+            return await self.password_check(gone, self.accounts.verify, name, password)
+        key = (name, self.verified.mac(name, password))
+        while (shared := self._checking.get(key)) is not None:
+            try:
+                return await asyncio.shield(shared)  # our own cancellation must not cancel theirs
+            except ConnectionResetError:
+                continue  # that client left before its check ran: check for ourselves
+        shared = asyncio.get_running_loop().create_future()
+        self._checking[key] = shared
+        try:
+            user = await self.password_check(gone, self.accounts.verify, name, password)
+        except BaseException as exc:
+            # A cancelled or departed leader tells its followers to check for themselves; a
+            # refusal (queue full) or a wrong password is their answer too.
+            err = exc if isinstance(exc, Exception) else ConnectionResetError("the login was cancelled")
+            shared.set_exception(err)
+            shared.exception()  # retrieved here: nobody may be following
+            raise
+        else:
+            shared.set_result(user)
+            return user
+        finally:
+            del self._checking[key]
 
     async def _failed(self, method: str, name: str, address: str, peer: str) -> None:
         counted = method != "key"  # see ferry.server.throttle: key offers cannot be guessed

@@ -19,6 +19,7 @@ from ferry.server.admission import Admission
 from ferry.server.auth import Authenticator
 from ferry.server.jail import MAX_DEPTH
 from ferry.server.login_queue import LoginQueue
+from ferry.server.pwcache import VerifiedPasswords
 from ferry.server.revocation import Revocation
 from ferry.server.throttle import Throttle
 from ferry.server.work import WorkPools
@@ -45,6 +46,9 @@ class Limits:
     #: seconds a password check may wait for a thread; a login that would wait longer (estimated
     #: from the recent cost of a check) is told ``busy`` at once. Below the client's 15 s timeout.
     login_wait: float = 12.0
+    #: seconds a password argon2 accepted is remembered (as a keyed MAC, ferry.server.pwcache) so
+    #: the same account's next logins skip argon2; 0 turns the cache off
+    password_cache: float = 600.0
     fd_reserve: int = 64  #: descriptors kept free: new connections are refused once fewer are left
     revocation_interval: float = 1.0  #: seconds between two checks for revoked logins
     write_high_water: int = 1 << 20  #: transport buffer above which writers wait (bounded memory)
@@ -192,6 +196,7 @@ class ServerContext:
             password_check=self.logins.check,
             fail_delay=self.limits.auth_fail_delay,
             throttle=self.throttle,
+            verified=VerifiedPasswords(self.limits.password_cache),
         )
         self.revocation = Revocation(self.accounts, interval=self.limits.revocation_interval)
 
