@@ -129,19 +129,32 @@ class Weed:
         _stop_pid(self.proc, timeout=3.0)
 
 
-def start_weed(folder: Path, *, bucket: str = "ferry", timeout: float = 60.0, attempts: int = 3) -> Weed:
+def start_weed(
+    folder: Path,
+    *,
+    bucket: str = "ferry",
+    timeout: float = 60.0,
+    attempts: int = 3,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Weed:
     """Start ``weed mini`` (see :func:`_start_weed_once`); a start that fails, e.g. because one of its ten
-    free ports was taken in between by another test run, is tried again with new ports."""
+    free ports was taken in between by another test run, is tried again with new ports. ``args`` are
+    more ``weed mini`` options and ``env`` more environment variables (benchmarks try tunings)."""
     for attempt in range(attempts):
         try:
-            return _start_weed_once(folder / f"try{attempt}", bucket=bucket, timeout=timeout)
+            return _start_weed_once(
+                folder / f"try{attempt}", bucket=bucket, timeout=timeout, args=args, env=env
+            )
         except ComponentMissing as exc:
             if attempt == attempts - 1 or "exited with status" not in str(exc):
                 raise
     raise AssertionError("unreachable")
 
 
-def _start_weed_once(folder: Path, *, bucket: str, timeout: float) -> Weed:
+def _start_weed_once(
+    folder: Path, *, bucket: str, timeout: float, args: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Weed:
     """Start ``weed mini`` with its data in ``folder``, S3 credentials required, on free loopback ports.
 
     Every port weed would open is given explicitly (its defaults are fixed numbers, and gRPC ports
@@ -165,6 +178,7 @@ def _start_weed_once(folder: Path, *, bucket: str, timeout: float) -> Weed:
     for name in names:
         ports[name] = free_port()
         ports[name + ".grpc"] = free_port()
+    extra = list(args)
     args = [binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     args += [f"-{name}.port={ports[name]}" for name in names]
     args += [f"-{name}.port.grpc={ports[name + '.grpc']}" for name in names]
@@ -180,11 +194,17 @@ def _start_weed_once(folder: Path, *, bucket: str, timeout: float) -> Weed:
         f"-bucket={bucket}",
         f"-filer.localSocket={folder / 'filer.sock'}",
         f"-s3.localSocket={folder / 's3.sock'}",
+        *extra,
     ]
     log = folder / "weed.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=folder
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=folder,
+            env=None if env is None else {**os.environ, **env},
         )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     weed = Weed(endpoint, bucket, access_key, secret_key, folder, proc, log, ports=ports)

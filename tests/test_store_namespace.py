@@ -206,3 +206,27 @@ def test_database_constraints_back_the_guarantees(pg_dsn: str) -> None:
             await conn.close()
 
     run(main())
+
+
+def test_a_pooled_operation_sends_no_reset_statement(pg_dsn: str) -> None:
+    """A stat is one statement: the pool does not add asyncpg's reset query (a round trip) each time a
+    connection goes back to it (bench/scale.py measured 13 statements per small-file commit with it, 10
+    without)."""
+    seen: list[str] = []
+
+    async def setup(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        conn.add_query_logger(lambda record: seen.append(record.query))
+
+    async def main() -> None:
+        ns = await Namespace.connect(pg_dsn, max_size=1, setup=setup)
+        try:
+            await ns.mkdir("u", ("d",))
+            seen.clear()
+            for _ in range(3):
+                await ns.stat("u", ("d",))
+        finally:
+            await ns.close()
+
+    run(main())
+    assert not [q for q in seen if "RESET ALL" in q or "pg_advisory_unlock_all" in q], seen
+    assert len(seen) == 3, seen

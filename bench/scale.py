@@ -1,0 +1,480 @@
+"""Benchmark (not a test): the scale-out groundwork (docs/scale-out.md, issue 14).
+
+Measures the primitives the object backend stands on, with the real components started here on
+loopback (SeaweedFS's ``weed mini`` from the dev extra, a PostgreSQL database created and dropped
+here), in one run, round-robin, medians of ``--reps``:
+
+* ``store``: put and get of 4 MiB chunks through :class:`ferry.store.chunks.ChunkStore` (the real
+  code: put-if-absent, BLAKE3 check on every get) with 1, 4, 8 and 16 requests in flight, and 4 KiB
+  objects with 32 in flight, against weed with its volumes on the disk and on a tmpfs (/dev/shm);
+  beside them the client-side limit (BLAKE3 of the same bytes in this process);
+* ``namespace``: per small-file commit (``ObjectStorage.store_small``) the database round trips
+  (statements counted by asyncpg's query logger, including BEGIN/COMMIT and the pool's reset on
+  release) and the object-store requests, and its time sequentially and with 16 in flight; the same
+  with the pool's reset query turned off; stat and a listing page; and a batching lower bound (100
+  node rows in one ``INSERT ... SELECT unnest(...)`` in one transaction);
+* ``servers``: N ``ferry serve --db`` processes sharing one PostgreSQL accounts database behind HAProxy
+  (TCP, round robin): C clients at once log in (token), put and get 4 KiB; ok/failed, wall time and
+  each server's CPU.
+
+    flock /work/bench.lock .venv/bin/python bench/scale.py                    # everything, 3 reps
+    .venv/bin/python bench/scale.py --parts store --reps 5 --big 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import blake3
+
+from _common import KiB, cpu_seconds, fmt_num, is_tmpfs, log, median, table
+from components import Weed, create_database, drop_database, start_weed
+from ferry.store.api import CHUNK_SIZE, ChunkRef
+from ferry.store.chunks import ChunkStore, S3Config
+
+# --- components -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def weed_at(base: Path, label: str) -> Iterator[Weed]:
+    """``weed mini`` with its data under ``base`` (stopped, and its folder removed, afterwards)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"ferry-bench-weed-{label}-", dir=base))
+    log(f"starting weed mini in {folder} ({'tmpfs' if is_tmpfs(folder) else 'disk'})")
+    weed = start_weed(folder)
+    try:
+        yield weed
+    finally:
+        weed.stop()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def chunk_store(weed: Weed, prefix: str, concurrency: int = 32, cls: type[ChunkStore] = ChunkStore) -> Any:
+    """The object backend's chunk store over ``weed`` (what a server would use)."""
+    config = S3Config(
+        bucket=weed.bucket,
+        prefix=prefix,
+        endpoint=weed.endpoint,
+        access_key=weed.access_key,
+        secret_key=weed.secret_key,
+        region=weed.region,
+    )
+    return cls(config.open(), config.prefix, concurrency=concurrency)
+
+
+class CountingChunkStore(ChunkStore):
+    """A chunk store that counts its requests (put, get, delete)."""
+
+    requests: Counter[str]
+
+    def count(self) -> Counter[str]:
+        """The counter (created on first use)."""
+        if not hasattr(self, "requests"):
+            self.requests = Counter()
+        return self.requests
+
+    async def put(self, ref: ChunkRef, data: bytes | memoryview) -> None:
+        self.count()["put"] += 1
+        await super().put(ref, data)
+
+    async def get(self, ref: ChunkRef) -> bytes:
+        self.count()["get"] += 1
+        return await super().get(ref)
+
+
+# --- part 1: the object store -----------------------------------------------------------------------
+
+_ids = iter(range(1, 1 << 62))
+
+
+async def bounded(jobs: list[Callable[[], Awaitable[Any]]], inflight: int) -> None:
+    """Run ``jobs`` with at most ``inflight`` at once."""
+    slots = asyncio.Semaphore(inflight)
+
+    async def one(job: Callable[[], Awaitable[Any]]) -> None:
+        async with slots:
+            await job()
+
+    await asyncio.gather(*(one(j) for j in jobs))
+
+
+class Timing:
+    """Wall time and CPU time (this process, and the store's process) of one measured step."""
+
+    def __init__(self, store_pid: int) -> None:
+        self.store_pid = store_pid
+
+    @contextlib.contextmanager
+    def measure(self, out: dict[str, float]) -> Iterator[None]:
+        wall, mine, theirs = time.perf_counter(), time.process_time(), cpu_seconds(self.store_pid) or 0.0
+        yield
+        out["wall"] = time.perf_counter() - wall
+        out["client_cpu"] = time.process_time() - mine
+        out["store_cpu"] = (cpu_seconds(self.store_pid) or 0.0) - theirs
+
+
+async def put_get(
+    store: ChunkStore, data: bytes, count: int, inflight: int, timing: Timing
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Put ``count`` objects of ``data`` (distinct keys), then get them all; the timings of both."""
+    digest = blake3.blake3(data).digest()
+    refs = [ChunkRef(next(_ids), 1, digest, len(data), False) for _ in range(count)]
+    put: dict[str, float] = {}
+    get: dict[str, float] = {}
+    with timing.measure(put):
+        await bounded([lambda r=r: store.put(r, data) for r in refs], inflight)  # type: ignore[misc]
+    with timing.measure(get):
+        await bounded([lambda r=r: store.get(r) for r in refs], inflight)  # type: ignore[misc]
+    for r in refs:
+        await store.delete(store.key(r))
+    return put, get
+
+
+def part_store(opts: argparse.Namespace) -> None:
+    """4 MiB chunks and 4 KiB objects against weed on disk and on tmpfs, round-robin."""
+    disk_base = Path(opts.disk_dir)
+    if is_tmpfs(disk_base):
+        log(f"note: {disk_base} is a tmpfs; give --disk-dir on a disk to compare")
+    big = os.urandom(CHUNK_SIZE)
+    small = os.urandom(4 * KiB)
+    results: dict[tuple[str, str], list[float]] = {}
+    with weed_at(disk_base, "disk") as on_disk, weed_at(Path("/dev/shm"), "tmpfs") as on_tmpfs:
+        weeds = {"disk": on_disk, "tmpfs": on_tmpfs}
+
+        async def run() -> None:
+            stores = {name: chunk_store(w, f"bench/{secrets.token_hex(4)}/") for name, w in weeds.items()}
+            timings = {name: Timing(w.proc.pid) for name, w in weeds.items()}
+
+            def note(name: str, what: str, value: float) -> None:
+                results.setdefault((name, what), []).append(value)
+
+            for name, store in stores.items():  # warm up: connections, first volumes
+                await put_get(store, big, 4, 4, timings[name])
+            for rep in range(opts.reps):
+                log(f"store: rep {rep + 1}/{opts.reps}")
+                for name, store in stores.items():
+                    for inflight in opts.inflight:
+                        put, get = await put_get(store, big, opts.big, inflight, timings[name])
+                        for verb, t in (("put", put), ("get", get)):
+                            note(name, f"{verb} 4 MiB, {inflight} in flight: MiB/s", opts.big * 4 / t["wall"])
+                            if inflight == max(opts.inflight):
+                                note(name, f"{verb} 4 MiB: store CPU ms per chunk", t["store_cpu"] * 1e3 / opts.big)
+                                note(name, f"{verb} 4 MiB: client CPU ms per chunk", t["client_cpu"] * 1e3 / opts.big)
+                    for inflight in (1, 32):
+                        put, get = await put_get(store, small, opts.small, inflight, timings[name])
+                        for verb, t in (("put", put), ("get", get)):
+                            note(name, f"{verb} 4 KiB, {inflight} in flight: per s", opts.small / t["wall"])
+                            if inflight == 32:
+                                note(name, f"{verb} 4 KiB: store CPU ms per object", t["store_cpu"] * 1e3 / opts.small)
+
+        asyncio.run(run())
+    t = time.perf_counter()
+    for _ in range(64):
+        blake3.blake3(big).digest()
+    hash_rate = 64 * 4 / (time.perf_counter() - t)
+    what = list(dict.fromkeys(k[1] for k in results))
+    rows = [[w, fmt_num(median(results[("disk", w)]), 1 if "CPU" in w else 0),
+             fmt_num(median(results[("tmpfs", w)]), 1 if "CPU" in w else 0)] for w in what]  # fmt: skip
+    print(f"\n## object store (weed mini, {opts.reps} reps, medians; {opts.big} x 4 MiB, {opts.small} x 4 KiB)\n")
+    print(table(["operation", "weed on disk", "weed on tmpfs"], rows, markdown=True))
+    print(f"\nclient-side limit: BLAKE3 of a 4 MiB chunk in this process, 1 thread: {hash_rate:,.0f} MiB/s")
+
+
+# --- part 2: the namespace ------------------------------------------------------------------------
+
+
+class Statements:
+    """Counts the statements (round trips) asyncpg sends, through its query logger."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.by_text: Counter[str] = Counter()
+
+    def __call__(self, record: Any) -> None:
+        self.count += 1
+        self.by_text[" ".join(str(record.query).split())[:60]] += 1
+
+
+class Phases:
+    """Time spent in some coroutine methods of some objects (wrapped on the instances)."""
+
+    def __init__(self, targets: dict[str, tuple[Any, str]]) -> None:
+        self.seconds: Counter[str] = Counter()
+        for label, (obj, method) in targets.items():
+            setattr(obj, method, self._timed(label, getattr(obj, method)))
+
+    def _timed(self, label: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(*args: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await fn(*args, **kw)
+            finally:
+                self.seconds[label] += time.perf_counter() - t
+
+        return wrapper
+
+
+async def _no_reset(conn: Any) -> None:
+    """A pool ``reset`` without a round trip (asyncpg's default sends a reset query on each release)."""
+
+
+@contextlib.asynccontextmanager
+async def storage(dsn: str, weed: Weed, *, reset: bool, stmts: Statements) -> AsyncIterator[Any]:
+    """An ObjectStorage over its own pool (statement counting on, the pool's reset on or off)."""
+    import asyncpg
+
+    from ferry.store.namespace import Namespace
+    from ferry.store.objects import ObjectStorage
+    from ferry.store.schema import migrate
+
+    async def init(conn: Any) -> None:
+        conn.add_query_logger(stmts)
+
+    pool = await asyncpg.create_pool(
+        dsn, min_size=2, max_size=16, init=init, reset=None if reset else _no_reset
+    )
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    store = chunk_store(weed, f"bench/{secrets.token_hex(4)}/", cls=CountingChunkStore)
+    try:
+        yield ObjectStorage(Namespace(pool), store)
+    finally:
+        await pool.close()
+
+
+async def small_files(st: Any, user: str, folder: str, count: int, inflight: int) -> float:
+    """Store ``count`` 4 KiB files in ``folder`` with ``inflight`` at once; seconds per file."""
+    await st.mkdir(user, (folder,), exist_ok=True)
+    datas = [secrets.token_bytes(4 * KiB) for _ in range(count)]
+    t = time.perf_counter()
+    await bounded(
+        [
+            lambda i=i: st.store_small(  # type: ignore[misc]
+                user, (folder, f"f{i:05d}"), datas[i], mode=0o644, mtime=1.7e9, overwrite=True, quota=None
+            )
+            for i in range(count)
+        ],
+        inflight,
+    )
+    return (time.perf_counter() - t) / count
+
+
+async def small_files_many_users(st: Any, users: list[str], count: int, inflight: int) -> float:
+    """Like :func:`small_files`, the files spread over ``users`` (no shared owner-row lock)."""
+    for u in users:
+        await st.mkdir(u, ("multi",), exist_ok=True)
+    datas = [secrets.token_bytes(4 * KiB) for _ in range(count)]
+    t = time.perf_counter()
+    await bounded(
+        [
+            lambda i=i: st.store_small(  # type: ignore[misc]
+                users[i % len(users)], ("multi", f"f{i:05d}"), datas[i], mode=0o644, mtime=1.7e9,
+                overwrite=True, quota=None,
+            )
+            for i in range(count)
+        ],
+        inflight,
+    )
+    return (time.perf_counter() - t) / count
+
+
+async def batched_nodes(st: Any, user: str, count: int, *, inline: bool) -> float:
+    """Lower bound of a batched commit of ``count`` small files: their node rows in one statement
+    in one transaction that also locks the owner and updates its usage once; with ``inline``, each
+    row also carries the file's 4 KiB (a ``bytea`` column the bench adds: content in the database,
+    no object per file). Seconds per file."""
+    ns = st.namespace
+    owner = await ns.owner_id(user)
+    folder = f"batch-{secrets.token_hex(4)}"
+    await st.mkdir(user, (folder,))
+    pool = ns._pool  # a benchmark of raw statements beside the real ones
+    await pool.execute("ALTER TABLE nodes ADD COLUMN IF NOT EXISTS bench_data bytea")
+    parent = await pool.fetchval("SELECT id FROM nodes WHERE owner_id = $1 AND name = $2", owner, folder)
+    names = [f"f{i:05d}" for i in range(count)]
+    datas = [secrets.token_bytes(4 * KiB) if inline else None for _ in range(count)]
+    t = time.perf_counter()
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT used FROM owners WHERE id = $1 FOR UPDATE", owner)
+        await conn.execute(
+            "INSERT INTO nodes (owner_id, parent_id, name, kind, size, mtime_ns, mode, bench_data) "
+            "SELECT $1, $2, n, 'f', 4096, 0, 420, d FROM unnest($3::text[], $4::bytea[]) AS x(n, d)",
+            owner,
+            parent,
+            names,
+            datas,
+        )
+        await conn.execute("UPDATE owners SET used = used + $2, files = files + $3 WHERE id = $1", owner,
+                           4096 * count, count)  # fmt: skip
+    return (time.perf_counter() - t) / count
+
+
+async def packed_object(st: Any, count: int) -> float:
+    """``count`` small files packed into one object (one put of ``count`` x 4 KiB); seconds per file."""
+    data = secrets.token_bytes(4 * KiB * count)
+    ref = ChunkRef(next(_ids), 1, blake3.blake3(data).digest(), len(data), False)
+    t = time.perf_counter()
+    await st.chunks.put(ref, data)
+    took = time.perf_counter() - t
+    await st.chunks.delete(st.chunks.key(ref))
+    return took / count
+
+
+async def round_trips(dsn: str, reps: int, count: int = 300) -> list[list[str]]:
+    """The database's primitive costs: a round trip, and a write transaction's commit (WAL flush)
+    with ``synchronous_commit`` on (PostgreSQL's default) and off."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_probe (id int PRIMARY KEY, v bigint)")
+        await conn.execute("INSERT INTO bench_probe VALUES (1, 0) ON CONFLICT DO NOTHING")
+        cases = [
+            ("round trip (SELECT 1)", "SELECT 1", "on"),
+            ("write transaction, synchronous_commit on (flush to disk)", "UPDATE bench_probe SET v = v + 1", "on"),
+            ("write transaction, synchronous_commit off", "UPDATE bench_probe SET v = v + 1", "off"),
+        ]
+        times: dict[str, list[float]] = {}
+        for _ in range(reps):
+            for label, sql, sync in cases:
+                await conn.execute(f"SET synchronous_commit = {sync}")
+                t = time.perf_counter()
+                for _ in range(count):
+                    await conn.execute(sql)
+                times.setdefault(label, []).append((time.perf_counter() - t) / count)
+        setting = await conn.fetchval("SHOW wal_sync_method")
+    finally:
+        await conn.close()
+    return [[label, f"{median(times[label]) * 1e3:.3f} ms", f"wal_sync_method {setting}" if "on (" in label else ""]
+            for label, _, _ in cases]  # fmt: skip
+
+
+def part_namespace(opts: argparse.Namespace) -> None:
+    """Round trips and time per small-file commit; reads; batching."""
+    name, dsn = create_database()
+    rows: list[list[str]] = []
+    try:
+        rows.extend(asyncio.run(round_trips(dsn, opts.reps)))
+        with weed_at(Path("/dev/shm"), "ns") as weed:
+
+            async def run() -> None:
+                for reset in (True, False):
+                    stmts = Statements()
+                    async with storage(dsn, weed, reset=reset, stmts=stmts) as st:
+                        user = f"u{secrets.token_hex(3)}"
+                        await st.usage(user)  # owner row and home made once, outside the counts
+                        await small_files(st, user, "warm", 20, 1)
+                        label = "pool reset on (asyncpg default)" if reset else "pool reset off"
+                        seq, par, many = [], [], []
+                        stmts.count, requests = 0, st.chunks.count()
+                        requests.clear()
+                        per_file_stmts = per_file_s3 = 0.0
+                        phases = Phases(
+                            {
+                                "claim the chunk row": (st.namespace, "claim_loose_chunk"),
+                                "put the object": (st.chunks, "put"),
+                                "mark it stored": (st.namespace, "mark_stored"),
+                                "commit (one transaction)": (st.namespace, "commit_small"),
+                            }
+                        )
+                        for rep in range(opts.reps):
+                            before, s3_before = stmts.count, sum(requests.values())
+                            phases.seconds.clear()
+                            seq.append(await small_files(st, user, f"seq{rep}", opts.files, 1))
+                            split = ", ".join(f"{k} {v / opts.files * 1e3:.2f}" for k, v in phases.seconds.items())
+                            log(f"sequential small-file commit, ms per file ({label}): {split}")
+                            per_file_stmts = (stmts.count - before - 1) / opts.files  # the mkdir: 1 tx
+                            per_file_s3 = (sum(requests.values()) - s3_before) / opts.files
+                            par.append(await small_files(st, user, f"par{rep}", opts.files, 16))
+                            users = [f"m{rep}x{i}{secrets.token_hex(2)}" for i in range(16)]
+                            many.append(await small_files_many_users(st, users, opts.files, 16))
+                        stat_t = []
+                        for _ in range(opts.reps):
+                            t = time.perf_counter()
+                            for i in range(200):
+                                await st.stat(user, ("seq0", f"f{i % opts.files:05d}"))
+                            stat_t.append((time.perf_counter() - t) / 200)
+                        before = stmts.count
+                        await st.stat(user, ("seq0", "f00000"))
+                        stat_stmts = stmts.count - before
+                        list_t = []
+                        for _ in range(opts.reps):
+                            t = time.perf_counter()
+                            await st.list_dir(user, ("seq0",), limit=1000)
+                            list_t.append(time.perf_counter() - t)
+                        batch = [await batched_nodes(st, user, 100, inline=False) for _ in range(opts.reps)]
+                        inline = [await batched_nodes(st, user, 100, inline=True) for _ in range(opts.reps)]
+                        packed = [await packed_object(st, 100) for _ in range(opts.reps)]
+                        rows.extend(
+                            [
+                                [f"small file (4 KiB) commit, sequential — {label}", f"{median(seq) * 1e3:.2f} ms",
+                                 f"{per_file_stmts:.1f} statements, {per_file_s3:.1f} S3 requests"],
+                                [f"small file commit, 16 in flight, one user — {label}", f"{median(par) * 1e3:.2f} ms", ""],
+                                [f"small file commit, 16 in flight, 16 users — {label}", f"{median(many) * 1e3:.2f} ms",
+                                 ""],
+                                [f"stat of a file two levels down — {label}", f"{median(stat_t) * 1e3:.2f} ms",
+                                 f"{stat_stmts} statements"],
+                                [f"list a folder of {opts.files} files (one page) — {label}",
+                                 f"{median(list_t) * 1e3:.1f} ms", ""],
+                                [f"batched commit of 100 files, node rows only — {label}",
+                                 f"{median(batch) * 1e3:.3f} ms", "4 statements per 100 files"],
+                                [f"batched commit of 100 files, 4 KiB inline in each row — {label}",
+                                 f"{median(inline) * 1e3:.3f} ms", "4 statements per 100 files, no object"],
+                                [f"100 files packed in one 400 KiB object — {label}",
+                                 f"{median(packed) * 1e3:.3f} ms", "1 S3 put per 100 files"],
+                            ]
+                        )  # fmt: skip
+                        if reset:
+                            top = stmts.by_text.most_common(12)
+                            log("statements seen (most frequent first):\n" + "\n".join(f"  {n:6d}  {q}" for q, n in top))
+
+            asyncio.run(run())
+    finally:
+        drop_database(name)
+    print(f"\n## namespace (PostgreSQL on loopback, weed on tmpfs, {opts.reps} reps, medians; time per file)\n")
+    print(table(["operation", "time", "round trips"], rows, markdown=True))
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="store,namespace", help="comma-separated: store, namespace")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--big", type=int, default=32, help="4 MiB objects per store run")
+    ap.add_argument("--small", type=int, default=500, help="4 KiB objects per store run")
+    ap.add_argument("--inflight", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--files", type=int, default=200, help="small files per namespace run")
+    ap.add_argument(
+        "--disk-dir",
+        default=tempfile.gettempdir(),
+        help="a folder on a disk, for weed's volumes in the disk case (default: the temporary folder)",
+    )
+    opts = ap.parse_args()
+    parts = {p.strip() for p in opts.parts.split(",") if p.strip()}
+    unknown = parts - {"store", "namespace"}
+    if unknown:
+        raise SystemExit(f"unknown part(s): {', '.join(sorted(unknown))}")
+    if "store" in parts:
+        part_store(opts)
+    if "namespace" in parts:
+        part_namespace(opts)
+
+
+if __name__ == "__main__":
+    main()
