@@ -44,7 +44,8 @@ import blake3
 from _common import KiB, cpu_seconds, fmt_num, is_tmpfs, log, median, table
 from components import Weed, create_database, drop_database, start_weed
 from ferry.store.api import CHUNK_SIZE, ChunkRef
-from ferry.store.chunks import ChunkStore, S3Config
+from ferry.store.chunks import ChunkStore
+from store_support import s3_config
 
 # --- components -------------------------------------------------------------------------------------
 
@@ -66,14 +67,7 @@ def weed_at(base: Path, label: str) -> Iterator[Weed]:
 
 def chunk_store(weed: Weed, prefix: str, concurrency: int = 32, cls: type[ChunkStore] = ChunkStore) -> Any:
     """The object backend's chunk store over ``weed`` (what a server would use)."""
-    config = S3Config(
-        bucket=weed.bucket,
-        prefix=prefix,
-        endpoint=weed.endpoint,
-        access_key=weed.access_key,
-        secret_key=weed.secret_key,
-        region=weed.region,
-    )
+    config = s3_config(weed, prefix)
     return cls(config.open(), config.prefix, concurrency=concurrency)
 
 
