@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FERRY, free_port
+from ferry.client.transfer import partial_path
+from ferry.fskit import is_partial_name
 from serve_process import ServeProcess, run_ferry
 
 MiB = 1 << 20
@@ -147,7 +149,7 @@ def test_put_get_files_and_trees(tls: Served, tmp_path: Path) -> None:
     # get with LOCAL omitted downloads into the current folder
     ok(s.ferry("get", "-q", *s.srv.scp(f"{base}/small.txt"), cwd=out / "down"))
     assert (out / "down" / "small.txt").read_text() == "hello ferry\n"
-    assert not list(out.rglob("*.ferry-part"))
+    assert not [p for p in out.rglob("*") if is_partial_name(p.name)]
 
     # folders need -r both ways
     p = s.ferry("get", *s.srv.scp(f"{base}/copy"), str(out))
@@ -303,7 +305,7 @@ def test_get_resumes_after_the_client_is_killed(tls: Served, tmp_path: Path) -> 
     make_big(s.home / "big-get.bin", 200)
     out = tmp_path / "out"
     out.mkdir()
-    part = out / ".big-get.bin.ferry-part"
+    part = partial_path(out / "big-get.bin")
     proc = subprocess.Popen(
         [*FERRY, "get", "-q", *s.srv.scp("big-get.bin"), str(out)], env=s.env, stdout=subprocess.DEVNULL
     )
@@ -345,7 +347,7 @@ def test_resume_and_no_resume_from_a_partial_download(tls: Served, tmp_path: Pat
     s = tls
     make_big(s.home / "mid.bin", 12)
     data = (s.home / "mid.bin").read_bytes()
-    part = tmp_path / ".mid.bin.ferry-part"
+    part = partial_path(tmp_path / "mid.bin")
     part.write_bytes(data[: 9 * MiB])  # two whole 4 MiB chunks and a bit
     (rec,) = json_lines(ok(s.ferry("get", "--json", *s.srv.scp("mid.bin"), str(tmp_path))))
     assert rec["resumed_from"] == 8 * MiB and rec["sent"] == 4 * MiB

@@ -41,17 +41,9 @@ from ferry.errors import (
     ServerBusy,
     TransferError,
 )
+from ferry.fskit import MAX_NAME_BYTES, is_partial_name, partial_name
 from ferry.server import jail as jail_mod
-from ferry.server.jail import (
-    MAX_NAME_BYTES,
-    MAX_PATH_BYTES,
-    Entry,
-    Jail,
-    is_partial_name,
-    parse_path,
-    partial_name,
-    translate_oserror,
-)
+from ferry.server.jail import MAX_PATH_BYTES, Entry, Jail, parse_path, translate_oserror
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the jail targets Linux")
 

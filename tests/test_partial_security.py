@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import RemoteError, TransferError
+from ferry.fskit import partial_name
 from ferry.hashing import ChunkHasher
-from ferry.server.jail import PARTIAL_XATTR, partial_name
+from ferry.server.jail import PARTIAL_XATTR
 from ferry.wire import messages as m
 from ferry_server import ServerThread
 from transfer_support import (

@@ -26,6 +26,7 @@ from typing import Literal
 from ferry import paths
 from ferry.errors import FerryError, HostKeyMismatch, UsageError
 from ferry.errtext import os_reason
+from ferry.fskit import store_atomically
 
 try:
     import fcntl
@@ -78,22 +79,9 @@ class KnownHosts:
             raise FerryError(f"cannot read {self.path}: {os_reason(exc)}") from exc
 
     def _write_lines(self, lines: list[str]) -> None:
-        """Replace the file atomically: temp file (0600) in the same folder, fsync, rename."""
-        import tempfile  # here, not at the top: it pulls shutil and random (~6 ms) into every command
-
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)  # 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Replace the file atomically: a new temp file (0600) in the same folder, fsync, rename."""
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        store_atomically(self.path, data, mode=0o600, fsync=True)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

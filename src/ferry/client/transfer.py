@@ -1,6 +1,6 @@
 """Client side of downloads and uploads: verify, resume, atomic local writes, bounded memory.
 
-Local writes go to ``.NAME.ferry-part`` next to the destination and are renamed only after every
+Local writes go to ``.NAME.ferry-part-get`` next to the destination and are renamed only after every
 chunk hash and the digest match the server's. An interrupted download leaves that partial; the next
 ``get`` hashes its whole chunks, sends the hashes, and the server continues after the matching ones.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import stat as statmod
@@ -21,6 +22,7 @@ from typing import Any
 from ferry.client.mux import Mux, Route
 from ferry.client.receive import DownloadWriter, RawPayload
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
+from ferry.fskit import RESUME_FLAGS, partial_name
 from ferry.hashing import (
     DEFAULT_CHUNK,
     ChunkHasher,
@@ -39,7 +41,8 @@ Progress = Callable[[int, int], None]
 BLOCK = 1 << 20
 INLINE_MAX = 1 << 18  # files up to 256 KiB travel inside the PutFile message: one frame, no round trip
 QUEUE_DEPTH = 64  # data pieces buffered per transfer before the reader pushes back
-PART = ".ferry-part"
+#: The token of a download's partial file (one per destination: resuming finds it again).
+DOWNLOAD_TOKEN = "get"
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,10 @@ class TransferResult:
 
 
 def partial_path(dest: Path) -> Path:
-    """Where the unverified download of ``dest`` is kept (hidden, next to it: same filesystem)."""
-    return dest.with_name(f".{dest.name}{PART}")
+    """Where the unverified download of ``dest`` is kept: hidden, next to it (same filesystem, so
+    the final rename is atomic), named like every partial file (:func:`ferry.fskit.partial_name`,
+    which keeps the name within 255 bytes however long the file's own name is)."""
+    return dest.with_name(partial_name(dest.name, DOWNLOAD_TOKEN))
 
 
 async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -230,7 +235,15 @@ def _open_partial(part: Path, dest: Path) -> int:
     same file at the same time would truncate it under the first (on resume), and the first could
     then rename a file with a hole after verifying only the bytes it received."""
     for _ in range(8):
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(part, RESUME_FLAGS, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW: never write through a link planted there
+                raise TransferError(
+                    f"{dest}: a symbolic link is in the place of its partial download {part.name}; "
+                    "ferry does not write through it (remove it)"
+                ) from exc
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             st, now = os.fstat(fd), os.stat(part)

@@ -18,7 +18,6 @@ permission) do not stop the tree; they are reported together at the end as a Tra
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import itertools
@@ -36,6 +35,7 @@ from ferry.client.mux import Mux
 from ferry.client.transfer import Progress, TransferResult, get_file, put_file
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.errtext import os_reason
+from ferry.fskit import DIR_FLAGS, READ_FLAGS, DirCache, partial_name, store_atomically
 from ferry.hashing import HashName, small_digest
 from ferry.textsafe import safe_name
 from ferry.wire import messages as m
@@ -58,11 +58,6 @@ MAX_DIR_FDS = 32
 #: Per-file failures named in the final error (the rest are counted).
 SHOWN_ERRORS = 10
 
-# O_NOFOLLOW: a symlink already in the destination (``sub -> /elsewhere``) must not let the server's
-# ``sub/x`` land outside it.
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def safe_relative(name: str) -> bool:
@@ -77,6 +72,23 @@ def _is_link(dir_fd: int, name: str) -> bool:
         return statmod.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
         return False
+
+
+def _open_local_dir(parent: int, name: str, rel: str) -> int:
+    """Open local folder ``name`` in ``parent``, created if missing; a symlink in its place is
+    refused (the tree goes on without what belongs in it)."""
+    try:
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o777, dir_fd=parent)
+            return os.open(name, DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR (ELOOP on some systems).
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(parent, name):
+            raise _link_refused(rel) from exc
+        raise
 
 
 def _tally(progress: Progress | None, total: list[int], n: int) -> None:
@@ -156,46 +168,20 @@ class _LocalTree:
         os.makedirs(root, exist_ok=True)
         self.root = root
         self.hash = hash
-        # The destination itself was named by the user: it may be a link (``~/dl -> /data``).
-        self._root_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)
-        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # The destination itself was named by the user: it may be a link (``~/dl -> /data``). Below
+        # it, O_NOFOLLOW: a symlink already in the destination (``sub -> /elsewhere``) must not let
+        # the server's ``sub/x`` land outside it.
+        self._dirs = DirCache(os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW), _open_local_dir, MAX_DIR_FDS)
         self._tag = secrets.token_hex(4)
         self._seq = itertools.count()
 
     def close(self) -> None:
         """Close every folder descriptor (idempotent)."""
-        while self._fds:
-            os.close(self._fds.popitem()[1])
-        if self._root_fd >= 0:
-            os.close(self._root_fd)
-            self._root_fd = -1
+        self._dirs.close()
 
     def _dir(self, rel: str) -> int:
         """Descriptor of local folder ``rel`` (created if missing, like ``mkdir -p``)."""
-        if not rel:
-            return self._root_fd
-        fd = self._fds.get(rel)
-        if fd is not None:
-            self._fds.move_to_end(rel)
-            return fd
-        parent_rel, _, name = rel.rpartition("/")
-        parent = self._dir(parent_rel)
-        try:
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, 0o777, dir_fd=parent)
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except OSError as exc:
-            # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR (ELOOP on some systems).
-            if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(parent, name):
-                raise _link_refused(rel) from exc
-            raise
-        self._fds[rel] = fd
-        while len(self._fds) > MAX_DIR_FDS:  # the parent just used is second newest: never evicted
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
+        return self._dirs.get(rel)
 
     def write(self, items: list[m.TreeItem]) -> _Written:
         """Create the folders and verified files of one batch; raises on the first hard failure."""
@@ -243,29 +229,14 @@ class _LocalTree:
                 "written, run the command again"
             )
         rel_dir, _, name = it.path.rpartition("/")
-        dfd = self._dir(rel_dir)
-        temp = f".{name}.ferry-part-{self._tag}{next(self._seq)}"
-        if len(temp) > 63 and len(os.fsencode(temp)) > 255:  # (63 characters are at most 252 bytes)
-            temp = f".ferry-part-{self._tag}{next(self._seq)}"
-        fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=dfd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, it.mode & 0o777 or 0o644)
-            os.utime(fd, (it.mtime, it.mtime))
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=dfd)
-            raise
-        os.close(fd)
-        try:
-            os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # only now does the name appear
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=dfd)
-            raise
+        store_atomically(  # only once complete does the name appear
+            name,
+            data,
+            dir_fd=self._dir(rel_dir),
+            mode=it.mode & 0o777 or 0o644,
+            mtime=it.mtime,
+            temp=partial_name(name, f"{self._tag}{next(self._seq)}"),
+        )
 
 
 async def get_tree(
@@ -399,7 +370,7 @@ class _LocalScan:
 
     def _file(self, path: str, rel: str) -> m.TreeItem | None:
         try:
-            fd = os.open(path, _READ_FLAGS)
+            fd = os.open(path, READ_FLAGS)
         except OSError as exc:
             self.failures.add(f"{safe_name(path)}: {exc.strerror or exc}")
             return None

@@ -30,10 +30,8 @@ import collections
 import contextlib
 import ctypes
 import errno
-import hashlib
 import itertools
 import os
-import re
 import secrets
 import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -42,13 +40,24 @@ from types import TracebackType
 from typing import Final, Generic, Literal, TypeVar
 
 from ferry.errors import FerryError, NotFound, RemoteError
+from ferry.fskit import (
+    DIR_FLAGS,
+    MAX_NAME_BYTES,
+    NEW_PARTIAL_FLAGS,
+    PARTIAL_MARK,
+    READ_FLAGS,
+    TEMP_FLAGS,
+    DirCache,
+    is_partial_name,
+    partial_name,
+    store_atomically,
+)
 from ferry.textsafe import safe_name
 from ferry.wire.codes import ErrorCode
 
 __all__ = [
     "MAX_DEPTH",
     "MAX_PATH_BYTES",
-    "PARTIAL_MARK",
     "PARTIAL_XATTR",
     "Entry",
     "EntryKind",
@@ -59,35 +68,14 @@ __all__ = [
     "TreeFailure",
     "TreeFile",
     "TreeScan",
-    "is_partial_name",
     "join_path",
     "parse_path",
-    "partial_name",
     "refuse_reserved",
     "translate_oserror",
 ]
 
 #: Longest client path accepted, in bytes of UTF-8 (Linux's PATH_MAX). Bounds the work per request.
 MAX_PATH_BYTES: Final = 4096
-#: Longest single name (NAME_MAX on every Linux filesystem we care about).
-MAX_NAME_BYTES: Final = 255
-#: Marker in the names of partial (in-progress) uploads: ``.<name>.ferry-part-<token>``.
-PARTIAL_MARK: Final = ".ferry-part-"
-
-# A resume token is chosen by the client; keep it to a safe alphabet so it can never smuggle a '/'.
-_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PARTIAL_RE: Final = re.compile(r"\..+\.ferry-part-[A-Za-z0-9_-]{1,64}", re.DOTALL)
-
-_CLOEXEC: Final = os.O_CLOEXEC
-# O_RDONLY (not O_PATH) so the same descriptor also works for os.scandir() and fsync().
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
-# O_NONBLOCK: opening a FIFO for reading must not wait for a writer; O_NOCTTY: a tty in the home must
-# never become our controlling terminal. Both are harmless for regular files.
-_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
-_TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
-# A new partial file: read-write (resuming means hashing the prefix already received), and always a
-# fresh inode (O_EXCL), never an existing file or a link planted under that name.
-_NEW_PARTIAL_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 
 #: Extended attribute set on every partial file the server creates; its value is the partial's own
 #: name. Survives a restart (it lives with the inode), so resume after a restart still works; a
@@ -223,28 +211,14 @@ def join_path(parts: Sequence[str]) -> str:
     return "/".join(parts)
 
 
-def is_partial_name(name: str) -> bool:
-    """True if ``name`` (a single component) looks like a ferry partial upload (``.x.ferry-part-T``).
-
-    Listings hide such names by default. A user's own file that happens to match is hidden too; the
-    pattern is unusual enough that this is accepted.
-    """
-    return _PARTIAL_RE.fullmatch(name) is not None
-
-
-def partial_name(name: str, token: str) -> str:
-    """The partial-upload name for final name ``name`` and token ``token``: ``.<name>.ferry-part-<token>``.
-
-    If that would exceed the 255-byte name limit, ``<name>`` is replaced by a hash of it, so the result
-    is still deterministic (needed for resume) and still recognised by :func:`is_partial_name`.
-    """
-    if _TOKEN_RE.fullmatch(token) is None:
-        raise ErrorCode.BAD_PATH.error("invalid resume token (use 1-64 letters, digits, '-' or '_')")
-    candidate = f".{name}{PARTIAL_MARK}{token}"
-    if len(os.fsencode(candidate)) <= MAX_NAME_BYTES:
-        return candidate
-    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
-    return f".{digest}{PARTIAL_MARK}{token}"
+def _resume_name(name: str, token: str) -> str:
+    """The partial name of an upload to ``name`` with the client's resume ``token`` (see
+    :func:`ferry.fskit.partial_name`; listings hide such names); a token outside the safe alphabet
+    is refused (``bad-path``) here too, whoever called."""
+    try:
+        return partial_name(name, token)
+    except ValueError:
+        raise ErrorCode.BAD_PATH.error("invalid resume token (use 1-64 letters, digits, '-' or '_')") from None
 
 
 def refuse_reserved(name: str, path: str) -> None:
@@ -287,7 +261,7 @@ def _is_genuine_partial(fd: int, st: os.stat_result, pname: str) -> bool:
 def _reopen_rw(ro: int, st: os.stat_result) -> int:
     """Open the inode of read-only descriptor ``ro`` again, read-write, without a name lookup
     (``/proc/self/fd``): the inode that was checked is the one opened for writing."""
-    fd = os.open(f"/proc/self/fd/{ro}", os.O_RDWR | os.O_NOCTTY | _CLOEXEC)
+    fd = os.open(f"/proc/self/fd/{ro}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     if _ident(os.fstat(fd)) != _ident(st):  # cannot happen through /proc; never write if it did
         os.close(fd)
         raise ErrorCode.CHANGED.error("a partial file changed while it was opened; try again")
@@ -449,7 +423,7 @@ class _DirChain:
     def push(self, name: str) -> None:
         """Enter subdirectory ``name`` of the current directory (raises OSError as ``os.open``)."""
         parent = self.top()
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent)
         try:
             ident = _ident(os.fstat(fd))
         except BaseException:
@@ -469,7 +443,7 @@ class _DirChain:
         parent = -1
         if self._fds[-2] < 0:
             # The parent was evicted: reopen it through the directory we are leaving (still open).
-            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            parent = os.open("..", DIR_FLAGS, dir_fd=fd)
             try:
                 if _ident(os.fstat(parent)) != self._ids[-2]:
                     raise _changed()
@@ -527,7 +501,7 @@ class Jail:
         self._max_open_dirs = max_open_dirs
         self._max_depth = max(1, max_depth)
         try:
-            self._fd = os.open(self._home_path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+            self._fd = os.open(self._home_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise ErrorCode.NO_HOME.error(f"home folder {self._home_path!r} does not exist") from exc
         except OSError as exc:
@@ -582,7 +556,7 @@ class Jail:
         creates it at the same moment, the open that follows decides.
         """
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
         except FileNotFoundError as exc:
             if create_mode is None:
                 raise translate_oserror(exc, prefix) from exc
@@ -816,7 +790,7 @@ class Jail:
             raise ErrorCode.IS_A_DIRECTORY.error("your home folder is a folder, not a file")
         with _translating(path), self._parent(parts) as (pfd, name):
             _require_regular(os.stat(name, dir_fd=pfd, follow_symlinks=False), path)
-            fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
+            fd = os.open(name, READ_FLAGS, dir_fd=pfd)
             try:
                 _require_regular(os.fstat(fd), path)
                 os.set_blocking(fd, True)
@@ -840,7 +814,7 @@ class Jail:
             for _ in range(16):
                 temp = partial_name(name, secrets.token_hex(8))
                 try:
-                    fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
+                    fd = os.open(temp, TEMP_FLAGS, 0o600, dir_fd=pfd)
                 except FileExistsError:
                     continue  # astronomically unlikely with 64 random bits; just pick another
                 return fd, join_path((*parts[:-1], temp))
@@ -881,14 +855,14 @@ class Jail:
         refuse_reserved(parts[-1], path)
         with _translating(path), self._parent(parts) as (pfd, name):
             _refuse_existing_dir(pfd, name, path)
-            pname = partial_name(name, token)
+            pname = _resume_name(name, token)
             prel = join_path((*parts[:-1], pname))
             for _ in range(8):  # bounded: each retry means the name changed under us
                 try:
                     st = os.stat(pname, dir_fd=pfd, follow_symlinks=False)
                 except FileNotFoundError:
                     try:
-                        fd = os.open(pname, _NEW_PARTIAL_FLAGS, 0o600, dir_fd=pfd)
+                        fd = os.open(pname, NEW_PARTIAL_FLAGS, 0o600, dir_fd=pfd)
                     except FileExistsError:
                         continue  # created meanwhile: look at it again
                     _mark_partial(fd, pname)
@@ -896,7 +870,7 @@ class Jail:
                 # Checked before opening, so a device planted under the name is never opened.
                 _require_regular(st, prel)
                 try:
-                    ro = os.open(pname, _READ_FLAGS, dir_fd=pfd)
+                    ro = os.open(pname, READ_FLAGS, dir_fd=pfd)
                 except FileNotFoundError:
                     continue
                 try:
@@ -1102,7 +1076,7 @@ class Jail:
                 pass  # older libc, or the entry became a symlink: the path below decides
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 raise ErrorCode.NOT_A_FILE.error(f"{_show(path)} is not a regular file or folder")
-            fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
+            fd = os.open(name, READ_FLAGS, dir_fd=pfd)
             try:
                 os.fchmod(fd, mode)
             finally:
@@ -1259,7 +1233,7 @@ class TreeScan(_FolderScan[TreeRecord]):
                 continue
             path = f"{rel}/{name}" if rel else name
             try:
-                fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+                fd = os.open(name, READ_FLAGS, dir_fd=dfd)
             except OSError as exc:  # vanished (not-found), no permission, swapped for a symlink (ELOOP)
                 yield TreeFailure(path, translate_oserror(exc, self._client_path(path)))
                 continue
@@ -1367,10 +1341,11 @@ class TreeDirs:
         if self._depth_left < 0:
             raise _too_deep(path, jail._max_depth, "below your home; ferry creates no deeper folder")
         with _translating(path):
-            self._root = jail._walk(self._base, create_mode=0o777)
-        #: folder (relative to the root, validated) -> its descriptor, least recently used first
-        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self._limit = max(2, limit)
+            root = jail._walk(self._base, create_mode=0o777)
+        #: the tree's folders (relative to its root, validated), opened from the nearest one open
+        self._dirs = DirCache(
+            root, lambda fd, name, sub: jail._open_dir_at(fd, name, self.client_path(sub), 0o777), limit
+        )
         # Temp names: a random tag per tree plus a counter, instead of fresh random bytes per file.
         self._tag = secrets.token_hex(6)
         self._seq = itertools.count()
@@ -1378,40 +1353,18 @@ class TreeDirs:
     def _open(self, rel: str) -> int:
         """The descriptor of folder ``rel`` (already validated by :func:`parse_path`), opened (and
         created) from its nearest cached ancestor down: a loop, not a recursion, however deep."""
-        if not rel:
-            return self._root
-        fd = self._fds.get(rel)
+        fd = self._dirs.cached(rel)
         if fd is not None:
-            self._fds.move_to_end(rel)
             return fd
         if rel.count("/") >= self._depth_left:
             raise _too_deep(
                 self.client_path(rel), self._jail._max_depth, "below your home; ferry creates no deeper folder"
             )
-        # The nearest ancestor already open (a tree sends folders before their contents: usually
-        # the parent), else the tree's root.
-        end = rel.rfind("/")
-        while end > 0 and rel[:end] not in self._fds:
-            end = rel.rfind("/", 0, end)
-        fd = self._root if end <= 0 else self._fds[rel[:end]]
-        while True:
-            nxt = rel.find("/", end + 1)
-            sub = rel if nxt < 0 else rel[:nxt]
-            name = sub[end + 1 :] if end > 0 else sub
-            fd = self._jail._open_dir_at(fd, name, self.client_path(sub), 0o777)
-            self._fds[sub] = fd
-            while len(self._fds) > self._limit:  # the folder just opened is the newest: never evicted
-                os.close(self._fds.popitem(last=False)[1])
-            if nxt < 0:
-                return fd
-            end = nxt
+        return self._dirs.get(rel)
 
     def _folder(self, rel: str) -> int:
-        if not rel:
-            return self._root
-        fd = self._fds.get(rel)
+        fd = self._dirs.cached(rel)
         if fd is not None:  # only validated names are ever cached
-            self._fds.move_to_end(rel)
             return fd
         if not parse_path(rel):  # "." (parse_path's spelling of the home): not a folder name here
             raise ErrorCode.BAD_PATH.error("'.' components are not allowed; drop the './'")
@@ -1455,9 +1408,7 @@ class TreeDirs:
         path = self.client_path(rel)
         refuse_reserved(name, path)
         pfd = self._folder(rel_dir)
-        temp = f".{name}{PARTIAL_MARK}{self._tag}{next(self._seq):x}"
-        if len(temp) > 63 and len(os.fsencode(temp)) > MAX_NAME_BYTES:
-            temp = partial_name(name, f"{self._tag}{next(self._seq):x}")
+        temp = partial_name(name, f"{self._tag}{next(self._seq):x}")
         with _translating(path):
             return _store_small_at(
                 pfd,
@@ -1474,11 +1425,7 @@ class TreeDirs:
 
     def close(self) -> None:
         """Close every descriptor (idempotent)."""
-        while self._fds:
-            os.close(self._fds.popitem()[1])
-        if self._root >= 0:
-            os.close(self._root)
-            self._root = -1
+        self._dirs.close()
 
 
 def _store_small_at(
@@ -1516,26 +1463,15 @@ def _store_small_at(
             replaced = st.st_size
     if admit is not None:
         admit(replaced)
-    if temp is None:
-        temp = partial_name(name, secrets.token_hex(8))
-    fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fchmod(fd, mode & 0o777)
-        os.utime(fd, (mtime, mtime))
-    except BaseException:
-        os.close(fd)
-        os.unlink(temp, dir_fd=pfd)
-        raise
-    os.close(fd)
-    try:
-        _rename(pfd, temp, pfd, name, overwrite=overwrite)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=pfd)
-        raise
+    store_atomically(
+        name,
+        data,
+        dir_fd=pfd,
+        mode=mode & 0o777,
+        mtime=mtime,
+        temp=temp,
+        rename=lambda _s, src, _d, dst: _rename(pfd, src, pfd, dst, overwrite=overwrite),
+    )
     return replaced
 
 
@@ -1546,7 +1482,7 @@ def _replace_name(pfd: int, name: str, pname: str) -> int:
     for _ in range(16):
         private = partial_name(name, secrets.token_hex(8))
         try:
-            fd = os.open(private, _NEW_PARTIAL_FLAGS, 0o600, dir_fd=pfd)
+            fd = os.open(private, NEW_PARTIAL_FLAGS, 0o600, dir_fd=pfd)
         except FileExistsError:
             continue  # astronomically unlikely with 64 random bits; pick another
         try:
@@ -1627,7 +1563,7 @@ def _refuse_existing_dir(pfd: int, name: str, path: str) -> None:
 def _only_partials(pfd: int, name: str) -> bool:
     """True if folder ``name`` in ``pfd`` holds only partial uploads (for a clearer message)."""
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
     except OSError:
         return False
     try:

@@ -22,8 +22,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from ferry.errors import FerryError
+from ferry.fskit import is_partial_name
 from ferry.server.context import ServerContext
-from ferry.server.jail import Jail, is_partial_name
+from ferry.server.jail import Jail
 
 
 @dataclass(frozen=True)

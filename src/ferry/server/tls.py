@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final
 from ferry import paths
 from ferry.errors import FerryError
 from ferry.errtext import os_reason
+from ferry.fskit import write_new
 from ferry.tlsbase import TLS12_CIPHERS, fingerprint
 
 if TYPE_CHECKING:
@@ -133,16 +134,6 @@ def generate_certificate(hostnames: Iterable[str] = DEFAULT_HOSTNAMES) -> tuple[
     return cert_pem, key_pem
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits; also make 0600 exact
-        os.write(fd, data)
-        os.fsync(fd)  # so a crash right after the rename cannot leave an empty key
-    finally:
-        os.close(fd)
-
-
 def ensure_certificate(root: Path, hostnames: Iterable[str] = DEFAULT_HOSTNAMES) -> tuple[Path, Path]:
     """Return ``(cert, key)`` under ``<root>/tls/``, generating them on first start.
 
@@ -170,8 +161,8 @@ def ensure_certificate(root: Path, hostnames: Iterable[str] = DEFAULT_HOSTNAMES)
         moved = False
         try:
             new_key, new_cert = staging / key.name, staging / cert.name
-            _write_file(new_key, key_pem, paths.PRIVATE_FILE_MODE)
-            _write_file(new_cert, cert_pem, 0o644)  # public anyway
+            write_new(new_key, key_pem, mode=paths.PRIVATE_FILE_MODE, fsync=True)  # no empty key after a crash
+            write_new(new_cert, cert_pem, mode=0o644, fsync=True)  # public anyway
             try:
                 # Atomic "both or nothing": fails if tls/ exists and is not empty.
                 os.rename(staging, paths.tls_dir(root))

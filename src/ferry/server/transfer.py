@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import stat
 import time
@@ -29,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ferry.errors import IntegrityError, RemoteError
+from ferry.fskit import TOKEN_RE, partial_name
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
 from ferry.server.files import current_usage, jail_of, log_op
-from ferry.server.jail import join_path, parse_path, partial_name, translate_oserror
+from ferry.server.jail import join_path, parse_path, translate_oserror
 from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 SMALL = 1 << 18  # files up to 256 KiB are read, hashed and sent in one step
 BLOCK = 1 << 20  # TLS read/write block: large enough to amortise per-frame costs
 SENDFILE_BLOCK = 1 << 26  # plain TCP: one data frame per 64 MiB handed to sendfile
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 # --- download ------------------------------------------------------------------------------
@@ -450,7 +449,7 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
         # repeats the check atomically: a file may still appear while the data is on its way.)
         raise ErrorCode.EXISTS.error(f"{msg.path} already exists")
     token = msg.token or secrets.token_hex(8)
-    if not _TOKEN.match(token):
+    if not TOKEN_RE.fullmatch(token):
         raise RemoteProtocolError("bad upload token")
     session.check_id_free(msg.id)  # a second upload under one id would leak the first one's fd
     cap = session.ctx.limits.max_uploads
