@@ -190,3 +190,94 @@ def test_two_basis_files_partial_resume(tmp_path: Path) -> None:
             os.close(fd)
     assert (tmp_path / "out").read_bytes() == new
     assert enc.literal <= MiB + cdc.MAX_SIZE
+
+
+def test_encoder_with_a_precomputed_index(tmp_path: Path) -> None:
+    """An index computed beforehand (while the receiver listed its basis) gives the same ops and
+    digest; only literal chunks are read, and one that changed since is detected."""
+    old = rand(4 * MiB, 50)
+    new = old[:MiB] + rand(300_000, 51) + old[MiB:]
+    (tmp_path / "new").write_bytes(new)
+    basis = cdc.index_bytes(old).hashes
+    fd = os.open(tmp_path / "new", os.O_RDWR)
+    try:
+        index = cdc.index_fd(fd)
+        plain, given = DeltaEncoder(fd, len(new), basis), DeltaEncoder(fd, len(new), basis, index=index)
+        for enc in (plain, given):
+            done = False
+            while not done:
+                _batch, done = enc.next_batch()
+        assert plain.digest == given.digest and plain.literal == given.literal
+        os.pwrite(fd, b"changed!", MiB + 10)  # inside a literal chunk
+        with pytest.raises(cdc.FileChanged):
+            enc = DeltaEncoder(fd, len(new), basis, index=index)
+            while not enc.next_batch()[1]:
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_stopped_index_and_short_hashes(tmp_path: Path) -> None:
+    """Chunking stopped early (the basis arrived) covers a prefix and goes on where it stopped with
+    the same chunks; a basis of hashes cut to 12 bytes finds the same matches."""
+    import threading
+
+    old = rand(6 * MiB, 60)
+    new = old[: 2 * MiB] + rand(500_000, 61) + old[2 * MiB :]
+    (tmp_path / "new").write_bytes(new)
+    full = cdc.index_bytes(old)
+    fd = os.open(tmp_path / "new", os.O_RDONLY)
+    try:
+        stop = threading.Event()
+        stop.set()
+        prefix = cdc.index_fd(fd, len(new), stop=stop)
+        assert 0 < prefix.size < len(new) and prefix.count == 1
+        results = []
+        for width, index in ((32, None), (32, prefix), (cdc.BASIS_WIDTH, prefix)):
+            enc = DeltaEncoder(fd, len(new), cdc.truncate(full.hashes, width), width=width, index=index)
+            while not enc.next_batch()[1]:
+                pass
+            results.append((enc.digest, enc.literal, enc.copied))
+        assert results[0] == results[1] == results[2]
+        assert results[0][0] == cdc.index_bytes(new).digest
+        assert len(cdc.truncate(full.hashes, 12)) == 12 * full.count
+    finally:
+        os.close(fd)
+
+
+def test_packed_tree_batches_are_bounded_and_validated() -> None:
+    from ferry.compress import pack_block, tree_batch, tree_records
+    from ferry.wire import messages as m
+    from ferry.wire.errors import MalformedMessage
+
+    items = [m.TreeItem(path=f"d/f{i}.txt", kind="file", size=10, data=b"x" * 10, digest=b"d") for i in range(50)]
+    packed = tree_batch(7, items, True, pack=True)
+    assert packed.packed and not packed.items and tree_records(packed) == items
+    assert tree_batch(7, items, True, pack=False).items == items
+    bomb = pack_block(b"\0" * (m.TREE_UNPACKED_MAX + 1))  # unpacks past the limit
+    assert bomb is not None
+    for bad in (
+        m.TreeItems(id=1, packed=b"not zstd"),
+        m.TreeItems(id=1, packed=bomb),
+        m.TreeItems(id=1, packed=pack_block(b"\x91\xc1" * 100) or b""),  # not records
+        m.TreeItems(id=1, items=items[:1], packed=packed.packed),  # both
+    ):
+        with pytest.raises(MalformedMessage):
+            tree_records(bad)
+
+
+def test_hash_cache_is_bounded_by_bytes() -> None:
+    """Chunk indexes grow with their files: the server's cache evicts by bytes, not only by count."""
+    from ferry.server.context import HashCache
+
+    cache = HashCache(max_entries=100, max_bytes=100_000)
+    big = cdc.ChunkIndex.from_hashes(1 << 30, [1 << 16] * 2000, [b"h" * 32] * 2000)  # ~72 KB
+    cache.put_index(("a",), big)
+    cache.put_index(("b",), big)  # both do not fit: the older goes
+    assert cache.get_index(("a",)) is None and cache.get_index(("b",)) is big
+    assert cache.size <= 100_000
+    huge = cdc.ChunkIndex.from_hashes(1 << 40, [1 << 16] * 5000, [b"h" * 32] * 5000)
+    cache.put_index(("c",), huge)  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get_index(("c",)) is None and cache.get_index(("b",)) is big
+    cache.put(("d",), [b"x" * 32] * 10)
+    assert cache.get(("d",)) is not None and cache.get_index(("d",)) is None

@@ -144,8 +144,12 @@ def test_put_get_files_and_trees(tls: Served, tmp_path: Path) -> None:
     assert (out / "renamed.txt").read_text() == "hello ferry\n"
     ok(s.ferry("get", "-r", "-q", *s.srv.scp(f"{base}/copy"), str(out / "down")))
     same_tree(tree, out / "down")
-    ok(s.ferry("get", "-r", "-q", s.srv.remote(f"{base}/copy/"), str(out)))
+    ok(s.ferry("get", "-r", "-q", s.srv.remote(f"{base}/copy"), str(out)))
     same_tree(tree, out / "copy")
+    # a trailing slash means "the contents of" (as rsync): into an existing folder, not nested
+    (out / "flat").mkdir()
+    ok(s.ferry("get", "-r", "-q", s.srv.remote(f"{base}/copy/"), str(out / "flat")))
+    same_tree(tree, out / "flat")
     # get with LOCAL omitted downloads into the current folder
     ok(s.ferry("get", "-q", *s.srv.scp(f"{base}/small.txt"), cwd=out / "down"))
     assert (out / "down" / "small.txt").read_text() == "hello ferry\n"

@@ -29,14 +29,18 @@ chunker, never memory-mapped: a file truncated while mapped would kill the proce
 from __future__ import annotations
 
 import os
+import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import blake3
-from pyfastcdc import FastCDC
 
 from ferry.errors import TransferError
+
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
 
 #: FastCDC parameters (bytes). Changing them changes every index: they are part of the index's name.
 AVG_SIZE = 1 << 16
@@ -47,12 +51,35 @@ SCHEME = "fastcdc2020-64k-blake3"
 HASH_SIZE = 32
 _DIGEST_TAG = b"ferry-cdc-1"
 
-_chunker = FastCDC(AVG_SIZE, min_size=MIN_SIZE, max_size=MAX_SIZE)
+_chunkers: list[FastCDC] = []
+
+
+def _chunker() -> FastCDC:
+    """The FastCDC cutter, created (and pyfastcdc imported, ~40 ms) on first use: a no-op sync
+    or a plain ``ls`` never needs it."""
+    if not _chunkers:
+        from pyfastcdc import FastCDC
+
+        _chunkers.append(FastCDC(AVG_SIZE, min_size=MIN_SIZE, max_size=MAX_SIZE))
+    return _chunkers[0]
 
 
 def chunk_hash(data: bytes | bytearray | memoryview) -> bytes:
     """The hash of one chunk (BLAKE3, 32 bytes)."""
     return blake3.blake3(data).digest()
+
+
+#: Bytes of each chunk hash a receiver sends as its basis (the default of sync): enough that two
+#: different chunks of one transfer never look alike by chance (96 bits), and a mistake would
+#: still be caught by the content digest of the result; a third of a full hash on the wire.
+BASIS_WIDTH = 12
+
+
+def truncate(hashes: bytes, width: int) -> bytes:
+    """Concatenated chunk hashes cut to their first ``width`` bytes each (``width`` 32: as they are)."""
+    if width >= HASH_SIZE:
+        return hashes
+    return b"".join(hashes[i : i + width] for i in range(0, len(hashes), HASH_SIZE))
 
 
 def index_digest(size: int, hashes: bytes) -> bytes:
@@ -131,29 +158,42 @@ class _PreadReader:
 
 
 def iter_chunks(
-    fd: int, size: int, *, on_read: Callable[[int], None] | None = None
+    fd: int, size: int, *, start: int = 0, on_read: Callable[[int], None] | None = None
 ) -> Iterator[tuple[int, memoryview]]:
-    """``(offset, data)`` of each content-defined chunk of the first ``size`` bytes of ``fd``.
+    """``(offset, data)`` of each content-defined chunk of bytes ``[start, size)`` of ``fd``.
 
-    ``data`` is valid only until the next chunk is produced (copy it to keep it). A file that is
-    shorter than ``size`` yields fewer bytes: callers compare the total with what they expected.
+    ``start`` must be a chunk boundary (0, or where an earlier pass stopped): a cut point depends
+    only on the bytes from its chunk's start, so chunking from there gives the same chunks as a
+    pass from 0. ``data`` is valid only until the next chunk is produced (copy it to keep it). A
+    file that is shorter than ``size`` yields fewer bytes: callers compare the total with what they
+    expected.
     """
-    if size <= 0:
+    if size <= start:
         return
-    for ch in _chunker.cut_stream(_PreadReader(fd, 0, size, on_read)):
-        yield ch.offset, ch.data
+    chunks: Any = _chunker().cut_stream(_PreadReader(fd, start, size, on_read))
+    for ch in chunks:
+        yield start + ch.offset, ch.data
 
 
 def chunk_buffer(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, memoryview]]:
     """``(offset, data)`` of each content-defined chunk of an in-memory buffer."""
-    for ch in _chunker.cut_buf(data):
+    for ch in _chunker().cut_buf(data):
         yield ch.offset, ch.data
 
 
-def index_fd(fd: int, size: int | None = None, *, on_read: Callable[[int], None] | None = None) -> ChunkIndex:
+def index_fd(
+    fd: int,
+    size: int | None = None,
+    *,
+    on_read: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> ChunkIndex:
     """Chunk and hash the file open as ``fd`` (its first ``size`` bytes, default: all of it).
 
-    Raises :class:`FileChanged` when the file turns out shorter than ``size`` (it shrank meanwhile).
+    With ``stop``, the work ends at the first chunk boundary after it is set: the index then
+    covers a prefix of the file (its ``size`` says how much), and :func:`iter_chunks` can go on
+    from there. Raises :class:`FileChanged` when the file turns out shorter than ``size`` (it
+    shrank meanwhile).
     """
     if size is None:
         size = os.fstat(fd).st_size
@@ -164,6 +204,8 @@ def index_fd(fd: int, size: int | None = None, *, on_read: Callable[[int], None]
         lengths.append(len(data))
         parts.append(blake3.blake3(data).digest())
         total += len(data)
+        if stop is not None and stop.is_set():
+            return ChunkIndex(total, lengths, b"".join(parts))
     if total != size:
         raise FileChanged(f"the file shrank while it was being read (at byte {total} of {size})")
     return ChunkIndex(size, lengths, b"".join(parts))

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import blake3
 
-from ferry.cdc import HASH_SIZE, MAX_SIZE, ChunkIndex, FileChanged, index_digest, iter_chunks
+from ferry.cdc import HASH_SIZE, MAX_SIZE, ChunkIndex, FileChanged, index_digest, iter_chunks, truncate
 from ferry.compress import RAW, ZSTD, Compressor, Decompressor
 from ferry.errors import IntegrityError, TransferError
 
@@ -39,6 +39,12 @@ COPY = 0  #: op kind: copy basis chunks
 BATCH_BYTES = 1 << 18
 #: Ops triples per batch.
 BATCH_OPS = 4096
+#: Bytes of copies after which a batch goes out even with little literal data: the receiver starts
+#: copying while the sender is still chunking (a 1 GiB file with a small change is one long copy).
+COPY_FLUSH = 32 << 20
+#: Most bytes of basis chunks copied with one read (a run of chunks contiguous in one file; one
+#: chunk is at most 256 KiB, so a run always holds at least one).
+_RUN = 4 << 20
 
 
 class BasisChanged(TransferError):
@@ -60,6 +66,12 @@ class DeltaEncoder:
     :attr:`index` is the new version's chunk index and :attr:`digest` its content digest. Counts:
     :attr:`copied` bytes the receiver already had, :attr:`literal` bytes sent, :attr:`wire` bytes of
     payload after compression.
+
+    With ``index`` (the file's chunk index, computed beforehand: e.g. while the receiver was still
+    listing its basis, or from a cache) the file is not chunked again: only the literal chunks are
+    read, each checked against its hash (a file changed since it was indexed raises
+    :class:`~ferry.cdc.FileChanged`). The index may cover only a prefix of the file (chunking was
+    stopped when the basis arrived): the rest is chunked as it is sent.
     """
 
     def __init__(
@@ -68,15 +80,24 @@ class DeltaEncoder:
         size: int,
         basis: bytes,
         *,
+        width: int = HASH_SIZE,
         compress: bool = False,
-        on_read: Callable[[int], None] | None = None,
+        index: ChunkIndex | None = None,
     ) -> None:
         self.size = size
-        # First position of each basis hash (a hash listed twice: either copy is as good).
+        self._fd = fd
+        self._width = width
+        # First position of each basis hash (a hash listed twice: either copy is as good). The
+        # receiver may send its hashes cut to ``width`` bytes: they are looked up cut as well.
         self._where: dict[bytes, int] = {}
-        for i in range(len(basis) // HASH_SIZE - 1, -1, -1):
-            self._where[basis[i * HASH_SIZE : (i + 1) * HASH_SIZE]] = i
-        self._chunks = iter_chunks(fd, size, on_read=on_read)
+        for i in range(len(basis) // width - 1, -1, -1):
+            self._where[basis[i * width : (i + 1) * width]] = i
+        if index is not None and index.size > size:
+            raise ValueError("the index is of another version of the file")
+        self._given = index if index is not None and index.size == size else None
+        self._chunks: Iterator[tuple[int, memoryview | bytes, bytes]] = (
+            self._indexed(index) if index is not None else self._chunked(0)
+        )
         self._compressor = Compressor() if compress else None
         self._lengths = array("I")
         self._hashes: list[bytes] = []
@@ -85,6 +106,29 @@ class DeltaEncoder:
         self.literal = 0
         self.wire = 0
         self.index: ChunkIndex | None = None
+
+    def _chunked(self, start: int) -> Iterator[tuple[int, memoryview | bytes, bytes]]:
+        for _off, chunk in iter_chunks(self._fd, self.size, start=start):
+            yield len(chunk), chunk, blake3.blake3(chunk).digest()
+
+    def _indexed(self, index: ChunkIndex) -> Iterator[tuple[int, memoryview | bytes, bytes]]:
+        """The chunks of a given index (the bytes read only for chunks the receiver lacks), then
+        those of the rest of the file, if the index covers only a prefix."""
+        pos = 0
+        for i, n in enumerate(index.lengths):
+            h = index.hash(i)
+            data: bytes = b""
+            if self._lookup(h) is None:
+                data = os.pread(self._fd, n, pos)
+                if len(data) != n or blake3.blake3(data).digest() != h:
+                    raise FileChanged(f"the file changed since it was indexed (at byte {pos})")
+            yield n, data, h
+            pos += n
+        yield from self._chunked(pos)
+
+    def _lookup(self, h: bytes) -> int | None:
+        """The basis chunk with hash ``h``, if the receiver has one."""
+        return self._where.get(h[: self._width])
 
     @property
     def digest(self) -> bytes:
@@ -96,16 +140,16 @@ class DeltaEncoder:
         """The next batch of ops, and whether it is the last one."""
         batch = Batch()
         ops, data = batch.ops, batch.data
-        where = self._where
-        for _off, chunk in self._chunks:
-            n = len(chunk)
-            h = blake3.blake3(chunk).digest()
+        lookup = self._lookup
+        copied = 0
+        for n, chunk, h in self._chunks:
             self._lengths.append(n)
             self._hashes.append(h)
             self._total += n
-            i = where.get(h)
+            i = lookup(h)
             if i is not None:
                 self.copied += n
+                copied += n
                 # Extend the previous copy when this chunk follows it in the basis too.
                 if ops and ops[-3] == COPY and ops[-2] + ops[-1] == i:
                     ops[-1] += 1
@@ -120,11 +164,11 @@ class DeltaEncoder:
                 ops += (kind, n, len(payload) if kind == ZSTD else 0)
                 data += payload
                 self.wire += len(payload)
-            if len(data) >= BATCH_BYTES or len(ops) >= 3 * BATCH_OPS:
+            if len(data) >= BATCH_BYTES or len(ops) >= 3 * BATCH_OPS or copied >= COPY_FLUSH:
                 return batch, False
         if self._total != self.size:
             raise FileChanged(f"the file shrank while it was being sent ({self._total} of {self.size} bytes)")
-        self.index = ChunkIndex(self.size, self._lengths, b"".join(self._hashes))
+        self.index = self._given or ChunkIndex(self.size, self._lengths, b"".join(self._hashes))
         return batch, True
 
 
@@ -174,17 +218,20 @@ class Assembler:
         self._new_lengths = array("I")
         self._new_hashes: list[bytes] = []
         self._unpack = Decompressor()
+        self._buf: memoryview | None = None
         self.copied = 0
-        self.received = 0
+        self.received = 0  #: literal bytes received (unpacked)
+        self.wire = 0  #: the bytes they took on the wire (packed)
 
     @property
     def basis_count(self) -> int:
         """How many chunks the basis offers."""
         return len(self._lengths)
 
-    def basis_hashes(self) -> bytes:
-        """The concatenated hashes of the basis chunks, in announced order."""
-        return self._basis_hashes
+    def basis_hashes(self, width: int = HASH_SIZE) -> bytes:
+        """The concatenated hashes of the basis chunks, in announced order (cut to ``width`` bytes
+        each, as sent to the sender; copies are still checked against the full hashes)."""
+        return truncate(self._basis_hashes, width)
 
     def apply(self, ops: Sequence[int], data: bytes | memoryview) -> None:
         """Write the chunks one batch of ops describes."""
@@ -206,6 +253,7 @@ class Assembler:
                 raise IntegrityError("malformed delta: literal data shorter than its ops say")
             chunk = self._unpack.unpack(kind, view[used : used + take], a)
             used += take
+            self.wire += take
             self._write(chunk)
             self._new_lengths.append(a)
             self._new_hashes.append(blake3.blake3(chunk).digest())
@@ -220,13 +268,17 @@ class Assembler:
             # Read a run of chunks that are contiguous in one basis file with one pread (<= 4 MiB).
             k, first = files[i], offsets[i]
             j, span = i, 0
-            while j < end and files[j] == k and offsets[j] == first + span and span < (4 << 20):
+            while j < end and files[j] == k and offsets[j] == first + span and span + lengths[j] <= _RUN:
                 span += lengths[j]
                 j += 1
-            buf = os.pread(self._fds[k], span, first)
-            if len(buf) != span:
-                raise BasisChanged("the old version of the file changed while the new one was being built")
-            view = memoryview(buf)
+            # One buffer for every run: fresh memory for each (page faults) costs more than the copy.
+            view = self._buffer()[:span]
+            got = 0
+            while got < span:
+                n = os.preadv(self._fds[k], [view[got:]], first + got)
+                if n <= 0:
+                    raise BasisChanged("the old version of the file changed while the new one was being built")
+                got += n
             pos = 0
             for c in range(i, j):
                 n = lengths[c]
@@ -239,6 +291,11 @@ class Assembler:
             self._write(view)
             self.copied += span
             i = j
+
+    def _buffer(self) -> memoryview:
+        if self._buf is None:
+            self._buf = memoryview(bytearray(_RUN))
+        return self._buf
 
     def _write(self, data: bytes | memoryview) -> None:
         if self.pos + len(data) > self.size:
@@ -260,3 +317,10 @@ class Assembler:
         if index_digest(self.size, index.hashes) != digest:
             raise IntegrityError("the assembled file does not match the sender's digest; nothing was kept")
         return index
+
+
+def basis_id(hashes: bytes) -> bytes:
+    """What names a basis on the wire (``DeltaPut.basis``): the BLAKE3 of its concatenated chunk
+    hashes. The receiver recomputes it from its current files before using them: a basis that
+    changed since it was listed is refused instead of misread."""
+    return blake3.blake3(hashes).digest()

@@ -25,8 +25,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
-
 from ferry.errors import UsageError
 
 #: Longest rule list accepted (also the wire limit of ScanTree.rules).
@@ -53,6 +51,9 @@ def _compile(line: str) -> _Rule | None:
         body = body.rstrip("/")
     if not body:
         return None
+    # Imported here: ~50 ms, and a sync without filters never needs it.
+    from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
+
     try:
         pattern = GitIgnoreSpecPattern(body)
     except (ValueError, TypeError) as exc:

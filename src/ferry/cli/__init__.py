@@ -36,13 +36,14 @@ _COMMANDS: dict[str, str] = {
     "df": "ferry.cli.files:df",
     "shell": "ferry.cli.shell:shell",
     "known-hosts": "ferry.cli.known_hosts:known_hosts",
+    "sync": "ferry.cli.sync_cmd:sync",
 }
 
 #: Commands that have nothing left for the interpreter's teardown when they return (connection
 #: closed, files renamed or closed, worker threads joined, no atexit hooks), so main() ends them
 #: with os._exit; None: no subcommand ran (--version, --help, a usage error). Not shell (it keeps a
 #: client thread and readline), serve, user or net.
-_ONE_SHOT = frozenset({None, "get", "put", "ls", "stat", "mkdir", "rm", "mv", "df", "exec"})
+_ONE_SHOT = frozenset({None, "get", "put", "ls", "stat", "mkdir", "rm", "mv", "df", "exec", "sync"})
 
 
 class LazyGroup(click.Group):

@@ -90,9 +90,10 @@ class Common:
         return Output(quiet=self.quiet, json_mode=self.json, progress=progress)
 
 
-def common_options(f: F) -> F:
+def common_options(f: F, *, short_identity: bool = True) -> F:
     """Add ``-P/--port``, ``--plain``, the login options (``-i``, ``--token-file``,
-    ``--password-file``, ``-v``), ``-q/--quiet``, ``--json``; pass ``common``."""
+    ``--password-file``, ``-v``), ``-q/--quiet``, ``--json``; pass ``common``. ``short_identity``
+    False: no ``-i`` for the identity file (see :func:`~ferry.cli.login_opts.login_options`)."""
 
     @click.option(
         "-P",
@@ -108,7 +109,7 @@ def common_options(f: F) -> F:
         default=None,
         help="Read the password from the first line of FILE (else $FERRY_PASSWORD, else a prompt).",
     )
-    @login_options
+    @functools.partial(login_options, short_identity=short_identity)
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
     @click.option("--json", "json_mode", is_flag=True, help="One JSON object per result on standard output.")
     @functools.wraps(f)
@@ -146,6 +147,36 @@ def transfer_options(f: F) -> F:
         help="Integrity hash (md5 only for peers or tools that need it).",
     )(f)
     return f
+
+
+def speed_options(f: F) -> F:
+    """Add ``-z/--compress``, ``--bwlimit RATE`` and ``--force``."""
+    f = click.option(
+        "--force", is_flag=True, help="With -r: send every file again, even those already there and unchanged."
+    )(f)
+    f = click.option("--bwlimit", metavar="RATE", help="Limit the bandwidth (bytes/s; K, M, G suffixes: 10M).")(f)
+    f = click.option("-z", "--compress", is_flag=True, help="Compress file data (zstd, per chunk, where it helps).")(f)
+    return f
+
+
+def parse_rate(text: str | None) -> int | None:
+    """``--bwlimit`` values: bytes per second with an optional K, M or G suffix (binary: ``10M`` is
+    10 MiB/s); ``0`` or nothing means no limit."""
+    if text is None:
+        return None
+    t = text.strip().upper().removesuffix("/S").removesuffix("B")
+    factor = 1
+    for suffix, f in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if t.endswith(suffix):
+            t, factor = t[:-1], f
+            break
+    try:
+        value = float(t)
+    except ValueError:
+        raise UsageError(f"--bwlimit {text!r}: write a rate like 500K, 10M or 1.5G (bytes per second)") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise UsageError(f"--bwlimit {text!r}: a rate must be a positive number")
+    return int(value * factor) or None
 
 
 # --- locations and paths ------------------------------------------------------------------------------
@@ -342,19 +373,29 @@ async def do_get(
     hash_name: str,
     resume: bool,
     shown: str,
+    contents: bool = False,
+    force: bool = False,
+    compress: bool = False,
 ) -> None:
     """Download ``rpath`` to ``local`` (a file or a tree with ``recursive``) and report it.
 
     ``local`` may be an existing folder: the download goes inside it under the remote name (as with
-    ``cp``/``scp``).
+    ``cp``/``scp``); ``contents`` (the remote path ended in ``/``) puts a folder's contents there
+    instead. A tree goes through the sync machinery (files already there and unchanged are skipped,
+    partial ones resumed) unless the server is too old for it.
     """
     is_dir = await is_remote_dir(client, rpath) if recursive else False
     if is_dir:
         dest = Path(local)
-        if dest.is_dir() and rpath:
+        if dest.is_dir() and rpath and not contents:
             dest = dest / remote_basename(rpath)
-        with out.progress(safe_name(remote_basename(rpath) or "home")) as cb:
-            result: Any = await client.get_tree(rpath, dest, hash=as_hash(hash_name), progress=cb)
+        with out.job_progress(safe_name(remote_basename(rpath) or "home")) as (cb, on_file):
+            result: Any
+            if supports_sync(client):
+                src = ":" + (f"{rpath}/" if rpath else "")
+                result = await _sync_tree(client, out, src, dest, force, compress, cb, on_file)
+            else:
+                result = await client.get_tree(rpath, dest, hash=as_hash(hash_name), progress=cb)
     else:
         dest = Path(local)
         if dest.is_dir():
@@ -363,15 +404,75 @@ async def do_get(
             raise UsageError(f"{local}: no such local folder to download into")
         try:
             with out.progress(safe_name(remote_basename(rpath))) as cb:
-                result = await client.get(
-                    rpath, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
-                )
+                if compress and supports_sync(client):
+                    result = await _compressed(client, rpath, dest, cb, upload=False)
+                else:
+                    result = await client.get(
+                        rpath, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
+                    )
         except IsADirectory as exc:
             raise UsageError(f"{safe_name(shown)} is a folder: use -r to download a folder") from exc
     out.result(
         transfer_summary("get", shown, str(dest), result),
         transfer_record("get", shown, str(dest), result, hash_name),
     )
+    _raise_failures(result)
+
+
+def supports_sync(client: AsyncClient) -> bool:
+    """True if the server speaks the sync requests (re-runs skip unchanged files)."""
+    from ferry.client.sync import supports_sync as supported
+
+    return supported(client)
+
+
+async def _sync_tree(
+    client: AsyncClient,
+    out: Output,
+    src: str | Path,
+    dest: str | Path,
+    force: bool,
+    compress: bool,
+    progress: Any,
+    on_file: Any,
+) -> Any:
+    """A get -r / put -r through the sync machinery (the contents of ``src`` into ``dest``, no
+    deletions); single failures are noted as they happen, the summary counts them."""
+
+    def report(item: Any) -> None:
+        if item.error:
+            out.note(f"ferry: {safe_name(item.path or '.')}: {safe_name(item.error)}")
+
+    return await client.sync(
+        src, dest, force=force, compress=compress, progress=progress, on_file=on_file, on_item=report
+    )
+
+
+def _raise_failures(result: Any) -> None:
+    """Exit status 5 after a tree transfer in which single files failed (everything else was done)."""
+    failed = getattr(result, "failed", 0)
+    if failed:
+        shown = "; ".join(f"{safe_name(i.path or '.')}: {safe_name(i.error)}" for i in result.items if i.error)
+        raise TransferError(f"{failed} item(s) could not be transferred: {shown[:2000]}; everything else was")
+
+
+async def _compressed(client: AsyncClient, src: str | Path, dst: str | Path, cb: Any, *, upload: bool) -> Any:
+    """``get -z`` / ``put -z`` of one file: a delta transfer with zstd-packed chunks (an older copy
+    at the destination, or an interrupted download's partial, is its basis)."""
+    import time as _time
+
+    from ferry.client.delta import delta_get, delta_put
+    from ferry.client.transfer import TransferResult
+
+    t0 = _time.monotonic()
+    if upload:
+        size = Path(src).stat().st_size
+        moved = await delta_put(client.mux, Path(src), str(dst), compress=True, progress=cb)
+    else:
+        moved = await delta_get(client.mux, str(src), Path(dst), compress=True, progress=cb)
+        size = Path(dst).stat().st_size
+    # "sent": what crossed the network (packed), as for any transfer
+    return TransferResult(str(dst if upload else src), size, moved.wire, 0, _time.monotonic() - t0, "")
 
 
 async def do_put(
@@ -385,12 +486,15 @@ async def do_put(
     resume: bool,
     into_dir: bool,
     shown: Callable[[str], str],
+    force: bool = False,
+    compress: bool = False,
 ) -> None:
     """Upload each of ``sources`` to ``base``: into it when it is a folder, else as it.
 
     ``into_dir`` says the user meant a folder (several sources, or a trailing ``/``). A missing
     ``base`` is then an error, except for a single source folder, which is created as ``base``
-    (as ``cp -r DIR NEW/`` does).
+    (as ``cp -r DIR NEW/`` does). A source folder written with a trailing ``/`` sends its contents
+    into the destination instead. Trees go through the sync machinery (see :func:`do_get`).
     """
     from ferry.wire.codes import ErrorCode  # connected by now: the wire layer is loaded anyway
 
@@ -404,21 +508,31 @@ async def do_put(
         if not p.exists():
             raise UsageError(f"{src}: no such local file or folder")
         name = os.path.basename(os.path.abspath(src))
-        dest = join_remote(base, name) if target_dir else base
+        contents = p.is_dir() and src.endswith("/")
+        dest = join_remote(base, name) if target_dir and not contents else base
         if p.is_dir():
             if not recursive:
                 raise UsageError(f"{src} is a folder: use -r to upload a folder")
-            with out.progress(safe_name(name)) as cb:
-                result: Any = await client.put_tree(p, dest, hash=as_hash(hash_name), progress=cb)
+            with out.job_progress(safe_name(name)) as (cb, on_file):
+                if supports_sync(client):
+                    result: Any = await _sync_tree(
+                        client, out, os.path.join(src, ""), ":" + dest, force, compress, cb, on_file
+                    )
+                else:
+                    result = await client.put_tree(p, dest, hash=as_hash(hash_name), progress=cb)
         else:
             with out.progress(safe_name(name)) as cb:
-                result = await client.put(
-                    p, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
-                )
+                if compress and supports_sync(client):
+                    result = await _compressed(client, p, dest, cb, upload=True)
+                else:
+                    result = await client.put(
+                        p, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
+                    )
         out.result(
             transfer_summary("put", src, shown(dest), result),
             transfer_record("put", src, shown(dest), result, hash_name),
         )
+        _raise_failures(result)
 
 
 def as_hash(name: str) -> HashName:
@@ -488,9 +602,13 @@ async def get_many(
     hash_name: str,
     resume: bool,
     shown: Callable[[str], str],
+    contents: frozenset[str] = frozenset(),
+    force: bool = False,
+    compress: bool = False,
 ) -> None:
     """Download remote ``paths`` (patterns expanded on the server) to ``local``: into it when
-    there are several (it must be a folder then), to standard output for ``-`` (one file)."""
+    there are several (it must be a folder then), to standard output for ``-`` (one file).
+    ``contents``: the paths given with a trailing ``/`` (a folder's contents go into ``local``)."""
     sources = await expand_remote(client, paths, shown)
     if local == "-":
         if len(sources) != 1:
@@ -501,7 +619,17 @@ async def get_many(
         raise UsageError(f"{local}: no such local folder (several files go into an existing folder)")
     for src in sources:
         await do_get(
-            client, out, src, local, recursive=recursive, hash_name=hash_name, resume=resume, shown=shown(src)
+            client,
+            out,
+            src,
+            local,
+            recursive=recursive,
+            hash_name=hash_name,
+            resume=resume,
+            shown=shown(src),
+            contents=src in contents,
+            force=force,
+            compress=compress,
         )
 
 
@@ -516,20 +644,36 @@ def split_get_operands(operands: tuple[str, ...]) -> tuple[list[str], str]:
 @click.argument("operands", nargs=-1, required=True, metavar="REMOTE... [LOCAL]")
 @click.option("-r", "--recursive", is_flag=True, help="Download folder trees.")
 @transfer_options
+@speed_options
 @common_options
-def get(operands: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool, common: Common) -> None:
+def get(
+    operands: tuple[str, ...],
+    recursive: bool,
+    hash_name: str,
+    no_resume: bool,
+    compress: bool,
+    bwlimit: str | None,
+    force: bool,
+    common: Common,
+) -> None:
     """Download REMOTE ([USER@]HOST:PATH or ferry://USER@HOST:PORT/PATH) to LOCAL (default: here).
 
     Several REMOTEs (on one server) and patterns ('HOST:logs/*.log', expanded by the server)
     go into LOCAL, which must then be a folder. Data is verified chunk by chunk; an interrupted
     download is continued by running the same command again (unless --no-resume). A file appears
     under its final name only when complete. LOCAL '-' writes one file to standard output
-    (verified at the end; no resume).
+    (verified at the end; no resume). With -r, a re-run skips the files already there and
+    unchanged (size and mtime); a REMOTE folder ending in '/' puts its contents into LOCAL.
     """
     remotes, local = split_get_operands(operands)
     locs = [remote_location(r, common.port) for r in remotes]
     loc = same_server(locs)
     out = common.output()
+    rate = parse_rate(bwlimit)
+    # A folder written with a trailing '/' means its contents (as with rsync).
+    contents = frozenset(
+        one.path for spec, one in zip(remotes, locs, strict=True) if parse_location(spec).path.endswith("/") and one.path
+    )
     if local == "-" and recursive:
         raise UsageError("get -r writes folders, not standard output: give a local folder")
 
@@ -538,6 +682,8 @@ def get(operands: tuple[str, ...], recursive: bool, hash_name: str, no_resume: b
 
     async def main() -> None:
         async with connected(loc, common) as client:
+            if rate:
+                client.set_bwlimit(rate)
             await get_many(
                 client,
                 out,
@@ -547,6 +693,9 @@ def get(operands: tuple[str, ...], recursive: bool, hash_name: str, no_resume: b
                 hash_name=hash_name,
                 resume=not no_resume,
                 shown=shown,
+                contents=contents,
+                force=force,
+                compress=compress,
             )
 
     run(main(), resumable=local != "-")
@@ -556,8 +705,18 @@ def get(operands: tuple[str, ...], recursive: bool, hash_name: str, no_resume: b
 @click.argument("paths", nargs=-1, required=True, metavar="LOCAL... REMOTE")
 @click.option("-r", "--recursive", is_flag=True, help="Upload folders (their whole trees).")
 @transfer_options
+@speed_options
 @common_options
-def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool, common: Common) -> None:
+def put(
+    paths: tuple[str, ...],
+    recursive: bool,
+    hash_name: str,
+    no_resume: bool,
+    compress: bool,
+    bwlimit: str | None,
+    force: bool,
+    common: Common,
+) -> None:
     """Upload LOCAL files (folders with -r) to REMOTE ([USER@]HOST:PATH or ferry://...).
 
     If REMOTE is an existing folder (or the home, HOST:), each LOCAL goes inside it under its own
@@ -570,6 +729,7 @@ def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool
     loc = remote_location(target, common.port)
     out = common.output()
     raw_path = parse_location(target).path
+    rate = parse_rate(bwlimit)
     if "-" in sources:
         if len(sources) > 1 or recursive:
             raise UsageError("'-' (standard input) must be the only LOCAL, without -r")
@@ -580,6 +740,8 @@ def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool
 
     async def main() -> None:
         async with connected(loc, common) as client:
+            if rate:
+                client.set_bwlimit(rate)
             await do_put(
                 client,
                 out,
@@ -590,6 +752,8 @@ def put(paths: tuple[str, ...], recursive: bool, hash_name: str, no_resume: bool
                 resume=not no_resume,
                 into_dir=len(sources) > 1 or raw_path.endswith("/"),
                 shown=lambda p: show_remote(loc, p),
+                force=force,
+                compress=compress,
             )
 
     run(main(), resumable=True)

@@ -14,8 +14,11 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def login_options(f: F) -> F:
-    """Add ``-i/--identity FILE`` (repeatable), ``--token-file FILE`` and ``-v/--verbose``."""
+def login_options(f: F, *, short_identity: bool = True) -> F:
+    """Add ``-i/--identity FILE`` (repeatable), ``--token-file FILE`` and ``-v/--verbose``.
+
+    ``short_identity`` False leaves ``-i`` to the command (``ferry sync -i`` itemizes, as rsync's
+    does): the identity file is then only ``--identity``."""
     f = click.option(
         "-v", "--verbose", is_flag=True, help="Say how the login went (which key, token or password worked)."
     )(f)
@@ -26,8 +29,7 @@ def login_options(f: F) -> F:
         help="Log in with the token in the first line of FILE (else $FERRY_TOKEN).",
     )(f)
     f = click.option(
-        "-i",
-        "--identity",
+        *(("-i", "--identity") if short_identity else ("--identity",)),
         "identities",
         metavar="FILE",
         multiple=True,

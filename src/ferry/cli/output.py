@@ -137,19 +137,30 @@ class Output:
         sequence of transfers leaves a clean screen. rich is imported only here: it is the slowest
         import of the client and scripts never need it.
         """
+        with self.job_progress(label, total) as (update, _file):
+            yield update
+
+    @contextlib.contextmanager
+    def job_progress(
+        self, label: str, total: int | None = None
+    ) -> Iterator[tuple[Progress | None, Callable[[str], None] | None]]:
+        """Like :meth:`progress` for a whole job of many files: also a callback naming the current
+        file, shown after ``label``. On a narrow terminal (under 80 columns) the bar and the time
+        left make room: the label, bytes and rate always fit."""
         if not self.bars:
-            yield None
+            yield None, None
             return
         from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
-            Progress,
             ProgressColumn,
             Task,
             TextColumn,
             TimeRemainingColumn,
         )
+        from rich.progress import Progress as Bar
+        from rich.table import Column
         from rich.text import Text
 
         class RateColumn(ProgressColumn):
@@ -160,22 +171,26 @@ class Output:
                 shown = "?" if speed is None else f"{human_size(int(speed))}/s"
                 return Text(shown, style="progress.data.speed")
 
-        bar = Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            RateColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
+        console = Console(stderr=True)
+        wide = console.width >= 80
+        name = Column(ratio=1, no_wrap=True, overflow="ellipsis", min_width=4)
+        columns: list[ProgressColumn | str] = [TextColumn("{task.description}", markup=False, table_column=name)]
+        if wide:
+            columns.append(BarColumn())
+        columns += [DownloadColumn(binary_units=True), RateColumn()]
+        if wide:
+            columns.append(TimeRemainingColumn())
+        bar = Bar(*columns, console=console, transient=True)
         task = bar.add_task(label, total=total)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total or None)  # 0: not known (a stream)
 
+        def current(name: str) -> None:
+            bar.update(task, description=f"{label} {safe_name(name)}")
+
         with bar:
-            yield update
+            yield update, current
 
 
 def transfer_record(op: str, source: str, dest: str, result: Any, hash_name: str = "blake3") -> dict[str, Any]:
@@ -186,8 +201,17 @@ def transfer_record(op: str, source: str, dest: str, result: Any, hash_name: str
     ``b3sum`` or ``md5sum`` print.
     """
     rec: dict[str, Any] = {"op": op, "source": source, "dest": dest}
-    if hasattr(result, "files"):  # TreeResult
+    if hasattr(result, "files"):  # TreeResult, or the SyncResult of a get -r / put -r
         rec.update(kind="tree", files=result.files, size=result.bytes, seconds=round(result.seconds, 6))
+        if hasattr(result, "sent_files"):
+            rec.update(
+                sent_files=result.sent_files,
+                sent_bytes=result.sent_bytes,
+                literal_bytes=result.literal_bytes,
+                unchanged=result.unchanged,
+                skipped=result.skipped,
+                failed=result.failed,
+            )
     else:
         rec.update(
             kind="file",
@@ -207,9 +231,15 @@ def transfer_summary(op: str, source: str, dest: str, result: Any) -> str:
     arrow = f"{safe_name(source)} -> {safe_name(dest)}"
     if hasattr(result, "files"):
         files = "file" if result.files == 1 else "files"
+        moved = getattr(result, "sent_bytes", result.bytes)
+        extra = ""
+        if hasattr(result, "sent_files") and result.sent_files != result.files:
+            extra = f", {result.files - result.sent_files} already there"
+        if getattr(result, "skipped", 0):
+            extra += f", {result.skipped} skipped (links, special files)"
         return (
-            f"{op}: {arrow}: {result.files} {files}, {human_size(result.bytes)} "
-            f"in {result.seconds:.2f} s ({human_rate(result.bytes, result.seconds)})"
+            f"{op}: {arrow}: {result.files} {files}, {human_size(result.bytes)}{extra} "
+            f"in {result.seconds:.2f} s ({human_rate(moved, result.seconds)})"
         )
     extra = f", resumed at {human_size(result.resumed_from)}" if result.resumed_from else ""
     return (

@@ -33,6 +33,7 @@ from ferry.wire.codes import from_wire
 
 if TYPE_CHECKING:
     from ferry.client.exec import Command, CommandStream, RemoteProcess, Result
+    from ferry.client.sync import SyncItem, SyncResult
     from ferry.client.transfer import TransferResult
     from ferry.client.tree import TreeResult
 
@@ -385,6 +386,52 @@ class AsyncClient:
         from ferry.client.tree import put_tree
 
         return await put_tree(self.mux, local, remote, hash=hash, progress=progress)
+
+    async def sync(
+        self,
+        src: str | os.PathLike[str],
+        dest: str | os.PathLike[str],
+        *,
+        delete: bool = False,
+        dry_run: bool = False,
+        checksum: bool = False,
+        exclude: Sequence[str] = (),
+        include: Sequence[str] = (),
+        rules: Sequence[str] = (),
+        delta: bool = True,
+        compress: bool = False,
+        force: bool = False,
+        progress: Progress | None = None,
+        on_item: Callable[[SyncItem], None] | None = None,
+        on_file: Callable[[str], None] | None = None,
+        nest: str = "always",
+    ) -> SyncResult:
+        """Make ``dest`` like ``src``, sending only what changed; exactly one side is remote, written
+        ``":PATH"``. See :func:`ferry.client.sync.sync` and docs/sync.md."""
+        from ferry.client.sync import sync
+
+        return await sync(
+            self,
+            src,
+            dest,
+            delete=delete,
+            dry_run=dry_run,
+            checksum=checksum,
+            exclude=exclude,
+            include=include,
+            rules=rules,
+            delta=delta,
+            compress=compress,
+            force=force,
+            progress=progress,
+            on_item=on_item,
+            on_file=on_file,
+            nest=nest,
+        )
+
+    def set_bwlimit(self, rate: int | None) -> None:
+        """Limit this connection to ``rate`` bytes a second in each direction (None: no limit)."""
+        self.mux.set_bwlimit(rate)
 
     # --- remote commands (ferry.client.exec) ---------------------------------------------------
 

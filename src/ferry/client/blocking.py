@@ -300,6 +300,7 @@ class Client:
     put = _blocking_method(AsyncClient.put)
     get_tree = _blocking_method(AsyncClient.get_tree)
     put_tree = _blocking_method(AsyncClient.put_tree)
+    sync = _blocking_method(AsyncClient.sync)
     run = _blocking_method(AsyncClient.run)
     #: ``for kind, data in client.stream(cmd)``; in a ``with`` block the command is cancelled if
     #: you stop early

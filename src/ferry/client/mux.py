@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,6 +32,7 @@ from ferry.client.receive import RawPayload
 from ferry.client.stream import ClientStream
 from ferry.errors import ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout
 from ferry.errtext import os_reason
+from ferry.ratelimit import RateLimiter
 from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, ProtocolError
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode, ends_connection, from_wire
@@ -42,6 +45,10 @@ READ_SIZE = 1 << 20
 RAW_MIN = 1 << 18
 _CLOSED = object()
 M = TypeVar("M", bound=m.Message)
+
+
+_TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received (Linux >= 4.2)
+_TCP_INFO_AT = 120
 
 
 class Route:
@@ -82,6 +89,7 @@ class Mux:
         #: seconds without any byte from the server while waiting for one (or without the server
         #: reading what we send, when its buffers are full) before giving up
         self.read_timeout = 60.0
+        self._send_limit: RateLimiter | None = None
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -119,6 +127,11 @@ class Mux:
             raise self._error
         try:
             self._out.write(data)
+            if self._send_limit is not None:
+                delay = self._send_limit.take(len(data))
+                if delay > 0:
+                    self._out.flush()
+                    await asyncio.sleep(delay)
             if self._writer.transport.get_write_buffer_size() <= self._low_water:
                 await self._out.drain()  # not paused: returns at once, no timer needed on this hot path
             else:
@@ -146,6 +159,28 @@ class Mux:
         # Header and payload separately: no 1 MiB concatenation copy per frame.
         self._out.write(self._conn.data_header(channel, stream, len(data)))
         await self._write(data)
+
+    def set_bwlimit(self, rate: int | None) -> None:
+        """Limit the connection to ``rate`` bytes a second in each direction (None: no limit):
+        sending waits, receiving pauses reading (TCP then holds the server back)."""
+        self._send_limit = RateLimiter(rate) if rate else None
+        self._reader.limiter = RateLimiter(rate) if rate else None
+
+    def tcp_bytes(self) -> int | None:
+        """Bytes sent (acknowledged) plus received on this TCP connection so far, from the kernel
+        (Linux ``TCP_INFO``: ``tcpi_bytes_acked`` and ``tcpi_bytes_received``, TLS included); None
+        where the kernel does not say."""
+        sock = self._writer.get_extra_info("socket")
+        if sock is None or not hasattr(socket, "TCP_INFO"):
+            return None
+        try:
+            raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except OSError:
+            return None
+        if len(raw) < _TCP_INFO_AT + _TCP_INFO_BYTES.size:
+            return None
+        sent, received = _TCP_INFO_BYTES.unpack_from(raw, _TCP_INFO_AT)
+        return int(sent + received)
 
     # --- the handshake (before the reader task runs) ----------------------------------------------
 

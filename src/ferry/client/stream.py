@@ -40,6 +40,7 @@ import ssl
 from typing import Any
 
 from ferry.aio import ChunkQueue
+from ferry.ratelimit import RateLimiter
 from ferry.wire.frames import HEADER_SIZE
 
 SCRATCH = 1 << 18  # normal-mode read size: what uvloop reads per call anyway
@@ -76,6 +77,9 @@ class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
         # servers send 1 MiB frames; without this ~256 KiB of each would take the slow path).
         self._header_next = False
         self._hold = False
+        #: ``--bwlimit`` on what we receive (None: no limit); reading pauses while it says wait
+        self.limiter: RateLimiter | None = None
+        self._throttled = False
 
     # --- transport callbacks ----------------------------------------------------------------
 
@@ -99,6 +103,8 @@ class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.limiter is not None:
+            self._throttle(self.limiter.take(nbytes))
         if self._raw_active:
             self._raw_left -= nbytes
             self._raw_taken += nbytes
@@ -190,9 +196,25 @@ class ClientStream(ChunkQueue, asyncio.BufferedProtocol):
 
     # --- normal mode ------------------------------------------------------------------------
 
+    def _throttle(self, delay: float) -> None:
+        """``--bwlimit``: stop reading for ``delay`` seconds (TCP then slows the sender down)."""
+        if delay <= 0 or self._throttled:
+            return
+        self._throttled = True
+        self._sync_reading()
+
+        def again() -> None:
+            self._throttled = False
+            self._sync_reading()
+
+        self._loop.call_later(delay, again)
+
     def _sync_reading(self) -> None:
-        """Pause or resume the transport: paused above the limit, or in raw mode without a target."""
-        if self._raw_active:
+        """Pause or resume the transport: paused above the limit, or in raw mode without a target,
+        or while a bandwidth limit says wait."""
+        if self._throttled:
+            want_paused = True
+        elif self._raw_active:
             want_paused = self._target is None
         elif self._hold:
             want_paused = True

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry.cdc import FileChanged, stat_key
 from ferry.client.mux import Mux, Route
 from ferry.client.receive import DownloadWriter, RawPayload
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
@@ -342,6 +343,9 @@ async def put_file(
             if checksum and offset:  # resumed: the whole-file hash starts at byte 0
                 await _thread(file_hash_prefix, hasher, fd, offset)
             hashes = await _send_body(mux, req_id, route, fd, offset, size, hasher, progress)
+            if stat_key(os.fstat(fd)) != stat_key(st):
+                # What was sent may mix the old and the new bytes: the server must not commit it.
+                raise FileChanged(f"{local} changed while it was being sent; nothing was kept, try again")
             return size, hashes, tree_digest(hash, size, hashes)
 
         digest = await upload(mux, lambda i: put_msg(i, token=token), body)

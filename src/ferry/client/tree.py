@@ -28,16 +28,21 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import msgspec
 
 from ferry.aio import close_after
+from ferry.cdc import FileChanged, stat_key
 from ferry.client.mux import Mux
 from ferry.client.transfer import Progress, TransferResult, get_file, put_file
+from ferry.compress import tree_batch, tree_records
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.errtext import os_reason
 from ferry.fskit import DIR_FLAGS, READ_FLAGS, DirCache, partial_name, store_atomically
 from ferry.hashing import HashName, small_digest
 from ferry.textsafe import safe_name
+from ferry.wire import ProtocolError
 from ferry.wire import messages as m
 from ferry.wire.codes import from_wire
 from ferry.wire.credit import Credit
@@ -246,8 +251,10 @@ async def get_tree(
     *,
     hash: HashName = "blake3",
     progress: Progress | None = None,
+    request: m.GetFiles | None = None,
 ) -> TreeResult:
-    """Download folder ``remote`` into ``local`` (created) with one GetTree stream."""
+    """Download folder ``remote`` into ``local`` (created) with one GetTree stream; with ``request``
+    (a sync's GetFiles: named files of ``remote`` only) that request instead (its id is replaced)."""
     t0 = time.monotonic()
     root = Path(local)
     loop = asyncio.get_running_loop()
@@ -269,7 +276,10 @@ async def get_tree(
         _tally(progress, done_bytes, w.bytes)
 
     try:
-        await mux.send(m.GetTree(id=req_id, path=remote, hash=hash))
+        if request is None:
+            await mux.send(m.GetTree(id=req_id, path=remote, hash=hash))
+        else:
+            await mux.send(msgspec.structs.replace(request, id=req_id))
         while not ended:
             ev = await mux.recv(route)
             if isinstance(ev, m.Error):
@@ -278,9 +288,13 @@ async def get_tree(
             if not isinstance(ev, m.TreeItems):
                 raise ConnectionBroken(f"unexpected {type(ev).__name__} in a tree download")
             ended = ev.end
+            try:
+                items = tree_records(ev)  # unpacked if the server packed it (-z)
+            except ProtocolError as exc:
+                raise ConnectionBroken(f"the server broke the protocol: {exc}") from exc
             # Names come from the server and become local paths: a hostile or broken server must
             # not write outside ``local`` with "../x" or "/etc/x". Checked before the batch is written.
-            for it in ev.items:
+            for it in items:
                 if not safe_relative(it.path):
                     raise TransferError(
                         f"the server sent an unsafe name {safe_name(it.path)!r} in {safe_name(remote)!r}; "
@@ -290,7 +304,7 @@ async def get_tree(
                 writer = await loop.run_in_executor(None, _LocalTree, root, hash)
             if job is not None:
                 account(await asyncio.shield(job))
-            job = loop.run_in_executor(None, writer.write, ev.items)
+            job = loop.run_in_executor(None, writer.write, items)
         assert job is not None
         account(await asyncio.shield(job))
         job = None
@@ -316,6 +330,39 @@ async def get_tree(
 
 
 # --- upload --------------------------------------------------------------------------------
+
+
+def read_small(path: str, rel: str, hash: HashName) -> m.TreeItem | int | None:
+    """The tree record of local file ``path`` with its bytes, or its size when it is larger than
+    the inline limit (it is then streamed on its own), or None if it is not a regular file.
+
+    Read with one ``read`` after an ``fstat``, and the status compared again after: a file being
+    written meanwhile raises :class:`~ferry.cdc.FileChanged` instead of sending a mix of its old
+    and new bytes. Raises ``OSError`` when it cannot be read."""
+    fd = os.open(path, READ_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not statmod.S_ISREG(st.st_mode):
+            return None
+        if st.st_size > INLINE_MAX:
+            return st.st_size
+        data = os.read(fd, INLINE_MAX + 1)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if len(data) > INLINE_MAX:  # grew since the fstat: stream it
+        return len(data)
+    if len(data) != st.st_size or stat_key(after) != stat_key(st):
+        raise FileChanged(f"{safe_name(path)} changed while it was being read; try again")
+    return m.TreeItem(
+        path=rel,
+        kind="file",
+        size=len(data),
+        mtime=m.wire_time(st.st_mtime),
+        mode=statmod.S_IMODE(st.st_mode),
+        data=data,
+        digest=small_digest(hash, data),
+    )
 
 
 class _LocalScan:
@@ -370,35 +417,14 @@ class _LocalScan:
 
     def _file(self, path: str, rel: str) -> m.TreeItem | None:
         try:
-            fd = os.open(path, READ_FLAGS)
-        except OSError as exc:
-            self.failures.add(f"{safe_name(path)}: {exc.strerror or exc}")
+            item = read_small(path, rel, self.hash)
+        except (OSError, FileChanged) as exc:
+            self.failures.add(f"{safe_name(path)}: {os_reason(exc) if isinstance(exc, OSError) else exc}")
             return None
-        try:
-            st = os.fstat(fd)
-            if not statmod.S_ISREG(st.st_mode):
-                return None
-            if st.st_size > INLINE_MAX:
-                self.large.append((rel, st.st_size))
-                return None
-            data = os.read(fd, INLINE_MAX + 1)
-        except OSError as exc:
-            self.failures.add(f"{safe_name(path)}: {exc.strerror or exc}")
+        if isinstance(item, int):  # larger than the inline limit: streamed after the tree
+            self.large.append((rel, item))
             return None
-        finally:
-            os.close(fd)
-        if len(data) > INLINE_MAX:  # grew since the fstat: stream it
-            self.large.append((rel, len(data)))
-            return None
-        return m.TreeItem(
-            path=rel,
-            kind="file",
-            size=len(data),
-            mtime=m.wire_time(st.st_mtime),
-            mode=statmod.S_IMODE(st.st_mode),
-            data=data,
-            digest=small_digest(self.hash, data),
-        )
+        return item
 
     def next(self) -> tuple[list[m.TreeItem], bool]:
         """The next batch, and whether the walk is complete."""
@@ -414,6 +440,17 @@ class _LocalScan:
         return items, True
 
 
+class BatchSource(Protocol):
+    """What a tree upload streams: :class:`_LocalScan` (a whole folder) or a sync's named files."""
+
+    large: list[tuple[str, int]]
+    failures: _Failures
+
+    def next(self) -> tuple[list[m.TreeItem], bool]:
+        """The next batch, and whether it is the last (called in a worker thread)."""
+        ...
+
+
 async def put_tree(
     mux: Mux,
     local: str | os.PathLike[str],
@@ -421,8 +458,12 @@ async def put_tree(
     *,
     hash: HashName = "blake3",
     progress: Progress | None = None,
+    scan: BatchSource | None = None,
+    pack: bool = False,
 ) -> TreeResult:
-    """Upload folder ``local`` as ``remote`` with one PutTree stream (large files streamed after)."""
+    """Upload folder ``local`` as ``remote`` with one PutTree stream (large files streamed after);
+    ``scan`` replaces the walk of ``local`` by another batch source (a sync's changed files).
+    ``pack``: zstd-pack the batches where that helps (only to a server announcing "packed")."""
     t0 = time.monotonic()
     root = Path(local)
     if not root.is_dir():
@@ -432,12 +473,17 @@ async def put_tree(
     base = remote.rstrip("/") or remote
     base = "" if base == "." else base
     loop = asyncio.get_running_loop()
-    scan = _LocalScan(root, hash)
+    source: BatchSource = scan if scan is not None else _LocalScan(root, hash)
     # Acknowledgements only: one per batch in flight (at most WINDOW), or an Error, then the Ok of
     # a Cancel. Bounded: a server sending more is held back by the reader instead of piling up here
     # while this task reads the local disk (and is refused below once read).
     req_id, route = mux.open(WINDOW + 2)
-    job: asyncio.Future[tuple[list[m.TreeItem], bool]] | None = None
+
+    def next_batch() -> tuple[m.TreeItems, bool]:
+        items, done = source.next()
+        return tree_batch(req_id, items, done, pack), done
+
+    job: asyncio.Future[tuple[m.TreeItems, bool]] | None = None
     window = Credit(WINDOW)  # batches we may still send: each TreeAck grants one back
     finished = False  # the server acknowledged the last batch
     server_ended = False  # ... or ended the tree with an Error
@@ -465,19 +511,19 @@ async def put_tree(
 
     try:
         await mux.send(m.PutTree(id=req_id, path=base, hash=hash))
-        job = loop.run_in_executor(None, scan.next)
+        job = loop.run_in_executor(None, next_batch)
         while True:
             assert job is not None
-            items, done = await asyncio.shield(job)
+            batch, done = await asyncio.shield(job)
             job = None
-            if not done:  # read and hash the next batch while this one is on its way
-                job = loop.run_in_executor(None, scan.next)
+            if not done:  # read and hash (and pack) the next batch while this one is on its way
+                job = loop.run_in_executor(None, next_batch)
             while window.available <= 0:
                 on_reply(await mux.recv(route))
             while not route.queue.empty():
                 on_reply(await mux.recv(route))
             window.spend(1)
-            await mux.send(m.TreeItems(id=req_id, items=items, end=done))
+            await mux.send(batch)
             if done:
                 break
         while not finished:
@@ -489,14 +535,14 @@ async def put_tree(
     finally:
         mux.close_route(req_id)
         close_after(job, lambda: None)
-    failures.extend(scan.failures)
+    failures.extend(source.failures)
     files, nbytes = stored
-    if scan.large:
+    if source.large:
         join = (lambda r: f"{base}/{r}") if base else (lambda r: r)
-        tally = _Tally(sum(size for _, size in scan.large), None)
-        pairs = [(root / rel, join(rel)) for rel, _ in scan.large]
+        tally = _Tally(sum(size for _, size in source.large), None)
+        pairs = [(root / rel, join(rel)) for rel, _ in source.large]
         await _each_large(pairs, lambda src, dst: put_file(mux, src, dst, hash=hash), tally)
-        files += len(scan.large)
+        files += len(source.large)
         nbytes += tally.done
         _tally(progress, done_bytes, tally.done)
     if failures:

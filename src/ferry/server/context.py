@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.cdc import ChunkIndex
 from ferry.server.accounts import Accounts, User
 from ferry.server.admission import Admission
 from ferry.server.auth import Authenticator
@@ -76,29 +77,66 @@ class Limits:
 
 
 class HashCache:
-    """Chunk hashes of files, keyed by (device, inode, size, mtime_ns, ctime_ns, algorithm, chunk
-    size).
+    """Hashes of files, keyed by (device, inode, size, mtime_ns, ctime_ns) plus what was hashed: the
+    fixed-size chunk hashes of downloads (algorithm, chunk size) and the content-defined chunk
+    indexes of sync and delta transfers (:data:`ferry.cdc.SCHEME`).
 
-    Lets a resume or a repeated download skip re-hashing unchanged files. In memory, LRU-bounded.
+    Lets a resume, a repeated download, ``sync -c`` or a delta skip re-reading unchanged files. In
+    memory, LRU-bounded by entries and by bytes: a chunk index grows with its file (~36 bytes per
+    64 KiB chunk: 0.6 MB for 1 GiB), so a few huge files must not take the server's memory.
     """
 
-    def __init__(self, max_entries: int = 4096) -> None:
-        self._data: OrderedDict[tuple[object, ...], list[bytes]] = OrderedDict()
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 256 << 20) -> None:
+        self._data: OrderedDict[tuple[object, ...], list[bytes] | ChunkIndex] = OrderedDict()
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
 
     def get(self, key: tuple[object, ...]) -> list[bytes] | None:
         """Cached chunk hashes for ``key`` or None."""
         val = self._data.get(key)
         if val is not None:
             self._data.move_to_end(key)
-        return val
+        return val if isinstance(val, list) else None
 
     def put(self, key: tuple[object, ...], hashes: list[bytes]) -> None:
         """Remember ``hashes`` for ``key``."""
-        self._data[key] = hashes
-        self._data.move_to_end(key)
-        while len(self._data) > self._max:
-            self._data.popitem(last=False)
+        self._store(key, hashes)
+
+    def get_index(self, key: tuple[object, ...]) -> ChunkIndex | None:
+        """The cached chunk index for ``key`` or None."""
+        val = self._data.get(key)
+        if val is not None:
+            self._data.move_to_end(key)
+        return val if isinstance(val, ChunkIndex) else None
+
+    def put_index(self, key: tuple[object, ...], index: ChunkIndex) -> None:
+        """Remember a file's chunk index (unless it alone is larger than the cache's byte bound)."""
+        self._store(key, index)
+
+    @property
+    def size(self) -> int:
+        """Approximate bytes held."""
+        return self._bytes
+
+    @staticmethod
+    def _cost(value: list[bytes] | ChunkIndex) -> int:
+        if isinstance(value, ChunkIndex):
+            return len(value.hashes) + 4 * value.count + 64
+        return 64 * len(value) + 64
+
+    def _store(self, key: tuple[object, ...], value: list[bytes] | ChunkIndex) -> None:
+        cost = self._cost(value)
+        if cost > self._max_bytes:
+            return
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._bytes -= self._cost(old)
+        self._data[key] = value
+        self._bytes += cost
+        while len(self._data) > self._max or self._bytes > self._max_bytes:
+            _key, evicted = self._data.popitem(last=False)
+            self._bytes -= self._cost(evicted)
 
 
 class Usage:

@@ -61,8 +61,10 @@ __all__ = [
     "PARTIAL_XATTR",
     "Entry",
     "EntryKind",
+    "EntryScan",
     "Jail",
     "ListScan",
+    "ScanRecord",
     "TreeDir",
     "TreeDirs",
     "TreeFailure",
@@ -773,9 +775,21 @@ class Jail:
         missing, not a folder, or a symlink."""
         return TreeScan(self, path, inline_max)
 
-    def tree_dirs(self, path: str) -> TreeDirs:
-        """Open (creating it like ``mkdir -p``) folder ``path`` for a tree upload (see :class:`TreeDirs`)."""
-        return TreeDirs(self, path)
+    def tree_dirs(self, path: str, *, create: bool = True) -> TreeDirs:
+        """Open folder ``path`` for a tree upload (see :class:`TreeDirs`; created like ``mkdir -p``
+        unless ``create`` is False, as for reading named files)."""
+        return TreeDirs(self, path, create=create)
+
+    def scan_entries(
+        self,
+        path: str,
+        *,
+        exclude: Callable[[str, bool], bool] | None = None,
+        digest: Callable[[int, os.stat_result], bytes] | None = None,
+    ) -> EntryScan:
+        """Walk folder ``path`` for a sync listing (see :class:`EntryScan`); fails at once if it is
+        missing, not a folder or a symlink."""
+        return EntryScan(self, path, exclude, digest)
 
     def open_read(self, path: str) -> int:
         """Open regular file ``path`` for reading and return a blocking fd.
@@ -1232,36 +1246,7 @@ class TreeScan(_FolderScan[TreeRecord]):
                 subdirs.append(name)
                 continue
             path = f"{rel}/{name}" if rel else name
-            try:
-                fd = os.open(name, READ_FLAGS, dir_fd=dfd)
-            except OSError as exc:  # vanished (not-found), no permission, swapped for a symlink (ELOOP)
-                yield TreeFailure(path, translate_oserror(exc, self._client_path(path)))
-                continue
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO/device since listed
-                    yield TreeFailure(
-                        path,
-                        ErrorCode.NOT_A_FILE.error(f"{_show(self._client_path(path))} is not a regular file"),
-                    )
-                    continue
-                data: bytes | None = None
-                if st.st_size <= inline_max:
-                    data = os.read(fd, st.st_size + 1)
-                    if len(data) != st.st_size:
-                        yield TreeFailure(
-                            path,
-                            ErrorCode.CHANGED.error(
-                                f"{_show(self._client_path(path))} changed while being read"
-                            ),
-                        )
-                        continue
-            except OSError as exc:
-                yield TreeFailure(path, translate_oserror(exc, self._client_path(path)))
-                continue
-            finally:
-                os.close(fd)
-            yield TreeFile(path, st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), data)
+            yield _read_file_at(dfd, name, path, self._client_path(path), inline_max)
         subdirs.reverse()
         return subdirs
 
@@ -1323,6 +1308,29 @@ class ListScan(_FolderScan[tuple[str, Entry]]):
             stack.append((sub, depth + 1, [e.name for e in reversed(entries) if e.kind == "dir"]))
 
 
+def _read_file_at(dfd: int, name: str, path: str, client_path: str, inline_max: int) -> TreeFile | TreeFailure:
+    """Open file ``name`` in folder ``dfd`` (never following a link) and describe it, with its bytes
+    when it has at most ``inline_max``; ``path`` is how the record names it."""
+    try:
+        fd = os.open(name, READ_FLAGS, dir_fd=dfd)
+    except OSError as exc:  # vanished (not-found), no permission, swapped for a symlink (ELOOP)
+        return TreeFailure(path, translate_oserror(exc, client_path))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO/device since listed
+            return TreeFailure(path, ErrorCode.NOT_A_FILE.error(f"{_show(client_path)} is not a regular file"))
+        data: bytes | None = None
+        if st.st_size <= inline_max:
+            data = os.read(fd, st.st_size + 1)
+            if len(data) != st.st_size:
+                return TreeFailure(path, ErrorCode.CHANGED.error(f"{_show(client_path)} changed while being read"))
+    except OSError as exc:
+        return TreeFailure(path, translate_oserror(exc, client_path))
+    finally:
+        os.close(fd)
+    return TreeFile(path, st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), data)
+
+
 class TreeDirs:
     """The folders of one tree upload: opened once (``O_NOFOLLOW``, relative to their parent) and
     kept, at most ``limit`` at a time, so storing a file costs no walk from the home.
@@ -1333,18 +1341,19 @@ class TreeDirs:
     (no client operation can move anything out of it). Call :meth:`close` when done.
     """
 
-    def __init__(self, jail: Jail, path: str, limit: int = 32) -> None:
+    def __init__(self, jail: Jail, path: str, limit: int = 32, *, create: bool = True) -> None:
         self._jail = jail
         self._base = parse_path(path)
         #: folder levels a record may add below the tree's root (see MAX_DEPTH)
         self._depth_left = jail._max_depth - len(self._base)
         if self._depth_left < 0:
             raise _too_deep(path, jail._max_depth, "below your home; ferry creates no deeper folder")
+        self._create: int | None = 0o777 if create else None
         with _translating(path):
-            root = jail._walk(self._base, create_mode=0o777)
+            root = jail._walk(self._base, create_mode=self._create)
         #: the tree's folders (relative to its root, validated), opened from the nearest one open
         self._dirs = DirCache(
-            root, lambda fd, name, sub: jail._open_dir_at(fd, name, self.client_path(sub), 0o777), limit
+            root, lambda fd, name, sub: jail._open_dir_at(fd, name, self.client_path(sub), self._create), limit
         )
         # Temp names: a random tag per tree plus a counter, instead of fresh random bytes per file.
         self._tag = secrets.token_hex(6)
@@ -1422,6 +1431,20 @@ class TreeDirs:
                 inspect=inspect or not overwrite or admit is not None,
                 temp=temp,
             )
+
+    def read(self, rel: str, inline_max: int) -> TreeFile | TreeFailure:
+        """File ``rel`` (relative to the root) as a record, with its bytes up to ``inline_max``;
+        what cannot be read (missing, refused name, a link, not a file) is a :class:`TreeFailure`."""
+        path = self.client_path(rel)
+        try:
+            parts = parse_path(rel)
+            if not parts:
+                raise ErrorCode.BAD_PATH.error("a file name is needed, not the folder itself")
+            with _translating(path):
+                pfd = self._folder(join_path(parts[:-1]))
+        except FerryError as exc:
+            return TreeFailure(rel, exc)
+        return _read_file_at(pfd, parts[-1], rel, path, inline_max)
 
     def close(self) -> None:
         """Close every descriptor (idempotent)."""
@@ -1662,3 +1685,160 @@ def _split_at(fd: int) -> tuple[list[str], list[str]]:
             (subdirs if de.is_dir(follow_symlinks=False) else others).append(de.name)
     subdirs.reverse()
     return subdirs, others
+
+
+def _descend(
+    chain: _DirChain,
+    subdirs: list[str],
+    folder: Callable[[int, str], Generator[_R, None, list[str]]],
+    failed: Callable[[str, FerryError], _R],
+    show: Callable[[str], str],
+    max_depth: int,
+) -> Generator[_R, None, None]:
+    """The depth-first part of :class:`EntryScan`'s walk: enter each subfolder of the root (names
+    in ``subdirs``, last first) through ``chain`` and yield what ``folder(fd, path)`` yields; a
+    folder that cannot be entered or read yields ``failed(path, error)`` (``show(path)`` names it
+    in the message) and its contents are skipped, as are contents deeper than ``max_depth``
+    (reported once per folder)."""
+    stack: list[tuple[str, int, list[str]]] = [("", 0, subdirs)]
+    while stack:
+        rel, depth, todo = stack[-1]
+        if not todo:
+            stack.pop()
+            if len(chain) > 1:
+                with _translating(show(rel)):
+                    chain.pop()
+            continue
+        name = todo.pop()
+        sub = f"{rel}/{name}" if rel else name
+        parent = chain.top()
+        try:
+            chain.push(name)
+        except OSError as exc:
+            yield failed(sub, _dir_error(exc, parent, name, show(sub)))
+            continue
+        try:
+            if depth + 2 <= max_depth:
+                subdirs = yield from folder(chain.top(), sub)
+            else:  # its contents would be deeper than the limit: report them, if any, as one
+                subdirs = []
+                if _has_entries(chain.top()):
+                    yield failed(sub, _too_deep(show(sub), max_depth, "below the folder listed"))
+        except OSError as exc:  # e.g. unreadable folder: report it, skip its contents
+            yield failed(sub, translate_oserror(exc, show(sub)))
+            subdirs = []
+        stack.append((sub, depth + 1, subdirs))
+
+
+def _dir_error(exc: OSError, parent: int, name: str, path: str) -> FerryError:
+    """Why folder ``name`` in ``parent`` could not be entered."""
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _kind_at(parent, name) == "link":
+        return _symlink_refused(path)  # O_NOFOLLOW|O_DIRECTORY says ENOTDIR for a link on Linux
+    return translate_oserror(exc, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sync listings: every entry with its status, one walk
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRecord:
+    """One entry found by :class:`EntryScan` (``error`` set when it could not be read)."""
+
+    path: str
+    kind: EntryKind | Literal["error"]
+    size: int = 0
+    mtime: float = 0.0
+    mode: int = 0
+    digest: bytes = b""
+    error: FerryError | None = None
+
+
+class EntryScan(_FolderScan[ScanRecord]):
+    """Iterates over a folder for a sync listing: the folder itself first (path ``""``), then every
+    entry under it, each folder before its contents, names sorted.
+
+    Symbolic links, FIFOs, sockets and devices are listed with their kind (a sync reports them as
+    skipped) and never followed or opened; partial uploads are hidden. ``exclude(path, is_dir)``
+    drops entries, and an excluded folder is not entered. ``digest(fd, stat)`` is called for each
+    regular file, opened without following links, to add its content digest. Folders are opened
+    relative to their parent (at most ``MAX_OPEN_DIRS`` at a time); a folder that cannot be read is
+    an ``error`` record and its contents are missing. Call :meth:`close` when done.
+    """
+
+    def __init__(
+        self,
+        jail: Jail,
+        path: str,
+        exclude: Callable[[str, bool], bool] | None,
+        digest: Callable[[int, os.stat_result], bytes] | None,
+    ) -> None:
+        self._exclude = exclude
+        self._digest = digest
+        self._max_depth = jail._max_depth
+        super().__init__(jail, path)
+
+    def _walk(self) -> Generator[ScanRecord, None, None]:
+        yield _record("", os.fstat(self._root))
+        with _translating(self._base):  # the folder itself unreadable: the listing fails
+            subdirs = yield from self._folder(self._chain.top(), "")
+        yield from _descend(self._chain, subdirs, self._folder, self._failed, self._client_path, self._max_depth)
+
+    @staticmethod
+    def _failed(rel: str, error: FerryError) -> ScanRecord:
+        return ScanRecord(rel, "error", error=error)
+
+    def _folder(self, dfd: int, rel: str) -> Generator[ScanRecord, None, list[str]]:
+        """Yield the entries of folder ``dfd`` (subfolders too, before anything inside them);
+        return the names of the subfolders to enter, last first (a stack)."""
+        with os.scandir(dfd) as it:
+            found = sorted((de.name, de) for de in it)
+        subdirs: list[str] = []
+        exclude, digest = self._exclude, self._digest
+        for name, de in found:
+            if is_partial_name(name):
+                continue
+            sub = f"{rel}/{name}" if rel else name
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                yield self._failed(sub, translate_oserror(exc, self._client_path(sub)))
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if exclude is not None and exclude(sub, is_dir):
+                continue
+            if digest is not None and stat.S_ISREG(st.st_mode):
+                yield self._with_digest(dfd, name, sub, digest)
+                continue
+            yield _record(sub, st)
+            if is_dir:
+                subdirs.append(name)
+        subdirs.reverse()
+        return subdirs
+
+    def _with_digest(
+        self, dfd: int, name: str, rel: str, digest: Callable[[int, os.stat_result], bytes]
+    ) -> ScanRecord:
+        """The record of file ``name`` with its content digest (opened without following links)."""
+        try:
+            fd = os.open(name, READ_FLAGS, dir_fd=dfd)
+        except OSError as exc:
+            return self._failed(rel, translate_oserror(exc, self._client_path(rel)))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # swapped since listed
+                return _record(rel, st)
+            return _record(rel, st, digest(fd, st))
+        except FerryError as exc:
+            return self._failed(rel, exc)
+        except OSError as exc:
+            return self._failed(rel, translate_oserror(exc, self._client_path(rel)))
+        finally:
+            os.close(fd)
+
+
+def _record(rel: str, st: os.stat_result, digest: bytes = b"") -> ScanRecord:
+    kind = _kind(st.st_mode)
+    return ScanRecord(rel, kind, 0 if kind == "dir" else st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), digest)

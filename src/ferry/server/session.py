@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.aio import ChunkStream, CorkedWriter
 from ferry.errors import AuthError, FerryError
-from ferry.server import files, transfer, tree
+from ferry.server import delta, files, sync, transfer, tree
 from ferry.server.accounts import User
 from ferry.server.admission import Refused, Ticket
 from ferry.server.auth import Login, LoginThrottled
@@ -61,6 +61,11 @@ WORKER_HANDLERS: dict[type[m.Message], Handler] = {
     m.Df: files.handle_df,
     m.GetFile: transfer.handle_get,
     m.GetTree: tree.handle_get_tree,
+    m.ScanTree: sync.handle_scan,
+    m.GetFiles: sync.handle_get_files,
+    m.RemoveMany: sync.handle_remove_many,
+    m.SetAttrs: sync.handle_set_attrs,
+    m.GetChunks: delta.handle_get_chunks,
 }
 
 #: Messages handled by the reader itself, in arrival order, because data frames follow them.
@@ -71,6 +76,10 @@ READER_HANDLERS: dict[type[m.Message], Handler] = {
     m.Cancel: transfer.handle_cancel,
     m.PutTree: tree.handle_put_tree,
     m.TreeItems: tree.handle_tree_items,
+    m.DeltaPut: delta.handle_delta_put,
+    m.DeltaData: delta.handle_delta_data,
+    m.DeltaGet: delta.handle_delta_get,
+    m.Chunks: delta.handle_chunks,
 }
 
 
@@ -78,9 +87,9 @@ READER_HANDLERS: dict[type[m.Message], Handler] = {
 _AUTH_MESSAGES: tuple[type[m.Message], ...] = (m.Auth, m.AuthKey, m.AuthToken)
 
 #: Requests that change the home or run programs: a read-only token login gets ``read-only-token``.
-WRITE_REQUESTS: frozenset[type[m.Message]] = frozenset(
-    {m.Mkdir, m.Remove, m.Rename, m.PutFile, m.PutFrom, m.FileEnd, m.PutTree, m.TreeItems, m.Exec}
-)
+_WRITES: tuple[type[m.Message], ...] = (m.Mkdir, m.Remove, m.Rename, m.PutFile, m.PutFrom, m.FileEnd)
+_WRITES += (m.PutTree, m.TreeItems, m.Exec, m.DeltaPut, m.DeltaData, m.RemoveMany, m.SetAttrs)
+WRITE_REQUESTS: frozenset[type[m.Message]] = frozenset(_WRITES)
 
 
 class Session:
@@ -314,7 +323,9 @@ class Session:
             raise
         # A fresh nonce per connection: a key login signs it, so a signature is good only here.
         nonce = secrets.token_bytes(NONCE_SIZE) if version >= m.KEY_LOGIN_VERSION else b""
-        features = ["exec", "tree", "key", "token"] if nonce else ["exec", "tree"]
+        features = ["exec", "tree", "sync", "packed", "prefetch"]
+        if nonce:
+            features += ["key", "token"]
         await self.send(m.Welcome(version=version, software=self.ctx.software, features=features, nonce=nonce))
         limits = self.ctx.limits
         for _attempt in range(1, limits.auth_attempts + 1):
@@ -419,7 +430,7 @@ class Session:
         """Answer a request a read-only login may not make; whether it was refused."""
         if type(ev) not in WRITE_REQUESTS:
             return False
-        if isinstance(ev, m.PutFrom | m.FileEnd | m.TreeItems):
+        if isinstance(ev, m.PutFrom | m.FileEnd | m.TreeItems | m.DeltaData):
             return True  # the rest of an upload that was refused already: dropped without a reply
         await self.send(
             ErrorCode.READ_ONLY_TOKEN.reply(
@@ -453,7 +464,7 @@ class Session:
             elif self.read_only and await self._refuse_read_only(ev):
                 continue
             elif type(ev) in WORKER_HANDLERS:
-                if isinstance(ev, m.GetFile | m.GetTree):
+                if isinstance(ev, m.GetFile | m.GetTree | m.GetFiles):
                     # Two downloads under one id would share their cancel state (the first to
                     # end would clear the second's) and the client could not tell their replies apart.
                     self.check_id_free(ev.id)

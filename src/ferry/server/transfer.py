@@ -400,7 +400,9 @@ def _finalise(fd: int, msg: m.PutFile) -> None:
     os.fsync(fd)  # data on disk before the name appears: a crash cannot expose a torn file
 
 
-async def _check_quota(session: Session, msg: m.PutFile) -> None:
+async def check_quota(session: Session, msg: m.PutFile | m.DeltaPut) -> None:
+    """Refuse (DiskFull, code ``quota``) an upload of ``msg.size`` bytes to ``msg.path`` that the
+    user's quota cannot take, counting uploads still running and the file it replaces."""
     user = session.user
     assert user is not None
     if user.quota is None:
@@ -440,7 +442,7 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     jail = jail_of(session)
     if msg.streamed and (msg.token or msg.data is not None or msg.size):
         raise RemoteProtocolError("a streamed upload has no size, token or inline data")
-    await _check_quota(session, msg)
+    await check_quota(session, msg)
     if msg.data is not None:
         await _put_inline(session, msg)  # checks "exists" atomically itself
         return

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ferry.compress import tree_batch, tree_records
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
 from ferry.server import work
@@ -87,9 +88,12 @@ def _wire_text(text: str) -> str:
 
 
 class _Batches:
-    """Turns a :class:`TreeScan` into TreeItems batches (called in a thread, one call at a time)."""
+    """Turns tree records (a :class:`TreeScan`, or named files) into TreeItems batches (called in a
+    thread, one call at a time)."""
 
-    def __init__(self, scan: TreeScan, hash: HashName, check: Callable[[], None]) -> None:
+    def __init__(
+        self, scan: Iterator[TreeFile | TreeDir | TreeFailure], hash: HashName, check: Callable[[], None]
+    ) -> None:
         self.scan = scan
         self.hash = hash
         self.check = check
@@ -167,38 +171,52 @@ async def handle_get_tree(session: Session, msg: m.GetTree) -> None:
 
 async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
     async with work.current.get().walk_slot():
-        await _send_tree(session, msg)
+        jail = jail_of(session)
+        scan = await work.in_thread(
+            lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
+        )
+        await serve_records(session, msg.id, msg.path, msg.hash, scan, scan.close, "get-tree")
 
 
-async def _send_tree(session: Session, msg: m.GetTree) -> None:
+async def serve_records(
+    session: Session,
+    req_id: int,
+    path: str,
+    hash: HashName,
+    records: Iterator[TreeFile | TreeDir | TreeFailure],
+    close: Callable[[], object],
+    op: str,
+    pack: bool = False,
+) -> None:
+    """Stream ``records`` as TreeItems batches for request ``req_id`` (a GetTree, or a sync's
+    GetFiles): each batch is read, hashed and with ``pack`` zstd-packed in the walk pool while the
+    previous one is sent; a Cancel stops it between batches. ``close`` releases what the records
+    hold, once no thread uses them; one log line ``op``. The caller holds one of the session's walk
+    slots."""
     t0 = time.monotonic()
-    jail = jail_of(session)
-    scan = await work.in_thread(
-        lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
-    )
-    batches = _Batches(scan, msg.hash, work.current.get().check)
+    batches = _Batches(records, hash, work.current.get().check)
+
+    def next_batch() -> tuple[m.TreeItems, bool]:
+        items, done = batches.next()
+        return tree_batch(req_id, items, done, pack), done
+
     result = "ok"
     try:
         # The next batch is read while this one is encrypted and sent.
-        async with contextlib.aclosing(work.prefetched(batches.next, scan.close)) as steps:
-            async for items, done in steps:
-                if msg.id in session.cancelled:
+        async with contextlib.aclosing(work.prefetched(next_batch, close)) as steps:
+            async for batch, _done in steps:
+                if req_id in session.cancelled:
                     result = "cancelled"
-                    await session.send(ErrorCode.CANCELLED.reply(msg.id, "tree download cancelled"))
+                    await session.send(ErrorCode.CANCELLED.reply(req_id, "tree download cancelled"))
                     return
-                await session.send(m.TreeItems(id=msg.id, items=items, end=done))
+                await session.send(batch)
     except BaseException:
         result = "aborted"
         raise
     finally:
-        log_op(
-            session,
-            "get-tree",
-            msg.path,
-            t0,
-            f"{result} files={batches.files} errors={batches.errors}",
-            batches.bytes,
-        )
+        session.gets.discard(req_id)
+        session.cancelled.discard(req_id)
+        log_op(session, op, path, t0, f"{result} files={batches.files} errors={batches.errors}", batches.bytes)
 
 
 # --- upload --------------------------------------------------------------------------------
@@ -474,10 +492,13 @@ async def handle_put_tree(session: Session, msg: m.PutTree) -> None:
 
 
 async def handle_tree_items(session: Session, msg: m.TreeItems) -> None:
-    """A batch of a tree upload; batches of a cancelled or failed tree are dropped."""
+    """A batch of a tree upload (unpacked first if the client packed it, ``-z``); batches of a
+    cancelled or failed tree are dropped."""
     up = session.channels.get(msg.id)
     if up is None:
         return
     if not isinstance(up, TreeUpload):
         raise RemoteProtocolError(f"request {msg.id} is not a tree upload")
+    if msg.packed:
+        msg = m.TreeItems(id=msg.id, items=tree_records(msg), end=msg.end)
     await up.add(msg)

@@ -67,12 +67,15 @@ CLIENT_REQUESTS: Final = _types(
     *(m.Stat, m.ListDir, m.Mkdir, m.Remove, m.Rename, m.Df, m.GetFile, m.PutFile, m.PutFrom, m.Cancel),
     *(m.Exec, m.Window, m.Eof, m.Signal, m.Resize, m.FileEnd),
     *(m.GetTree, m.PutTree, m.TreeItems),
+    *(m.ScanTree, m.GetFiles, m.GetChunks, m.Chunks, m.DeltaPut, m.DeltaGet, m.DeltaData),
+    *(m.RemoveMany, m.SetAttrs),
 )
 #: Replies and stream messages the server sends once the connection is open.
 SERVER_REPLIES: Final = _types(
     *(m.Ok, m.Error, m.StatReply, m.ListReply, m.DfReply, m.FileInfo, m.FileEnd, m.PutReady),
     *(m.ExecStarted, m.Window, m.Eof, m.ExitStatus),
     *(m.TreeItems, m.TreeAck),
+    *(m.ScanItems, m.Chunks, m.DeltaData, m.BatchReply),
 )
 
 #: (sender role, state) -> message types that sender may send in that state.

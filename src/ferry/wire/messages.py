@@ -395,12 +395,23 @@ class PutTree(Message, tag="put_tree"):
     overwrite: bool = True
 
 
+#: Most bytes a packed :class:`TreeItems` batch may unpack to (a batch is ~256 KiB of payload plus
+#: at most one more inline file and its path).
+TREE_UNPACKED_MAX = 1 << 20
+
+
 class TreeItems(Message, tag="tree_items"):
-    """A batch of records of tree transfer ``id`` (either direction); ``end`` marks the last one."""
+    """A batch of records of tree transfer ``id`` (either direction); ``end`` marks the last one.
+
+    With ``packed`` the records are instead one zstd frame of their msgpack array (at most
+    :data:`TREE_UNPACKED_MAX` bytes unpacked; ``items`` is then empty): sent only with ``-z``, to a
+    peer that announced the feature ``"packed"`` (a server) or asked for it (``GetFiles.compress``).
+    """
 
     id: U32
-    items: Annotated[list[TreeItem], Meta(max_length=4096)]
+    items: Annotated[list[TreeItem], Meta(max_length=4096)] = []
     end: bool = False
+    packed: Annotated[bytes, Meta(max_length=(1 << 20) - 4096)] = b""
 
 
 class TreeAck(Message, tag="tree_ack"):
@@ -412,6 +423,170 @@ class TreeAck(Message, tag="tree_ack"):
     bytes: U64
     errors: Annotated[list[TreeItem], Meta(max_length=4096)] = []
     end: bool = False
+
+
+# --- sync ----------------------------------------------------------------------------------
+
+#: Chunk hashes per :class:`Chunks` page (32 bytes each: 512 KiB, half the message cap).
+CHUNKS_PAGE = 1 << 14
+#: Literal bytes a :class:`DeltaData` batch may carry (one batch's threshold plus one maximal chunk).
+DELTA_DATA_MAX = 1 << 19
+SyncKind = Literal["file", "dir", "link", "other", "error"]
+
+
+class SyncEntry(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """One entry of a sync listing (:class:`ScanItems`), an attribute change (:class:`SetAttrs`) or
+    a failed entry of a batch (:class:`BatchReply`, kind ``error`` with its ``message``).
+
+    Encoded as an array, not a map: a 10,000-file listing is ~40% smaller without field names.
+    ``path`` is relative to the request's folder (``""`` is that folder, or the file itself when a
+    file was listed); ``digest`` is the content digest (``ferry.cdc``) when asked for.
+    """
+
+    path: Path
+    kind: SyncKind
+    size: U64 = 0
+    mtime: Time = 0.0
+    mode: U32 = 0
+    digest: Digest = b""
+    message: Text = ""
+
+
+class ScanTree(Message, tag="scan"):
+    """List the tree at ``path`` for a sync: :class:`ScanItems` pages follow (the root first,
+    folders before their contents), filtered by the gitignore-style ``rules``; with ``checksum``
+    each file carries its content digest."""
+
+    id: U32
+    path: Path
+    rules: Annotated[list[Text], Meta(max_length=4096)] = []
+    checksum: bool = False
+    #: the client takes pages packed with zlib (a 10,000-file listing: ~4x fewer bytes)
+    packed: bool = False
+
+
+#: Most bytes a packed :class:`ScanItems` page may unpack to (a receiver stops there).
+SCAN_UNPACKED_MAX = 1 << 21
+
+
+class ScanItems(Message, tag="scan_items"):
+    """A page of a sync listing; ``end`` marks the last one. With ``packed`` (only if the request
+    asked for it) the entries are instead a zlib stream of the msgpack array of ``SyncEntry``
+    records (at most :data:`SCAN_UNPACKED_MAX` bytes unpacked; ``entries`` is then empty)."""
+
+    id: U32
+    entries: Annotated[list[SyncEntry], Meta(max_length=4096)] = []
+    end: bool = False
+    packed: Annotated[bytes, Meta(max_length=1 << 19)] = b""
+
+
+class GetFiles(Message, tag="get_files"):
+    """Send the files ``names`` (relative to folder ``path``) as :class:`TreeItems`, like a tree
+    download of just those (files up to ``inline_max`` inline, larger ones announced)."""
+
+    id: U32
+    path: Path
+    names: Annotated[list[Path], Meta(max_length=4096)]
+    hash: HashName = "blake3"
+    inline_max: Annotated[int, Meta(ge=0, le=TREE_INLINE_MAX)] = TREE_INLINE_MAX
+    #: pack the TreeItems batches with zstd where that shrinks them (``-z``)
+    compress: bool = False
+
+
+#: Bytes per chunk hash in a :class:`Chunks` list: 8 to 32 (full BLAKE3).
+HashWidth = Annotated[int, Meta(ge=8, le=32)]
+
+
+class GetChunks(Message, tag="get_chunks"):
+    """Ask for the chunk index of file ``path``: :class:`Chunks` pages follow, each hash cut to its
+    first ``width`` bytes. With ``prefetch`` the server only indexes the file into its cache (in
+    the background) and answers ``Ok`` at once: a sync that just uploaded a large file asks for
+    this, so that the next delta of that file need not read its old version first."""
+
+    id: U32
+    path: Path
+    width: HashWidth = 32
+    prefetch: bool = False
+
+
+class Chunks(Message, tag="chunks"):
+    """A page of a chunk index: concatenated 32-byte BLAKE3 chunk hashes in file order; ``end`` on
+    the last page. Server to client for :class:`GetChunks`; client to server after :class:`DeltaGet`
+    (the client's basis). ``size`` is the indexed file's size (informative)."""
+
+    id: U32
+    hashes: Annotated[bytes, Meta(max_length=CHUNKS_PAGE * 32)] = b""
+    size: U64 = 0
+    end: bool = False
+    width: HashWidth = 32
+
+
+class DeltaPut(Message, tag="delta_put"):
+    """Upload ``path`` as :class:`DeltaData` batches that may copy chunks of the server's current
+    file, whose hashes the client got with :class:`GetChunks`; ``basis`` is the BLAKE3 of those
+    hashes as received (cut to ``width`` bytes each; empty: no basis, all literal). ``token``
+    names the partial file (same source, same token). No reply until the last batch: ``Ok``, or
+    an ``Error`` at the first problem."""
+
+    id: U32
+    path: Path
+    size: U64
+    mtime: Time
+    mode: U32 = 0o644
+    basis: Digest = b""
+    token: Short = ""
+    overwrite: bool = True
+    width: HashWidth = 32
+
+
+class DeltaGet(Message, tag="delta_get"):
+    """Download ``path`` as a delta against the client's basis, whose hashes follow in
+    :class:`Chunks` pages; the server answers ``FileInfo`` and :class:`DeltaData` batches (zstd-packed
+    literal chunks where they shrink, with ``compress``)."""
+
+    id: U32
+    path: Path
+    compress: bool = False
+    width: HashWidth = 32
+
+
+class DeltaData(Message, tag="delta"):
+    """A batch of a delta transfer (either direction): ``ops`` are flat triples (see
+    ``ferry.delta``), ``data`` the literal chunks they announce; the last batch has ``end`` and the
+    new version's content digest."""
+
+    id: U32
+    ops: Annotated[list[U64], Meta(max_length=3 * 4096)] = []
+    data: Annotated[bytes, Meta(max_length=DELTA_DATA_MAX)] = b""
+    end: bool = False
+    digest: Digest = b""
+
+
+class RemoveMany(Message, tag="rm_many"):
+    """Remove the entries ``names`` (relative to folder ``path``), in order; a folder only when empty
+    unless ``recursive``. Answered by one :class:`BatchReply`."""
+
+    id: U32
+    path: Path
+    names: Annotated[list[Path], Meta(max_length=4096)]
+    recursive: bool = False
+
+
+class SetAttrs(Message, tag="set_attrs"):
+    """Set the mode (if non-zero) and mtime (if non-zero) of ``entries`` (paths relative to folder
+    ``path``; ``""`` is that folder). Answered by one :class:`BatchReply`."""
+
+    id: U32
+    path: Path
+    entries: Annotated[list[SyncEntry], Meta(max_length=4096)]
+
+
+class BatchReply(Message, tag="batch_reply"):
+    """How a batch went: entries done, and the ones that failed (kind ``error`` with a message)."""
+
+    id: U32
+    done: U64
+    errors: Annotated[list[SyncEntry], Meta(max_length=4096)] = []
 
 
 # --- remote commands -----------------------------------------------------------------------
@@ -518,6 +693,17 @@ AnyMessage = (
     | PutTree
     | TreeItems
     | TreeAck
+    | ScanTree
+    | ScanItems
+    | GetFiles
+    | GetChunks
+    | Chunks
+    | DeltaPut
+    | DeltaGet
+    | DeltaData
+    | RemoveMany
+    | SetAttrs
+    | BatchReply
     | Exec
     | ExecStarted
     | Window
@@ -528,6 +714,28 @@ AnyMessage = (
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = AnyMessage.__args__
+
+
+_tree_items_encoder = msgspec.msgpack.Encoder()
+_tree_items_decoder = msgspec.msgpack.Decoder(list[TreeItem])
+
+
+def encode_tree_items(items: list[TreeItem]) -> bytes:
+    """The msgpack array of ``items`` (what a packed :class:`TreeItems` batch carries, zstd-packed)."""
+    return _tree_items_encoder.encode(items)
+
+
+def decode_tree_items(raw: bytes) -> list[TreeItem]:
+    """The records of an unpacked batch, validated like any message (MalformedMessage otherwise)."""
+    try:
+        items: list[TreeItem] = _tree_items_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise MalformedMessage(f"invalid packed tree batch: {exc}") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(f"undecodable packed tree batch: {exc}") from exc
+    if len(items) > 4096:
+        raise MalformedMessage("a packed tree batch holds more than 4096 records")
+    return items
 
 
 class MessageCodec:

@@ -1,0 +1,405 @@
+"""Delta transfers on the server, both directions (``GetChunks``, ``DeltaPut``, ``DeltaGet``).
+
+Upload (the server receives): the client asks for the chunk index of the server's copy
+(``GetChunks``: from the server-wide cache when that version of the file was indexed before, else
+computed in a thread and cached), then sends ``DeltaPut`` naming the *basis* it will refer to (the
+BLAKE3 of those hashes) and a stream of ``DeltaData`` batches. The server builds the new version in
+the upload's partial file (:class:`~ferry.delta.Assembler`: copied chunks are re-hashed as they are
+copied, literal chunks hashed as they arrive), checks the content digest, fsyncs, and renames it
+into place through the jail: the final name only ever shows the old or the new content. If the
+old file changed since it was listed, the upload fails with code ``changed`` and nothing changes.
+
+Download (the server sends): ``DeltaGet`` is followed by the client's basis hashes (``Chunks``
+pages, the last with ``end``); the server answers ``FileInfo`` and ``DeltaData`` batches produced by
+:class:`~ferry.delta.DeltaEncoder` in a thread (the next batch is read while one is sent), the last
+one with the content digest, or an ``Error`` with the code ``changed`` if the file changed while
+it was read.
+Both directions may carry zstd-packed literal chunks (``-z``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import stat
+import time
+from typing import TYPE_CHECKING, Any
+
+from ferry import cdc
+from ferry.aio import close_after
+from ferry.delta import Assembler, BasisChanged, BasisFile, DeltaEncoder, basis_id
+from ferry.errors import FerryError, RemoteError
+from ferry.server.files import jail_of, log_op
+from ferry.server.jail import translate_oserror
+from ferry.server.transfer import check_quota
+from ferry.server.work import in_thread, start_thread
+from ferry.textsafe import safe_text
+from ferry.wire import Data, RemoteProtocolError
+from ferry.wire import messages as m
+from ferry.wire.codes import ErrorCode, reply_for
+
+if TYPE_CHECKING:
+    from ferry.server.context import HashCache
+    from ferry.server.session import Session
+
+#: Delta transfers open at once per connection (each holds descriptors and a thread job).
+MAX_DELTAS = 8
+#: Most basis chunks a client may announce for a download (1 TiB of 64 KiB chunks).
+MAX_BASIS = 1 << 24
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def file_index(cache: HashCache, fd: int, st: os.stat_result) -> cdc.ChunkIndex:
+    """The chunk index of the open file ``fd`` (``st`` its fstat), cached per version of the file."""
+    key = (*cdc.stat_key(st), cdc.SCHEME)
+    index = cache.get_index(key)
+    if index is None:
+        index = cdc.index_fd(fd, st.st_size)
+        if cdc.stat_key(os.fstat(fd)) != cdc.stat_key(st):
+            raise ErrorCode.CHANGED.error("the file changed while it was being indexed; try again")
+        cache.put_index(key, index)
+    return index
+
+
+def _count(session: Session) -> int:
+    return sum(isinstance(c, DeltaUpload | DeltaSend) for c in session.channels.values())
+
+
+def _admit(session: Session, req_id: int) -> None:
+    session.check_id_free(req_id)
+    if _count(session) >= MAX_DELTAS:
+        raise ErrorCode.BUSY.error(f"too many delta transfers on this connection (at most {MAX_DELTAS})")
+
+
+def _changed(exc: BaseException, path: str) -> RemoteError | None:
+    if isinstance(exc, BasisChanged | cdc.FileChanged):
+        return ErrorCode.CHANGED.error(f"{path} changed while it was being transferred; nothing was kept, try again")
+    return None
+
+
+# --- the index --------------------------------------------------------------------------------
+
+
+async def handle_get_chunks(session: Session, msg: m.GetChunks) -> None:
+    """Send the chunk index of ``msg.path`` in ``Chunks`` pages (the last with ``end``)."""
+    t0 = time.monotonic()
+    jail = jail_of(session)
+    cache = session.ctx.hash_cache
+    fd = await in_thread(jail.open_read, msg.path, release=os.close)
+    job = None
+    if msg.prefetch:
+        try:
+            st = os.fstat(fd)
+            if cache.get_index((*cdc.stat_key(st), cdc.SCHEME)) is None:
+                # In the background (the session's file pool: bounded, fair between users); its
+                # only result is the cache entry, and its errors (the file changed) are dropped.
+                job = start_thread(file_index, cache, fd, st)
+        finally:
+            _close_after(job, fd)
+        await session.send(m.Ok(id=msg.id))
+        log_op(session, "chunks", msg.path, t0, "ok prefetch" if job is not None else "ok cached")
+        return
+    try:
+        st = os.fstat(fd)
+        job = start_thread(file_index, cache, fd, st)
+        index = await asyncio.shield(job)
+    finally:
+        _close_after(job, fd)
+    hashes = cdc.truncate(index.hashes, msg.width)
+    step = m.CHUNKS_PAGE * msg.width
+    for i in range(0, max(len(hashes), 1), step):
+        page = hashes[i : i + step]
+        end = i + step >= len(hashes)
+        await session.send(m.Chunks(id=msg.id, size=index.size, hashes=page, end=end, width=msg.width))
+    log_op(session, "chunks", msg.path, t0, f"ok chunks={index.count}")
+
+
+# --- upload -----------------------------------------------------------------------------------
+
+
+class DeltaUpload:
+    """A delta upload in progress, registered in ``session.channels`` under its id."""
+
+    def __init__(self, session: Session, msg: m.DeltaPut) -> None:
+        self.session = session
+        self.msg = msg
+        self.t0 = time.monotonic()
+        self.out_fd = -1
+        self.basis_fd = -1
+        self.partial = ""
+        self.assembler: Assembler | None = None
+        self.reserved = 0
+        self.replaced = 0
+        self._job: asyncio.Future[Any] | None = None
+        self.dead = False
+
+    def open(self) -> None:
+        """Open the basis (the current file) and the partial to build in (thread)."""
+        jail, msg = jail_of(self.session), self.msg
+        basis: list[BasisFile] = []
+        if msg.basis:
+            self.basis_fd = jail.open_read(msg.path)
+            st = os.fstat(self.basis_fd)
+            self.replaced = st.st_size
+            index = file_index(self.session.ctx.hash_cache, self.basis_fd, st)
+            if basis_id(cdc.truncate(index.hashes, msg.width)) != msg.basis:
+                raise ErrorCode.CHANGED.error(
+                    f"{msg.path} changed since its chunks were listed; nothing was kept, try again"
+                )
+            basis.append(BasisFile(self.basis_fd, index))
+        else:
+            with contextlib.suppress(FerryError):
+                st = jail.lstat(msg.path)
+                self.replaced = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        # The same token for the same source: an interrupted upload leaves one partial, reused
+        # (and truncated) by the next attempt instead of piling up.
+        self.out_fd, self.partial, _ = jail.open_partial(msg.path, msg.token, on_foreign=self._foreign)
+        os.ftruncate(self.out_fd, 0)
+        self.assembler = Assembler(self.out_fd, msg.size, basis)
+
+    def _foreign(self, prel: str, st: os.stat_result) -> None:
+        """Something that is not the server's partial had the partial's name: it was left alone."""
+        self.session.ctx.log.warning(
+            "delta upload: %s was not a genuine partial (links=%d); a fresh one took its name",
+            safe_text(prel),
+            st.st_nlink,
+        )
+
+    async def on_data(self, ev: Data) -> None:
+        """Delta uploads carry their bytes in DeltaData messages; a data frame is a client bug."""
+        raise RemoteProtocolError(f"data frame for delta upload {self.msg.id}")
+
+    async def add(self, batch: m.DeltaData) -> None:
+        """Apply one batch (in a thread; the reader waits, so TCP holds the client back)."""
+        assert self.assembler is not None
+        self._job = start_thread(self.assembler.apply, batch.ops, batch.data)
+        await asyncio.shield(self._job)
+        self._job = None
+        if batch.end:
+            await self._finish(batch.digest)
+
+    async def _finish(self, digest: bytes) -> None:
+        session, msg, assembler = self.session, self.msg, self.assembler
+        assert assembler is not None
+        jail = jail_of(session)
+        fd, partial = self.out_fd, self.partial
+
+        def seal() -> cdc.ChunkIndex:
+            index = assembler.finish(digest)
+            os.fchmod(fd, msg.mode & 0o777)
+            os.utime(fd, (msg.mtime, msg.mtime))
+            os.fsync(fd)  # data on disk before the name appears
+            # With the descriptor: the inode that was verified is the one that gets the name.
+            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd)
+            # The new version's index is known: the next delta of this file needs no re-read.
+            session.ctx.hash_cache.put_index((*cdc.stat_key(os.fstat(fd)), cdc.SCHEME), index)
+            return index
+
+        self._job = start_thread(seal)
+        await asyncio.shield(self._job)
+        self._job = None
+        self.partial = ""  # renamed: nothing to remove any more
+        assert session.user is not None
+        session.ctx.usage.add(session.user.name, msg.size - self.replaced)
+        self.close()
+        await session.send(m.Ok(id=msg.id))
+        log_op(
+            session,
+            "delta-put",
+            msg.path,
+            self.t0,
+            f"ok copied={assembler.copied} received={assembler.received}",
+            msg.size,
+        )
+
+    async def abort(self) -> None:
+        """Cancelled, failed or the connection ended: drop the partial (it holds no verified data)."""
+        job = self._job
+        if job is not None and not job.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(job)
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the partial (only if its name still holds this upload's file), close everything."""
+        partial, fd = self.partial, self.out_fd
+        self.partial = ""
+        if partial and fd >= 0:
+            with contextlib.suppress(Exception):
+                jail_of(self.session).remove_partial(partial, fd)
+        self.close()
+
+    def close(self) -> None:
+        """Close the descriptors, give back the reservation, unregister."""
+        self.dead = True
+        for attr in ("out_fd", "basis_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+        if self.reserved:
+            assert self.session.user is not None
+            self.session.ctx.usage.release(self.session.user.name, self.reserved)
+            self.reserved = 0
+        if self.session.channels.get(self.msg.id) is self:
+            del self.session.channels[self.msg.id]
+
+
+async def handle_delta_put(session: Session, msg: m.DeltaPut) -> None:
+    """Start a delta upload (no reply until it ends: Ok, or an Error at the first problem)."""
+    _admit(session, msg.id)
+    if not _TOKEN.match(msg.token):
+        raise RemoteProtocolError("bad upload token")
+    await check_quota(session, msg)
+    up = DeltaUpload(session, msg)
+    assert session.user is not None
+    session.ctx.usage.reserve(session.user.name, msg.size)
+    up.reserved = msg.size
+    try:
+        await in_thread(up.open)
+    except BaseException:
+        up.discard()
+        raise
+    session.channels[msg.id] = up
+
+
+async def handle_delta_data(session: Session, msg: m.DeltaData) -> None:
+    """A batch of a delta upload; batches of a failed or cancelled one are dropped."""
+    up = session.channels.get(msg.id)
+    if up is None:
+        return
+    if not isinstance(up, DeltaUpload):
+        raise RemoteProtocolError(f"request {msg.id} is not a delta upload")
+    try:
+        await up.add(msg)
+    except Exception as exc:
+        up.discard()
+        log_op(session, "delta-put", up.msg.path, up.t0, "failed")
+        changed = _changed(exc, up.msg.path)
+        if changed is not None:
+            raise changed from exc
+        if isinstance(exc, OSError):
+            raise translate_oserror(exc, up.msg.path) from exc
+        raise
+
+
+# --- download ---------------------------------------------------------------------------------
+
+
+class DeltaSend:
+    """A delta download: collects the client's basis (``Chunks`` pages), then streams the file."""
+
+    def __init__(self, session: Session, msg: m.DeltaGet) -> None:
+        self.session = session
+        self.msg = msg
+        self.parts: list[bytes] = []
+        self.count = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def on_data(self, ev: Data) -> None:
+        """A data frame for a download is a client bug."""
+        raise RemoteProtocolError(f"data frame for delta download {self.msg.id}")
+
+    def add(self, msg: m.Chunks) -> None:
+        """One page of the client's basis; the last one starts the transfer."""
+        if self.task is not None:
+            raise RemoteProtocolError(f"chunks after the end of the basis of {self.msg.id}")
+        width = self.msg.width
+        if msg.width != width or len(msg.hashes) % width:
+            raise RemoteProtocolError(f"a basis page must hold hashes of {width} bytes, as its DeltaGet said")
+        self.count += len(msg.hashes) // width
+        if self.count > MAX_BASIS:
+            raise RemoteProtocolError(f"a basis of more than {MAX_BASIS} chunks")
+        self.parts.append(msg.hashes)
+        if msg.end:
+            self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        session = self.session
+        try:
+            await _serve_delta(session, self.msg, b"".join(self.parts))
+        except (ConnectionError, RemoteProtocolError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            err = _changed(exc, self.msg.path) or exc
+            if not isinstance(err, FerryError):
+                session.ctx.log.exception("internal error in a delta download")
+            with contextlib.suppress(Exception):
+                await session.send(reply_for(self.msg.id, err))
+        finally:
+            if session.channels.get(self.msg.id) is self:
+                del session.channels[self.msg.id]
+
+    async def abort(self) -> None:
+        """Cancelled or the connection ended: stop sending."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
+async def _serve_delta(session: Session, msg: m.DeltaGet, basis: bytes) -> None:
+    t0 = time.monotonic()
+    jail = jail_of(session)
+    fd = await in_thread(jail.open_read, msg.path, release=os.close)
+    job: asyncio.Future[Any] | None = None
+    try:
+        st = os.fstat(fd)
+        await session.send(
+            m.FileInfo(id=msg.id, size=st.st_size, mtime=m.wire_time(st.st_mtime), mode=st.st_mode & 0o7777)
+        )
+        # A version indexed before (a -c listing, an earlier delta) is not chunked again.
+        cached = session.ctx.hash_cache.get_index((*cdc.stat_key(st), cdc.SCHEME))
+        enc = DeltaEncoder(fd, st.st_size, basis, width=msg.width, compress=msg.compress, index=cached)
+        job = start_thread(enc.next_batch)
+        while job is not None:
+            batch, done = await asyncio.shield(job)
+            job = None
+            if not done:  # read and chunk the next batch while this one is sent
+                job = start_thread(enc.next_batch)
+                await session.send(m.DeltaData(id=msg.id, ops=batch.ops, data=bytes(batch.data)))
+                continue
+            if cdc.stat_key(os.fstat(fd)) != cdc.stat_key(st):
+                raise cdc.FileChanged(f"{msg.path} changed while it was being sent")
+            assert enc.index is not None
+            session.ctx.hash_cache.put_index((*cdc.stat_key(st), cdc.SCHEME), enc.index)
+            await session.send(
+                m.DeltaData(id=msg.id, ops=batch.ops, data=bytes(batch.data), end=True, digest=enc.digest)
+            )
+        log_op(session, "delta-get", msg.path, t0, f"ok copied={enc.copied} sent={enc.wire}", st.st_size)
+    finally:
+        _close_after(job, fd)
+
+
+def _close_after(job: asyncio.Future[Any] | None, fd: int) -> None:
+    """Close ``fd`` now, or once the thread job still reading it is done (a cancelled await must
+    not close a descriptor a thread still uses)."""
+    close_after(job, lambda: os.close(fd))
+
+
+async def handle_delta_get(session: Session, msg: m.DeltaGet) -> None:
+    """Register a delta download; it starts once the client's basis has arrived."""
+    _admit(session, msg.id)
+    session.channels[msg.id] = DeltaSend(session, msg)
+
+
+async def handle_chunks(session: Session, msg: m.Chunks) -> None:
+    """A page of a delta download's basis."""
+    target = session.channels.get(msg.id)
+    if target is None:
+        return  # cancelled meanwhile
+    if not isinstance(target, DeltaSend):
+        raise RemoteProtocolError(f"request {msg.id} is not a delta download")
+    target.add(msg)
+
+
+__all__ = [
+    "file_index",
+    "handle_chunks",
+    "handle_delta_data",
+    "handle_delta_get",
+    "handle_delta_put",
+    "handle_get_chunks",
+]

@@ -1,0 +1,426 @@
+"""``sync`` over real loopback sockets, both directions: quick check, checksum, delta, compression,
+deletions, dry runs, filters, attributes, skipped entries, and what crosses the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.client.sync import SyncItem, SyncResult
+from transfer_support import MiB, connect, home, no_logged_errors, running_server  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, bytes | str, int, int]]:
+    """Every entry under ``root``: kind, content (files) or link target, permission bits, mtime (ns)."""
+    out: dict[str, tuple[str, bytes | str, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p), 0, 0)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", b"", stat.S_IMODE(st.st_mode), 0)
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("file", p.read_bytes(), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            else:
+                out[rel] = ("other", b"", 0, 0)
+    return out
+
+
+def content(root: Path) -> dict[str, Any]:
+    """Like :func:`snapshot` without links and special files (they are skipped by a sync)."""
+    return {k: v for k, v in snapshot(root).items() if v[0] in ("file", "dir")}
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal trees: names, kinds, bytes and modes exactly, file mtimes within 2 us (they travel as
+    float seconds: preserved to about a microsecond)."""
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    for k in a:
+        assert a[k][:3] == b[k][:3], k
+        assert abs(a[k][3] - b[k][3]) <= 2000, (k, a[k][3], b[k][3])
+    return True
+
+
+def make_source(root: Path) -> None:
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "empty").mkdir()
+    for i in range(30):
+        (root / "sub" / f"s{i}.txt").write_bytes(b"small %d\n" % i * (i + 1))
+    (root / "sub" / "deep" / "zero").write_bytes(b"")
+    (root / "big.bin").write_bytes(rand(3 * MiB, 1))
+    (root / "mid.bin").write_bytes(rand(300_000, 2))
+    os.chmod(root / "sub" / "s3.txt", 0o600)
+    os.chmod(root / "sub" / "deep", 0o750)
+    os.utime(root / "mid.bin", (1_600_000_000.5, 1_600_000_000.5))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _sync(srv: Any, tmp_path: Path, src: str, dest: str, **kw: Any) -> tuple[SyncResult, list[SyncItem]]:
+    items: list[SyncItem] = []
+    c = await connect(srv, tmp_path)
+    try:
+        r = await c.sync(src, dest, on_item=items.append, **kw)
+    finally:
+        await c.close()
+    return r, items
+
+
+def changes(items: list[SyncItem]) -> dict[str, str]:
+    return {i.path: i.action for i in items if i.action != "skip"}
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["tls", "plain"])
+def test_push_then_noop_then_changes(tmp_path: Path, plain: bool) -> None:
+    src = tmp_path / "src"
+    make_source(src)
+    with running_server(tmp_path / "srv", plain=plain) as srv:
+        dst = home(srv) / "backup"
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
+        assert same(content(dst), content(src))
+        assert r.failed == 0 and r.sent_files == r.files == 33 and r.sent_bytes == r.bytes
+        assert r.wire_bytes > r.bytes
+        # a re-run is a no-op: nothing sent, and only the listing on the wire
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
+        assert changes(items) == {} and r.sent_files == 0 and r.wire_bytes < 64 * 1024
+        # change a small file, 100 KiB in the middle of the big one, and a mode
+        (src / "sub" / "s1.txt").write_bytes(b"changed\n")
+        data = bytearray((src / "big.bin").read_bytes())
+        data[MiB : MiB + 100_000] = rand(100_000, 3)
+        (src / "big.bin").write_bytes(bytes(data))
+        os.chmod(src / "sub" / "s2.txt", 0o640)
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
+        assert changes(items) == {"sub/s1.txt": "update", "big.bin": "update", "sub/s2.txt": "attrs"}
+        assert same(content(dst), content(src))
+        big = next(i for i in items if i.path == "big.bin")
+        assert 100_000 <= big.sent <= 100_000 + 2 * 256 * 1024  # only the changed chunks
+        assert r.wire_bytes < 1 * MiB  # and the chunk index of 3 MiB: ~1.5 KiB
+
+
+def test_pull_delta_and_insertion(tmp_path: Path) -> None:
+    with running_server(tmp_path / "srv") as srv:
+        src = home(srv) / "data"
+        make_source(src)
+        dst = tmp_path / "dst"
+        r, _ = run(_sync(srv, tmp_path, ":data", f"{dst}"))  # no trailing slash: dst/data
+        assert same(content(dst / "data"), content(src))
+        r, items = run(_sync(srv, tmp_path, ":data", f"{dst}"))
+        assert changes(items) == {}
+        blob = (src / "big.bin").read_bytes()
+        (src / "big.bin").write_bytes(blob[:MiB] + b"inserted bytes" + blob[MiB:])
+        r, items = run(_sync(srv, tmp_path, ":data", f"{dst}"))
+        assert changes(items) == {"big.bin": "update"}
+        assert same(content(dst / "data"), content(src))
+        big = next(i for i in items if i.path == "big.bin")
+        assert big.sent <= 2 * 256 * 1024 and r.wire_bytes < 600 * 1024
+        assert not list((dst / "data").glob(".*ferry-part*"))
+
+
+def test_delete_dry_run_and_filters(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_source(src)
+    (src / "skip.log").write_text("log")
+    with running_server(tmp_path / "srv") as srv:
+        dst = home(srv) / "m"
+        run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"]))
+        assert not (dst / "skip.log").exists()
+        (dst / "extra").mkdir()
+        (dst / "extra" / "x").write_text("x")
+        (dst / "old.txt").write_text("old")
+        (dst / "kept.log").write_text("excluded on the receiver: protected")
+        for n in range(5):
+            (src / "sub" / f"s{n}.txt").unlink()
+        (src / "new.txt").write_text("new")
+        before_src, before_dst = snapshot(src), snapshot(dst)
+        log = srv.root / "logs" / "ferry.log"
+        log_size = log.stat().st_size
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True, dry_run=True))
+        assert r.dry_run and changes(items) == {
+            "new.txt": "new",
+            "extra/x": "delete",
+            "extra": "delete",
+            "old.txt": "delete",
+            "sub": "attrs",  # its mtime moved when files were deleted from it
+            **{f"sub/s{n}.txt": "delete" for n in range(5)},
+        }
+        assert snapshot(src) == before_src and snapshot(dst) == before_dst  # byte for byte, modes, mtimes
+        ops = [line.split("op=")[1].split()[0] for line in log.read_text()[log_size:].splitlines() if " op=" in line]
+        assert ops == ["scan"]  # the server only listed
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True))
+        assert r.deleted == 8 and r.failed == 0
+        assert (dst / "kept.log").exists()
+        assert same(
+            {k: v for k, v in content(dst).items() if k != "kept.log"},
+            {k: v for k, v in content(src).items() if not k.endswith(".log")},
+        )
+
+
+def test_missing_source_deletes_nothing(tmp_path: Path) -> None:
+    with running_server(tmp_path / "srv") as srv:
+        dst = tmp_path / "dst"
+        dst.mkdir()
+        (dst / "precious").write_text("keep me")
+        with pytest.raises(Exception, match="no such file or folder"):
+            run(_sync(srv, tmp_path, ":nothing-here/", f"{dst}", delete=True))
+        with pytest.raises(Exception, match="no such file or folder"):
+            run(_sync(srv, tmp_path, f"{tmp_path / 'nothing'}/", ":x", delete=True))
+        assert (dst / "precious").read_text() == "keep me"
+
+
+def test_unreadable_source_folder_suppresses_deletion(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root reads everything: make the folder unreadable another way (a name that is not UTF-8)
+        pass
+    src = tmp_path / "src"
+    make_source(src)
+    with running_server(tmp_path / "srv") as srv:
+        run(_sync(srv, tmp_path, f"{src}/", ":t"))
+        bad = os.fsencode(src / "sub") + b"/\xff\xfe-not-utf8"
+        with open(bad, "wb") as f:
+            f.write(b"x")
+        (src / "big.bin").unlink()
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
+        assert any(i.action == "skip" and i.kind == "error" for i in items)
+        assert (home(srv) / "t" / "big.bin").exists()  # not deleted: the source had read errors
+        assert r.deleted == 0
+
+
+def test_links_and_fifos_are_reported_as_skipped(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_source(src)
+    os.symlink("big.bin", src / "link")
+    os.mkfifo(src / "fifo")
+    with running_server(tmp_path / "srv") as srv:
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t"))
+        skipped = {i.path: i.reason for i in items if i.action == "skip"}
+        assert set(skipped) == {"link", "fifo"} and r.skipped == 2
+        assert "symbolic link" in skipped["link"] and "FIFO" in skipped["fifo"]
+        assert not (home(srv) / "t" / "link").exists()
+        # and the other way: a link on the server is reported, not followed
+        os.symlink("big.bin", home(srv) / "t" / "slink")
+        r, items = run(_sync(srv, tmp_path, ":t/", f"{tmp_path / 'back'}"))
+        assert {i.path for i in items if i.action == "skip"} == {"slink"}
+
+
+def test_checksum_finds_same_size_same_mtime_change(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_source(src)
+    with running_server(tmp_path / "srv") as srv:
+        run(_sync(srv, tmp_path, f"{src}/", ":c"))
+        target = home(srv) / "c" / "sub" / "s5.txt"
+        st = target.stat()
+        target.write_bytes(b"X" * st.st_size)  # same size ...
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... same mtime
+        _, items = run(_sync(srv, tmp_path, f"{src}/", ":c"))
+        assert changes(items) == {}  # the quick check cannot see it
+        _r, items = run(_sync(srv, tmp_path, f"{src}/", ":c", checksum=True))
+        assert changes(items) == {"sub/s5.txt": "update"}
+        assert same(content(home(srv) / "c"), content(src))
+
+
+def test_compressed_transfers_shrink_text(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    text = b"".join(b"2026-12-02T13:%02d:%02d host app[%d]: request ok in %d ms\n" % (i % 60, i % 59, i % 97, i % 1000) for i in range(40000))
+    (src / "app.log").write_bytes(text)
+    with running_server(tmp_path / "srv") as srv:
+        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":logs", compress=True))
+        assert (home(srv) / "logs" / "app.log").read_bytes() == text
+        assert r.wire_bytes < len(text) / 4
+        r, _items = run(_sync(srv, tmp_path, ":logs/", f"{tmp_path / 'back'}", compress=True))
+        assert (tmp_path / "back" / "app.log").read_bytes() == text
+        assert r.wire_bytes < len(text) / 4
+
+
+def test_progress_counts_the_whole_job(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_source(src)
+    with running_server(tmp_path / "srv") as srv:
+        calls: list[tuple[int, int]] = []
+        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":p", progress=lambda d, t: calls.append((d, t))))
+        total = r.sent_bytes
+        assert total == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+        assert calls and {t for _, t in calls} == {total}  # the job's total from the first call on
+        done = [d for d, _ in calls]
+        assert done == sorted(done) and done[-1] == total
+        # the blocking client has it too
+        from ferry.client.blocking import connect as bconnect
+        from ferry.client.known_hosts import KnownHosts
+        from transfer_support import PASSWORD
+
+        (src / "sub" / "s1.txt").write_text("changed")
+        with bconnect(
+            f"alice@127.0.0.1:{srv.port}", password=PASSWORD, known_hosts=KnownHosts(tmp_path / "kh")
+        ) as c:
+            res = c.sync(f"{src}/", ":p")
+        assert res.sent_files == 1 and isinstance(res, SyncResult)
+
+
+def test_server_batches_stay_inside_and_deltas_are_verified(tmp_path: Path) -> None:
+    """Hostile or broken requests to the new server handlers: names that leave the folder, a basis
+    that is not the server's, a digest that does not match. Nothing outside moves, nothing corrupt
+    lands, no partial is left behind."""
+    from ferry import cdc
+    from ferry.delta import basis_id
+    from ferry.wire import messages as m
+
+    with running_server(tmp_path / "srv") as srv:
+        h = home(srv)
+        (h / "d").mkdir()
+        (h / "outside.txt").write_text("keep")
+        (h / "d" / "f").write_bytes(rand(3 * MiB, 40))
+
+        async def main() -> None:
+            c = await connect(srv, tmp_path)
+            try:
+                reply = await c.mux.call(
+                    lambda i: m.RemoveMany(id=i, path="d", names=["../outside.txt", "/etc/passwd", "", "f/../../x"]),
+                    m.BatchReply,
+                )
+                assert reply.done == 0 and len(reply.errors) == 4
+                assert (h / "outside.txt").read_text() == "keep"
+                # a basis the server does not have: refused before anything is written
+                req_id, route = c.mux.open(4)
+                await c.send(m.DeltaPut(id=req_id, path="d/f", size=10, mtime=1.0, basis=b"x" * 32, token="t1"))
+                ev = await c.mux.recv(route)
+                assert isinstance(ev, m.Error) and ev.code == "changed"
+                c.mux.close_route(req_id)
+                # the right basis, a wrong digest: nothing committed, no partial left
+                hashes = cdc.index_bytes((h / "d" / "f").read_bytes()).hashes
+                req_id, route = c.mux.open(4)
+                await c.send(m.DeltaPut(id=req_id, path="d/f", size=100, mtime=1.0, basis=basis_id(hashes), token="t2"))
+                await c.send(m.DeltaData(id=req_id, ops=[1, 100, 0], data=b"y" * 100, end=True, digest=b"z" * 32))
+                ev = await c.mux.recv(route)
+                assert isinstance(ev, m.Error) and ev.code == "integrity", ev
+                c.mux.close_route(req_id)
+            finally:
+                await c.close()
+
+        run(main())
+        assert len((h / "d" / "f").read_bytes()) == 3 * MiB
+        assert sorted(p.name for p in (h / "d").iterdir()) == ["f"]  # no partial left
+
+
+def test_sync_into_the_home_itself(tmp_path: Path) -> None:
+    """The home as the destination root: files land, and no error about the home's own attributes."""
+    src = tmp_path / "src"
+    make_source(src)
+    with running_server(tmp_path / "srv") as srv:
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":"))
+        assert r.failed == 0 and not r.notes, r.notes
+        (src / "sub" / "s0.txt").write_text("again")
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":"))
+        assert changes(items) == {"sub/s0.txt": "update"} and not r.notes, r.notes
+        assert same(content(home(srv)), content(src))
+
+
+def test_compressed_small_files_travel_packed(tmp_path: Path) -> None:
+    """-z packs the batches of small files too (both ways), and leaves random data as it is."""
+    src = tmp_path / "src"
+    (src / "code").mkdir(parents=True)
+    for i in range(300):
+        (src / "code" / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {j} + {i}\n" for j in range(100)))
+    total = sum(p.stat().st_size for p in (src / "code").iterdir())
+    with running_server(tmp_path / "srv") as srv:
+        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
+        assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
+        assert same(content(home(srv) / "z"), content(src))
+        r, _ = run(_sync(srv, tmp_path, ":z/", f"{tmp_path / 'back'}", compress=True))
+        assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
+        assert same(content(tmp_path / "back"), content(src))
+        (src / "rand").mkdir()
+        for i in range(20):
+            (src / "rand" / f"r{i}").write_bytes(rand(50_000, 100 + i))
+        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
+        assert r.sent_files == 20 and r.wire_bytes >= 20 * 50_000  # nothing to gain: sent as it is
+        assert same(content(home(srv) / "z"), content(src))
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/evil", "a/../../b", "a//b", "./a"])
+def test_a_listing_with_unsafe_names_changes_nothing(tmp_path: Path, name: str) -> None:
+    """A hostile server lists names that would leave the destination: the pull stops before it
+    changes anything (no file written, nothing deleted)."""
+    from ferry.errors import TransferError
+    from ferry.wire import Connection
+    from ferry.wire import messages as m
+    from test_tree_transfer import FakeServer
+
+    class Hostile(FakeServer):
+        async def answer(self, conn: Connection, writer: Any, ev: m.Message) -> None:
+            if isinstance(ev, m.Stat):
+                writer.write(conn.send(m.StatReply(id=ev.id, entry=m.Entry(name="x", kind="dir"))))
+            elif isinstance(ev, m.ScanTree):
+                entries = [m.SyncEntry(path="", kind="dir"), m.SyncEntry(path=name, kind="file", size=3)]
+                writer.write(conn.send(m.ScanItems(id=ev.id, entries=entries, end=True)))
+
+    fake = Hostile([])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep").write_text("keep")
+
+    async def main() -> None:
+        async with fake.running(), await fake.client(tmp_path) as c:
+            assert c.info is not None
+            c.info = dataclasses.replace(c.info, features=("tree", "sync"))
+            with pytest.raises(TransferError, match="unsafe name"):
+                await c.sync(":x/", dest, delete=True)
+
+    run(main())
+    assert [p.name for p in dest.iterdir()] == ["keep"] and (dest / "keep").read_text() == "keep"
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_large_upload_is_indexed_for_the_next_delta(tmp_path: Path) -> None:
+    """After a sync uploads a new large file, the server indexes it at once (GetChunks prefetch):
+    the next delta of that file finds the index in the cache instead of reading the file first."""
+    from ferry import cdc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(rand(20 * MiB, 80))
+    with running_server(tmp_path / "srv") as srv:
+        run(_sync(srv, tmp_path, f"{src}/", ":p"))
+        st = (home(srv) / "p" / "big").stat()
+        key = (*cdc.stat_key(st), cdc.SCHEME)
+        assert srv.server.ctx is not None
+        cache = srv.server.ctx.hash_cache
+        deadline = time.monotonic() + 20
+        while cache.get_index(key) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        index = cache.get_index(key)
+        assert index is not None and index.digest == cdc.index_bytes((src / "big").read_bytes()).digest
+        log = (srv.root / "logs" / "ferry.log").read_text()
+        assert "op=chunks path=p/big" in log and "ok prefetch" in log
+
+
+def test_a_file_time_beyond_the_wire_range_does_not_fail_the_listing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_source(src)
+    os.utime(src / "sub" / "s1.txt", (1e12, 1e12))  # year ~33,658: outside what the wire carries
+    with running_server(tmp_path / "srv") as srv:
+        os.makedirs(home(srv) / "far")
+        (home(srv) / "far" / "f").write_text("far")
+        os.utime(home(srv) / "far" / "f", (1e12, 1e12))
+        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t"))
+        assert r.failed == 0 and (home(srv) / "t" / "sub" / "s1.txt").exists()
+        r, _ = run(_sync(srv, tmp_path, ":far/", f"{tmp_path / 'back'}"))
+        assert r.failed == 0 and (tmp_path / "back" / "f").read_text() == "far"
