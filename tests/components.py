@@ -298,7 +298,8 @@ def dsn_with(dsn: str, *, db: str | None = None, schema: str | None = None) -> s
     if schema is not None:
         query = urllib.parse.parse_qsl(parts.query)
         query.append(("options", f"-c search_path={schema}"))
-        parts = parts._replace(query=urllib.parse.urlencode(query))
+        # %20, not "+": libpq (psycopg) decodes only %XX escapes in URLs; asyncpg reads both.
+        parts = parts._replace(query=urllib.parse.urlencode(query, quote_via=urllib.parse.quote))
     return urllib.parse.urlunsplit(parts)
 
 
@@ -311,7 +312,11 @@ def create_database() -> tuple[str, str]:
             with contextlib.suppress(Exception):
                 run_sql(f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')
     name = f"ferry_test_{os.getpid()}_{secrets.token_hex(4)}"
-    run_sql(f'CREATE DATABASE "{name}"')
+    # A language-aware default collation (ICU's root locale), as many deployments have, not this
+    # machine's C.UTF-8: sorting that depends on the default (it ignores punctuation) must show here.
+    icu = run_sql("SELECT count(*) FROM pg_collation WHERE collname = 'und-x-icu'")[0]
+    options = " TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'und'" if icu else ""
+    run_sql(f'CREATE DATABASE "{name}"{options}')
     return name, dsn_with(PG_ADMIN_DSN, db=name)
 
 

@@ -1,4 +1,8 @@
-"""Accounts (argon2id + SQLite) and the standard paths of ferry.paths."""
+"""Accounts (argon2id over SQLite or PostgreSQL) and the standard paths of ferry.paths.
+
+The tests that take the ``accounts`` fixture run over both engines: the account logic is one, the
+engines (ferry.server.accountdb_sqlite, ferry.server.accountdb_pg) only store it.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +33,11 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "root"
 
 
-@pytest.fixture
-def accounts(root: Path) -> Iterator[Accounts]:
-    acc = Accounts(root, hasher=fast_hasher())
+@pytest.fixture(params=["sqlite", "postgresql"])
+def accounts(request: pytest.FixtureRequest, root: Path) -> Iterator[Accounts]:
+    """The accounts of a server root, in SQLite (the default) or in a fresh PostgreSQL schema."""
+    db = request.getfixturevalue("pg_dsn") if request.param == "postgresql" else None
+    acc = Accounts(root, hasher=fast_hasher(), db=db)
     yield acc
     acc.close()
 
@@ -238,6 +244,15 @@ def test_list_sorted(accounts: Accounts) -> None:
     assert [u.name for u in accounts.list()] == ["alice", "bob", "carol"]
 
 
+def test_list_is_in_byte_order_on_every_engine(accounts: Accounts) -> None:
+    """A locale's collation would ignore the punctuation (PostgreSQL's default): the same list
+    must come out of both engines."""
+    names = ["ab", "a_b", "a.c", "a-d", "aa", "_z"]
+    for name in names:
+        accounts.add(name, "pw")
+    assert [u.name for u in accounts.list()] == sorted(names)
+
+
 def test_changes_visible_to_another_instance(root: Path) -> None:
     """The server's Accounts must see `ferry user ...` changes made through another connection."""
     with Accounts(root, hasher=fast_hasher()) as server, Accounts(root, hasher=fast_hasher()) as cli:
@@ -337,12 +352,10 @@ def test_rehash_on_parameter_change(root: Path) -> None:
         assert acc.verify("bob", "pw").name == "bob"
 
 
-def test_corrupt_hash_is_an_auth_failure(accounts: Accounts, root: Path) -> None:
+def test_corrupt_hash_is_an_auth_failure(accounts: Accounts) -> None:
     accounts.add("bob", "pw")
-    conn = sqlite3.connect(paths.users_db(root))
-    with conn:
-        conn.execute("UPDATE users SET hash = 'garbage' WHERE name = 'bob'")
-    conn.close()
+    with accounts.writing() as conn:
+        conn.execute("UPDATE users SET hash = 'garbage' WHERE name = ?", ("bob",))
     with pytest.raises(AuthError):
         accounts.verify("bob", "pw")
 

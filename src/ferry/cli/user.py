@@ -266,7 +266,7 @@ def del_cmd(name: str, root: Path | None, remove_home: bool) -> None:
     """Delete user NAME (its home folder is kept unless --remove-home)."""
     where = _root(root)
     with _open(root) as accounts, _naming_root(where):
-        home = paths.home_dir(accounts.root, name)
+        home = accounts.home_of(name)
         accounts.delete(name, remove_home=remove_home)
     if remove_home:
         click.echo(f"deleted user {name} and its home folder from {where}")

@@ -1,13 +1,18 @@
-"""User accounts of ``ferry serve``: argon2id password hashes in SQLite under the server root.
+"""User accounts of ``ferry serve``: the account logic, written once over an accounts database.
 
-One :class:`Accounts` object owns one SQLite connection (WAL mode, so ``ferry user ...`` can change
-accounts while a server is running and the server sees the change on the next login: nothing is
-cached). The connection is shared between threads behind a lock because the server runs
-:meth:`Accounts.verify` in a thread executor: argon2 is deliberately CPU-heavy (~50 ms), and the
-hashing itself runs *outside* the lock so several logins can be checked in parallel.
+Passwords are argon2id hashes; keys and tokens live beside the users (:mod:`ferry.server.credentials`).
+Where the accounts are stored is the engine's business (:mod:`ferry.server.accountdb`): by default
+SQLite in ``<root>/users.db`` (:mod:`ferry.server.accountdb_sqlite`); with ``--db postgresql://...``
+PostgreSQL, shared by every server behind one address (:mod:`ferry.server.accountdb_pg`). Nothing is
+cached: ``ferry user ...`` can change accounts while servers run and they see it at the next login.
+
+The server runs :meth:`Accounts.verify` in a thread: argon2 is deliberately CPU-heavy (~25 ms), and
+the hashing itself runs outside any database lock or transaction so several logins can be checked in
+parallel.
 
 Layout and modes (see :mod:`ferry.paths`): ``<root>/users.db`` is 0600, each user's home
-``<root>/homes/<name>/`` is created 0700 when the user is added.
+``<root>/homes/<name>/`` is created 0700 when the user is added (with shared accounts, by each server
+at the user's first login there: ``ferry user`` may run on another machine).
 """
 
 from __future__ import annotations
@@ -20,10 +25,7 @@ import os
 import re
 import secrets
 import shutil
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -32,8 +34,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from ferry import paths
-from ferry.errors import AccountError, AuthError, FerryError, NoSuchUser, UserExists
+from ferry.errors import AccountError, AuthError, FerryError, NoSuchUser, UsageError, UserExists
 from ferry.errtext import os_reason
+from ferry.server.accountdb import AccountsDB, Conn
+from ferry.server.accountdb_sqlite import SqliteAccounts
 
 __all__ = [
     "FIRST_USER",
@@ -54,57 +58,6 @@ _NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 
 # One message for unknown user and wrong password, so a client cannot probe which names exist.
 _AUTH_FAILED: Final = "wrong user name or password"
-
-_SCHEMA_VERSION: Final = 2
-#: Statements that bring the schema from version N-1 to N, in order. A new database runs them all;
-#: an older one runs those above its version (additive changes only, so old rows stay valid).
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
-    1: (
-        """
-        CREATE TABLE IF NOT EXISTS users (
-            name          TEXT PRIMARY KEY NOT NULL,
-            hash          TEXT NOT NULL,              -- argon2id PHC string (includes salt and parameters)
-            quota         INTEGER,                    -- bytes; NULL = unlimited
-            exec_allowed  INTEGER NOT NULL DEFAULT 0, -- 0/1
-            exec_allow    TEXT,                       -- JSON list of program names; NULL = any program
-            created       INTEGER NOT NULL DEFAULT (strftime('%s', 'now'))
-        ) WITHOUT ROWID
-        """,
-    ),
-    2: (
-        # 0/1: a disabled account cannot log in and its sessions end (ferry user mod --disable)
-        "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
-        # bumped by every change of the account or of its keys and tokens: a running server
-        # compares it with what its sessions logged in with (ferry.server.revocation)
-        "ALTER TABLE users ADD COLUMN rev INTEGER NOT NULL DEFAULT 0",
-        # bumped by a password change only (not by a re-hash): it ends password sessions
-        "ALTER TABLE users ADD COLUMN pw_gen INTEGER NOT NULL DEFAULT 0",
-        """
-        CREATE TABLE IF NOT EXISTS keys (
-            user          TEXT NOT NULL,
-            fingerprint   TEXT NOT NULL,              -- SHA256:... of the blob, as ssh-keygen -l prints
-            type          TEXT NOT NULL,              -- ssh-ed25519, ecdsa-sha2-nistp256, ssh-rsa, ...
-            blob          BLOB NOT NULL,              -- the public key in SSH wire format
-            comment       TEXT NOT NULL DEFAULT '',
-            added         INTEGER NOT NULL DEFAULT (strftime('%s', 'now')),
-            PRIMARY KEY (user, fingerprint)
-        ) WITHOUT ROWID
-        """,
-        """
-        CREATE TABLE IF NOT EXISTS tokens (
-            id            TEXT PRIMARY KEY NOT NULL,  -- public part of the token, shown by token list
-            user          TEXT NOT NULL,
-            hash          BLOB NOT NULL,              -- SHA-256 of the whole token; the token is not kept
-            read_only     INTEGER NOT NULL DEFAULT 0,
-            label         TEXT NOT NULL DEFAULT '',
-            created       INTEGER NOT NULL DEFAULT (strftime('%s', 'now')),
-            expires       INTEGER                     -- Unix time; NULL = never
-        ) WITHOUT ROWID
-        """,
-        "CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user)",
-    ),
-}
-
 
 #: The columns of ``users`` that make a :class:`User`, in the order ``Accounts.user_from_row`` reads.
 USER_COLUMNS: Final = "name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen"
@@ -196,131 +149,49 @@ def default_hasher() -> PasswordHasher:
 
 
 class Accounts:
-    """The account store of one server root (see the module docstring for threading).
+    """The accounts of a server root, or of a shared database (see the module docstring).
+
+    ``Accounts(root)``: SQLite in ``<root>/users.db`` (created when missing). ``Accounts(root,
+    db=URL)``: the PostgreSQL database at ``URL`` (``root``, when given, is where this server keeps
+    the homes; ``ferry user --db`` passes none); ``create=False`` refuses a database that holds no
+    accounts yet (:class:`~ferry.server.accountdb.NoAccounts`). ``engine`` passes a ready engine.
 
     ``hasher`` defaults to :func:`default_hasher` (argon2id, OWASP's recommended m=19 MiB, t=2,
     p=1). Tests pass a cheaper one; changing the parameters is safe because :meth:`verify`
     re-hashes old hashes on the next successful login.
     """
 
-    def __init__(self, root: Path, *, hasher: PasswordHasher | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | None,
+        *,
+        hasher: PasswordHasher | None = None,
+        db: str | None = None,
+        create: bool = True,
+        engine: AccountsDB | None = None,
+    ) -> None:
         # Absolute: homes are handed to the server, which must not depend on a later chdir().
-        self.root = Path(root).absolute()
-        self.path = paths.users_db(self.root)
+        self.root = Path(root).absolute() if root is not None else None
         self._hasher = hasher if hasher is not None else default_hasher()
-        self._lock = threading.Lock()
         self._dummy_hash: str | None = None
-        try:
-            paths.ensure_private_dir(self.root)
-            self._create_private_file(self.path)
-            conn = sqlite3.connect(
-                self.path,
-                # Shared across the executor's threads; every use is serialised by self._lock.
-                check_same_thread=False,
-                # Autocommit: we issue BEGIN IMMEDIATE ourselves so writers take the lock up front
-                # instead of failing on lock upgrade mid-transaction.
-                isolation_level=None,
-                timeout=10.0,
-            )
-        except (OSError, sqlite3.Error) as exc:
-            why = os_reason(exc) if isinstance(exc, OSError) else exc
-            raise FerryError(f"cannot open the accounts database {self.path}: {why}") from exc
-        self._conn: sqlite3.Connection | None = conn
-        try:
-            self._setup(conn)
-        except BaseException:
-            conn.close()
-            self._conn = None
-            raise
+        if engine is None and db is not None:
+            from ferry.server.accountdb_pg import PostgresAccounts  # psycopg: only with --db
 
-    # --- connection plumbing ---------------------------------------------------------------------
-
-    @staticmethod
-    def _create_private_file(path: Path) -> None:
-        """Create the database file 0600 *before* SQLite does, so it is never briefly world-readable.
-
-        SQLite gives its -wal and -shm files the same mode as the database file. An existing file
-        is never opened here: closing *any* descriptor of a file drops all of this process's POSIX
-        locks on it, including those of an SQLite connection already open in the process (a
-        server, when tests or tools open the accounts beside it). Without its shared lock, another
-        process closing its connection takes the database for unused and deletes the WAL under the
-        server's feet, which then reads a stale snapshot for ever.
-        """
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, paths.PRIVATE_FILE_MODE)
-        except FileExistsError:
-            try:
-                os.chmod(path, paths.PRIVATE_FILE_MODE)  # by name: no descriptor, no lost locks
-            except PermissionError:
-                pass  # not our file (e.g. root inspecting another user's root); leave its mode alone
-            return
-        try:
-            # O_CREAT's mode is filtered by the umask: enforce it.
-            os.fchmod(fd, paths.PRIVATE_FILE_MODE)
-        finally:
-            os.close(fd)
-
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        with self._db_errors():
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL is durable against application crashes in WAL mode and much faster than FULL.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            with self._lock:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    version = conn.execute("PRAGMA user_version").fetchone()[0]
-                    if version > _SCHEMA_VERSION:
-                        raise FerryError(
-                            f"{self.path} was written by a newer ferry (schema {version}); upgrade ferry"
-                        )
-                    for step in range(version + 1, _SCHEMA_VERSION + 1):
-                        # One statement per execute(): executescript() would COMMIT our transaction.
-                        for statement in _MIGRATIONS[step]:
-                            conn.execute(statement)
-                    if version < _SCHEMA_VERSION:
-                        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-
-    @contextmanager
-    def _db_errors(self) -> Iterator[None]:
-        """Translate SQLite failures (locked, corrupt, disk full) into a FerryError at the boundary."""
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise FerryError(f"accounts database {self.path}: {exc}") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise FerryError("the accounts database is closed")
-        return self._conn
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._db_errors(), self._lock:
-            yield self._connection()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction under the lock; rolled back if the body raises."""
-        with self._db_errors(), self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            engine = PostgresAccounts(db, create=create)
+        if engine is None:
+            if self.root is None:
+                raise ValueError("accounts in SQLite need the server root")
+            engine = SqliteAccounts(paths.users_db(self.root))
+        self.db: AccountsDB = engine
+        #: the database, for messages: the users.db path or the database URL without its password
+        self.where = engine.where
 
     def _user(self, row: tuple[Any, ...]) -> User:
         """A :class:`User` from a row of :data:`USER_COLUMNS`."""
         name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen = row
         return User(
             name=name,
-            home=paths.home_dir(self.root, name),
+            home=self.home_of(name),
             quota=quota,
             exec_allowed=bool(exec_allowed),
             exec_allow=None if exec_allow is None else tuple(json.loads(exec_allow)),
@@ -329,8 +200,19 @@ class Accounts:
             pw_gen=pw_gen,
         )
 
+    def home_of(self, name: str) -> Path:
+        """Where the home of ``name`` is: under the root; without a root (``ferry user --db``), the
+        same place relative to each server's root (``homes/NAME``)."""
+        if self.root is None:
+            return paths.home_dir(Path(), name)
+        return paths.home_dir(self.root, name)
+
     def _make_home(self, name: str) -> None:
-        """Create ``homes/<name>`` 0700; an existing folder (left by a deleted user) is reused."""
+        """Create ``homes/<name>`` 0700 under the root, if this process has one (an existing folder,
+        left by a deleted user, is reused). Without a root (shared accounts managed from anywhere),
+        each server makes the home at the user's first login there."""
+        if self.root is None:
+            return
         try:
             paths.ensure_private_dir(paths.homes_dir(self.root))
             home = paths.home_dir(self.root, name)
@@ -343,20 +225,20 @@ class Accounts:
 
     # --- for the credential stores (ferry.server.credentials) ---------------------------------------
 
-    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """The connection under the lock, for a read; errors become FerryError."""
-        return self._read()
+    def reading(self) -> contextlib.AbstractContextManager[Conn]:
+        """A connection for reads; errors become FerryError."""
+        return self.db.reading()
 
-    def writing(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """A write transaction under the lock (rolled back if the body raises)."""
-        return self._write()
+    def writing(self) -> contextlib.AbstractContextManager[Conn]:
+        """A write transaction (one writer at a time; rolled back if the body raises)."""
+        return self.db.writing()
 
     def user_from_row(self, row: tuple[Any, ...]) -> User:
         """A :class:`User` from a row selected with :data:`USER_COLUMNS` (in that order)."""
         return self._user(row)
 
     @staticmethod
-    def bump(conn: sqlite3.Connection, name: str) -> bool:
+    def bump(conn: Conn, name: str) -> bool:
         """Increase the revision of ``name`` inside a write transaction; whether the user exists."""
         return conn.execute("UPDATE users SET rev = rev + 1 WHERE name = ?", (name,)).rowcount > 0
 
@@ -377,29 +259,35 @@ class Accounts:
         quota = _validate_quota(quota)
         allow = _validate_allow(exec_allow)
         pw_hash = self._hasher.hash(password)  # slow: outside the lock
-        with self._write() as conn:
+        with self.writing() as conn:
             try:
                 conn.execute(
                     "INSERT INTO users (name, hash, quota, exec_allowed, exec_allow) VALUES (?, ?, ?, ?, ?)",
                     (name, pw_hash, quota, int(exec_allowed), None if allow is None else json.dumps(allow)),
                 )
-            except sqlite3.IntegrityError:
+            except self.db.integrity_error:
                 raise UserExists(f"user {name!r} already exists") from None
             # Inside the transaction: if the folder cannot be made, the user is not added either.
             self._make_home(name)
-        return User(name, paths.home_dir(self.root, name), quota, bool(exec_allowed), allow)
+        return User(name, self.home_of(name), quota, bool(exec_allowed), allow)
 
     def delete(self, name: str, *, remove_home: bool = False) -> None:
         """Delete a user; with ``remove_home`` also delete its home folder and everything in it."""
         validate_name(name)  # also guarantees the rmtree below stays inside homes/
-        with self._write() as conn:
+        if remove_home and self.root is None:
+            raise UsageError(
+                "with shared accounts (--db) each server keeps the homes under its own root: the user "
+                "was not deleted; delete it without --remove-home, then remove homes/"
+                f"{name} on each server"
+            )
+        with self.writing() as conn:
             if conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
                 raise NoSuchUser(f"no such user: {name!r}")
             # Else a user added later under the same name would inherit them.
-            conn.execute("DELETE FROM keys WHERE user = ?", (name,))
-            conn.execute("DELETE FROM tokens WHERE user = ?", (name,))
+            conn.execute('DELETE FROM keys WHERE "user" = ?', (name,))
+            conn.execute('DELETE FROM tokens WHERE "user" = ?', (name,))
         if remove_home:
-            home = paths.home_dir(self.root, name)
+            home = self.home_of(name)
             try:
                 # After the row is gone: the account (what grants access) disappears even if some
                 # file cannot be removed.
@@ -416,7 +304,7 @@ class Accounts:
         validate_name(name)
         _validate_password(password)
         pw_hash = self._hasher.hash(password)
-        with self._write() as conn:
+        with self.writing() as conn:
             sql = "UPDATE users SET hash = ?, pw_gen = pw_gen + 1, rev = rev + 1 WHERE name = ?"
             if conn.execute(sql, (pw_hash, name)).rowcount == 0:
                 raise NoSuchUser(f"no such user: {name!r}")
@@ -453,7 +341,7 @@ class Accounts:
             args.append(int(bool(disabled)))
         if sets:
             sets.append("rev = rev + 1")
-        with self._write() as conn:
+        with self.writing() as conn:
             if sets:
                 # The column names come from the fixed strings above, never from the caller.
                 sql = f"UPDATE users SET {', '.join(sets)} WHERE name = ?"
@@ -466,7 +354,7 @@ class Accounts:
 
     def list(self) -> builtins.list[User]:
         """All users, sorted by name."""
-        with self._read() as conn:
+        with self.reading() as conn:
             rows = conn.execute(f"SELECT {self._COLUMNS} FROM users ORDER BY name").fetchall()
         return [self._user(row) for row in rows]
 
@@ -474,7 +362,7 @@ class Accounts:
         """The user called ``name``, or ``None`` if there is none (or the name is not even valid)."""
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             return None
-        with self._read() as conn:
+        with self.reading() as conn:
             row = conn.execute(f"SELECT {self._COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
         return None if row is None else self._user(row)
 
@@ -487,7 +375,7 @@ class Accounts:
         """
         row: tuple[Any, ...] | None = None
         if isinstance(name, str) and _NAME_RE.fullmatch(name):
-            with self._read() as conn:
+            with self.reading() as conn:
                 row = conn.execute(
                     f"SELECT hash, {self._COLUMNS} FROM users WHERE name = ?", (name,)
                 ).fetchone()
@@ -507,7 +395,7 @@ class Accounts:
             raise AuthError(_AUTH_FAILED)
         if self._hasher.check_needs_rehash(stored):
             new_hash = self._hasher.hash(password)
-            with self._write() as conn:
+            with self.writing() as conn:
                 # "AND hash = ?": do not overwrite a password changed while we were hashing.
                 conn.execute(
                     "UPDATE users SET hash = ? WHERE name = ? AND hash = ?", (new_hash, name, stored)
@@ -515,15 +403,14 @@ class Accounts:
         return user
 
     def data_version(self) -> int:
-        """SQLite's ``PRAGMA data_version``: changes whenever *another* connection (``ferry user``
-        in another process) committed a change. Costs a read of shared memory, no query."""
-        with self._read() as conn:
-            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+        """A number that moves whenever another connection (``ferry user`` in another process, or
+        another server) committed a change; cheap to poll (see the engines' ``changes``)."""
+        return self.db.changes()
 
     def revisions(self, names: builtins.list[str]) -> dict[str, int]:
         """The revision (``rev``) of each existing user among ``names``."""
         out: dict[str, int] = {}
-        with self._read() as conn:
+        with self.reading() as conn:
             for start in range(0, len(names), 500):  # stay far below SQLite's variable limit
                 chunk = names[start : start + 500]
                 marks = ",".join("?" * len(chunk))
@@ -544,12 +431,12 @@ class Accounts:
         stored anywhere in clear text), or ``None`` if users already exist. Safe against two
         servers starting at once: only one of them creates the user.
         """
-        with self._read() as conn:
+        with self.reading() as conn:
             if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None:
                 return None
         password = secrets.token_urlsafe(18)  # 144 random bits, URL- and shell-safe
         pw_hash = self._hasher.hash(password)
-        with self._write() as conn:
+        with self.writing() as conn:
             if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None:
                 return None
             conn.execute(
@@ -562,11 +449,8 @@ class Accounts:
         return user, password
 
     def close(self) -> None:
-        """Close the database connection; further calls raise. Closing twice is harmless."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Close the database connections; further calls raise. Closing twice is harmless."""
+        self.db.close()
 
     def __enter__(self) -> Accounts:
         return self

@@ -1,8 +1,9 @@
-"""SSH public keys and access tokens of the accounts, in the accounts database (``users.db``).
+"""SSH public keys and access tokens of the accounts, in the accounts database.
 
-Both live beside the users in the same SQLite file (tables ``keys`` and ``tokens``, see
-:mod:`ferry.server.accounts`), so ``ferry user key ...`` and ``ferry user token ...`` work while
-the server runs, like every other account change. Each change bumps the user's revision, which
+Both live beside the users in the same database (tables ``keys`` and ``tokens``, see
+:mod:`ferry.server.accounts_schema`; SQLite's ``users.db`` or the shared PostgreSQL database), so
+``ferry user key ...`` and ``ferry user token ...`` work while the server runs, like every other
+account change. The statements are the engines' common dialect (:mod:`ferry.server.accountdb`). Each change bumps the user's revision, which
 a running server polls to end the sessions of a removed key or token within seconds
 (:mod:`ferry.server.revocation`).
 
@@ -17,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Final
 
 from ferry.errors import NoSuchUser, UsageError
+from ferry.server.accountdb import Conn
 from ferry.server.accounts import USER_COLUMNS, Accounts, User, validate_name
 
 __all__ = ["TOKEN_PREFIX", "Credentials", "KeyRecord", "TokenRecord", "token_id"]
@@ -86,8 +87,8 @@ def _token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-_KEY_COLUMNS: Final = "user, fingerprint, type, blob, comment, added"
-_TOKEN_COLUMNS: Final = "id, user, read_only, label, created, expires"
+_KEY_COLUMNS: Final = '"user", fingerprint, type, blob, comment, added'
+_TOKEN_COLUMNS: Final = 'id, "user", read_only, label, created, expires'
 
 
 def _token(row: tuple[str, str, int, str, int, int | None]) -> TokenRecord:
@@ -104,7 +105,7 @@ class Credentials:
         self._dummy = _token_hash(TOKEN_PREFIX + secrets.token_urlsafe(32))
 
     @staticmethod
-    def _require(conn: sqlite3.Connection, name: str) -> None:
+    def _require(conn: Conn, name: str) -> None:
         validate_name(name)
         if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
             raise NoSuchUser(f"no such user: {name!r}")
@@ -141,7 +142,7 @@ class Credentials:
             for key in keys:
                 record = KeyRecord(name, key.fingerprint, key.type, key.blob, key.comment, now)
                 if any(r.fingerprint == record.fingerprint for r in added) or conn.execute(
-                    "SELECT 1 FROM keys WHERE user = ? AND fingerprint = ?", (name, record.fingerprint)
+                    'SELECT 1 FROM keys WHERE "user" = ? AND fingerprint = ?', (name, record.fingerprint)
                 ).fetchone():
                     already.append(record)
                     continue
@@ -150,7 +151,7 @@ class Credentials:
                     (name, record.fingerprint, record.type, record.blob, record.comment, record.added),
                 )
                 added.append(record)
-            count = conn.execute("SELECT count(*) FROM keys WHERE user = ?", (name,)).fetchone()[0]
+            count = conn.execute('SELECT count(*) FROM keys WHERE "user" = ?', (name,)).fetchone()[0]
             if count > MAX_KEYS_PER_USER:
                 raise UsageError(f"a user may have at most {MAX_KEYS_PER_USER} keys; no key was added")
             if added:
@@ -162,7 +163,7 @@ class Credentials:
         with self.accounts.reading() as conn:
             self._require(conn, name)
             rows = conn.execute(
-                f"SELECT {_KEY_COLUMNS} FROM keys WHERE user = ? ORDER BY added, fingerprint", (name,)
+                f'SELECT {_KEY_COLUMNS} FROM keys WHERE "user" = ? ORDER BY added, fingerprint', (name,)
             ).fetchall()
         return [KeyRecord(*row) for row in rows]
 
@@ -172,13 +173,13 @@ class Credentials:
         with self.accounts.writing() as conn:
             self._require(conn, name)
             row = conn.execute(
-                f"SELECT {_KEY_COLUMNS} FROM keys WHERE user = ? AND fingerprint = ?", (name, fp)
+                f'SELECT {_KEY_COLUMNS} FROM keys WHERE "user" = ? AND fingerprint = ?', (name, fp)
             ).fetchone()
             if row is None:
                 raise UsageError(
                     f"{name!r} has no key {fingerprint}; 'ferry user key list {name}' shows its keys"
                 )
-            conn.execute("DELETE FROM keys WHERE user = ? AND fingerprint = ?", (name, fp))
+            conn.execute('DELETE FROM keys WHERE "user" = ? AND fingerprint = ?', (name, fp))
             self.accounts.bump(conn, name)
         return KeyRecord(*row)
 
@@ -190,7 +191,7 @@ class Credentials:
             row = conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
             marks = ",".join("?" * len(fingerprints))
             found = conn.execute(
-                f"SELECT fingerprint, blob FROM keys WHERE user = ? AND fingerprint IN ({marks})",
+                f'SELECT fingerprint, blob FROM keys WHERE "user" = ? AND fingerprint IN ({marks})',
                 (name, *fingerprints),
             ).fetchall()
         user = None if row is None else self.accounts.user_from_row(row)
@@ -215,7 +216,7 @@ class Credentials:
         with self.accounts.writing() as conn:
             self._require(conn, name)
             conn.execute(
-                "INSERT INTO tokens (id, user, hash, read_only, label, created, expires) "
+                'INSERT INTO tokens (id, "user", hash, read_only, label, created, expires) '
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (ident, name, _token_hash(token), int(read_only), label, record.created, expires),
             )
@@ -227,7 +228,7 @@ class Credentials:
         with self.accounts.reading() as conn:
             self._require(conn, name)
             rows = conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE user = ? ORDER BY created, id", (name,)
+                f'SELECT {_TOKEN_COLUMNS} FROM tokens WHERE "user" = ? ORDER BY created, id', (name,)
             ).fetchall()
         return [_token(row) for row in rows]
 
@@ -237,7 +238,7 @@ class Credentials:
         with self.accounts.writing() as conn:
             self._require(conn, name)
             row = conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE user = ? AND id = ?", (name, ident)
+                f'SELECT {_TOKEN_COLUMNS} FROM tokens WHERE "user" = ? AND id = ?', (name, ident)
             ).fetchone()
             if row is None:
                 raise UsageError(f"{name!r} has no token {ident}; 'ferry user token list {name}' shows them")
@@ -274,8 +275,8 @@ class Credentials:
         fingerprints and its tokens (id -> expiry)."""
         with self.accounts.reading() as conn:
             row = conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
-            keys = conn.execute("SELECT fingerprint FROM keys WHERE user = ?", (name,)).fetchall()
-            tokens = conn.execute("SELECT id, expires FROM tokens WHERE user = ?", (name,)).fetchall()
+            keys = conn.execute('SELECT fingerprint FROM keys WHERE "user" = ?', (name,)).fetchall()
+            tokens = conn.execute('SELECT id, expires FROM tokens WHERE "user" = ?', (name,)).fetchall()
         user = None if row is None else self.accounts.user_from_row(row)
         return user, {fp for (fp,) in keys}, dict(tokens)
 

@@ -1,8 +1,10 @@
 """Ending sessions whose login is no longer valid, within about a second of the change.
 
-``ferry user ...`` runs in another process and changes ``users.db`` directly, so the server has
-to notice. Once per :attr:`Revocation.interval` it asks SQLite whether any *other* connection
-committed a change (``PRAGMA data_version``: a read of a counter in shared memory, no query);
+``ferry user ...`` runs in another process (with shared accounts, maybe on another machine) and
+changes the accounts database directly, so the server has to notice. Once per
+:attr:`Revocation.interval` it asks the database whether another connection committed a change
+(SQLite: ``PRAGMA data_version``, a read of a counter in shared memory, no query; PostgreSQL: one
+row read, ``account_changes``, bumped by every write transaction of any server or ``ferry user``);
 only then does it read the revisions (``users.rev``) of the users that have sessions, and for a
 user whose revision moved it re-reads that account, its key fingerprints and token ids once and
 judges each of the user's sessions:
@@ -15,7 +17,8 @@ judges each of the user's sessions:
 * anything else (quota, a new key): the sessions go on with the account as it is now.
 
 Token expiry needs no database: a session that logged in with a token ends when it expires.
-The cost when nothing changed is one ``PRAGMA`` per interval (measured in docs/security.md).
+The cost when nothing changed is one ``PRAGMA`` (or one PostgreSQL round trip) per interval
+(measured in docs/security.md).
 """
 
 from __future__ import annotations
