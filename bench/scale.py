@@ -44,7 +44,7 @@ import blake3
 from _common import KiB, cpu_seconds, fmt_num, is_tmpfs, log, median, table
 from components import Weed, create_database, drop_database, start_weed
 from ferry.store.api import CHUNK_SIZE, ChunkRef
-from ferry.store.chunks import ChunkStore
+from ferry.store.chunks import ChunkStore, open_store
 from store_support import s3_config
 
 # --- components -------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def weed_at(base: Path, label: str) -> Iterator[Weed]:
 def chunk_store(weed: Weed, prefix: str, concurrency: int = 32, cls: type[ChunkStore] = ChunkStore) -> Any:
     """The object backend's chunk store over ``weed`` (what a server would use)."""
     config = s3_config(weed, prefix)
-    return cls(config.open(), config.prefix, concurrency=concurrency)
+    return cls(open_store(config), config.prefix, concurrency=concurrency)
 
 
 class CountingChunkStore(ChunkStore):

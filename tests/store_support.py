@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 from components import Weed
 from ferry.hashing import tree_digest
 from ferry.store.api import CHUNK_SIZE, Upload
-from ferry.store.chunks import ChunkStore, S3Config
+from ferry.store.chunks import ChunkStore
+from ferry.store.config import S3Config
 from ferry.store.namespace import Namespace
 from ferry.store.objects import ObjectStorage, chunk_hash
 

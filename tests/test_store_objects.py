@@ -18,6 +18,7 @@ import pytest
 from components import Weed
 from ferry.errors import ChunkDamaged, DiskFull, StoreUnavailable, UploadGone
 from ferry.store.api import CHUNK_SIZE
+from ferry.store.chunks import open_store
 from ferry.store.objects import chunk_hash
 from store_support import (
     chunks_of,
@@ -193,7 +194,7 @@ def test_missing_or_damaged_chunk_is_detected_on_read(weed: Weed, s3_prefix: str
                 "alice", ("f",), b"precious bytes", mode=0o644, mtime=1.0, overwrite=True, quota=None
             )
             (ref,) = (await st.open_file("alice", ("f",))).chunks
-            raw = s3_config(weed, s3_prefix).open()
+            raw = open_store(s3_config(weed, s3_prefix))
             await obstore.put_async(raw, st.chunks.key(ref), b"precious bytez")  # same size, other bytes
             with pytest.raises(ChunkDamaged) as damaged:
                 await st.read_chunk(ref)
@@ -256,7 +257,7 @@ def test_sweeper_gives_space_back_and_keeps_what_is_referenced(
             assert (report.uploads, report.chunks) == (1, 1)
             assert len(await object_keys(st)) == 2
             # An object left behind without its row (a sweep that stopped half-way) is found too.
-            raw = s3_config(weed, s3_prefix).open()
+            raw = open_store(s3_config(weed, s3_prefix))
             orphan = f"{st.chunks.prefix}c/{up.owner}/{'ab' * 32}.999999999"
             await obstore.put_async(raw, orphan, b"orphan")
             assert (await st.sweep(partial_max_age=0, grace=0)).objects == 1

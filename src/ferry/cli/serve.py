@@ -22,6 +22,7 @@ from ferry import paths
 
 if TYPE_CHECKING:
     from ferry.server.app import Banner
+    from ferry.store.config import S3Config
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,7 +64,8 @@ def banner_lines(
     """The text ``ferry serve`` prints once it listens.
 
     ``root_option``: the ``--root`` given, repeated in the hints (``ferry user`` needs the same
-    root to find the accounts). ``env_path``: the PATH to check for ``ferry`` (default: ours).
+    root to find the accounts); with shared accounts the hints name the database instead (its URL
+    without the password). ``env_path``: the PATH to check for ``ferry`` (default: ours).
     """
     port = int(banner.address.rsplit(":", 1)[1])
     chost = _client_host(host)
@@ -84,6 +86,9 @@ def banner_lines(
         f"  log file:        {paths.log_file(banner.root)}",
     ]
     root_opt = "" if root_option is None else f" --root {shlex.quote(str(root_option))}"
+    if banner.accounts is not None:
+        lines.append(f"  accounts:        {banner.accounts}  (shared by every server given this --db)")
+        root_opt = f" --db {shlex.quote(banner.accounts)}"
     if banner.first_user:
         name, password = banner.first_user
         lines += [
@@ -92,7 +97,7 @@ def banner_lines(
             f"  change it with:  ferry user passwd {name}{root_opt}",
             f"  add users with:  ferry user add NAME{root_opt}",
         ]
-    elif root_option is not None:
+    elif root_option is not None or banner.accounts is not None:
         lines.append(f"  manage users with: ferry user list{root_opt}")
     lines += [
         "  connect with:",
@@ -105,6 +110,34 @@ def banner_lines(
         lines.append(hint)
     lines.append("  stop with Ctrl-C (or SIGTERM)")  # the last line: readers wait for it
     return lines
+
+
+def _check_scale_options(
+    plain: bool, db: str | None, cert: Path | None, key: Path | None, store: str | None, endpoint: str | None
+) -> S3Config | None:
+    """Refuse contradictory or malformed --db / --cert / --key / --store before anything starts;
+    returns the object store of --store."""
+    from ferry.errors import UsageError
+
+    if (cert is None) != (key is None):
+        raise UsageError("--cert and --key go together: give both (the certificate and its private key)")
+    if cert is not None and plain:
+        raise UsageError("--cert/--key and --plain contradict each other: --plain serves without TLS")
+    if db is not None:
+        from ferry.server.accountdb_pg import check_url
+
+        check_url(db)
+    if store is None:
+        return None
+    from ferry.store.config import parse_store_url, store_config
+
+    parse_store_url(store)  # a malformed URL first: it may be why nothing else fits
+    if db is None:
+        raise UsageError(
+            "--store needs --db postgresql://...: the object backend keeps the namespace and the accounts "
+            "in PostgreSQL"
+        )
+    return store_config(store, endpoint, os.environ)
 
 
 def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
@@ -172,6 +205,43 @@ def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
     help="Remember a verified password this long (as a keyed hash in memory) so the same account's "
     "next logins skip argon2; 0 turns it off.",
 )
+@click.option(
+    "--db",
+    metavar="URL",
+    envvar="FERRY_DB",
+    default=None,
+    help="Keep the accounts in this PostgreSQL database (postgresql://USER@HOST/DATABASE), shared by "
+    "every server given the same URL; manage them with 'ferry user ... --db URL'. Default: $FERRY_DB.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Present this TLS certificate (PEM) instead of the one generated under the root: give every "
+    "server behind one address the same --cert and --key, so clients pin one fingerprint.",
+)
+@click.option(
+    "--key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="The private key (PEM, unencrypted) of --cert.",
+)
+@click.option(
+    "--store",
+    metavar="s3://BUCKET/PREFIX",
+    default=None,
+    help="Keep the files in this S3 bucket (with --db; credentials from AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY). Not yet supported: the store and the database are checked, then refused.",
+)
+@click.option(
+    "--s3-endpoint",
+    metavar="URL",
+    envvar="FERRY_S3_ENDPOINT",
+    default=None,
+    help="The S3 service of --store when it is not AWS (e.g. http://127.0.0.1:8333). Default: $FERRY_S3_ENDPOINT.",
+)
 def serve(
     root: Path | None,
     host: str,
@@ -185,6 +255,11 @@ def serve(
     login_threads: int | None,
     login_timeout: float,
     password_cache: float,
+    db: str | None,
+    cert: Path | None,
+    key: Path | None,
+    store: str | None,
+    s3_endpoint: str | None,
 ) -> None:
     """Run the ferry file server until Ctrl-C or SIGTERM.
 
@@ -195,6 +270,7 @@ def serve(
     from ferry.server.app import ServeConfig, run
     from ferry.server.context import Limits
 
+    store_config = _check_scale_options(plain, db, cert, key, store, s3_endpoint)
     config = ServeConfig(
         root=root if root is not None else paths.default_root(),
         host=host,
@@ -209,6 +285,10 @@ def serve(
             login_timeout=login_timeout,
             password_cache=password_cache,
         ),
+        db=db,
+        cert=cert.absolute() if cert is not None else None,
+        key=key.absolute() if key is not None else None,
+        store=store_config,
     )
     if login_threads is not None:
         config.limits.auth_concurrency = login_threads

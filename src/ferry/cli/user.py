@@ -1,11 +1,13 @@
 """``ferry user``: manage the accounts of a ferry server (add, del, passwd, mod, list, key, token).
 
 Works directly on the server's data root (``--root``, default ``$FERRY_ROOT`` or
-``~/.local/share/ferry``), also while the server runs: changes apply at the next login.
+``~/.local/share/ferry``), or with ``--db postgresql://...`` (default ``$FERRY_DB``) on the accounts
+that several servers share, also while the servers run: changes apply at the next login.
 
-Only ``add`` may create a data root (and says so): every other command refuses a root that holds
-no accounts, instead of quietly starting an empty one beside the server's real root and answering
-"no such user". Every message names the root it used, so a wrong root is seen at once.
+Only ``add`` may create a data root or the accounts in a database (and says so): every other
+command refuses a root or a database that holds no accounts, instead of quietly starting an empty
+one beside the real one and answering "no such user". Every message names the root or database it
+used, so a wrong one is seen at once.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
     # Typing only: at run time the accounts module (argon2, sqlite3) is imported by the commands
     # that need it, so `ferry --help` stays fast.
     from ferry.server.accounts import Accounts, User
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # --- sizes ---------------------------------------------------------------------------------------
 
@@ -90,6 +96,21 @@ _root_option = click.option(
     default=None,
     help="Server data root (default: $FERRY_ROOT, else $XDG_DATA_HOME/ferry, else ~/.local/share/ferry).",
 )
+_db_option = click.option(
+    "--db",
+    metavar="URL",
+    envvar="FERRY_DB",
+    default=None,
+    help="The accounts several servers share, in PostgreSQL (postgresql://USER@HOST/DATABASE, as given "
+    "to 'ferry serve --db'), instead of a root's users.db. Default: $FERRY_DB.",
+)
+
+
+def _where_options(f: F) -> F:
+    """``--root DIR`` and ``--db URL``: where the accounts are (see :func:`_place`)."""
+    return _root_option(_db_option(f))
+
+
 _password_stdin_option = click.option(
     "--password-stdin",
     is_flag=True,
@@ -102,32 +123,85 @@ def _root(root: Path | None) -> Path:
     return (root if root is not None else paths.default_root()).absolute()
 
 
-def _has_accounts(where: Path) -> bool:
-    return paths.users_db(where).is_file()
+@dataclass(frozen=True)
+class Place:
+    """Where a command finds the accounts: a data root, or a shared database (``db``)."""
+
+    root: Path
+    root_given: bool
+    db: str | None = None
+
+    def __str__(self) -> str:
+        """The root, or the database URL without its password (for messages)."""
+        if self.db is None:
+            return str(self.root)
+        from ferry.server.accountdb_pg import redact_url
+
+        return redact_url(self.db)
+
+    @property
+    def kind(self) -> str:
+        """How messages name it: ``data root`` or ``accounts database``."""
+        return "data root" if self.db is None else "accounts database"
 
 
-def _open(root: Path | None) -> Accounts:
-    """The accounts of an existing data root; never creates one (see the module docstring)."""
-    # Imported here: `ferry --help` should not pay for argon2 and sqlite3.
+def _place(root: Path | None, db: str | None) -> Place:
+    """Where the accounts are: ``--db`` (or ``$FERRY_DB``), else the data root."""
+    if db is not None:
+        from ferry.server.accountdb_pg import check_url  # stdlib only; psycopg comes with the accounts
+
+        if root is not None:
+            raise UsageError(
+                "give either --root (a server's own accounts) or --db (accounts shared by servers), not both"
+                + (" ($FERRY_DB is set)" if os.environ.get("FERRY_DB") == db else "")
+            )
+        return Place(_root(None), False, check_url(db))
+    return Place(_root(root), root is not None)
+
+
+def _has_accounts(place: Place) -> bool:
+    if place.db is None:
+        return paths.users_db(place.root).is_file()
+    from ferry.server.accountdb import NoAccounts
     from ferry.server.accounts import Accounts
 
-    where = _root(root)
-    if not _has_accounts(where):
-        origin = "--root" if root is not None else "the default data root"
+    try:
+        Accounts(None, db=place.db, create=False).close()
+    except NoAccounts:
+        return False
+    return True
+
+
+def _open(place: Place) -> Accounts:
+    """The accounts of an existing data root or database; never creates them (see the module docstring)."""
+    # Imported here: `ferry --help` should not pay for argon2 and sqlite3.
+    from ferry.server.accountdb import NoAccounts
+    from ferry.server.accounts import Accounts
+
+    if place.db is not None:
+        try:
+            return Accounts(None, db=place.db, create=False)
+        except NoAccounts:
+            raise UsageError(
+                f"no ferry accounts in the database {place}: give the URL the servers use ('ferry serve "
+                "--db URL' prints it as 'accounts'), or create them with 'ferry user add NAME --db URL'"
+            ) from None
+    if not _has_accounts(place):
+        origin = "--root" if place.root_given else "the default data root"
         raise UsageError(
-            f"no ferry data root at {where} ({origin}; it holds no users.db): give the server's "
+            f"no ferry data root at {place} ({origin}; it holds no users.db): give the server's "
             "root with --root DIR or $FERRY_ROOT ('ferry serve' prints it as 'data root')"
         )
-    return Accounts(where)
+    return Accounts(place.root)
 
 
 @contextlib.contextmanager
-def _naming_root(where: Path) -> Iterator[None]:
-    """Account errors ("no such user", "already exists") say which root they were found in."""
+def _naming(place: Place) -> Iterator[None]:
+    """Account errors ("no such user", "already exists") say which root or database they came from."""
     try:
         yield
     except AccountError as exc:
-        raise type(exc)(f"{exc} (data root {where})") from exc
+        raise type(exc)(f"{exc} ({place.kind} {place})") from exc
 
 
 def _read_password(name: str, from_stdin: bool) -> str:
@@ -157,7 +231,13 @@ def _read_password(name: str, from_stdin: bool) -> str:
     return first
 
 
-def _describe(user: User) -> str:
+def _home_text(user: User, place: Place) -> str:
+    if place.db is not None:
+        return f"home homes/{user.name} under each server's root (made at the first login there)"
+    return f"home {user.home}"
+
+
+def _describe(user: User, place: Place) -> str:
     if not user.exec_allowed:
         exec_text = "no"
     elif user.exec_allow is None:
@@ -165,7 +245,7 @@ def _describe(user: User) -> str:
     else:
         exec_text = ", ".join(user.exec_allow) or "(none)"
     disabled = " (disabled: cannot log in)" if user.disabled else ""
-    return f"home {user.home}, quota {format_size(user.quota)}, exec {exec_text}{disabled}"
+    return f"{_home_text(user, place)}, quota {format_size(user.quota)}, exec {exec_text}{disabled}"
 
 
 def _user_json(user: User) -> dict[str, Any]:
@@ -207,7 +287,7 @@ def user() -> None:
 
 @user.command("add")
 @click.argument("name")
-@_root_option
+@_where_options
 @_password_stdin_option
 @click.option(
     "--quota", metavar="SIZE", help="Storage quota, e.g. 500M, 10G, 1.5GiB, 2TB (default: unlimited)."
@@ -223,25 +303,32 @@ def user() -> None:
 def add_cmd(
     name: str,
     root: Path | None,
+    db: str | None,
     password_stdin: bool,
     quota: str | None,
     exec_: bool | None,
     allow: tuple[str, ...],
 ) -> None:
-    """Create user NAME with a home folder under the root."""
+    """Create user NAME with a home folder under the root.
+
+    With --db, the servers sharing the database each make the home under their own root at the
+    user's first login there.
+    """
     from ferry.server.accounts import Accounts, validate_name
 
     validate_name(name)
     quota_bytes = parse_size(quota) if quota is not None else None
-    where = _root(root)
-    new_root = not _has_accounts(where)
+    place = _place(root, db)
+    new_root = not _has_accounts(place)
     if not new_root:  # fail before asking for a password, rather than after
-        with _open(root) as accounts:
+        with _open(place) as accounts:
             if accounts.get(name) is not None:
-                raise UserExists(f"user {name!r} already exists (data root {where})")
-    home_existed = paths.home_dir(where, name).exists()
+                raise UserExists(f"user {name!r} already exists ({place.kind} {place})")
+    home_existed = place.db is None and paths.home_dir(place.root, name).exists()
     password = _read_password(name, password_stdin)  # before creating anything: it may fail
-    with Accounts(where) as accounts, _naming_root(where):  # the one command that may create a root
+    # The one command that may create a root, or the accounts in a database.
+    opened = Accounts(place.root, db=None) if place.db is None else Accounts(None, db=place.db)
+    with opened as accounts, _naming(place):
         created = accounts.add(
             name,
             password,
@@ -250,46 +337,54 @@ def add_cmd(
             exec_allowed=exec_ if exec_ is not None else bool(allow),
             exec_allow=allow or None,
         )
-    if new_root:
-        serve = "ferry serve" if root is None else f"ferry serve --root {where}"
-        click.echo(f"created the data root {where} (serve it with '{serve}')")
-    click.echo(f"created user {created.name} in {where}: {_describe(created)}")
+    if new_root and place.db is not None:
+        click.echo(f"created the ferry accounts in the database {place} (serve them with 'ferry serve --db URL')")
+    elif new_root:
+        serve = "ferry serve" if root is None else f"ferry serve --root {place}"
+        click.echo(f"created the data root {place} (serve it with '{serve}')")
+    click.echo(f"created user {created.name} in {place}: {_describe(created, place)}")
     if home_existed:
         click.echo(f"note: the existing folder {created.home} was kept and is now {created.name}'s home")
 
 
 @user.command("del")
 @click.argument("name")
-@_root_option
-@click.option("--remove-home", is_flag=True, help="Also delete the user's home folder and all files in it.")
-def del_cmd(name: str, root: Path | None, remove_home: bool) -> None:
+@_where_options
+@click.option(
+    "--remove-home",
+    is_flag=True,
+    help="Also delete the user's home folder and all files in it (not with --db: homes are on each server).",
+)
+def del_cmd(name: str, root: Path | None, db: str | None, remove_home: bool) -> None:
     """Delete user NAME (its home folder is kept unless --remove-home)."""
-    where = _root(root)
-    with _open(root) as accounts, _naming_root(where):
+    place = _place(root, db)
+    with _open(place) as accounts, _naming(place):
         home = accounts.home_of(name)
         accounts.delete(name, remove_home=remove_home)
     if remove_home:
-        click.echo(f"deleted user {name} and its home folder from {where}")
+        click.echo(f"deleted user {name} and its home folder from {place}")
+    elif place.db is not None:
+        click.echo(f"deleted user {name} from {place} (servers keep its home folder, homes/{name} under their root)")
     else:
-        click.echo(f"deleted user {name} from {where} (home folder kept: {home})")
+        click.echo(f"deleted user {name} from {place} (home folder kept: {home})")
 
 
 @user.command("passwd")
 @click.argument("name")
-@_root_option
+@_where_options
 @_password_stdin_option
-def passwd_cmd(name: str, root: Path | None, password_stdin: bool) -> None:
+def passwd_cmd(name: str, root: Path | None, db: str | None, password_stdin: bool) -> None:
     """Set a new password for user NAME."""
-    where = _root(root)
-    with _open(root) as accounts, _naming_root(where):
+    place = _place(root, db)
+    with _open(place) as accounts, _naming(place):
         _require_user(accounts, name)
         accounts.set_password(name, _read_password(name, password_stdin))
-    click.echo(f"password of {name} changed in {where}")
+    click.echo(f"password of {name} changed in {place}")
 
 
 @user.command("mod")
 @click.argument("name")
-@_root_option
+@_where_options
 @click.option("--quota", metavar="SIZE|none", help="New quota (e.g. 10G), or 'none' for unlimited.")
 @click.option("--exec/--no-exec", "exec_", default=None, help="Allow or forbid running programs.")
 @click.option(
@@ -309,6 +404,7 @@ def passwd_cmd(name: str, root: Path | None, password_stdin: bool) -> None:
 def mod_cmd(
     name: str,
     root: Path | None,
+    db: str | None,
     quota: str | None,
     exec_: bool | None,
     allow: tuple[str, ...],
@@ -332,8 +428,8 @@ def mod_cmd(
     exec_allow = allow if allow else (None if allow_any else UNCHANGED)
     # Naming programs implies --exec (unless --no-exec is given), as in `add`.
     exec_allowed = exec_ if exec_ is not None else (True if (allow or allow_any) else UNCHANGED)
-    where = _root(root)
-    with _open(root) as accounts, _naming_root(where):
+    place = _place(root, db)
+    with _open(place) as accounts, _naming(place):
         changed = accounts.modify(
             name,
             quota=quota_bytes,
@@ -341,24 +437,24 @@ def mod_cmd(
             exec_allow=exec_allow,
             disabled=UNCHANGED if disable is None else disable,
         )
-    click.echo(f"user {changed.name} in {where}: {_describe(changed)}")
+    click.echo(f"user {changed.name} in {place}: {_describe(changed, place)}")
 
 
 @user.command("list")
-@_root_option
+@_where_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (quota in bytes, null = unlimited / any).")
-def list_cmd(root: Path | None, as_json: bool) -> None:
-    """List all users."""
-    where = _root(root)
-    with _open(root) as accounts:
+def list_cmd(root: Path | None, db: str | None, as_json: bool) -> None:
+    """List all users (with --db, HOME is relative to each server's root)."""
+    place = _place(root, db)
+    with _open(place) as accounts:
         users = accounts.list()
     if as_json:
         click.echo(json.dumps([_user_json(u) for u in users], indent=2))
         return
     if not users:
-        click.echo(f"no users in {where} yet (`ferry user add NAME`)", err=True)
+        click.echo(f"no users in {place} yet (`ferry user add NAME`)", err=True)
         return
-    click.echo(f"users in {where}:", err=True)  # a note: standard output stays the table
+    click.echo(f"users in {place}:", err=True)  # a note: standard output stays the table
     rows = [("NAME", "QUOTA", "EXEC", "HOME")]
     for u in users:
         if not u.exec_allowed:

@@ -1,7 +1,7 @@
 """``ferry user key ...`` and ``ferry user token ...``: SSH keys and access tokens of an account.
 
-Like the rest of ``ferry user`` these work on the server's data root directly, also while the
-server runs; removing a key or a token ends the sessions that logged in with it within seconds.
+Like the rest of ``ferry user`` these work on the server's data root directly (or with ``--db`` on
+the accounts several servers share), also while the servers run; removing a key or a token ends the sessions that logged in with it within seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
-from ferry.cli.user import _naming_root, _open, _root, _root_option
+from ferry.cli.user import _naming, _open, _place, _where_options
 from ferry.errors import UsageError
 
 if TYPE_CHECKING:
@@ -53,11 +53,12 @@ def parse_expiry(text: str, now: float | None = None) -> int | None:
 
 
 @contextlib.contextmanager
-def _credentials(root: Path | None) -> Iterator[Credentials]:
-    """The keys and tokens of an existing data root; account errors name the root."""
+def _credentials(root: Path | None, db: str | None) -> Iterator[Credentials]:
+    """The keys and tokens of an existing data root or database; account errors name it."""
     from ferry.server.credentials import Credentials
 
-    with _open(root) as accounts, _naming_root(_root(root)):
+    place = _place(root, db)
+    with _open(place) as accounts, _naming(place):
         yield Credentials(accounts)
 
 
@@ -78,8 +79,8 @@ def key() -> None:
 @key.command("add")
 @click.argument("name")
 @click.argument("file", metavar="FILE|-")
-@_root_option
-def key_add(name: str, file: str, root: Path | None) -> None:
+@_where_options
+def key_add(name: str, file: str, root: Path | None, db: str | None) -> None:
     """Add the public keys in FILE (a .pub file or a whole authorized_keys; '-' reads standard input).
 
     Lines with authorized_keys options (from=, command=, no-pty, ...) are refused: ferry cannot
@@ -93,7 +94,7 @@ def key_add(name: str, file: str, root: Path | None) -> None:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from exc
         source = file
-    with _credentials(root) as creds:
+    with _credentials(root, db) as creds:
         added, already = creds.add_keys(name, text, source=source)
     for record in added:
         click.echo(f"added {record.fingerprint} {record.type} {record.comment}".rstrip())
@@ -103,11 +104,11 @@ def key_add(name: str, file: str, root: Path | None) -> None:
 
 @key.command("list")
 @click.argument("name")
-@_root_option
+@_where_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def key_list(name: str, root: Path | None, as_json: bool) -> None:
+def key_list(name: str, root: Path | None, db: str | None, as_json: bool) -> None:
     """List the keys of NAME: fingerprint (as ssh-keygen -l prints it), type, comment."""
-    with _credentials(root) as creds:
+    with _credentials(root, db) as creds:
         keys = creds.keys(name)
     if as_json:
         rows = [
@@ -126,10 +127,10 @@ def key_list(name: str, root: Path | None, as_json: bool) -> None:
 @key.command("del")
 @click.argument("name")
 @click.argument("fingerprint")
-@_root_option
-def key_del(name: str, fingerprint: str, root: Path | None) -> None:
+@_where_options
+def key_del(name: str, fingerprint: str, root: Path | None, db: str | None) -> None:
     """Remove the key with FINGERPRINT (SHA256:...) from NAME; its sessions end within seconds."""
-    with _credentials(root) as creds:
+    with _credentials(root, db) as creds:
         record = creds.delete_key(name, fingerprint)
     click.echo(f"removed {record.fingerprint} {record.type} {record.comment}".rstrip())
 
@@ -144,17 +145,19 @@ def token() -> None:
 
 @token.command("add")
 @click.argument("name")
-@_root_option
+@_where_options
 @click.option("--read-only", is_flag=True, help="The token may list and download, not write, delete, rename or run.")
 @click.option("--expires", metavar="WHEN", help="30d, 12h, 2w, 1y, a date (2027-01-31) or never (default).")
 @click.option("--label", default="", help="A note to recognise the token by (shown by 'token list').")
-def token_add(name: str, root: Path | None, read_only: bool, expires: str | None, label: str) -> None:
+def token_add(
+    name: str, root: Path | None, db: str | None, read_only: bool, expires: str | None, label: str
+) -> None:
     """Create a token for NAME and print it once (only its hash is kept).
 
     Clients use it with FERRY_TOKEN=... or --token-file FILE.
     """
     when = parse_expiry(expires) if expires is not None else None
-    with _credentials(root) as creds:
+    with _credentials(root, db) as creds:
         record, secret = creds.add_token(name, read_only=read_only, expires=when, label=label)
     click.echo(secret)
     rights = "read-only" if record.read_only else "read-write"
@@ -167,11 +170,11 @@ def token_add(name: str, root: Path | None, read_only: bool, expires: str | None
 
 @token.command("list")
 @click.argument("name")
-@_root_option
+@_where_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (times as Unix seconds, null = never).")
-def token_list(name: str, root: Path | None, as_json: bool) -> None:
+def token_list(name: str, root: Path | None, db: str | None, as_json: bool) -> None:
     """List the tokens of NAME (ids, rights, expiry, labels; never the secrets)."""
-    with _credentials(root) as creds:
+    with _credentials(root, db) as creds:
         tokens = creds.tokens(name)
     if as_json:
         rows = [
@@ -199,9 +202,9 @@ def token_list(name: str, root: Path | None, as_json: bool) -> None:
 @token.command("del")
 @click.argument("name")
 @click.argument("token_id", metavar="ID")
-@_root_option
-def token_del(name: str, token_id: str, root: Path | None) -> None:
+@_where_options
+def token_del(name: str, token_id: str, root: Path | None, db: str | None) -> None:
     """Revoke token ID of NAME; sessions that logged in with it end within seconds."""
-    with _credentials(root) as creds:
+    with _credentials(root, db) as creds:
         record = creds.delete_token(name, token_id)
     click.echo(f"revoked token {record.id} of {name}")

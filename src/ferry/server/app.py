@@ -15,18 +15,20 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ferry import __version__, paths
 from ferry.aio import ChunkStream
+from ferry.errors import FerryError, UsageError
 from ferry.server.accounts import Accounts
 from ferry.server.admission import Refused, Ticket, address_key
 from ferry.server.context import Limits, ServerContext
 from ferry.server.listener import DescriptorBudget, Listener, bind_sockets, raise_descriptor_limit
 from ferry.server.log import setup_logging
 from ferry.server.session import Session
+from ferry.store.config import S3Config
 from ferry.wire import Connection, Role
 from ferry.wire.codes import ErrorCode
 
@@ -56,6 +58,14 @@ class ServeConfig:
     log_to_console: bool = True
     #: argon2 PasswordHasher override (tests use a cheap one); None = production parameters
     hasher: Any = None
+    #: the accounts in this PostgreSQL database (shared by every server given it); None: users.db
+    db: str | None = None
+    #: the TLS certificate and key to present (every server behind one address the same); None:
+    #: the certificate generated under the root
+    cert: Path | None = None
+    key: Path | None = None
+    #: the object store of ``--store`` (checked at start, then refused: not served yet)
+    store: S3Config | None = None
 
 
 @dataclass
@@ -67,6 +77,17 @@ class Banner:
     tls: bool
     fingerprint: str | None
     first_user: tuple[str, str] | None  # (name, password) when just created
+    #: the shared accounts database (its URL without the password), None with users.db
+    accounts: str | None = None
+
+
+#: What ``ferry serve --store`` says once it has checked the database and the store (phase C2 of
+#: docs/scale-out.md serves files from them).
+STORE_NOT_SUPPORTED = (
+    "--store: serving files from an object store is not yet supported by this ferry (the store {store} "
+    "and the database answered); run 'ferry serve --db URL' meanwhile: shared accounts, files under "
+    "each server's --root"
+)
 
 
 class Server:
@@ -96,14 +117,21 @@ class Server:
         root = paths.ensure_private_dir(cfg.root)
         log = setup_logging(root, cfg.log_to_console)
         self.descriptors = raise_descriptor_limit()
-        accounts = Accounts(root, hasher=cfg.hasher)
-        first = accounts.ensure_first_user()
+        accounts = Accounts(root, hasher=cfg.hasher, db=cfg.db)  # an unreachable database fails here
+        try:
+            if cfg.store is not None:
+                await _check_store(cfg.store)
+                raise UsageError(STORE_NOT_SUPPORTED.format(store=cfg.store.url))
+            first = accounts.ensure_first_user()
+        except BaseException:
+            accounts.close()
+            raise
         ssl_ctx = None
         fp = None
         if not cfg.plain:
             from ferry.server.tls import ensure_certificate, fingerprint_file, server_ssl_context
 
-            cert, key = ensure_certificate(root)
+            cert, key = (cfg.cert, cfg.key) if cfg.cert and cfg.key else ensure_certificate(root)
             ssl_ctx = server_ssl_context(cert, key)
             fp = fingerprint_file(cert)
         self.ctx = ServerContext(
@@ -118,8 +146,6 @@ class Server:
         try:
             sockets = bind_sockets(cfg.host, cfg.port, backlog=_BACKLOG)
         except OSError as exc:
-            from ferry.errors import UsageError
-
             raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
         budget = DescriptorBudget(reserve=cfg.limits.fd_reserve, spares=_SPARE_DESCRIPTORS)
         self.listener = Listener(sockets, budget, self._on_accept)
@@ -151,7 +177,10 @@ class Server:
 
             self._sweeper = asyncio.create_task(sweep_forever(self.ctx))
         self._revoker = asyncio.create_task(self.ctx.revocation.run())
-        self.banner = Banner(address, root, not cfg.plain, fp, (first[0].name, first[1]) if first else None)
+        shared = accounts.where if cfg.db is not None else None
+        self.banner = Banner(
+            address, root, not cfg.plain, fp, (first[0].name, first[1]) if first else None, shared
+        )
         return self.banner
 
     # --- admission -------------------------------------------------------------------------
@@ -271,6 +300,21 @@ class Server:
             for h in list(self.ctx.log.handlers):
                 self.ctx.log.removeHandler(h)
                 h.close()
+
+
+async def _check_store(config: S3Config) -> None:
+    """Fail fast, naming what is wrong, when the object store of ``--store`` cannot be written."""
+    try:
+        from ferry.store.chunks import ChunkStore  # obstore: only with --store
+    except ImportError as exc:
+        raise FerryError("--store needs the object store client: pip install 'ferry-transfer[scale]'") from exc
+    # Few retries: at start, an unreachable store should be reported in seconds, not retried for long.
+    quick = replace(config, max_retries=1, retry_timeout=5.0, connect_timeout=3.0, request_timeout=10.0)
+    where = f"{config.url} at {config.endpoint or 'AWS'}"
+    try:
+        await ChunkStore.from_config(quick).check()
+    except FerryError as exc:
+        raise FerryError(f"cannot use the object store {where}: {exc}") from exc
 
 
 async def _connect(

@@ -14,6 +14,7 @@ The cipher suites and the fingerprint format are shared with the client: :mod:`f
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -189,7 +190,13 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     # Our order (AES-GCM first) rather than the client's; compression is a known attack surface.
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     try:
-        ctx.load_cert_chain(certfile=cert, keyfile=key)
+        # An empty passphrase rather than OpenSSL's default of asking on the terminal: a server starts
+        # unattended, and an encrypted key given with --key must fail with a message, not wait.
+        ctx.load_cert_chain(certfile=cert, keyfile=key, password=lambda: b"")
     except (OSError, ssl.SSLError) as exc:
-        raise FerryError(f"cannot load the TLS certificate {cert} / key {key}: {os_reason(exc)}") from exc
+        hint = ""
+        with contextlib.suppress(OSError):
+            if b"ENCRYPTED" in key.read_bytes()[:4096]:
+                hint = " (the key is encrypted: ferry serve needs it unencrypted, readable only by the server)"
+        raise FerryError(f"cannot load the TLS certificate {cert} / key {key}: {os_reason(exc)}{hint}") from exc
     return ctx

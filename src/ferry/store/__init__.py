@@ -7,6 +7,8 @@ One namespace served by N ferry servers (docs/scale-out.md). The modules, bottom
 * what a store can fail with are :class:`ferry.errors.FerryError` subclasses with codes from the
   registry (:class:`ferry.wire.codes.ErrorCode`: ``unavailable``, ``corrupt``, ``upload-gone``,
   ``incomplete``, and the jail's codes);
+* :mod:`ferry.store.config` — ``--store s3://BUCKET/PREFIX``, the endpoint and credentials, parsed and
+  checked (no S3 client imported);
 * :mod:`ferry.store.chunks` — content-addressed chunk objects in an S3-compatible store (obstore);
 * :mod:`ferry.store.schema` — the PostgreSQL schema and its migrations;
 * :mod:`ferry.store.namespace` — folders, files, chunk lists, partial uploads, usage, in PostgreSQL

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -36,6 +37,7 @@ from obstore.store import S3Store
 
 from ferry.errors import RemoteError
 from ferry.store.api import ChunkRef
+from ferry.store.config import S3Config
 from ferry.wire.codes import ErrorCode
 
 #: Requests in flight per server (each holds at most one chunk in memory).
@@ -51,47 +53,31 @@ class StoredObject:
     last_modified: datetime.datetime
 
 
-@dataclass(frozen=True, slots=True)
-class S3Config:
-    """Where the chunks live: ``s3://BUCKET/PREFIX`` at ``endpoint`` (None: AWS), with credentials."""
-
-    bucket: str
-    prefix: str = ""
-    endpoint: str | None = None
-    access_key: str | None = None
-    secret_key: str | None = None
-    region: str = "us-east-1"
-    #: retries of one request after a transient failure, and the time they may take in all
-    max_retries: int = 4
-    retry_timeout: float = 15.0
-    connect_timeout: float = 5.0
-    request_timeout: float = 60.0
-
-    def open(self) -> S3Store:
-        """An obstore client for this configuration (no request is made yet)."""
-        retry: Any = {
-            "max_retries": self.max_retries,
-            "retry_timeout": datetime.timedelta(seconds=self.retry_timeout),
-            "backoff": {
-                "init_backoff": datetime.timedelta(milliseconds=100),
-                "max_backoff": datetime.timedelta(seconds=2),
-                "base": 2,
-            },
-        }
-        options: Any = {
-            "allow_http": bool(self.endpoint and self.endpoint.startswith("http://")),
-            "connect_timeout": datetime.timedelta(seconds=self.connect_timeout),
-            "timeout": datetime.timedelta(seconds=self.request_timeout),
-        }
-        return S3Store(
-            self.bucket,
-            endpoint=self.endpoint,
-            access_key_id=self.access_key,
-            secret_access_key=self.secret_key,
-            region=self.region,
-            client_options=options,
-            retry_config=retry,
-        )
+def open_store(config: S3Config) -> S3Store:
+    """An obstore client for ``config`` (no request is made yet)."""
+    retry: Any = {
+        "max_retries": config.max_retries,
+        "retry_timeout": datetime.timedelta(seconds=config.retry_timeout),
+        "backoff": {
+            "init_backoff": datetime.timedelta(milliseconds=100),
+            "max_backoff": datetime.timedelta(seconds=2),
+            "base": 2,
+        },
+    }
+    options: Any = {
+        "allow_http": bool(config.endpoint and config.endpoint.startswith("http://")),
+        "connect_timeout": datetime.timedelta(seconds=config.connect_timeout),
+        "timeout": datetime.timedelta(seconds=config.request_timeout),
+    }
+    return S3Store(
+        config.bucket,
+        endpoint=config.endpoint,
+        access_key_id=config.access_key,
+        secret_access_key=config.secret_key,
+        region=config.region,
+        client_options=options,
+        retry_config=retry,
+    )
 
 
 class ChunkStore:
@@ -107,7 +93,7 @@ class ChunkStore:
     @classmethod
     def from_config(cls, config: S3Config, *, concurrency: int = DEFAULT_CONCURRENCY) -> ChunkStore:
         """A chunk store for ``config``."""
-        return cls(config.open(), config.prefix, concurrency=concurrency)
+        return cls(open_store(config), config.prefix, concurrency=concurrency)
 
     def key(self, ref: ChunkRef) -> str:
         """The object key of ``ref``."""
@@ -153,6 +139,17 @@ class ChunkStore:
             )
         return data
 
+    async def check(self) -> None:
+        """Write and delete one small object under the prefix: proves that the endpoint answers, the
+        bucket exists and the credentials may write (a server checks this before it starts)."""
+        key = f"{self.prefix}probe/{secrets.token_hex(8)}"
+        async with self._slots:
+            try:
+                await obstore.put_async(self._store, key, b"ferry")
+                await obstore.delete_async(self._store, key)
+            except Exception as exc:
+                raise ErrorCode.UNAVAILABLE.error(f"a test write of {key} failed: {_why(exc)}") from exc
+
     async def delete(self, key: str) -> None:
         """Delete one object (already gone is fine)."""
         async with self._slots:
@@ -173,11 +170,14 @@ class ChunkStore:
             raise _unavailable("list", prefix, exc) from exc
 
 
+def _why(exc: BaseException) -> str:
+    """What went wrong with a store request, in a few words."""
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        return "the object store refused our credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the object store is unavailable ({first[:300]})"
+
+
 def _unavailable(what: str, key: str, exc: BaseException) -> RemoteError:
     """The error for a store request that failed after obstore's retries."""
-    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
-        why = "the object store refused our credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-    else:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        why = f"the object store is unavailable ({first[:300]})"
-    return ErrorCode.UNAVAILABLE.error(f"could not {what} {key}: {why}; nothing was lost, try again later")
+    return ErrorCode.UNAVAILABLE.error(f"could not {what} {key}: {_why(exc)}; nothing was lost, try again later")
