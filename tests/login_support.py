@@ -5,6 +5,7 @@ ssh-keygen and ssh-agent come with the OpenSSH client (Debian: openssh-client; .
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -19,10 +20,28 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ferry.errors import AuthError, FerryError
+
 if TYPE_CHECKING:
+    from ferry.client.aclient import AsyncClient
     from ferry_server import ServerThread
 
 PASSPHRASE = "correct passphrase"
+#: How long ending a revoked session may take (servers check once a second; the machine is shared).
+REVOCATION_WITHIN = 8.0
+
+
+async def ended(c: AsyncClient, within: float = REVOCATION_WITHIN) -> str | None:
+    """The error that ended the session within ``within`` seconds, or None if it is still open."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            await c.ping()
+        except FerryError as exc:
+            # The class that says why: an AuthError (revoked) is not retried, a ConnectionBroken is.
+            return f"{'AuthError' if isinstance(exc, AuthError) else type(exc).__name__}: {exc}"
+        await asyncio.sleep(0.1)
+    return None
 
 
 def need(tool: str) -> str:

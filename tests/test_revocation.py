@@ -17,11 +17,11 @@ from ferry.server.accounts import Accounts
 from ferry.server.context import Limits
 from ferry.server.credentials import Credentials
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
-from login_support import KeySet, make_keys
+from login_support import REVOCATION_WITHIN, KeySet, ended, make_keys
 from serve_process import run_ferry
 
 #: How long a revocation may take here (the server checks every second; the machine is shared).
-WITHIN = 8.0
+WITHIN = REVOCATION_WITHIN
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +55,6 @@ async def connect(srv: ServerThread, tmp_path: Path, user: str = "alice", **kw: 
     )
     c.read_timeout = 20.0
     return c
-
-
-async def ended(c: AsyncClient, within: float = WITHIN) -> str | None:
-    """The error that ended the session within ``within`` seconds, or None if it is still open."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            await c.ping()
-        except FerryError as exc:
-            # The class that says why: an AuthError (revoked) is not retried, a ConnectionBroken is.
-            return f"{'AuthError' if isinstance(exc, AuthError) else type(exc).__name__}: {exc}"
-        await asyncio.sleep(0.1)
-    return None
 
 
 async def alive(c: AsyncClient) -> bool:

@@ -17,12 +17,10 @@ from components import Weed
 from conftest import free_port
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
-from ferry.errors import AuthError, FerryError
+from ferry.errors import AuthError
 from ferry.server.tls import generate_certificate
+from login_support import REVOCATION_WITHIN, ended
 from serve_process import ServeProcess, run_ferry
-
-#: How long a revocation may take (servers poll once a second; the machine is shared).
-WITHIN = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +56,6 @@ async def connect(port: int, tmp_path: Path, user: str, password: str, kh: str =
     )
     c.read_timeout = 20.0
     return c
-
-
-async def ended(c: AsyncClient, within: float = WITHIN) -> str | None:
-    """Why the session ended within ``within`` seconds, or None if it is still open."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            await c.ping()
-        except FerryError as exc:
-            return f"{'AuthError' if isinstance(exc, AuthError) else type(exc).__name__}: {exc}"
-        await asyncio.sleep(0.1)
-    return None
 
 
 def test_servers_share_accounts_certificate_and_revocation(
@@ -110,7 +96,7 @@ def test_servers_share_accounts_certificate_and_revocation(
                 for c in (on_a, on_b):
                     reason = await ended(c)
                     assert reason is not None and "your account was deleted" in reason, reason
-                assert time.monotonic() - started < WITHIN + 2
+                assert time.monotonic() - started < REVOCATION_WITHIN + 2
             finally:
                 await on_a.close()
                 await on_b.close()

@@ -38,7 +38,7 @@ def test_store_urls(url: str, bucket: str, prefix: str) -> None:
     ],
 )
 def test_bad_store_urls_say_what_is_expected(url: str, why: str) -> None:
-    with pytest.raises(UsageError, match="--store|bucket|prefix") as info:
+    with pytest.raises(UsageError, match=r"--store|bucket|prefix") as info:
         parse_store_url(url)
     assert why in str(info.value)
 
@@ -48,7 +48,7 @@ def test_credentials_region_and_endpoint() -> None:
     assert (config.bucket, config.prefix, config.endpoint, config.region) == ("ferry", "p/", "http://127.0.0.1:8333", "eu-west-3")
     assert (config.access_key, config.secret_key) == ("id", "secret")
     assert store_config("s3://ferry", None, {**KEYS, "AWS_REGION": "x", "AWS_DEFAULT_REGION": "y"}).region == "x"
-    with pytest.raises(UsageError, match="set AWS_SECRET_ACCESS_KEY$"):
+    with pytest.raises(UsageError, match=r"set AWS_SECRET_ACCESS_KEY$"):
         store_config("s3://ferry", None, {"AWS_ACCESS_KEY_ID": "id"})
     for endpoint in ("127.0.0.1:8333", "ftp://h", "http://h/path", "http://h:99999"):
         with pytest.raises(UsageError, match="S3 endpoint"):

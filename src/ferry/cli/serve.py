@@ -140,6 +140,12 @@ def _check_scale_options(
     return store_config(store, endpoint, os.environ)
 
 
+def _pem_option(flag: str, help: str) -> Callable[[F], F]:
+    """A PEM file that must exist (``--cert``, ``--key``)."""
+    kind = click.Path(exists=True, dir_okay=False, path_type=Path)
+    return click.option(flag, type=kind, default=None, metavar="FILE", help=help)
+
+
 def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
     """A server limit given as a count (``N >= 1``), its default shown in ``--help``."""
     return click.option(flag, type=click.IntRange(min=1), default=default, show_default=True, metavar="N", help=help)
@@ -213,21 +219,12 @@ def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
     help="Keep the accounts in this PostgreSQL database (postgresql://USER@HOST/DATABASE), shared by "
     "every server given the same URL; manage them with 'ferry user ... --db URL'. Default: $FERRY_DB.",
 )
-@click.option(
+@_pem_option(
     "--cert",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    metavar="FILE",
-    help="Present this TLS certificate (PEM) instead of the one generated under the root: give every "
+    "Present this TLS certificate (PEM) instead of the one generated under the root: give every "
     "server behind one address the same --cert and --key, so clients pin one fingerprint.",
 )
-@click.option(
-    "--key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    metavar="FILE",
-    help="The private key (PEM, unencrypted) of --cert.",
-)
+@_pem_option("--key", "The private key (PEM, unencrypted) of --cert.")
 @click.option(
     "--store",
     metavar="s3://BUCKET/PREFIX",
