@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ def write_config(folder: Path, text: str) -> Path:
         ('[hosts.box]\nhost = "h"\n\n[hosts.two]\nhots = "x"\n', 5, "unknown key 'hots' in [hosts.two]"),
         ('[defaults]\nhash = "sha1"\n', 2, 'hash must be "blake3" or "md5"'),
         ('[defaults]\nprogress = "yes"\n', 2, "progress must be true or false"),
+        ('[defaults]\n\nbwlimit = "fast"\n', 3, 'bwlimit must be a rate like "10M"'),
+        ("[defaults]\nbwlimit = true\n", 2, 'bwlimit must be a rate like "10M"'),
         ("[hosts.box]\nidentity = [1, 2]\n", 2, "identity must be a key file path or a list"),
         ('[hostz.box]\nhost = "h"\n', 1, "unknown table or key 'hostz'"),
         ('[hosts.box]\nhost = "h\n', 2, "not valid TOML"),
@@ -148,6 +152,23 @@ def test_a_bad_config_is_a_clear_error_for_client_commands(setup: Setup) -> None
     assert r.returncode == 2 and "config.toml, line 2: port must be a number from 1 to 65535" in r.stderr
     r = run_ferry(["user", "list", "--root", str(setup.srv.root)], setup.env)  # not a client command
     assert r.returncode == 0, r.stderr
+
+
+def test_default_bwlimit_paces_transfers_and_the_option_wins(setup: Setup, tmp_path: Path) -> None:
+    config = Path(setup.env["FERRY_HOME"]) / "config.toml"
+    write_config(config.parent, config.read_text().replace("[defaults]\n", '[defaults]\nbwlimit = "256K"\n', 1))
+    src = tmp_path / "pace.bin"
+    src.write_bytes(os.urandom(1024 * 1024))
+    t0 = time.monotonic()
+    r = run_ferry(["put", "-q", str(src), "box:pace.bin"], setup.env)
+    assert r.returncode == 0, r.stderr
+    # 1 MiB at 256 KiB/s with a 64 KiB burst: at least ~3.7 s, never faster (a floor, not a speed).
+    assert time.monotonic() - t0 >= 3.5
+    t0 = time.monotonic()
+    r = run_ferry(["get", "-q", "--bwlimit", "0", "box:pace.bin", str(tmp_path / "back.bin")], setup.env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+    assert time.monotonic() - t0 < 3.0  # --bwlimit 0 on the command line lifts the file's limit
 
 
 def test_progress_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,6 +53,7 @@ from ferry.errors import (
 )
 from ferry.errtext import os_reason
 from ferry.paths import DEFAULT_PORT
+from ferry.ratelimit import parse_rate
 from ferry.textsafe import safe_name
 
 if TYPE_CHECKING:
@@ -157,26 +158,6 @@ def speed_options(f: F) -> F:
     f = click.option("--bwlimit", metavar="RATE", help="Limit the bandwidth (bytes/s; K, M, G suffixes: 10M).")(f)
     f = click.option("-z", "--compress", is_flag=True, help="Compress file data (zstd, per chunk, where it helps).")(f)
     return f
-
-
-def parse_rate(text: str | None) -> int | None:
-    """``--bwlimit`` values: bytes per second with an optional K, M or G suffix (binary: ``10M`` is
-    10 MiB/s); ``0`` or nothing means no limit."""
-    if text is None:
-        return None
-    t = text.strip().upper().removesuffix("/S").removesuffix("B")
-    factor = 1
-    for suffix, f in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if t.endswith(suffix):
-            t, factor = t[:-1], f
-            break
-    try:
-        value = float(t)
-    except ValueError:
-        raise UsageError(f"--bwlimit {text!r}: write a rate like 500K, 10M or 1.5G (bytes per second)") from None
-    if value < 0 or value != value or value == float("inf"):
-        raise UsageError(f"--bwlimit {text!r}: a rate must be a positive number")
-    return int(value * factor) or None
 
 
 # --- locations and paths ------------------------------------------------------------------------------

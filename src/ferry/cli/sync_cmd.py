@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ferry.cli.files import Common, common_options, connected, parse_rate, remote_location, run, show_remote
+from ferry.cli.files import Common, common_options, connected, remote_location, run, show_remote
 from ferry.cli.output import Output, human_size
 from ferry.client.location import is_remote, parse_location
 from ferry.errors import TransferError, UsageError
+from ferry.ratelimit import parse_rate
 from ferry.textsafe import safe_name
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ from typing import Final
 
 from ferry import paths
 from ferry.errors import UsageError
+from ferry.ratelimit import parse_rate
 
 __all__ = ["Config", "ConfigError", "Defaults", "HostAlias", "config_file", "load_config"]
 
@@ -122,7 +123,7 @@ def _parse(path: Path, text: str) -> Config:
             raise fail("defaults", key, "progress must be true or false")
         if key == "hash" and value not in ("blake3", "md5"):
             raise fail("defaults", key, "hash must be \"blake3\" or \"md5\"")
-        if key == "bwlimit" and not isinstance(value, str | int):
+        if key == "bwlimit" and not _is_rate(value):
             raise fail("defaults", key, 'bwlimit must be a rate like "10M" or a number of bytes per second')
     hosts_table = data.get("hosts", {})
     if not isinstance(hosts_table, dict):
@@ -187,3 +188,14 @@ def load_config(path: Path | None = None) -> Config:
     _cache[path] = (stamp, config)
     return config
 
+
+def _is_rate(value: object) -> bool:
+    """Whether a config value reads as ``--bwlimit`` would read it (checked at load, so a bad rate is
+    reported with the file's line rather than as a command-line option the user never typed)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return False
+    try:
+        parse_rate(str(value))
+    except UsageError:
+        return False
+    return True
