@@ -625,7 +625,7 @@ def test_cancels_for_unknown_requests_are_not_remembered(
         assert isinstance(raw.reply(n + 1), m.FileInfo)
         raw.send(m.Stat(id=n + 3, path=""))
         assert isinstance(raw.reply(n + 3), m.StatReply)
-        assert on_server(plain_server, lambda: len(session.cancelled) + len(session.gets)) == 0
+        assert on_server(plain_server, lambda: len(session.requests.cancelled) + len(session.requests.gets)) == 0
     finally:
         raw.close()
 

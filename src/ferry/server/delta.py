@@ -31,8 +31,8 @@ from ferry import cdc
 from ferry.aio import close_after
 from ferry.delta import Assembler, BasisChanged, BasisFile, DeltaEncoder, basis_id
 from ferry.errors import FerryError, RemoteError
-from ferry.server.files import jail_of, log_op
 from ferry.server.jail import translate_oserror
+from ferry.server.service import Service
 from ferry.server.transfer import check_quota
 from ferry.server.work import in_thread, start_thread
 from ferry.textsafe import safe_text
@@ -42,7 +42,6 @@ from ferry.wire.codes import ErrorCode, reply_for
 
 if TYPE_CHECKING:
     from ferry.server.context import HashCache
-    from ferry.server.session import Session
 
 #: Delta transfers open at once per connection (each holds descriptors and a thread job).
 MAX_DELTAS = 8
@@ -63,13 +62,13 @@ def file_index(cache: HashCache, fd: int, st: os.stat_result) -> cdc.ChunkIndex:
     return index
 
 
-def _count(session: Session) -> int:
-    return sum(isinstance(c, DeltaUpload | DeltaSend) for c in session.channels.values())
+def _count(svc: DeltaService) -> int:
+    return sum(isinstance(c, DeltaUpload | DeltaSend) for c in svc.channels.values())
 
 
-def _admit(session: Session, req_id: int) -> None:
-    session.check_id_free(req_id)
-    if _count(session) >= MAX_DELTAS:
+def _admit(svc: DeltaService, req_id: int) -> None:
+    svc.requests.check_id_free(req_id)
+    if _count(svc) >= MAX_DELTAS:
         raise ErrorCode.BUSY.error(f"too many delta transfers on this connection (at most {MAX_DELTAS})")
 
 
@@ -82,11 +81,11 @@ def _changed(exc: BaseException, path: str) -> RemoteError | None:
 # --- the index --------------------------------------------------------------------------------
 
 
-async def handle_get_chunks(session: Session, msg: m.GetChunks) -> None:
+async def handle_get_chunks(svc: DeltaService, msg: m.GetChunks) -> None:
     """Send the chunk index of ``msg.path`` in ``Chunks`` pages (the last with ``end``)."""
     t0 = time.monotonic()
-    jail = jail_of(session)
-    cache = session.ctx.hash_cache
+    jail = svc.jail
+    cache = svc.ctx.hash_cache
     fd = await in_thread(jail.open_read, msg.path, release=os.close)
     job = None
     if msg.prefetch:
@@ -98,8 +97,8 @@ async def handle_get_chunks(session: Session, msg: m.GetChunks) -> None:
                 job = start_thread(file_index, cache, fd, st)
         finally:
             _close_after(job, fd)
-        await session.send(m.Ok(id=msg.id))
-        log_op(session, "chunks", msg.path, t0, "ok prefetch" if job is not None else "ok cached")
+        await svc.send(m.Ok(id=msg.id))
+        svc.log_op("chunks", msg.path, t0, "ok prefetch" if job is not None else "ok cached")
         return
     try:
         st = os.fstat(fd)
@@ -112,18 +111,18 @@ async def handle_get_chunks(session: Session, msg: m.GetChunks) -> None:
     for i in range(0, max(len(hashes), 1), step):
         page = hashes[i : i + step]
         end = i + step >= len(hashes)
-        await session.send(m.Chunks(id=msg.id, size=index.size, hashes=page, end=end, width=msg.width))
-    log_op(session, "chunks", msg.path, t0, f"ok chunks={index.count}")
+        await svc.send(m.Chunks(id=msg.id, size=index.size, hashes=page, end=end, width=msg.width))
+    svc.log_op("chunks", msg.path, t0, f"ok chunks={index.count}")
 
 
 # --- upload -----------------------------------------------------------------------------------
 
 
 class DeltaUpload:
-    """A delta upload in progress, registered in ``session.channels`` under its id."""
+    """A delta upload in progress, registered in ``svc.channels`` under its id."""
 
-    def __init__(self, session: Session, msg: m.DeltaPut) -> None:
-        self.session = session
+    def __init__(self, svc: DeltaService, msg: m.DeltaPut) -> None:
+        self.svc = svc
         self.msg = msg
         self.t0 = time.monotonic()
         self.out_fd = -1
@@ -137,13 +136,13 @@ class DeltaUpload:
 
     def open(self) -> None:
         """Open the basis (the current file) and the partial to build in (thread)."""
-        jail, msg = jail_of(self.session), self.msg
+        jail, msg = self.svc.jail, self.msg
         basis: list[BasisFile] = []
         if msg.basis:
             self.basis_fd = jail.open_read(msg.path)
             st = os.fstat(self.basis_fd)
             self.replaced = st.st_size
-            index = file_index(self.session.ctx.hash_cache, self.basis_fd, st)
+            index = file_index(self.svc.ctx.hash_cache, self.basis_fd, st)
             if basis_id(cdc.truncate(index.hashes, msg.width)) != msg.basis:
                 raise ErrorCode.CHANGED.error(
                     f"{msg.path} changed since its chunks were listed; nothing was kept, try again"
@@ -161,7 +160,7 @@ class DeltaUpload:
 
     def _foreign(self, prel: str, st: os.stat_result) -> None:
         """Something that is not the server's partial had the partial's name: it was left alone."""
-        self.session.ctx.log.warning(
+        self.svc.ctx.log.warning(
             "delta upload: %s was not a genuine partial (links=%d); a fresh one took its name",
             safe_text(prel),
             st.st_nlink,
@@ -181,9 +180,9 @@ class DeltaUpload:
             await self._finish(batch.digest)
 
     async def _finish(self, digest: bytes) -> None:
-        session, msg, assembler = self.session, self.msg, self.assembler
+        svc, msg, assembler = self.svc, self.msg, self.assembler
         assert assembler is not None
-        jail = jail_of(session)
+        jail = svc.jail
         fd, partial = self.out_fd, self.partial
 
         def seal() -> cdc.ChunkIndex:
@@ -194,19 +193,17 @@ class DeltaUpload:
             # With the descriptor: the inode that was verified is the one that gets the name.
             jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd)
             # The new version's index is known: the next delta of this file needs no re-read.
-            session.ctx.hash_cache.put_index((*cdc.stat_key(os.fstat(fd)), cdc.SCHEME), index)
+            svc.ctx.hash_cache.put_index((*cdc.stat_key(os.fstat(fd)), cdc.SCHEME), index)
             return index
 
         self._job = start_thread(seal)
         await asyncio.shield(self._job)
         self._job = None
         self.partial = ""  # renamed: nothing to remove any more
-        assert session.user is not None
-        session.ctx.usage.add(session.user.name, msg.size - self.replaced)
+        svc.ctx.usage.add(svc.user.name, msg.size - self.replaced)
         self.close()
-        await session.send(m.Ok(id=msg.id))
-        log_op(
-            session,
+        await svc.send(m.Ok(id=msg.id))
+        svc.log_op(
             "delta-put",
             msg.path,
             self.t0,
@@ -228,7 +225,7 @@ class DeltaUpload:
         self.partial = ""
         if partial and fd >= 0:
             with contextlib.suppress(Exception):
-                jail_of(self.session).remove_partial(partial, fd)
+                self.svc.jail.remove_partial(partial, fd)
         self.close()
 
     def close(self) -> None:
@@ -240,34 +237,32 @@ class DeltaUpload:
                 setattr(self, attr, -1)
                 os.close(fd)
         if self.reserved:
-            assert self.session.user is not None
-            self.session.ctx.usage.release(self.session.user.name, self.reserved)
+            self.svc.ctx.usage.release(self.svc.user.name, self.reserved)
             self.reserved = 0
-        if self.session.channels.get(self.msg.id) is self:
-            del self.session.channels[self.msg.id]
+        if self.svc.channels.get(self.msg.id) is self:
+            del self.svc.channels[self.msg.id]
 
 
-async def handle_delta_put(session: Session, msg: m.DeltaPut) -> None:
+async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
     """Start a delta upload (no reply until it ends: Ok, or an Error at the first problem)."""
-    _admit(session, msg.id)
+    _admit(svc, msg.id)
     if not _TOKEN.match(msg.token):
         raise RemoteProtocolError("bad upload token")
-    await check_quota(session, msg)
-    up = DeltaUpload(session, msg)
-    assert session.user is not None
-    session.ctx.usage.reserve(session.user.name, msg.size)
+    await check_quota(svc, msg)
+    up = DeltaUpload(svc, msg)
+    svc.ctx.usage.reserve(svc.user.name, msg.size)
     up.reserved = msg.size
     try:
         await in_thread(up.open)
     except BaseException:
         up.discard()
         raise
-    session.channels[msg.id] = up
+    svc.channels[msg.id] = up
 
 
-async def handle_delta_data(session: Session, msg: m.DeltaData) -> None:
+async def handle_delta_data(svc: DeltaService, msg: m.DeltaData) -> None:
     """A batch of a delta upload; batches of a failed or cancelled one are dropped."""
-    up = session.channels.get(msg.id)
+    up = svc.channels.get(msg.id)
     if up is None:
         return
     if not isinstance(up, DeltaUpload):
@@ -276,7 +271,7 @@ async def handle_delta_data(session: Session, msg: m.DeltaData) -> None:
         await up.add(msg)
     except Exception as exc:
         up.discard()
-        log_op(session, "delta-put", up.msg.path, up.t0, "failed")
+        svc.log_op("delta-put", up.msg.path, up.t0, "failed")
         changed = _changed(exc, up.msg.path)
         if changed is not None:
             raise changed from exc
@@ -291,8 +286,8 @@ async def handle_delta_data(session: Session, msg: m.DeltaData) -> None:
 class DeltaSend:
     """A delta download: collects the client's basis (``Chunks`` pages), then streams the file."""
 
-    def __init__(self, session: Session, msg: m.DeltaGet) -> None:
-        self.session = session
+    def __init__(self, svc: DeltaService, msg: m.DeltaGet) -> None:
+        self.svc = svc
         self.msg = msg
         self.parts: list[bytes] = []
         self.count = 0
@@ -317,20 +312,20 @@ class DeltaSend:
             self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        session = self.session
+        svc = self.svc
         try:
-            await _serve_delta(session, self.msg, b"".join(self.parts))
+            await _serve_delta(svc, self.msg, b"".join(self.parts))
         except (ConnectionError, RemoteProtocolError, asyncio.CancelledError):
             raise
         except Exception as exc:
             err = _changed(exc, self.msg.path) or exc
             if not isinstance(err, FerryError):
-                session.ctx.log.exception("internal error in a delta download")
+                svc.ctx.log.exception("internal error in a delta download")
             with contextlib.suppress(Exception):
-                await session.send(reply_for(self.msg.id, err))
+                await svc.send(reply_for(self.msg.id, err))
         finally:
-            if session.channels.get(self.msg.id) is self:
-                del session.channels[self.msg.id]
+            if svc.channels.get(self.msg.id) is self:
+                del svc.channels[self.msg.id]
 
     async def abort(self) -> None:
         """Cancelled or the connection ended: stop sending."""
@@ -340,18 +335,18 @@ class DeltaSend:
                 await self.task
 
 
-async def _serve_delta(session: Session, msg: m.DeltaGet, basis: bytes) -> None:
+async def _serve_delta(svc: DeltaService, msg: m.DeltaGet, basis: bytes) -> None:
     t0 = time.monotonic()
-    jail = jail_of(session)
+    jail = svc.jail
     fd = await in_thread(jail.open_read, msg.path, release=os.close)
     job: asyncio.Future[Any] | None = None
     try:
         st = os.fstat(fd)
-        await session.send(
+        await svc.send(
             m.FileInfo(id=msg.id, size=st.st_size, mtime=m.wire_time(st.st_mtime), mode=st.st_mode & 0o7777)
         )
         # A version indexed before (a -c listing, an earlier delta) is not chunked again.
-        cached = session.ctx.hash_cache.get_index((*cdc.stat_key(st), cdc.SCHEME))
+        cached = svc.ctx.hash_cache.get_index((*cdc.stat_key(st), cdc.SCHEME))
         enc = DeltaEncoder(fd, st.st_size, basis, width=msg.width, compress=msg.compress, index=cached)
         job = start_thread(enc.next_batch)
         while job is not None:
@@ -359,16 +354,16 @@ async def _serve_delta(session: Session, msg: m.DeltaGet, basis: bytes) -> None:
             job = None
             if not done:  # read and chunk the next batch while this one is sent
                 job = start_thread(enc.next_batch)
-                await session.send(m.DeltaData(id=msg.id, ops=batch.ops, data=bytes(batch.data)))
+                await svc.send(m.DeltaData(id=msg.id, ops=batch.ops, data=bytes(batch.data)))
                 continue
             if cdc.stat_key(os.fstat(fd)) != cdc.stat_key(st):
                 raise cdc.FileChanged(f"{msg.path} changed while it was being sent")
             assert enc.index is not None
-            session.ctx.hash_cache.put_index((*cdc.stat_key(st), cdc.SCHEME), enc.index)
-            await session.send(
+            svc.ctx.hash_cache.put_index((*cdc.stat_key(st), cdc.SCHEME), enc.index)
+            await svc.send(
                 m.DeltaData(id=msg.id, ops=batch.ops, data=bytes(batch.data), end=True, digest=enc.digest)
             )
-        log_op(session, "delta-get", msg.path, t0, f"ok copied={enc.copied} sent={enc.wire}", st.st_size)
+        svc.log_op("delta-get", msg.path, t0, f"ok copied={enc.copied} sent={enc.wire}", st.st_size)
     finally:
         _close_after(job, fd)
 
@@ -379,15 +374,15 @@ def _close_after(job: asyncio.Future[Any] | None, fd: int) -> None:
     close_after(job, lambda: os.close(fd))
 
 
-async def handle_delta_get(session: Session, msg: m.DeltaGet) -> None:
+async def handle_delta_get(svc: DeltaService, msg: m.DeltaGet) -> None:
     """Register a delta download; it starts once the client's basis has arrived."""
-    _admit(session, msg.id)
-    session.channels[msg.id] = DeltaSend(session, msg)
+    _admit(svc, msg.id)
+    svc.channels[msg.id] = DeltaSend(svc, msg)
 
 
-async def handle_chunks(session: Session, msg: m.Chunks) -> None:
+async def handle_chunks(svc: DeltaService, msg: m.Chunks) -> None:
     """A page of a delta download's basis."""
-    target = session.channels.get(msg.id)
+    target = svc.channels.get(msg.id)
     if target is None:
         return  # cancelled meanwhile
     if not isinstance(target, DeltaSend):
@@ -395,7 +390,20 @@ async def handle_chunks(session: Session, msg: m.Chunks) -> None:
     target.add(msg)
 
 
+class DeltaService(Service):
+    """Delta transfers of one session, both directions (registered as channels while they run)."""
+
+    worker_handlers = {m.GetChunks: handle_get_chunks}
+    reader_handlers = {
+        m.DeltaPut: handle_delta_put,
+        m.DeltaData: handle_delta_data,
+        m.DeltaGet: handle_delta_get,
+        m.Chunks: handle_chunks,
+    }
+
+
 __all__ = [
+    "DeltaService",
     "file_index",
     "handle_chunks",
     "handle_delta_data",

@@ -1,6 +1,6 @@
 """Remote commands on the server: spawn, stream, flow control, signals, PTYs, clean-up.
 
-One :class:`ExecHandler` per session (created only for users with ``exec_allowed``) owns the
+One :class:`ExecService` per session (created only for users with ``exec_allowed``) owns the
 session's running :class:`Command` objects, keyed by the request id chosen by the client.
 
 Design decisions (see docs/exec.md for the user-facing side):
@@ -50,6 +50,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Final
 
 from ferry.errors import RemoteError
+from ferry.server.jail import Jail
+from ferry.server.service import Service, ServiceHost
 from ferry.textsafe import safe_text
 from ferry.wire import Data
 from ferry.wire import messages as m
@@ -59,14 +61,13 @@ from ferry.wire.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
     from ferry.server.accounts import User
-    from ferry.server.session import Session
 
 __all__ = [
     "BASE_PATH",
     "ENV_ALLOWED_NAMES",
     "ENV_ALLOWED_PREFIXES",
     "Command",
-    "ExecHandler",
+    "ExecService",
     "build_env",
     "plan_argv",
     "simple_words",
@@ -273,14 +274,14 @@ def _describe(status: m.ExitStatus) -> str:
 class Command:
     """One command started by an :class:`~ferry.wire.messages.Exec` request.
 
-    Registered in ``session.channels`` under its id so stdin data frames reach :meth:`on_data`;
+    Registered in the session's channels under its id so stdin data frames reach :meth:`on_data`;
     ``abort`` (Cancel from the client) terminates it. Its life is one task, :meth:`_run`: wait for the
     leader to exit, kill leftovers, drain the outputs, reap, send :class:`ExitStatus`, log.
     """
 
-    def __init__(self, handler: ExecHandler, msg: m.Exec, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(self, handler: ExecService, msg: m.Exec, argv: list[str], env: dict[str, str]) -> None:
         self.handler = handler
-        self.session = handler.session
+        self.svc = handler
         self.id = msg.id
         self.msg = msg
         self.argv = argv
@@ -456,9 +457,9 @@ class Command:
 
     async def abort(self) -> None:
         """Cancel from the client (e.g. its timeout): SIGTERM the group now, SIGKILL after a grace."""
-        if self.session.channels.get(self.id) is self:
+        if self.svc.channels.get(self.id) is self:
             # Still registered: this is the session's clean-up (a Cancel pops us first), and
-            # ExecHandler.close() follows, which kills and reaps without sending anything.
+            # ExecService.close() follows, which kills and reaps without sending anything.
             return
         self.note = self.note or "cancelled"
         self._spawn_aux(self._terminate(KILL_GRACE))
@@ -493,17 +494,17 @@ class Command:
         try:
             await self._lifecycle()
         except (ConnectionError, OSError) as exc:
-            # The connection broke while streaming: the session ends, and ExecHandler.close() kills
+            # The connection broke while streaming: the session ends, and ExecService.close() kills
             # and reaps whatever is left (we are still in self.handler.commands).
             self.note = f"connection lost ({type(exc).__name__})"
         except Exception:
             # A bug or an unexpected I/O error: kill the command (reaped when the session ends)
             # and tell the client instead of leaving it waiting for an exit status.
-            self.session.ctx.log.exception("exec %d failed", self.id)
+            self.svc.ctx.log.exception("exec %d failed", self.id)
             self.note = "internal error"
             self._spawn_aux(self._terminate(CLOSE_GRACE))
             with contextlib.suppress(Exception):
-                await self.session.send(
+                await self.svc.send(
                     ErrorCode.INTERNAL.reply(self.id, "the command failed on the server; it was killed")
                 )
 
@@ -528,11 +529,11 @@ class Command:
             self._close_fds()
         status = self._reap()
         self.status = status
-        if self.session.channels.get(self.id) is self:
-            del self.session.channels[self.id]
+        if self.svc.channels.get(self.id) is self:
+            del self.svc.channels[self.id]
         self.handler.commands.pop(self.id, None)
         self._log(status)
-        await self.session.send(status)
+        await self.svc.send(status)
 
     async def shutdown(self, grace: float) -> None:
         """The session ends: stop streaming, kill everything, reap (never sends anything)."""
@@ -551,7 +552,7 @@ class Command:
                 async with asyncio.timeout(REAP_LIMIT):
                     await self._exited.wait()
             except TimeoutError:
-                self.session.ctx.log.warning("exec pid %d did not die after SIGKILL", self.pid)
+                self.svc.ctx.log.warning("exec pid %d did not die after SIGKILL", self.pid)
                 return
             self._log(self._reap())
         except asyncio.CancelledError:
@@ -590,12 +591,12 @@ class Command:
         self.out_fds.clear()
 
     def _log(self, status: m.ExitStatus) -> None:
-        user = self.session.user
-        self.session.ctx.log.info(
+        user = self.svc.user
+        self.svc.ctx.log.info(
             "exec user=%s peer=%s id=%d pid=%d pty=%s command=%s exit=%s seconds=%.3f "
             "stdout=%d stderr=%d stdin=%d%s",
             user.name if user else "-",
-            self.session.peer,
+            self.svc.peer,
             self.id,
             self.pid,
             self.pty is not None,
@@ -663,8 +664,8 @@ class Command:
                 break
             credit.spend(len(data))
             self.sent[stream] += len(data)
-            await self.session.send_data(self.id, stream, data)
-        await self.session.send(m.Eof(id=self.id, stream=stream))
+            await self.svc.send_data(self.id, stream, data)
+        await self.svc.send(m.Eof(id=self.id, stream=stream))
 
     # --- stdin ----------------------------------------------------------------------------------
 
@@ -672,7 +673,7 @@ class Command:
         """Return ``n`` consumed stdin bytes to the client's window (batched: half a window)."""
         inc = self._stdin_credit.consumed(n)
         if inc:
-            await self.session.send(m.Window(id=self.id, stream=m.STDIN, increment=inc))
+            await self.svc.send(m.Window(id=self.id, stream=m.STDIN, increment=inc))
 
     async def _feed_stdin(self) -> None:
         fd = self.in_fd
@@ -726,22 +727,37 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-# --- the per-session handler --------------------------------------------------------------------
+# --- the per-session service --------------------------------------------------------------------
 
 
-class ExecHandler:
+async def _handle_exec(svc: ExecService, msg: m.Exec) -> None:
+    await svc.start(msg)
+
+
+async def _handle_command_input(svc: ExecService, msg: m.Window | m.Eof | m.Signal | m.Resize) -> None:
+    """Flow control, stdin end, signals and resizes of a running command (called by the session's
+    reader, must not block)."""
+    svc.command_input(msg)
+
+
+class ExecService(Service):
     """Routes Exec/Window/Eof/Signal/Resize of one session to its commands; kills them at the end."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    reader_handlers = {
+        m.Exec: _handle_exec,
+        m.Window: _handle_command_input,
+        m.Eof: _handle_command_input,
+        m.Signal: _handle_command_input,
+        m.Resize: _handle_command_input,
+    }
+
+    def __init__(self, host: ServiceHost, jail: Jail) -> None:
+        super().__init__(host, jail)
         self.commands: dict[int, Command] = {}
 
-    async def handle(self, session: Session, msg: m.Message) -> None:
-        """Dispatch one exec-related message (called by the session's reader, must not block)."""
-        if isinstance(msg, m.Exec):
-            await self._start(msg)
-            return
-        cmd = self.commands.get(getattr(msg, "id", -1))
+    def command_input(self, msg: m.Window | m.Eof | m.Signal | m.Resize) -> None:
+        """Hand a command's input message to it."""
+        cmd = self.commands.get(msg.id)
         if cmd is None:
             return  # the command just ended: late window updates, signals, resizes are harmless
         if isinstance(msg, m.Window):
@@ -754,20 +770,19 @@ class ExecHandler:
         elif isinstance(msg, m.Resize):
             cmd.resize(msg.rows, msg.cols)
 
-    async def _start(self, msg: m.Exec) -> None:
-        session = self.session
-        user, jail = session.user, session.jail
-        assert user is not None and jail is not None
-        if msg.id in self.commands or msg.id in session.channels or msg.id in session.gets or msg.id == 0:
+    async def start(self, msg: m.Exec) -> None:
+        """Start the command ``msg`` asks for (or answer why not)."""
+        user, jail = self.user, self.jail
+        if msg.id in self.commands or msg.id in self.channels or msg.id in self.requests.gets or msg.id == 0:
             raise ErrorCode.BAD_REQUEST.error(f"request id {msg.id} is already in use")
         try:
             argv, program = plan_argv(user, msg)
             env = build_env(user, dict(msg.env), msg.pty.term if msg.pty is not None else None)
         except RemoteError as exc:
-            session.ctx.log.warning(
+            self.ctx.log.warning(
                 "exec refused user=%s peer=%s command=%s: %s",
                 user.name,
-                session.peer,
+                self.peer,
                 msg.command if msg.command is not None else shlex.join(msg.argv or []),
                 exc.message,
             )
@@ -790,26 +805,25 @@ class ExecHandler:
         finally:
             os.close(cwd_fd)
         self.commands[msg.id] = cmd
-        session.channels[msg.id] = cmd
-        await session.send(m.ExecStarted(id=msg.id, pid=cmd.pid))
-        await session.send(m.Window(id=msg.id, stream=m.STDIN, increment=STDIN_WINDOW))
+        self.channels[msg.id] = cmd
+        await self.send(m.ExecStarted(id=msg.id, pid=cmd.pid))
+        await self.send(m.Window(id=msg.id, stream=m.STDIN, increment=STDIN_WINDOW))
         cmd.start_task()
 
     async def _failed_start(self, cmd: Command, program: str, exc: OSError) -> None:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         what = "command not found" if code == 127 else (exc.strerror or "cannot execute").lower()
         text = f"ferry: {program}: {what}\n".encode("utf-8", "replace")
-        session = self.session
-        await session.send(m.ExecStarted(id=cmd.id, pid=0))
+        await self.send(m.ExecStarted(id=cmd.id, pid=0))
         text = text[: cmd.msg.window]  # never more than the client granted
         if text:
-            await session.send_data(cmd.id, m.STDERR, text)
-        await session.send(m.Eof(id=cmd.id, stream=m.STDOUT))
-        await session.send(m.Eof(id=cmd.id, stream=m.STDERR))
+            await self.send_data(cmd.id, m.STDERR, text)
+        await self.send(m.Eof(id=cmd.id, stream=m.STDOUT))
+        await self.send(m.Eof(id=cmd.id, stream=m.STDERR))
         status = m.ExitStatus(id=cmd.id, code=code)
         cmd.sent[m.STDERR] = len(text)
         cmd._log(status)
-        await session.send(status)
+        await self.send(status)
 
     async def close(self) -> None:
         """The session ended: kill every command (SIGTERM, then SIGKILL) and reap it."""

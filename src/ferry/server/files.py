@@ -1,7 +1,8 @@
-"""Request handlers for file-system operations (stat, list, mkdir, rm, mv, df).
+"""The files service: file-system operations (stat, list, mkdir, rm, mv, df).
 
 Every path goes through the session's :class:`~ferry.server.jail.Jail`; blocking file-system calls run
-in a thread so one slow disk does not stall other sessions. Each operation is logged once.
+in a thread so one slow disk does not stall other sessions. Each operation is logged once. The
+handlers are declared in :class:`FilesService`'s table (see :mod:`ferry.server.service`).
 """
 
 from __future__ import annotations
@@ -11,29 +12,21 @@ import os
 import stat as statmod
 import time
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 from ferry.server import work
 from ferry.server.glob import expand as expand_glob
 from ferry.server.jail import Entry as JailEntry
 from ferry.server.jail import Jail, ListScan
+from ferry.server.service import Handler, Service
 from ferry.server.work import in_thread, run_steps
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode
-
-if TYPE_CHECKING:
-    from ferry.server.session import Session
 
 PAGE = 1000  # entries per ListReply page
 #: bytes of entry names per page: recursive names can be KiBs long, so a count alone does not keep
 #: a page below the 1 MiB message limit (the client would drop the connection)
 PAGE_BYTES = 1 << 18
-
-
-def jail_of(session: Session) -> Jail:
-    """The session's jail (exists once authenticated)."""
-    assert session.jail is not None
-    return session.jail
 
 
 def to_wire(e: JailEntry, name: str | None = None) -> m.Entry:
@@ -70,33 +63,19 @@ def stat_entry(jail: Jail, path: str) -> m.Entry:
     )
 
 
-def log_op(session: Session, op: str, path: str, started: float, result: str = "ok", nbytes: int = 0) -> None:
-    """One log line per operation: user, peer, operation, path, bytes, seconds, result."""
-    session.ctx.log.info(
-        "op user=%s peer=%s op=%s path=%s bytes=%d seconds=%.3f result=%s",
-        session.user.name if session.user else "-",
-        session.peer,
-        op,
-        path,
-        nbytes,
-        time.monotonic() - started,
-        result,
-    )
-
-
-async def handle_stat(session: Session, msg: m.Stat) -> None:
+async def handle_stat(svc: FilesService, msg: m.Stat) -> None:
     """Reply with the path's metadata."""
     t0 = time.monotonic()
-    entry = await in_thread(stat_entry, jail_of(session), msg.path)
-    await session.send(m.StatReply(id=msg.id, entry=entry))
-    log_op(session, "stat", msg.path, t0)
+    entry = await in_thread(stat_entry, svc.jail, msg.path)
+    await svc.send(m.StatReply(id=msg.id, entry=entry))
+    svc.log_op("stat", msg.path, t0)
 
 
-async def handle_list(session: Session, msg: m.ListDir) -> None:
+async def handle_list(svc: FilesService, msg: m.ListDir) -> None:
     """Reply with pages of entries (a single file lists as itself), streamed from the walk: memory
     holds the page being sent and the next one, never the whole listing."""
     t0 = time.monotonic()
-    jail = jail_of(session)
+    jail = svc.jail
     check = work.current.get().check  # (here: the thread below does not see the context)
 
     def open_listing() -> m.Entry | Listing:
@@ -110,14 +89,14 @@ async def handle_list(session: Session, msg: m.ListDir) -> None:
     async with work.current.get().walk_slot():
         opened = await in_thread(open_listing, release=_close_listing)
         if isinstance(opened, m.Entry):
-            await session.send(m.ListReply(id=msg.id, entries=[opened]))
-            log_op(session, "list", msg.path, t0, nbytes=1)
+            await svc.send(m.ListReply(id=msg.id, entries=[opened]))
+            svc.log_op("list", msg.path, t0, nbytes=1)
             return
         pages = _Pages(opened, work.current.get().check)
         async with contextlib.aclosing(work.prefetched(pages.next, opened.close)) as steps:
             async for page, done in steps:
-                await session.send(m.ListReply(id=msg.id, entries=page, more=not done))
-    log_op(session, "list", msg.path, t0, nbytes=pages.count)
+                await svc.send(m.ListReply(id=msg.id, entries=page, more=not done))
+    svc.log_op("list", msg.path, t0, nbytes=pages.count)
 
 
 #: What a listing's pages are cut from: a folder walk, or the matches of a pattern; (name, entry)
@@ -170,19 +149,18 @@ class _Pages:
             self.count += 1
 
 
-async def handle_mkdir(session: Session, msg: m.Mkdir) -> None:
+async def handle_mkdir(svc: FilesService, msg: m.Mkdir) -> None:
     """Create a directory."""
     t0 = time.monotonic()
-    await in_thread(lambda: jail_of(session).mkdir(msg.path, parents=msg.parents, exist_ok=msg.parents))
-    await session.send(m.Ok(id=msg.id))
-    log_op(session, "mkdir", msg.path, t0)
+    await in_thread(lambda: svc.jail.mkdir(msg.path, parents=msg.parents, exist_ok=msg.parents))
+    await svc.send(m.Ok(id=msg.id))
+    svc.log_op("mkdir", msg.path, t0)
 
 
-async def handle_remove(session: Session, msg: m.Remove) -> None:
+async def handle_remove(svc: FilesService, msg: m.Remove) -> None:
     """Remove a file, link or (recursively) a directory."""
     t0 = time.monotonic()
-    jail = jail_of(session)
-    assert session.user is not None
+    jail = svc.jail
     st = await in_thread(jail.lstat, msg.path)
     if msg.recursive and statmod.S_ISDIR(st.st_mode):
         session_work = work.current.get()
@@ -191,46 +169,40 @@ async def handle_remove(session: Session, msg: m.Remove) -> None:
     else:
         await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
     if statmod.S_ISREG(st.st_mode):
-        session.ctx.usage.add(session.user.name, -st.st_size)
+        svc.ctx.usage.add(svc.user.name, -st.st_size)
     else:
-        session.ctx.usage.invalidate(session.user.name)
-    await session.send(m.Ok(id=msg.id))
-    log_op(session, "rm", msg.path, t0)
+        svc.ctx.usage.invalidate(svc.user.name)
+    await svc.send(m.Ok(id=msg.id))
+    svc.log_op("rm", msg.path, t0)
 
 
-async def handle_rename(session: Session, msg: m.Rename) -> None:
+async def handle_rename(svc: FilesService, msg: m.Rename) -> None:
     """Rename inside the home."""
     t0 = time.monotonic()
-    jail = jail_of(session)
+    jail = svc.jail
     await in_thread(lambda: jail.rename(msg.src, msg.dst))
-    assert session.user is not None
-    session.ctx.usage.invalidate(session.user.name)  # an overwritten target changes usage
-    await session.send(m.Ok(id=msg.id))
-    log_op(session, "mv", f"{msg.src} -> {msg.dst}", t0)
+    svc.ctx.usage.invalidate(svc.user.name)  # an overwritten target changes usage
+    await svc.send(m.Ok(id=msg.id))
+    svc.log_op("mv", f"{msg.src} -> {msg.dst}", t0)
 
 
-async def current_usage(session: Session) -> int:
-    """Bytes used by the session user's home (computed once, then tracked)."""
-    assert session.user is not None
-    usage = session.ctx.usage
-    name = session.user.name
-    known = usage.known(name)
-    if known is not None:
-        return known
-    async with usage.lock(name):
-        known = usage.known(name)
-        if known is None:
-            async with work.current.get().walk_slot():
-                known = await run_steps(jail_of(session).usage_walk()) or 0
-            usage.set(name, known)
-        return known
-
-
-async def handle_df(session: Session, msg: m.Df) -> None:
+async def handle_df(svc: FilesService, msg: m.Df) -> None:
     """Usage, quota and free disk space."""
-    assert session.user is not None
-    used = await current_usage(session)
-    vfs = os.statvfs(session.user.home)
-    await session.send(
-        m.DfReply(id=msg.id, used=used, quota=session.user.quota, free=vfs.f_bavail * vfs.f_frsize)
+    used = await svc.current_usage()
+    vfs = os.statvfs(svc.user.home)
+    await svc.send(
+        m.DfReply(id=msg.id, used=used, quota=svc.user.quota, free=vfs.f_bavail * vfs.f_frsize)
     )
+
+
+class FilesService(Service):
+    """Stat, list, mkdir, rm, mv and df of one session (no state of its own)."""
+
+    worker_handlers: ClassVar[dict[type[m.Message], Handler]] = {
+        m.Stat: handle_stat,
+        m.ListDir: handle_list,
+        m.Mkdir: handle_mkdir,
+        m.Remove: handle_remove,
+        m.Rename: handle_rename,
+        m.Df: handle_df,
+    }

@@ -1,11 +1,16 @@
 """One client connection on the server: handshake, authentication, request dispatch, cleanup.
 
-Structure (asyncssh-style): a *reader* loop turns bytes into wire events and dispatches them by
-message type through :data:`dispatch tables <Session._inline>`; requests that produce replies are
-queued to a single *worker* task that runs them in order (so replies to pipelined requests flow while
-the reader keeps accepting uploads, pings and command input). Every write goes through one lock so a
-``sendfile`` block is never interleaved with another frame. Writers wait on ``drain()``: a client that
-stops reading stalls its own session, never the server's memory.
+Structure (asyncssh-style): at login the session builds its request *services* (files, transfer,
+tree, sync, delta, exec: :data:`SERVICES`), each owning its per-session state and declaring the
+messages it handles in a table (:mod:`ferry.server.service`). A *reader* loop turns bytes into wire
+events and dispatches them by message type through the tables merged from those services; requests
+that produce replies are queued to a single *worker* task that runs them in order (so replies to
+pipelined requests flow while the reader keeps accepting uploads, pings and command input). Every
+write goes through one lock so a ``sendfile`` block is never interleaved with another frame. Writers
+wait on ``drain()``: a client that stops reading stalls its own session, never the server's memory.
+
+Services see the session only as a :class:`~ferry.server.service.ServiceHost`: the dependency
+points from the session down to the services, never back.
 """
 
 from __future__ import annotations
@@ -17,15 +22,21 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.aio import ChunkStream, CorkedWriter
 from ferry.errors import AuthError, FerryError
-from ferry.server import delta, files, sync, transfer, tree
 from ferry.server.accounts import User
 from ferry.server.admission import Refused, Ticket
 from ferry.server.auth import Login, LoginThrottled
+from ferry.server.delta import DeltaService
+from ferry.server.files import FilesService
 from ferry.server.jail import Jail, translate_oserror
+from ferry.server.service import Requests, Service
+from ferry.server.sync import SyncService
+from ferry.server.transfer import TransferService
+from ferry.server.tree import TreeService
 from ferry.server.work import SessionWork
 from ferry.server.work import current as current_work
 from ferry.wire import (
@@ -45,43 +56,18 @@ from ferry.wire.codes import ErrorCode, reply_for
 if TYPE_CHECKING:
     from ferry.server.context import ServerContext
 
-Handler = Callable[["Session", Any], Awaitable[None]]
+#: A handler bound to the service (or session) that serves it: called with the message.
+Bound = Callable[[Any], Awaitable[None]]
 M = TypeVar("M", bound=m.Message)
 
 _session_ids = itertools.count(1)
 _PAD_PIECE = 1 << 20  # zeros written per step when a file shrank under sendfile
 
-#: Requests answered by the ordered worker (their replies may be long, e.g. a download).
-WORKER_HANDLERS: dict[type[m.Message], Handler] = {
-    m.Stat: files.handle_stat,
-    m.ListDir: files.handle_list,
-    m.Mkdir: files.handle_mkdir,
-    m.Remove: files.handle_remove,
-    m.Rename: files.handle_rename,
-    m.Df: files.handle_df,
-    m.GetFile: transfer.handle_get,
-    m.GetTree: tree.handle_get_tree,
-    m.ScanTree: sync.handle_scan,
-    m.GetFiles: sync.handle_get_files,
-    m.RemoveMany: sync.handle_remove_many,
-    m.SetAttrs: sync.handle_set_attrs,
-    m.GetChunks: delta.handle_get_chunks,
-}
+#: The services every logged-in session has (exec is added for users who may run programs).
+SERVICES: tuple[type[Service], ...] = (FilesService, TransferService, TreeService, SyncService, DeltaService)
 
-#: Messages handled by the reader itself, in arrival order, because data frames follow them.
-READER_HANDLERS: dict[type[m.Message], Handler] = {
-    m.PutFile: transfer.handle_put,
-    m.PutFrom: transfer.handle_put_from,
-    m.FileEnd: transfer.handle_put_end,
-    m.Cancel: transfer.handle_cancel,
-    m.PutTree: tree.handle_put_tree,
-    m.TreeItems: tree.handle_tree_items,
-    m.DeltaPut: delta.handle_delta_put,
-    m.DeltaData: delta.handle_delta_data,
-    m.DeltaGet: delta.handle_delta_get,
-    m.Chunks: delta.handle_chunks,
-}
-
+#: The messages of remote commands: served by ferry.server.exec.ExecService, or refused.
+EXEC_MESSAGES: tuple[type[m.Message], ...] = (m.Exec, m.Window, m.Eof, m.Signal, m.Resize)
 
 #: The messages a client may log in with (one per attempt).
 _AUTH_MESSAGES: tuple[type[m.Message], ...] = (m.Auth, m.AuthKey, m.AuthToken)
@@ -135,16 +121,16 @@ class Session:
         #: thread jobs of this session: pools, fair share, per-session slots, cancellation
         self.work = SessionWork(ctx.work, ctx.limits.walks_per_session)
         self.busy = 0  # requests in progress; an idle timeout only applies when zero
-        #: channel id -> object receiving data frames (uploads; commands register here too)
-        self.channels: dict[int, Any] = {}
-        #: ids of uploads that failed mid-stream (their remaining data and FileEnd are dropped)
-        self.failed: set[int] = set()
-        #: ids the client cancelled (a download stops at the next block)
-        self.cancelled: set[int] = set()
-        #: ids of downloads queued or running: only those can be cancelled (bounds ``cancelled``)
-        self.gets: set[int] = set()
-        #: optional handler for remote commands (set by ferry.server.exec when the user may exec)
-        self.exec_handler: Any = None
+        #: the requests in progress by id, shared by the services
+        self.requests = Requests()
+        #: the services, built at login (ferry.server.service)
+        self.services: list[Service] = []
+        self._transfer: TransferService | None = None
+        #: whether the user may run programs (an exec service exists)
+        self._may_exec = False
+        #: message type -> handler, merged from the services' tables at login
+        self._worker_table: dict[type[m.Message], Bound] = {}
+        self._reader_table: dict[type[m.Message], Bound] = {}
         transport = writer.transport
         transport.set_write_buffer_limits(high=ctx.limits.write_high_water)
 
@@ -258,13 +244,14 @@ class Session:
                 await self.send(msg)
 
     async def _cleanup(self) -> None:
-        for channel in list(self.channels.values()):
+        channels = self.requests.channels
+        for channel in list(channels.values()):
             with contextlib.suppress(Exception):
                 await channel.abort()
-        self.channels.clear()
-        if self.exec_handler is not None:
+        channels.clear()
+        for service in self.services:
             with contextlib.suppress(Exception):
-                await self.exec_handler.close()
+                await service.close()
         self._out.flush()  # a last Error or Goodbye may still be corked: close() would drop it
         self.writer.close()
         if self.jail is not None:
@@ -278,12 +265,6 @@ class Session:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
-
-    def check_id_free(self, req_id: int) -> None:
-        """Raise RemoteProtocolError if a download (queued or running), an upload or a command
-        still uses ``req_id``: its state is keyed by the id."""
-        if req_id in self.gets or req_id in self.channels:
-            raise RemoteProtocolError(f"request id {req_id} is already in use")
 
     # --- input -----------------------------------------------------------------------------
 
@@ -391,10 +372,7 @@ class Session:
                 read_only=login.read_only,
             )
         )
-        if may_exec:
-            from ferry.server.exec import ExecHandler  # imported only for exec users
-
-            self.exec_handler = ExecHandler(self)
+        self._open_services(self.jail, may_exec)
         self.ctx.revocation.add(self)
         self.ctx.log.info(
             "session %d login user=%s peer=%s plain=%s software=%s method=%s%s%s",
@@ -408,6 +386,44 @@ class Session:
             " read_only=True" if login.read_only else "",
         )
 
+    def _open_services(self, jail: Jail, may_exec: bool) -> None:
+        """Build the services and merge their handler tables (a message type has one owner)."""
+        classes = list(SERVICES)
+        if may_exec:
+            from ferry.server.exec import ExecService  # imported only for exec users (pty, termios)
+
+            classes.append(ExecService)
+        self._may_exec = may_exec
+        self.services = [cls(self, jail) for cls in classes]
+        self._reader_table[m.Cancel] = self._cancel
+        if not may_exec:
+            for kind in EXEC_MESSAGES:
+                self._reader_table[kind] = self._exec_denied
+        for service in self.services:
+            if isinstance(service, TransferService):
+                self._transfer = service
+            for table, handlers in ((self._worker_table, service.worker_handlers), (self._reader_table, service.reader_handlers)):
+                for kind, handler in handlers.items():
+                    assert kind not in self._worker_table and kind not in self._reader_table, kind
+                    table[kind] = partial(handler, service)
+
+    async def _cancel(self, msg: m.Cancel) -> None:
+        """Stop an upload (keeping its partial for resume), a tree or delta transfer or a command;
+        downloads stop at their next block."""
+        target = self.requests.cancel(msg.id)
+        if target is not None:
+            await target.abort()
+        await self.send(m.Ok(id=msg.id))
+
+    async def _exec_denied(self, msg: m.Exec | m.Window | m.Eof | m.Signal | m.Resize) -> None:
+        await self.send(
+            ErrorCode.EXEC_DENIED.reply(
+                msg.id,
+                "remote commands are disabled for this user; an admin can enable "
+                "them with 'ferry user mod NAME --exec'",
+            )
+        )
+
     # --- revocation (ferry.server.revocation) ---------------------------------------------------
 
     @property
@@ -417,7 +433,7 @@ class Session:
 
     def may_run_programs(self) -> bool:
         """Whether this session can start commands."""
-        return self.exec_handler is not None
+        return self._may_exec
 
     def end(self, reason: str) -> None:
         """End the session now (its login was revoked): the client is told ``reason``."""
@@ -447,14 +463,15 @@ class Session:
             if ev is None:
                 return
             if isinstance(ev, Data):
-                target = self.channels.get(ev.channel)
+                target = self.requests.channels.get(ev.channel)
                 if target is not None:
                     try:
                         await target.on_data(ev)
                     except (ProtocolError, ConnectionError):
                         raise
                     except Exception as exc:  # e.g. disk full: fail this transfer, keep the session
-                        transfer.fail_upload(self, ev.channel)
+                        assert self._transfer is not None
+                        self._transfer.fail_upload(ev.channel)
                         await self.send(reply_for(ev.channel, self._translated(exc, target)))
                 continue  # data for a cancelled/failed channel is dropped
             if isinstance(ev, m.Ping):
@@ -463,32 +480,20 @@ class Session:
                 return
             elif self.read_only and await self._refuse_read_only(ev):
                 continue
-            elif type(ev) in WORKER_HANDLERS:
+            elif type(ev) in self._worker_table:
                 if isinstance(ev, m.GetFile | m.GetTree | m.GetFiles):
-                    # Two downloads under one id would share their cancel state (the first to
-                    # end would clear the second's) and the client could not tell their replies apart.
-                    self.check_id_free(ev.id)
-                    self.gets.add(ev.id)
+                    self.requests.start_download(ev.id)
                 await self._queue.put(ev)  # bounded: a flood of requests waits here
-            elif type(ev) in READER_HANDLERS:
-                await self._guarded(READER_HANDLERS[type(ev)], ev)
-            elif isinstance(ev, m.Exec | m.Window | m.Eof | m.Signal | m.Resize):
-                if self.exec_handler is None:
-                    await self.send(
-                        ErrorCode.EXEC_DENIED.reply(
-                            ev.id,
-                            "remote commands are disabled for this user; an admin can enable "
-                            "them with 'ferry user mod NAME --exec'",
-                        )
-                    )
-                else:
-                    await self._guarded(self.exec_handler.handle, ev)
+            else:
+                handler = self._reader_table.get(type(ev))
+                if handler is not None:
+                    await self._guarded(handler, ev)
 
-    async def _guarded(self, handler: Handler, msg: Any) -> None:
+    async def _guarded(self, handler: Bound, msg: Any) -> None:
         """Run ``handler``; turn its failure into an Error reply for that request id."""
         self.busy += 1
         try:
-            await handler(self, msg)
+            await handler(msg)
         except (ProtocolError, ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -515,7 +520,7 @@ class Session:
             msg = await self._queue.get()
             if msg is None:
                 return
-            await self._guarded(WORKER_HANDLERS[type(msg)], msg)
+            await self._guarded(self._worker_table[type(msg)], msg)
 
     async def _watchdog(self) -> None:
         idle = self.ctx.limits.idle_timeout
@@ -543,7 +548,7 @@ class Session:
                 transport.abort()
                 return
             quiet = now - self._last_rx
-            if quiet > idle and not self.busy and self._queue.empty() and not self.channels:
+            if quiet > idle and not self.busy and self._queue.empty() and not self.requests.channels:
                 self.ctx.log.info("session %d idle for %.0f s: closing", self.sid, quiet)
                 await self._try_send(m.Goodbye(reason=f"idle for {idle:.0f} s"))
                 # Not abort(): that would discard the corked Goodbye, and the client would not learn why.

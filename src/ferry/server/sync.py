@@ -33,8 +33,8 @@ import msgspec
 from ferry import cdc
 from ferry.errors import FerryError, RemoteError, UsageError
 from ferry.server import work
-from ferry.server.files import jail_of, log_op
 from ferry.server.jail import EntryScan, ScanRecord, TreeDirs, join_path, parse_path
+from ferry.server.service import Service
 from ferry.server.tree import serve_records
 from ferry.syncfilter import Filter
 from ferry.wire import messages as m
@@ -42,7 +42,6 @@ from ferry.wire.codes import ErrorCode
 
 if TYPE_CHECKING:
     from ferry.server.context import HashCache
-    from ferry.server.session import Session
 
 #: Entries per ScanItems message, and their approximate bytes (paths dominate).
 SCAN_ITEMS = 4096
@@ -100,17 +99,17 @@ def _filter(rules: list[str]) -> Filter:
         raise ErrorCode.BAD_REQUEST.error(str(exc)) from exc
 
 
-async def handle_scan(session: Session, msg: m.ScanTree) -> None:
+async def handle_scan(svc: SyncService, msg: m.ScanTree) -> None:
     """Stream the listing of ``msg.path`` (a folder, or a single file as the entry ``""``): tree-sized
     work, so in the walk pool, one page per job, holding one of the session's walk slots."""
     async with work.current.get().walk_slot():
-        await _scan(session, msg)
+        await _scan(svc, msg)
 
 
-def _single(session: Session, path: str, checksum: bool) -> m.SyncEntry | None:
+def _single(svc: SyncService, path: str, checksum: bool) -> m.SyncEntry | None:
     """The listing of ``path`` when it is not a folder (a file lists as itself, ``""``), or None
     for a folder (thread). A symbolic link is refused, as everywhere in the jail."""
-    jail = jail_of(session)
+    jail = svc.jail
     st = jail.lstat(path)
     if statmod.S_ISDIR(st.st_mode):
         return None
@@ -121,7 +120,7 @@ def _single(session: Session, path: str, checksum: bool) -> m.SyncEntry | None:
     fd = jail.open_read(path)
     try:
         st = os.fstat(fd)
-        return _wire_entry(_record_of(st, content_digest(session.ctx.hash_cache, fd, st)))
+        return _wire_entry(_record_of(st, content_digest(svc.ctx.hash_cache, fd, st)))
     finally:
         os.close(fd)
 
@@ -132,16 +131,16 @@ def _record_of(st: os.stat_result, digest: bytes = b"") -> ScanRecord:
     return ScanRecord("", "other", 0, st.st_mtime, statmod.S_IMODE(st.st_mode))
 
 
-async def _scan(session: Session, msg: m.ScanTree) -> None:
+async def _scan(svc: SyncService, msg: m.ScanTree) -> None:
     t0 = time.monotonic()
-    jail = jail_of(session)
+    jail = svc.jail
     filt = _filter(msg.rules)
-    single = await work.in_thread(_single, session, msg.path, msg.checksum)
+    single = await work.in_thread(_single, svc, msg.path, msg.checksum)
     if single is not None:
-        await session.send(m.ScanItems(id=msg.id, entries=[single], end=True))
-        log_op(session, "scan", msg.path, t0, "ok entries=1")
+        await svc.send(m.ScanItems(id=msg.id, entries=[single], end=True))
+        svc.log_op("scan", msg.path, t0, "ok entries=1")
         return
-    cache = session.ctx.hash_cache
+    cache = svc.ctx.hash_cache
     digests = (lambda fd, st: content_digest(cache, fd, st)) if msg.checksum else None
     check = work.current.get().check
     scan = await work.in_thread(
@@ -160,31 +159,30 @@ async def _scan(session: Session, msg: m.ScanTree) -> None:
     async with contextlib.aclosing(work.prefetched(next_page, scan.close)) as pages:
         async for page_msg, _done in pages:
             entries += len(page_msg.entries)
-            await session.send(page_msg)
-    log_op(session, "scan", msg.path, t0, f"ok entries={entries}{' checksum' if msg.checksum else ''}")
+            await svc.send(page_msg)
+    svc.log_op("scan", msg.path, t0, f"ok entries={entries}{' checksum' if msg.checksum else ''}")
 
 
-async def handle_get_files(session: Session, msg: m.GetFiles) -> None:
+async def handle_get_files(svc: SyncService, msg: m.GetFiles) -> None:
     """Stream the named files under ``msg.path`` as TreeItems (see :func:`serve_records`)."""
-    jail = jail_of(session)
+    jail = svc.jail
     try:
         async with work.current.get().walk_slot():
             dirs = await work.in_thread(lambda: jail.tree_dirs(msg.path, create=False), release=TreeDirs.close)
             inline = msg.inline_max
             records = (dirs.read(name, inline) for name in msg.names)
             await serve_records(
-                session, msg.id, msg.path, msg.hash, records, dirs.close, "get-files", pack=msg.compress
+                svc, msg.id, msg.path, msg.hash, records, dirs.close, "get-files", pack=msg.compress
             )
     finally:
-        session.gets.discard(msg.id)  # (serve_records does it too, unless it never started)
-        session.cancelled.discard(msg.id)
+        svc.requests.download_done(msg.id)  # (serve_records does it too, unless it never started)
 
 
 def _remove_all(
-    session: Session, base: str, names: list[str], recursive: bool, check: Callable[[], None]
+    svc: SyncService, base: str, names: list[str], recursive: bool, check: Callable[[], None]
 ) -> tuple[int, int, list[m.SyncEntry]]:
     """Remove each name under ``base`` (thread): (removed, bytes freed, failures)."""
-    jail = jail_of(session)
+    jail = svc.jail
     done = freed = 0
     errors: list[m.SyncEntry] = []
     for name in names:
@@ -217,28 +215,27 @@ def _under(base: str, name: str) -> str:
     return join_path((*parse_path(base), *parts))
 
 
-async def handle_remove_many(session: Session, msg: m.RemoveMany) -> None:
+async def handle_remove_many(svc: SyncService, msg: m.RemoveMany) -> None:
     """Remove the named entries under ``msg.path`` (folders only when empty, unless ``recursive``)."""
     t0 = time.monotonic()
-    assert session.user is not None
     sw = work.current.get()
     async with sw.walk_slot():
         done, freed, errors = await asyncio.shield(
-            work.start_walk(_remove_all, session, msg.path, list(msg.names), msg.recursive, sw.check)
+            work.start_walk(_remove_all, svc, msg.path, list(msg.names), msg.recursive, sw.check)
         )
-    usage = session.ctx.usage
+    usage = svc.ctx.usage
     if freed < 0:
-        usage.invalidate(session.user.name)
+        usage.invalidate(svc.user.name)
     else:
-        usage.add(session.user.name, -freed)
-    await session.send(m.BatchReply(id=msg.id, done=done, errors=errors))
-    log_op(session, "rm-many", msg.path, t0, f"ok removed={done} errors={len(errors)}")
+        usage.add(svc.user.name, -freed)
+    await svc.send(m.BatchReply(id=msg.id, done=done, errors=errors))
+    svc.log_op("rm-many", msg.path, t0, f"ok removed={done} errors={len(errors)}")
 
 
 def _set_all(
-    session: Session, base: str, entries: list[m.SyncEntry], check: Callable[[], None]
+    svc: SyncService, base: str, entries: list[m.SyncEntry], check: Callable[[], None]
 ) -> tuple[int, list[m.SyncEntry]]:
-    jail = jail_of(session)
+    jail = svc.jail
     done = 0
     errors: list[m.SyncEntry] = []
     for e in entries:
@@ -257,13 +254,25 @@ def _set_all(
     return done, errors
 
 
-async def handle_set_attrs(session: Session, msg: m.SetAttrs) -> None:
+async def handle_set_attrs(svc: SyncService, msg: m.SetAttrs) -> None:
     """Set mode and/or mtime of the listed entries under ``msg.path``."""
     t0 = time.monotonic()
     sw = work.current.get()
     async with sw.walk_slot():
         done, errors = await asyncio.shield(
-            work.start_walk(_set_all, session, msg.path, list(msg.entries), sw.check)
+            work.start_walk(_set_all, svc, msg.path, list(msg.entries), sw.check)
         )
-    await session.send(m.BatchReply(id=msg.id, done=done, errors=errors))
-    log_op(session, "set-attrs", msg.path, t0, f"ok changed={done} errors={len(errors)}")
+    await svc.send(m.BatchReply(id=msg.id, done=done, errors=errors))
+    svc.log_op("set-attrs", msg.path, t0, f"ok changed={done} errors={len(errors)}")
+
+
+class SyncService(Service):
+    """What a sync asks of one session: listings to compare, files by name, batched deletions and
+    attribute changes."""
+
+    worker_handlers = {
+        m.ScanTree: handle_scan,
+        m.GetFiles: handle_get_files,
+        m.RemoveMany: handle_remove_many,
+        m.SetAttrs: handle_set_attrs,
+    }

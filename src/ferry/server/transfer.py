@@ -25,21 +25,18 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ferry.errors import IntegrityError, RemoteError
 from ferry.fskit import TOKEN_RE, partial_name
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
-from ferry.server.files import current_usage, jail_of, log_op
-from ferry.server.jail import join_path, parse_path, translate_oserror
+from ferry.server.jail import Jail, join_path, parse_path, translate_oserror
+from ferry.server.service import Service, ServiceHost
 from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode
 from ferry.writeback import start_writeback
-
-if TYPE_CHECKING:
-    from ferry.server.session import Session
 
 SMALL = 1 << 18  # files up to 256 KiB are read, hashed and sent in one step
 BLOCK = 1 << 20  # TLS read/write block: large enough to amortise per-frame costs
@@ -49,18 +46,17 @@ SENDFILE_BLOCK = 1 << 26  # plain TCP: one data frame per 64 MiB handed to sendf
 # --- download ------------------------------------------------------------------------------
 
 
-async def handle_get(session: Session, msg: m.GetFile) -> None:
+async def handle_get(svc: TransferService, msg: m.GetFile) -> None:
     """Stream a file to the client (resuming after the chunks it proves it has)."""
     try:
-        await _serve_get(session, msg)
+        await _serve_get(svc, msg)
     finally:
-        session.gets.discard(msg.id)
-        session.cancelled.discard(msg.id)
+        svc.requests.download_done(msg.id)
 
 
-async def _serve_get(session: Session, msg: m.GetFile) -> None:
+async def _serve_get(svc: TransferService, msg: m.GetFile) -> None:
     t0 = time.monotonic()
-    jail = jail_of(session)
+    jail = svc.jail
     # Small files are served on the loop thread in one go: thread hops would cost more than the
     # few microseconds of page-cache I/O, and a 10,000-file tree must not pay them per file.
     fd = jail.open_read(msg.path)
@@ -68,12 +64,12 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
     try:
         st = os.fstat(fd)
         if st.st_size <= SMALL and not msg.chunk_hashes:
-            await _get_small(session, msg, fd, st, t0)
+            await _get_small(svc, msg, fd, st, t0)
             return
         size, chunk = st.st_size, msg.chunk_size
         # ctime too: a rewrite that restores the mtime (rsync -t, touch -r) still changes the ctime.
         key = (st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, msg.hash, chunk)
-        cached = session.ctx.hash_cache.get(key)
+        cached = svc.ctx.hash_cache.get(key)
         offset, prefix = 0, list[bytes]()
         if msg.chunk_hashes:
             n = min(len(msg.chunk_hashes), size // chunk)  # only whole chunks can be resumed
@@ -83,17 +79,17 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
                 ours = await asyncio.shield(job(hash_fd_chunks, fd, msg.hash, chunk, 0, n * chunk))
             k = matching_prefix(ours, msg.chunk_hashes[:n])
             offset, prefix = k * chunk, ours[:k]
-        await session.send(
+        await svc.send(
             m.FileInfo(
                 id=msg.id, size=size, mtime=m.wire_time(st.st_mtime), mode=st.st_mode & 0o7777, offset=offset
             )
         )
         # Hash the rest in a thread while the data is on its way (page cache makes it cheap).
         hash_job = job(hash_fd_chunks, fd, msg.hash, chunk, offset, size) if cached is None else None
-        complete = await _stream(session, msg.id, fd, offset, size, job)
+        complete = await _stream(svc, msg.id, fd, offset, size, job)
         if complete is None:
-            await session.send(ErrorCode.CANCELLED.reply(msg.id, "download cancelled"))
-            session.cancelled.discard(msg.id)
+            await svc.send(ErrorCode.CANCELLED.reply(msg.id, "download cancelled"))
+            svc.requests.cancelled.discard(msg.id)
             return
         hashes: list[bytes] | None = cached
         if hashes is None:
@@ -105,16 +101,16 @@ async def _serve_get(session: Session, msg: m.GetFile) -> None:
         st2 = os.fstat(fd)
         changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (size, st.st_mtime_ns, st.st_ctime_ns)
         if not complete or changed or hashes is None:
-            await session.send(
+            await svc.send(
                 ErrorCode.CHANGED.reply(msg.id, f"{msg.path} changed while it was being sent; try again")
             )
-            log_op(session, "get", msg.path, t0, "changed", size - offset)
+            svc.log_op("get", msg.path, t0, "changed", size - offset)
             return
-        session.ctx.hash_cache.put(key, hashes)
-        await session.send(
+        svc.ctx.hash_cache.put(key, hashes)
+        await svc.send(
             m.FileEnd(id=msg.id, size=size, chunk_hashes=hashes, digest=tree_digest(msg.hash, size, hashes))
         )
-        log_op(session, "get", msg.path, t0, "ok" if not offset else f"ok resumed-at={offset}", size - offset)
+        svc.log_op("get", msg.path, t0, "ok" if not offset else f"ok resumed-at={offset}", size - offset)
     finally:
         job.close_after(fd)
 
@@ -166,36 +162,36 @@ def _retrieved_if_done(f: asyncio.Future[Any]) -> bool:
     return True
 
 
-async def _get_small(session: Session, msg: m.GetFile, fd: int, st: os.stat_result, t0: float) -> None:
+async def _get_small(svc: TransferService, msg: m.GetFile, fd: int, st: os.stat_result, t0: float) -> None:
     data = os.pread(fd, st.st_size + 1, 0)
     if len(data) != st.st_size:
-        await session.send(ErrorCode.CHANGED.reply(msg.id, f"{msg.path} changed while it was being sent"))
+        await svc.send(ErrorCode.CHANGED.reply(msg.id, f"{msg.path} changed while it was being sent"))
         return
     hasher = ChunkHasher(msg.hash, msg.chunk_size)
     hasher.update(data)
     hashes, digest = hasher.finish()
-    conn = session.conn
+    conn = svc.host.conn
     frames = [
         conn.send(m.FileInfo(id=msg.id, size=st.st_size, mtime=m.wire_time(st.st_mtime), mode=st.st_mode & 0o7777)),
         conn.data_header(msg.id, m.STDOUT, len(data)),
         data,
         conn.send(m.FileEnd(id=msg.id, size=st.st_size, chunk_hashes=hashes, digest=digest)),
     ]
-    await session.write_frames(frames)
-    log_op(session, "get", msg.path, t0, nbytes=st.st_size)
+    await svc.host.write_frames(frames)
+    svc.log_op("get", msg.path, t0, nbytes=st.st_size)
 
 
-async def _stream(session: Session, channel: int, fd: int, offset: int, size: int, job: _Jobs) -> bool | None:
+async def _stream(svc: TransferService, channel: int, fd: int, offset: int, size: int, job: _Jobs) -> bool | None:
     """Send bytes [offset, size) of ``fd``; False if the file shrank (the frames are padded),
     None if the client cancelled (checked between blocks, where framing allows stopping)."""
-    if session.plain:
+    if svc.host.plain:
         with open(fd, "rb", buffering=0, closefd=False) as f:
             pos = offset
             while pos < size:
-                if channel in session.cancelled:
+                if channel in svc.requests.cancelled:
                     return None
                 count = min(SENDFILE_BLOCK, size - pos)
-                sent = await session.sendfile(channel, f, pos, count)
+                sent = await svc.host.sendfile(channel, f, pos, count)
                 if sent < count:
                     return False
                 pos += count
@@ -205,7 +201,7 @@ async def _stream(session: Session, channel: int, fd: int, offset: int, size: in
     nxt = job(os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
     while nxt is not None:
         data = await asyncio.shield(nxt)
-        if channel in session.cancelled:
+        if channel in svc.requests.cancelled:
             return None
         want = min(BLOCK, size - pos)
         if len(data) < want:
@@ -214,7 +210,7 @@ async def _stream(session: Session, channel: int, fd: int, offset: int, size: in
         pos += want
         # Read the next block while this one is being encrypted and written.
         nxt = job(os.pread, fd, min(BLOCK, size - pos), pos) if pos < size else None
-        await session.send_data(channel, m.STDOUT, data)
+        await svc.send_data(channel, m.STDOUT, data)
     return ok
 
 
@@ -225,7 +221,7 @@ async def _stream(session: Session, channel: int, fd: int, offset: int, size: in
 class Upload:
     """An upload in progress: the partial file, the running hasher and the pending write."""
 
-    session: Session
+    svc: TransferService
     msg: m.PutFile
     fd: int
     partial: str
@@ -333,7 +329,7 @@ class Upload:
             raise ErrorCode.INTEGRITY.error(
                 f"{msg.path}: chunk {bad} does not match the sender's hash; nothing was kept"
             )
-        fd, partial, jail = self.fd, self.partial, jail_of(self.session)
+        fd, partial, jail = self.fd, self.partial, self.svc.jail
 
         def seal() -> None:
             _finalise(fd, msg)
@@ -359,7 +355,7 @@ class Upload:
         """Remove the partial file (integrity failure, disk full), unless another upload owns it."""
         if not self.superseded and self.partial and self.fd >= 0:
             with contextlib.suppress(Exception):
-                jail_of(self.session).remove_partial(self.partial, self.fd)
+                self.svc.jail.remove_partial(self.partial, self.fd)
         self.close()
 
     async def supersede(self) -> None:
@@ -379,12 +375,11 @@ class Upload:
                 pending.add_done_callback(lambda f: _close_after(f, fd))
             else:
                 os.close(fd)
-        uploads = self.session.ctx.uploads
+        uploads = self.svc.ctx.uploads
         if uploads.get(self.key) is self:
             del uploads[self.key]
         if self.reserved:
-            assert self.session.user is not None
-            self.session.ctx.usage.release(self.session.user.name, self.reserved)
+            self.svc.ctx.usage.release(self.svc.user.name, self.reserved)
             self.reserved = 0
 
 
@@ -400,19 +395,19 @@ def _finalise(fd: int, msg: m.PutFile) -> None:
     os.fsync(fd)  # data on disk before the name appears: a crash cannot expose a torn file
 
 
-async def check_quota(session: Session, msg: m.PutFile | m.DeltaPut) -> None:
+async def check_quota(svc: Service, msg: m.PutFile | m.DeltaPut) -> None:
     """Refuse (DiskFull, code ``quota``) an upload of ``msg.size`` bytes to ``msg.path`` that the
     user's quota cannot take, counting uploads still running and the file it replaces."""
-    user = session.user
+    user = svc.user
     assert user is not None
     if user.quota is None:
         return
-    used = await current_usage(session)
+    used = await svc.current_usage()
     existing = 0
     with contextlib.suppress(Exception):
-        st = jail_of(session).lstat(msg.path)
+        st = svc.jail.lstat(msg.path)
         existing = st.st_size
-    used += session.ctx.usage.reserved(user.name)  # uploads still running count as stored
+    used += svc.ctx.usage.reserved(user.name)  # uploads still running count as stored
     if used - existing + msg.size > user.quota:
         raise ErrorCode.QUOTA.error(
             f"quota exceeded: {msg.path} needs {msg.size} bytes, {max(user.quota - used, 0)} of "
@@ -423,28 +418,28 @@ async def check_quota(session: Session, msg: m.PutFile | m.DeltaPut) -> None:
 async def _grow_streamed(up: Upload, nbytes: int) -> None:
     """A streamed upload (size unknown in advance) received ``nbytes`` more: check the quota for
     them and set them aside, as the announced size of another upload is at its start."""
-    session = up.session
-    user = session.user
+    svc = up.svc
+    user = svc.user
     assert user is not None
     if user.quota is not None:
-        used = await current_usage(session) + session.ctx.usage.reserved(user.name)
+        used = await svc.current_usage() + svc.ctx.usage.reserved(user.name)
         if used + nbytes > user.quota:
             raise ErrorCode.QUOTA.error(
                 f"quota exceeded while receiving {up.msg.path} ({up.pos + up._buffered} bytes so far); "
                 "nothing was kept; remove files (ferry rm) or ask an admin to raise the quota",
             )
-    session.ctx.usage.reserve(user.name, nbytes)
+    svc.ctx.usage.reserve(user.name, nbytes)
     up.reserved += nbytes
 
 
-async def handle_put(session: Session, msg: m.PutFile) -> None:
+async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     """Start an upload (or store a small inline file at once)."""
-    jail = jail_of(session)
+    jail = svc.jail
     if msg.streamed and (msg.token or msg.data is not None or msg.size):
         raise RemoteProtocolError("a streamed upload has no size, token or inline data")
-    await check_quota(session, msg)
+    await check_quota(svc, msg)
     if msg.data is not None:
-        await _put_inline(session, msg)  # checks "exists" atomically itself
+        await _put_inline(svc, msg)  # checks "exists" atomically itself
         return
     if not msg.overwrite and jail.exists(msg.path):
         # Refused now, before PutReady: not after the client has sent the whole file. (The commit
@@ -453,9 +448,9 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     token = msg.token or secrets.token_hex(8)
     if not TOKEN_RE.fullmatch(token):
         raise RemoteProtocolError("bad upload token")
-    session.check_id_free(msg.id)  # a second upload under one id would leak the first one's fd
-    cap = session.ctx.limits.max_uploads
-    if sum(isinstance(c, Upload) for c in session.channels.values()) >= cap:
+    svc.requests.check_id_free(msg.id)  # a second upload under one id would leak the first one's fd
+    cap = svc.ctx.limits.max_uploads
+    if sum(isinstance(c, Upload) for c in svc.channels.values()) >= cap:
         # Each holds a descriptor: one connection must not exhaust the server's.
         raise ErrorCode.BUSY.error(
             f"too many unfinished uploads on this connection (at most {cap}); finish some first"
@@ -464,12 +459,11 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     # could commit a file the other one truncated: the newest takes over, the older one stops.
     parts = parse_path(msg.path)
     key = (jail.home, join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else "")
-    up = Upload(session, msg, -1, "", [], time.monotonic(), key=key)
+    up = Upload(svc, msg, -1, "", [], time.monotonic(), key=key)
     # No await since the quota check: reserve now, so parallel uploads see this one's share.
-    assert session.user is not None
-    session.ctx.usage.reserve(session.user.name, msg.size)
+    svc.ctx.usage.reserve(svc.user.name, msg.size)
     up.reserved = msg.size
-    uploads = session.ctx.uploads
+    uploads = svc.ctx.uploads
     older = uploads.get(key)
     uploads[key] = up
     try:
@@ -479,10 +473,10 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
 
         def foreign(prel: str, st: os.stat_result) -> None:
             # Never read, written or hashed (no content oracle): the name went to a fresh partial.
-            session.ctx.log.warning(
+            svc.ctx.log.warning(
                 "put user=%s path=%s: partial name held by a file ferry did not create (links=%d); "
                 "replaced by a fresh partial, the file itself left alone",
-                session.user.name if session.user else "-",
+                svc.user.name if svc.user else "-",
                 prel,
                 st.st_nlink,
             )
@@ -504,11 +498,11 @@ async def handle_put(session: Session, msg: m.PutFile) -> None:
     except BaseException:
         up.close()
         raise
-    session.channels[msg.id] = up
-    await session.send(m.PutReady(id=msg.id, chunk_hashes=up.held))
+    svc.channels[msg.id] = up
+    await svc.send(m.PutReady(id=msg.id, chunk_hashes=up.held))
 
 
-async def _put_inline(session: Session, msg: m.PutFile) -> None:
+async def _put_inline(svc: TransferService, msg: m.PutFile) -> None:
     t0 = time.monotonic()
     data = msg.data or b""
     hasher = ChunkHasher(msg.hash, msg.chunk_size)
@@ -518,55 +512,54 @@ async def _put_inline(session: Session, msg: m.PutFile) -> None:
         raise ErrorCode.INTEGRITY.error(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
     try:
         # Small: done on the loop thread in one path walk, cheaper than a thread hop per file.
-        replaced = jail_of(session).store_small(
+        replaced = svc.jail.store_small(
             msg.path, data, mode=msg.mode, mtime=msg.mtime, overwrite=msg.overwrite
         )
     except OSError as exc:
         raise translate_oserror(exc, msg.path) from exc
-    _account(session, msg.path, len(data), replaced)
-    await session.send(m.Ok(id=msg.id))
-    log_op(session, "put", msg.path, t0, nbytes=len(data))
+    _account(svc, msg.path, len(data), replaced)
+    await svc.send(m.Ok(id=msg.id))
+    svc.log_op("put", msg.path, t0, nbytes=len(data))
 
 
-def _existing_size(session: Session, path: str) -> int:
+def _existing_size(svc: TransferService, path: str) -> int:
     """Size of the regular file an upload will replace (0 if none): keeps usage incremental."""
     try:
-        st = jail_of(session).lstat(path)
+        st = svc.jail.lstat(path)
     except RemoteError:
         return 0
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
-def _account(session: Session, path: str, size: int, replaced: int) -> None:
-    assert session.user is not None
-    session.ctx.usage.add(session.user.name, size - replaced)
+def _account(svc: TransferService, path: str, size: int, replaced: int) -> None:
+    svc.ctx.usage.add(svc.user.name, size - replaced)
 
 
-def _upload(session: Session, req_id: int) -> Upload:
-    up = session.channels.get(req_id)
+def _upload(svc: TransferService, req_id: int) -> Upload:
+    up = svc.channels.get(req_id)
     if not isinstance(up, Upload):
         raise RemoteProtocolError(f"no upload in progress with id {req_id}")
     return up
 
 
-async def handle_put_from(session: Session, msg: m.PutFrom) -> None:
+async def handle_put_from(svc: TransferService, msg: m.PutFrom) -> None:
     """The client chose where to continue."""
-    _upload(session, msg.id).start(msg.offset)
+    _upload(svc, msg.id).start(msg.offset)
 
 
-async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
+async def handle_put_end(svc: TransferService, msg: m.FileEnd) -> None:
     """Verify and commit an upload; reply Ok or an Error (and discard a corrupt partial)."""
-    if msg.id in session.failed:
-        session.failed.discard(msg.id)
+    if msg.id in svc.failed:
+        svc.failed.discard(msg.id)
         return
-    up = _upload(session, msg.id)
-    del session.channels[msg.id]
-    up.replaced = _existing_size(session, up.msg.path)
+    up = _upload(svc, msg.id)
+    del svc.channels[msg.id]
+    up.replaced = _existing_size(svc, up.msg.path)
     try:
         await up.finish(msg)
     except IntegrityError:
         up.discard()
-        log_op(session, "put", up.msg.path, up.t0, "integrity-error", up.pos)
+        svc.log_op("put", up.msg.path, up.t0, "integrity-error", up.pos)
         raise
     except OSError as exc:
         up.discard()
@@ -577,25 +570,26 @@ async def handle_put_end(session: Session, msg: m.FileEnd) -> None:
         raise
     finally:
         up.close()  # every outcome: e.g. a commit refused by the jail must not leak the descriptor
-    _account(session, up.msg.path, up.pos, up.replaced)
-    await session.send(m.Ok(id=msg.id))
-    log_op(session, "put", up.msg.path, up.t0, nbytes=up.pos)
+    _account(svc, up.msg.path, up.pos, up.replaced)
+    await svc.send(m.Ok(id=msg.id))
+    svc.log_op("put", up.msg.path, up.t0, nbytes=up.pos)
 
 
-def fail_upload(session: Session, req_id: int) -> None:
-    """An upload's data could not be written: drop it and remember the id, so its remaining data
-    and FileEnd are ignored (the caller sends the Error reply)."""
-    up = session.channels.pop(req_id, None)
-    if isinstance(up, Upload):
-        up.discard()
-    session.failed.add(req_id)
+class TransferService(Service):
+    """Downloads and uploads of one session; owns the ids of uploads that failed mid-stream."""
 
+    worker_handlers = {m.GetFile: handle_get}
+    reader_handlers = {m.PutFile: handle_put, m.PutFrom: handle_put_from, m.FileEnd: handle_put_end}
 
-async def handle_cancel(session: Session, msg: m.Cancel) -> None:
-    """Stop an upload (keeping its partial for resume) or a command; downloads stop at a block."""
-    target = session.channels.pop(msg.id, None)
-    if target is not None:
-        await target.abort()
-    if msg.id in session.gets:  # remembered only for downloads that can still see it
-        session.cancelled.add(msg.id)
-    await session.send(m.Ok(id=msg.id))
+    def __init__(self, host: ServiceHost, jail: Jail) -> None:
+        super().__init__(host, jail)
+        #: ids of uploads that failed mid-stream (their remaining data and FileEnd are dropped)
+        self.failed: set[int] = set()
+
+    def fail_upload(self, req_id: int) -> None:
+        """An upload's data could not be written: drop it and remember the id, so its remaining data
+        and FileEnd are ignored (the caller sends the Error reply)."""
+        up = self.channels.pop(req_id, None)
+        if isinstance(up, Upload):
+            up.discard()
+        self.failed.add(req_id)

@@ -25,20 +25,16 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ferry.compress import tree_batch, tree_records
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
 from ferry.server import work
-from ferry.server.files import current_usage, jail_of, log_op
 from ferry.server.jail import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
+from ferry.server.service import Service
 from ferry.wire import Data, ProtocolError, RemoteProtocolError
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode, code_of, reply_for
-
-if TYPE_CHECKING:
-    from ferry.server.session import Session
 
 #: Payload bytes (file data and paths) per TreeItems message: well below the 1 MiB message cap
 #: even with one more inline file (256 KiB) and a maximal path on top.
@@ -160,26 +156,25 @@ class _Batches:
         return _error_item(rec.path, rec.error)
 
 
-async def handle_get_tree(session: Session, msg: m.GetTree) -> None:
+async def handle_get_tree(svc: TreeService, msg: m.GetTree) -> None:
     """Stream folder ``msg.path`` to the client as TreeItems batches."""
     try:
-        await _serve_get_tree(session, msg)
+        await _serve_get_tree(svc, msg)
     finally:
-        session.gets.discard(msg.id)
-        session.cancelled.discard(msg.id)
+        svc.requests.download_done(msg.id)
 
 
-async def _serve_get_tree(session: Session, msg: m.GetTree) -> None:
+async def _serve_get_tree(svc: TreeService, msg: m.GetTree) -> None:
     async with work.current.get().walk_slot():
-        jail = jail_of(session)
+        jail = svc.jail
         scan = await work.in_thread(
             lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
         )
-        await serve_records(session, msg.id, msg.path, msg.hash, scan, scan.close, "get-tree")
+        await serve_records(svc, msg.id, msg.path, msg.hash, scan, scan.close, "get-tree")
 
 
 async def serve_records(
-    session: Session,
+    svc: Service,
     req_id: int,
     path: str,
     hash: HashName,
@@ -205,18 +200,17 @@ async def serve_records(
         # The next batch is read while this one is encrypted and sent.
         async with contextlib.aclosing(work.prefetched(next_batch, close)) as steps:
             async for batch, _done in steps:
-                if req_id in session.cancelled:
+                if req_id in svc.requests.cancelled:
                     result = "cancelled"
-                    await session.send(ErrorCode.CANCELLED.reply(req_id, "tree download cancelled"))
+                    await svc.send(ErrorCode.CANCELLED.reply(req_id, "tree download cancelled"))
                     return
-                await session.send(batch)
+                await svc.send(batch)
     except BaseException:
         result = "aborted"
         raise
     finally:
-        session.gets.discard(req_id)
-        session.cancelled.discard(req_id)
-        log_op(session, op, path, t0, f"{result} files={batches.files} errors={batches.errors}", batches.bytes)
+        svc.requests.download_done(req_id)
+        svc.log_op(op, path, t0, f"{result} files={batches.files} errors={batches.errors}", batches.bytes)
 
 
 # --- upload --------------------------------------------------------------------------------
@@ -264,11 +258,11 @@ class _Stored:
 
 
 class TreeUpload:
-    """A tree upload in progress, registered in ``session.channels`` under its id (so Cancel and
+    """A tree upload in progress, registered in the session's channels under its id (so Cancel and
     the end of the session abort it like any upload)."""
 
-    def __init__(self, session: Session, msg: m.PutTree, dirs: TreeDirs) -> None:
-        self.session = session
+    def __init__(self, svc: Service, msg: m.PutTree, dirs: TreeDirs) -> None:
+        self.svc = svc
         self.msg = msg
         self.dirs = dirs
         self.t0 = time.monotonic()
@@ -293,27 +287,26 @@ class TreeUpload:
             await self._acker  # never raises: it reports failures itself
         if self.dead:
             return
-        session = self.session
-        user = session.user
-        assert user is not None
+        svc = self.svc
+        user = svc.user
         budget: list[int] | None = None
         if user.quota is not None:
-            used = await current_usage(session) + session.ctx.usage.reserved(user.name)
+            used = await svc.current_usage() + svc.ctx.usage.reserved(user.name)
             budget = [user.quota - used]
         size = sum(len(it.data) for it in batch.items if it.data is not None)
         # Set aside while the thread writes, so uploads in other sessions do not count on it too.
-        session.ctx.usage.reserve(user.name, size)
+        svc.ctx.usage.reserve(user.name, size)
         self._reserved = size
         # Usage is tracked incrementally once known (quota, df): then each file's predecessor must
         # be looked at. Otherwise that lstat per file is skipped; see _account.
-        track = budget is not None or session.ctx.usage.known(user.name) is not None
+        track = budget is not None or svc.ctx.usage.known(user.name) is not None
         self._job_tracked = track
         # A batch is an expensive operation of the session (up to 1,024 folders and files): it
         # takes one of the session's walk slots until its job is done.
         release_slot = await work.current.get().acquire_walk_slot()
         if self.dead:  # aborted while waiting for the slot
             release_slot()
-            session.ctx.usage.release(user.name, size)
+            svc.ctx.usage.release(user.name, size)
             self._reserved = 0
             return
         self._job = work.start_walk(self._store, batch.items, budget, track)
@@ -326,7 +319,7 @@ class TreeUpload:
         """Write one batch (thread). Stops at the first fatal error (quota, disk full, integrity)."""
         out = _Stored()
         dirs, hash, overwrite = self.dirs, self.msg.hash, self.msg.overwrite
-        quota = self.session.user.quota if self.session.user else None
+        quota = self.svc.user.quota if self.svc.user else None
         for it in items:
             if self._stop:  # aborted (Cancel, connection lost): leave the rest of the batch
                 break
@@ -383,12 +376,12 @@ class TreeUpload:
 
     async def _ack(self, job: asyncio.Future[_Stored], end: bool, track: bool) -> None:
         """Account for a finished batch and report it (TreeAck), or end the tree on a fatal error."""
-        session = self.session
+        svc = self.svc
         try:
             try:
                 out = await asyncio.shield(job)
             except Exception as exc:  # a bug in the job: fail this tree, keep the session
-                session.ctx.log.exception("internal error storing a tree batch")
+                svc.ctx.log.exception("internal error storing a tree batch")
                 out = _Stored(fatal=ErrorCode.INTERNAL.error(f"internal server error ({type(exc).__name__})"))
             self._account(out, track)
             if self._job is job:
@@ -396,7 +389,7 @@ class TreeUpload:
             if out.fatal is not None:
                 await self._fail(out.fatal)
                 return
-            await session.send(
+            await svc.send(
                 m.TreeAck(id=self.msg.id, files=self.files, bytes=self.bytes, errors=out.errors, end=end)
             )
             if end:
@@ -404,12 +397,11 @@ class TreeUpload:
         except (ConnectionError, OSError, ProtocolError) as exc:
             # The session is ending: its cleanup calls abort(), which releases the folders.
             self.dead = True
-            session.ctx.log.debug("tree upload %d: %s", self.msg.id, exc)
+            svc.ctx.log.debug("tree upload %d: %s", self.msg.id, exc)
 
     def _account(self, out: _Stored, track: bool = True) -> None:
-        user = self.session.user
-        assert user is not None
-        usage = self.session.ctx.usage
+        user = self.svc.user
+        usage = self.svc.ctx.usage
         if self._reserved:
             usage.release(user.name, self._reserved)
             self._reserved = 0
@@ -426,7 +418,7 @@ class TreeUpload:
     async def _fail(self, exc: FerryError) -> None:
         reply = reply_for(self.msg.id, exc)
         self._finish(f"failed:{reply.code}")
-        await self.session.send(reply)
+        await self.svc.send(reply)
 
     def _finish(self, result: str) -> None:
         """Unregister, release the folders, log the one line of this tree (once)."""
@@ -434,11 +426,10 @@ class TreeUpload:
         if self._finished:
             return
         self._finished = True
-        if self.session.channels.get(self.msg.id) is self:
-            del self.session.channels[self.msg.id]
+        if self.svc.channels.get(self.msg.id) is self:
+            del self.svc.channels[self.msg.id]
         self.dirs.close()
-        log_op(
-            self.session,
+        self.svc.log_op(
             "put-tree",
             self.msg.path,
             self.t0,
@@ -478,23 +469,22 @@ class TreeUpload:
             release()
 
 
-async def handle_put_tree(session: Session, msg: m.PutTree) -> None:
+async def handle_put_tree(svc: TreeService, msg: m.PutTree) -> None:
     """Open (create) the tree's root and register the upload; no reply until its first batch."""
-    session.check_id_free(msg.id)
-    if sum(isinstance(c, TreeUpload) for c in session.channels.values()) >= MAX_TREES:
+    svc.requests.check_id_free(msg.id)
+    if sum(isinstance(c, TreeUpload) for c in svc.channels.values()) >= MAX_TREES:
         raise ErrorCode.BUSY.error(f"too many tree uploads on this connection (at most {MAX_TREES})")
-    jail = jail_of(session)
-    assert session.user is not None
-    if session.user.quota is not None:
-        await current_usage(session)  # computed once, before the first batch needs it
+    jail = svc.jail
+    if svc.user.quota is not None:
+        await svc.current_usage()  # computed once, before the first batch needs it
     dirs = await work.in_thread(jail.tree_dirs, msg.path, release=TreeDirs.close)
-    session.channels[msg.id] = TreeUpload(session, msg, dirs)
+    svc.channels[msg.id] = TreeUpload(svc, msg, dirs)
 
 
-async def handle_tree_items(session: Session, msg: m.TreeItems) -> None:
+async def handle_tree_items(svc: TreeService, msg: m.TreeItems) -> None:
     """A batch of a tree upload (unpacked first if the client packed it, ``-z``); batches of a
     cancelled or failed tree are dropped."""
-    up = session.channels.get(msg.id)
+    up = svc.channels.get(msg.id)
     if up is None:
         return
     if not isinstance(up, TreeUpload):
@@ -502,3 +492,10 @@ async def handle_tree_items(session: Session, msg: m.TreeItems) -> None:
     if msg.packed:
         msg = m.TreeItems(id=msg.id, items=tree_records(msg), end=msg.end)
     await up.add(msg)
+
+
+class TreeService(Service):
+    """Tree downloads and uploads of one session (its uploads are registered as channels)."""
+
+    worker_handlers = {m.GetTree: handle_get_tree}
+    reader_handlers = {m.PutTree: handle_put_tree, m.TreeItems: handle_tree_items}
