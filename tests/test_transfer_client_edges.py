@@ -5,10 +5,12 @@ files to an existing remote file does, and how a server that never answers the h
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
+import errno
 import os
 import socket
 import threading
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
@@ -18,18 +20,14 @@ from ferry.cli.output import Output
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
 from ferry.client.location import Location, parse_location, parse_target
-from ferry.errors import FerryError, FerryTimeout, IsADirectory, NotFound, UsageError
+from ferry.errors import ConnectionBroken, FerryError, FerryTimeout, IsADirectory, NotFound, UsageError
 from ferry.paths import DEFAULT_PORT
 from ferry.wire import NEED_DATA, Connection, Role
 from ferry.wire import messages as m
 from ferry_server import ServerThread
-from transfer_support import connect, home, running_server
+from transfer_support import connect, home
 
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        yield srv
+pytestmark = pytest.mark.cell(transport="plain")
 
 
 def test_refused_download_leaves_no_partial(server: ServerThread, tmp_path: Path) -> None:
@@ -203,3 +201,28 @@ def test_bad_host_targets_are_usage_errors(spec: str) -> None:
         parse_target(spec)
     assert parse_target("ann@[::1]:2222") == Location("::1", 2222, "ann", "")
     assert parse_target("[::1]") == Location("::1", DEFAULT_PORT, None, "")
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_sendfile_ends_the_connection_at_once(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The frame header promised the whole block: when the kernel's sendfile fails after it, the
+    server must end the connection, not leave the client waiting for bytes that never come (found
+    by the conformance matrix: uvloop has no sendfile, and the client hung until its read timeout)."""
+    (home(server) / "f.bin").write_bytes(os.urandom(2 << 20))
+
+    async def broken(*args: object, **kw: object) -> int:
+        raise OSError(errno.EIO, "sendfile failed")
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "sendfile", broken)
+
+    async def main() -> float:
+        async with await connect(server, tmp_path) as c:
+            c.read_timeout = 60.0
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionBroken):
+                await c.get("f.bin", tmp_path / "f.bin")
+            return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 10

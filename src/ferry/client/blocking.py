@@ -96,26 +96,41 @@ class _Portal:
         if not self.thread.is_alive():
             coro.close()
             raise RuntimeError("this ferry Client is closed")
-        started, finished = threading.Event(), threading.Event()
+        started, finished, interrupted = threading.Event(), threading.Event(), threading.Event()
+        running: list[asyncio.Task[Any]] = []
 
         async def runner() -> T:
+            if interrupted.is_set():  # Ctrl-C came while the call was being handed to the loop
+                coro.close()
+                raise asyncio.CancelledError
+            task = asyncio.current_task()
+            assert task is not None
+            running.append(task)
             started.set()
             try:
                 return await coro
             finally:
                 finished.set()
 
-        fut = asyncio.run_coroutine_threadsafe(runner(), self.loop)
+        def cancel() -> None:
+            for task in running:
+                task.cancel()
+
         try:
+            # Inside the try: on asyncio's loop the hand-over writes to a socket, which lets other
+            # threads run (the call may start, and Ctrl-C arrive) before it returns.
+            fut = asyncio.run_coroutine_threadsafe(runner(), self.loop)
             # Wait in slices: a wait without timeout is not interruptible everywhere (Windows, and
             # _thread.interrupt_main), and Ctrl-C must reach this thread promptly.
             while not fut.done():
                 concurrent.futures.wait([fut], timeout=0.25)
             return fut.result()
         except KeyboardInterrupt:
-            # Stop the work on the loop too. The concurrent future reports "cancelled" at once, so
+            # Stop the work on the loop too: a call that has not started sees ``interrupted`` and
+            # does not; one that has is cancelled there (both run on the loop, in order). Then
             # wait (briefly) for the call's own cleanup (files closed, progress bar cleared) here.
-            fut.cancel()
+            interrupted.set()
+            self.loop.call_soon_threadsafe(cancel)
             if started.is_set():
                 finished.wait(5)
             raise

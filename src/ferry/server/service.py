@@ -99,7 +99,7 @@ class ServiceHost(Protocol):
     user: User | None
     #: the client's address and port, for log lines
     peer: str
-    #: True without TLS: downloads may use the kernel's sendfile
+    #: True without TLS
     plain: bool
     #: the connection's protocol state (encodes frames)
     conn: Connection
@@ -118,8 +118,13 @@ class ServiceHost(Protocol):
         """Send one data frame."""
         ...
 
+    @property
+    def zero_copy(self) -> bool:
+        """True when downloads may use :meth:`sendfile`: plain TCP on a loop that has it."""
+        ...
+
     async def sendfile(self, channel: int, fileobj: Any, offset: int, count: int) -> int:
-        """Send ``count`` bytes of ``fileobj`` from ``offset`` as one data frame (plain TCP)."""
+        """Send ``count`` bytes of ``fileobj`` from ``offset`` as one data frame (where :attr:`zero_copy`)."""
         ...
 
 

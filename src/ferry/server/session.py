@@ -156,15 +156,29 @@ class Session:
             self._out.write(data)
         await self._out.drain()
 
+    @property
+    def zero_copy(self) -> bool:
+        """True when downloads may use :meth:`sendfile`: plain TCP on a loop that implements it.
+        uvloop's does not (it keeps AbstractEventLoop's NotImplementedError): there plain downloads
+        take the read-and-write path of TLS."""
+        loop_type = type(asyncio.get_running_loop())
+        return self.plain and loop_type.sendfile is not asyncio.AbstractEventLoop.sendfile
+
     async def sendfile(self, channel: int, fileobj: Any, offset: int, count: int) -> int:
         """Send ``count`` bytes of ``fileobj`` from ``offset`` as one data frame using the kernel's
-        sendfile (plain TCP only). Returns the bytes sent; pads with zeros if the file shrank so the
+        sendfile (only where :attr:`zero_copy`). Returns the bytes sent; pads with zeros if the file shrank so the
         framing stays intact (the caller then reports the change instead of a digest)."""
         loop = asyncio.get_running_loop()
         async with self._wlock:
             self._out.write(self.conn.data_header(channel, m.STDOUT, count))
             self._out.flush()  # sendfile waits for the transport buffer to empty, then takes over
-            sent = await loop.sendfile(self.writer.transport, fileobj, offset, count, fallback=True)
+            try:
+                sent = await loop.sendfile(self.writer.transport, fileobj, offset, count, fallback=True)
+            except BaseException:
+                # The header promised ``count`` bytes that will not follow: the stream cannot be
+                # framed any more. End the connection rather than leave the client waiting for them.
+                self.writer.transport.abort()
+                raise
             # Pad in bounded pieces under backpressure: one write of the rest of a 64 MiB block
             # would sit in the transport's buffer (memory) as long as the peer reads slowly.
             pad = count - sent

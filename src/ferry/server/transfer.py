@@ -2,9 +2,10 @@
 
 Download (``GetFile``): the client may send hashes of chunks it already holds; the server compares
 them with its own (cached per inode/size/mtime, else computed) and streams from the first mismatch.
-Plain TCP uses the kernel's ``sendfile``; TLS reads 1 MiB blocks in a thread while the previous block
-is being written. The remaining chunk hashes are computed in a thread *concurrently* with sending,
-so hashing never serialises with the network. ``FileEnd`` carries the chunk hashes and digest.
+Plain TCP uses the kernel's ``sendfile`` (where the loop has it: uvloop has not); TLS (and plain TCP on
+uvloop) reads 1 MiB blocks in a thread while the previous block is being written. The remaining
+chunk hashes are computed in a thread *concurrently* with sending, so hashing never serialises with
+the network. ``FileEnd`` carries the chunk hashes and digest.
 
 Upload (``PutFile``): data goes to a hidden partial file next to the target (``.NAME.ferry-part-TOKEN``,
 the same token for the same source so an interrupted upload resumes). The server tells the client
@@ -184,7 +185,7 @@ async def _get_small(svc: TransferService, msg: m.GetFile, fd: int, st: os.stat_
 async def _stream(svc: TransferService, channel: int, fd: int, offset: int, size: int, job: _Jobs) -> bool | None:
     """Send bytes [offset, size) of ``fd``; False if the file shrank (the frames are padded),
     None if the client cancelled (checked between blocks, where framing allows stopping)."""
-    if svc.host.plain:
+    if svc.host.zero_copy:
         with open(fd, "rb", buffering=0, closefd=False) as f:
             pos = offset
             while pos < size:
