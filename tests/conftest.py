@@ -1,4 +1,9 @@
-"""Shared test helpers: only loopback, only free ports, only processes we started."""
+"""Shared test helpers: only loopback, only free ports, only processes we started.
+
+The server/client fixtures are one family over the conformance matrix (tests/conformance.py,
+tests/README.md): ``cell`` (which transport, client and event loop), ``server`` (a started
+in-process server of that cell with user ``alice``), ``client`` (alice's client of that cell).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,59 @@ from typing import Any
 
 import pytest
 
+from conformance import Cell, cells_for, open_client
+from ferry_server import ServerThread
+from transfer_support import running_server
+
 FERRY = [sys.executable, "-m", "ferry"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "matrix: run on every cell of the conformance matrix (tests/README.md)")
+    config.addinivalue_line("markers", "transports: run over TLS and plain (async client, asyncio)")
+    config.addinivalue_line("markers", "cell(transport, client, loop): run on that one cell")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``matrix``, ``transports`` or ``cell(...)`` that use ``cell`` (or ``server``,
+    ``client``) run once per cell; the rest keep the default cell and their test ids."""
+    if "cell" in metafunc.fixturenames:
+        cells = cells_for(metafunc.definition)
+        if cells != [Cell()]:
+            metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
+
+
+@pytest.fixture
+def cell() -> Cell:
+    """The default cell (TLS, async client, asyncio); marks widen it (see pytest_generate_tests)."""
+    return Cell()
+
+
+@pytest.fixture
+def server(cell: Cell, tmp_path: Path) -> Iterator[ServerThread]:
+    """A started in-process server of ``cell`` (transport, loop) with user ``alice`` (password
+    PASSWORD, commands allowed); its root is ``tmp_path/root``."""
+    with running_server(tmp_path / "root", plain=cell.plain, loop=cell.loop, exec_allowed=True) as srv:
+        assert (srv.loop is not None) and (type(srv.loop).__module__.startswith("uvloop") == (cell.loop == "uvloop"))
+        yield srv
+
+
+@pytest.fixture
+def client(cell: Cell, server: ServerThread, tmp_path: Path) -> Iterator[Any]:
+    """alice's client of ``cell`` (async or sync, on the cell's loop) with a blocking interface."""
+    c = open_client(cell, server, tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One key of each kind (``login_support.KeySet``), made once per run by the real ssh-keygen."""
+    from login_support import make_keys
+
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

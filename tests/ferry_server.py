@@ -1,9 +1,14 @@
-"""A real ferry server for tests: runs in a thread with its own event loop, on 127.0.0.1:0."""
+"""A real ferry server for tests: runs in a thread with its own event loop, on 127.0.0.1:0.
+
+The loop is asyncio's or uvloop's (``loop=``): the conformance matrix (tests/conformance.py) runs
+the client operations over both.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,17 @@ CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 PASSWORD = "correct horse battery staple"
 
 
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event-loop constructor of ``kind``: ``"asyncio"`` or ``"uvloop"``."""
+    if kind == "uvloop":
+        import uvloop  # a dependency of ferry on this platform: a missing one must fail, not skip
+
+        return uvloop.new_event_loop
+    if kind != "asyncio":
+        raise ValueError(f"unknown event loop {kind!r}")
+    return asyncio.new_event_loop
+
+
 class ServerThread:
     """Start with :meth:`start`, stop with :meth:`stop`; ``port``, ``root`` and ``add_user`` for tests."""
 
@@ -27,8 +43,11 @@ class ServerThread:
         plain: bool = False,
         limits: Limits | None = None,
         server_cls: type[Server] = Server,
+        loop: str = "asyncio",
     ) -> None:
         self.root = root
+        self.loop_kind = loop
+        self._loop_factory = loop_factory(loop)
         self.config = ServeConfig(
             root=root,
             host="127.0.0.1",
@@ -77,7 +96,8 @@ class ServerThread:
             await self._stop.wait()
             await self.server.close(grace=2)
 
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+            runner.run(main())
 
     def stop(self) -> None:
         if self.loop is not None and self._stop is not None:

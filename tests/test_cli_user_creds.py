@@ -14,13 +14,8 @@ from ferry.errors import UsageError
 from ferry.server.accounts import Accounts
 from ferry.server.credentials import Credentials, token_id
 from ferry_server import CHEAP_HASHER, PASSWORD
-from login_support import KeySet, make_keys
+from login_support import KeySet
 from serve_process import run_ferry
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture

@@ -14,13 +14,8 @@ import pytest
 from ferry.client.config import ConfigError, load_config
 from ferry.client.location import parse_location, parse_target
 from ferry_server import ServerThread
-from login_support import KeySet, bare_env, key_server, make_keys
+from login_support import KeySet, bare_env, key_server
 from serve_process import run_ferry
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def write_config(folder: Path, text: str) -> Path:

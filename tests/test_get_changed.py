@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,18 +14,11 @@ from transfer_support import (
     RawClient,
     home,
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
-    running_server,
-)
+    )
 
-pytestmark = pytest.mark.usefixtures("no_logged_errors")
+pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.transports]
 
 BIG = 256 << 20  # sparse: no disk, but hashing it takes long enough to shrink it meanwhile
-
-
-@pytest.fixture(params=["tls", "plain"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=request.param == "plain") as srv:
-        yield srv
 
 
 @pytest.mark.timeout(60)

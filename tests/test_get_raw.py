@@ -16,7 +16,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,11 @@ from transfer_support import (
     home,
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     random_bytes,
-    running_server,
     wait_until,
     write_random,
 )
 
-pytestmark = pytest.mark.usefixtures("no_logged_errors")
+pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.transports]
 
 
 
@@ -304,20 +302,14 @@ async def _await_until(pred: Any, timeout: float = 10.0) -> bool:
     return True
 
 
-@pytest.fixture(params=["tls", "plain"])
-def real_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=request.param != "tls") as srv:
-        yield srv
-
-
 @pytest.mark.timeout(60)
 def test_a_buffer_is_never_written_while_its_job_runs(
-    real_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Small buffers cycle many times; every write and hash job is slow and checks that its buffer
     did not change while it ran (the transport writing into a buffer still in use would)."""
     monkeypatch.setattr(receive, "BUFFER_SIZE", 64 * 1024)
-    data = write_random(home(real_server) / "f.bin", 6 * MiB + 99, 5)
+    data = write_random(home(server) / "f.bin", 6 * MiB + 99, 5)
     write, hash_ = DownloadWriter._write, DownloadWriter._hash
     jobs: list[bool] = []
 
@@ -333,7 +325,7 @@ def test_a_buffer_is_never_written_while_its_job_runs(
     dest = tmp_path / "f.bin"
 
     async def main() -> None:
-        async with await connect(real_server, tmp_path) as c:
+        async with await connect(server, tmp_path) as c:
             await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
 
     asyncio.run(main())

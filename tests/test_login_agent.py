@@ -15,12 +15,7 @@ from ferry.server.accounts import Accounts
 from ferry.server.credentials import Credentials
 from ferry.sshkeys import parse_public_line, verify
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
-from login_support import KeySet, make_keys, ssh_add, ssh_agent
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return make_keys(tmp_path_factory.mktemp("keys"))
+from login_support import KeySet, ssh_add, ssh_agent
 
 
 @pytest.fixture

@@ -18,13 +18,8 @@ from ferry.server.accounts import Accounts
 from ferry.server.context import Limits
 from ferry.server.credentials import Credentials
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
-from login_support import PASSPHRASE, KeySet, bare_env, key_server, make_keys, ssh_add, ssh_agent
+from login_support import PASSPHRASE, KeySet, bare_env, key_server, ssh_add, ssh_agent
 from serve_process import run_ferry
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 @dataclass

@@ -27,13 +27,8 @@ from ferry.server.tls import ensure_certificate, fingerprint_file, server_ssl_co
 from ferry.wire import CONNECTION_ENDED
 from ferry.wire import messages as m
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
-from login_support import PASSPHRASE, KeySet, make_keys
+from login_support import PASSPHRASE, KeySet
 from transfer_support import RawClient, home
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def add_keys(root: Path, user: str, *lines: str) -> None:

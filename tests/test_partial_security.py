@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,16 +30,10 @@ from transfer_support import (
     running_server,
 )
 
-pytestmark = pytest.mark.usefixtures("no_logged_errors")
+pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.cell(transport="plain")]
 
 SIZE = 5 * SMALL_CHUNK + 1234  # several chunks: a resume would offer their hashes
 TOKEN = "tok-attack"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        yield srv
 
 
 def outside_file(tmp_path: Path) -> tuple[Path, bytes, os.stat_result]:

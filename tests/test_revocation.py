@@ -17,16 +17,11 @@ from ferry.server.accounts import Accounts
 from ferry.server.context import Limits
 from ferry.server.credentials import Credentials
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
-from login_support import REVOCATION_WITHIN, KeySet, ended, make_keys
+from login_support import REVOCATION_WITHIN, KeySet, ended
 from serve_process import run_ferry
 
 #: How long a revocation may take here (the server checks every second; the machine is shared).
 WITHIN = REVOCATION_WITHIN
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture

@@ -42,21 +42,9 @@ from transfer_support import (
     write_random,
 )
 
-pytestmark = pytest.mark.usefixtures("no_logged_errors")
+pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.transports]
 
 FD_SLACK = 4  # descriptors that may legitimately come and go (executor threads, logging, caches)
-
-
-@pytest.fixture(params=["tls", "plain"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=request.param == "plain") as srv:
-        yield srv
-
-
-@pytest.fixture
-def plain_server(tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        yield srv
 
 
 def tree_snapshot(root: Path) -> dict[str, bytes | str]:
@@ -309,18 +297,19 @@ def test_abandoned_transfers_on_a_live_connection_release_everything(
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_a_reused_upload_id_is_a_protocol_error_and_leaks_nothing(plain_server: ServerThread) -> None:
+def test_a_reused_upload_id_is_a_protocol_error_and_leaks_nothing(server: ServerThread) -> None:
     baseline = fd_count()
     for _ in range(5):
-        raw = RawClient(plain_server.port)
+        raw = RawClient(server.port)
         raw.login()
         for n in range(3):
             raw.send(m.PutFile(id=5, path=f"f{n}", size=10 * MiB, mtime=0.0, token=f"t{n}"))
         events = raw.until_closed()
         raw.close()
         assert any(isinstance(e, m.Error) and e.code == "protocol" for e in events), events
-    assert wait_until(lambda: no_sessions(plain_server))
+    assert wait_until(lambda: no_sessions(server))
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
 
 
@@ -351,18 +340,19 @@ MALFORMED = {
 BEFORE_LOGIN_ONLY = {"data-before-hello": HEADER.pack(FrameKind.DATA, 0, 1, 4) + b"abcd"}
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("after_login", [False, True], ids=["before-login", "after-login"])
 def test_malformed_input_drops_only_that_connection(
-    plain_server: ServerThread, tmp_path: Path, after_login: bool
+    server: ServerThread, tmp_path: Path, after_login: bool
 ) -> None:
     baseline = fd_count()
 
     async def main() -> None:
-        async with await connect(plain_server, tmp_path) as good:
+        async with await connect(server, tmp_path) as good:
             cases = MALFORMED if after_login else MALFORMED | BEFORE_LOGIN_ONLY
             for name, payload in cases.items():
-                raw = RawClient(plain_server.port)
+                raw = RawClient(server.port)
                 try:
                     if after_login:
                         raw.login()
@@ -376,7 +366,7 @@ def test_malformed_input_drops_only_that_connection(
             assert [e.name for e in await good.listdir("")] == []
 
     asyncio.run(main())
-    assert wait_until(lambda: no_sessions(plain_server))
+    assert wait_until(lambda: no_sessions(server))
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
 
 
@@ -398,11 +388,12 @@ def test_plain_bytes_to_a_tls_server_are_dropped(tmp_path: Path) -> None:
         asyncio.run(main())
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_keepalives_are_answered_in_every_state(plain_server: ServerThread) -> None:
+def test_keepalives_are_answered_in_every_state(server: ServerThread) -> None:
     """Ping, Pong and Goodbye are allowed in every state by the protocol table: before Hello and
     during authentication they are answered (or ignored), never a crash of the session."""
-    raw = RawClient(plain_server.port)
+    raw = RawClient(server.port)
     try:
         raw.send(m.Ping(nonce=1))
         assert raw.next_event() == m.Pong(nonce=1)
@@ -420,7 +411,7 @@ def test_keepalives_are_answered_in_every_state(plain_server: ServerThread) -> N
     finally:
         raw.close()
     for first in (m.Goodbye(reason="bye"), m.Hello(min_version=1, max_version=1)):
-        raw = RawClient(plain_server.port)
+        raw = RawClient(server.port)
         try:
             raw.send(first)
             if isinstance(first, m.Hello):
@@ -429,7 +420,7 @@ def test_keepalives_are_answered_in_every_state(plain_server: ServerThread) -> N
             assert raw.until_closed(10) == []  # closed cleanly, no error
         finally:
             raw.close()
-    assert wait_until(lambda: no_sessions(plain_server))
+    assert wait_until(lambda: no_sessions(server))
 
 
 # --- a full disk ---------------------------------------------------------------------------------
@@ -558,14 +549,15 @@ def test_a_request_abandoned_with_a_full_queue_does_not_wedge_the_client(
     asyncio.run(main())
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
 def test_closing_the_client_under_a_full_transfer_queue_fails_fast(
-    plain_server: ServerThread, tmp_path: Path
+    server: ServerThread, tmp_path: Path
 ) -> None:
-    write_random(home(plain_server) / "big.bin", 32 * MiB, 9)
+    write_random(home(server) / "big.bin", 32 * MiB, 9)
 
     async def main() -> None:
-        c = await connect(plain_server, tmp_path)
+        c = await connect(server, tmp_path)
         req_id, route = c.mux.open(4)
         await c.send(m.GetFile(id=req_id, path="big.bin"))
         assert await await_until(route.queue.full, 10)
@@ -579,13 +571,14 @@ def test_closing_the_client_under_a_full_transfer_queue_fails_fast(
     asyncio.run(main())
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_a_flood_of_uploads_on_one_connection_is_capped(plain_server: ServerThread) -> None:
+def test_a_flood_of_uploads_on_one_connection_is_capped(server: ServerThread) -> None:
     """Every started upload holds an open partial file: one connection must not be able to exhaust
     the server's descriptors by starting uploads it never finishes."""
     flood = 300
     baseline = fd_count()
-    raw = RawClient(plain_server.port)
+    raw = RawClient(server.port)
     try:
         raw.login()
         for i in range(1, flood + 1):
@@ -600,21 +593,22 @@ def test_a_flood_of_uploads_on_one_connection_is_capped(plain_server: ServerThre
         assert isinstance(raw.reply(flood + 1), m.StatReply)  # still serving
     finally:
         raw.close()
-    assert wait_until(lambda: no_sessions(plain_server))
+    assert wait_until(lambda: no_sessions(server))
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
     # The server picked those partials' tokens, so they were removed with the connection.
-    assert partials(home(plain_server)) == []
+    assert partials(home(server)) == []
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
 def test_cancels_for_unknown_requests_are_not_remembered(
-    plain_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Cancel for an id that is no running transfer is answered and forgotten: a client cannot
     grow the server's memory without bound by sending them."""
     recorder = SessionRecorder(monkeypatch)
-    write_random(home(plain_server) / "f.bin", 300_000, 11)
-    raw = RawClient(plain_server.port)
+    write_random(home(server) / "f.bin", 300_000, 11)
+    raw = RawClient(server.port)
     try:
         raw.login()
         [session] = recorder.sessions
@@ -625,14 +619,15 @@ def test_cancels_for_unknown_requests_are_not_remembered(
         assert isinstance(raw.reply(n + 1), m.FileInfo)
         raw.send(m.Stat(id=n + 3, path=""))
         assert isinstance(raw.reply(n + 3), m.StatReply)
-        assert on_server(plain_server, lambda: len(session.requests.cancelled) + len(session.requests.gets)) == 0
+        assert on_server(server, lambda: len(session.requests.cancelled) + len(session.requests.gets)) == 0
     finally:
         raw.close()
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_upload_messages_out_of_order_are_protocol_errors(plain_server: ServerThread) -> None:
-    h = home(plain_server)
+def test_upload_messages_out_of_order_are_protocol_errors(server: ServerThread) -> None:
+    h = home(server)
     size = 2 * MiB
     put = m.PutFile(id=1, path="f", size=size, mtime=0.0, chunk_size=SMALL_CHUNK)
     end = m.FileEnd(id=1, size=size, chunk_hashes=[], digest=b"")
@@ -649,7 +644,7 @@ def test_upload_messages_out_of_order_are_protocol_errors(plain_server: ServerTh
     }
     baseline = fd_count()
     for name, steps in sequences.items():
-        raw = RawClient(plain_server.port)
+        raw = RawClient(server.port)
         try:
             raw.login()
             for step in steps:
@@ -663,7 +658,7 @@ def test_upload_messages_out_of_order_are_protocol_errors(plain_server: ServerTh
             raw.close()
         errors = [e for e in events if isinstance(e, m.Error)]
         assert errors and errors[-1].code == "protocol", (name, events)
-    assert wait_until(lambda: no_sessions(plain_server))
+    assert wait_until(lambda: no_sessions(server))
     assert os.listdir(h) == []
     assert wait_until(lambda: fd_count() <= baseline + FD_SLACK), (fd_count(), baseline)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,12 @@ from transfer_support import (
     home,
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     partials,
-    running_server,
     write_random,
 )
 
-pytestmark = pytest.mark.usefixtures("no_logged_errors")
+pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.transports]
 
 SIZE = 6 * MiB + 321
-
-
-@pytest.fixture(params=["tls", "plain"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=request.param == "plain") as srv:
-        yield srv
 
 
 class Flipper:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,9 @@ from transfer_support import (
     write_random,
 )
 
-pytestmark = pytest.mark.usefixtures("no_logged_errors")
+pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.transports]
 
 SIZE = 8 * MiB + 12345  # not a multiple of the chunk size: the last chunk is short
-
-
-@pytest.fixture(params=["tls", "plain"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=request.param == "plain") as srv:
-        yield srv
 
 
 def flip(path: Path, offset: int) -> None:

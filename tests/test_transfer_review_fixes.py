@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,29 +20,22 @@ from transfer_support import (
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     no_sessions,
     on_server,
-    running_server,
     wait_until,
 )
 
-pytestmark = pytest.mark.usefixtures("no_logged_errors")
-
-
-@pytest.fixture
-def plain_server(tmp_path: Path) -> Iterator[ServerThread]:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        yield srv
+pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.cell(transport="plain")]
 
 
 @pytest.mark.timeout(60)
-def test_upload_without_overwrite_does_not_replace_a_file_created_meanwhile(plain_server: ServerThread) -> None:
+def test_upload_without_overwrite_does_not_replace_a_file_created_meanwhile(server: ServerThread) -> None:
     """``overwrite=False`` is checked when the upload starts; a file that appears while the data is
     on its way must not be silently replaced at commit (the jail's commit can refuse atomically)."""
     data = os.urandom(MiB + 123)
     hasher = ChunkHasher("blake3", SMALL_CHUNK)
     hasher.update(data)
     hashes, digest = hasher.finish()
-    target = home(plain_server) / "f.bin"
-    raw = RawClient(plain_server.port)
+    target = home(server) / "f.bin"
+    raw = RawClient(server.port)
     try:
         raw.login()
         raw.send(
@@ -65,11 +56,11 @@ def test_upload_without_overwrite_does_not_replace_a_file_created_meanwhile(plai
 
 
 @pytest.mark.timeout(60)
-def test_recursive_listing_of_long_names_stays_below_the_frame_limit(plain_server: ServerThread) -> None:
+def test_recursive_listing_of_long_names_stays_below_the_frame_limit(server: ServerThread) -> None:
     """A page of 1000 entries is not "far below" the 1 MiB message limit when the relative names
     of a recursive listing are a few KiB long: pages must be bounded by bytes too, or the client's
     decoder refuses the frame and the connection is lost."""
-    deep = home(plain_server) / "d"
+    deep = home(server) / "d"
     parts = ["d"]
     for i in range(13):  # 13 folders of 250-character names: ~3.3 KB relative paths
         deep = deep / (f"{i:02d}" + "x" * 248)
@@ -78,7 +69,7 @@ def test_recursive_listing_of_long_names_stays_below_the_frame_limit(plain_serve
     files = 400
     for i in range(files):
         (deep / (f"{i:03d}" + "y" * 200)).touch()
-    raw = RawClient(plain_server.port)
+    raw = RawClient(server.port)
     try:
         raw.login()
         raw.send(m.ListDir(id=1, path="d", recursive=True))
@@ -97,17 +88,17 @@ def test_recursive_listing_of_long_names_stays_below_the_frame_limit(plain_serve
 
 @pytest.mark.timeout(60)
 def test_a_file_shrinking_under_sendfile_is_padded_without_a_block_sized_buffer(
-    plain_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When a file shrinks during a plain-TCP download the rest of the 64 MiB sendfile frame is
     padded with zeros; that padding must go out under backpressure, not as one 64 MiB write into
     the transport's buffer (a user truncating files under many downloads would exhaust memory)."""
     recorder = SessionRecorder(monkeypatch)
-    path = home(plain_server) / "f.bin"
+    path = home(server) / "f.bin"
     with open(path, "wb") as f:
         for _ in range(80):
             f.write(b"\xff" * MiB)
-    raw = RawClient(plain_server.port, rcvbuf=1 << 16)
+    raw = RawClient(server.port, rcvbuf=1 << 16)
     try:
         raw.login()
         [session] = recorder.sessions
@@ -128,23 +119,23 @@ def test_a_file_shrinking_under_sendfile_is_padded_without_a_block_sized_buffer(
         def buffered() -> int:
             return int(session.writer.transport.get_write_buffer_size())
 
-        assert not wait_until(lambda: on_server(plain_server, buffered) > 8 * MiB, timeout=1.0)
+        assert not wait_until(lambda: on_server(server, buffered) > 8 * MiB, timeout=1.0)
     finally:
         raw.close()
-    assert wait_until(lambda: no_sessions(plain_server))
+    assert wait_until(lambda: no_sessions(server))
 
 
 @pytest.mark.timeout(60)
-def test_the_failed_hash_job_of_an_ended_download_is_retrieved(plain_server: ServerThread) -> None:
+def test_the_failed_hash_job_of_an_ended_download_is_retrieved(server: ServerThread) -> None:
     """The chunk hashes of a download are computed in a thread while it streams; when the file
     shrinks that job fails, and if the download then ends early (the client left) nobody awaits it.
     Its exception must still be retrieved, or asyncio logs an error whenever the future is
     collected, in whatever code happens to run then."""
-    path = home(plain_server) / "f.bin"
+    path = home(server) / "f.bin"
     with open(path, "wb") as f:
         for _ in range(80):
             f.write(b"\xff" * MiB)
-    raw = RawClient(plain_server.port, rcvbuf=1 << 16)
+    raw = RawClient(server.port, rcvbuf=1 << 16)
     try:
         raw.login()
         raw.send(m.GetFile(id=1, path="f.bin"))
@@ -153,6 +144,6 @@ def test_the_failed_hash_job_of_an_ended_download_is_retrieved(plain_server: Ser
         assert isinstance(raw.next_event(), Data)
     finally:
         raw.close()
-    assert wait_until(lambda: no_sessions(plain_server))
-    on_server(plain_server, gc.collect)  # no_logged_errors sees an unretrieved exception now
+    assert wait_until(lambda: no_sessions(server))
+    on_server(server, gc.collect)  # no_logged_errors sees an unretrieved exception now
     gc.collect()

@@ -33,12 +33,19 @@ SMALL_CHUNK = 1 << 16  # the smallest chunk size the protocol allows: many chunk
 
 @contextlib.contextmanager
 def running_server(
-    root: Path, *, plain: bool = False, limits: Limits | None = None, users: tuple[str, ...] = ("alice",)
+    root: Path,
+    *,
+    plain: bool = False,
+    limits: Limits | None = None,
+    users: tuple[str, ...] = ("alice",),
+    loop: str = "asyncio",
+    exec_allowed: bool = False,
 ) -> Iterator[ServerThread]:
-    """A started :class:`ServerThread` with ``users`` (password :data:`PASSWORD`); stopped on exit."""
-    srv = ServerThread(root, plain=plain, limits=limits)
+    """A started :class:`ServerThread` with ``users`` (password :data:`PASSWORD`, commands allowed
+    when ``exec_allowed``) on a ``loop`` event loop; stopped on exit."""
+    srv = ServerThread(root, plain=plain, limits=limits, loop=loop)
     for u in users:
-        srv.add_user(u)
+        srv.add_user(u, exec_allowed=exec_allowed)
     srv.start()
     try:
         yield srv
