@@ -596,6 +596,25 @@ def ferry_add_user(root: Path, name: str, password: str, env: Mapping[str, str] 
         raise RuntimeError(f"ferry user add failed: {r.stderr.strip() or r.stdout.strip()}")
 
 
+def ferry_key_and_token(
+    root: Path, name: str, scratch: Path, env: Mapping[str, str], key: Path | None = None
+) -> tuple[Path, Path]:
+    """Register an ed25519 key (``key``, else a new one made in ``scratch``) and a new token for
+    user ``name`` of the data root ``root``; returns (the key file, a token file of mode 0600)."""
+    if key is None:
+        key = scratch / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
+    user_cmd = [*FERRY, "user"]
+    subprocess.run([*user_cmd, "key", "add", name, f"{key}.pub", "--root", str(root)],
+                   env=dict(env), check=True, timeout=60, capture_output=True)  # fmt: skip
+    token = subprocess.run([*user_cmd, "token", "add", name, "--root", str(root)],
+                           env=dict(env), check=True, timeout=60, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    token_file = scratch / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    return key, token_file
+
+
 @dataclass
 class FerryServer:
     """A ``ferry serve`` subprocess on 127.0.0.1, port 0. Use as a context manager or call :meth:`stop`.

@@ -52,6 +52,7 @@ from _common import (
     compile_source,
     export_source,
     ferry_add_user,
+    ferry_key_and_token,
     log,
     median,
     resolve_rev,
@@ -104,19 +105,9 @@ def login_methods(
     The key is the private sshd's own ed25519 key when it runs (so ssh and ferry use one key),
     else a new one. The agent is a real ``ssh-agent`` on a socket in ``scratch``, killed by PID.
     """
-    ferry_user = [PYTHON, "-m", "ferry", "user"]
-    if peer is not None:
-        key = Path(peer.peer_dir) / "id"
-    else:
-        key = scratch / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
-    subprocess.run([*ferry_user, "key", "add", USER, f"{key}.pub", "--root", str(root)],
-                   env=env, check=True, timeout=60, capture_output=True)  # fmt: skip
-    token = subprocess.run([*ferry_user, "token", "add", USER, "--root", str(root)],
-                           env=env, check=True, timeout=60, capture_output=True, text=True).stdout.strip()  # fmt: skip
-    token_file = scratch / "token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
+    key, token_file = ferry_key_and_token(
+        root, USER, scratch, env, key=Path(peer.peer_dir) / "id" if peer is not None else None
+    )
     out = subprocess.run(["ssh-agent", "-s", "-a", str(scratch / "agent.sock")],
                          check=True, timeout=30, capture_output=True, text=True).stdout  # fmt: skip
     agent_pid = int(out.split("SSH_AGENT_PID=", 1)[1].split(";", 1)[0])

@@ -20,6 +20,7 @@ from ferry.fskit import (
     DirCache,
     is_partial_name,
     partial_name,
+    safe_relative,
     store_atomically,
     write_new,
 )
@@ -37,6 +38,14 @@ def test_partial_names_fit_the_name_limit_and_are_recognised() -> None:
         with pytest.raises(ValueError):
             partial_name("f", bad)
     assert not is_partial_name("report.pdf") and not is_partial_name(".ferry-part-x")
+
+
+def test_safe_relative_accepts_plain_relative_names_only() -> None:
+    """A name from the other side that becomes a local path: no way up, out or around."""
+    for good in ("a", "a/b", ".hidden", "a/.b/..c", "...", "a/b../c", "x.", "é/ü"):
+        assert safe_relative(good), good
+    for bad in ("", "/a", "a/", "a//b", ".", "..", "./a", "a/.", "a/./b", "../a", "a/..", "a/../b", "a\0b"):
+        assert not safe_relative(bad), bad
 
 
 def test_write_new_never_opens_an_existing_name_or_a_link(tmp_path: Path) -> None:

@@ -424,3 +424,88 @@ def test_a_file_time_beyond_the_wire_range_does_not_fail_the_listing(tmp_path: P
         assert r.failed == 0 and (home(srv) / "t" / "sub" / "s1.txt").exists()
         r, _ = run(_sync(srv, tmp_path, ":far/", f"{tmp_path / 'back'}"))
         assert r.failed == 0 and (tmp_path / "back" / "f").read_text() == "far"
+
+
+def test_a_local_listing_made_ahead_is_used_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line lists the local side before it connects (``local_listing_for``): the sync
+    uses that listing instead of listing again, and lists again when it was made for another root
+    or other options."""
+    from ferry.client import synclocal
+    from ferry.client.sync import local_listing_for
+
+    src = tmp_path / "src"
+    make_source(src)
+    scans: list[Path] = []
+    real_scan = synclocal.scan_local
+
+    def counted(root: Path, filt: Any, checksum: bool) -> Any:
+        scans.append(root)
+        return real_scan(root, filt, checksum)
+
+    monkeypatch.setattr(synclocal, "scan_local", counted)
+    with running_server(tmp_path / "srv") as srv:
+        ahead = local_listing_for(f"{src}/", ":t")
+        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t", local_listing=ahead))
+        assert scans == [src] and r.sent_files == r.files > 0
+        assert same(content(home(srv) / "t"), content(src))
+        # made for a pull into "back/" (a folder "t" there): fits the pull of "t" into "back"
+        ahead = local_listing_for(":t", tmp_path / "back")
+        r, _ = run(_sync(srv, tmp_path, ":t", f"{tmp_path / 'back'}", local_listing=ahead))
+        assert scans == [src, tmp_path / "back" / "t"] and r.sent_files == r.files
+        assert same(content(tmp_path / "back" / "t"), content(src))
+        # other options (checksum) or another root: listed again
+        ahead = local_listing_for(f"{src}/", ":t")
+        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t", checksum=True, local_listing=ahead))
+        assert scans[3:] == [src] and r.sent_files == 0
+        ahead = local_listing_for(f"{tmp_path}/", ":t")
+        run(_sync(srv, tmp_path, f"{src}/", ":t", local_listing=ahead))
+        assert scans[4:] == [tmp_path, src]
+
+
+def test_a_local_listing_that_fails_late_stops_the_sync_before_any_deletion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local listing runs beside the connection and the remote listing: when it fails after
+    the remote listing has arrived, the sync still stops before it plans, so ``--delete`` removes
+    nothing; an entry it could not read still holds back every deletion."""
+    import threading
+
+    from ferry.client import sync as sync_mod
+    from ferry.client import synclocal
+    from ferry.client.sync import local_listing_for
+
+    src = tmp_path / "src"
+    make_source(src)
+    with running_server(tmp_path / "srv") as srv:
+        run(_sync(srv, tmp_path, f"{src}/", ":t"))
+        before = content(home(srv) / "t")
+        (src / "big.bin").unlink()
+        (src / "sub" / "s1.txt").unlink()
+        remote_listed = threading.Event()
+        real_remote = sync_mod.scan_remote
+
+        async def signalling_remote(*a: Any, **kw: Any) -> Any:
+            try:
+                return await real_remote(*a, **kw)
+            finally:
+                remote_listed.set()
+
+        def failing_scan(root: Path, filt: Any, checksum: bool) -> Any:
+            assert remote_listed.wait(30)  # fail only once the remote side is listed
+            raise PermissionError(13, "Permission denied", str(root))
+
+        monkeypatch.setattr(sync_mod, "scan_remote", signalling_remote)
+        monkeypatch.setattr(synclocal, "scan_local", failing_scan)
+        ahead = local_listing_for(f"{src}/", ":t")
+        with pytest.raises(PermissionError):
+            run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
+        assert remote_listed.is_set()
+        assert content(home(srv) / "t") == before  # nothing deleted, nothing sent
+        # an entry that cannot be read (a name that is not UTF-8): listed as an error, no deletion
+        monkeypatch.undo()
+        with open(os.fsencode(src / "sub") + b"/\xff-not-utf8", "wb") as f:
+            f.write(b"x")
+        ahead = local_listing_for(f"{src}/", ":t")
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
+        assert r.deleted == 0 and any(i.kind == "error" for i in items)
+        assert (home(srv) / "t" / "big.bin").exists() and (home(srv) / "t" / "sub" / "s1.txt").exists()

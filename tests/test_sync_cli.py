@@ -305,6 +305,43 @@ def test_delete_stays_inside_dest(served: Served, tmp_path: Path) -> None:
     assert sorted(os.listdir(local)) == ["keep"] and (elsewhere / "precious").read_text() == "p"
 
 
+def test_delete_after_a_local_read_error_deletes_nothing(served: Served, tmp_path: Path) -> None:
+    """``ferry sync`` lists the local side in a thread started before it connects: an entry that
+    could not be read there still holds back ``--delete`` (both directions), and a source that is
+    gone is an error that deletes nothing."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b", "sub/c"):
+        (src / name).write_text(name)
+    ok(served.ferry("sync", "-q", f"{src}/", served.url("t")))
+    (src / "a").unlink()
+    bad = os.fsencode(src / "sub") + b"/\xff-not-utf8"
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    p = ok(served.ferry("sync", "--json", "--delete", f"{src}/", served.url("t")))
+    summary = records(p)[-1]
+    assert summary["deleted"] == 0 and "nothing was deleted" in " ".join(summary["notes"])  # type: ignore[arg-type]
+    assert (served.home / "t" / "a").read_text() == "a"
+    # a pull whose local side (the destination) has an unreadable entry deletes nothing locally
+    local = tmp_path / "local"
+    ok(served.ferry("sync", "-q", served.url("t/"), str(local)))
+    (served.home / "t" / "sub" / "c").unlink()
+    with open(os.fsencode(local / "sub") + b"/\xfe-not-utf8", "wb") as f:
+        f.write(b"y")
+    ok(served.ferry("sync", "-q", "--delete", served.url("t/"), str(local)))
+    # (the destination's unreadable entry is not deleted; what the source lacks is)
+    assert not (local / "sub" / "c").exists() and os.path.exists(os.fsencode(local / "sub") + b"/\xfe-not-utf8")
+    # the source gone: an error, nothing deleted
+    for name in ("sub/b", "sub/c"):
+        (src / name).unlink(missing_ok=True)
+    os.unlink(bad)
+    (src / "sub").rmdir()
+    src.rmdir()
+    p = served.ferry("sync", "--delete", f"{src}/", served.url("t"))
+    assert p.returncode == 4, p.stderr
+    assert (served.home / "t" / "sub" / "b").read_text() == "sub/b"
+
+
 def test_filters_pick_the_same_files_both_ways(served: Served, tmp_path: Path) -> None:
     src = tmp_path / "src"
     names = ["a.c", "a.h", "lib/b.c", "lib/b.o", "build/x.c", "docs/r.md", "lib/deep/c.c"]

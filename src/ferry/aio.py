@@ -65,6 +65,18 @@ class CorkedWriter:
         await self._writer.drain()
 
 
+async def gather_all(coros: list[Any]) -> None:
+    """Run all; on the first failure cancel the rest, wait for them, and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def close_after(job: asyncio.Future[Any] | None, close: Callable[[], object]) -> None:
     """Run ``close`` now, or once ``job`` (a thread job still using the resource) has finished.
 

@@ -90,7 +90,19 @@ def partial_name(name: str, token: str) -> str:
 
 def is_partial_name(name: str) -> bool:
     """True if ``name`` (one component) has the form of a partial file (``.x.ferry-part-T``)."""
-    return _PARTIAL_RE.fullmatch(name) is not None
+    # Every listed name comes through here: most do not start with a dot and skip the pattern.
+    return name[:1] == "." and _PARTIAL_RE.fullmatch(name) is not None
+
+
+def safe_relative(name: str) -> bool:
+    """True for a relative POSIX path of plain names (no empty, ``.`` or ``..`` parts, no NUL):
+    a name from the other side that may become a local path."""
+    if not name or "\0" in name or (os.sep != "/" and os.sep in name):
+        return False
+    # Three substring searches instead of a split per name (a listing checks 10,000 of them):
+    # an empty, "." or ".." part shows as "//", "/./" or "/../" once the name is framed in '/'.
+    framed = f"/{name}/"
+    return "//" not in framed and "/./" not in framed and "/../" not in framed
 
 
 # --- atomic small-file writes -------------------------------------------------------------------

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import msgspec
+
 NodeKind = Literal["file", "dir", "link", "other", "error"]
 Action = Literal["new", "update", "attrs", "same", "delete", "skip"]
 
@@ -54,9 +56,12 @@ class Listed(Protocol):
     def message(self) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
-    """One entry of a listed tree."""
+class Node(msgspec.Struct, frozen=True, gc=False):
+    """One entry of a listed tree.
+
+    A msgspec struct rather than a dataclass: a listing makes one per entry (10,000 for a tree of
+    10,000 files) and a struct is built ~10x faster and is not tracked by the garbage collector
+    (it holds no containers)."""
 
     path: str
     kind: NodeKind

@@ -148,6 +148,14 @@ def sync(
             out.note(f"ferry: {safe_name(item.path or '.')}: {safe_name(item.error)}")
 
     async def main() -> SyncResult:
+        from ferry.cli.common import open_client  # noqa: F401 (imported here: see below)
+        from ferry.client.sync import local_listing_for
+
+        # The local side is listed in a thread from now on, beside the connection and login
+        # (spent mostly waiting for the server). Not earlier: beside the imports above (and
+        # those of asyncio and the connection) the listing would only compete with them for the
+        # interpreter lock, and both would take longer (docs/performance.md).
+        listing = local_listing_for(api_src, api_dest, rules=rules, checksum=checksum)
         async with connected(loc, common) as client:
             if rate:
                 client.set_bwlimit(rate)
@@ -164,6 +172,7 @@ def sync(
                     progress=progress,
                     on_item=on_item,
                     on_file=on_file,
+                    local_listing=listing,
                 )
                 return result
 

@@ -34,6 +34,7 @@ from ferry.wire.codes import from_wire
 if TYPE_CHECKING:
     from ferry.client.exec import Command, CommandStream, RemoteProcess, Result
     from ferry.client.sync import SyncItem, SyncResult
+    from ferry.client.synclocal import LocalListing
     from ferry.client.transfer import TransferResult
     from ferry.client.tree import TreeResult
 
@@ -405,9 +406,11 @@ class AsyncClient:
         on_item: Callable[[SyncItem], None] | None = None,
         on_file: Callable[[str], None] | None = None,
         nest: str = "always",
+        local_listing: LocalListing | None = None,
     ) -> SyncResult:
         """Make ``dest`` like ``src``, sending only what changed; exactly one side is remote, written
-        ``":PATH"``. See :func:`ferry.client.sync.sync` and docs/sync.md."""
+        ``":PATH"``. See :func:`ferry.client.sync.sync` and docs/sync.md. ``local_listing``: the
+        local side, listed ahead (:func:`ferry.client.sync.local_listing_for`)."""
         from ferry.client.sync import sync
 
         return await sync(
@@ -427,6 +430,7 @@ class AsyncClient:
             on_item=on_item,
             on_file=on_file,
             nest=nest,
+            local_listing=local_listing,
         )
 
     def set_bwlimit(self, rate: int | None) -> None:

@@ -36,19 +36,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from ferry import cdc
-from ferry.client.delta import delta_get, delta_put
+from ferry.aio import gather_all
 from ferry.client.synclocal import (
+    LocalListing,
     local_node,
     local_remove,
     local_set_attrs,
     makedirs,
-    scan_local,
 )
-from ferry.client.tree import BATCH_BYTES as _BATCH_BYTES
-from ferry.client.tree import BATCH_ITEMS as _BATCH_ITEMS
-from ferry.client.tree import _gather_all, read_small, safe_relative
-from ferry.delta import BasisChanged
 from ferry.errors import (
     ConnectionBroken,
     DiskFull,
@@ -57,8 +52,8 @@ from ferry.errors import (
     TransferError,
     UsageError,
 )
+from ferry.fskit import safe_relative
 from ferry.hashing import HashName
-from ferry.syncfilter import Filter
 from ferry.syncplan import Item, Listed, Node, Plan, plan
 from ferry.textsafe import safe_name
 from ferry.wire import messages as m
@@ -344,8 +339,9 @@ class _NamedBatches:
     written meanwhile is reported (``changed``), never sent half old, half new."""
 
     def __init__(self, root: Path, items: list[Item], hash: HashName) -> None:
-        from ferry.client.tree import _Failures
+        from ferry.client.tree import BATCH_BYTES, BATCH_ITEMS, _Failures
 
+        self._batch_bytes, self._batch_items = BATCH_BYTES, BATCH_ITEMS
         self.root = root
         self.hash = hash
         self.large: list[tuple[str, int]] = []  # grew past the inline limit since listed
@@ -369,11 +365,14 @@ class _NamedBatches:
                     continue
                 items.append(rec)
                 size += 64 + len(it.path) + len(rec.data or b"")
-            if size >= _BATCH_BYTES or len(items) >= _BATCH_ITEMS:
+            if size >= self._batch_bytes or len(items) >= self._batch_items:
                 return items, False
         return items, True
 
     def _file(self, rel: str) -> m.TreeItem | None:
+        from ferry import cdc
+        from ferry.client.tree import read_small
+
         path = os.path.join(self.root, rel)
         try:
             item = read_small(path, rel, self.hash)
@@ -462,21 +461,28 @@ async def run_sync(
     progress: Progress | None = None,
     on_item: Callable[[SyncItem], None] | None = None,
     on_file: Callable[[str], None] | None = None,
+    local_listing: LocalListing | None = None,
 ) -> SyncResult:
     """Sync resolved roots (see :func:`resolve`): ``src`` local and ``dst`` remote with ``push``,
-    the reverse without. Items are reported through ``on_item`` as they complete."""
+    the reverse without. Items are reported through ``on_item`` as they complete.
+
+    ``local_listing``: the local side's listing, started earlier (before connecting); used if it
+    fits this sync's local root and options, else the local side is listed again."""
     if not supports_sync(client):
         raise UsageError("this server does not support sync (it is older than this client); upgrade it")
     t0 = time.monotonic()
     wire0 = wire_counters(client)
     job = _Job(client, src, dst, push, opts, on_item)
-    filt = Filter(opts.rules)  # usage errors surface before anything is asked of the server
-    loop = asyncio.get_running_loop()
-    local_scan = loop.run_in_executor(None, scan_local, job.local, filt, opts.checksum)
+    listing = local_listing
+    if listing is None or not listing.fits(job.local, opts.rules, opts.checksum):
+        # Usage errors in the rules surface here, before anything is asked of the server.
+        listing = LocalListing(job.local, opts.rules, opts.checksum)
     try:
         remote_nodes = await scan_remote(client, job.remote, opts.rules, opts.checksum)
     finally:
-        local_nodes = await local_scan
+        # Whatever happened to the remote listing, the local one is finished (not left running)
+        # and its outcome known before anything is planned: a scan that failed raises here.
+        local_nodes = await listing.result()
     src_nodes, dst_nodes = (local_nodes, remote_nodes) if push else (remote_nodes, local_nodes)
     if src_nodes is None:
         raise ErrorCode.NOT_FOUND.error("the source does not exist; nothing was changed")
@@ -536,6 +542,7 @@ def _attr_items(p: Plan) -> list[Item]:
 async def _move_large(job: _Job, it: Item) -> int:
     """Send one large file (either direction): as a delta when the destination has an older
     version (or with -z), else streamed whole (resumable). Returns the content bytes that moved."""
+    from ferry.client.delta import delta_get, delta_put
     from ferry.client.transfer import get_file, put_file
 
     client, opts = job.client, job.opts
@@ -566,6 +573,11 @@ async def _move_large(job: _Job, it: Item) -> int:
 
 async def _large(job: _Job, items: list[Item], one: Callable[[_Job, Item], Any]) -> None:
     """Run ``one(job, item)`` for each large file, a few at a time; failures are reported, not raised."""
+    if not items:
+        return
+    from ferry import cdc
+    from ferry.delta import BasisChanged
+
     sem = asyncio.Semaphore(PARALLEL)
 
     async def run(it: Item) -> None:
@@ -586,7 +598,7 @@ async def _large(job: _Job, items: list[Item], one: Callable[[_Job, Item], Any])
                 job.report(it, sent=sent)
                 return
 
-    await _gather_all([run(it) for it in items])
+    await gather_all([run(it) for it in items])
 
 
 async def _execute_push(job: _Job, p: Plan) -> None:
@@ -605,7 +617,7 @@ async def _execute_push(job: _Job, p: Plan) -> None:
         await _push_small(job, dirs)
     # Then the small files as one stream, beside the large ones (disk, CPU and network overlap).
     grown: list[Item] = []
-    await _gather_all(
+    await gather_all(
         [_push_small(job, small, grown), _large(job, large, _move_large)]
         if small
         else [_large(job, large, _move_large)]
@@ -739,7 +751,7 @@ async def _execute_pull(job: _Job, p: Plan) -> None:
         for it in chunk:
             job.report(it, sent=it.size)
 
-    await _gather_all(
+    await gather_all(
         [fetch(small[i : i + BATCH_NAMES]) for i in range(0, len(small), BATCH_NAMES)]
         + [_large(job, large, _move_large)]
     )
@@ -790,6 +802,7 @@ async def sync(
     on_item: Callable[[SyncItem], None] | None = None,
     on_file: Callable[[str], None] | None = None,
     nest: str = "always",
+    local_listing: LocalListing | None = None,
 ) -> SyncResult:
     """Make ``dest`` like ``src``; exactly one is remote, written ``":PATH"``.
 
@@ -798,6 +811,7 @@ async def sync(
     (see :mod:`ferry.syncfilter`). ``progress(done, total)`` counts the bytes of the whole job;
     ``on_item`` sees each change as it is made. Per-file failures are in the result (``failed``,
     the items' ``error``); a missing source, a quota or a lost connection raise.
+    ``local_listing`` is the local side listed ahead (see :func:`local_listing_for`).
     """
     from ferry.syncfilter import build_rules
 
@@ -814,5 +828,38 @@ async def sync(
     )
     src_root, dst_root = await resolve(client, s, d, push=push, nest=nest)
     return await run_sync(
-        client, src_root, dst_root, push=push, opts=opts, progress=progress, on_item=on_item, on_file=on_file
+        client,
+        src_root,
+        dst_root,
+        push=push,
+        opts=opts,
+        progress=progress,
+        on_item=on_item,
+        on_file=on_file,
+        local_listing=local_listing,
     )
+
+
+def local_listing_for(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    rules: Sequence[str] = (),
+    checksum: bool = False,
+) -> LocalListing:
+    """Start listing the local side of ``sync(src, dest)`` now (a thread), before connecting: the
+    listing then overlaps the connection and login. The local root is the one :func:`resolve`
+    finds without the server for a push, and for a pull of a folder; a pull of a single file
+    may land elsewhere, and then the sync lists again. ``rules``: the full rule list (as
+    :func:`ferry.syncfilter.build_rules` makes it)."""
+    push, s, d = split_remote(os.fspath(src), os.fspath(dest))
+    if push:
+        root = os.path.abspath(s) if s else "."
+    else:
+        root = os.path.abspath(d) if d else "."
+        name = _clean_remote(s).rsplit("/", 1)[-1]
+        if not contents_of(s) and name:
+            root = os.path.join(root, name)
+    from ferry.syncfilter import build_rules
+
+    return LocalListing(Path(root), build_rules(rules), checksum)

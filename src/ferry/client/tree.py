@@ -32,14 +32,14 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ferry.aio import close_after
+from ferry.aio import close_after, gather_all
 from ferry.cdc import FileChanged, stat_key
 from ferry.client.mux import Mux
 from ferry.client.transfer import Progress, TransferResult, get_file, put_file
 from ferry.compress import tree_batch, tree_records
 from ferry.errors import ConnectionBroken, IntegrityError, RemoteError, TransferError, UsageError
 from ferry.errtext import os_reason
-from ferry.fskit import DIR_FLAGS, READ_FLAGS, DirCache, partial_name, store_atomically
+from ferry.fskit import DIR_FLAGS, READ_FLAGS, DirCache, partial_name, safe_relative, store_atomically
 from ferry.hashing import HashName, small_digest
 from ferry.textsafe import safe_name
 from ferry.wire import ProtocolError
@@ -62,14 +62,6 @@ INLINE_MAX = m.TREE_INLINE_MAX
 MAX_DIR_FDS = 32
 #: Per-file failures named in the final error (the rest are counted).
 SHOWN_ERRORS = 10
-
-
-
-def safe_relative(name: str) -> bool:
-    """True for a relative POSIX path of plain names (no empty, ``.`` or ``..`` parts, no NUL)."""
-    if not name or "\0" in name or (os.sep != "/" and os.sep in name):
-        return False
-    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def _is_link(dir_fd: int, name: str) -> bool:
@@ -585,16 +577,6 @@ async def _each_large(
             r = await transfer(src, dst)
         tally(r.size)
 
-    await _gather_all([one(src, dst) for src, dst in items])
+    await gather_all([one(src, dst) for src, dst in items])
 
 
-async def _gather_all(coros: list[Any]) -> None:
-    """Run all; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

@@ -39,6 +39,8 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Final, Generic, Literal, TypeVar
 
+import msgspec
+
 from ferry.errors import FerryError, NotFound, RemoteError
 from ferry.fskit import (
     DIR_FLAGS,
@@ -1148,9 +1150,10 @@ class _FolderScan(Generic[_R]):
         self._max_depth = jail._max_depth
         self._gen = self._walk()
 
-    def __iter__(self) -> _FolderScan[_R]:
-        """The scan is its own iterator."""
-        return self
+    def __iter__(self) -> Iterator[_R]:
+        """The records (the walk's generator itself: a ``for`` loop over a scan makes no Python
+        call per record)."""
+        return self._gen
 
     def __next__(self) -> _R:
         """The next record (raises StopIteration at the end)."""
@@ -1741,9 +1744,11 @@ def _dir_error(exc: OSError, parent: int, name: str, path: str) -> FerryError:
 # Sync listings: every entry with its status, one walk
 
 
-@dataclass(frozen=True, slots=True)
-class ScanRecord:
-    """One entry found by :class:`EntryScan` (``error`` set when it could not be read)."""
+class ScanRecord(msgspec.Struct, frozen=True):
+    """One entry found by :class:`EntryScan` (``error`` set when it could not be read).
+
+    A msgspec struct, not a dataclass: a listing makes one per entry, and a struct is built
+    several times faster."""
 
     path: str
     kind: EntryKind | Literal["error"]
@@ -1795,10 +1800,14 @@ class EntryScan(_FolderScan[ScanRecord]):
             found = sorted((de.name, de) for de in it)
         subdirs: list[str] = []
         exclude, digest = self._exclude, self._digest
+        prefix = f"{rel}/" if rel else ""
+        # The loop every listed entry goes through (10,000 for a tree of 10,000 files): the
+        # common kinds are built here without a call per entry.
+        s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
         for name, de in found:
-            if is_partial_name(name):
+            if name[:1] == "." and is_partial_name(name):
                 continue
-            sub = f"{rel}/{name}" if rel else name
+            sub = prefix + name
             try:
                 st = de.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -1806,15 +1815,20 @@ class EntryScan(_FolderScan[ScanRecord]):
             except OSError as exc:
                 yield self._failed(sub, translate_oserror(exc, self._client_path(sub)))
                 continue
-            is_dir = stat.S_ISDIR(st.st_mode)
+            mode = st.st_mode
+            is_dir = s_isdir(mode)
             if exclude is not None and exclude(sub, is_dir):
                 continue
-            if digest is not None and stat.S_ISREG(st.st_mode):
-                yield self._with_digest(dfd, name, sub, digest)
-                continue
-            yield _record(sub, st)
-            if is_dir:
+            if s_isreg(mode):
+                if digest is not None:
+                    yield self._with_digest(dfd, name, sub, digest)
+                else:
+                    yield ScanRecord(sub, "file", st.st_size, st.st_mtime, s_imode(mode))
+            elif is_dir:
+                yield ScanRecord(sub, "dir", 0, st.st_mtime, s_imode(mode))
                 subdirs.append(name)
+            else:
+                yield _record(sub, st)
         subdirs.reverse()
         return subdirs
 

@@ -82,11 +82,19 @@ def _next_page(scan: EntryScan, check: Callable[[], None]) -> tuple[list[m.SyncE
     """The next ScanItems page (thread); ``check`` stops it between entries when the session ended."""
     out: list[m.SyncEntry] = []
     size = 0
+    entry_of, lo, hi = m.SyncEntry, m.MIN_TIME, m.MAX_TIME
     for rec in scan:
-        check()
-        entry = _wire_entry(rec)
+        if not len(out) & 63:  # every 64 entries: soon enough, and not a call per entry
+            check()
+        if rec.error is None:  # _wire_entry's common case, inline: this runs once per entry
+            t = rec.mtime
+            t = 0.0 if t != t else lo if t < lo else hi if t > hi else t  # as m.wire_time
+            entry = entry_of(rec.path, rec.kind, rec.size, t, rec.mode, rec.digest)
+        else:
+            entry = _wire_entry(rec)
         out.append(entry)
-        size += 48 + len(entry.path) * (1 if entry.path.isascii() else 4) + len(entry.message)
+        path = entry.path
+        size += 48 + (len(path) if path.isascii() else 4 * len(path)) + len(entry.message)
         if len(out) >= SCAN_ITEMS or size >= SCAN_BYTES:
             return out, False
     return out, True
