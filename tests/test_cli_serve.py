@@ -133,7 +133,7 @@ def test_keep_partials_must_not_be_negative(tmp_path: Path) -> None:
 
 
 def test_serve_limit_options_default_to_the_server_limits() -> None:
-    from ferry.cli.serve import serve
+    from ferry.cli.serve import SIZE, serve
     from ferry.server.context import Limits
 
     defaults = {p.name: p.default for p in serve.params}
@@ -144,8 +144,12 @@ def test_serve_limit_options_default_to_the_server_limits() -> None:
         "max_pending_logins",
         "max_pending_logins_per_address",
         "login_timeout",
+        "sweep_interval",
+        "max_partials",
     ):
         assert defaults[name] == getattr(lim, name), name
+    assert defaults["keep_partials"] * 86400 == lim.partial_max_age
+    assert SIZE.convert(defaults["max_partial_bytes"], None, None) == lim.max_partial_bytes
 
 
 @pytest.mark.timeout(60)

@@ -959,21 +959,30 @@ def mv(source: str, dest: str, common: Common) -> None:
     run(main(), bulk=False)
 
 
-def df_lines(used: int, quota: int | None, free: int) -> list[str]:
-    """Human ``df`` output."""
+def df_lines(used: int, quota: int | None, free: int, partial: int = 0) -> list[str]:
+    """Human ``df`` output; ``partial`` is the part of ``used`` held by unfinished uploads."""
     left = free if quota is None else max(min(quota - used, free), 0)
     return [
-        f"{'used':<12}{'quota':<12}{'available':<12}{'server free':<12}",
-        f"{human_size(used):<12}{human_size(quota):<12}{human_size(left):<12}{human_size(free):<12}",
+        f"{'used':<12}{'partial':<12}{'quota':<12}{'available':<12}{'server free':<12}",
+        f"{human_size(used):<12}{human_size(partial):<12}{human_size(quota):<12}{human_size(left):<12}"
+        f"{human_size(free):<12}",
     ]
 
 
 def print_df(out: Output, u: Usage) -> None:
-    """``df`` output: the table, or ``{"used", "quota", "free", "available"}`` (also the shell's)."""
+    """``df`` output: the table, or ``{"used", "quota", "free", "available", "partial",
+    "partials"}`` (also the shell's)."""
     available = u.free if u.quota is None else max(min(u.quota - u.used, u.free), 0)
     out.result(
-        "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free)),
-        {"used": u.used, "quota": u.quota, "free": u.free, "available": available},
+        "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free, u.partial)),
+        {
+            "used": u.used,
+            "quota": u.quota,
+            "free": u.free,
+            "available": available,
+            "partial": u.partial,
+            "partials": u.partials,
+        },
     )
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ferry import paths
+from ferry.cli.user import parse_size  # the user commands' parser: one spelling of sizes
+from ferry.errors import UsageError
 
 if TYPE_CHECKING:
     from ferry.server.app import Banner
@@ -117,7 +119,6 @@ def _check_scale_options(
 ) -> S3Config | None:
     """Refuse contradictory or malformed --db / --cert / --key / --store before anything starts;
     returns the object store of --store."""
-    from ferry.errors import UsageError
 
     if (cert is None) != (key is None):
         raise UsageError("--cert and --key go together: give both (the certificate and its private key)")
@@ -151,6 +152,31 @@ def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
     return click.option(flag, type=click.IntRange(min=1), default=default, show_default=True, metavar="N", help=help)
 
 
+def _seconds_option(flag: str, default: float, minimum: float, help: str) -> Callable[[F], F]:
+    """A server limit given in seconds (at least ``minimum``), its default shown in ``--help``."""
+    return click.option(
+        flag, type=click.FloatRange(min=minimum), default=default, show_default=True, metavar="SECONDS", help=help
+    )
+
+
+class _Size(click.ParamType[int]):
+    """A byte count written as ``ferry user --quota`` takes it (``64GiB``, ``500M``, ``0``)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+        return 0 if size is None else size
+
+
+SIZE = _Size()
+
+
 @click.command()
 @click.option(
     "--root",
@@ -174,7 +200,29 @@ def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
     default=7.0,
     show_default=True,
     metavar="DAYS",
-    help="Delete interrupted uploads not resumed within DAYS (checked hourly; 0 keeps them for ever).",
+    help="Delete interrupted uploads not resumed within DAYS (fractions allowed; 0 keeps them for ever).",
+)
+@_seconds_option(
+    "--sweep-interval",
+    3600.0,
+    0.1,
+    "How often every home is searched for interrupted uploads older than --keep-partials "
+    "(the first search runs a second after start).",
+)
+@_count_option(
+    "--max-partials",
+    64,
+    "Unfinished uploads one user may hold (interrupted ones kept for a resume, and running ones); "
+    "a new upload beyond it is refused until some are resumed or removed.",
+)
+@click.option(
+    "--max-partial-bytes",
+    type=SIZE,
+    default="64GiB",
+    show_default=True,
+    metavar="SIZE",
+    help="Bytes of those unfinished uploads (running ones at their full size) one user may hold; "
+    "0: no limit but the user's quota.",
 )
 @_count_option("--max-sessions", 1000, "Logged-in sessions at once; further logins are refused as busy.")
 @_count_option("--max-sessions-per-user", 100, "Logged-in sessions of one user at once.")
@@ -194,21 +242,12 @@ def _count_option(flag: str, default: int, help: str) -> Callable[[F], F]:
     metavar="N",
     help="Password checks at once, each in a thread (argon2id keeps a core busy ~22 ms). Default: one per core.",
 )
-@click.option(
-    "--login-timeout",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Time a new connection has to finish TLS and send its credentials.",
-)
-@click.option(
+@_seconds_option("--login-timeout", 10.0, 0.1, "Time a new connection has to finish TLS and send its credentials.")
+@_seconds_option(
     "--password-cache",
-    type=click.FloatRange(min=0),
-    default=600.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Remember a verified password this long (as a keyed hash in memory) so the same account's "
+    600.0,
+    0,
+    "Remember a verified password this long (as a keyed hash in memory) so the same account's "
     "next logins skip argon2; 0 turns it off.",
 )
 @click.option(
@@ -245,6 +284,9 @@ def serve(
     port: int,
     plain: bool,
     keep_partials: float,
+    sweep_interval: float,
+    max_partials: int,
+    max_partial_bytes: int,
     max_sessions: int,
     max_sessions_per_user: int,
     max_pending_logins: int,
@@ -275,6 +317,9 @@ def serve(
         plain=plain,
         limits=Limits(
             partial_max_age=keep_partials * 86400,
+            sweep_interval=sweep_interval,
+            max_partials=max_partials,
+            max_partial_bytes=max_partial_bytes,
             max_sessions=max_sessions,
             max_sessions_per_user=max_sessions_per_user,
             max_pending_logins=max_pending_logins,

@@ -45,11 +45,15 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Usage:
-    """Disk usage of the home (bytes), the quota (None: unlimited) and the server's free space."""
+    """Disk usage of the home (bytes), the quota (None: unlimited) and the server's free space;
+    ``partial`` is the part of ``used`` held by ``partials`` unfinished uploads (0 from a server
+    too old to say)."""
 
     used: int
     quota: int | None
     free: int
+    partial: int = 0
+    partials: int = 0
 
 
 @dataclass(frozen=True)
@@ -295,7 +299,7 @@ class AsyncClient:
     async def df(self) -> Usage:
         """Usage, quota and free space."""
         r = await self.mux.call(lambda i: m.Df(id=i), m.DfReply)
-        return Usage(r.used, r.quota, r.free)
+        return Usage(r.used, r.quota, r.free, r.partial, r.partials)
 
     async def ping(self) -> float:
         """Round-trip time to the server in seconds (also a keepalive)."""

@@ -172,6 +172,13 @@ class Server:
             lim.auth_concurrency,
             lim.login_timeout,
         )
+        log.info(
+            "unfinished uploads: per-user=%d bytes=%d kept=%gs sweep-every=%gs",
+            lim.max_partials,
+            lim.max_partial_bytes,
+            lim.partial_max_age,
+            lim.sweep_interval,
+        )
         if cfg.limits.partial_max_age > 0:
             from ferry.server.sweeper import sweep_forever
 

@@ -10,6 +10,7 @@ import logging
 import os
 import ssl
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ferry.cdc import ChunkIndex
 from ferry.server.accounts import Accounts, User
 from ferry.server.admission import Admission
 from ferry.server.auth import Authenticator
-from ferry.server.jail import MAX_DEPTH
+from ferry.server.jail import MAX_DEPTH, HomeUsage
 from ferry.server.login_queue import LoginQueue
 from ferry.server.pwcache import VerifiedPasswords
 from ferry.server.revocation import Revocation
@@ -61,6 +62,11 @@ class Limits:
     #: interrupted uploads not resumed within this many seconds are deleted (0: keep for ever)
     partial_max_age: float = 7 * 86400.0
     sweep_interval: float = 3600.0  #: seconds between two sweeps for stale partial uploads
+    #: unfinished uploads (partial files) one user may hold, interrupted and running ones together;
+    #: a new resumable upload beyond it is refused (code quota) until some are resumed or removed
+    max_partials: int = 64
+    #: bytes of those (running uploads at their announced size); 0: no cap but the user's quota
+    max_partial_bytes: int = 64 << 30
     #: threads for bounded blocking file work (stat, open, a block read or written, a commit);
     #: separate from the login threads of password checks (ferry.server.work, ferry.server.login_queue)
     file_threads: int = 16
@@ -140,33 +146,146 @@ class HashCache:
 
 
 class Usage:
-    """Bytes used per user home, computed lazily once and then kept up to date by operations."""
+    """What each user's home holds, for quotas and ``df``: computed once by a walk of the home
+    (:meth:`~ferry.server.jail.Jail.usage_walk`), then kept up to date by the operations.
+
+    Per user: the bytes and entries of complete files; the *idle* partial uploads (interrupted,
+    kept for a resume; by home-relative path, so recording one twice counts it once); bytes
+    reserved by operations still running; the resumable uploads running (each may leave a partial).
+    A partial being written belongs to its upload (its reservation counts it), not to the idle ones.
+    """
 
     def __init__(self) -> None:
         self._used: dict[str, int] = {}
+        self._entries: dict[str, int] = {}
+        self._partials: dict[str, dict[str, int]] = {}
+        #: changes to the idle partials made while a walk of the home runs (path -> size, None:
+        #: gone), applied over its result: the walk may or may not have seen them
+        self._walking: dict[str, dict[str, int | None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reserved: dict[str, int] = {}
+        self._running: dict[str, tuple[int, int]] = {}
 
     def known(self, user: str) -> int | None:
-        """The cached usage of ``user``, or None when it must be (re)computed."""
-        return self._used.get(user)
+        """Bytes counted against ``user``'s quota (complete files and idle partials), or None
+        when they must be (re)computed."""
+        used = self._used.get(user)
+        if used is None:
+            return None
+        return used + self.partial_bytes(user)
+
+    def partial_bytes(self, user: str) -> int:
+        """Bytes of the idle partials of ``user`` as far as known."""
+        return sum(self._partials.get(user, {}).values())
+
+    def entries(self, user: str) -> int | None:
+        """Entries (files, folders, links) of ``user``'s home, or None when unknown."""
+        return self._entries.get(user)
+
+    def partials(self, user: str) -> dict[str, int]:
+        """The idle partial uploads of ``user`` (path -> bytes) as far as known (do not change it)."""
+        return self._partials.get(user, {})
 
     def lock(self, user: str) -> asyncio.Lock:
         """Serialises the first computation per user."""
         return self._locks.setdefault(user, asyncio.Lock())
 
-    def set(self, user: str, used: int) -> None:
-        """Store a freshly computed usage."""
-        self._used[user] = used
+    def begin_walk(self, user: str) -> None:
+        """A walk of ``user``'s home starts: remember what happens to partials meanwhile."""
+        self._walking[user] = {}
 
-    def add(self, user: str, delta: int) -> None:
-        """Account for bytes added (or removed, negative) by an operation."""
+    def set(self, user: str, tally: HomeUsage, writing: Collection[str] = ()) -> bool:
+        """Store a walk's result (see :meth:`begin_walk`), without the partials being written now
+        (``writing``: their uploads count them). Returns False, storing nothing, if the usage was
+        invalidated while the walk ran (it may have missed that change: the next check walks again)."""
+        changes = self._walking.pop(user, None)
+        if changes is None:
+            return False
+        partials = {p: n for p, n in tally.partials.items() if p not in writing}
+        for path, size in changes.items():
+            if size is None:
+                partials.pop(path, None)
+            else:
+                partials[path] = size
+        self._used[user] = tally.bytes
+        self._entries[user] = tally.entries
+        self._partials[user] = partials
+        return True
+
+    def add(self, user: str, delta: int, entries: int = 0) -> None:
+        """Account for bytes (and entries) added, or removed if negative, by an operation."""
         if user in self._used:
             self._used[user] = max(0, self._used[user] + delta)
+            self._entries[user] = max(0, self._entries[user] + entries)
 
     def invalidate(self, user: str) -> None:
-        """Forget the usage (e.g. after a recursive remove) so it is recomputed next time."""
+        """Forget the bytes and entries (e.g. after a recursive remove) so they are recomputed
+        next time; the idle partials stay known (see :meth:`removed_tree`, :meth:`moved_tree`)."""
         self._used.pop(user, None)
+        self._entries.pop(user, None)
+        self._walking.pop(user, None)
+
+    def invalidate_all(self, user: str) -> None:
+        """Forget everything about ``user``'s home (the partials too: e.g. a remove that failed
+        half-way)."""
+        self.invalidate(user)
+        self._partials.pop(user, None)
+
+    def partials_known(self, user: str) -> bool:
+        """Whether the idle partials of ``user`` are known (else a walk must find them)."""
+        return user in self._partials
+
+    def removed_tree(self, user: str, path: str) -> None:
+        """Folder ``path`` (home-relative) was removed with everything in it, partials included."""
+        prefix = f"{path}/"
+        for p in [p for p in self._partials.get(user, {}) if p.startswith(prefix)]:
+            self._partial_changed(user, p, None)
+
+    def moved_tree(self, user: str, src: str, dst: str) -> None:
+        """Folder ``src`` was renamed to ``dst``: the partials in it moved with it."""
+        prefix = f"{src}/"
+        for p, n in [(p, n) for p, n in self._partials.get(user, {}).items() if p.startswith(prefix)]:
+            self._partial_changed(user, p, None)
+            self._partial_changed(user, f"{dst}/{p[len(prefix):]}", n)
+
+    def _partial_changed(self, user: str, path: str, size: int | None) -> None:
+        walking = self._walking.get(user)
+        if walking is not None:
+            walking[path] = size
+        partials = self._partials.get(user)
+        if partials is None:
+            return
+        if size is None:
+            partials.pop(path, None)
+        else:
+            partials.pop(path, None)  # re-inserted last: the dict's order is the order of parking
+            partials[path] = size
+
+    def park(self, user: str, path: str, size: int) -> None:
+        """An upload stopped and kept its partial ``path`` (``size`` bytes) for a resume: it is
+        idle from now on, and counts against the quota as such."""
+        self._partial_changed(user, path, size)
+
+    def claim(self, user: str, path: str) -> None:
+        """An upload took partial ``path`` over (or removed it): it is no longer idle."""
+        self._partial_changed(user, path, None)
+
+    def running(self, user: str) -> tuple[int, int]:
+        """Resumable uploads of ``user`` running now: (count, announced bytes)."""
+        return self._running.get(user, (0, 0))
+
+    def start_upload(self, user: str, nbytes: int) -> None:
+        """A resumable upload of ``nbytes`` starts (it may leave a partial): see :meth:`running`."""
+        count, total = self._running.get(user, (0, 0))
+        self._running[user] = (count + 1, total + nbytes)
+
+    def end_upload(self, user: str, nbytes: int) -> None:
+        """The upload :meth:`start_upload` announced has ended."""
+        count, total = self._running.get(user, (1, nbytes))
+        if count > 1:
+            self._running[user] = (count - 1, max(total - nbytes, 0))
+        else:
+            self._running.pop(user, None)
 
     def reserved(self, user: str) -> int:
         """Bytes set aside for uploads of ``user`` that are still running."""

@@ -31,7 +31,8 @@ from ferry import cdc
 from ferry.aio import close_after
 from ferry.delta import Assembler, BasisChanged, BasisFile, DeltaEncoder, basis_id
 from ferry.errors import FerryError, RemoteError
-from ferry.server.jail import translate_oserror
+from ferry.fskit import partial_name
+from ferry.server.jail import join_path, parse_path, translate_oserror
 from ferry.server.service import Service
 from ferry.server.transfer import check_quota
 from ferry.server.work import in_thread, start_thread
@@ -131,6 +132,7 @@ class DeltaUpload:
         self.assembler: Assembler | None = None
         self.reserved = 0
         self.replaced = 0
+        self.prel = ""  # its partial (home-relative) once opened
         self._job: asyncio.Future[Any] | None = None
         self.dead = False
 
@@ -239,6 +241,10 @@ class DeltaUpload:
         if self.reserved:
             self.svc.ctx.usage.release(self.svc.user.name, self.reserved)
             self.reserved = 0
+        if self.prel:
+            # A usage walk that ran meanwhile may have taken its partial for an idle one: it is gone.
+            self.svc.ctx.usage.claim(self.svc.user.name, self.prel)
+            self.prel = ""
         if self.svc.channels.get(self.msg.id) is self:
             del self.svc.channels[self.msg.id]
 
@@ -248,7 +254,11 @@ async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
     _admit(svc, msg.id)
     if not _TOKEN.match(msg.token):
         raise RemoteProtocolError("bad upload token")
-    await check_quota(svc, msg)
+    parts = parse_path(msg.path)
+    # The partial it builds in: an interrupted put of the same source may have left it (idle,
+    # counted); it is truncated and reused, so its bytes are this upload's own.
+    prel = join_path((*parts[:-1], partial_name(parts[-1], msg.token))) if parts else ""
+    await check_quota(svc, msg, prel)
     up = DeltaUpload(svc, msg)
     svc.ctx.usage.reserve(svc.user.name, msg.size)
     up.reserved = msg.size
@@ -257,6 +267,8 @@ async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
     except BaseException:
         up.discard()
         raise
+    up.prel = up.partial
+    svc.ctx.usage.claim(svc.user.name, up.partial)  # removed or committed when it ends
     svc.channels[msg.id] = up
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 from ferry.server import work
 from ferry.server.glob import expand as expand_glob
 from ferry.server.jail import Entry as JailEntry
-from ferry.server.jail import Jail, ListScan
+from ferry.server.jail import Jail, ListScan, join_path, parse_path
 from ferry.server.service import Handler, Service
 from ferry.server.work import in_thread, run_steps
 from ferry.wire import messages as m
@@ -164,14 +164,16 @@ async def handle_remove(svc: FilesService, msg: m.Remove) -> None:
     st = await in_thread(jail.lstat, msg.path)
     if msg.recursive and statmod.S_ISDIR(st.st_mode):
         session_work = work.current.get()
-        async with session_work.walk_slot():
-            await run_steps(jail.remove_walk(msg.path))
+        try:
+            async with session_work.walk_slot():
+                await run_steps(jail.remove_walk(msg.path))
+        except BaseException:
+            # Some of it may be gone (rm -r stops at its first error): count again before trusting it.
+            svc.ctx.usage.invalidate_all(svc.user.name)
+            raise
     else:
         await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
-    if statmod.S_ISREG(st.st_mode):
-        svc.ctx.usage.add(svc.user.name, -st.st_size)
-    else:
-        svc.ctx.usage.invalidate(svc.user.name)
+    svc.account_removed(msg.path, st)
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("rm", msg.path, t0)
 
@@ -181,17 +183,31 @@ async def handle_rename(svc: FilesService, msg: m.Rename) -> None:
     t0 = time.monotonic()
     jail = svc.jail
     await in_thread(lambda: jail.rename(msg.src, msg.dst))
-    svc.ctx.usage.invalidate(svc.user.name)  # an overwritten target changes usage
+    usage = svc.ctx.usage
+    usage.invalidate(svc.user.name)  # an overwritten target changes usage
+    # (partial names can be neither end: jail.rename refuses them; a folder takes its partials along)
+    usage.moved_tree(svc.user.name, join_path(parse_path(msg.src)), join_path(parse_path(msg.dst)))
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("mv", f"{msg.src} -> {msg.dst}", t0)
 
 
 async def handle_df(svc: FilesService, msg: m.Df) -> None:
-    """Usage, quota and free disk space."""
+    """Usage (partial uploads included, and shown apart), quota and free disk space."""
     used = await svc.current_usage()
+    name, usage = svc.user.name, svc.ctx.usage
+    # Uploads running now hold bytes on disk too: what they have written so far.
+    writing = [up for (h, _), up in svc.ctx.uploads.items() if h == svc.jail.home]
+    being_written = sum(getattr(up, "pos", 0) for up in writing)
     vfs = os.statvfs(svc.user.home)
     await svc.send(
-        m.DfReply(id=msg.id, used=used, quota=svc.user.quota, free=vfs.f_bavail * vfs.f_frsize)
+        m.DfReply(
+            id=msg.id,
+            used=used + being_written,
+            quota=svc.user.quota,
+            free=vfs.f_bavail * vfs.f_frsize,
+            partial=usage.partial_bytes(name) + being_written,
+            partials=len(usage.partials(name)) + len(writing),
+        )
     )
 
 

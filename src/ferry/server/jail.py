@@ -35,7 +35,7 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Final, Generic, Literal, TypeVar
 
@@ -64,6 +64,7 @@ __all__ = [
     "Entry",
     "EntryKind",
     "EntryScan",
+    "HomeUsage",
     "Jail",
     "ListScan",
     "ScanRecord",
@@ -100,6 +101,18 @@ MAX_OPEN_DIRS: Final = 64
 
 EntryKind = Literal["file", "dir", "link", "other"]
 _R = TypeVar("_R")
+
+
+@dataclass
+class HomeUsage:
+    """What a home holds, as :meth:`Jail.usage` counts it."""
+
+    bytes: int = 0  #: apparent size of the complete regular files (a hard-linked file once)
+    #: entries of every kind but partial uploads (files, folders, links...), the home not included
+    entries: int = 0
+    #: partial uploads (regular files the server marked as the partial of an upload):
+    #: home-relative path -> size
+    partials: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +273,19 @@ def _is_genuine_partial(fd: int, st: os.stat_result, pname: str) -> bool:
         return os.getxattr(fd, PARTIAL_XATTR) == os.fsencode(pname)
     except OSError:  # no mark (ENODATA), or no extended attributes here at all
         return False
+
+
+def _marked_partial_at(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """True if entry ``name`` of folder ``dir_fd`` (status ``st``, not followed) is a regular file
+    with one link that carries the partial mark for its own name (see :func:`_is_genuine_partial`)."""
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    try:
+        # Through the folder's descriptor (os.getxattr has no dir_fd); the name itself not followed.
+        mark = os.getxattr(f"/proc/self/fd/{dir_fd}/{name}", PARTIAL_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return mark == os.fsencode(name)
 
 
 def _reopen_rw(ro: int, st: os.stat_result) -> int:
@@ -658,26 +684,29 @@ class Jail:
         """The entries of directory ``path``, sorted by name (see :meth:`iter_dir`)."""
         return sorted(self.iter_dir(path, include_partial=include_partial), key=lambda e: e.name)
 
-    def usage(self) -> int:
-        """Total apparent size (``st_size``) in bytes of all regular files under the home.
+    def usage(self) -> HomeUsage:
+        """What the home holds: bytes and entries of complete files, and its partial uploads.
 
-        Apparent size, not allocated blocks: it is what a user can predict from what they uploaded
-        (sparse files, compression and block rounding do not change it). Partial uploads count (they
-        occupy the disk). A file with several hard links inside the home counts once. Symbolic links
-        are never followed. Cost is one ``lstat`` per entry; callers should cache the result.
+        Bytes are the apparent size (``st_size``) of regular files, not allocated blocks: it is what
+        a user can predict from what they uploaded (sparse files, compression and block rounding do
+        not change it). A file with several hard links inside the home counts its bytes once.
+        The partials of uploads are counted apart (:attr:`HomeUsage.partials`): they occupy the
+        disk and the quota like files, but are not entries the user sees; other files with a
+        partial name (a small file's temporary) are not counted. Symbolic links are never followed.
+        Cost is one ``lstat`` per entry; callers should cache the result.
         """
-        last = collections.deque(self.usage_walk(), maxlen=1)  # the final running total
-        return last[0] if last else 0
+        last = collections.deque(self.usage_walk(), maxlen=1)  # the final tally
+        return last[0] if last else HomeUsage()
 
-    def usage_walk(self) -> Generator[int, None, None]:
-        """:meth:`usage` one entry at a time: yields the running total after each entry (the last
-        value is the usage; nothing for an empty home). Lets a caller spread the count over several
-        thread jobs and stop between entries; close it when abandoned (it holds descriptors)."""
-        total = 0
+    def usage_walk(self) -> Generator[HomeUsage, None, None]:
+        """:meth:`usage` one entry at a time: yields the running tally after each entry (one
+        object, updated in place; the last value is the usage; nothing for an empty home). Lets a
+        caller spread the count over several thread jobs and stop between entries; close it when
+        abandoned (it holds descriptors)."""
+        tally = HomeUsage()
         seen: set[tuple[int, int]] = set()
 
-        def scan(fd: int) -> Generator[int, None, list[str]]:
-            nonlocal total
+        def scan(fd: int, rel: str) -> Generator[HomeUsage, None, list[str]]:
             subdirs: list[str] = []
             with os.scandir(fd) as it:
                 for de in it:
@@ -685,28 +714,35 @@ class Jail:
                         st = de.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    if stat.S_ISDIR(st.st_mode):
-                        subdirs.append(de.name)
-                    elif stat.S_ISREG(st.st_mode):
-                        if st.st_nlink > 1:
-                            if _ident(st) in seen:
-                                continue
-                            seen.add(_ident(st))
-                        total += st.st_size
-                    yield total
+                    if is_partial_name(de.name):
+                        # Only the partials of uploads (marked when the server created them): a
+                        # small file's temporary, there for microseconds (or left by a crash until
+                        # the sweep), would stay counted as an idle partial that nobody ever frees.
+                        if _marked_partial_at(fd, de.name, st):
+                            tally.partials[f"{rel}/{de.name}" if rel else de.name] = st.st_size
+                    else:
+                        tally.entries += 1
+                        if stat.S_ISDIR(st.st_mode):
+                            subdirs.append(de.name)
+                        elif stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or _ident(st) not in seen):
+                            if st.st_nlink > 1:
+                                seen.add(_ident(st))
+                            tally.bytes += st.st_size
+                    yield tally
             return subdirs
 
         with _translating(""):
             chain = _DirChain(self._home_fd(), self._max_open_dirs)
             try:
-                pending = [(yield from scan(chain.top()))]
+                pending = [("", (yield from scan(chain.top(), "")))]
                 while pending:
-                    if not pending[-1]:
+                    rel, todo = pending[-1]
+                    if not todo:
                         pending.pop()
                         if len(chain) > 1:
                             chain.pop()
                         continue
-                    name = pending[-1].pop()
+                    name = todo.pop()
                     try:
                         chain.push(name)
                     except OSError as exc:
@@ -714,7 +750,8 @@ class Jail:
                         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                             continue
                         raise
-                    pending.append((yield from scan(chain.top())))
+                    sub = f"{rel}/{name}" if rel else name
+                    pending.append((sub, (yield from scan(chain.top(), sub))))
             finally:
                 chain.close()
 

@@ -22,12 +22,15 @@ a command cannot share one): :class:`Requests` is that registry, owned by the se
 
 from __future__ import annotations
 
+import os
+import stat as statmod
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from ferry.fskit import is_partial_name
 from ferry.server import work
-from ferry.server.jail import Jail
+from ferry.server.jail import HomeUsage, Jail, join_path, parse_path
 from ferry.wire import Connection, Data, RemoteProtocolError
 from ferry.wire import messages as m
 
@@ -183,7 +186,8 @@ class Service:
         )
 
     async def current_usage(self) -> int:
-        """Bytes used by the user's home (computed once, then tracked)."""
+        """Bytes counted against the user's quota: complete files and idle partial uploads
+        (computed once by a walk, then tracked; see :class:`~ferry.server.context.Usage`)."""
         usage = self.ctx.usage
         name = self.user.name
         known = usage.known(name)
@@ -192,10 +196,29 @@ class Service:
         async with usage.lock(name):
             known = usage.known(name)
             if known is None:
+                usage.begin_walk(name)
                 async with work.current.get().walk_slot():
-                    known = await work.run_steps(self.jail.usage_walk()) or 0
-                usage.set(name, known)
+                    tally = await work.run_steps(self.jail.usage_walk()) or HomeUsage()
+                # The partials uploads are writing now are theirs (their reservations count them).
+                writing = {rel for (h, rel) in self.ctx.uploads if h == self.jail.home}
+                usage.set(name, tally, writing)
+                # (if a rm -r invalidated it meanwhile, this count still answers this one request)
+                known = tally.bytes + sum(n for p, n in tally.partials.items() if p not in writing)
             return known
+
+    def account_removed(self, path: str, st: os.stat_result) -> None:
+        """Usage after ``path`` (whose status before was ``st``) was removed: a file's bytes are
+        freed, a partial leaves the idle ones, a folder's content is recounted when next needed."""
+        usage, name = self.ctx.usage, self.user.name
+        rel = join_path(parse_path(path))
+        if statmod.S_ISREG(st.st_mode) and is_partial_name(rel.rpartition("/")[2]):
+            usage.claim(name, rel)
+        elif statmod.S_ISREG(st.st_mode):
+            usage.add(name, -st.st_size, entries=-1)
+        else:
+            usage.invalidate(name)
+            if statmod.S_ISDIR(st.st_mode):
+                usage.removed_tree(name, rel)
 
     async def close(self) -> None:
         """The session ends (after its requests were aborted): release what the service holds."""

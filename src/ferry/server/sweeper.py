@@ -33,6 +33,7 @@ class SweepResult:
 
     files: int = 0
     bytes: int = 0
+    paths: tuple[str, ...] = ()  #: the home-relative paths of the partials removed
 
 
 def sweep_home(home: str, max_age: float, active: Collection[str], now: float | None = None) -> SweepResult:
@@ -44,6 +45,7 @@ def sweep_home(home: str, max_age: float, active: Collection[str], now: float | 
     """
     cutoff = (time.time() if now is None else now) - max_age
     files = nbytes = 0
+    paths: list[str] = []
     try:
         # The jail's walk, not os.fwalk: that one recurses (a tree ~1,000 levels deep raised
         # RecursionError and stopped the sweep of every later home) and keeps a descriptor per level.
@@ -63,9 +65,10 @@ def sweep_home(home: str, max_age: float, active: Collection[str], now: float | 
                         os.unlink(name, dir_fd=dirfd)
                         files += 1
                         nbytes += st.st_size
+                        paths.append(rel)
     except (OSError, FerryError):
         pass  # the home itself vanished or is unreadable: nothing to sweep
-    return SweepResult(files, nbytes)
+    return SweepResult(files, nbytes, tuple(paths))
 
 
 async def sweep_once(ctx: ServerContext) -> SweepResult:
@@ -79,8 +82,9 @@ async def sweep_once(ctx: ServerContext) -> SweepResult:
         # Snapshot the partials being written now (on the loop thread, where uploads register).
         active = {rel for (h, rel) in ctx.uploads if h == home}
         result = await asyncio.to_thread(sweep_home, home, max_age, active)
+        for path in result.paths:
+            ctx.usage.claim(user.name, path)  # no longer held: the quota has that room again
         if result.files:
-            ctx.usage.invalidate(user.name)  # the home shrank: recount before the next quota check
             ctx.log.info(
                 "sweep user=%s removed=%d stale partial uploads bytes=%d older_than_days=%g",
                 user.name,

@@ -239,6 +239,11 @@ class Upload:
     key: tuple[str, str] = ("", "")  # (home, partial path): at most one upload writes a partial
     superseded: bool = False  # a newer upload of the same source took the partial over
     reserved: int = 0  # quota bytes set aside while this upload runs
+    #: a resumable upload (the client's token): if it stops, its partial stays for a resume, and
+    #: counts among the user's idle partials (Usage.park) from then on
+    resumable: bool = False
+    have: int = 0  # bytes the partial held when it was opened (its size until start())
+    kept: bool = True  # False once the partial is committed or removed
 
     def start(self, offset: int) -> None:
         """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
@@ -341,6 +346,7 @@ class Upload:
         # Tracked like a write: an upload taking over the partial waits until the rename is done.
         self._pending = start_thread(seal)
         await self._settle()
+        self.kept = False  # renamed to its final name: no partial any more
 
     async def abort(self) -> None:
         """Connection lost or cancelled: stop, keep the verified partial for a later resume."""
@@ -357,6 +363,7 @@ class Upload:
         if not self.superseded and self.partial and self.fd >= 0:
             with contextlib.suppress(Exception):
                 self.svc.jail.remove_partial(self.partial, self.fd)
+            self.kept = False
         self.close()
 
     async def supersede(self) -> None:
@@ -379,9 +386,22 @@ class Upload:
         uploads = self.svc.ctx.uploads
         if uploads.get(self.key) is self:
             del uploads[self.key]
+        usage, name = self.svc.ctx.usage, self.svc.user.name
         if self.reserved:
-            self.svc.ctx.usage.release(self.svc.user.name, self.reserved)
+            usage.release(name, self.reserved)
             self.reserved = 0
+        if self.partial and not self.superseded:
+            if self.resumable and self.kept:
+                # Stopped, the partial kept for a resume: it counts against the quota as idle
+                # from now on (its bytes were this upload's reservation until now).
+                usage.park(name, self.partial, self.pos if self.started else self.have)
+            else:
+                # Committed or removed: gone, also if a usage walk meanwhile took it for an idle one.
+                usage.claim(name, self.partial)
+            self.partial = ""
+        if self.resumable:
+            self.resumable = False
+            usage.end_upload(name, self.msg.size)
 
 
 def _close_after(job: asyncio.Future[Any], fd: int) -> None:
@@ -396,24 +416,80 @@ def _finalise(fd: int, msg: m.PutFile) -> None:
     os.fsync(fd)  # data on disk before the name appears: a crash cannot expose a torn file
 
 
-async def check_quota(svc: Service, msg: m.PutFile | m.DeltaPut) -> None:
+async def check_quota(svc: Service, msg: m.PutFile | m.DeltaPut, takes_over: str = "") -> None:
     """Refuse (DiskFull, code ``quota``) an upload of ``msg.size`` bytes to ``msg.path`` that the
-    user's quota cannot take, counting uploads still running and the file it replaces."""
+    user's quota cannot take, counting idle partial uploads, uploads still running and the file it
+    replaces. ``takes_over``: the idle partial (home-relative) the upload reuses, whose bytes its
+    own size replaces."""
     user = svc.user
-    assert user is not None
     if user.quota is None:
         return
     used = await svc.current_usage()
+    credit = svc.ctx.usage.partials(user.name).get(takes_over, 0) if takes_over else 0
+    _check_quota_now(svc, msg, used, credit)
+
+
+def _check_quota_now(svc: Service, msg: m.PutFile | m.DeltaPut, used: int, credit: int) -> None:
+    user = svc.user
+    assert user.quota is not None
     existing = 0
     with contextlib.suppress(Exception):
         st = svc.jail.lstat(msg.path)
         existing = st.st_size
-    used += svc.ctx.usage.reserved(user.name)  # uploads still running count as stored
-    if used - existing + msg.size > user.quota:
+    usage = svc.ctx.usage
+    used += usage.reserved(user.name)  # uploads still running count as stored
+    if used - existing - credit + msg.size > user.quota:
+        partial = usage.partial_bytes(user.name)
+        held = f" ({partial} of them held by unfinished uploads: resume or remove them)" if partial else ""
         raise ErrorCode.QUOTA.error(
             f"quota exceeded: {msg.path} needs {msg.size} bytes, {max(user.quota - used, 0)} of "
-            f"{user.quota} left; remove files (ferry rm) or ask an admin to raise the quota",
+            f"{user.quota} left{held}; remove files (ferry rm) or ask an admin to raise the quota",
         )
+
+
+async def admit_upload(svc: Service, msg: m.PutFile, prel: str) -> None:
+    """Refuse (code ``quota``) an upload the quota cannot take (:func:`check_quota`) or, if it is
+    resumable (the client's token), one that would add a partial beyond the user's
+    ``--max-partials`` or ``--max-partial-bytes`` (idle ones kept for a resume and running ones at
+    their announced size). ``prel`` is its partial (home-relative): reusing an idle one (a resume),
+    or taking over from an upload of it still running (a retry), adds none and is never refused by
+    the caps. Every wait is done first: the caller reserves right after, with no await in between."""
+    user = svc.user
+    usage, limits = svc.ctx.usage, svc.ctx.limits
+    used = 0
+    if user.quota is not None:
+        used = await svc.current_usage()
+    if msg.token and not usage.partials_known(user.name):
+        used = await svc.current_usage()  # the walk that finds the partials left before this process
+    older = svc.ctx.uploads.get((svc.jail.home, prel))
+    idle = usage.partials(user.name)
+    takes_over = older is not None or prel in idle
+    credit = older.reserved if older is not None else idle.get(prel, 0)
+    if user.quota is not None:
+        _check_quota_now(svc, msg, used, credit)
+    if not msg.token or takes_over:
+        # Not resumable (its partial goes when it stops), or a resume: what the refusal below
+        # tells the user to do, so never refused by the caps (it adds no partial).
+        return
+    running, running_bytes = usage.running(user.name)
+    count = len(idle) + running + 1
+    nbytes = sum(idle.values()) + running_bytes + msg.size
+    cap_bytes = limits.max_partial_bytes
+    if count <= limits.max_partials and (not cap_bytes or nbytes <= cap_bytes):
+        return
+    names = ", ".join(repr(p) for p in list(idle)[:3])
+    where = f" (interrupted: {names}{', ...' if len(idle) > 3 else ''})" if idle else ""
+    if count > limits.max_partials:
+        what = f"you have {count - 1} unfinished uploads{where}, at most {limits.max_partials}"
+    else:
+        what = (
+            f"{msg.path} ({msg.size} bytes) would take your unfinished uploads{where} to {nbytes} "
+            f"bytes, at most {cap_bytes}"
+        )
+    raise ErrorCode.QUOTA.error(
+        f"{what}: finish them (run the same put again to resume) or remove them (ferry rm PATH); "
+        f"interrupted uploads are deleted after {limits.partial_max_age / 86400:g} days",
+    )
 
 
 async def _grow_streamed(up: Upload, nbytes: int) -> None:
@@ -438,8 +514,8 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     jail = svc.jail
     if msg.streamed and (msg.token or msg.data is not None or msg.size):
         raise RemoteProtocolError("a streamed upload has no size, token or inline data")
-    await check_quota(svc, msg)
     if msg.data is not None:
+        await check_quota(svc, msg)
         await _put_inline(svc, msg)  # checks "exists" atomically itself
         return
     if not msg.overwrite and jail.exists(msg.path):
@@ -459,13 +535,22 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     # Two uploads writing one partial (a retry while the server still serves the first connection)
     # could commit a file the other one truncated: the newest takes over, the older one stops.
     parts = parse_path(msg.path)
-    key = (jail.home, join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else "")
-    up = Upload(svc, msg, -1, "", [], time.monotonic(), key=key)
-    # No await since the quota check: reserve now, so parallel uploads see this one's share.
-    svc.ctx.usage.reserve(svc.user.name, msg.size)
-    up.reserved = msg.size
-    uploads = svc.ctx.uploads
+    prel = join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else ""
+    key = (jail.home, prel)
+    await admit_upload(svc, msg, prel)
+    # No await since the checks: reserve now, so parallel uploads see this one's share.
+    name = svc.user.name
+    usage, uploads = svc.ctx.usage, svc.ctx.uploads
     older = uploads.get(key)
+    if older is not None and older.reserved:
+        usage.release(name, older.reserved)  # (the newcomer's reservation replaces it)
+        older.reserved = 0
+    up = Upload(svc, msg, -1, "", [], time.monotonic(), key=key)
+    usage.reserve(name, msg.size)
+    up.reserved = msg.size
+    if msg.token:
+        up.resumable = True
+        usage.start_upload(name, msg.size)
     uploads[key] = up
     try:
         if older is not None:
@@ -488,6 +573,9 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
             lambda: jail.open_partial(msg.path, token, on_foreign=foreign),
             release=lambda opened: os.close(opened[0]),
         )
+        # The partial is this upload's now: its bytes count in the reservation, not as idle.
+        up.have = have
+        usage.claim(name, up.partial)
         up._check_owner()
         n = min(have, msg.size) // msg.chunk_size
         if n:

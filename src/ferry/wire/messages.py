@@ -260,12 +260,16 @@ class Df(Message, tag="df"):
 
 
 class DfReply(Message, tag="df_reply"):
-    """Usage of the home in bytes, the quota (None: unlimited) and free space on the server's disk."""
+    """Usage of the home in bytes, the quota (None: unlimited) and free space on the server's disk.
+    ``used`` counts everything the quota counts; ``partial`` is the part of it held by unfinished
+    uploads (``partials`` of them: interrupted ones kept for a resume, and those running now)."""
 
     id: U32
     used: U64
     quota: U64 | None
     free: U64
+    partial: U64 = 0
+    partials: U32 = 0
 
 
 # --- transfers -----------------------------------------------------------------------------
