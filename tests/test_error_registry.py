@@ -33,9 +33,9 @@ from ferry.server.context import Limits
 from ferry.wire import LocalProtocolError
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode, Scope, ends_connection, from_wire, lookup, reply_for
-from ferry_server import PASSWORD
+from ferry_server import PASSWORD, ServerThread
 from serve_process import ServeProcess
-from transfer_support import MiB, connect, home, running_server, write_random
+from transfer_support import MiB, RawClient, connect, home, running_server, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,6 +140,8 @@ def test_busy_fails_the_request_and_the_connection_goes_on(tmp_path: Path) -> No
                 with pytest.raises(ServerBusy) as info:
                     await c.put(src, "big")
                 assert info.value.code == "busy" and info.value.exit_code == ExitCode.ERROR
+                # a per-request error: nothing that retries or reconnects may take it for a lost connection
+                assert not isinstance(info.value, ConnectionBroken)
                 assert "too many unfinished uploads" in str(info.value)
                 assert (await c.stat("")).kind == "dir"  # the same connection still serves
             finally:
@@ -273,3 +275,31 @@ def test_upload_without_overwrite_is_refused_before_its_data(tmp_path: Path) -> 
         assert progress == []  # not a byte of the file was sent
         assert (home(srv) / "taken").read_bytes() == b"keep me"
         assert sorted(p.name for p in home(srv).iterdir()) == ["taken"]  # and no partial was left
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "put",
+    [
+        m.PutFile(id=1, path="taken", size=2 * MiB, mtime=0.0, token="t1", overwrite=False),  # resumable
+        m.PutFile(id=1, path="taken", size=0, mtime=0.0, streamed=True, overwrite=False),  # from a pipe
+        m.PutFile(id=1, path="taken", size=3, mtime=0.0, data=b"new", overwrite=False),  # inline
+    ],
+    ids=["resumable", "streamed", "inline"],
+)
+def test_put_without_overwrite_is_answered_by_the_refusal_not_put_ready(server: ServerThread, put: m.PutFile) -> None:
+    """On the wire, whatever the client does with it: the reply to an upload that may not replace
+    an existing file is the refusal, first and at once; the server never asks for the data
+    (PutReady) of an upload it will refuse."""
+    (home(server) / "taken").write_bytes(b"keep me")
+    raw = RawClient(server.port, tls=True)
+    try:
+        raw.login()
+        raw.send(put)
+        first = raw.reply(1)
+        assert isinstance(first, m.Error) and first.code == "exists", first
+        raw.send(m.Stat(id=3, path="taken"))
+        assert raw.reply(3).entry.size == len(b"keep me")  # the connection goes on, the file is kept
+    finally:
+        raw.close()
+    assert sorted(p.name for p in home(server).iterdir()) == ["taken"]
