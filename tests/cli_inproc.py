@@ -8,8 +8,12 @@ terminals, descriptors).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -39,3 +43,21 @@ def run_cli(
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     raw = out.getvalue()
     return CliResult(code, raw.decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace"), raw)
+
+
+def run_inproc(
+    args: list[str],
+    env: Mapping[str, str],
+    *,
+    input: str | bytes | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """:func:`serve_process.run_ferry` in this process: ``env`` is the *whole* environment (as for a
+    subprocess: variables it lacks are unset for the call), the result a ``CompletedProcess``.
+    ``timeout`` is accepted for the same signature; here pytest-timeout bounds the call."""
+    full: dict[str, str | None] = {k: None for k in os.environ if k not in env}
+    full.update(env)
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+        r = run_cli(args, env=full, input=input)
+    return subprocess.CompletedProcess(["ferry", *args], r.code, r.stdout, r.stderr)

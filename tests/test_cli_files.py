@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_inproc import run_inproc
 from conftest import FERRY, free_port
 from ferry.client.transfer import partial_path
 from ferry.fskit import is_partial_name
@@ -43,8 +44,8 @@ class Served:
     def ferry(
         self, *args: str, timeout: float = 60.0, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a client command against this server (adds --plain when needed)."""
-        return run_ferry([*args, *self.srv.tls_args()], self.env, timeout=timeout, cwd=cwd)
+        """Run a client command against this server (adds --plain when needed), in this process."""
+        return run_inproc([*args, *self.srv.tls_args()], self.env, cwd=cwd)
 
 
 def _serve(tmp: Path, plain: bool) -> Iterator[Served]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_inproc import run_inproc
 from ferry.cli.serve import banner_lines
 from ferry.server.app import Banner
 from serve_process import ServeProcess, run_ferry
@@ -35,7 +36,7 @@ def test_first_start_prints_everything_once_and_signals_stop_cleanly(tmp_path: P
         assert f"log file:        {root / 'logs' / 'ferry.log'}" in text
         assert f"ferry ls -P {first.port} ferry@127.0.0.1:" in text and "FERRY_PASSWORD" in text
         assert (root / "tls" / "cert.pem").is_file() and (root / "users.db").is_file()
-        p = run_ferry(["ls", *first.scp()], dict(env, FERRY_PASSWORD=first.password))
+        p = run_inproc(["ls", *first.scp()], dict(env, FERRY_PASSWORD=first.password))
         assert p.returncode == 0, p.stderr
     finally:
         assert first.stop(signal.SIGTERM) == 0
@@ -45,10 +46,10 @@ def test_first_start_prints_everything_once_and_signals_stop_cleanly(tmp_path: P
     try:
         assert again.password is None and not any("password:" in line for line in again.lines)
         assert again.fingerprint == first.fingerprint
-        p = run_ferry(["ls", *again.scp()], dict(env, FERRY_PASSWORD=first.password or ""))
+        p = run_inproc(["ls", *again.scp()], dict(env, FERRY_PASSWORD=first.password or ""))
         assert p.returncode == 0, p.stderr
         # a second server cannot take the same port: a clear usage error, not a traceback
-        clash = run_ferry(["serve", "--root", str(tmp_path / "other"), "--port", str(again.port)], env)
+        clash = run_inproc(["serve", "--root", str(tmp_path / "other"), "--port", str(again.port)], env)
         assert clash.returncode == 2 and "cannot listen" in clash.stderr
     finally:
         assert again.stop(signal.SIGINT) == 0
@@ -71,10 +72,10 @@ def test_pin_notice_then_loud_refusal_when_the_certificate_changes(tmp_path: Pat
     one = ServeProcess(tmp_path / "root1", env).start()
     try:
         cenv = dict(env, FERRY_PASSWORD=one.password or "")
-        p = run_ferry(["ls", *one.scp()], cenv)
+        p = run_inproc(["ls", *one.scp()], cenv)
         assert p.returncode == 0, p.stderr
         assert "first connection" in p.stderr and str(one.fingerprint) in p.stderr
-        p = run_ferry(["ls", *one.scp()], cenv)
+        p = run_inproc(["ls", *one.scp()], cenv)
         assert p.returncode == 0 and p.stderr == ""  # pinned: silent from now on
     finally:
         assert one.stop() == 0
@@ -83,7 +84,7 @@ def test_pin_notice_then_loud_refusal_when_the_certificate_changes(tmp_path: Pat
     two = ServeProcess(tmp_path / "root2", env, port=one.port).start()
     try:
         assert two.fingerprint != one.fingerprint
-        p = run_ferry(["ls", *two.scp()], dict(env, FERRY_PASSWORD=two.password or ""))
+        p = run_inproc(["ls", *two.scp()], dict(env, FERRY_PASSWORD=two.password or ""))
         # 6 (connection), not 3: the client stopped before sending any password
         assert p.returncode == 6, p.stderr
         assert f"WARNING: the certificate of 127.0.0.1:{one.port} changed!" in p.stderr
@@ -126,7 +127,7 @@ def test_banner_repeats_the_root_and_says_how_to_put_ferry_on_path(tmp_path: Pat
 
 
 def test_keep_partials_must_not_be_negative(tmp_path: Path) -> None:
-    r = run_ferry(["serve", "--root", str(tmp_path / "root"), "--keep-partials", "-1"], env_for(tmp_path))
+    r = run_inproc(["serve", "--root", str(tmp_path / "root"), "--keep-partials", "-1"], env_for(tmp_path))
     assert r.returncode == 2
     assert "--keep-partials" in r.stderr
     assert not (tmp_path / "root").exists()  # refused before anything was created

@@ -14,6 +14,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from cli_inproc import run_inproc
 from conftest import FERRY
 from ferry.cli.shell import HOME_LIMIT, resolve, split_flags
 from ferry.errors import UsageError
@@ -27,7 +28,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
     srv = ServeProcess(tmp / "root", env).start()
     env["FERRY_PASSWORD"] = srv.password or ""
     # Pin the certificate now, so no test sees the first-connection notice on its stderr.
-    assert "first connection" in run_ferry(["df", f"ferry://ferry@127.0.0.1:{srv.port}"], env).stderr
+    assert "first connection" in run_inproc(["df", f"ferry://ferry@127.0.0.1:{srv.port}"], env).stderr
     try:
         yield srv, env
     finally:
@@ -87,7 +88,7 @@ def test_commands_from_stdin(served: tuple[ServeProcess, dict[str, str]], tmp_pa
         ]
     )
     (tmp_path / "out").mkdir()
-    p = run_ferry(["shell", target(srv)], env, input=script + "\n", cwd=tmp_path)
+    p = run_inproc(["shell", target(srv)], env, input=script + "\n", cwd=tmp_path)
     assert p.returncode == 2, p.stderr  # the refused 'cd ..' is the last failure: exit 2
     assert p.stderr.count("ferry:") == 1 and HOME_LIMIT in p.stderr
     out = p.stdout.splitlines()
@@ -109,19 +110,19 @@ def test_errors_keep_the_shell_going_and_set_the_exit_status(
 ) -> None:
     srv, env = served
     script = "get nothing-here\nfrobnicate\nls -z\nmv onlyone\nput 'unbalanced\nmkdir fine\nls\nrmdir fine\n"
-    p = run_ferry(["shell", target(srv)], env, input=script, cwd=tmp_path)
+    p = run_inproc(["shell", target(srv)], env, input=script, cwd=tmp_path)
     assert p.stdout.splitlines() == ["fine/"]
     errors = p.stderr.splitlines()
     assert len(errors) == 5 and all(e.startswith("ferry: ") for e in errors), errors
     assert "unknown command 'frobnicate'" in p.stderr and "nothing-here" in p.stderr
     assert p.returncode == 2  # the last failure (a usage error)
-    p = run_ferry(["shell", target(srv)], env, input="get nothing-here\n", cwd=tmp_path)
+    p = run_inproc(["shell", target(srv)], env, input="get nothing-here\n", cwd=tmp_path)
     assert p.returncode == 4
     # --json: listings, metadata and usage as JSON lines for scripts
-    p = run_ferry(["shell", "--json", target(srv)], env, input="mkdir j\nls\nstat j\ndf\nrmdir j\n")
+    p = run_inproc(["shell", "--json", target(srv)], env, input="mkdir j\nls\nstat j\ndf\nrmdir j\n")
     recs = [json.loads(line) for line in p.stdout.splitlines()]
     assert p.returncode == 0 and [r.get("name") for r in recs[:2]] == ["j", "j"] and "used" in recs[2]
-    p = run_ferry(["shell", target(srv)], dict(env, FERRY_PASSWORD="wrong"), input="ls\n")
+    p = run_inproc(["shell", target(srv)], dict(env, FERRY_PASSWORD="wrong"), input="ls\n")
     assert p.returncode == 3
 
 
@@ -184,7 +185,7 @@ def test_pty_mode_delegates_to_the_terminal_session(
     if not _pty_available():
         pytest.skip("ferry.client.pty.run_pty_session is not implemented yet")
     srv, env = served
-    run_ferry(["user", "mod", "ferry", "--exec", "--root", str(srv.root)], env)
+    run_inproc(["user", "mod", "ferry", "--exec", "--root", str(srv.root)], env)
     child = pexpect.spawn(
         sys.executable, ["-m", "ferry", "shell", "--pty", target(srv)], env=env, encoding="utf-8", timeout=15
     )

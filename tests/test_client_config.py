@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_inproc import run_inproc
 from ferry.client.config import ConfigError, load_config
 from ferry.client.location import parse_location, parse_target
 from ferry_server import ServerThread
@@ -96,7 +97,7 @@ def test_alias_in_every_command(setup: Setup, tmp_path: Path) -> None:
     src.write_text("hello")
 
     def ferry(*args: str, stdin: str | None = None) -> str:
-        r = run_ferry(list(args), s.env, input=stdin)
+        r = run_inproc(list(args), s.env, input=stdin)
         assert r.returncode == 0, (args, r.stderr)
         return r.stdout
 
@@ -110,12 +111,14 @@ def test_alias_in_every_command(setup: Setup, tmp_path: Path) -> None:
     assert (tmp_path / "copy.txt").read_text() == "hello"
     ferry("mv", "box:d/a.txt", "d/b.txt")
     ferry("df", "box")
-    assert ferry("exec", "box", "--", "ls", "d").split() == ["b.txt"]
+    # exec hands the command's output to the process's descriptors: a real process
+    r = run_ferry(["exec", "box", "--", "ls", "d"], s.env)
+    assert r.returncode == 0 and r.stdout.split() == ["b.txt"], r.stderr
     assert "b.txt" in ferry("shell", "box", stdin="ls d\n")
     ferry("rm", "box:d/b.txt")
     assert ferry("ls", "box:d").strip() == ""
     # -v says the alias's key did it.
-    r = run_ferry(["ls", "-v", "box:"], s.env)
+    r = run_inproc(["ls", "-v", "box:"], s.env)
     assert "with key SHA256:" in r.stderr
     # known-hosts: the pin is under the real address; forget works with the alias.
     listed = json.loads(ferry("known-hosts", "list", "--json"))
@@ -123,7 +126,7 @@ def test_alias_in_every_command(setup: Setup, tmp_path: Path) -> None:
     assert ferry("known-hosts", "list").split()[0] == f"127.0.0.1:{s.srv.port}"
     assert "forgot the pinned certificate" in ferry("known-hosts", "forget", "box")
     assert json.loads(ferry("known-hosts", "list", "--json")) == []
-    r = run_ferry(["known-hosts", "forget", f"127.0.0.1:{s.srv.port}"], s.env)
+    r = run_inproc(["known-hosts", "forget", f"127.0.0.1:{s.srv.port}"], s.env)
     assert r.returncode == 0 and "no pinned certificate" in r.stderr
 
 
@@ -143,9 +146,9 @@ def test_api_takes_an_alias(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_a_bad_config_is_a_clear_error_for_client_commands(setup: Setup) -> None:
     write_config(Path(setup.env["FERRY_HOME"]), '[hosts.box]\nport = 0\n')
-    r = run_ferry(["ls", "box:"], setup.env)
+    r = run_inproc(["ls", "box:"], setup.env)
     assert r.returncode == 2 and "config.toml, line 2: port must be a number from 1 to 65535" in r.stderr
-    r = run_ferry(["user", "list", "--root", str(setup.srv.root)], setup.env)  # not a client command
+    r = run_inproc(["user", "list", "--root", str(setup.srv.root)], setup.env)  # not a client command
     assert r.returncode == 0, r.stderr
 
 
@@ -155,12 +158,12 @@ def test_default_bwlimit_paces_transfers_and_the_option_wins(setup: Setup, tmp_p
     src = tmp_path / "pace.bin"
     src.write_bytes(os.urandom(1024 * 1024))
     t0 = time.monotonic()
-    r = run_ferry(["put", "-q", str(src), "box:pace.bin"], setup.env)
+    r = run_inproc(["put", "-q", str(src), "box:pace.bin"], setup.env)
     assert r.returncode == 0, r.stderr
     # 1 MiB at 256 KiB/s with a 64 KiB burst: at least ~3.7 s, never faster (a floor, not a speed).
     assert time.monotonic() - t0 >= 3.5
     t0 = time.monotonic()
-    r = run_ferry(["get", "-q", "--bwlimit", "0", "box:pace.bin", str(tmp_path / "back.bin")], setup.env)
+    r = run_inproc(["get", "-q", "--bwlimit", "0", "box:pace.bin", str(tmp_path / "back.bin")], setup.env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
     assert time.monotonic() - t0 < 3.0  # --bwlimit 0 on the command line lifts the file's limit

@@ -12,6 +12,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from cli_inproc import run_inproc
 from conftest import FERRY
 from ferry.errors import ExitCode
 from ferry.server.accounts import Accounts
@@ -19,7 +20,6 @@ from ferry.server.context import Limits
 from ferry.server.credentials import Credentials
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
 from login_support import PASSPHRASE, KeySet, bare_env, key_server, ssh_add, ssh_agent
-from serve_process import run_ferry
 
 
 @dataclass
@@ -51,7 +51,7 @@ def setup(tmp_path: Path, keys: KeySet, ferry_env: dict[str, str]) -> Iterator[S
 
 
 def ls(s: Setup, *extra: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    r = run_ferry(["ls", "-v", *extra, *s.target()], env or s.env)
+    r = run_inproc(["ls", "-v", *extra, *s.target()], env or s.env)
     return r.returncode, r.stderr
 
 
@@ -100,7 +100,7 @@ def test_agent_comes_before_default_key_files(setup: Setup, keys: KeySet, tmp_pa
         rc, err = ls(s, "-i", str(keys.ed25519.path), env=dict(s.env, SSH_AUTH_SOCK=sock))
         assert rc == 0 and f"with key {keys.ed25519.fingerprint} ({keys.ed25519.path})" in err, err
     # exec takes the same options.
-    r = run_ferry(["exec", "-v", "-i", str(keys.rsa.path), "-P", str(s.srv.port), "alice@127.0.0.1", "--", "true"], s.env)
+    r = run_inproc(["exec", "-v", "-i", str(keys.rsa.path), "-P", str(s.srv.port), "alice@127.0.0.1", "--", "true"], s.env)
     assert r.returncode == 0 and f"with key {keys.rsa.fingerprint}" in r.stderr, r.stderr
 
 
@@ -178,7 +178,7 @@ def test_passphrase_prompt_on_a_terminal(setup: Setup, keys: KeySet) -> None:
     assert child.exitstatus == 0, transcript.getvalue()
     assert f"with key {keys.protected.fingerprint}" in transcript.getvalue()
     # Without a terminal it is skipped with a note, and the next method is used.
-    r = run_ferry(["ls", "-v", "-i", str(keys.protected.path), *s.target()], dict(s.env, FERRY_PASSWORD=PASSWORD))
+    r = run_inproc(["ls", "-v", "-i", str(keys.protected.path), *s.target()], dict(s.env, FERRY_PASSWORD=PASSWORD))
     assert r.returncode == 0 and "needs a passphrase" in r.stderr and "with password" in r.stderr, r.stderr
 
 
@@ -188,7 +188,7 @@ def test_plain_prints_what_it_loses(tmp_path: Path, keys: KeySet, ferry_env: dic
     srv.start()
     try:
         env = dict(ferry_env, FERRY_PASSWORD=PASSWORD, HOME=str(tmp_path))
-        r = run_ferry(["ls", "--plain", "-P", str(srv.port), "alice@127.0.0.1:"], env)
+        r = run_inproc(["ls", "--plain", "-P", str(srv.port), "alice@127.0.0.1:"], env)
         assert r.returncode == 0, r.stderr
         assert "warning: --plain: no encryption and no server certificate" in r.stderr
         assert "a key login is not bound to this connection" in r.stderr

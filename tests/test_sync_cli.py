@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from cli_inproc import run_inproc
 from conftest import FERRY
-from serve_process import ServeProcess, run_ferry
+from serve_process import ServeProcess
 
 MiB = 1 << 20
 
@@ -46,7 +47,7 @@ class Served:
         return self.srv.remote(path)
 
     def ferry(self, *args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
-        return run_ferry([*args, "--plain"], self.env, timeout=timeout)
+        return run_inproc([*args, "--plain"], self.env, timeout=timeout)
 
     def start(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -265,7 +266,7 @@ def test_source_changing_while_sent_is_detected(served: Served, tmp_path: Path) 
 def test_quota_fails_before_sending(tmp_path: Path) -> None:
     s = Served(tmp_path)
     try:
-        ok(run_ferry(["user", "mod", "ferry", "--quota", "1M", "--root", str(s.srv.root)], s.env))
+        ok(run_inproc(["user", "mod", "ferry", "--quota", "1M", "--root", str(s.srv.root)], s.env))
         src = tmp_path / "src"
         src.mkdir()
         for i in range(5):
