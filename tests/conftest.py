@@ -28,6 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "matrix: run on every cell of the conformance matrix (tests/README.md)")
     config.addinivalue_line("markers", "transports: run over TLS and plain (async client, asyncio)")
     config.addinivalue_line("markers", "cell(transport, client, loop): run on that one cell")
+    config.addinivalue_line("markers", "shared_server(NAME={options}): the module's tests share one server")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -46,11 +47,29 @@ def cell() -> Cell:
 
 
 @pytest.fixture
-def server(cell: Cell, tmp_path: Path) -> Iterator[ServerThread]:
+def server(request: pytest.FixtureRequest, cell: Cell, tmp_path: Path) -> Iterator[ServerThread]:
     """A started in-process server of ``cell`` (transport, loop) with user ``alice`` (password
-    PASSWORD, commands allowed); its root is ``tmp_path/root``."""
+    PASSWORD, commands allowed); its root is ``tmp_path/root``. In a module marked ``shared_server``
+    it is the module's one server instead (:func:`module_server`)."""
+    if request.node.get_closest_marker("shared_server") is not None:
+        yield request.getfixturevalue("module_server")
+        return
     with running_server(tmp_path / "root", plain=cell.plain, loop=cell.loop, exec_allowed=True) as srv:
         assert (srv.loop is not None) and (type(srv.loop).__module__.startswith("uvloop") == (cell.loop == "uvloop"))
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def module_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """One server (the default cell) for all tests of a module marked ``shared_server(NAME={...})``:
+    for tests that leave nothing behind that another would see (most CLI tests), one start instead
+    of one a test. User ``alice`` as in ``server``, plus each NAME of the mark with those options
+    of ``ServerThread.add_user`` (``bob={}``, ``carol={"exec_allowed": True}``)."""
+    mark = request.node.get_closest_marker("shared_server")
+    root = tmp_path_factory.mktemp(request.node.name.removesuffix(".py")) / "root"
+    with running_server(root, exec_allowed=True) as srv:
+        for name, options in (mark.kwargs if mark else {}).items():
+            srv.add_user(name, **options)
         yield srv
 
 

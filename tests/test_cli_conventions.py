@@ -16,14 +16,7 @@ from ferry.errors import ExitCode
 from ferry.paths import DEFAULT_PORT
 from ferry_server import PASSWORD, ServerThread
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path_factory.mktemp("conventions") / "root")
-    srv.add_user("ann")
-    srv.start()
-    yield srv
-    srv.stop()
+pytestmark = pytest.mark.shared_server(ann={})
 
 
 @pytest.fixture
@@ -58,8 +51,8 @@ class Ferry:
 
 
 @pytest.fixture(scope="module")
-def ferry(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Ferry:
-    f = Ferry(server, tmp_path_factory.mktemp("client"))
+def ferry(module_server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Ferry:
+    f = Ferry(module_server, tmp_path_factory.mktemp("client"))
     assert "pinned its certificate" in f.ok("ls", f.at()).stderr  # once: later stderr is the command's own
     return f
 

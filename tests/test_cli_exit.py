@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,17 +26,16 @@ PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
 FILES = 2000  # ~190 KB of ls --json: several times the pipe buffer
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path_factory.mktemp("cli-exit") / "root")
-    home = srv.add_user("ann")
-    many = home / "many"
+pytestmark = pytest.mark.shared_server(ann={})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def many(module_server: ServerThread) -> None:
+    """ann's folder ``many``: a listing several times the pipe buffer."""
+    many = module_server.root / "homes" / "ann" / "many"
     many.mkdir()
     for i in range(FILES):
         (many / f"file-{i:05d}.txt").write_bytes(b"x")
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

@@ -21,20 +21,13 @@ from serve_process import ServeProcess
 
 MiB = 1 << 20
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path_factory.mktemp("stdio") / "root")
-    srv.add_user("ann")
-    srv.start()
-    yield srv
-    srv.stop()
+pytestmark = pytest.mark.shared_server(ann={})
 
 
 @pytest.fixture(scope="module")
-def env(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(module_server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = dict(os.environ, FERRY_HOME=str(tmp_path_factory.mktemp("client")), FERRY_PASSWORD=PASSWORD)
-    pin = subprocess.run([*FERRY, "ls", *at(server)], env=env, capture_output=True, text=True, timeout=60)
+    pin = subprocess.run([*FERRY, "ls", *at(module_server)], env=env, capture_output=True, text=True, timeout=60)
     assert pin.returncode == 0 and "pinned" in pin.stderr  # once: later stderr is the command's own
     return env
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,58 +22,25 @@ from ferry.errors import NotFound, PathRefused, PermissionDenied
 from ferry.wire import Data
 from ferry.wire import messages as m
 from ferry_server import PASSWORD, ServerThread
+from transfer_support import connect, marker, pids_with
+
+pytestmark = pytest.mark.shared_server(
+    bob={},  # commands not allowed
+    carol={"exec_allow": ["echo", "/bin/cat"], "exec_allowed": True},
+)
 
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path_factory.mktemp("exec") / "root")
-    srv.add_user("alice", exec_allowed=True)
-    srv.add_user("bob")  # exec not enabled
-    srv.add_user("carol", exec_allow=["echo", "/bin/cat"], exec_allowed=True)
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def go(srv: ServerThread, tmp: Path, body: Callable[[AsyncClient], Awaitable[T]], user: str = "alice") -> T:
     """Connect as ``user``, run ``body(client)``, close."""
 
     async def main() -> T:
-        client = await AsyncClient.connect(
-            "127.0.0.1",
-            srv.port,
-            user=user,
-            password=PASSWORD,
-            plain=srv.config.plain,
-            known_hosts=KnownHosts(tmp / "known_hosts"),
-        )
+        client = await connect(srv, tmp, user=user)
         async with client:
             return await body(client)
 
     return asyncio.run(main())
-
-
-def marker() -> str:
-    """A unique ``sleep`` argument to find our processes in /proc (sleep accepts fractions)."""
-    return f"{900 + secrets.randbelow(99)}.{secrets.randbelow(10**6):06d}"
-
-
-def pids_with(arg: str) -> list[int]:
-    """Pids of live (non-zombie) processes whose command line contains argument ``arg``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if arg.encode() in argv and state != b"Z":
-            found.append(int(name))
-    return found
 
 
 def wait_gone(arg: str, within: float) -> list[int]:

@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pexpect
 import pytest
 
 from conftest import FERRY
 from ferry_server import PASSWORD, ServerThread
+from transfer_support import marker, pids_with, wait_until
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path_factory.mktemp("exec-cli") / "root")
-    srv.add_user("alice", exec_allowed=True)
-    srv.add_user("bob")
-    srv.start()
-    yield srv
-    srv.stop()
+pytestmark = pytest.mark.shared_server(bob={})  # bob: commands not allowed
 
 
 @pytest.fixture
@@ -50,35 +40,6 @@ def ferry_exec(
         env=env,
         timeout=30,
     )
-
-
-def marker() -> str:
-    return f"{900 + secrets.randbelow(99)}.{secrets.randbelow(10**6):06d}"
-
-
-def pids_with(arg: str) -> list[int]:
-    """Live processes with argument ``arg`` (zombies are dead already)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if arg.encode() in argv and state != b"Z":
-            found.append(int(name))
-    return found
-
-
-def wait_for(pred: object, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return bool(pred())  # type: ignore[operator]
 
 
 def read_line(proc: subprocess.Popen[bytes], within: float = 15) -> bytes:
@@ -185,7 +146,7 @@ def test_timeout_exits_124_and_leaves_no_process(server: ServerThread, env: dict
     assert r.returncode == 124
     assert b"timed out after 0.5 s" in r.stderr
     assert time.monotonic() - t0 < 10
-    assert wait_for(lambda: not pids_with(mk), 3)
+    assert wait_until(lambda: not pids_with(mk), 3)
 
 
 @pytest.mark.timeout(60)
@@ -199,10 +160,10 @@ def test_killed_client_leaves_no_orphan(server: ServerThread, env: dict[str, str
     )
     try:
         assert read_line(proc) == b"started\n"
-        assert wait_for(lambda: len(pids_with(mk)) == 1, 5)
+        assert wait_until(lambda: len(pids_with(mk)) == 1, 5)
         proc.kill()  # SIGKILL: no chance to say goodbye
         proc.wait(10)
-        assert wait_for(lambda: not pids_with(mk), 5), "the remote sleep outlived its client"
+        assert wait_until(lambda: not pids_with(mk), 5), "the remote sleep outlived its client"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -246,7 +207,7 @@ def test_third_ctrl_c_gives_up_and_the_command_dies(server: ServerThread, env: d
             time.sleep(0.1)
         assert proc.wait(10) == 130
         assert proc.stderr is not None and b"interrupted" in proc.stderr.read()
-        assert wait_for(lambda: not pids_with(mk), 5)
+        assert wait_until(lambda: not pids_with(mk), 5)
     finally:
         if proc.poll() is None:
             proc.kill()

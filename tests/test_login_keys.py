@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from ferry.wire import messages as m
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
 from login_support import PASSPHRASE, KeySet
 from transfer_support import RawClient, home
+from transfer_support import connect_with as connect
 
 
 def add_keys(root: Path, user: str, *lines: str) -> None:
@@ -42,22 +42,12 @@ def add_token(root: Path, user: str, **kw: Any) -> str:
 
 
 @pytest.fixture
-def server(tmp_path: Path, keys: KeySet) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path / "root")
-    srv.add_user("alice")
-    srv.add_user("bob")
-    srv.start()
-    add_keys(srv.root, "alice", keys.ed25519.pub, keys.ecdsa.pub, keys.rsa.pub, keys.protected.pub)
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-async def connect(srv: ServerThread, tmp_path: Path, user: str = "alice", **kw: Any) -> AsyncClient:
-    return await AsyncClient.connect(
-        "127.0.0.1", srv.port, user=user, known_hosts=KnownHosts(tmp_path / "known_hosts"), **kw
-    )
+def server(server: ServerThread, keys: KeySet) -> ServerThread:
+    """The shared server (alice may run commands: a read-only token must take that away), with bob
+    and alice's keys."""
+    server.add_user("bob")
+    add_keys(server.root, "alice", keys.ed25519.pub, keys.ecdsa.pub, keys.rsa.pub, keys.protected.pub)
+    return server
 
 
 @pytest.mark.parametrize("kind", ["ed25519", "ecdsa", "rsa"])

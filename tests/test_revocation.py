@@ -6,12 +6,10 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ferry.client.aclient import AsyncClient
-from ferry.client.known_hosts import KnownHosts
 from ferry.errors import AuthError, FerryError
 from ferry.server.accounts import Accounts
 from ferry.server.context import Limits
@@ -19,6 +17,8 @@ from ferry.server.credentials import Credentials
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
 from login_support import REVOCATION_WITHIN, KeySet, ended
 from serve_process import run_ferry
+from transfer_support import connect_with as connect
+from transfer_support import running_server
 
 #: How long a revocation may take here (the server checks every second; the machine is shared).
 WITHIN = REVOCATION_WITHIN
@@ -26,30 +26,19 @@ WITHIN = REVOCATION_WITHIN
 
 @pytest.fixture
 def server(tmp_path: Path, keys: KeySet) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path / "root", limits=Limits(revocation_interval=0.5))
-    srv.add_user("alice", exec_allowed=True)
-    srv.add_user("bob")
-    srv.start()
-    with Accounts(srv.root, hasher=CHEAP_HASHER) as acc:
-        Credentials(acc).add_keys("alice", keys.ed25519.pub + keys.ecdsa.pub)
-    try:
+    with running_server(
+        tmp_path / "root", limits=Limits(revocation_interval=0.5), exec_allowed=True, users=("alice",)
+    ) as srv:
+        srv.add_user("bob")
+        with Accounts(srv.root, hasher=CHEAP_HASHER) as acc:
+            Credentials(acc).add_keys("alice", keys.ed25519.pub + keys.ecdsa.pub)
         yield srv
-    finally:
-        srv.stop()
 
 
 def user_cmd(srv: ServerThread, ferry_env: dict[str, str], *args: str, stdin: str | None = None) -> None:
     """``ferry user ARGS --root ROOT`` in its own process, as an admin would run it."""
     r = run_ferry(["user", *args, "--root", str(srv.root)], ferry_env, input=stdin)
     assert r.returncode == 0, r.stderr
-
-
-async def connect(srv: ServerThread, tmp_path: Path, user: str = "alice", **kw: Any) -> AsyncClient:
-    c = await AsyncClient.connect(
-        "127.0.0.1", srv.port, user=user, known_hosts=KnownHosts(tmp_path / "kh"), **kw
-    )
-    c.read_timeout = 20.0
-    return c
 
 
 async def alive(c: AsyncClient) -> bool:

@@ -10,10 +10,11 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,15 @@ def home(srv: ServerThread, user: str = "alice") -> Path:
 
 
 async def connect(
-    srv: ServerThread, tmp_path: Path, user: str = "alice", password: str = PASSWORD, timeout: float = 15.0
+    srv: ServerThread,
+    tmp_path: Path,
+    user: str = "alice",
+    password: str | None = PASSWORD,
+    timeout: float = 15.0,
+    **login: Any,
 ) -> AsyncClient:
-    """An authenticated async client (TLS unless the server is plain; pins into tmp_path)."""
+    """An authenticated async client (TLS unless the server is plain; pins into tmp_path); other
+    credentials (``key=``, ``token=``, ``agent=``, ``login=``...) as AsyncClient.connect takes them."""
     c = await AsyncClient.connect(
         "127.0.0.1",
         srv.port,
@@ -70,9 +77,15 @@ async def connect(
         plain=srv.config.plain,
         known_hosts=KnownHosts(tmp_path / "known_hosts"),
         timeout=timeout,
+        **login,
     )
     c.read_timeout = 20.0  # a hang fails fast instead of waiting a minute
     return c
+
+
+def connect_with(srv: ServerThread, tmp_path: Path, user: str = "alice", **credentials: Any) -> Awaitable[AsyncClient]:
+    """:func:`connect` with only the credentials given (no password unless passed): for login tests."""
+    return connect(srv, tmp_path, user, password=credentials.pop("password", None), **credentials)
 
 
 def random_bytes(size: int, seed: int) -> bytes:
@@ -90,6 +103,27 @@ def write_random(path: Path, size: int, seed: int) -> bytes:
 def fd_count() -> int:
     """Open file descriptors of this process (server thread and clients alike)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def marker() -> str:
+    """A unique ``sleep`` argument to find our processes in /proc (sleep accepts fractions)."""
+    return f"{900 + secrets.randbelow(99)}.{secrets.randbelow(10**6):06d}"
+
+
+def pids_with(arg: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose command line contains argument ``arg``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if arg.encode() in argv and state != b"Z":
+            found.append(int(name))
+    return found
 
 
 def rss_bytes() -> int:
