@@ -51,6 +51,11 @@ PYTHON = (
 )
 #: argv prefix that runs the ferry CLI.
 FERRY = [PYTHON, "-m", "ferry"]
+#: What the ``ferry`` console script does (the generated script in the venv's bin/ is these lines):
+#: what a user runs. ``python -m ferry`` also imports runpy (a few ms more per command).
+CONSOLE = "import sys; from ferry.cli import main; sys.exit(main())"
+#: argv prefix that runs the ferry CLI as its console script does.
+FERRY_SCRIPT = [PYTHON, "-c", CONSOLE]
 
 
 # --- statistics and output ----------------------------------------------------------------------

@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    CONSOLE,
     PROJECT,
     PYTHON,
     FerryServer,
@@ -64,8 +65,6 @@ from _common import (
 
 USER = "bench"
 PASSWORD = "bench password 1"
-#: What the ``ferry`` console script does (the generated script in the venv's bin/ is these lines).
-CONSOLE = "import sys; from ferry.cli import main; sys.exit(main())"
 MAX_RUNS = 200
 
 

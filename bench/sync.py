@@ -19,9 +19,17 @@ encryption, so this favours rsync-ssh a little); CPU seconds of the client (the 
 children it waited for: ssh) and of the server (the server process, with its reaped children for
 sshd and rsyncd).
 
+ferry runs as its console script does (``ferry``, what a user types), from byte-compiled sources
+(as an installed copy has them: without .pyc files, e.g. with PYTHONDONTWRITEBYTECODE set, every
+command would compile ferry's modules again, ~0.1 s that no user pays).
+
     flock /work/bench.lock python bench/sync.py                    # the full run (~10 minutes)
     python bench/sync.py --small 2000 --big-mib 64 --logs-mib 20 --reps 1   # a quick look
     python bench/sync.py --markdown                                 # the table for docs/performance.md
+    python bench/sync.py --cases b,e --reps 7                       # only some cases timed
+
+With ``--cases``, the cases left out are not timed; the first sync (a) still runs (untimed) when a
+later case needs its state, and the changes of (c) and (d) are made only when they are timed.
 """
 
 from __future__ import annotations
@@ -41,12 +49,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    FERRY,
+    FERRY_SCRIPT,
+    PROJECT,
     SHARED,
     FerryServer,
     GiB,
     MiB,
     SshPeer,
+    compile_source,
     ferry_add_user,
     fmt_num,
     log,
@@ -191,7 +201,7 @@ class Env:
 def run_tool(e: Env, tool: str, src: Path, case_set: str, *, delete: bool = False, compress: bool = False) -> Sample:
     target, _local = e.dest(tool, case_set)
     if tool.startswith("ferry"):
-        argv = [*FERRY, "sync", "--json", "-q", f"{src}/", target]
+        argv = [*FERRY_SCRIPT, "sync", "--json", "-q", f"{src}/", target]
         if tool == "ferry-plain":
             argv.append("--plain")
     else:
@@ -241,38 +251,48 @@ def one_repetition(e: Env, tools: list[str], rep: int, args: argparse.Namespace,
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True, exist_ok=True)
 
+    timed = set(args.cases)
+
     def case(name: str, **kw: bool) -> None:
         for tool in rotate(tools, rep + CASES.index(name)):
             if name == "a":
                 prewarm(e.scratch, big_size + args.small * 4096)
             s = run_tool(e, tool, src, "s", **kw)
-            res.add(name, tool, s)
-            log(f"rep {rep} ({name}) {tool}: {s.seconds:.2f} s, wire {fmt_num(s.wire)} B")
+            if name in timed:
+                res.add(name, tool, s)
+            log(f"rep {rep} ({name}) {tool}: {s.seconds:.2f} s, wire {fmt_num(s.wire)} B{'' if name in timed else ' (not timed)'}")
 
-    case("a")
-    case("b")
-    # (c) 1% of the small files rewritten, 1 MiB overwritten in the middle of the big file
-    step = 100
+    if timed & set("abcde"):
+        case("a")  # (the state every later case starts from)
+    if "b" in timed:
+        case("b")
     rng = random.Random(100 + rep)
-    for i in range(0, args.small, step):
-        small_path(src, i).write_bytes(rng.randbytes(4096))
-    with open(src / "big.bin", "r+b") as f:
-        f.seek(big_size // 2)
-        f.write(rng.randbytes(MiB))
-    case("c")
-    # (d) 100 bytes inserted at one third
-    tmp = src / ".big.tmp"
-    with open(src / "big.bin", "rb") as fin, open(tmp, "wb") as fout:
-        third = big_size // 3
-        shutil.copyfileobj(_Limited(fin, third), fout, 8 * MiB)
-        fout.write(rng.randbytes(100))
-        shutil.copyfileobj(fin, fout, 8 * MiB)
-    os.replace(tmp, src / "big.bin")
-    case("d")
-    # (e) 10% of the small files deleted, --delete
-    for i in range(5, args.small, 10):
-        small_path(src, i).unlink()
-    case("e", delete=True)
+    if "c" in timed:
+        # (c) 1% of the small files rewritten, 1 MiB overwritten in the middle of the big file
+        step = 100
+        for i in range(0, args.small, step):
+            small_path(src, i).write_bytes(rng.randbytes(4096))
+        with open(src / "big.bin", "r+b") as f:
+            f.seek(big_size // 2)
+            f.write(rng.randbytes(MiB))
+        case("c")
+    if "d" in timed:
+        # (d) 100 bytes inserted at one third
+        tmp = src / ".big.tmp"
+        with open(src / "big.bin", "rb") as fin, open(tmp, "wb") as fout:
+            third = big_size // 3
+            shutil.copyfileobj(_Limited(fin, third), fout, 8 * MiB)
+            fout.write(rng.randbytes(100))
+            shutil.copyfileobj(fin, fout, 8 * MiB)
+        os.replace(tmp, src / "big.bin")
+        case("d")
+    if "e" in timed:
+        # (e) 10% of the small files deleted, --delete
+        for i in range(5, args.small, 10):
+            small_path(src, i).unlink()
+        case("e", delete=True)
+    if "f" not in timed:
+        return
     # (f) text logs, compressed
     logs = e.scratch / "logs"
     for tool in tools:
@@ -339,20 +359,27 @@ def main() -> None:
     ap.add_argument("--logs-mib", type=int, default=200, help="text logs for case (f)")
     ap.add_argument("--reps", type=int, default=3, help="round-robin repetitions (medians)")
     ap.add_argument("--tools", default="ferry,ferry-plain,rsync-ssh,rsyncd")
+    ap.add_argument("--cases", default=",".join(CASES), help="cases to time, e.g. b,e (default: all)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not args.cases or not set(args.cases) <= set(CASES):
+        ap.error(f"--cases: a comma-separated list of {', '.join(CASES)}")
     tools = args.tools.split(",")
     big = args.big_mib * MiB
     need = big * 2 + args.logs_mib * MiB + len(tools) * (big + args.logs_mib * MiB + args.small * 8192) + GiB // 2
     with scratch_dir(need, prefix="ferry-bench-sync-") as scratch:
         env = dict(os.environ, FERRY_HOME=str(scratch / "client-home"), FERRY_PASSWORD=PASSWORD, PYTHONUNBUFFERED="1")
         e = Env(scratch, env)
-        log(f"ferry {source_version()}; data: {args.small} x 4 KiB + {args.big_mib} MiB, logs {args.logs_mib} MiB")
+        compile_source(PROJECT / "src")
+        log(f"ferry {source_version()}; data: {args.small} x 4 KiB + {args.big_mib} MiB, logs {args.logs_mib} MiB; "
+            f"cases {','.join(args.cases)}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         (scratch / "src").mkdir()
         from _common import make_big_file
 
         make_big_file(scratch / "big.orig", big)
-        write_logs(scratch / "logs", args.logs_mib * MiB)
+        if "f" in args.cases:
+            write_logs(scratch / "logs", args.logs_mib * MiB)
         servers: list[Callable[[], None]] = []
         try:
             for tool in tools:
@@ -385,6 +412,7 @@ def main() -> None:
                 for rep in range(args.reps):
                     one_repetition(e, tools, rep, args, res)
                 report(res, tools, args.markdown, big)
+                print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         finally:
             for stop in servers:
                 stop()

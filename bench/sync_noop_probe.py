@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    CONSOLE,
     PROJECT,
     PYTHON,
     FerryServer,
@@ -57,7 +58,6 @@ from _common import (
 )
 
 USER, PASSWORD = "bench", "bench-password-not-secret"
-CONSOLE = "import sys; from ferry.cli import main; sys.exit(main())"
 MAX_RUNS = 100
 
 #: The child that marks phases: (module, attribute) pairs wrapped, each named by a phase. Missing
