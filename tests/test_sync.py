@@ -116,6 +116,39 @@ def test_push_then_noop_then_changes(tmp_path: Path, plain: bool) -> None:
         assert r.wire_bytes < 1 * MiB  # and the chunk index of 3 MiB: ~1.5 KiB
 
 
+def test_after_deletions_folder_times_match_and_the_next_sync_is_a_no_op(tmp_path: Path) -> None:
+    """Deletions run before the attributes: a folder whose entries were deleted gets the source's
+    mtime (set after the deletion moved it), so the next sync finds nothing to do; both ways."""
+    src = tmp_path / "src"
+    make_source(src)
+
+    def dir_times(root: Path) -> dict[str, int]:
+        return {d: (root / d).stat().st_mtime_ns for d in ("sub", "sub/deep")}
+
+    def close(a: dict[str, int], b: dict[str, int]) -> bool:
+        return all(abs(a[k] - b[k]) <= 2000 for k in a)
+
+    with running_server(tmp_path / "srv") as srv:
+        run(_sync(srv, tmp_path, f"{src}/", ":t"))
+        (src / "sub" / "s1.txt").unlink()
+        (src / "sub" / "deep" / "zero").unlink()
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
+        assert r.deleted == 2 and close(dir_times(home(srv) / "t"), dir_times(src))
+        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
+        assert changes(items) == {} and r.deleted == 0
+        # a pull: the local folders
+        back = tmp_path / "back"
+        run(_sync(srv, tmp_path, ":t/", f"{back}"))
+        (home(srv) / "t" / "sub" / "s2.txt").unlink()
+        (home(srv) / "t" / "sub" / "deep" / "gone").write_bytes(b"")
+        os.unlink(home(srv) / "t" / "sub" / "deep" / "gone")
+        (back / "sub" / "deep" / "extra").write_bytes(b"x")  # only in the destination: deleted
+        r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
+        assert r.deleted == 2 and close(dir_times(back), dir_times(home(srv) / "t"))
+        r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
+        assert changes(items) == {}
+
+
 def test_pull_delta_and_insertion(tmp_path: Path) -> None:
     with running_server(tmp_path / "srv") as srv:
         src = home(srv) / "data"

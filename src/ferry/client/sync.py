@@ -11,8 +11,8 @@ One sync is a handful of streamed exchanges on one connection, whatever the numb
    (:mod:`ferry.delta`: only chunks the receiver lacks) when the destination has an older version,
    else streamed whole (``put_file`` / ``get_file``: resumable) or, with ``compress``, as a delta
    without basis (zstd per chunk);
-4. **attributes** (mode, mtime) of files and folders, and then **deletions** (``delete=True``) in one
-   batch each, only after every transfer succeeded.
+4. **deletions** (``delete=True``), only after every transfer succeeded, and then **attributes**
+   (mode, mtime) of files and folders (a deletion moves its folder's mtime), in one batch each.
 
 ``get -r`` and ``put -r`` are this machinery without deletions: a re-run skips files that are
 already complete and identical (quick check) and resumes partial ones.
@@ -623,15 +623,17 @@ async def _execute_push(job: _Job, p: Plan) -> None:
         else [_large(job, large, _move_large)]
     )
     await _large(job, grown, _move_large)  # small files that grew past the inline limit meanwhile
-    # The home folder itself has no attributes a user may set: leave it out when it is the root.
-    attrs = [it for it in _attr_items(p) if it.path or job.remote]
-    if attrs:
-        await _remote_batch(job, m.SetAttrs, attrs)
     if p.deletes:
         if job.result.failed:
             job.errors.append("nothing was deleted because some transfers failed")
         else:
             await _remote_batch(job, m.RemoveMany, p.deletes)
+    # Attributes last: a deletion moves its folder's mtime, so setting it before would not stick
+    # (and the next sync would find the folder changed). The home folder itself has no
+    # attributes a user may set: leave it out when it is the root.
+    attrs = [it for it in _attr_items(p) if it.path or job.remote]
+    if attrs:
+        await _remote_batch(job, m.SetAttrs, attrs)
 
 
 async def _push_small(job: _Job, items: list[Item], grown: list[Item] | None = None) -> None:
@@ -755,7 +757,17 @@ async def _execute_pull(job: _Job, p: Plan) -> None:
         [fetch(small[i : i + BATCH_NAMES]) for i in range(0, len(small), BATCH_NAMES)]
         + [_large(job, large, _move_large)]
     )
-    for it in _attr_items(p):
+    if p.deletes:
+        if job.result.failed:
+            job.errors.append("nothing was deleted because some transfers failed")
+        else:
+            for it in p.deletes:
+                try:
+                    await loop.run_in_executor(None, local_remove, root, it.path, False)
+                    job.report(it)
+                except OSError as exc:
+                    job.report(it, error=exc.strerror or str(exc))
+    for it in _attr_items(p):  # after the deletions (see _execute_push)
         assert it.src is not None
         try:
             await loop.run_in_executor(None, local_set_attrs, root, it.path, it.src.mode, it.src.mtime)
@@ -763,16 +775,6 @@ async def _execute_pull(job: _Job, p: Plan) -> None:
                 job.report(it)
         except OSError as exc:
             job.report(it, error=exc.strerror or str(exc))
-    if p.deletes:
-        if job.result.failed:
-            job.errors.append("nothing was deleted because some transfers failed")
-            return
-        for it in p.deletes:
-            try:
-                await loop.run_in_executor(None, local_remove, root, it.path, False)
-                job.report(it)
-            except OSError as exc:
-                job.report(it, error=exc.strerror or str(exc))
 
 
 def split_remote(src: str, dest: str) -> tuple[bool, str, str]:
