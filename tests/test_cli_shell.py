@@ -272,7 +272,9 @@ def test_batch_comments_local_commands_and_df_json(
     assert p.returncode == 1  # the failed local command
     shell_df = json.loads(lines[1])
     (cli_df,) = [json.loads(x) for x in run_ferry(["df", "--json", target(srv)], env).stdout.splitlines()]
-    assert list(shell_df) == list(cli_df) == ["used", "quota", "free", "available", "partial", "partials"]
+    assert list(shell_df) == list(cli_df) == [
+        "used", "quota", "free", "available", "partial", "partials", "files", "max_files"
+    ]
 
 
 @pytest.mark.timeout(90)

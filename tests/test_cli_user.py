@@ -44,15 +44,19 @@ def root(tmp_path: Path) -> Path:
 
 
 def test_add_list_and_login(ferry_env: dict[str, str], root: Path) -> None:
-    proc = run(ferry_env, "add", "bob", "--password-stdin", "--quota", "10G", stdin="s3 cret\n", root=root)
+    proc = run(
+        ferry_env, "add", "bob", "--password-stdin", "--quota", "10G", "--max-files", "20_000",
+        stdin="s3 cret\n", root=root,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "created user bob" in proc.stdout
+    assert "created user bob" in proc.stdout and "files 20,000" in proc.stdout
     users = listed(ferry_env, root)
     assert users == {
         "bob": {
             "name": "bob",
             "home": str(root.absolute() / "homes" / "bob"),
             "quota": 10 * 1024**3,
+            "max_files": 20_000,
             "exec_allowed": False,
             "exec_allow": None,
             "disabled": False,
@@ -64,8 +68,22 @@ def test_add_list_and_login(ferry_env: dict[str, str], root: Path) -> None:
         assert acc.verify("bob", "s3 cret").name == "bob"
     text = run(ferry_env, "list", root=root)
     assert text.returncode == 0
-    assert text.stdout.splitlines()[0].split() == ["NAME", "QUOTA", "EXEC", "HOME"]
-    assert text.stdout.splitlines()[1].split()[:3] == ["bob", "10", "GiB"]
+    assert text.stdout.splitlines()[0].split() == ["NAME", "QUOTA", "FILES", "EXEC", "HOME"]
+    assert text.stdout.splitlines()[1].split()[:5] == ["bob", "10", "GiB", "20,000", "no"]
+    shown = run(ferry_env, "show", "bob", root=root)
+    assert shown.returncode == 0 and "quota 10 GiB, files 20,000, exec no" in shown.stdout, shown
+    assert json.loads(run(ferry_env, "show", "bob", "--json", root=root).stdout) == users["bob"]
+
+
+def test_mod_sets_and_clears_the_file_limit(ferry_env: dict[str, str], root: Path) -> None:
+    assert run(ferry_env, "add", "bob", "--password-stdin", stdin="pw\n", root=root).returncode == 0
+    assert listed(ferry_env, root)["bob"]["max_files"] is None  # unlimited unless given
+    proc = run(ferry_env, "mod", "bob", "--max-files", "100", root=root)
+    assert proc.returncode == 0 and "files 100," in proc.stdout, proc
+    assert listed(ferry_env, root)["bob"]["max_files"] == 100
+    assert run(ferry_env, "mod", "bob", "--max-files", "none", root=root).returncode == 0
+    assert listed(ferry_env, root)["bob"]["max_files"] is None
+    assert_one_line_error(run(ferry_env, "mod", "bob", "--max-files", "1.5k", root=root), 2, "invalid number of files")
 
 
 def test_add_with_allow_implies_exec(ferry_env: dict[str, str], root: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 from ferry.cli.user_creds import parse_expiry
 from ferry.errors import UsageError
 from ferry.server.accounts import Accounts
+from ferry.server.accounts_schema import SCHEMA_VERSION
 from ferry.server.credentials import Credentials, token_id
 from ferry_server import CHEAP_HASHER, PASSWORD
 from login_support import KeySet
@@ -165,4 +166,4 @@ def test_version_1_database_is_migrated(tmp_path: Path, keys: KeySet) -> None:
         acc.set_password("old", "new one")
         assert acc.get("old").pw_gen == 1  # type: ignore[union-attr]
     with sqlite3.connect(root / "users.db") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

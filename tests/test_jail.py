@@ -231,7 +231,7 @@ def all_operations(jail: Jail, path: str) -> list[Callable[[], object]]:
         lambda: jail.listdir(path),
         lambda: list(jail.iter_dir(path)),
         lambda: jail.mkdir(path, parents=True, exist_ok=True),
-        lambda: jail.remove(path, recursive=True),
+        lambda: [jail.remove(path, recursive=True)],  # (a count, not a descriptor to close)
         lambda: jail.rename(path, "x"),
         lambda: jail.rename("x", path),
         lambda: jail.create_temp(path),

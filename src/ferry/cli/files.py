@@ -959,22 +959,28 @@ def mv(source: str, dest: str, common: Common) -> None:
     run(main(), bulk=False)
 
 
-def df_lines(used: int, quota: int | None, free: int, partial: int = 0) -> list[str]:
-    """Human ``df`` output; ``partial`` is the part of ``used`` held by unfinished uploads."""
+def df_lines(
+    used: int, quota: int | None, free: int, partial: int = 0, files: int = 0, max_files: int | None = None
+) -> list[str]:
+    """Human ``df`` output; ``partial`` is the part of ``used`` held by unfinished uploads, ``files``
+    the files and folders of the home (of at most ``max_files``)."""
     left = free if quota is None else max(min(quota - used, free), 0)
+    file_text = f"{files:,}" if max_files is None else f"{files:,} of {max_files:,}"
     return [
-        f"{'used':<12}{'partial':<12}{'quota':<12}{'available':<12}{'server free':<12}",
+        f"{'used':<12}{'partial':<12}{'quota':<12}{'available':<12}{'server free':<12}files",
         f"{human_size(used):<12}{human_size(partial):<12}{human_size(quota):<12}{human_size(left):<12}"
-        f"{human_size(free):<12}",
+        f"{human_size(free):<12}{file_text}",
     ]
 
 
 def print_df(out: Output, u: Usage) -> None:
     """``df`` output: the table, or ``{"used", "quota", "free", "available", "partial",
-    "partials"}`` (also the shell's)."""
+    "partials", "files", "max_files"}`` (also the shell's)."""
     available = u.free if u.quota is None else max(min(u.quota - u.used, u.free), 0)
     out.result(
-        "\n".join(line.rstrip() for line in df_lines(u.used, u.quota, u.free, u.partial)),
+        "\n".join(
+            line.rstrip() for line in df_lines(u.used, u.quota, u.free, u.partial, u.files, u.max_files)
+        ),
         {
             "used": u.used,
             "quota": u.quota,
@@ -982,6 +988,8 @@ def print_df(out: Output, u: Usage) -> None:
             "available": available,
             "partial": u.partial,
             "partials": u.partials,
+            "files": u.files,
+            "max_files": u.max_files,
         },
     )
 

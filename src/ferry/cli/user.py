@@ -245,7 +245,25 @@ def _describe(user: User, place: Place) -> str:
     else:
         exec_text = ", ".join(user.exec_allow) or "(none)"
     disabled = " (disabled: cannot log in)" if user.disabled else ""
-    return f"{_home_text(user, place)}, quota {format_size(user.quota)}, exec {exec_text}{disabled}"
+    return (
+        f"{_home_text(user, place)}, quota {format_size(user.quota)}, files {format_count(user.max_files)}, "
+        f"exec {exec_text}{disabled}"
+    )
+
+
+def format_count(count: int | None) -> str:
+    """A file limit for people (``None`` -> ``"unlimited"``)."""
+    return "unlimited" if count is None else f"{count:,}"
+
+
+def parse_count(text: str) -> int | None:
+    """Parse a file limit: a whole number (``20000``, ``20_000``), or ``none`` -> ``None``."""
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    cleaned = text.strip().replace("_", "").replace(",", "")
+    if not cleaned.isdigit():
+        raise UsageError(f"invalid number of files {text!r}: use a whole number such as 20000, or 'none' for unlimited")
+    return int(cleaned)
 
 
 def _user_json(user: User) -> dict[str, Any]:
@@ -253,6 +271,7 @@ def _user_json(user: User) -> dict[str, Any]:
         "name": user.name,
         "home": str(user.home),
         "quota": user.quota,
+        "max_files": user.max_files,
         "exec_allowed": user.exec_allowed,
         "exec_allow": None if user.exec_allow is None else list(user.exec_allow),
         "disabled": user.disabled,
@@ -292,6 +311,11 @@ def user() -> None:
 @click.option(
     "--quota", metavar="SIZE", help="Storage quota, e.g. 500M, 10G, 1.5GiB, 2TB (default: unlimited)."
 )
+@click.option(
+    "--max-files",
+    metavar="N",
+    help="Most files and folders the home may hold, like an inode quota (default: unlimited).",
+)
 @click.option("--exec/--no-exec", "exec_", default=None, help="May the user run programs? (default: no)")
 @click.option(
     "--allow",
@@ -306,6 +330,7 @@ def add_cmd(
     db: str | None,
     password_stdin: bool,
     quota: str | None,
+    max_files: str | None,
     exec_: bool | None,
     allow: tuple[str, ...],
 ) -> None:
@@ -318,6 +343,7 @@ def add_cmd(
 
     validate_name(name)
     quota_bytes = parse_size(quota) if quota is not None else None
+    files_limit = parse_count(max_files) if max_files is not None else None
     place = _place(root, db)
     new_root = not _has_accounts(place)
     if not new_root:  # fail before asking for a password, rather than after
@@ -333,6 +359,7 @@ def add_cmd(
             name,
             password,
             quota=quota_bytes,
+            max_files=files_limit,
             # Naming allowed programs without --exec would otherwise create a user who can run nothing.
             exec_allowed=exec_ if exec_ is not None else bool(allow),
             exec_allow=allow or None,
@@ -386,6 +413,11 @@ def passwd_cmd(name: str, root: Path | None, db: str | None, password_stdin: boo
 @click.argument("name")
 @_where_options
 @click.option("--quota", metavar="SIZE|none", help="New quota (e.g. 10G), or 'none' for unlimited.")
+@click.option(
+    "--max-files",
+    metavar="N|none",
+    help="Most files and folders the home may hold (e.g. 100000), or 'none' for unlimited.",
+)
 @click.option("--exec/--no-exec", "exec_", default=None, help="Allow or forbid running programs.")
 @click.option(
     "--allow",
@@ -406,12 +438,13 @@ def mod_cmd(
     root: Path | None,
     db: str | None,
     quota: str | None,
+    max_files: str | None,
     exec_: bool | None,
     allow: tuple[str, ...],
     allow_any: bool,
     disable: bool | None,
 ) -> None:
-    """Change the quota, program permissions or lock of user NAME.
+    """Change the quota, file limit, program permissions or lock of user NAME.
 
     Takes effect on a running server within seconds: sessions of a disabled user end, and
     sessions that may run programs end when those rights are reduced.
@@ -420,11 +453,13 @@ def mod_cmd(
 
     if allow and allow_any:
         raise UsageError("--allow and --allow-any cannot be combined")
-    if quota is None and exec_ is None and not allow and not allow_any and disable is None:
+    if quota is None and max_files is None and exec_ is None and not allow and not allow_any and disable is None:
         raise UsageError(
-            "nothing to change: give --quota, --exec/--no-exec, --allow, --allow-any or --disable/--enable"
+            "nothing to change: give --quota, --max-files, --exec/--no-exec, --allow, --allow-any or "
+            "--disable/--enable"
         )
     quota_bytes = parse_size(quota) if quota is not None else UNCHANGED
+    files_limit = parse_count(max_files) if max_files is not None else UNCHANGED
     exec_allow = allow if allow else (None if allow_any else UNCHANGED)
     # Naming programs implies --exec (unless --no-exec is given), as in `add`.
     exec_allowed = exec_ if exec_ is not None else (True if (allow or allow_any) else UNCHANGED)
@@ -433,11 +468,29 @@ def mod_cmd(
         changed = accounts.modify(
             name,
             quota=quota_bytes,
+            max_files=files_limit,
             exec_allowed=exec_allowed,
             exec_allow=exec_allow,
             disabled=UNCHANGED if disable is None else disable,
         )
     click.echo(f"user {changed.name} in {place}: {_describe(changed, place)}")
+
+
+@user.command("show")
+@click.argument("name")
+@_where_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (as one entry of 'list --json').")
+def show_cmd(name: str, root: Path | None, db: str | None, as_json: bool) -> None:
+    """Show user NAME: home, quota, file limit, programs, lock."""
+    place = _place(root, db)
+    with _open(place) as accounts:
+        found = accounts.get(name)
+    if found is None:
+        raise NoSuchUser(f"no such user: {name!r} ({place.kind} {place})")
+    if as_json:
+        click.echo(json.dumps(_user_json(found), indent=2))
+        return
+    click.echo(f"user {found.name} in {place}: {_describe(found, place)}")
 
 
 @user.command("list")
@@ -455,7 +508,7 @@ def list_cmd(root: Path | None, db: str | None, as_json: bool) -> None:
         click.echo(f"no users in {place} yet (`ferry user add NAME`)", err=True)
         return
     click.echo(f"users in {place}:", err=True)  # a note: standard output stays the table
-    rows = [("NAME", "QUOTA", "EXEC", "HOME")]
+    rows = [("NAME", "QUOTA", "FILES", "EXEC", "HOME")]
     for u in users:
         if not u.exec_allowed:
             exec_text = "no"
@@ -463,7 +516,9 @@ def list_cmd(root: Path | None, db: str | None, as_json: bool) -> None:
             exec_text = "any"
         else:
             exec_text = ",".join(u.exec_allow)
-        rows.append((u.name, format_size(u.quota), exec_text, str(u.home)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for name, quota, exec_text, home in rows:
-        click.echo(f"{name:<{widths[0]}}  {quota:<{widths[1]}}  {exec_text:<{widths[2]}}  {home}")
+        rows.append((u.name, format_size(u.quota), format_count(u.max_files), exec_text, str(u.home)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for name, quota, files, exec_text, home in rows:
+        click.echo(
+            f"{name:<{widths[0]}}  {quota:<{widths[1]}}  {files:<{widths[2]}}  {exec_text:<{widths[3]}}  {home}"
+        )

@@ -54,6 +54,9 @@ class Usage:
     free: int
     partial: int = 0
     partials: int = 0
+    #: files and folders in the home, and the most it may hold (None: no limit)
+    files: int = 0
+    max_files: int | None = None
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ class AsyncClient:
     async def df(self) -> Usage:
         """Usage, quota and free space."""
         r = await self.mux.call(lambda i: m.Df(id=i), m.DfReply)
-        return Usage(r.used, r.quota, r.free, r.partial, r.partials)
+        return Usage(r.used, r.quota, r.free, r.partial, r.partials, r.files, r.max_files)
 
     async def ping(self) -> float:
         """Round-trip time to the server in seconds (also a keepalive)."""

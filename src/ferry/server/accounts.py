@@ -60,7 +60,7 @@ _NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 _AUTH_FAILED: Final = "wrong user name or password"
 
 #: The columns of ``users`` that make a :class:`User`, in the order ``Accounts.user_from_row`` reads.
-USER_COLUMNS: Final = "name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen"
+USER_COLUMNS: Final = "name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen, max_files"
 
 
 class _Unchanged(enum.Enum):
@@ -77,7 +77,8 @@ UNCHANGED: Final = _Unchanged.UNCHANGED
 class User:
     """One account as stored: what the server needs to authorise a session.
 
-    ``quota`` is in bytes (``None`` = unlimited). ``exec_allowed`` says whether the user may run
+    ``quota`` is in bytes (``None`` = unlimited); ``max_files`` bounds the files and folders of the
+    home (``None`` = unlimited; partial uploads have their own server-wide cap). ``exec_allowed`` says whether the user may run
     programs at all; ``exec_allow`` then restricts which ones (``None`` = any program). A
     ``disabled`` account cannot log in. ``rev`` and ``pw_gen`` are the account's revision (any
     change of it or of its keys and tokens) and password generation when it was read: a running
@@ -92,6 +93,7 @@ class User:
     disabled: bool = False
     rev: int = 0
     pw_gen: int = 0
+    max_files: int | None = None
 
     def may_exec(self, program: str) -> bool:
         """Whether this user may run ``program`` (matched *exactly*, so ``/tmp/x/ls`` is not ``ls``)."""
@@ -116,11 +118,15 @@ def _validate_password(password: str) -> str:
     return password
 
 
-def _validate_quota(quota: int | None) -> int | None:
+def _validate_quota(quota: int | None, what: str = "quota", unit: str = "bytes") -> int | None:
     # bool is an int subclass; True as a quota is surely a bug.
     if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool) or quota < 0):
-        raise AccountError(f"invalid quota {quota!r}: use a number of bytes >= 0, or None for unlimited")
+        raise AccountError(f"invalid {what} {quota!r}: use a number of {unit} >= 0, or None for unlimited")
     return quota
+
+
+def _validate_max_files(max_files: int | None) -> int | None:
+    return _validate_quota(max_files, "file limit", "files and folders")
 
 
 def _validate_allow(allow: Iterable[str] | None) -> tuple[str, ...] | None:
@@ -188,7 +194,7 @@ class Accounts:
 
     def _user(self, row: tuple[Any, ...]) -> User:
         """A :class:`User` from a row of :data:`USER_COLUMNS`."""
-        name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen = row
+        name, quota, exec_allowed, exec_allow, disabled, rev, pw_gen, max_files = row
         return User(
             name=name,
             home=self.home_of(name),
@@ -198,6 +204,7 @@ class Accounts:
             disabled=bool(disabled),
             rev=rev,
             pw_gen=pw_gen,
+            max_files=max_files,
         )
 
     def home_of(self, name: str) -> Path:
@@ -252,24 +259,27 @@ class Accounts:
         quota: int | None = None,
         exec_allowed: bool = False,
         exec_allow: Iterable[str] | None = None,
+        max_files: int | None = None,
     ) -> User:
         """Create a user and its home folder; raises :class:`UserExists` if the name is taken."""
         validate_name(name)
         _validate_password(password)
         quota = _validate_quota(quota)
+        max_files = _validate_max_files(max_files)
         allow = _validate_allow(exec_allow)
         pw_hash = self._hasher.hash(password)  # slow: outside the lock
         with self.writing() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO users (name, hash, quota, exec_allowed, exec_allow) VALUES (?, ?, ?, ?, ?)",
-                    (name, pw_hash, quota, int(exec_allowed), None if allow is None else json.dumps(allow)),
+                    "INSERT INTO users (name, hash, quota, exec_allowed, exec_allow, max_files) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, pw_hash, quota, int(exec_allowed), None if allow is None else json.dumps(allow), max_files),
                 )
             except self.db.integrity_error:
                 raise UserExists(f"user {name!r} already exists") from None
             # Inside the transaction: if the folder cannot be made, the user is not added either.
             self._make_home(name)
-        return User(name, self.home_of(name), quota, bool(exec_allowed), allow)
+        return User(name, self.home_of(name), quota, bool(exec_allowed), allow, max_files=max_files)
 
     def delete(self, name: str, *, remove_home: bool = False) -> None:
         """Delete a user; with ``remove_home`` also delete its home folder and everything in it."""
@@ -317,10 +327,12 @@ class Accounts:
         exec_allowed: bool | _Unchanged = UNCHANGED,
         exec_allow: Iterable[str] | _Unchanged | None = UNCHANGED,
         disabled: bool | _Unchanged = UNCHANGED,
+        max_files: int | _Unchanged | None = UNCHANGED,
     ) -> User:
         """Change some of a user's settings (fields left at :data:`UNCHANGED` keep their value).
 
-        ``quota=None`` means unlimited and ``exec_allow=None`` means any program, which is why
+        ``quota=None`` and ``max_files=None`` mean unlimited and ``exec_allow=None`` means any
+        program, which is why
         "unchanged" needs its own sentinel. Returns the updated user.
         """
         validate_name(name)
@@ -339,6 +351,9 @@ class Accounts:
         if disabled is not UNCHANGED:
             sets.append("disabled = ?")
             args.append(int(bool(disabled)))
+        if max_files is not UNCHANGED:
+            sets.append("max_files = ?")
+            args.append(_validate_max_files(max_files))
         if sets:
             sets.append("rev = rev + 1")
         with self.writing() as conn:

@@ -18,7 +18,7 @@ from typing import Final
 __all__ = ["POSTGRES", "POSTGRES_FIRST", "SCHEMA_VERSION", "SQLITE"]
 
 #: The version this code reads and writes.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 #: Statements that bring an SQLite database from version N-1 to N. A new database runs them all.
 SQLITE: Final[dict[int, tuple[str, ...]]] = {
@@ -65,6 +65,10 @@ SQLITE: Final[dict[int, tuple[str, ...]]] = {
         ) WITHOUT ROWID
         """,
         "CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user)",
+    ),
+    3: (
+        # files and folders the home may hold (ferry user mod --max-files); NULL = unlimited
+        "ALTER TABLE users ADD COLUMN max_files INTEGER",
     ),
 }
 
@@ -116,4 +120,5 @@ POSTGRES: Final[dict[int, tuple[str, ...]]] = {
         "CREATE TABLE account_changes (id integer PRIMARY KEY CHECK (id = 1), n bigint NOT NULL)",
         "INSERT INTO account_changes VALUES (1, 0)",
     ),
+    3: ("ALTER TABLE users ADD COLUMN max_files bigint",),
 }

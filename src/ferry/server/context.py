@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import ssl
+import threading
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ferry.server.pwcache import VerifiedPasswords
 from ferry.server.revocation import Revocation
 from ferry.server.throttle import Throttle
 from ferry.server.work import WorkPools
+from ferry.wire.codes import ErrorCode
 
 
 @dataclass
@@ -145,6 +147,85 @@ class HashCache:
             self._bytes -= self._cost(evicted)
 
 
+class EntryCount:
+    """The entries (files, folders, links; not partial uploads) of one user's home, against the
+    user's file-count quota. Shared by all the user's sessions and changed from worker threads as
+    the jail makes entries (:class:`FileLimit`): a lock makes the check and the count one step,
+    so sessions running at once cannot together pass the limit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: int | None = None  # None: not counted yet (a walk of the home sets it)
+        #: moves with every change: a walk that saw none may replace the count (see Usage.set)
+        self.changes = 0
+
+    @property
+    def used(self) -> int | None:
+        """The entries now, or None before the first count."""
+        return self._used
+
+    def take(self, limit: int | None, path: str) -> None:
+        """One more entry at ``path``, unless the home holds ``limit`` already (code ``quota``)."""
+        with self._lock:
+            self._refuse_at(limit, path)
+            if self._used is not None:
+                self._used += 1
+            self.changes += 1
+
+    def check(self, limit: int | None, path: str) -> None:
+        """Refuse as :meth:`take` would, without counting anything."""
+        with self._lock:
+            self._refuse_at(limit, path)
+
+    def _refuse_at(self, limit: int | None, path: str) -> None:
+        if limit is not None and self._used is not None and self._used >= limit:
+            raise ErrorCode.QUOTA.error(
+                f"{path}: file limit reached: your home may hold at most {limit:,} files and folders "
+                f"({self._used:,} now); remove some (ferry rm) or ask an admin to raise the limit "
+                "(ferry user mod --max-files)",
+            )
+
+    def change(self, n: int) -> None:
+        """``n`` entries more (or fewer, if negative) than counted."""
+        with self._lock:
+            if self._used is not None:
+                self._used = max(0, self._used + n)
+            self.changes += 1
+
+    def set(self, used: int, seen_changes: int) -> None:
+        """A walk counted ``used`` entries, starting when :attr:`changes` was ``seen_changes``: taken
+        if nothing changed meanwhile (the walk may have missed a change), or if nothing was known."""
+        with self._lock:
+            if self._used is None or self.changes == seen_changes:
+                self._used = used
+
+    def forget(self) -> None:
+        """Count again at the next walk (e.g. after a remove that failed half-way)."""
+        with self._lock:
+            self._used = None
+
+
+@dataclass
+class FileLimit:
+    """The user's file-count quota as one operation's jail calls see it
+    (:class:`ferry.server.jail.Creations`)."""
+
+    count: EntryCount
+    limit: int | None  #: None: no limit (entries are still counted)
+
+    def take(self, path: str) -> None:
+        """One more entry at ``path`` (refused with code ``quota`` at the limit)."""
+        self.count.take(self.limit, path)
+
+    def give_back(self) -> None:
+        """The entry :meth:`take` allowed was not made."""
+        self.count.change(-1)
+
+    def check(self, path: str) -> None:
+        """Refuse (code ``quota``) as :meth:`take` would at ``path`` now, counting nothing."""
+        self.count.check(self.limit, path)
+
+
 class Usage:
     """What each user's home holds, for quotas and ``df``: computed once by a walk of the home
     (:meth:`~ferry.server.jail.Jail.usage_walk`), then kept up to date by the operations.
@@ -157,7 +238,8 @@ class Usage:
 
     def __init__(self) -> None:
         self._used: dict[str, int] = {}
-        self._entries: dict[str, int] = {}
+        self._counts: dict[str, EntryCount] = {}
+        self._walk_changes: dict[str, int] = {}
         self._partials: dict[str, dict[str, int]] = {}
         #: changes to the idle partials made while a walk of the home runs (path -> size, None:
         #: gone), applied over its result: the walk may or may not have seen them
@@ -170,7 +252,7 @@ class Usage:
         """Bytes counted against ``user``'s quota (complete files and idle partials), or None
         when they must be (re)computed."""
         used = self._used.get(user)
-        if used is None:
+        if used is None or self.entry_count(user).used is None:
             return None
         return used + self.partial_bytes(user)
 
@@ -180,7 +262,14 @@ class Usage:
 
     def entries(self, user: str) -> int | None:
         """Entries (files, folders, links) of ``user``'s home, or None when unknown."""
-        return self._entries.get(user)
+        return self.entry_count(user).used
+
+    def entry_count(self, user: str) -> EntryCount:
+        """The entry count of ``user``'s home (see :class:`EntryCount`)."""
+        count = self._counts.get(user)
+        if count is None:
+            count = self._counts[user] = EntryCount()
+        return count
 
     def partials(self, user: str) -> dict[str, int]:
         """The idle partial uploads of ``user`` (path -> bytes) as far as known (do not change it)."""
@@ -193,6 +282,7 @@ class Usage:
     def begin_walk(self, user: str) -> None:
         """A walk of ``user``'s home starts: remember what happens to partials meanwhile."""
         self._walking[user] = {}
+        self._walk_changes[user] = self.entry_count(user).changes
 
     def set(self, user: str, tally: HomeUsage, writing: Collection[str] = ()) -> bool:
         """Store a walk's result (see :meth:`begin_walk`), without the partials being written now
@@ -208,7 +298,7 @@ class Usage:
             else:
                 partials[path] = size
         self._used[user] = tally.bytes
-        self._entries[user] = tally.entries
+        self.entry_count(user).set(tally.entries, self._walk_changes.pop(user, -1))
         self._partials[user] = partials
         return True
 
@@ -216,13 +306,14 @@ class Usage:
         """Account for bytes (and entries) added, or removed if negative, by an operation."""
         if user in self._used:
             self._used[user] = max(0, self._used[user] + delta)
-            self._entries[user] = max(0, self._entries[user] + entries)
+        if entries:
+            self.entry_count(user).change(entries)
 
     def invalidate(self, user: str) -> None:
-        """Forget the bytes and entries (e.g. after a recursive remove) so they are recomputed
-        next time; the idle partials stay known (see :meth:`removed_tree`, :meth:`moved_tree`)."""
+        """Forget the bytes (e.g. after a recursive remove) so they are recomputed next time; the
+        idle partials stay known (see :meth:`removed_tree`, :meth:`moved_tree`), and so does the
+        entry count (kept exact by the operations: see :class:`EntryCount`)."""
         self._used.pop(user, None)
-        self._entries.pop(user, None)
         self._walking.pop(user, None)
 
     def invalidate_all(self, user: str) -> None:
@@ -230,6 +321,7 @@ class Usage:
         half-way)."""
         self.invalidate(user)
         self._partials.pop(user, None)
+        self.entry_count(user).forget()
 
     def partials_known(self, user: str) -> bool:
         """Whether the idle partials of ``user`` are known (else a walk must find them)."""

@@ -32,6 +32,7 @@ from ferry.aio import close_after
 from ferry.delta import Assembler, BasisChanged, BasisFile, DeltaEncoder, basis_id
 from ferry.errors import FerryError, RemoteError
 from ferry.fskit import partial_name
+from ferry.server.context import FileLimit
 from ferry.server.jail import join_path, parse_path, translate_oserror
 from ferry.server.service import Service
 from ferry.server.transfer import check_quota
@@ -133,6 +134,7 @@ class DeltaUpload:
         self.reserved = 0
         self.replaced = 0
         self.prel = ""  # its partial (home-relative) once opened
+        self.creations: FileLimit | None = None  # the file-count quota its commit answers to
         self._job: asyncio.Future[Any] | None = None
         self.dead = False
 
@@ -185,7 +187,7 @@ class DeltaUpload:
         svc, msg, assembler = self.svc, self.msg, self.assembler
         assert assembler is not None
         jail = svc.jail
-        fd, partial = self.out_fd, self.partial
+        fd, partial, creations = self.out_fd, self.partial, self.creations
 
         def seal() -> cdc.ChunkIndex:
             index = assembler.finish(digest)
@@ -193,7 +195,7 @@ class DeltaUpload:
             os.utime(fd, (msg.mtime, msg.mtime))
             os.fsync(fd)  # data on disk before the name appears
             # With the descriptor: the inode that was verified is the one that gets the name.
-            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd)
+            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd, creations=creations)
             # The new version's index is known: the next delta of this file needs no re-read.
             svc.ctx.hash_cache.put_index((*cdc.stat_key(os.fstat(fd)), cdc.SCHEME), index)
             return index
@@ -258,8 +260,10 @@ async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
     # The partial it builds in: an interrupted put of the same source may have left it (idle,
     # counted); it is truncated and reused, so its bytes are this upload's own.
     prel = join_path((*parts[:-1], partial_name(parts[-1], msg.token))) if parts else ""
+    creations = await svc.creations()
     await check_quota(svc, msg, prel)
     up = DeltaUpload(svc, msg)
+    up.creations = creations
     svc.ctx.usage.reserve(svc.user.name, msg.size)
     up.reserved = msg.size
     try:

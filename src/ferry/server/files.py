@@ -152,7 +152,10 @@ class _Pages:
 async def handle_mkdir(svc: FilesService, msg: m.Mkdir) -> None:
     """Create a directory."""
     t0 = time.monotonic()
-    await in_thread(lambda: svc.jail.mkdir(msg.path, parents=msg.parents, exist_ok=msg.parents))
+    creations = await svc.creations()  # each folder made counts against the file limit
+    await in_thread(
+        lambda: svc.jail.mkdir(msg.path, parents=msg.parents, exist_ok=msg.parents, creations=creations)
+    )
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("mkdir", msg.path, t0)
 
@@ -166,14 +169,14 @@ async def handle_remove(svc: FilesService, msg: m.Remove) -> None:
         session_work = work.current.get()
         try:
             async with session_work.walk_slot():
-                await run_steps(jail.remove_walk(msg.path))
+                removed = await run_steps(jail.remove_walk(msg.path)) or 0
         except BaseException:
             # Some of it may be gone (rm -r stops at its first error): count again before trusting it.
             svc.ctx.usage.invalidate_all(svc.user.name)
             raise
     else:
-        await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
-    svc.account_removed(msg.path, st)
+        removed = await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
+    svc.account_removed(msg.path, st, removed)
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("rm", msg.path, t0)
 
@@ -182,9 +185,12 @@ async def handle_rename(svc: FilesService, msg: m.Rename) -> None:
     """Rename inside the home."""
     t0 = time.monotonic()
     jail = svc.jail
+    replaced = await in_thread(lambda: jail.exists(msg.dst) and jail.exists(msg.src))
     await in_thread(lambda: jail.rename(msg.src, msg.dst))
     usage = svc.ctx.usage
     usage.invalidate(svc.user.name)  # an overwritten target changes usage
+    if replaced:  # one entry fewer (a race with another session only makes the count high)
+        usage.add(svc.user.name, 0, entries=-1)
     # (partial names can be neither end: jail.rename refuses them; a folder takes its partials along)
     usage.moved_tree(svc.user.name, join_path(parse_path(msg.src)), join_path(parse_path(msg.dst)))
     await svc.send(m.Ok(id=msg.id))
@@ -207,6 +213,8 @@ async def handle_df(svc: FilesService, msg: m.Df) -> None:
             free=vfs.f_bavail * vfs.f_frsize,
             partial=usage.partial_bytes(name) + being_written,
             partials=len(usage.partials(name)) + len(writing),
+            files=usage.entries(name) or 0,
+            max_files=svc.user.max_files,
         )
     )
 

@@ -37,7 +37,7 @@ import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Final, Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -61,6 +61,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_PATH_BYTES",
     "PARTIAL_XATTR",
+    "Creations",
     "Entry",
     "EntryKind",
     "EntryScan",
@@ -101,6 +102,19 @@ MAX_OPEN_DIRS: Final = 64
 
 EntryKind = Literal["file", "dir", "link", "other"]
 _R = TypeVar("_R")
+
+
+class Creations(Protocol):
+    """What a file-count quota needs from the jail: every file or folder it is about to make (not
+    partial uploads, not a file that replaces one). Called from the thread doing the work."""
+
+    def take(self, path: str) -> None:
+        """An entry is about to be made at ``path``: raise (code ``quota``) to refuse it."""
+        ...
+
+    def give_back(self) -> None:
+        """The entry :meth:`take` let through was not made after all (it existed, or it failed)."""
+        ...
 
 
 @dataclass
@@ -577,13 +591,19 @@ class Jail:
         return self._fd
 
     def _open_dir_at(
-        self, dir_fd: int, name: str, prefix: str, create_mode: int | None = None, _retries: int = 3
+        self,
+        dir_fd: int,
+        name: str,
+        prefix: str,
+        create_mode: int | None = None,
+        _retries: int = 3,
+        creations: Creations | None = None,
     ) -> int:
         """Open directory ``name`` in ``dir_fd`` without following links (translating errors).
 
         ``prefix`` is the client path up to and including ``name``, for messages. With
-        ``create_mode``, a missing directory is created first (``mkdir -p``); if something else
-        creates it at the same moment, the open that follows decides.
+        ``create_mode``, a missing directory is created first (``mkdir -p``; ``creations`` sees
+        it first); if something else creates it at the same moment, the open that follows decides.
         """
         try:
             return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
@@ -591,8 +611,8 @@ class Jail:
             if create_mode is None:
                 raise translate_oserror(exc, prefix) from exc
             refuse_reserved(name, prefix)
-            with _translating(prefix), contextlib.suppress(FileExistsError):
-                os.mkdir(name, create_mode, dir_fd=dir_fd)
+            with _translating(prefix):
+                _make_dir(dir_fd, name, create_mode, prefix, creations)
             return self._open_dir_at(dir_fd, name, prefix)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -602,17 +622,19 @@ class Jail:
             # a folder again (or gone) by now, it was swapped meanwhile: try again (bounded).
             kind = _kind_at(dir_fd, name)
             if kind in ("dir", None) and _retries > 0:
-                return self._open_dir_at(dir_fd, name, prefix, create_mode, _retries - 1)
+                return self._open_dir_at(dir_fd, name, prefix, create_mode, _retries - 1, creations)
             if kind == "link":
                 raise _symlink_refused(prefix) from exc
             raise ErrorCode.NOT_A_DIRECTORY.error(f"{_show(prefix)} is not a folder") from exc
 
-    def _walk(self, parts: Sequence[str], create_mode: int | None = None) -> int:
+    def _walk(
+        self, parts: Sequence[str], create_mode: int | None = None, creations: Creations | None = None
+    ) -> int:
         """Open the directory at ``parts`` (relative to home) component by component; caller closes."""
         fd = os.dup(self._home_fd())  # a dup keeps ownership simple: the caller always closes
         try:
             for i, name in enumerate(parts):
-                nfd = self._open_dir_at(fd, name, join_path(parts[: i + 1]), create_mode)
+                nfd = self._open_dir_at(fd, name, join_path(parts[: i + 1]), create_mode, creations=creations)
                 # Swap before closing so an exception can never close the same fd twice.
                 fd, old = nfd, fd
                 os.close(old)
@@ -622,9 +644,11 @@ class Jail:
         return fd
 
     @contextlib.contextmanager
-    def _parent(self, parts: Sequence[str], create_mode: int | None = None) -> Iterator[tuple[int, str]]:
+    def _parent(
+        self, parts: Sequence[str], create_mode: int | None = None, creations: Creations | None = None
+    ) -> Iterator[tuple[int, str]]:
         """Yield ``(fd of the parent directory, final name)`` for a non-empty path; closes the fd."""
-        fd = self._walk(parts[:-1], create_mode)
+        fd = self._walk(parts[:-1], create_mode, creations)
         try:
             yield fd, parts[-1]
         finally:
@@ -814,10 +838,11 @@ class Jail:
         missing, not a folder, or a symlink."""
         return TreeScan(self, path, inline_max)
 
-    def tree_dirs(self, path: str, *, create: bool = True) -> TreeDirs:
+    def tree_dirs(self, path: str, *, create: bool = True, creations: Creations | None = None) -> TreeDirs:
         """Open folder ``path`` for a tree upload (see :class:`TreeDirs`; created like ``mkdir -p``
-        unless ``create`` is False, as for reading named files)."""
-        return TreeDirs(self, path, create=create)
+        unless ``create`` is False, as for reading named files; ``creations`` sees each folder and
+        file it makes: see :attr:`TreeDirs.creations`)."""
+        return TreeDirs(self, path, create=create, creations=creations)
 
     def scan_entries(
         self,
@@ -873,7 +898,16 @@ class Jail:
                 return fd, join_path((*parts[:-1], temp))
             raise ErrorCode.EXISTS.error(f"{_show(path)}: could not create a temporary file")
 
-    def store_small(self, path: str, data: bytes, *, mode: int, mtime: float, overwrite: bool = True) -> int:
+    def store_small(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        mode: int,
+        mtime: float,
+        overwrite: bool = True,
+        creations: Creations | None = None,
+    ) -> int:
         """Write a small file to ``path`` atomically, in one walk: a temp file next to it, data,
         mode and mtime, then a rename. Returns the size of the regular file it replaced (0 if none).
 
@@ -884,7 +918,9 @@ class Jail:
         parts = self._needs_name(path, _UPLOAD_NEEDS_NAME)
         refuse_reserved(parts[-1], path)
         with _translating(path), self._parent(parts) as (pfd, name):
-            return _store_small_at(pfd, name, path, data, mode=mode, mtime=mtime, overwrite=overwrite)
+            return _store_small_at(
+                pfd, name, path, data, mode=mode, mtime=mtime, overwrite=overwrite, creations=creations
+            )
 
     def open_partial(
         self, path: str, token: str, *, on_foreign: Callable[[str, os.stat_result], None] | None = None
@@ -961,12 +997,21 @@ class Jail:
 
     # -- changing ------------------------------------------------------------------------------------
 
-    def mkdir(self, path: str, *, parents: bool = False, exist_ok: bool = False, mode: int = 0o777) -> None:
+    def mkdir(
+        self,
+        path: str,
+        *,
+        parents: bool = False,
+        exist_ok: bool = False,
+        mode: int = 0o777,
+        creations: Creations | None = None,
+    ) -> None:
         """Create folder ``path`` (permissions ``mode & 0o777``, minus the process umask).
 
         With ``parents``, missing intermediate folders are created too (``mkdir -p``). With
         ``exist_ok``, an existing *folder* is fine (an existing file still raises ``exists``; an
-        existing symlink raises ``symlink``). The home itself always exists.
+        existing symlink raises ``symlink``). The home itself always exists. ``creations`` sees
+        each folder before it is made.
         """
         parts = parse_path(path)
         mode &= 0o777
@@ -977,10 +1022,9 @@ class Jail:
         refuse_reserved(parts[-1], path)  # the parents are checked as they are created
         if len(parts) > self._max_depth:
             raise _too_deep(path, self._max_depth, "below your home; ferry creates no deeper folder")
-        with _translating(path), self._parent(parts, mode if parents else None) as (pfd, name):
-            try:
-                os.mkdir(name, mode, dir_fd=pfd)
-            except FileExistsError as exc:
+        with _translating(path), self._parent(parts, mode if parents else None, creations) as (pfd, name):
+            if not _make_dir(pfd, name, mode, path, creations):
+                exc = FileExistsError(errno.EEXIST, "exists")
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
                     raise _symlink_refused(path) from exc
@@ -991,28 +1035,34 @@ class Jail:
                 if not exist_ok:
                     raise ErrorCode.EXISTS.error(f"{_show(path)} already exists") from exc
 
-    def remove(self, path: str, *, recursive: bool = False) -> None:
+    def remove(self, path: str, *, recursive: bool = False) -> int:
         """Remove file, symlink or folder ``path``.
 
         A symlink is removed itself, never its target. A folder must be empty unless ``recursive``;
         recursive removal walks with descriptors and O_NOFOLLOW, so a symlink inside the tree (even
         one swapped in during the removal) is unlinked and never descended into. The home itself
-        cannot be removed.
+        cannot be removed. Returns how many entries went (see :meth:`remove_walk`).
         """
-        for _ in self.remove_walk(path, recursive=recursive):
-            pass
+        last = collections.deque(self.remove_walk(path, recursive=recursive), maxlen=1)
+        return last[0] if last else 0
 
-    def remove_walk(self, path: str, *, recursive: bool = True) -> Generator[None, None, None]:
+    def remove_walk(self, path: str, *, recursive: bool = True) -> Generator[int, None, None]:
         """:meth:`remove` one entry at a time: yields after each entry of a recursive removal, so a
         caller can spread it over several thread jobs and stop between entries (what was removed
-        stays removed, as with ``rm -r``). Close it when abandoned (it holds descriptors)."""
+        stays removed, as with ``rm -r``). Close it when abandoned (it holds descriptors). Yields
+        how many entries it removed so far (files, folders, links: partial uploads not counted, as
+        in :meth:`usage`), so the last value is how many went."""
         parts = self._needs_name(path, "your home folder itself cannot be removed")
         with _translating(path), self._parent(parts) as (pfd, name):
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
                 os.unlink(name, dir_fd=pfd)
+                yield 0 if is_partial_name(name) else 1
             elif recursive:
-                yield from _rmtree_at(pfd, name, self._max_open_dirs)
+                removed = 0
+                for counted in _rmtree_at(pfd, name, self._max_open_dirs):
+                    removed += counted
+                    yield removed
             else:
                 try:
                     os.rmdir(name, dir_fd=pfd)
@@ -1025,6 +1075,7 @@ class Jail:
                             "to delete it and everything in it",
                         ) from exc
                     raise
+                yield 1
 
     def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         """Rename (move) ``src`` to ``dst`` inside the home, atomically.
@@ -1054,6 +1105,7 @@ class Jail:
         overwrite: bool = True,
         durable: bool = True,
         fd: int | None = None,
+        creations: Creations | None = None,
     ) -> None:
         """Atomically move a finished upload from ``temp_rel`` (a partial file) to ``final_rel``.
 
@@ -1068,7 +1120,7 @@ class Jail:
         the partial is first renamed to a private random name, which only this call knows, and
         checked there (same device and inode as ``fd``, one link) before it gets the final name. If
         anything else carries the partial's name by then, nothing is moved (code ``changed``) and
-        that file is put back where it was.
+        that file is put back where it was. ``creations`` sees the final name first if it is new.
         """
         tparts = self._needs_name(temp_rel, _UPLOAD_NEEDS_NAME)
         if not is_partial_name(tparts[-1]):
@@ -1080,14 +1132,22 @@ class Jail:
             self._parent(tparts) as (sfd, sname),
             self._parent(fparts) as (dfd, dname),
         ):
-            if fd is not None:
-                sname = _take_verified(sfd, sname, dname, fd, final_rel)
+            taker = creations if creations is not None and _kind_at(dfd, dname) is None else None
+            if taker is not None:
+                taker.take(final_rel)
             try:
-                _rename(sfd, sname, dfd, dname, overwrite=overwrite)
+                if fd is not None:
+                    sname = _take_verified(sfd, sname, dname, fd, final_rel)
+                try:
+                    _rename(sfd, sname, dfd, dname, overwrite=overwrite)
+                except BaseException:
+                    if fd is not None:  # keep the partial resumable under its own name
+                        with contextlib.suppress(OSError):
+                            _rename_noreplace(sfd, sname, sfd, tparts[-1])
+                    raise
             except BaseException:
-                if fd is not None:  # keep the partial resumable under its own name
-                    with contextlib.suppress(OSError):
-                        _rename_noreplace(sfd, sname, sfd, tparts[-1])
+                if taker is not None:
+                    taker.give_back()
                 raise
             if fd is not None:
                 # A complete file is no partial any more: drop the mark (best effort).
@@ -1381,8 +1441,13 @@ class TreeDirs:
     (no client operation can move anything out of it). Call :meth:`close` when done.
     """
 
-    def __init__(self, jail: Jail, path: str, limit: int = 32, *, create: bool = True) -> None:
+    def __init__(
+        self, jail: Jail, path: str, limit: int = 32, *, create: bool = True, creations: Creations | None = None
+    ) -> None:
         self._jail = jail
+        #: sees every folder and new file this tree makes (a file-count quota); may be replaced
+        #: between batches (each batch with the limits of the moment)
+        self.creations = creations
         self._base = parse_path(path)
         #: folder levels a record may add below the tree's root (see MAX_DEPTH)
         self._depth_left = jail._max_depth - len(self._base)
@@ -1390,10 +1455,14 @@ class TreeDirs:
             raise _too_deep(path, jail._max_depth, "below your home; ferry creates no deeper folder")
         self._create: int | None = 0o777 if create else None
         with _translating(path):
-            root = jail._walk(self._base, create_mode=self._create)
+            root = jail._walk(self._base, create_mode=self._create, creations=creations)
         #: the tree's folders (relative to its root, validated), opened from the nearest one open
         self._dirs = DirCache(
-            root, lambda fd, name, sub: jail._open_dir_at(fd, name, self.client_path(sub), self._create), limit
+            root,
+            lambda fd, name, sub: jail._open_dir_at(
+                fd, name, self.client_path(sub), self._create, creations=self.creations
+            ),
+            limit,
         )
         # Temp names: a random tag per tree plus a counter, instead of fresh random bytes per file.
         self._tag = secrets.token_hex(6)
@@ -1470,6 +1539,7 @@ class TreeDirs:
                 admit=admit,
                 inspect=inspect or not overwrite or admit is not None,
                 temp=temp,
+                creations=self.creations,
             )
 
     def read(self, rel: str, inline_max: int) -> TreeFile | TreeFailure:
@@ -1503,16 +1573,18 @@ def _store_small_at(
     admit: Callable[[int], None] | None = None,
     inspect: bool = True,
     temp: str | None = None,
+    creations: Creations | None = None,
 ) -> int:
     """:meth:`Jail.store_small` once the parent folder is open as ``pfd`` (raises OSError as well
     as FerryErrors; the caller translates). Returns the size of the regular file it replaced.
     ``admit`` is called with that size before anything is written and may refuse by raising (a
     quota check needs to know what the file replaces). ``inspect`` False skips looking at the
     destination first (only with ``overwrite``; then 0 is returned). ``temp`` is the name of the
-    hidden temp file (a partial name; default: a random one)."""
+    hidden temp file (a partial name; default: a random one). ``creations`` sees the file first if
+    it is a new name (the destination is then always looked at)."""
     replaced = 0
     st: os.stat_result | None = None
-    if inspect or not overwrite:
+    if inspect or not overwrite or creations is not None:
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
     if st is not None:
@@ -1526,15 +1598,23 @@ def _store_small_at(
             replaced = st.st_size
     if admit is not None:
         admit(replaced)
-    store_atomically(
-        name,
-        data,
-        dir_fd=pfd,
-        mode=mode & 0o777,
-        mtime=mtime,
-        temp=temp,
-        rename=lambda _s, src, _d, dst: _rename(pfd, src, pfd, dst, overwrite=overwrite),
-    )
+    taker = creations if st is None else None  # a new name: one more entry
+    if taker is not None:
+        taker.take(path)
+    try:
+        store_atomically(
+            name,
+            data,
+            dir_fd=pfd,
+            mode=mode & 0o777,
+            mtime=mtime,
+            temp=temp,
+            rename=lambda _s, src, _d, dst: _rename(pfd, src, pfd, dst, overwrite=overwrite),
+        )
+    except BaseException:
+        if taker is not None:
+            taker.give_back()
+        raise
     return replaced
 
 
@@ -1585,6 +1665,22 @@ def _take_verified(sfd: int, sname: str, dname: str, fd: int, final_rel: str) ->
         f"{_show(final_rel)}: the upload's partial file {why} while the data was on its way; "
         "nothing was kept (run the upload again)",
     )
+
+
+def _make_dir(dir_fd: int, name: str, mode: int, path: str, creations: Creations | None) -> bool:
+    """Make folder ``name`` in ``dir_fd`` (``creations`` sees it first); False if an entry of that
+    name exists already. Raises OSError."""
+    if creations is not None:
+        creations.take(path)
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+    except BaseException as exc:
+        if creations is not None:
+            creations.give_back()
+        if isinstance(exc, FileExistsError):
+            return False
+        raise
+    return True
 
 
 def _has_entries(fd: int) -> bool:
@@ -1638,9 +1734,9 @@ def _only_partials(pfd: int, name: str) -> bool:
         os.close(fd)
 
 
-def _clear_files(fd: int) -> Generator[None, None, list[str]]:
-    """Unlink every non-directory entry of directory ``fd`` (yielding after each); return the names
-    of its subdirectories."""
+def _clear_files(fd: int) -> Generator[int, None, list[str]]:
+    """Unlink every non-directory entry of directory ``fd`` (yielding after each: 1, or 0 for a
+    partial upload, which is no entry of the file count); return the names of its subdirectories."""
     with os.scandir(fd) as it:
         entries = [(de.name, de.is_dir(follow_symlinks=False)) for de in it]  # list first, then unlink
     subdirs: list[str] = []
@@ -1654,13 +1750,14 @@ def _clear_files(fd: int) -> Generator[None, None, list[str]]:
             pass
         except IsADirectoryError:  # replaced by a folder since listed
             subdirs.append(name)
-        yield
+            continue
+        yield 0 if is_partial_name(name) else 1
     return subdirs
 
 
-def _rmtree_at(pfd: int, name: str, max_open_dirs: int) -> Generator[None, None, None]:
+def _rmtree_at(pfd: int, name: str, max_open_dirs: int) -> Generator[int, None, None]:
     """Remove directory ``name`` in ``pfd`` and everything under it, yielding after each entry
-    (raises OSError)."""
+    (as :func:`_clear_files`; raises OSError)."""
     chain = _DirChain(pfd, max_open_dirs)
     try:
         try:
@@ -1668,6 +1765,7 @@ def _rmtree_at(pfd: int, name: str, max_open_dirs: int) -> Generator[None, None,
         except OSError as exc:
             if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # no longer a folder: remove the entry
                 os.unlink(name, dir_fd=pfd)
+                yield 1
                 return
             raise
         pending = [(yield from _clear_files(chain.top()))]
@@ -1683,6 +1781,7 @@ def _rmtree_at(pfd: int, name: str, max_open_dirs: int) -> Generator[None, None,
                         # Swapped for a symlink or file since listed: unlink that entry itself.
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(sub, dir_fd=chain.top())
+                            yield 1
                         continue
                     raise
                 pending.append((yield from _clear_files(chain.top())))
@@ -1690,7 +1789,7 @@ def _rmtree_at(pfd: int, name: str, max_open_dirs: int) -> Generator[None, None,
                 pending.pop()
                 done = chain.pop()
                 os.rmdir(done, dir_fd=chain.top())
-                yield
+                yield 1
     finally:
         chain.close()
 

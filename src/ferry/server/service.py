@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ferry.fskit import is_partial_name
 from ferry.server import work
+from ferry.server.context import FileLimit
 from ferry.server.jail import HomeUsage, Jail, join_path, parse_path
 from ferry.wire import Connection, Data, RemoteProtocolError
 from ferry.wire import messages as m
@@ -206,19 +207,33 @@ class Service:
                 known = tally.bytes + sum(n for p, n in tally.partials.items() if p not in writing)
             return known
 
-    def account_removed(self, path: str, st: os.stat_result) -> None:
-        """Usage after ``path`` (whose status before was ``st``) was removed: a file's bytes are
-        freed, a partial leaves the idle ones, a folder's content is recounted when next needed."""
+    def account_removed(self, path: str, st: os.stat_result, entries: int) -> None:
+        """Usage after ``path`` (whose status before was ``st``) was removed with ``entries``
+        entries (see :meth:`~ferry.server.jail.Jail.remove_walk`): a file's bytes are freed, a
+        partial leaves the idle ones, a folder's bytes are recounted when next needed."""
         usage, name = self.ctx.usage, self.user.name
         rel = join_path(parse_path(path))
         if statmod.S_ISREG(st.st_mode) and is_partial_name(rel.rpartition("/")[2]):
             usage.claim(name, rel)
         elif statmod.S_ISREG(st.st_mode):
-            usage.add(name, -st.st_size, entries=-1)
+            usage.add(name, -st.st_size, entries=-entries)
         else:
+            usage.add(name, 0, entries=-entries)
             usage.invalidate(name)
             if statmod.S_ISDIR(st.st_mode):
                 usage.removed_tree(name, rel)
+
+    async def creations(self) -> FileLimit | None:
+        """What the jail must call for each file or folder this session's next operation makes: the
+        user's file-count quota (the home counted first, when the user has one). None when nothing
+        needs the count (no limit, and the count is not known: a walk makes it when needed)."""
+        count = self.ctx.usage.entry_count(self.user.name)
+        limit = self.user.max_files
+        if limit is not None and count.used is None:
+            await self.current_usage()
+        if limit is None and count.used is None:
+            return None
+        return FileLimit(count, limit)
 
     async def close(self) -> None:
         """The session ends (after its requests were aborted): release what the service holds."""

@@ -188,10 +188,11 @@ async def handle_get_files(svc: SyncService, msg: m.GetFiles) -> None:
 
 def _remove_all(
     svc: SyncService, base: str, names: list[str], recursive: bool, check: Callable[[], None]
-) -> tuple[int, int, list[m.SyncEntry]]:
-    """Remove each name under ``base`` (thread): (removed, bytes freed, failures)."""
+) -> tuple[int, int, int, list[m.SyncEntry]]:
+    """Remove each name under ``base`` (thread): (removed, bytes freed, entries removed (-1: not
+    known, a recursive remove failed half-way), failures)."""
     jail = svc.jail
-    done = freed = 0
+    done = freed = entries = 0
     errors: list[m.SyncEntry] = []
     for name in names:
         check()
@@ -204,7 +205,14 @@ def _remove_all(
                     done += 1  # already gone: what was asked for holds
                     continue
                 raise
-            jail.remove(path, recursive=recursive and statmod.S_ISDIR(st.st_mode))
+            tree = recursive and statmod.S_ISDIR(st.st_mode)
+            try:
+                gone = jail.remove(path, recursive=tree)
+            except FerryError:
+                if tree:
+                    entries = -1 << 62  # some of it went: the count is recounted
+                raise
+            entries += gone
             done += 1
             if statmod.S_ISREG(st.st_mode):
                 freed += st.st_size
@@ -212,7 +220,7 @@ def _remove_all(
                 freed = -1 << 62  # unknown: usage is recomputed
         except FerryError as exc:
             errors.append(m.SyncEntry(path=_safe(name), kind="error", message=str(exc)[:8192]))
-    return done, freed, errors
+    return done, freed, entries, errors
 
 
 def _under(base: str, name: str) -> str:
@@ -228,7 +236,7 @@ async def handle_remove_many(svc: SyncService, msg: m.RemoveMany) -> None:
     t0 = time.monotonic()
     sw = work.current.get()
     async with sw.walk_slot():
-        done, freed, errors = await asyncio.shield(
+        done, freed, entries, errors = await asyncio.shield(
             work.start_walk(_remove_all, svc, msg.path, list(msg.names), msg.recursive, sw.check)
         )
     usage = svc.ctx.usage
@@ -236,6 +244,10 @@ async def handle_remove_many(svc: SyncService, msg: m.RemoveMany) -> None:
         usage.invalidate(svc.user.name)
     else:
         usage.add(svc.user.name, -freed)
+    if entries < 0:
+        usage.entry_count(svc.user.name).forget()
+    else:
+        usage.add(svc.user.name, 0, entries=-entries)
     await svc.send(m.BatchReply(id=msg.id, done=done, errors=errors))
     svc.log_op("rm-many", msg.path, t0, f"ok removed={done} errors={len(errors)}")
 

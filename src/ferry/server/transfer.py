@@ -31,6 +31,7 @@ from typing import Any
 from ferry.errors import IntegrityError, RemoteError
 from ferry.fskit import TOKEN_RE, partial_name
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
+from ferry.server.context import FileLimit
 from ferry.server.jail import Jail, join_path, parse_path, translate_oserror
 from ferry.server.service import Service, ServiceHost
 from ferry.server.work import in_thread, start_thread
@@ -244,6 +245,8 @@ class Upload:
     resumable: bool = False
     have: int = 0  # bytes the partial held when it was opened (its size until start())
     kept: bool = True  # False once the partial is committed or removed
+    #: the file-count quota the commit answers to, if the final name is new (ferry.server.jail.Creations)
+    creations: FileLimit | None = None
 
     def start(self, offset: int) -> None:
         """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
@@ -335,13 +338,13 @@ class Upload:
             raise ErrorCode.INTEGRITY.error(
                 f"{msg.path}: chunk {bad} does not match the sender's hash; nothing was kept"
             )
-        fd, partial, jail = self.fd, self.partial, self.svc.jail
+        fd, partial, jail, creations = self.fd, self.partial, self.svc.jail, self.creations
 
         def seal() -> None:
             _finalise(fd, msg)
             # overwrite=False was checked at PutFile; the commit repeats it atomically, or a file
             # created while the data was on its way would be replaced.
-            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd)
+            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd, creations=creations)
 
         # Tracked like a write: an upload taking over the partial waits until the rename is done.
         self._pending = start_thread(seal)
@@ -537,7 +540,12 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     parts = parse_path(msg.path)
     prel = join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else ""
     key = (jail.home, prel)
+    creations = await svc.creations()
     await admit_upload(svc, msg, prel)
+    if creations is not None and not jail.exists(msg.path):
+        # A new name: refused now if the home is full, not after the data came (the commit checks
+        # again, under the count's lock: another session may take the last place meanwhile).
+        creations.check(msg.path)
     # No await since the checks: reserve now, so parallel uploads see this one's share.
     name = svc.user.name
     usage, uploads = svc.ctx.usage, svc.ctx.uploads
@@ -545,7 +553,7 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     if older is not None and older.reserved:
         usage.release(name, older.reserved)  # (the newcomer's reservation replaces it)
         older.reserved = 0
-    up = Upload(svc, msg, -1, "", [], time.monotonic(), key=key)
+    up = Upload(svc, msg, -1, "", [], time.monotonic(), key=key, creations=creations)
     usage.reserve(name, msg.size)
     up.reserved = msg.size
     if msg.token:
@@ -593,6 +601,7 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
 
 async def _put_inline(svc: TransferService, msg: m.PutFile) -> None:
     t0 = time.monotonic()
+    creations = await svc.creations()  # a new file counts against the file limit
     data = msg.data or b""
     hasher = ChunkHasher(msg.hash, msg.chunk_size)
     hasher.update(data)
@@ -602,7 +611,7 @@ async def _put_inline(svc: TransferService, msg: m.PutFile) -> None:
     try:
         # Small: done on the loop thread in one path walk, cheaper than a thread hop per file.
         replaced = svc.jail.store_small(
-            msg.path, data, mode=msg.mode, mtime=msg.mtime, overwrite=msg.overwrite
+            msg.path, data, mode=msg.mode, mtime=msg.mtime, overwrite=msg.overwrite, creations=creations
         )
     except OSError as exc:
         raise translate_oserror(exc, msg.path) from exc

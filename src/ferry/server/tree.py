@@ -301,6 +301,9 @@ class TreeUpload:
         # be looked at. Otherwise that lstat per file is skipped; see _account.
         track = budget is not None or svc.ctx.usage.known(user.name) is not None
         self._job_tracked = track
+        # Each folder and new file of the batch counts against the file limit, in the thread, as
+        # it is made (with the limit of the moment: an admin may change it between batches).
+        self.dirs.creations = await svc.creations()
         # A batch is an expensive operation of the session (up to 1,024 folders and files): it
         # takes one of the session's walk slots until its job is done.
         release_slot = await work.current.get().acquire_walk_slot()
@@ -411,6 +414,8 @@ class TreeUpload:
             # Not tracked while this batch was written (sizes replaced unknown). If usage became
             # known meanwhile (a df in another session), it may be off: recompute it next time.
             usage.invalidate(user.name)
+        if self.dirs.creations is None:
+            usage.entry_count(user.name).forget()  # (likewise, entries made without counting)
         self.files += out.files
         self.bytes += out.bytes
         self.errors += out.failed
@@ -477,7 +482,10 @@ async def handle_put_tree(svc: TreeService, msg: m.PutTree) -> None:
     jail = svc.jail
     if svc.user.quota is not None:
         await svc.current_usage()  # computed once, before the first batch needs it
-    dirs = await work.in_thread(jail.tree_dirs, msg.path, release=TreeDirs.close)
+    creations = await svc.creations()  # the folders of the tree's root count too
+    dirs = await work.in_thread(
+        lambda: jail.tree_dirs(msg.path, creations=creations), release=TreeDirs.close
+    )
     svc.channels[msg.id] = TreeUpload(svc, msg, dirs)
 
 

@@ -270,6 +270,10 @@ class DfReply(Message, tag="df_reply"):
     free: U64
     partial: U64 = 0
     partials: U32 = 0
+    #: files and folders in the home (partial uploads not counted) and the most it may hold (None:
+    #: no limit)
+    files: U64 = 0
+    max_files: U64 | None = None
 
 
 # --- transfers -----------------------------------------------------------------------------
