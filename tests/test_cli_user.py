@@ -1,4 +1,5 @@
-"""``ferry user ...`` as a real subprocess, plus the size parser in-process."""
+"""``ferry user ...`` in-process (cli_inproc), as real subprocesses where the terminal or the
+process matters (prompts, warnings on a closed stdin), plus the size parser."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cli_inproc import run_inproc
 from conftest import FERRY
 from ferry.cli.user import format_size, parse_size
 from ferry.errors import ExitCode, UsageError
@@ -19,10 +21,11 @@ from ferry.server.accounts import Accounts
 def run(
     env: dict[str, str], *args: str, stdin: str = "", root: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    argv = [*FERRY, "user", *args]
+    """``ferry user ARGS [--root ROOT]`` in this process (cli_inproc): same messages and statuses."""
+    argv = ["user", *args]
     if root is not None:
         argv += ["--root", str(root)]
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, timeout=60)
+    return run_inproc(argv, env, input=stdin)
 
 
 def listed(env: dict[str, str], root: Path) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_inproc import run_inproc
 from ferry.cli.user_creds import parse_expiry
 from ferry.errors import UsageError
 from ferry.server.accounts import Accounts
@@ -16,7 +17,6 @@ from ferry.server.accounts_schema import SCHEMA_VERSION
 from ferry.server.credentials import Credentials, token_id
 from ferry_server import CHEAP_HASHER, PASSWORD
 from login_support import KeySet
-from serve_process import run_ferry
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def user(root: Path, env: dict[str, str], *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    r = run_ferry(["user", *args, "--root", str(root)], env, input=stdin)
+    r = run_inproc(["user", *args, "--root", str(root)], env, input=stdin)
     return r.returncode, r.stdout, r.stderr
 
 

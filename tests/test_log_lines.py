@@ -21,14 +21,13 @@ import pytest
 
 from ferry import paths
 from ferry.client.aclient import AsyncClient
-from ferry.client.known_hosts import KnownHosts
 from ferry.errors import AuthError, FerryError
 from ferry.server.log import CONTINUATION, LineFormatter
 from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Role
 from ferry.wire import messages as m
 from ferry.wire.frames import HEADER, FrameKind
 from ferry_server import PASSWORD, ServerThread
-from transfer_support import wait_until
+from transfer_support import connect, wait_until
 
 #: What a forged record would look like: a fake login of root on a line of its own.
 FORGED = "2026-12-02 10:00:00,000 INFO session 99 login user=root peer=10.0.0.1:1 plain=False"
@@ -86,21 +85,16 @@ def read_until_closed(sock: ssl.SSLSocket, conn: Connection) -> list[object]:
 
 
 @pytest.mark.timeout(120)
-def test_remote_text_cannot_forge_log_lines(tmp_path: Path) -> None:
-    srv = ServerThread(tmp_path / "root")
-    srv.add_user("alice", exec_allowed=True)
+def test_remote_text_cannot_forge_log_lines(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
     srv.add_user("carol", exec_allow=["echo"], exec_allowed=True)
-    srv.start()
-    known = KnownHosts(tmp_path / "known_hosts")
     local = tmp_path / "tree"
     (local / "sub").mkdir(parents=True)
     (local / "sub" / "f").write_bytes(b"x")
     attempts = 0
 
     async def login(user: str, password: str = PASSWORD) -> AsyncClient:
-        return await AsyncClient.connect(
-            "127.0.0.1", srv.port, user=user, password=password, known_hosts=known
-        )
+        return await connect(srv, tmp_path, user, password)
 
     async def main() -> None:
         nonlocal attempts
@@ -125,35 +119,32 @@ def test_remote_text_cannot_forge_log_lines(tmp_path: Path) -> None:
                     await c.run(f"rm{brk}{FORGED}")
                 attempts += 1
 
-    try:
-        asyncio.run(main())
-        for brk in BREAKS:
-            # The software string of the Hello (logged with the login).
-            sock = tls_raw(srv.port)
-            conn = Connection(Role.CLIENT)
-            hello = m.Hello(min_version=1, max_version=m.PROTOCOL_VERSION, software=f"x{brk}{FORGED}")
-            sock.sendall(conn.send(hello))
-            assert isinstance(next_event(sock, conn), m.Welcome)
-            sock.sendall(conn.send(m.Auth(user="alice", password=PASSWORD)))
-            assert isinstance(next_event(sock, conn), m.AuthOk)
-            sock.sendall(conn.send(m.Goodbye(reason="bye")))
-            read_until_closed(sock, conn)
-            sock.close()
-            attempts += 1
-            # An error message that quotes what the client sent: a message type the server does
-            # not know, named with the forged text.
-            sock = tls_raw(srv.port)
-            payload = msgspec.msgpack.encode({"t": f"h{brk}{FORGED}", "min_version": 1, "max_version": 1})
-            sock.sendall(HEADER.pack(FrameKind.MESSAGE, 0, 0, len(payload)) + payload)
-            events = read_until_closed(sock, Connection(Role.CLIENT))
-            assert any(isinstance(e, m.Error) and e.code == "protocol" for e in events), events
-            sock.close()
-            attempts += 1
-        # The server logs a session's end once the connection is closed: wait for the last one.
-        logfile = paths.log_file(srv.root)
-        assert wait_until(lambda: logfile.read_text(encoding="utf-8").count(FORGED_TAIL) >= attempts, 10)
-    finally:
-        srv.stop()
+    asyncio.run(main())
+    for brk in BREAKS:
+        # The software string of the Hello (logged with the login).
+        sock = tls_raw(srv.port)
+        conn = Connection(Role.CLIENT)
+        hello = m.Hello(min_version=1, max_version=m.PROTOCOL_VERSION, software=f"x{brk}{FORGED}")
+        sock.sendall(conn.send(hello))
+        assert isinstance(next_event(sock, conn), m.Welcome)
+        sock.sendall(conn.send(m.Auth(user="alice", password=PASSWORD)))
+        assert isinstance(next_event(sock, conn), m.AuthOk)
+        sock.sendall(conn.send(m.Goodbye(reason="bye")))
+        read_until_closed(sock, conn)
+        sock.close()
+        attempts += 1
+        # An error message that quotes what the client sent: a message type the server does
+        # not know, named with the forged text.
+        sock = tls_raw(srv.port)
+        payload = msgspec.msgpack.encode({"t": f"h{brk}{FORGED}", "min_version": 1, "max_version": 1})
+        sock.sendall(HEADER.pack(FrameKind.MESSAGE, 0, 0, len(payload)) + payload)
+        events = read_until_closed(sock, Connection(Role.CLIENT))
+        assert any(isinstance(e, m.Error) and e.code == "protocol" for e in events), events
+        sock.close()
+        attempts += 1
+    # The server logs a session's end once the connection is closed: wait for the last one.
+    logfile = paths.log_file(srv.root)
+    assert wait_until(lambda: logfile.read_text(encoding="utf-8").count(FORGED_TAIL) >= attempts, 10)
     check_log(logfile.read_text(encoding="utf-8"), attempts)
 
 

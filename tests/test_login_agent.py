@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ferry.client.aclient import AsyncClient
 from ferry.client.agent import Agent, AgentError
-from ferry.client.known_hosts import KnownHosts
 from ferry.server.accounts import Accounts
 from ferry.server.credentials import Credentials
 from ferry.sshkeys import parse_public_line, verify
 from ferry_server import CHEAP_HASHER, PASSWORD, ServerThread
 from login_support import KeySet, ssh_add, ssh_agent
+from transfer_support import connect_with
 
 
 @pytest.fixture
@@ -60,39 +59,23 @@ def test_agent_errors_are_clear(tmp_path: Path, keys: KeySet) -> None:
 
 
 @pytest.mark.parametrize("kind", ["ed25519", "ecdsa", "rsa"])
-def test_login_through_the_agent(tmp_path: Path, keys: KeySet, agent: str, kind: str) -> None:
+def test_login_through_the_agent(server: ServerThread, tmp_path: Path, keys: KeySet, agent: str, kind: str) -> None:
     key = getattr(keys, kind)
-    srv = ServerThread(tmp_path / "root")
-    srv.add_user("alice")
-    srv.start()
-    with Accounts(srv.root, hasher=CHEAP_HASHER) as acc:
+    with Accounts(server.root, hasher=CHEAP_HASHER) as acc:
         Credentials(acc).add_keys("alice", key.pub)  # only this one of the agent's three keys
-    try:
-        async def main() -> None:
-            c = await AsyncClient.connect(
-                "127.0.0.1", srv.port, user="alice", agent=agent, known_hosts=KnownHosts(tmp_path / "kh")
-            )
-            assert c.info is not None and c.info.login_detail == f"key {key.fingerprint} (ssh-agent)"
-            await c.close()
 
-        asyncio.run(main())
-    finally:
-        srv.stop()
+    async def main() -> None:
+        c = await connect_with(server, tmp_path, agent=agent)
+        assert c.info is not None and c.info.login_detail == f"key {key.fingerprint} (ssh-agent)"
+        await c.close()
+
+    asyncio.run(main())
 
 
-def test_agent_without_a_matching_key_falls_back_to_the_password(tmp_path: Path, agent: str) -> None:
-    srv = ServerThread(tmp_path / "root")
-    srv.add_user("alice")
-    srv.start()
-    try:
-        async def main() -> None:
-            c = await AsyncClient.connect(
-                "127.0.0.1", srv.port, user="alice", agent=agent, password=PASSWORD,
-                known_hosts=KnownHosts(tmp_path / "kh"),
-            )  # fmt: skip
-            assert c.info is not None and c.info.login_method == "password"
-            await c.close()
+def test_agent_without_a_matching_key_falls_back_to_the_password(server: ServerThread, tmp_path: Path, agent: str) -> None:
+    async def main() -> None:
+        c = await connect_with(server, tmp_path, agent=agent, password=PASSWORD)
+        assert c.info is not None and c.info.login_method == "password"
+        await c.close()
 
-        asyncio.run(main())
-    finally:
-        srv.stop()
+    asyncio.run(main())

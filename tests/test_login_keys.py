@@ -384,21 +384,14 @@ def test_welcome_nonce_is_fresh_per_connection(server: ServerThread) -> None:
     assert len(nonces) == 3
 
 
-def test_plain_connection_signs_an_empty_fingerprint(tmp_path: Path, keys: KeySet) -> None:
-    srv = ServerThread(tmp_path / "root", plain=True)
-    srv.add_user("alice")
-    srv.start()
-    add_keys(srv.root, "alice", keys.ed25519.pub)
-    try:
-        async def main() -> None:
-            c = await AsyncClient.connect(
-                "127.0.0.1", srv.port, user="alice", key=keys.ed25519.path, plain=True,
-                known_hosts=KnownHosts(tmp_path / "kh"),
-            )  # fmt: skip
-            assert c.info is not None and c.info.login_method == "key"
-            await c.close()
+@pytest.mark.cell(transport="plain")
+def test_plain_connection_signs_an_empty_fingerprint(server: ServerThread, tmp_path: Path, keys: KeySet) -> None:
+    srv = server
 
-        asyncio.run(main())
-    finally:
-        srv.stop()
+    async def main() -> None:
+        c = await connect(srv, tmp_path, key=keys.ed25519.path)
+        assert c.info is not None and c.info.login_method == "key"
+        await c.close()
+
+    asyncio.run(main())
 

@@ -200,19 +200,15 @@ def test_a_file_time_beyond_year_9999_on_disk_is_sent_clamped(shm_root: Path, tm
 
 
 @pytest.mark.timeout(60)
-def test_a_command_without_a_real_timeout_still_runs(tmp_path: Path) -> None:
+@pytest.mark.cell(transport="plain")
+def test_a_command_without_a_real_timeout_still_runs(server: ServerThread, tmp_path: Path) -> None:
     """``ferry exec --timeout inf`` means no timeout: the client leaves the field out rather than
     send a value the server must refuse."""
-    srv = ServerThread(tmp_path / "root", plain=True)
-    srv.add_user("alice", exec_allowed=True)
-    srv.start()
-    try:
+    srv = server
 
-        async def main() -> Any:
-            async with await connect(srv, tmp_path) as c:
-                return await c.run(["echo", "still here"], timeout=math.inf)
+    async def main() -> Any:
+        async with await connect(srv, tmp_path) as c:
+            return await c.run(["echo", "still here"], timeout=math.inf)
 
-        result = asyncio.run(main())
-        assert result.exit_code == 0 and result.stdout == b"still here\n" and not result.timed_out
-    finally:
-        srv.stop()
+    result = asyncio.run(main())
+    assert result.exit_code == 0 and result.stdout == b"still here\n" and not result.timed_out
