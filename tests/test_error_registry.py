@@ -256,25 +256,25 @@ def test_a_server_io_error_is_one_code_for_every_upload_path(tmp_path: Path, fer
 
 
 @pytest.mark.timeout(60)
-def test_upload_without_overwrite_is_refused_before_its_data(tmp_path: Path) -> None:
+def test_upload_without_overwrite_is_refused_before_its_data(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "big"
     write_random(src, 2 * MiB, seed=5)
-    with running_server(tmp_path / "root") as srv:
-        (home(srv) / "taken").write_bytes(b"keep me")
-        progress: list[int] = []
+    srv = server
+    (home(srv) / "taken").write_bytes(b"keep me")
+    progress: list[int] = []
 
-        async def main() -> None:
-            c = await connect(srv, tmp_path)
-            try:
-                with pytest.raises(AlreadyExists):
-                    await c.put(src, "taken", overwrite=False, progress=lambda done, total: progress.append(done))
-            finally:
-                await c.close()
+    async def main() -> None:
+        c = await connect(srv, tmp_path)
+        try:
+            with pytest.raises(AlreadyExists):
+                await c.put(src, "taken", overwrite=False, progress=lambda done, total: progress.append(done))
+        finally:
+            await c.close()
 
-        asyncio.run(main())
-        assert progress == []  # not a byte of the file was sent
-        assert (home(srv) / "taken").read_bytes() == b"keep me"
-        assert sorted(p.name for p in home(srv).iterdir()) == ["taken"]  # and no partial was left
+    asyncio.run(main())
+    assert progress == []  # not a byte of the file was sent
+    assert (home(srv) / "taken").read_bytes() == b"keep me"
+    assert sorted(p.name for p in home(srv).iterdir()) == ["taken"]  # and no partial was left
 
 
 @pytest.mark.timeout(60)

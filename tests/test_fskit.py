@@ -24,7 +24,8 @@ from ferry.fskit import (
     store_atomically,
     write_new,
 )
-from transfer_support import MiB, connect, home, running_server, write_random
+from ferry_server import ServerThread
+from transfer_support import MiB, connect, home, write_random
 
 
 def test_partial_names_fit_the_name_limit_and_are_recognised() -> None:
@@ -116,40 +117,40 @@ def test_dir_cache_opens_from_the_nearest_ancestor_and_stays_bounded(tmp_path: P
 
 
 @pytest.mark.timeout(60)
-def test_a_file_with_a_name_near_the_limit_downloads_and_resumes(tmp_path: Path) -> None:
+def test_a_file_with_a_name_near_the_limit_downloads_and_resumes(server: ServerThread, tmp_path: Path) -> None:
     """``.NAME.ferry-part`` made a 250-byte name too long (ENAMETOOLONG): the download failed."""
     name = "n" * 250
-    with running_server(tmp_path / "root") as srv:
-        data = write_random(home(srv) / name, 3 * MiB, seed=7)
-        dest = tmp_path / "dl"
-        dest.mkdir()
-        held = data[: 2 << 20]
-        partial_path(dest / name).write_bytes(held)  # an interrupted earlier download
+    srv = server
+    data = write_random(home(srv) / name, 3 * MiB, seed=7)
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    held = data[: 2 << 20]
+    partial_path(dest / name).write_bytes(held)  # an interrupted earlier download
 
-        async def main() -> int:
-            async with await connect(srv, tmp_path) as c:
-                return (await c.get(name, dest, chunk_size=1 << 20)).resumed_from
+    async def main() -> int:
+        async with await connect(srv, tmp_path) as c:
+            return (await c.get(name, dest, chunk_size=1 << 20)).resumed_from
 
-        assert asyncio.run(main()) == len(held)
-        assert (dest / name).read_bytes() == data
-        assert os.listdir(dest) == [name]
+    assert asyncio.run(main()) == len(held)
+    assert (dest / name).read_bytes() == data
+    assert os.listdir(dest) == [name]
 
 
 @pytest.mark.timeout(60)
-def test_a_download_never_writes_through_a_link_in_place_of_its_partial(tmp_path: Path) -> None:
-    with running_server(tmp_path / "root") as srv:
-        write_random(home(srv) / "f.bin", 1 * MiB, seed=8)
-        victim = tmp_path / "victim"
-        victim.write_bytes(b"precious")
-        dest = tmp_path / "dl"
-        dest.mkdir()
-        os.symlink(victim, partial_path(dest / "f.bin"))
+def test_a_download_never_writes_through_a_link_in_place_of_its_partial(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    write_random(home(srv) / "f.bin", 1 * MiB, seed=8)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    os.symlink(victim, partial_path(dest / "f.bin"))
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                with pytest.raises(TransferError, match="symbolic link"):
-                    await c.get("f.bin", dest)
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            with pytest.raises(TransferError, match="symbolic link"):
+                await c.get("f.bin", dest)
 
-        asyncio.run(main())
-        assert victim.read_bytes() == b"precious"
-        assert not (dest / "f.bin").exists()
+    asyncio.run(main())
+    assert victim.read_bytes() == b"precious"
+    assert not (dest / "f.bin").exists()

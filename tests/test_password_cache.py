@@ -39,48 +39,48 @@ def accounts(srv: ServerThread) -> Accounts:
     return Accounts(srv.root, hasher=CHEAP_HASHER)
 
 
-def test_repeated_logins_of_one_account_pay_argon2_once(tmp_path: Path) -> None:
-    with running_server(tmp_path / "srv") as srv:
+def test_repeated_logins_of_one_account_pay_argon2_once(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    login(srv, tmp_path)
+    assert checks(srv) == (1, 0)
+    for _ in range(3):
         login(srv, tmp_path)
-        assert checks(srv) == (1, 0)
-        for _ in range(3):
-            login(srv, tmp_path)
-        assert checks(srv) == (1, 3)
+    assert checks(srv) == (1, 3)
 
 
-def test_a_wrong_password_still_goes_through_argon2_and_fails(tmp_path: Path) -> None:
-    with running_server(tmp_path / "srv") as srv:
+def test_a_wrong_password_still_goes_through_argon2_and_fails(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    login(srv, tmp_path)
+    with pytest.raises(AuthError):
+        login(srv, tmp_path, password="not the password")
+    assert checks(srv) == (2, 0)
+
+
+def test_a_changed_password_makes_the_cached_one_useless(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    login(srv, tmp_path)
+    acc = accounts(srv)
+    try:
+        acc.set_password("alice", "a new password")
+    finally:
+        acc.close()
+    with pytest.raises(AuthError):
+        login(srv, tmp_path)  # the old password, still in the cache under the old generation
+    login(srv, tmp_path, password="a new password")
+    assert checks(srv) == (3, 0)
+
+
+def test_a_disabled_account_is_refused_although_its_password_is_cached(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    login(srv, tmp_path)
+    acc = accounts(srv)
+    try:
+        acc.modify("alice", disabled=True)
+    finally:
+        acc.close()
+    with pytest.raises(AuthError):
         login(srv, tmp_path)
-        with pytest.raises(AuthError):
-            login(srv, tmp_path, password="not the password")
-        assert checks(srv) == (2, 0)
-
-
-def test_a_changed_password_makes_the_cached_one_useless(tmp_path: Path) -> None:
-    with running_server(tmp_path / "srv") as srv:
-        login(srv, tmp_path)
-        acc = accounts(srv)
-        try:
-            acc.set_password("alice", "a new password")
-        finally:
-            acc.close()
-        with pytest.raises(AuthError):
-            login(srv, tmp_path)  # the old password, still in the cache under the old generation
-        login(srv, tmp_path, password="a new password")
-        assert checks(srv) == (3, 0)
-
-
-def test_a_disabled_account_is_refused_although_its_password_is_cached(tmp_path: Path) -> None:
-    with running_server(tmp_path / "srv") as srv:
-        login(srv, tmp_path)
-        acc = accounts(srv)
-        try:
-            acc.modify("alice", disabled=True)
-        finally:
-            acc.close()
-        with pytest.raises(AuthError):
-            login(srv, tmp_path)
-        assert checks(srv)[1] == 0
+    assert checks(srv)[1] == 0
 
 
 def test_password_cache_zero_checks_every_login(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from ferry.errors import AuthError, DiskFull, TransferError
 from ferry.server.context import Limits
 from ferry.wire import Data
 from ferry.wire import messages as m
+from ferry_server import ServerThread
 from transfer_support import (
     SMALL_CHUNK,
     MiB,
@@ -183,36 +184,37 @@ def test_parallel_uploads_cannot_exceed_the_quota_together(tmp_path: Path) -> No
         assert partials(h) == []
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_two_downloads_to_the_same_local_file_at_once(tmp_path: Path) -> None:
+def test_two_downloads_to_the_same_local_file_at_once(server: ServerThread, tmp_path: Path) -> None:
     """Both would write the same hidden partial: the second one's resume truncates it under the
     first, which could then verify its own stream and rename a file with a hole. Only one may run;
     the other is refused, and a success always means the file is exact."""
-    with running_server(tmp_path / "root", plain=True) as srv:
-        data = random_bytes(16 * MiB, 77)
-        (home(srv) / "big.bin").write_bytes(data)
-        dest = tmp_path / "big.bin"
+    srv = server
+    data = random_bytes(16 * MiB, 77)
+    (home(srv) / "big.bin").write_bytes(data)
+    dest = tmp_path / "big.bin"
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as a, await connect(srv, tmp_path) as b:
-                halfway = asyncio.Event()
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as a, await connect(srv, tmp_path) as b:
+            halfway = asyncio.Event()
 
-                def progress(done: int, total: int) -> None:
-                    if done >= total // 4:
-                        halfway.set()
+            def progress(done: int, total: int) -> None:
+                if done >= total // 4:
+                    halfway.set()
 
-                first = asyncio.create_task(a.get("big.bin", dest, chunk_size=SMALL_CHUNK, progress=progress))
-                await asyncio.wait_for(halfway.wait(), 20)
-                with pytest.raises(TransferError, match="in progress"):
-                    await b.get("big.bin", dest, chunk_size=SMALL_CHUNK)
-                r = await first
-                assert r.size == len(data)
-                assert dest.read_bytes() == data
-                # Once the first one is done, the name is free again.
-                await b.get("big.bin", dest)
+            first = asyncio.create_task(a.get("big.bin", dest, chunk_size=SMALL_CHUNK, progress=progress))
+            await asyncio.wait_for(halfway.wait(), 20)
+            with pytest.raises(TransferError, match="in progress"):
+                await b.get("big.bin", dest, chunk_size=SMALL_CHUNK)
+            r = await first
+            assert r.size == len(data)
+            assert dest.read_bytes() == data
+            # Once the first one is done, the name is free again.
+            await b.get("big.bin", dest)
 
-        asyncio.run(main())
-        assert dest.read_bytes() == data
+    asyncio.run(main())
+    assert dest.read_bytes() == data
 
 
 @pytest.mark.timeout(60)

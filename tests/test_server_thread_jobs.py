@@ -16,6 +16,7 @@ import pytest
 
 from ferry.server.jail import Jail
 from ferry.wire import messages as m
+from ferry_server import ServerThread
 from transfer_support import (
     RawClient,
     SessionRecorder,
@@ -67,29 +68,30 @@ class Gate:
         self.released.set()
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_a_client_vanishing_during_a_thread_job_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_client_vanishing_during_a_thread_job_leaks_nothing(server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch, "scan_tree")
     sessions = SessionRecorder(monkeypatch)
-    with running_server(tmp_path / "root", plain=True) as srv:
-        (home(srv) / "t" / "sub").mkdir(parents=True)
-        (home(srv) / "t" / "sub" / "f").write_bytes(b"x")
-        raw = RawClient(srv.port)
-        try:
-            raw.login()
-            raw.send(m.GetTree(id=1, path="t"))
-            assert gate.entered.wait(10)
-        finally:
-            raw.close()  # gone while the scan is in its thread (its folders are open)
-        session = sessions.sessions[-1]
-        # The session has noticed: its worker (running the GetTree) is cancelled and the
-        # connection is being closed. Only then may the thread go on.
-        assert wait_until(lambda: session._worker_task is not None and session._worker_task.done(), 10)
-        assert wait_until(lambda: session.writer.is_closing(), 10)
-        gate.open()
-        assert wait_until(lambda: no_sessions(srv) and len(gate.jail_closed) == 1, 15)
-        assert wait_until(lambda: not open_into(home(srv))), open_into(home(srv))
-        assert gate.jail_closed == [False]  # the home descriptor outlived the thread using it
+    srv = server
+    (home(srv) / "t" / "sub").mkdir(parents=True)
+    (home(srv) / "t" / "sub" / "f").write_bytes(b"x")
+    raw = RawClient(srv.port)
+    try:
+        raw.login()
+        raw.send(m.GetTree(id=1, path="t"))
+        assert gate.entered.wait(10)
+    finally:
+        raw.close()  # gone while the scan is in its thread (its folders are open)
+    session = sessions.sessions[-1]
+    # The session has noticed: its worker (running the GetTree) is cancelled and the
+    # connection is being closed. Only then may the thread go on.
+    assert wait_until(lambda: session._worker_task is not None and session._worker_task.done(), 10)
+    assert wait_until(lambda: session.writer.is_closing(), 10)
+    gate.open()
+    assert wait_until(lambda: no_sessions(srv) and len(gate.jail_closed) == 1, 15)
+    assert wait_until(lambda: not open_into(home(srv))), open_into(home(srv))
+    assert gate.jail_closed == [False]  # the home descriptor outlived the thread using it
 
 
 @pytest.mark.timeout(60)
@@ -128,26 +130,28 @@ DUPLICATES = {
 }
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("pair", DUPLICATES.values(), ids=list(DUPLICATES))
 def test_a_transfer_request_reusing_an_id_in_use_is_a_protocol_error(
+    server: ServerThread,
     tmp_path: Path, pair: tuple[m.Message, m.Message]
 ) -> None:
     # Two transfers under one id would share their cancel state (the first to finish clearing the
     # second's) and their replies: refused, like an upload reusing an id already is.
-    with running_server(tmp_path / "root", plain=True) as srv:
-        (home(srv) / "t").mkdir()
-        (home(srv) / "t" / "big").write_bytes(os.urandom(4 << 20))  # streamed, not inline
-        raw = RawClient(srv.port, rcvbuf=64 * 1024)
-        try:
-            raw.login()
-            first, second = pair
-            # One write: the reader takes both before the first can finish (a queued request is
-            # in use as much as a running one).
-            raw.send_raw(raw.conn.send(first) + raw.conn.send(second))
-            events = raw.until_closed(20)
-        finally:
-            raw.close()
-        errors = [e for e in events if isinstance(e, m.Error)]
-        assert errors and errors[-1].code == "protocol", events
-        assert "request id 1 is already in use" in errors[-1].message
+    srv = server
+    (home(srv) / "t").mkdir()
+    (home(srv) / "t" / "big").write_bytes(os.urandom(4 << 20))  # streamed, not inline
+    raw = RawClient(srv.port, rcvbuf=64 * 1024)
+    try:
+        raw.login()
+        first, second = pair
+        # One write: the reader takes both before the first can finish (a queued request is
+        # in use as much as a running one).
+        raw.send_raw(raw.conn.send(first) + raw.conn.send(second))
+        events = raw.until_closed(20)
+    finally:
+        raw.close()
+    errors = [e for e in events if isinstance(e, m.Error)]
+    assert errors and errors[-1].code == "protocol", events
+    assert "request id 1 is already in use" in errors[-1].message

@@ -144,8 +144,10 @@ def test_one_users_deep_listings_do_not_stall_another_users_login_and_requests(
         assert wait_until(lambda: no_sessions(srv) and pools_idle(srv), 5)
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
 def test_a_listing_stops_between_entries_when_its_connection_closes(
+    server: ServerThread,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A walk in a thread looks at its session between entries: once the connection is gone it
@@ -164,129 +166,132 @@ def test_a_listing_stops_between_entries_when_its_connection_closes(
             resume.wait(20)
         return original(cls, name, st)  # type: ignore[no-any-return]
 
-    with running_server(tmp_path / "root", plain=True) as srv:
-        make_deep_tree(srv, 300)
-        monkeypatch.setattr(Entry, "from_stat", classmethod(from_stat))
-        raw = login(srv)
-        try:
-            raw.send(m.ListDir(id=1, path="", recursive=True))
-            assert paused.wait(10)
-        finally:
-            raw.close()
-        session = sessions.sessions[-1]
-        assert wait_until(lambda: session.writer.is_closing(), 10)  # the session saw it
-        resume.set()
-        assert wait_until(lambda: no_sessions(srv), 20)
-        assert stat_calls <= 101, f"the walk went on for {stat_calls - 100} entries after its session ended"
-        assert pools_idle(srv)
+    srv = server
+    make_deep_tree(srv, 300)
+    monkeypatch.setattr(Entry, "from_stat", classmethod(from_stat))
+    raw = login(srv)
+    try:
+        raw.send(m.ListDir(id=1, path="", recursive=True))
+        assert paused.wait(10)
+    finally:
+        raw.close()
+    session = sessions.sessions[-1]
+    assert wait_until(lambda: session.writer.is_closing(), 10)  # the session saw it
+    resume.set()
+    assert wait_until(lambda: no_sessions(srv), 20)
+    assert stat_calls <= 101, f"the walk went on for {stat_calls - 100} entries after its session ended"
+    assert pools_idle(srv)
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(120)
-def test_walks_of_a_2000_level_tree_cost_time_linear_in_its_folders(tmp_path: Path) -> None:
+def test_walks_of_a_2000_level_tree_cost_time_linear_in_its_folders(server: ServerThread, tmp_path: Path) -> None:
     """A recursive listing used to reopen every folder from the home: 13-16 s for 1,500 levels.
     Listing, usage (df), a tree download and rm -r of the deepest tree one mkdir -p can make now
     walk it once, with a bounded number of descriptors."""
     depth = 2000  # a 3,999-byte path
-    with running_server(tmp_path / "root", plain=True) as srv:
-        make_deep_tree(srv, depth)
-        raw = login(srv)
-        try:
-            t0 = time.monotonic()
-            raw.send(m.ListDir(id=1, path="", recursive=True))
-            entries = read_listing(raw, 1, timeout=60)
-            listed = time.monotonic() - t0
-            assert [e.name for e in entries] == [deep_path(n) for n in range(1, depth + 1)]
-            assert listed < 3.0, f"listing {depth} levels took {listed:.1f} s"
-            raw.send(m.Df(id=2))
-            assert isinstance(raw.reply(2), m.DfReply)
-            raw.send(m.GetTree(id=3, path="d"))
-            items: list[m.TreeItem] = []
-            for _ in range(depth):
-                batch = raw.reply(3)
-                assert isinstance(batch, m.TreeItems), batch
-                items += batch.items
-                if batch.end:
-                    break
-            assert [it.path for it in items] == [deep_path(n) for n in range(1, depth)]
-            raw.send(m.Remove(id=4, path="d", recursive=True))
-            assert isinstance(raw.reply(4, timeout=60), m.Ok)
-            assert list(home(srv).iterdir()) == []
-            elapsed = time.monotonic() - t0
-            assert elapsed < 20.0, f"list, df, get-tree and rm -r of {depth} levels took {elapsed:.1f} s"
-        finally:
-            raw.close()
+    srv = server
+    make_deep_tree(srv, depth)
+    raw = login(srv)
+    try:
+        t0 = time.monotonic()
+        raw.send(m.ListDir(id=1, path="", recursive=True))
+        entries = read_listing(raw, 1, timeout=60)
+        listed = time.monotonic() - t0
+        assert [e.name for e in entries] == [deep_path(n) for n in range(1, depth + 1)]
+        assert listed < 3.0, f"listing {depth} levels took {listed:.1f} s"
+        raw.send(m.Df(id=2))
+        assert isinstance(raw.reply(2), m.DfReply)
+        raw.send(m.GetTree(id=3, path="d"))
+        items: list[m.TreeItem] = []
+        for _ in range(depth):
+            batch = raw.reply(3)
+            assert isinstance(batch, m.TreeItems), batch
+            items += batch.items
+            if batch.end:
+                break
+        assert [it.path for it in items] == [deep_path(n) for n in range(1, depth)]
+        raw.send(m.Remove(id=4, path="d", recursive=True))
+        assert isinstance(raw.reply(4, timeout=60), m.Ok)
+        assert list(home(srv).iterdir()) == []
+        elapsed = time.monotonic() - t0
+        assert elapsed < 20.0, f"list, df, get-tree and rm -r of {depth} levels took {elapsed:.1f} s"
+    finally:
+        raw.close()
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_a_recursive_listing_comes_in_ls_r_order(tmp_path: Path) -> None:
+def test_a_recursive_listing_comes_in_ls_r_order(server: ServerThread, tmp_path: Path) -> None:
     """A folder's entries (by name), then each subfolder's in name order; links, FIFOs and
     partial uploads as before (links and FIFOs listed, never followed; partials hidden)."""
-    with running_server(tmp_path / "root", plain=True) as srv:
-        h = home(srv)
-        (h / "a" / "b" / "c").mkdir(parents=True)
-        (h / "a" / "f").write_bytes(b"12345")
-        (h / "a" / "b" / ".x.ferry-part-tok").write_bytes(b"partial")
-        (h / "z").mkdir()
-        (h / "z" / "link").symlink_to("/etc")
-        os.mkfifo(h / "z" / "pipe")
-        raw = login(srv)
-        try:
-            raw.send(m.ListDir(id=1, path="", recursive=True))
-            got = [(e.name, e.kind) for e in read_listing(raw, 1)]
-            assert got == [
-                ("a", "dir"),
-                ("z", "dir"),
-                ("a/b", "dir"),
-                ("a/f", "file"),
-                ("a/b/c", "dir"),
-                ("z/link", "link"),
-                ("z/pipe", "other"),
-            ]
-            raw.send(m.ListDir(id=2, path="a", recursive=True))
-            assert [e.name for e in read_listing(raw, 2)] == ["b", "f", "b/c"]
-            raw.send(m.ListDir(id=3, path="a/f", recursive=True))  # a file lists as itself
-            assert [(e.name, e.size) for e in read_listing(raw, 3)] == [("f", 5)]
-            raw.send(m.ListDir(id=4, path="z/link", recursive=True))  # a link too, never followed
-            assert [(e.name, e.kind) for e in read_listing(raw, 4)] == [("link", "link")]
-        finally:
-            raw.close()
+    srv = server
+    h = home(srv)
+    (h / "a" / "b" / "c").mkdir(parents=True)
+    (h / "a" / "f").write_bytes(b"12345")
+    (h / "a" / "b" / ".x.ferry-part-tok").write_bytes(b"partial")
+    (h / "z").mkdir()
+    (h / "z" / "link").symlink_to("/etc")
+    os.mkfifo(h / "z" / "pipe")
+    raw = login(srv)
+    try:
+        raw.send(m.ListDir(id=1, path="", recursive=True))
+        got = [(e.name, e.kind) for e in read_listing(raw, 1)]
+        assert got == [
+            ("a", "dir"),
+            ("z", "dir"),
+            ("a/b", "dir"),
+            ("a/f", "file"),
+            ("a/b/c", "dir"),
+            ("z/link", "link"),
+            ("z/pipe", "other"),
+        ]
+        raw.send(m.ListDir(id=2, path="a", recursive=True))
+        assert [e.name for e in read_listing(raw, 2)] == ["b", "f", "b/c"]
+        raw.send(m.ListDir(id=3, path="a/f", recursive=True))  # a file lists as itself
+        assert [(e.name, e.size) for e in read_listing(raw, 3)] == [("f", 5)]
+        raw.send(m.ListDir(id=4, path="z/link", recursive=True))  # a link too, never followed
+        assert [(e.name, e.kind) for e in read_listing(raw, 4)] == [("link", "link")]
+    finally:
+        raw.close()
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(120)
-def test_a_big_recursive_listing_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
+def test_a_big_recursive_listing_is_streamed_in_bounded_memory(server: ServerThread, tmp_path: Path) -> None:
     """A listing used to be built whole before its first page (+61 MiB for 200,000 entries); now
     pages are cut from the walk as they are sent. 40,040 entries (hard links: cheap to make) cost
     the server (and this client, reading a page at a time) about 1 MiB at the peak, the whole list
     about 9.5 MiB. bench/listing_memory.py measures 200,000 entries and four listings at once."""
     folders, per_folder = 40, 1000
-    with running_server(tmp_path / "root", plain=True) as srv:
-        h = home(srv)
-        (h / "one").write_bytes(b"1")
-        for k in range(folders):
-            folder = h / f"folder-{k:03d}"
-            folder.mkdir()
-            for i in range(per_folder):
-                os.link(h / "one", folder / f"a-file-with-a-longish-name-{i:05d}")
-        raw = login(srv)
+    srv = server
+    h = home(srv)
+    (h / "one").write_bytes(b"1")
+    for k in range(folders):
+        folder = h / f"folder-{k:03d}"
+        folder.mkdir()
+        for i in range(per_folder):
+            os.link(h / "one", folder / f"a-file-with-a-longish-name-{i:05d}")
+    raw = login(srv)
+    try:
+        tracemalloc.start()
         try:
-            tracemalloc.start()
-            try:
-                raw.send(m.ListDir(id=1, path="", recursive=True))
-                count = pages = 0
-                for _ in range(1000):
-                    page = raw.reply(1, timeout=60)
-                    assert isinstance(page, m.ListReply), page
-                    count += len(page.entries)
-                    pages += 1
-                    if not page.more:
-                        break
-                peak = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
+            raw.send(m.ListDir(id=1, path="", recursive=True))
+            count = pages = 0
+            for _ in range(1000):
+                page = raw.reply(1, timeout=60)
+                assert isinstance(page, m.ListReply), page
+                count += len(page.entries)
+                pages += 1
+                if not page.more:
+                    break
+            peak = tracemalloc.get_traced_memory()[1]
         finally:
-            raw.close()
-        assert count == 1 + folders * (per_folder + 1) and pages > 40
-        assert peak < 3 << 20, f"the listing peaked at {peak / (1 << 20):.1f} MiB"
+            tracemalloc.stop()
+    finally:
+        raw.close()
+    assert count == 1 + folders * (per_folder + 1) and pages > 40
+    assert peak < 3 << 20, f"the listing peaked at {peak / (1 << 20):.1f} MiB"
 
 
 def tree_files(folder: Path, count: int, size: int) -> None:
@@ -390,26 +395,27 @@ def file_item(path: str, data: bytes = b"x") -> m.TreeItem:
     return m.TreeItem(path=path, kind="file", size=len(data), data=data, digest=small_digest("blake3", data))
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_a_tree_upload_record_2040_levels_deep_is_stored(tmp_path: Path) -> None:
+def test_a_tree_upload_record_2040_levels_deep_is_stored(server: ServerThread, tmp_path: Path) -> None:
     """The record of the report answered "internal server error (RecursionError)": folders were
     opened by a recursion per level. Now they are opened in a loop from the nearest one already
     open, and 2,040 levels are within the limit (2,048, the deepest one path can name)."""
-    with running_server(tmp_path / "root", plain=True) as srv:
-        raw = login(srv)
-        try:
-            raw.send(m.PutTree(id=1, path="up"))
-            raw.send(m.TreeItems(id=1, items=[file_item(deep_path(2040) + "/f", b"deep")], end=True))
-            ack = tree_acks(raw, 1)
-            assert (ack.files, ack.errors) == (1, []), ack
-            with Jail(home(srv)) as jail:  # the absolute path is longer than the OS takes
-                fd = jail.open_read("up/" + deep_path(2040) + "/f")
-                try:
-                    assert os.read(fd, 100) == b"deep"
-                finally:
-                    os.close(fd)
-        finally:
-            raw.close()
+    srv = server
+    raw = login(srv)
+    try:
+        raw.send(m.PutTree(id=1, path="up"))
+        raw.send(m.TreeItems(id=1, items=[file_item(deep_path(2040) + "/f", b"deep")], end=True))
+        ack = tree_acks(raw, 1)
+        assert (ack.files, ack.errors) == (1, []), ack
+        with Jail(home(srv)) as jail:  # the absolute path is longer than the OS takes
+            fd = jail.open_read("up/" + deep_path(2040) + "/f")
+            try:
+                assert os.read(fd, 100) == b"deep"
+            finally:
+                os.close(fd)
+    finally:
+        raw.close()
 
 
 @pytest.mark.timeout(60)
@@ -481,28 +487,29 @@ def test_walks_stop_at_the_depth_limit_with_a_clear_error_and_rm_r_has_none(tmp_
             raw.close()
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_a_name_too_long_for_the_wire_ends_the_listing_with_an_error_not_the_connection(tmp_path: Path) -> None:
+def test_a_name_too_long_for_the_wire_ends_the_listing_with_an_error_not_the_connection(server: ServerThread, tmp_path: Path) -> None:
     """Relative names in a deep listing can outgrow what a message may carry (4,096 characters):
     the listing then ends with ``bad-path`` instead of a page the client must refuse (which cost
     the whole connection)."""
-    with running_server(tmp_path / "root", plain=True) as srv:
-        # 20 names of 250 characters: a 5,019-character relative path
-        make_chain(home(srv), [f"{i:02d}" + "n" * 248 for i in range(20)])
-        raw = login(srv)
-        try:
-            raw.send(m.ListDir(id=1, path="", recursive=True))
-            reply = None
-            for _ in range(100):
-                reply = raw.reply(1)
-                if not isinstance(reply, m.ListReply):
-                    break
-            assert isinstance(reply, m.Error) and reply.code == "bad-path", reply
-            assert "too long to send" in reply.message
-            raw.send(m.Stat(id=2, path=""))  # the connection is still fine
-            assert isinstance(raw.reply(2), m.StatReply)
-        finally:
-            raw.close()
+    srv = server
+    # 20 names of 250 characters: a 5,019-character relative path
+    make_chain(home(srv), [f"{i:02d}" + "n" * 248 for i in range(20)])
+    raw = login(srv)
+    try:
+        raw.send(m.ListDir(id=1, path="", recursive=True))
+        reply = None
+        for _ in range(100):
+            reply = raw.reply(1)
+            if not isinstance(reply, m.ListReply):
+                break
+        assert isinstance(reply, m.Error) and reply.code == "bad-path", reply
+        assert "too long to send" in reply.message
+        raw.send(m.Stat(id=2, path=""))  # the connection is still fine
+        assert isinstance(raw.reply(2), m.StatReply)
+    finally:
+        raw.close()
 
 
 @pytest.mark.timeout(60)

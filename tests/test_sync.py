@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ferry.client.sync import SyncItem, SyncResult
+from ferry_server import ServerThread
 from transfer_support import MiB, connect, home, no_logged_errors, running_server  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
@@ -116,7 +117,7 @@ def test_push_then_noop_then_changes(tmp_path: Path, plain: bool) -> None:
         assert r.wire_bytes < 1 * MiB  # and the chunk index of 3 MiB: ~1.5 KiB
 
 
-def test_after_deletions_folder_times_match_and_the_next_sync_is_a_no_op(tmp_path: Path) -> None:
+def test_after_deletions_folder_times_match_and_the_next_sync_is_a_no_op(server: ServerThread, tmp_path: Path) -> None:
     """Deletions run before the attributes: a folder whose entries were deleted gets the source's
     mtime (set after the deletion moved it), so the next sync finds nothing to do; both ways."""
     src = tmp_path / "src"
@@ -128,184 +129,184 @@ def test_after_deletions_folder_times_match_and_the_next_sync_is_a_no_op(tmp_pat
     def close(a: dict[str, int], b: dict[str, int]) -> bool:
         return all(abs(a[k] - b[k]) <= 2000 for k in a)
 
-    with running_server(tmp_path / "srv") as srv:
-        run(_sync(srv, tmp_path, f"{src}/", ":t"))
-        (src / "sub" / "s1.txt").unlink()
-        (src / "sub" / "deep" / "zero").unlink()
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
-        assert r.deleted == 2 and close(dir_times(home(srv) / "t"), dir_times(src))
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
-        assert changes(items) == {} and r.deleted == 0
-        # a pull: the local folders
-        back = tmp_path / "back"
-        run(_sync(srv, tmp_path, ":t/", f"{back}"))
-        (home(srv) / "t" / "sub" / "s2.txt").unlink()
-        (home(srv) / "t" / "sub" / "deep" / "gone").write_bytes(b"")
-        os.unlink(home(srv) / "t" / "sub" / "deep" / "gone")
-        (back / "sub" / "deep" / "extra").write_bytes(b"x")  # only in the destination: deleted
-        r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
-        assert r.deleted == 2 and close(dir_times(back), dir_times(home(srv) / "t"))
-        r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
-        assert changes(items) == {}
+    srv = server
+    run(_sync(srv, tmp_path, f"{src}/", ":t"))
+    (src / "sub" / "s1.txt").unlink()
+    (src / "sub" / "deep" / "zero").unlink()
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
+    assert r.deleted == 2 and close(dir_times(home(srv) / "t"), dir_times(src))
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
+    assert changes(items) == {} and r.deleted == 0
+    # a pull: the local folders
+    back = tmp_path / "back"
+    run(_sync(srv, tmp_path, ":t/", f"{back}"))
+    (home(srv) / "t" / "sub" / "s2.txt").unlink()
+    (home(srv) / "t" / "sub" / "deep" / "gone").write_bytes(b"")
+    os.unlink(home(srv) / "t" / "sub" / "deep" / "gone")
+    (back / "sub" / "deep" / "extra").write_bytes(b"x")  # only in the destination: deleted
+    r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
+    assert r.deleted == 2 and close(dir_times(back), dir_times(home(srv) / "t"))
+    r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
+    assert changes(items) == {}
 
 
-def test_pull_delta_and_insertion(tmp_path: Path) -> None:
-    with running_server(tmp_path / "srv") as srv:
-        src = home(srv) / "data"
-        make_source(src)
-        dst = tmp_path / "dst"
-        r, _ = run(_sync(srv, tmp_path, ":data", f"{dst}"))  # no trailing slash: dst/data
-        assert same(content(dst / "data"), content(src))
-        r, items = run(_sync(srv, tmp_path, ":data", f"{dst}"))
-        assert changes(items) == {}
-        blob = (src / "big.bin").read_bytes()
-        (src / "big.bin").write_bytes(blob[:MiB] + b"inserted bytes" + blob[MiB:])
-        r, items = run(_sync(srv, tmp_path, ":data", f"{dst}"))
-        assert changes(items) == {"big.bin": "update"}
-        assert same(content(dst / "data"), content(src))
-        big = next(i for i in items if i.path == "big.bin")
-        assert big.sent <= 2 * 256 * 1024 and r.wire_bytes < 600 * 1024
-        assert not list((dst / "data").glob(".*ferry-part*"))
+def test_pull_delta_and_insertion(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    src = home(srv) / "data"
+    make_source(src)
+    dst = tmp_path / "dst"
+    r, _ = run(_sync(srv, tmp_path, ":data", f"{dst}"))  # no trailing slash: dst/data
+    assert same(content(dst / "data"), content(src))
+    r, items = run(_sync(srv, tmp_path, ":data", f"{dst}"))
+    assert changes(items) == {}
+    blob = (src / "big.bin").read_bytes()
+    (src / "big.bin").write_bytes(blob[:MiB] + b"inserted bytes" + blob[MiB:])
+    r, items = run(_sync(srv, tmp_path, ":data", f"{dst}"))
+    assert changes(items) == {"big.bin": "update"}
+    assert same(content(dst / "data"), content(src))
+    big = next(i for i in items if i.path == "big.bin")
+    assert big.sent <= 2 * 256 * 1024 and r.wire_bytes < 600 * 1024
+    assert not list((dst / "data").glob(".*ferry-part*"))
 
 
-def test_delete_dry_run_and_filters(tmp_path: Path) -> None:
+def test_delete_dry_run_and_filters(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
     (src / "skip.log").write_text("log")
-    with running_server(tmp_path / "srv") as srv:
-        dst = home(srv) / "m"
-        run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"]))
-        assert not (dst / "skip.log").exists()
-        (dst / "extra").mkdir()
-        (dst / "extra" / "x").write_text("x")
-        (dst / "old.txt").write_text("old")
-        (dst / "kept.log").write_text("excluded on the receiver: protected")
-        for n in range(5):
-            (src / "sub" / f"s{n}.txt").unlink()
-        (src / "new.txt").write_text("new")
-        before_src, before_dst = snapshot(src), snapshot(dst)
-        log = srv.root / "logs" / "ferry.log"
-        log_size = log.stat().st_size
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True, dry_run=True))
-        assert r.dry_run and changes(items) == {
-            "new.txt": "new",
-            "extra/x": "delete",
-            "extra": "delete",
-            "old.txt": "delete",
-            "sub": "attrs",  # its mtime moved when files were deleted from it
-            **{f"sub/s{n}.txt": "delete" for n in range(5)},
-        }
-        assert snapshot(src) == before_src and snapshot(dst) == before_dst  # byte for byte, modes, mtimes
-        ops = [line.split("op=")[1].split()[0] for line in log.read_text()[log_size:].splitlines() if " op=" in line]
-        assert ops == ["scan"]  # the server only listed
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True))
-        assert r.deleted == 8 and r.failed == 0
-        assert (dst / "kept.log").exists()
-        assert same(
-            {k: v for k, v in content(dst).items() if k != "kept.log"},
-            {k: v for k, v in content(src).items() if not k.endswith(".log")},
-        )
+    srv = server
+    dst = home(srv) / "m"
+    run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"]))
+    assert not (dst / "skip.log").exists()
+    (dst / "extra").mkdir()
+    (dst / "extra" / "x").write_text("x")
+    (dst / "old.txt").write_text("old")
+    (dst / "kept.log").write_text("excluded on the receiver: protected")
+    for n in range(5):
+        (src / "sub" / f"s{n}.txt").unlink()
+    (src / "new.txt").write_text("new")
+    before_src, before_dst = snapshot(src), snapshot(dst)
+    log = srv.root / "logs" / "ferry.log"
+    log_size = log.stat().st_size
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True, dry_run=True))
+    assert r.dry_run and changes(items) == {
+        "new.txt": "new",
+        "extra/x": "delete",
+        "extra": "delete",
+        "old.txt": "delete",
+        "sub": "attrs",  # its mtime moved when files were deleted from it
+        **{f"sub/s{n}.txt": "delete" for n in range(5)},
+    }
+    assert snapshot(src) == before_src and snapshot(dst) == before_dst  # byte for byte, modes, mtimes
+    ops = [line.split("op=")[1].split()[0] for line in log.read_text()[log_size:].splitlines() if " op=" in line]
+    assert ops == ["scan"]  # the server only listed
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True))
+    assert r.deleted == 8 and r.failed == 0
+    assert (dst / "kept.log").exists()
+    assert same(
+        {k: v for k, v in content(dst).items() if k != "kept.log"},
+        {k: v for k, v in content(src).items() if not k.endswith(".log")},
+    )
 
 
-def test_missing_source_deletes_nothing(tmp_path: Path) -> None:
-    with running_server(tmp_path / "srv") as srv:
-        dst = tmp_path / "dst"
-        dst.mkdir()
-        (dst / "precious").write_text("keep me")
-        with pytest.raises(Exception, match="no such file or folder"):
-            run(_sync(srv, tmp_path, ":nothing-here/", f"{dst}", delete=True))
-        with pytest.raises(Exception, match="no such file or folder"):
-            run(_sync(srv, tmp_path, f"{tmp_path / 'nothing'}/", ":x", delete=True))
-        assert (dst / "precious").read_text() == "keep me"
+def test_missing_source_deletes_nothing(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "precious").write_text("keep me")
+    with pytest.raises(Exception, match="no such file or folder"):
+        run(_sync(srv, tmp_path, ":nothing-here/", f"{dst}", delete=True))
+    with pytest.raises(Exception, match="no such file or folder"):
+        run(_sync(srv, tmp_path, f"{tmp_path / 'nothing'}/", ":x", delete=True))
+    assert (dst / "precious").read_text() == "keep me"
 
 
-def test_unreadable_source_folder_suppresses_deletion(tmp_path: Path) -> None:
+def test_unreadable_source_folder_suppresses_deletion(server: ServerThread, tmp_path: Path) -> None:
     if os.geteuid() == 0:
         # root reads everything: make the folder unreadable another way (a name that is not UTF-8)
         pass
     src = tmp_path / "src"
     make_source(src)
-    with running_server(tmp_path / "srv") as srv:
-        run(_sync(srv, tmp_path, f"{src}/", ":t"))
-        bad = os.fsencode(src / "sub") + b"/\xff\xfe-not-utf8"
-        with open(bad, "wb") as f:
-            f.write(b"x")
-        (src / "big.bin").unlink()
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
-        assert any(i.action == "skip" and i.kind == "error" for i in items)
-        assert (home(srv) / "t" / "big.bin").exists()  # not deleted: the source had read errors
-        assert r.deleted == 0
+    srv = server
+    run(_sync(srv, tmp_path, f"{src}/", ":t"))
+    bad = os.fsencode(src / "sub") + b"/\xff\xfe-not-utf8"
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    (src / "big.bin").unlink()
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
+    assert any(i.action == "skip" and i.kind == "error" for i in items)
+    assert (home(srv) / "t" / "big.bin").exists()  # not deleted: the source had read errors
+    assert r.deleted == 0
 
 
-def test_links_and_fifos_are_reported_as_skipped(tmp_path: Path) -> None:
+def test_links_and_fifos_are_reported_as_skipped(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
     os.symlink("big.bin", src / "link")
     os.mkfifo(src / "fifo")
-    with running_server(tmp_path / "srv") as srv:
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t"))
-        skipped = {i.path: i.reason for i in items if i.action == "skip"}
-        assert set(skipped) == {"link", "fifo"} and r.skipped == 2
-        assert "symbolic link" in skipped["link"] and "FIFO" in skipped["fifo"]
-        assert not (home(srv) / "t" / "link").exists()
-        # and the other way: a link on the server is reported, not followed
-        os.symlink("big.bin", home(srv) / "t" / "slink")
-        r, items = run(_sync(srv, tmp_path, ":t/", f"{tmp_path / 'back'}"))
-        assert {i.path for i in items if i.action == "skip"} == {"slink"}
+    srv = server
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":t"))
+    skipped = {i.path: i.reason for i in items if i.action == "skip"}
+    assert set(skipped) == {"link", "fifo"} and r.skipped == 2
+    assert "symbolic link" in skipped["link"] and "FIFO" in skipped["fifo"]
+    assert not (home(srv) / "t" / "link").exists()
+    # and the other way: a link on the server is reported, not followed
+    os.symlink("big.bin", home(srv) / "t" / "slink")
+    r, items = run(_sync(srv, tmp_path, ":t/", f"{tmp_path / 'back'}"))
+    assert {i.path for i in items if i.action == "skip"} == {"slink"}
 
 
-def test_checksum_finds_same_size_same_mtime_change(tmp_path: Path) -> None:
+def test_checksum_finds_same_size_same_mtime_change(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
-    with running_server(tmp_path / "srv") as srv:
-        run(_sync(srv, tmp_path, f"{src}/", ":c"))
-        target = home(srv) / "c" / "sub" / "s5.txt"
-        st = target.stat()
-        target.write_bytes(b"X" * st.st_size)  # same size ...
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... same mtime
-        _, items = run(_sync(srv, tmp_path, f"{src}/", ":c"))
-        assert changes(items) == {}  # the quick check cannot see it
-        _r, items = run(_sync(srv, tmp_path, f"{src}/", ":c", checksum=True))
-        assert changes(items) == {"sub/s5.txt": "update"}
-        assert same(content(home(srv) / "c"), content(src))
+    srv = server
+    run(_sync(srv, tmp_path, f"{src}/", ":c"))
+    target = home(srv) / "c" / "sub" / "s5.txt"
+    st = target.stat()
+    target.write_bytes(b"X" * st.st_size)  # same size ...
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... same mtime
+    _, items = run(_sync(srv, tmp_path, f"{src}/", ":c"))
+    assert changes(items) == {}  # the quick check cannot see it
+    _r, items = run(_sync(srv, tmp_path, f"{src}/", ":c", checksum=True))
+    assert changes(items) == {"sub/s5.txt": "update"}
+    assert same(content(home(srv) / "c"), content(src))
 
 
-def test_compressed_transfers_shrink_text(tmp_path: Path) -> None:
+def test_compressed_transfers_shrink_text(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     text = b"".join(b"2026-12-02T13:%02d:%02d host app[%d]: request ok in %d ms\n" % (i % 60, i % 59, i % 97, i % 1000) for i in range(40000))
     (src / "app.log").write_bytes(text)
-    with running_server(tmp_path / "srv") as srv:
-        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":logs", compress=True))
-        assert (home(srv) / "logs" / "app.log").read_bytes() == text
-        assert r.wire_bytes < len(text) / 4
-        r, _items = run(_sync(srv, tmp_path, ":logs/", f"{tmp_path / 'back'}", compress=True))
-        assert (tmp_path / "back" / "app.log").read_bytes() == text
-        assert r.wire_bytes < len(text) / 4
+    srv = server
+    r, _ = run(_sync(srv, tmp_path, f"{src}/", ":logs", compress=True))
+    assert (home(srv) / "logs" / "app.log").read_bytes() == text
+    assert r.wire_bytes < len(text) / 4
+    r, _items = run(_sync(srv, tmp_path, ":logs/", f"{tmp_path / 'back'}", compress=True))
+    assert (tmp_path / "back" / "app.log").read_bytes() == text
+    assert r.wire_bytes < len(text) / 4
 
 
-def test_progress_counts_the_whole_job(tmp_path: Path) -> None:
+def test_progress_counts_the_whole_job(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
-    with running_server(tmp_path / "srv") as srv:
-        calls: list[tuple[int, int]] = []
-        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":p", progress=lambda d, t: calls.append((d, t))))
-        total = r.sent_bytes
-        assert total == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
-        assert calls and {t for _, t in calls} == {total}  # the job's total from the first call on
-        done = [d for d, _ in calls]
-        assert done == sorted(done) and done[-1] == total
-        # the blocking client has it too
-        from ferry.client.blocking import connect as bconnect
-        from ferry.client.known_hosts import KnownHosts
-        from transfer_support import PASSWORD
+    srv = server
+    calls: list[tuple[int, int]] = []
+    r, _ = run(_sync(srv, tmp_path, f"{src}/", ":p", progress=lambda d, t: calls.append((d, t))))
+    total = r.sent_bytes
+    assert total == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    assert calls and {t for _, t in calls} == {total}  # the job's total from the first call on
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == total
+    # the blocking client has it too
+    from ferry.client.blocking import connect as bconnect
+    from ferry.client.known_hosts import KnownHosts
+    from transfer_support import PASSWORD
 
-        (src / "sub" / "s1.txt").write_text("changed")
-        with bconnect(
-            f"alice@127.0.0.1:{srv.port}", password=PASSWORD, known_hosts=KnownHosts(tmp_path / "kh")
-        ) as c:
-            res = c.sync(f"{src}/", ":p")
-        assert res.sent_files == 1 and isinstance(res, SyncResult)
+    (src / "sub" / "s1.txt").write_text("changed")
+    with bconnect(
+        f"alice@127.0.0.1:{srv.port}", password=PASSWORD, known_hosts=KnownHosts(tmp_path / "kh")
+    ) as c:
+        res = c.sync(f"{src}/", ":p")
+    assert res.sent_files == 1 and isinstance(res, SyncResult)
 
 
 def test_server_batches_stay_inside_and_deltas_are_verified(tmp_path: Path) -> None:
@@ -353,39 +354,39 @@ def test_server_batches_stay_inside_and_deltas_are_verified(tmp_path: Path) -> N
         assert sorted(p.name for p in (h / "d").iterdir()) == ["f"]  # no partial left
 
 
-def test_sync_into_the_home_itself(tmp_path: Path) -> None:
+def test_sync_into_the_home_itself(server: ServerThread, tmp_path: Path) -> None:
     """The home as the destination root: files land, and no error about the home's own attributes."""
     src = tmp_path / "src"
     make_source(src)
-    with running_server(tmp_path / "srv") as srv:
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":"))
-        assert r.failed == 0 and not r.notes, r.notes
-        (src / "sub" / "s0.txt").write_text("again")
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":"))
-        assert changes(items) == {"sub/s0.txt": "update"} and not r.notes, r.notes
-        assert same(content(home(srv)), content(src))
+    srv = server
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":"))
+    assert r.failed == 0 and not r.notes, r.notes
+    (src / "sub" / "s0.txt").write_text("again")
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":"))
+    assert changes(items) == {"sub/s0.txt": "update"} and not r.notes, r.notes
+    assert same(content(home(srv)), content(src))
 
 
-def test_compressed_small_files_travel_packed(tmp_path: Path) -> None:
+def test_compressed_small_files_travel_packed(server: ServerThread, tmp_path: Path) -> None:
     """-z packs the batches of small files too (both ways), and leaves random data as it is."""
     src = tmp_path / "src"
     (src / "code").mkdir(parents=True)
     for i in range(300):
         (src / "code" / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {j} + {i}\n" for j in range(100)))
     total = sum(p.stat().st_size for p in (src / "code").iterdir())
-    with running_server(tmp_path / "srv") as srv:
-        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
-        assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
-        assert same(content(home(srv) / "z"), content(src))
-        r, _ = run(_sync(srv, tmp_path, ":z/", f"{tmp_path / 'back'}", compress=True))
-        assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
-        assert same(content(tmp_path / "back"), content(src))
-        (src / "rand").mkdir()
-        for i in range(20):
-            (src / "rand" / f"r{i}").write_bytes(rand(50_000, 100 + i))
-        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
-        assert r.sent_files == 20 and r.wire_bytes >= 20 * 50_000  # nothing to gain: sent as it is
-        assert same(content(home(srv) / "z"), content(src))
+    srv = server
+    r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
+    assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
+    assert same(content(home(srv) / "z"), content(src))
+    r, _ = run(_sync(srv, tmp_path, ":z/", f"{tmp_path / 'back'}", compress=True))
+    assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
+    assert same(content(tmp_path / "back"), content(src))
+    (src / "rand").mkdir()
+    for i in range(20):
+        (src / "rand" / f"r{i}").write_bytes(rand(50_000, 100 + i))
+    r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
+    assert r.sent_files == 20 and r.wire_bytes >= 20 * 50_000  # nothing to gain: sent as it is
+    assert same(content(home(srv) / "z"), content(src))
 
 
 @pytest.mark.parametrize("name", ["../escape", "/etc/evil", "a/../../b", "a//b", "./a"])
@@ -422,7 +423,7 @@ def test_a_listing_with_unsafe_names_changes_nothing(tmp_path: Path, name: str) 
     assert not (tmp_path / "escape").exists()
 
 
-def test_a_large_upload_is_indexed_for_the_next_delta(tmp_path: Path) -> None:
+def test_a_large_upload_is_indexed_for_the_next_delta(server: ServerThread, tmp_path: Path) -> None:
     """After a sync uploads a new large file, the server indexes it at once (GetChunks prefetch):
     the next delta of that file finds the index in the cache instead of reading the file first."""
     from ferry import cdc
@@ -430,36 +431,36 @@ def test_a_large_upload_is_indexed_for_the_next_delta(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "big").write_bytes(rand(20 * MiB, 80))
-    with running_server(tmp_path / "srv") as srv:
-        run(_sync(srv, tmp_path, f"{src}/", ":p"))
-        st = (home(srv) / "p" / "big").stat()
-        key = (*cdc.stat_key(st), cdc.SCHEME)
-        assert srv.server.ctx is not None
-        cache = srv.server.ctx.hash_cache
-        deadline = time.monotonic() + 20
-        while cache.get_index(key) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        index = cache.get_index(key)
-        assert index is not None and index.digest == cdc.index_bytes((src / "big").read_bytes()).digest
-        log = (srv.root / "logs" / "ferry.log").read_text()
-        assert "op=chunks path=p/big" in log and "ok prefetch" in log
+    srv = server
+    run(_sync(srv, tmp_path, f"{src}/", ":p"))
+    st = (home(srv) / "p" / "big").stat()
+    key = (*cdc.stat_key(st), cdc.SCHEME)
+    assert srv.server.ctx is not None
+    cache = srv.server.ctx.hash_cache
+    deadline = time.monotonic() + 20
+    while cache.get_index(key) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    index = cache.get_index(key)
+    assert index is not None and index.digest == cdc.index_bytes((src / "big").read_bytes()).digest
+    log = (srv.root / "logs" / "ferry.log").read_text()
+    assert "op=chunks path=p/big" in log and "ok prefetch" in log
 
 
-def test_a_file_time_beyond_the_wire_range_does_not_fail_the_listing(tmp_path: Path) -> None:
+def test_a_file_time_beyond_the_wire_range_does_not_fail_the_listing(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
     os.utime(src / "sub" / "s1.txt", (1e12, 1e12))  # year ~33,658: outside what the wire carries
-    with running_server(tmp_path / "srv") as srv:
-        os.makedirs(home(srv) / "far")
-        (home(srv) / "far" / "f").write_text("far")
-        os.utime(home(srv) / "far" / "f", (1e12, 1e12))
-        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t"))
-        assert r.failed == 0 and (home(srv) / "t" / "sub" / "s1.txt").exists()
-        r, _ = run(_sync(srv, tmp_path, ":far/", f"{tmp_path / 'back'}"))
-        assert r.failed == 0 and (tmp_path / "back" / "f").read_text() == "far"
+    srv = server
+    os.makedirs(home(srv) / "far")
+    (home(srv) / "far" / "f").write_text("far")
+    os.utime(home(srv) / "far" / "f", (1e12, 1e12))
+    r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t"))
+    assert r.failed == 0 and (home(srv) / "t" / "sub" / "s1.txt").exists()
+    r, _ = run(_sync(srv, tmp_path, ":far/", f"{tmp_path / 'back'}"))
+    assert r.failed == 0 and (tmp_path / "back" / "f").read_text() == "far"
 
 
-def test_a_local_listing_made_ahead_is_used_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_local_listing_made_ahead_is_used_once(server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command line lists the local side before it connects (``local_listing_for``): the sync
     uses that listing instead of listing again, and lists again when it was made for another root
     or other options."""
@@ -476,26 +477,27 @@ def test_a_local_listing_made_ahead_is_used_once(tmp_path: Path, monkeypatch: py
         return real_scan(root, filt, checksum)
 
     monkeypatch.setattr(synclocal, "scan_local", counted)
-    with running_server(tmp_path / "srv") as srv:
-        ahead = local_listing_for(f"{src}/", ":t")
-        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t", local_listing=ahead))
-        assert scans == [src] and r.sent_files == r.files > 0
-        assert same(content(home(srv) / "t"), content(src))
-        # made for a pull into "back/" (a folder "t" there): fits the pull of "t" into "back"
-        ahead = local_listing_for(":t", tmp_path / "back")
-        r, _ = run(_sync(srv, tmp_path, ":t", f"{tmp_path / 'back'}", local_listing=ahead))
-        assert scans == [src, tmp_path / "back" / "t"] and r.sent_files == r.files
-        assert same(content(tmp_path / "back" / "t"), content(src))
-        # other options (checksum) or another root: listed again
-        ahead = local_listing_for(f"{src}/", ":t")
-        r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t", checksum=True, local_listing=ahead))
-        assert scans[3:] == [src] and r.sent_files == 0
-        ahead = local_listing_for(f"{tmp_path}/", ":t")
-        run(_sync(srv, tmp_path, f"{src}/", ":t", local_listing=ahead))
-        assert scans[4:] == [tmp_path, src]
+    srv = server
+    ahead = local_listing_for(f"{src}/", ":t")
+    r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t", local_listing=ahead))
+    assert scans == [src] and r.sent_files == r.files > 0
+    assert same(content(home(srv) / "t"), content(src))
+    # made for a pull into "back/" (a folder "t" there): fits the pull of "t" into "back"
+    ahead = local_listing_for(":t", tmp_path / "back")
+    r, _ = run(_sync(srv, tmp_path, ":t", f"{tmp_path / 'back'}", local_listing=ahead))
+    assert scans == [src, tmp_path / "back" / "t"] and r.sent_files == r.files
+    assert same(content(tmp_path / "back" / "t"), content(src))
+    # other options (checksum) or another root: listed again
+    ahead = local_listing_for(f"{src}/", ":t")
+    r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t", checksum=True, local_listing=ahead))
+    assert scans[3:] == [src] and r.sent_files == 0
+    ahead = local_listing_for(f"{tmp_path}/", ":t")
+    run(_sync(srv, tmp_path, f"{src}/", ":t", local_listing=ahead))
+    assert scans[4:] == [tmp_path, src]
 
 
 def test_a_local_listing_that_fails_late_stops_the_sync_before_any_deletion(
+    server: ServerThread,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The local listing runs beside the connection and the remote listing: when it fails after
@@ -509,36 +511,36 @@ def test_a_local_listing_that_fails_late_stops_the_sync_before_any_deletion(
 
     src = tmp_path / "src"
     make_source(src)
-    with running_server(tmp_path / "srv") as srv:
-        run(_sync(srv, tmp_path, f"{src}/", ":t"))
-        before = content(home(srv) / "t")
-        (src / "big.bin").unlink()
-        (src / "sub" / "s1.txt").unlink()
-        remote_listed = threading.Event()
-        real_remote = sync_mod.scan_remote
+    srv = server
+    run(_sync(srv, tmp_path, f"{src}/", ":t"))
+    before = content(home(srv) / "t")
+    (src / "big.bin").unlink()
+    (src / "sub" / "s1.txt").unlink()
+    remote_listed = threading.Event()
+    real_remote = sync_mod.scan_remote
 
-        async def signalling_remote(*a: Any, **kw: Any) -> Any:
-            try:
-                return await real_remote(*a, **kw)
-            finally:
-                remote_listed.set()
+    async def signalling_remote(*a: Any, **kw: Any) -> Any:
+        try:
+            return await real_remote(*a, **kw)
+        finally:
+            remote_listed.set()
 
-        def failing_scan(root: Path, filt: Any, checksum: bool) -> Any:
-            assert remote_listed.wait(30)  # fail only once the remote side is listed
-            raise PermissionError(13, "Permission denied", str(root))
+    def failing_scan(root: Path, filt: Any, checksum: bool) -> Any:
+        assert remote_listed.wait(30)  # fail only once the remote side is listed
+        raise PermissionError(13, "Permission denied", str(root))
 
-        monkeypatch.setattr(sync_mod, "scan_remote", signalling_remote)
-        monkeypatch.setattr(synclocal, "scan_local", failing_scan)
-        ahead = local_listing_for(f"{src}/", ":t")
-        with pytest.raises(PermissionError):
-            run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
-        assert remote_listed.is_set()
-        assert content(home(srv) / "t") == before  # nothing deleted, nothing sent
-        # an entry that cannot be read (a name that is not UTF-8): listed as an error, no deletion
-        monkeypatch.undo()
-        with open(os.fsencode(src / "sub") + b"/\xff-not-utf8", "wb") as f:
-            f.write(b"x")
-        ahead = local_listing_for(f"{src}/", ":t")
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
-        assert r.deleted == 0 and any(i.kind == "error" for i in items)
-        assert (home(srv) / "t" / "big.bin").exists() and (home(srv) / "t" / "sub" / "s1.txt").exists()
+    monkeypatch.setattr(sync_mod, "scan_remote", signalling_remote)
+    monkeypatch.setattr(synclocal, "scan_local", failing_scan)
+    ahead = local_listing_for(f"{src}/", ":t")
+    with pytest.raises(PermissionError):
+        run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
+    assert remote_listed.is_set()
+    assert content(home(srv) / "t") == before  # nothing deleted, nothing sent
+    # an entry that cannot be read (a name that is not UTF-8): listed as an error, no deletion
+    monkeypatch.undo()
+    with open(os.fsencode(src / "sub") + b"/\xff-not-utf8", "wb") as f:
+        f.write(b"x")
+    ahead = local_listing_for(f"{src}/", ":t")
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
+    assert r.deleted == 0 and any(i.kind == "error" for i in items)
+    assert (home(srv) / "t" / "big.bin").exists() and (home(srv) / "t" / "sub" / "s1.txt").exists()

@@ -32,7 +32,6 @@ from transfer_support import (
     no_sessions,
     partials,
     random_bytes,
-    running_server,
     wait_until,
     write_random,
 )
@@ -286,8 +285,9 @@ def test_put_restarts_when_the_local_file_changed(server: ServerThread, tmp_path
     assert (h / "big.bin").read_bytes() == new
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_two_uploads_of_the_same_source_never_commit_a_torn_file(tmp_path: Path) -> None:
+def test_two_uploads_of_the_same_source_never_commit_a_torn_file(server: ServerThread, tmp_path: Path) -> None:
     """A second upload with the same token (e.g. a retry from a new connection while the server still
     serves the first one) shares the partial file. Whatever the interleaving, an Ok must mean the
     committed file is exactly the source, and at least one of the two uploads must succeed."""
@@ -326,27 +326,27 @@ def test_two_uploads_of_the_same_source_never_commit_a_torn_file(tmp_path: Path)
             return False
         return isinstance(reply, m.Ok)
 
-    with running_server(tmp_path / "root", plain=True) as srv:
-        h = home(srv)
+    srv = server
+    h = home(srv)
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as a, await connect(srv, tmp_path) as b:
-                a_id, a_route = await start(a)
-                await send_range(a, a_id, 0, half)
-                b_id, b_route = await start(b)  # B takes the same partial while A is half-way
-                await send_range(b, b_id, 0, piece)
-                await send_range(a, a_id, half, SIZE)
-                a_ok = await finish(a, a_id, a_route)
-                if a_ok:
-                    assert (h / "big.bin").read_bytes() == data, "A got Ok for a torn file"
-                with contextlib.suppress(ConnectionBroken):
-                    await send_range(b, b_id, piece, SIZE)
-                b_ok = await finish(b, b_id, b_route)
-                if b_ok:
-                    assert (h / "big.bin").read_bytes() == data, "B got Ok for a torn file"
-                assert a_ok or b_ok
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as a, await connect(srv, tmp_path) as b:
+            a_id, a_route = await start(a)
+            await send_range(a, a_id, 0, half)
+            b_id, b_route = await start(b)  # B takes the same partial while A is half-way
+            await send_range(b, b_id, 0, piece)
+            await send_range(a, a_id, half, SIZE)
+            a_ok = await finish(a, a_id, a_route)
+            if a_ok:
+                assert (h / "big.bin").read_bytes() == data, "A got Ok for a torn file"
+            with contextlib.suppress(ConnectionBroken):
+                await send_range(b, b_id, piece, SIZE)
+            b_ok = await finish(b, b_id, b_route)
+            if b_ok:
+                assert (h / "big.bin").read_bytes() == data, "B got Ok for a torn file"
+            assert a_ok or b_ok
 
-        asyncio.run(main())
-        assert wait_until(lambda: no_sessions(srv))
-        assert (h / "big.bin").read_bytes() == data
-        assert partials(h) == []
+    asyncio.run(main())
+    assert wait_until(lambda: no_sessions(srv))
+    assert (h / "big.bin").read_bytes() == data
+    assert partials(h) == []

@@ -30,6 +30,7 @@ from ferry.wire import Connection, Role
 from ferry.wire import messages as m
 from ferry.wire.connection import ALLOWED, State
 from ferry.wire.errors import LocalProtocolError, MalformedMessage, UnexpectedMessage
+from ferry_server import ServerThread
 from transfer_support import (
     Interrupt,
     MiB,
@@ -122,22 +123,22 @@ def test_tree_round_trip(tmp_path: Path, plain: bool) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_md5_trees_and_the_home_as_root(tmp_path: Path) -> None:
+def test_md5_trees_and_the_home_as_root(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "x").mkdir(parents=True)
     (src / "x" / "a").write_bytes(b"alpha")
     (src / "b").write_bytes(b"")
-    with running_server(tmp_path / "root") as srv:
+    srv = server
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                await c.put_tree(src, ".", hash="md5")
-                await c.get_tree("", tmp_path / "dst", hash="md5")
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            await c.put_tree(src, ".", hash="md5")
+            await c.get_tree("", tmp_path / "dst", hash="md5")
 
-        asyncio.run(main())
-        assert (home(srv) / "x" / "a").read_bytes() == b"alpha"
-        assert (tmp_path / "dst" / "x" / "a").read_bytes() == b"alpha"
-        assert (tmp_path / "dst" / "b").read_bytes() == b""
+    asyncio.run(main())
+    assert (home(srv) / "x" / "a").read_bytes() == b"alpha"
+    assert (tmp_path / "dst" / "x" / "a").read_bytes() == b"alpha"
+    assert (tmp_path / "dst" / "b").read_bytes() == b""
 
 
 def test_small_digest_is_the_single_chunk_file_digest() -> None:
@@ -254,48 +255,49 @@ def test_symlinks_in_the_server_tree_are_not_followed(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_a_symlink_swapped_in_mid_tree_is_reported_not_followed(
+    server: ServerThread,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = outside_secret(tmp_path)
     (out / "inner").mkdir()
     (out / "inner" / "x").write_bytes(b"outside x")
-    with running_server(tmp_path / "root") as srv:
-        d = home(srv) / "t" / "d"
-        (d / "sub").mkdir(parents=True)
-        (d / "f1").write_bytes(b"one")
-        (d / "f2").write_bytes(b"two")
-        (d / "f3").write_bytes(b"three")
-        (d / "sub" / "x").write_bytes(b"inside x")
-        original = Jail.scan_tree
+    srv = server
+    d = home(srv) / "t" / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "f1").write_bytes(b"one")
+    (d / "f2").write_bytes(b"two")
+    (d / "f3").write_bytes(b"three")
+    (d / "sub" / "x").write_bytes(b"inside x")
+    original = Jail.scan_tree
 
-        def swapping(self: Jail, path: str, *, inline_max: int) -> Any:
-            scan = original(self, path, inline_max=inline_max)
-            inner = scan._gen
+    def swapping(self: Jail, path: str, *, inline_max: int) -> Any:
+        scan = original(self, path, inline_max=inline_max)
+        inner = scan._gen
 
-            def gen() -> Iterator[Any]:
-                for rec in inner:
-                    yield rec
-                    if isinstance(rec, TreeFile) and rec.path == "d/f1":
-                        # "d" has been listed; its entries are opened one by one from here on.
-                        (d / "f2").unlink()
-                        os.symlink(out / "secret", d / "f2")
-                        shutil.rmtree(d / "sub")
-                        os.symlink(out / "inner", d / "sub")
+        def gen() -> Iterator[Any]:
+            for rec in inner:
+                yield rec
+                if isinstance(rec, TreeFile) and rec.path == "d/f1":
+                    # "d" has been listed; its entries are opened one by one from here on.
+                    (d / "f2").unlink()
+                    os.symlink(out / "secret", d / "f2")
+                    shutil.rmtree(d / "sub")
+                    os.symlink(out / "inner", d / "sub")
 
-            scan._gen = gen()
-            return scan
+        scan._gen = gen()
+        return scan
 
-        monkeypatch.setattr(Jail, "scan_tree", swapping)
+    monkeypatch.setattr(Jail, "scan_tree", swapping)
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                with pytest.raises(TransferError) as info:
-                    await c.get_tree("t", tmp_path / "dst")
-                msg = str(info.value)
-                assert "2 item(s)" in msg and "d/f2" in msg and "d/sub" in msg and "symbolic link" in msg
-                assert await c.ping() < 5
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            with pytest.raises(TransferError) as info:
+                await c.get_tree("t", tmp_path / "dst")
+            msg = str(info.value)
+            assert "2 item(s)" in msg and "d/f2" in msg and "d/sub" in msg and "symbolic link" in msg
+            assert await c.ping() < 5
 
-        asyncio.run(main())
+    asyncio.run(main())
     dst = tmp_path / "dst" / "d"
     assert (dst / "f1").read_bytes() == b"one" and (dst / "f3").read_bytes() == b"three"
     assert not (dst / "f2").exists() and not (dst / "sub").exists()
@@ -334,23 +336,24 @@ def test_tree_scan_reports_swaps_and_releases_its_descriptors(tmp_path: Path) ->
 # --- uploads: integrity, quota, per-file refusals -----------------------------------------
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(30)
-def test_a_corrupt_upload_record_ends_the_tree_and_nothing_is_kept_for_it(tmp_path: Path) -> None:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        raw = RawClient(srv.port)
-        try:
-            raw.login()
-            bad = file_item("b", b"bbbb", digest=small_digest("blake3", b"other"))
-            raw.send(m.PutTree(id=1, path="t"))
-            raw.send(m.TreeItems(id=1, items=[file_item("a", b"aaaa"), bad, file_item("c", b"cc")], end=True))
-            err = raw.reply(1)
-            assert isinstance(err, m.Error) and "integrity" in err.code, err
-            raw.send(m.Ping(nonce=7))
-            assert raw.reply_pong(7)
-        finally:
-            raw.close()
-        t = home(srv) / "t"
-        assert sorted(os.listdir(t)) == ["a"]  # stopped at the bad record; no partial file left
+def test_a_corrupt_upload_record_ends_the_tree_and_nothing_is_kept_for_it(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    raw = RawClient(srv.port)
+    try:
+        raw.login()
+        bad = file_item("b", b"bbbb", digest=small_digest("blake3", b"other"))
+        raw.send(m.PutTree(id=1, path="t"))
+        raw.send(m.TreeItems(id=1, items=[file_item("a", b"aaaa"), bad, file_item("c", b"cc")], end=True))
+        err = raw.reply(1)
+        assert isinstance(err, m.Error) and "integrity" in err.code, err
+        raw.send(m.Ping(nonce=7))
+        assert raw.reply_pong(7)
+    finally:
+        raw.close()
+    t = home(srv) / "t"
+    assert sorted(os.listdir(t)) == ["a"]  # stopped at the bad record; no partial file left
 
 
 @pytest.mark.timeout(60)
@@ -384,49 +387,49 @@ def test_quota_exceeded_mid_tree(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("df_first", [True, False], ids=["usage-known", "usage-unknown"])
-def test_usage_stays_exact_when_a_tree_overwrites_files(tmp_path: Path, df_first: bool) -> None:
+def test_usage_stays_exact_when_a_tree_overwrites_files(server: ServerThread, tmp_path: Path, df_first: bool) -> None:
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     for i in range(30):
         (src / "d" / f"f{i}").write_bytes(os.urandom(1000 + i))
-    with running_server(tmp_path / "root") as srv:
-        (home(srv) / "t" / "d").mkdir(parents=True)
-        for i in range(30):
-            (home(srv) / "t" / "d" / f"f{i}").write_bytes(os.urandom(5000))  # replaced, bigger
+    srv = server
+    (home(srv) / "t" / "d").mkdir(parents=True)
+    for i in range(30):
+        (home(srv) / "t" / "d" / f"f{i}").write_bytes(os.urandom(5000))  # replaced, bigger
 
-        async def main() -> int:
-            async with await connect(srv, tmp_path) as c:
-                if df_first:
-                    await c.df()  # usage now tracked incrementally by every upload
-                await c.put_tree(src, "t")
-                return (await c.df()).used
+    async def main() -> int:
+        async with await connect(srv, tmp_path) as c:
+            if df_first:
+                await c.df()  # usage now tracked incrementally by every upload
+            await c.put_tree(src, "t")
+            return (await c.df()).used
 
-        used = asyncio.run(main())
-        assert used == sum(p.stat().st_size for p in home(srv).rglob("*") if p.is_file())
+    used = asyncio.run(main())
+    assert used == sum(p.stat().st_size for p in home(srv).rglob("*") if p.is_file())
 
 
 @pytest.mark.timeout(30)
-def test_refused_entries_are_reported_and_the_rest_is_stored(tmp_path: Path) -> None:
+def test_refused_entries_are_reported_and_the_rest_is_stored(server: ServerThread, tmp_path: Path) -> None:
     out = outside_secret(tmp_path)
     src = tmp_path / "src"
     (src / "blocked").mkdir(parents=True)
     (src / "blocked" / "x.txt").write_bytes(b"x")
     (src / "ok.txt").write_bytes(b"ok")
     (src / "is-dir").write_bytes(b"a file where the server has a folder")
-    with running_server(tmp_path / "root") as srv:
-        t = home(srv) / "t"
-        (t / "is-dir").mkdir(parents=True)
-        os.symlink(out, t / "blocked")
+    srv = server
+    t = home(srv) / "t"
+    (t / "is-dir").mkdir(parents=True)
+    os.symlink(out, t / "blocked")
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                with pytest.raises(TransferError) as info:
-                    await c.put_tree(src, "t")
-                msg = str(info.value)
-                assert "blocked" in msg and "is-dir" in msg and "symbolic link" in msg
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            with pytest.raises(TransferError) as info:
+                await c.put_tree(src, "t")
+            msg = str(info.value)
+            assert "blocked" in msg and "is-dir" in msg and "symbolic link" in msg
 
-        asyncio.run(main())
-        assert (t / "ok.txt").read_bytes() == b"ok"
+    asyncio.run(main())
+    assert (t / "ok.txt").read_bytes() == b"ok"
     assert sorted(os.listdir(out)) == ["secret"]  # nothing written through the symlink
 
 
@@ -489,115 +492,118 @@ def test_a_stopped_reader_keeps_server_memory_bounded(
         assert wait_until(lambda: fd_count() <= baseline_fds + 2), (fd_count(), baseline_fds)
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_cancel_stops_a_tree_download(tmp_path: Path) -> None:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        big_tree(home(srv) / "t", 800, 64 * 1024)
-        raw = RawClient(srv.port, rcvbuf=64 * 1024)
-        try:
-            raw.login()
-            raw.send(m.GetTree(id=1, path="t"))
-            assert isinstance(raw.reply(1), m.TreeItems)
-            raw.send(m.Cancel(id=1))
-            seen: list[Any] = []
-            while True:
-                ev = raw.reply(1)
-                seen.append(ev)
-                if isinstance(ev, m.Error) or (isinstance(ev, m.TreeItems) and ev.end):
-                    break
-            assert isinstance(seen[-1], m.Error) and seen[-1].code == "cancelled"
-            assert sum(isinstance(e, m.TreeItems) for e in seen) < 150  # far from all 200 batches
-            raw.send(m.Ping(nonce=3))
-            assert raw.reply_pong(3)
-        finally:
-            raw.close()
-        assert wait_until(lambda: no_sessions(srv), 15)
-        assert "op=get-tree path=t bytes=" in (srv.root / "logs" / "ferry.log").read_text()
+def test_cancel_stops_a_tree_download(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    big_tree(home(srv) / "t", 800, 64 * 1024)
+    raw = RawClient(srv.port, rcvbuf=64 * 1024)
+    try:
+        raw.login()
+        raw.send(m.GetTree(id=1, path="t"))
+        assert isinstance(raw.reply(1), m.TreeItems)
+        raw.send(m.Cancel(id=1))
+        seen: list[Any] = []
+        while True:
+            ev = raw.reply(1)
+            seen.append(ev)
+            if isinstance(ev, m.Error) or (isinstance(ev, m.TreeItems) and ev.end):
+                break
+        assert isinstance(seen[-1], m.Error) and seen[-1].code == "cancelled"
+        assert sum(isinstance(e, m.TreeItems) for e in seen) < 150  # far from all 200 batches
+        raw.send(m.Ping(nonce=3))
+        assert raw.reply_pong(3)
+    finally:
+        raw.close()
+    assert wait_until(lambda: no_sessions(srv), 15)
+    assert "op=get-tree path=t bytes=" in (srv.root / "logs" / "ferry.log").read_text()
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("direction", ["get", "put"])
-def test_a_client_giving_up_mid_tree_cancels_cleanly(tmp_path: Path, direction: str) -> None:
+def test_a_client_giving_up_mid_tree_cancels_cleanly(server: ServerThread, tmp_path: Path, direction: str) -> None:
     src = tmp_path / "src"
     big_tree(src, 400, 16 * 1024)
-    with running_server(tmp_path / "root") as srv:
-        if direction == "get":
-            shutil.copytree(src, home(srv) / "t")
-        calls = [0]
+    srv = server
+    if direction == "get":
+        shutil.copytree(src, home(srv) / "t")
+    calls = [0]
 
-        def progress(done: int, total: int) -> None:
-            calls[0] += 1
-            if calls[0] == 2:
-                raise Interrupt("enough")
+    def progress(done: int, total: int) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise Interrupt("enough")
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                with pytest.raises(Interrupt):
-                    if direction == "get":
-                        await c.get_tree("t", tmp_path / "dst", progress=progress)
-                    else:
-                        await c.put_tree(src, "t", progress=progress)
-                # The Cancel was handled before this ping: from here on nothing of the tree is written.
-                assert await c.ping() < 5
-                assert leftovers(home(srv)) == []
-                await c.put(src / "d0" / "f00000", "after")  # the connection is still usable
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            with pytest.raises(Interrupt):
+                if direction == "get":
+                    await c.get_tree("t", tmp_path / "dst", progress=progress)
+                else:
+                    await c.put_tree(src, "t", progress=progress)
+            # The Cancel was handled before this ping: from here on nothing of the tree is written.
+            assert await c.ping() < 5
+            assert leftovers(home(srv)) == []
+            await c.put(src / "d0" / "f00000", "after")  # the connection is still usable
 
-        asyncio.run(main())
-        assert (home(srv) / "after").exists()
-        assert leftovers(home(srv)) == [] and leftovers(tmp_path) == []
-        assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
-        assert wait_until(
-            lambda: "op=put-tree" in (srv.root / "logs" / "ferry.log").read_text() or direction == "get"
-        )
+    asyncio.run(main())
+    assert (home(srv) / "after").exists()
+    assert leftovers(home(srv)) == [] and leftovers(tmp_path) == []
+    assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
+    assert wait_until(
+        lambda: "op=put-tree" in (srv.root / "logs" / "ferry.log").read_text() or direction == "get"
+    )
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("direction", ["get", "put"])
-def test_a_client_vanishing_mid_tree_releases_everything(tmp_path: Path, direction: str) -> None:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        big_tree(home(srv) / "src", 600, 64 * 1024)
-        baseline_fds = fd_count()
-        raw = RawClient(srv.port, rcvbuf=64 * 1024)
-        raw.login()
-        if direction == "get":
-            raw.send(m.GetTree(id=1, path="src"))
-            assert isinstance(raw.reply(1), m.TreeItems)
-        else:
-            raw.send(m.PutTree(id=1, path="dst"))
-            items = [file_item(f"f{i}", os.urandom(50_000)) for i in range(5)]
-            raw.send(m.TreeItems(id=1, items=items))
-            assert isinstance(raw.reply(1), m.TreeAck)
-            raw.send(m.TreeItems(id=1, items=[file_item(f"g{i}", os.urandom(50_000)) for i in range(5)]))
-        raw.close()  # gone, mid-tree
-        assert wait_until(lambda: no_sessions(srv), 15)
-        assert wait_until(lambda: fd_count() <= baseline_fds), (fd_count(), baseline_fds)
-        assert leftovers(home(srv)) == []
-        assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
+def test_a_client_vanishing_mid_tree_releases_everything(server: ServerThread, tmp_path: Path, direction: str) -> None:
+    srv = server
+    big_tree(home(srv) / "src", 600, 64 * 1024)
+    baseline_fds = fd_count()
+    raw = RawClient(srv.port, rcvbuf=64 * 1024)
+    raw.login()
+    if direction == "get":
+        raw.send(m.GetTree(id=1, path="src"))
+        assert isinstance(raw.reply(1), m.TreeItems)
+    else:
+        raw.send(m.PutTree(id=1, path="dst"))
+        items = [file_item(f"f{i}", os.urandom(50_000)) for i in range(5)]
+        raw.send(m.TreeItems(id=1, items=items))
+        assert isinstance(raw.reply(1), m.TreeAck)
+        raw.send(m.TreeItems(id=1, items=[file_item(f"g{i}", os.urandom(50_000)) for i in range(5)]))
+    raw.close()  # gone, mid-tree
+    assert wait_until(lambda: no_sessions(srv), 15)
+    assert wait_until(lambda: fd_count() <= baseline_fds), (fd_count(), baseline_fds)
+    assert leftovers(home(srv)) == []
+    assert on_server(srv, lambda: srv.server.ctx.usage.reserved("alice")) == 0
 
-        async def again() -> None:
-            async with await connect(srv, tmp_path) as c:
-                await c.get_tree("src/d0", tmp_path / "d0")
+    async def again() -> None:
+        async with await connect(srv, tmp_path) as c:
+            await c.get_tree("src/d0", tmp_path / "d0")
 
-        asyncio.run(again())
-        assert len(os.listdir(tmp_path / "d0")) == 75
+    asyncio.run(again())
+    assert len(os.listdir(tmp_path / "d0")) == 75
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(30)
-def test_tree_items_for_an_unknown_id_are_dropped_and_data_frames_are_refused(tmp_path: Path) -> None:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        raw = RawClient(srv.port)
-        try:
-            raw.login()
-            raw.send(m.TreeItems(id=9, items=[file_item("x", b"x")], end=True))  # e.g. after a Cancel
-            raw.send(m.Ping(nonce=1))
-            assert raw.reply_pong(1)
-            raw.send(m.PutTree(id=2, path="t"))
-            raw.send_raw(raw.conn.send_data(2, m.STDIN, b"not how trees travel"))
-            events = raw.until_closed()
-            assert any(isinstance(e, m.Error) and e.code == "protocol" for e in events), events
-        finally:
-            raw.close()
-        assert not (home(srv) / "x").exists()
+def test_tree_items_for_an_unknown_id_are_dropped_and_data_frames_are_refused(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    raw = RawClient(srv.port)
+    try:
+        raw.login()
+        raw.send(m.TreeItems(id=9, items=[file_item("x", b"x")], end=True))  # e.g. after a Cancel
+        raw.send(m.Ping(nonce=1))
+        assert raw.reply_pong(1)
+        raw.send(m.PutTree(id=2, path="t"))
+        raw.send_raw(raw.conn.send_data(2, m.STDIN, b"not how trees travel"))
+        events = raw.until_closed()
+        assert any(isinstance(e, m.Error) and e.code == "protocol" for e in events), events
+    finally:
+        raw.close()
+    assert not (home(srv) / "x").exists()
 
 
 # --- the wire messages ---------------------------------------------------------------------
@@ -677,7 +683,7 @@ def test_malformed_tree_items_are_named(item: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_download_never_writes_through_symlinks_already_in_the_destination(tmp_path: Path) -> None:
+def test_a_download_never_writes_through_symlinks_already_in_the_destination(server: ServerThread, tmp_path: Path) -> None:
     """The destination holds ``sub -> elsewhere`` and ``big-link -> elsewhere``; the server's tree has
     a folder ``sub`` (with a small and a large file) and a large file ``big-link``. Nothing may land in
     ``elsewhere``: the links are reported, the rest of the tree is written. The destination itself
@@ -689,21 +695,21 @@ def test_a_download_never_writes_through_symlinks_already_in_the_destination(tmp
     os.symlink(dst, tmp_path / "dst-link")
     os.symlink(elsewhere, dst / "sub")
     os.symlink(elsewhere, dst / "big-link")
-    with running_server(tmp_path / "root") as srv:
-        t = home(srv) / "t"
-        (t / "sub").mkdir(parents=True)
-        (t / "sub" / "small").write_bytes(b"small")
-        (t / "sub" / "large").write_bytes(os.urandom(INLINE + 10))
-        (t / "big-link").write_bytes(os.urandom(INLINE + 20))
-        (t / "ok").write_bytes(b"ok")
+    srv = server
+    t = home(srv) / "t"
+    (t / "sub").mkdir(parents=True)
+    (t / "sub" / "small").write_bytes(b"small")
+    (t / "sub" / "large").write_bytes(os.urandom(INLINE + 10))
+    (t / "big-link").write_bytes(os.urandom(INLINE + 20))
+    (t / "ok").write_bytes(b"ok")
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                with pytest.raises(TransferError, match="symbolic link") as info:
-                    await c.get_tree("t", tmp_path / "dst-link")
-                assert "sub" in str(info.value) and "big-link" in str(info.value)
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            with pytest.raises(TransferError, match="symbolic link") as info:
+                await c.get_tree("t", tmp_path / "dst-link")
+            assert "sub" in str(info.value) and "big-link" in str(info.value)
 
-        asyncio.run(main())
+    asyncio.run(main())
     assert list(elsewhere.iterdir()) == []
     assert (dst / "ok").read_bytes() == b"ok"
     assert (dst / "sub").is_symlink() and (dst / "big-link").is_symlink()
@@ -714,40 +720,40 @@ def test_a_download_never_writes_through_symlinks_already_in_the_destination(tmp
 
 
 @pytest.mark.timeout(60)
-def test_names_too_long_for_the_wire_are_reported_and_the_connection_survives(tmp_path: Path) -> None:
+def test_names_too_long_for_the_wire_are_reported_and_the_connection_survives(server: ServerThread, tmp_path: Path) -> None:
     """Undecodable names travel escaped (6 characters per byte), so three levels of them exceed a
     wire path (4096 characters) although the path on disk is legal: the server must report them, not
     send a message the client has to reject as a protocol violation (which ends the connection)."""
-    with running_server(tmp_path / "root") as srv:
-        t = home(srv) / "t"
-        t.mkdir(parents=True)
-        (t / "ok").write_bytes(b"ok")
-        deep = os.fsencode(t) + b"/" + b"/".join(bytes([0xFF - i]) * 250 for i in range(3))
-        os.makedirs(deep)
-        with open(deep + b"/leaf", "wb") as f:
-            f.write(b"leaf")
-        # A valid name chain longer than any wire path (as a rename into a deep folder makes it).
-        fd = os.open(t, os.O_RDONLY | os.O_DIRECTORY)
-        for _ in range(20):
-            os.mkdir("l" * 250, dir_fd=fd)
-            fd, old = os.open("l" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
-            os.close(old)
-        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
-        os.close(fd)
+    srv = server
+    t = home(srv) / "t"
+    t.mkdir(parents=True)
+    (t / "ok").write_bytes(b"ok")
+    deep = os.fsencode(t) + b"/" + b"/".join(bytes([0xFF - i]) * 250 for i in range(3))
+    os.makedirs(deep)
+    with open(deep + b"/leaf", "wb") as f:
+        f.write(b"leaf")
+    # A valid name chain longer than any wire path (as a rename into a deep folder makes it).
+    fd = os.open(t, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(20):
+        os.mkdir("l" * 250, dir_fd=fd)
+        fd, old = os.open("l" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(old)
+    os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                with pytest.raises(TransferError, match="not valid UTF-8") as info:
-                    await c.get_tree("t", tmp_path / "dst")
-                assert "too long to send" in str(info.value)
-                assert await c.ping() < 5  # the session is still usable
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            with pytest.raises(TransferError, match="not valid UTF-8") as info:
+                await c.get_tree("t", tmp_path / "dst")
+            assert "too long to send" in str(info.value)
+            assert await c.ping() < 5  # the session is still usable
 
-        asyncio.run(main())
+    asyncio.run(main())
     assert (tmp_path / "dst" / "ok").read_bytes() == b"ok"
 
 
 @pytest.mark.timeout(60)
-def test_an_upload_batch_failing_entirely_is_acknowledged_within_the_message_limit(tmp_path: Path) -> None:
+def test_an_upload_batch_failing_entirely_is_acknowledged_within_the_message_limit(server: ServerThread, tmp_path: Path) -> None:
     """Every record of a full batch fails (the server has a file where the client's folder goes) and
     each error message repeats a long destination path: the TreeAck must still fit in one message."""
     base = "/".join(["b" * 200] * 15)  # 3014 bytes: a legal remote path
@@ -756,19 +762,19 @@ def test_an_upload_batch_failing_entirely_is_acknowledged_within_the_message_lim
     for i in range(1100):
         (src / "f" / f"{i:04}").write_bytes(b"")
     (src / "z").write_bytes(b"z")
-    with running_server(tmp_path / "root") as srv:
-        dest = home(srv) / base
-        dest.mkdir(parents=True)
-        (dest / "f").write_bytes(b"a file where the client has a folder")
+    srv = server
+    dest = home(srv) / base
+    dest.mkdir(parents=True)
+    (dest / "f").write_bytes(b"a file where the client has a folder")
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                with pytest.raises(TransferError, match="not a folder"):
-                    await c.put_tree(src, base)
-                assert await c.ping() < 5
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            with pytest.raises(TransferError, match="not a folder"):
+                await c.put_tree(src, base)
+            assert await c.ping() < 5
 
-        asyncio.run(main())
-        assert (dest / "z").read_bytes() == b"z"
+    asyncio.run(main())
+    assert (dest / "z").read_bytes() == b"z"
 
 
 @pytest.mark.timeout(120)
@@ -798,46 +804,47 @@ def test_endless_error_records_from_a_server_keep_client_memory_bounded(tmp_path
     asyncio.run(main())
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("name", ["/x", "/", "a/", "./x", "a/../x", "x\0y", "a//x", ".."])
-def test_a_non_canonical_upload_record_is_refused_like_any_client_path(tmp_path: Path, name: str) -> None:
+def test_a_non_canonical_upload_record_is_refused_like_any_client_path(server: ServerThread, tmp_path: Path, name: str) -> None:
     """A record's path obeys parse_path like every client path: ``/x`` is not a spelling of ``x``."""
-    with running_server(tmp_path / "root", plain=True) as srv:
-        raw = RawClient(srv.port)
-        try:
-            raw.login()
-            raw.send(m.PutTree(id=2, path="t"))
-            raw.send(m.TreeItems(id=2, items=[file_item(name, b"evil"), file_item("ok", b"ok")], end=True))
-            ack = raw.reply(2)
-            assert isinstance(ack, m.TreeAck) and ack.end, ack
-            assert [(e.path, e.code) for e in ack.errors] == [
-                (name, "outside-home" if name.startswith("/") or ".." in name else "bad-path")
-            ]
-            assert ack.files == 1
-        finally:
-            raw.close()
-        t = home(srv) / "t"
-        assert sorted(os.listdir(t)) == ["ok"]
+    srv = server
+    raw = RawClient(srv.port)
+    try:
+        raw.login()
+        raw.send(m.PutTree(id=2, path="t"))
+        raw.send(m.TreeItems(id=2, items=[file_item(name, b"evil"), file_item("ok", b"ok")], end=True))
+        ack = raw.reply(2)
+        assert isinstance(ack, m.TreeAck) and ack.end, ack
+        assert [(e.path, e.code) for e in ack.errors] == [
+            (name, "outside-home" if name.startswith("/") or ".." in name else "bad-path")
+        ]
+        assert ack.files == 1
+    finally:
+        raw.close()
+    t = home(srv) / "t"
+    assert sorted(os.listdir(t)) == ["ok"]
 
 
 @pytest.mark.timeout(60)
-def test_an_absolute_tree_upload_target_is_refused_like_any_absolute_path(tmp_path: Path) -> None:
+def test_an_absolute_tree_upload_target_is_refused_like_any_absolute_path(server: ServerThread, tmp_path: Path) -> None:
     # Stripping the trailing '/' of '/' left '' (the home): the tree landed in the home while every
     # other command refuses absolute paths. 'HOST:/' is refused by ls, get, put and mkdir alike.
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "f").write_bytes(b"x")
-    with running_server(tmp_path / "root") as srv:
+    srv = server
 
-        async def main() -> None:
-            async with await connect(srv, tmp_path) as c:
-                for remote in ("/", "//", "/d/"):
-                    with pytest.raises(PathRefused, match="absolute paths are not allowed"):
-                        await c.put_tree(src, remote)
-                assert await c.ping() < 5  # the connection survives the refusals
+    async def main() -> None:
+        async with await connect(srv, tmp_path) as c:
+            for remote in ("/", "//", "/d/"):
+                with pytest.raises(PathRefused, match="absolute paths are not allowed"):
+                    await c.put_tree(src, remote)
+            assert await c.ping() < 5  # the connection survives the refusals
 
-        asyncio.run(main())
-        assert sorted(os.listdir(home(srv))) == []
+    asyncio.run(main())
+    assert sorted(os.listdir(home(srv))) == []
 
 
 class AckFlooder(FakeServer):

@@ -143,24 +143,25 @@ def test_a_request_with_an_infinite_or_nan_float_is_refused_as_malformed(
     assert not [r for r in caplog.records if "internal" in r.getMessage()]
 
 
+@pytest.mark.cell(transport="plain")
 @pytest.mark.timeout(60)
-def test_a_tree_upload_record_with_a_nan_mtime_is_refused_as_malformed(tmp_path: Path) -> None:
-    with running_server(tmp_path / "root", plain=True) as srv:
-        raw = RawClient(srv.port)
-        try:
-            raw.login()
-            raw.send(m.PutTree(id=1, path="up"))
-            data = b"data"
-            item = m.TreeItem(
-                path="f", kind="file", size=4, mtime=math.nan, data=data, digest=small_digest("blake3", data)
-            )
-            raw.send(m.TreeItems(id=1, items=[item], end=True))
-            events = raw.until_closed()
-        finally:
-            raw.close()
-        [error] = [e for e in events if isinstance(e, m.Error)]
-        assert error.code == "protocol" and "$.items[0].mtime" in error.message, error
-        assert not (home(srv) / "up" / "f").exists()
+def test_a_tree_upload_record_with_a_nan_mtime_is_refused_as_malformed(server: ServerThread, tmp_path: Path) -> None:
+    srv = server
+    raw = RawClient(srv.port)
+    try:
+        raw.login()
+        raw.send(m.PutTree(id=1, path="up"))
+        data = b"data"
+        item = m.TreeItem(
+            path="f", kind="file", size=4, mtime=math.nan, data=data, digest=small_digest("blake3", data)
+        )
+        raw.send(m.TreeItems(id=1, items=[item], end=True))
+        events = raw.until_closed()
+    finally:
+        raw.close()
+    [error] = [e for e in events if isinstance(e, m.Error)]
+    assert error.code == "protocol" and "$.items[0].mtime" in error.message, error
+    assert not (home(srv) / "up" / "f").exists()
 
 
 @pytest.fixture

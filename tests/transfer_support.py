@@ -177,11 +177,13 @@ def partials(folder: Path) -> list[str]:
 @pytest.fixture
 def no_logged_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fail a test whose server or event loops logged an error: an internal error of a handler, or a
-    thread job's exception nobody retrieved (asyncio logs it and the test would not notice)."""
+    thread job's exception nobody retrieved (asyncio logs it and the test would not notice). The
+    teardown counts too: a ``server`` fixture stops its server there (set up after this fixture,
+    it is torn down before this check)."""
     yield
     bad = [
         f"{r.name}: {r.getMessage()}"
-        for r in caplog.get_records("call")
+        for r in [*caplog.get_records("call"), *caplog.get_records("teardown")]
         if r.levelno >= logging.ERROR
         and r.name.split(".")[0] in ("asyncio", "ferry")
         and not _known_cpython_race(r)
