@@ -13,9 +13,12 @@ here), in one run, round-robin, medians of ``--reps``:
   release) and the object-store requests, and its time sequentially and with 16 in flight; the same
   with the pool's reset query turned off; stat and a listing page; and a batching lower bound (100
   node rows in one ``INSERT ... SELECT unnest(...)`` in one transaction);
-* ``servers``: N ``ferry serve --db`` processes sharing one PostgreSQL accounts database behind HAProxy
-  (TCP, round robin): C clients at once log in (token), put and get 4 KiB; ok/failed, wall time and
-  each server's CPU.
+* ``servers``: 1 and 3 ``ferry serve --db --cert --key`` processes sharing one PostgreSQL accounts
+  database and one certificate behind HAProxy (TCP, round robin), alternating: C clients (default
+  200, an account each) started within one second log in with a password, get and put 4 KiB;
+  ok/failed, login and client p50/p99, the servers' CPU per client and the database transactions
+  per client (pg_stat_database). Files are on the folder backend (each server its own root) until
+  the object backend serves sessions, so this measures the front ends and the shared accounts.
 
     flock /work/bench.lock .venv/bin/python bench/scale.py                    # everything, 3 reps
     .venv/bin/python bench/scale.py --parts store --reps 5 --big 32
@@ -41,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import blake3
 
-from _common import KiB, cpu_seconds, fmt_num, is_tmpfs, log, median, table
-from components import Weed, create_database, drop_database, start_weed
+from _common import FerryServer, KiB, cpu_seconds, fmt_num, is_tmpfs, log, median, table
+from components import Weed, create_database, drop_database, run_sql, start_haproxy, start_weed
+from ferry.server.accounts import Accounts, default_hasher
+from ferry.server.tls import generate_certificate
 from ferry.store.api import CHUNK_SIZE, ChunkRef
 from ferry.store.chunks import ChunkStore, open_store
+from load import PASSWORD, Logins, burst, percentile
 from store_support import s3_config
 
 # --- components -------------------------------------------------------------------------------------
@@ -443,12 +449,174 @@ def part_namespace(opts: argparse.Namespace) -> None:
     print(table(["operation", "time", "round trips"], rows, markdown=True))
 
 
+# --- servers: 1 and 3 ferry serve behind HAProxy, a burst of clients -----------------------------------
+
+
+def _pg_transactions(dbname: str) -> int:
+    """Committed + rolled-back transactions of ``dbname`` so far (pg_stat_database)."""
+    return int(run_sql(f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{dbname}'")[0])
+
+
+def _settled_transactions(dbname: str, timeout: float = 15.0) -> int:
+    """:func:`_pg_transactions` once it stops moving: PostgreSQL backends report their counts when
+    idle, up to ~10 s late, so a count read at once would miss the burst's last transactions."""
+    deadline = time.monotonic() + timeout
+    last = _pg_transactions(dbname)
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = _pg_transactions(dbname)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def part_servers(opts: argparse.Namespace) -> None:
+    """``opts.clients`` clients started within one second (login with a password, 4 KiB get, 4 KiB
+    put) through HAProxy in front of 1 and of 3 ``ferry serve`` processes that share one PostgreSQL
+    accounts database and one certificate, alternating 1 and 3 for ``opts.reps`` rounds.
+
+    Files are on the folder backend (each server its own ``--root``: the object backend does not
+    serve sessions yet), so this measures the front ends: TLS, login (argon2id, the verified-password
+    cache), sessions, and the shared accounts database. Every account gets the same 4 KiB file in its
+    home on every server, so a client may land on any of them.
+    """
+    name, dsn = create_database()
+    servers: list[FerryServer] = []
+    proxies: list[Any] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="ferry-scale-servers-") as tmp:
+            base = Path(tmp)
+            cert_pem, key_pem = generate_certificate()
+            (base / "cert.pem").write_bytes(cert_pem)
+            (base / "key.pem").write_bytes(key_pem)
+            os.chmod(base / "key.pem", 0o600)
+            names = [f"u{i:04d}" for i in range(opts.users)]
+            log(f"servers: {len(names)} accounts (production argon2id) in PostgreSQL...")
+            acc = Accounts(None, db=dsn, hasher=default_hasher())
+            try:
+                for n in names:
+                    acc.add(n, PASSWORD)
+            finally:
+                acc.close()
+            f4k = os.urandom(4 * KiB)
+            local = base / "local"
+            local.mkdir()
+            limits = [
+                "--max-pending-logins-per-address",
+                str(opts.clients + 64),
+                "--max-pending-logins",
+                "2048",
+            ]
+            common = ["--db", dsn, "--cert", str(base / "cert.pem"), "--key", str(base / "key.pem"), *limits]
+            for i in range(4):  # one alone, then three together
+                root = base / f"root{i}"
+                for n in names:
+                    (root / "homes" / n).mkdir(parents=True, mode=0o700)
+                    (root / "homes" / n / "f4k").write_bytes(f4k)
+                servers.append(FerryServer(root, False, args=common).start())
+            sets = {1: servers[:1], 3: servers[1:]}
+            for count, members in sets.items():
+                proxies.append(
+                    start_haproxy(base / f"haproxy{count}", [("127.0.0.1", s.port) for s in members])
+                )
+            ports = {1: proxies[0].port, 3: proxies[1].port}
+            results: dict[int, list[dict[str, float]]] = {1: [], 3: []}
+            failures: dict[int, Counter[str]] = {1: Counter(), 3: Counter()}
+            for rep in range(opts.reps):
+                for count in (1, 3) if rep % 2 == 0 else (3, 1):
+                    members = sets[count]
+                    here = local / f"r{rep}-{count}"
+                    here.mkdir()
+                    (here / "up4k").write_bytes(os.urandom(4 * KiB))
+                    cpu0 = [s.cpu() or 0.0 for s in members]
+                    tx0 = _settled_transactions(name)
+                    res = asyncio.run(
+                        burst(
+                            ports[count],
+                            False,
+                            Logins("password"),
+                            names,
+                            local / f"r{rep}-{count}",
+                            opts.clients,
+                            1.0,
+                        )
+                    )
+                    cpu = sum((s.cpu() or 0.0) - c for s, c in zip(members, cpu0, strict=True))
+                    tx = _settled_transactions(name) - tx0
+                    ok = [o for o in res.outcomes if o.ok]
+                    failures[count].update(o.kind for o in res.outcomes if not o.ok)
+                    logins = [o.login for o in res.outcomes if o.login is not None]
+                    # n clients, the pinning client and the straggler all logged in and were served
+                    served = len(res.outcomes) + 2
+                    results[count].append(
+                        {
+                            "ok": len(ok),
+                            "failed": len(res.outcomes) - len(ok),
+                            "login_p50": percentile(logins, 0.5),
+                            "login_p99": percentile(logins, 0.99),
+                            "total_p99": percentile([o.total for o in ok], 0.99),
+                            "wall": res.wall,
+                            "cpu_ms": 1000 * cpu / served,
+                            "tx": tx / served,
+                        }
+                    )
+                    log(
+                        f"servers: rep {rep + 1}, {count} server(s): ok {len(ok)}/{opts.clients}, wall {res.wall:.2f} s"
+                    )
+            rows = []
+            for count in (1, 3):
+                rs = results[count]
+                rows.append(
+                    [
+                        str(count),
+                        f"{min(r['ok'] for r in rs):.0f}-{max(r['ok'] for r in rs):.0f} / {opts.clients}",
+                        ", ".join(f"{k} {v}" for k, v in failures[count].most_common()) or "0",
+                        fmt_num(median(r["login_p50"] for r in rs), 2, " s"),
+                        fmt_num(median(r["login_p99"] for r in rs), 2, " s"),
+                        fmt_num(median(r["total_p99"] for r in rs), 2, " s"),
+                        fmt_num(median(r["wall"] for r in rs), 2, " s"),
+                        fmt_num(median(r["cpu_ms"] for r in rs), 1, " ms"),
+                        fmt_num(median(r["tx"] for r in rs), 1),
+                    ]
+                )
+            print(
+                f"\n## servers behind HAProxy ({opts.clients} clients within 1 s, {len(names)} accounts, "
+                f"{opts.reps} reps, medians)\n"
+            )
+            print(
+                table(
+                    [
+                        "servers",
+                        "ok (min-max)",
+                        "failed (all reps)",
+                        "login p50",
+                        "login p99",
+                        "client p99",
+                        "burst wall",
+                        "server CPU / client",
+                        "DB transactions / client",
+                    ],
+                    rows,
+                    markdown=True,
+                )
+            )
+    finally:
+        for h in proxies:
+            h.stop()
+        for s in servers:
+            s.stop()
+        drop_database(name)
+
+
 # --- main ------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="store,namespace", help="comma-separated: store, namespace")
+    ap.add_argument("--parts", default="store,namespace,servers", help="comma-separated: store, namespace, servers")
+    ap.add_argument("--clients", type=int, default=200, help="clients per burst in the servers part")
+    ap.add_argument("--users", type=int, default=200, help="accounts in the servers part (one per client)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--big", type=int, default=32, help="4 MiB objects per store run")
     ap.add_argument("--small", type=int, default=500, help="4 KiB objects per store run")
@@ -461,13 +629,15 @@ def main() -> None:
     )
     opts = ap.parse_args()
     parts = {p.strip() for p in opts.parts.split(",") if p.strip()}
-    unknown = parts - {"store", "namespace"}
+    unknown = parts - {"store", "namespace", "servers"}
     if unknown:
         raise SystemExit(f"unknown part(s): {', '.join(sorted(unknown))}")
     if "store" in parts:
         part_store(opts)
     if "namespace" in parts:
         part_namespace(opts)
+    if "servers" in parts:
+        part_servers(opts)
 
 
 if __name__ == "__main__":
