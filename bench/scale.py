@@ -17,7 +17,8 @@ here), in one run, round-robin, medians of ``--reps``:
   database and one certificate behind HAProxy (TCP, round robin), alternating: C clients (default
   200, an account each) started within one second log in with a password, get and put 4 KiB;
   ok/failed, login and client p50/p99, the servers' CPU per client and the database transactions
-  per client (pg_stat_database). Files are on the folder backend (each server its own root) until
+  per client (pg_stat_database); the servers run with ``--password-cache 0``, so every login pays
+  its argon2id check (the worst case: a burst of new logins). Files are on the folder backend (each server its own root) until
   the object backend serves sessions, so this measures the front ends and the shared accounts.
 
     flock /work/bench.lock .venv/bin/python bench/scale.py                    # everything, 3 reps
@@ -507,6 +508,11 @@ def part_servers(opts: argparse.Namespace) -> None:
                 str(opts.clients + 64),
                 "--max-pending-logins",
                 "2048",
+                # Every login pays its argon2id check (no verified-password cache): otherwise a
+                # repetition would find the previous one's passwords cached on one server and not on
+                # three, and the comparison would measure the cache, not the servers.
+                "--password-cache",
+                "0",
             ]
             common = ["--db", dsn, "--cert", str(base / "cert.pem"), "--key", str(base / "key.pem"), *limits]
             for i in range(4):  # one alone, then three together
