@@ -19,6 +19,7 @@ top-level package, median of the runs). Per-phase figures are medians over the r
 that overlap (the local scan runs beside the connection) show it in their start and end.
 
     .venv/bin/python bench/sync_noop_probe.py --runs 15
+    .venv/bin/python bench/sync_noop_probe.py --runs 15 --rev 4820231   # that revision's client too, interleaved
     .venv/bin/python bench/sync_noop_probe.py --small 2000 --big-mib 16 --runs 5    # a quick look
 """
 
@@ -47,11 +48,13 @@ from _common import (
     MiB,
     background_busy,
     compile_source,
+    export_source,
     ferry_add_user,
     ferry_key_and_token,
     log,
     make_big_file,
     median,
+    resolve_rev,
     scratch_dir,
     source_version,
     table,
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-mib", type=int, default=1024, help="size of the big file")
     ap.add_argument("--runs", type=int, default=15, help=f"rounds (at most {MAX_RUNS})")
     ap.add_argument("--delete", action="store_true", help="sync with --delete (case (e)'s options)")
+    ap.add_argument(
+        "--rev", default=None, help="also measure this git revision's client (src/ exported), interleaved"
+    )
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     if not 1 <= args.runs <= MAX_RUNS:
@@ -266,52 +272,87 @@ def main(argv: list[str] | None = None) -> int:
                 env_no_pw,
             ),
         ]
+        # The trees measured: the working tree, and (--rev) a revision's client on the same server,
+        # interleaved round by round so that load from elsewhere hits both alike.
+        trees: list[tuple[str, dict[str, str]]] = [(f"tree {source_version()}", env)]
+        if args.rev:
+            rev = resolve_rev(args.rev)
+            old = export_source(rev, scratch / "rev")
+            compile_source(old)
+            trees.insert(0, (source_version(rev=rev), dict(env, PYTHONPATH=str(old))))
         first = run_once(cmds[2][1], env)
         log(f"first sync: {first[0]:.0f} ms")
         for _label, cmd, e in cmds:  # warm-up: caches, .pyc files, the server's password cache
-            run_once(cmd, e)
+            for _name, tree_env in trees:
+                run_once(cmd, {**e, **{k: v for k, v in tree_env.items() if k == "PYTHONPATH"}})
         marked_src = (
             MARKED.replace("IMPORTS", repr(IMPORTS))
             .replace("PHASES", repr(PHASES))
             .replace("ARGS", repr(sync_args))
         )
-        samples: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        marked: list[list[list[object]]] = []
-        marked_wall: list[float] = []
+        samples: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+        marked: dict[str, list[list[list[object]]]] = defaultdict(list)
+        marked_wall: dict[str, list[float]] = defaultdict(list)
         busy: list[float] = []
-        imports: list[dict[str, float]] = []
+        loads: list[float] = []
+        imports: dict[str, list[dict[str, float]]] = defaultdict(list)
         probe_out = scratch / "marks.json"
         for i in range(args.runs):
             busy.append(background_busy(0.1))
+            loads.append(os.getloadavg()[0])
             order = cmds[i % len(cmds) :] + cmds[: i % len(cmds)]
+            tree_order = trees if i % 2 == 0 else trees[::-1]
             for label, cmd, e in order:
-                samples[label].append(run_once(cmd, e))
-            wall, _cpu = run_once([PYTHON, "-c", marked_src], dict(env, PROBE_OUT=str(probe_out)))
-            marked_wall.append(wall)
-            marked.append(json.loads(probe_out.read_text()))
-            imports.append(imports_by_package(cmds[2][1], env))
-    print(f"ferry {source_version()}; median of {args.runs} rounds; {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}; background CPU median {median(busy) * 100:.0f} %, "
-          f"max {max(busy) * 100:.0f} %; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+                for name, tree_env in tree_order:
+                    if name != trees[-1][0] and label not in ("sync, password", "ferry --version"):
+                        continue  # the revision: only the rows that compare
+                    run_env = {**e, **{k: v for k, v in tree_env.items() if k == "PYTHONPATH"}}
+                    samples[(label, name)].append(run_once(cmd, run_env))
+            for name, tree_env in tree_order:
+                wall, _cpu = run_once([PYTHON, "-c", marked_src], dict(tree_env, PROBE_OUT=str(probe_out)))
+                marked_wall[name].append(wall)
+                marked[name].append(json.loads(probe_out.read_text()))
+                imports[name].append(imports_by_package(cmds[2][1], tree_env))
+    names = [n for n, _ in trees]
+    print(f"median of {args.runs} rounds; {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"background CPU median {median(busy) * 100:.0f} %, max {max(busy) * 100:.0f} %; "
+          f"load average (1 min) median {median(loads):.2f}, max {max(loads):.2f}")  # fmt: skip
     print()
+    headers = ["command"] + [f"{n} wall ms" for n in names] + [f"{n} CPU ms" for n in names]
+    rows = []
+    for label, _cmd, _e in cmds:
+        cells = [samples.get((label, n)) for n in names]
+        rows.append(
+            [label]
+            + [f"{median(v[0] for v in c):.1f}" if c else "-" for c in cells]
+            + [f"{median(v[1] for v in c):.1f}" if c else "-" for c in cells]
+        )
+    rows.append(
+        ["sync, password, phase marks"]
+        + [f"{median(marked_wall[n]):.1f}" for n in names]
+        + ["-"] * len(names)
+    )
+    print(table(headers, rows, markdown=args.markdown))
+    for name in names:
+        print()
+        print(f"phases of the marked password sync, {name} (ms since the child's first line; medians):")
+        print(
+            table(
+                ["phase", "start", "end", "time", "count"], phase_table(marked[name]), markdown=args.markdown
+            )
+        )
+    print()
+    keys = sorted(
+        {k for n in names for d in imports[n] for k in d},
+        key=lambda k: -median(d.get(k, 0.0) for d in imports[names[-1]]),
+    )
     rows = [
-        [label, f"{median(s[0] for s in v):.1f}", f"{median(s[1] for s in v):.1f}"]
-        for label, v in samples.items()
-    ]
-    rows.append(["sync, password, phase marks", f"{median(marked_wall):.1f}", "-"])
-    print(table(["command", "wall ms", "client CPU ms"], rows, markdown=args.markdown))
-    print()
-    print("phases of the marked password sync (ms since the child's first line; medians):")
-    print(table(["phase", "start", "end", "time", "count"], phase_table(marked), markdown=args.markdown))
-    print()
-    keys = sorted({k for d in imports for k in d}, key=lambda k: -median(d.get(k, 0.0) for d in imports))
-    rows = [
-        [k, f"{median(d.get(k, 0.0) for d in imports):.1f}"]
+        [k, *(f"{median(d.get(k, 0.0) for d in imports[n]):.1f}" for n in names)]
         for k in keys
-        if median(d.get(k, 0.0) for d in imports) >= 0.5
+        if max(median(d.get(k, 0.0) for d in imports[n]) for n in names) >= 0.5
     ]
     print("imports of the password sync (-X importtime, self ms per top-level package, medians):")
-    print(table(["package", "ms"], rows, markdown=args.markdown))
+    print(table(["package", *names], rows, markdown=args.markdown))
     return 0
 
 
