@@ -20,6 +20,7 @@ from ferry.cdc import ChunkIndex
 from ferry.server.accounts import Accounts, User
 from ferry.server.admission import Admission
 from ferry.server.auth import Authenticator
+from ferry.server.folder import FolderStorage
 from ferry.server.jail import MAX_DEPTH, HomeUsage
 from ferry.server.login_queue import LoginQueue
 from ferry.server.pwcache import VerifiedPasswords
@@ -452,3 +453,8 @@ class ServerContext:
     def user_home(self, user: User) -> Path:
         """The home folder of ``user``."""
         return user.home
+
+    def open_storage(self, user: User) -> FolderStorage:
+        """The storage a session of ``user`` reaches files through, opened at its login: the folder
+        backend on the account's home (created if missing). The one place that picks the backend."""
+        return FolderStorage(user.home, user.name, max_depth=self.limits.max_depth)

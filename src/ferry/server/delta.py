@@ -86,9 +86,9 @@ def _changed(exc: BaseException, path: str) -> RemoteError | None:
 async def handle_get_chunks(svc: DeltaService, msg: m.GetChunks) -> None:
     """Send the chunk index of ``msg.path`` in ``Chunks`` pages (the last with ``end``)."""
     t0 = time.monotonic()
-    jail = svc.jail
+    storage = svc.storage
     cache = svc.ctx.hash_cache
-    fd = await in_thread(jail.open_read, msg.path, release=os.close)
+    fd = await in_thread(storage.open_read, msg.path, release=os.close)
     job = None
     if msg.prefetch:
         try:
@@ -140,10 +140,10 @@ class DeltaUpload:
 
     def open(self) -> None:
         """Open the basis (the current file) and the partial to build in (thread)."""
-        jail, msg = self.svc.jail, self.msg
+        storage, msg = self.svc.storage, self.msg
         basis: list[BasisFile] = []
         if msg.basis:
-            self.basis_fd = jail.open_read(msg.path)
+            self.basis_fd = storage.open_read(msg.path)
             st = os.fstat(self.basis_fd)
             self.replaced = st.st_size
             index = file_index(self.svc.ctx.hash_cache, self.basis_fd, st)
@@ -154,11 +154,11 @@ class DeltaUpload:
             basis.append(BasisFile(self.basis_fd, index))
         else:
             with contextlib.suppress(FerryError):
-                st = jail.lstat(msg.path)
+                st = storage.lstat(msg.path)
                 self.replaced = st.st_size if stat.S_ISREG(st.st_mode) else 0
         # The same token for the same source: an interrupted upload leaves one partial, reused
         # (and truncated) by the next attempt instead of piling up.
-        self.out_fd, self.partial, _ = jail.open_partial(msg.path, msg.token, on_foreign=self._foreign)
+        self.out_fd, self.partial, _ = storage.open_partial(msg.path, msg.token, on_foreign=self._foreign)
         os.ftruncate(self.out_fd, 0)
         self.assembler = Assembler(self.out_fd, msg.size, basis)
 
@@ -186,7 +186,7 @@ class DeltaUpload:
     async def _finish(self, digest: bytes) -> None:
         svc, msg, assembler = self.svc, self.msg, self.assembler
         assert assembler is not None
-        jail = svc.jail
+        storage = svc.storage
         fd, partial, creations = self.out_fd, self.partial, self.creations
 
         def seal() -> cdc.ChunkIndex:
@@ -195,7 +195,7 @@ class DeltaUpload:
             os.utime(fd, (msg.mtime, msg.mtime))
             os.fsync(fd)  # data on disk before the name appears
             # With the descriptor: the inode that was verified is the one that gets the name.
-            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd, creations=creations)
+            storage.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd, creations=creations)
             # The new version's index is known: the next delta of this file needs no re-read.
             svc.ctx.hash_cache.put_index((*cdc.stat_key(os.fstat(fd)), cdc.SCHEME), index)
             return index
@@ -229,7 +229,7 @@ class DeltaUpload:
         self.partial = ""
         if partial and fd >= 0:
             with contextlib.suppress(Exception):
-                self.svc.jail.remove_partial(partial, fd)
+                self.svc.storage.remove_partial(partial, fd)
         self.close()
 
     def close(self) -> None:
@@ -353,8 +353,8 @@ class DeltaSend:
 
 async def _serve_delta(svc: DeltaService, msg: m.DeltaGet, basis: bytes) -> None:
     t0 = time.monotonic()
-    jail = svc.jail
-    fd = await in_thread(jail.open_read, msg.path, release=os.close)
+    storage = svc.storage
+    fd = await in_thread(storage.open_read, msg.path, release=os.close)
     job: asyncio.Future[Any] | None = None
     try:
         st = os.fstat(fd)

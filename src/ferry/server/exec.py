@@ -22,7 +22,7 @@ Design decisions (see docs/exec.md for the user-facing side):
   grace period, including processes that moved to another process group of the same session.
 * **Exit detection** uses a pidfd in the event loop (no SIGCHLD handler, no thread per command,
   works in any thread and with uvloop); a waiting thread is the fallback where pidfds are missing.
-* **Working directory** is opened through the session's :class:`~ferry.server.jail.Jail`
+* **Working directory** is opened through the session's storage (the jail of the folder backend)
   (``O_NOFOLLOW`` walk from the home) and handed to the child as ``/proc/self/fd/N``: the child
   ``chdir``\\s into that already-opened directory, never re-resolving a path, so a symlink swapped
   in after the check cannot redirect it.
@@ -50,7 +50,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Final
 
 from ferry.errors import RemoteError
-from ferry.server.jail import Jail
+from ferry.server.folder import FolderStorage
 from ferry.server.service import Service, ServiceHost
 from ferry.textsafe import safe_text
 from ferry.wire import Data
@@ -751,8 +751,8 @@ class ExecService(Service):
         m.Resize: _handle_command_input,
     }
 
-    def __init__(self, host: ServiceHost, jail: Jail) -> None:
-        super().__init__(host, jail)
+    def __init__(self, host: ServiceHost, storage: FolderStorage) -> None:
+        super().__init__(host, storage)
         self.commands: dict[int, Command] = {}
 
     def command_input(self, msg: m.Window | m.Eof | m.Signal | m.Resize) -> None:
@@ -772,7 +772,7 @@ class ExecService(Service):
 
     async def start(self, msg: m.Exec) -> None:
         """Start the command ``msg`` asks for (or answer why not)."""
-        user, jail = self.user, self.jail
+        user, storage = self.user, self.storage
         if msg.id in self.commands or msg.id in self.channels or msg.id in self.requests.gets or msg.id == 0:
             raise ErrorCode.BAD_REQUEST.error(f"request id {msg.id} is already in use")
         try:
@@ -787,7 +787,7 @@ class ExecService(Service):
                 exc.message,
             )
             raise
-        cwd_fd = jail.open_dir(msg.cwd)  # NotFound / PathRefused (symlink, .., absolute) as usual
+        cwd_fd = storage.open_dir(msg.cwd)  # NotFound / PathRefused (symlink, .., absolute) as usual
         cmd = Command(self, msg, argv, env)
         cwd = _fd_path(cwd_fd)
         try:

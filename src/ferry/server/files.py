@@ -1,25 +1,23 @@
 """The files service: file-system operations (stat, list, mkdir, rm, mv, df).
 
-Every path goes through the session's :class:`~ferry.server.jail.Jail`; blocking file-system calls run
-in a thread so one slow disk does not stall other sessions. Each operation is logged once. The
+Every path goes through the session's storage (:class:`~ferry.server.folder.FolderStorage`);
+blocking file-system calls run in a thread so one slow disk does not stall other sessions. Each operation is logged once. The
 handlers are declared in :class:`FilesService`'s table (see :mod:`ferry.server.service`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import stat as statmod
 import time
 from collections.abc import Callable, Generator
 from typing import ClassVar
 
 from ferry.server import work
-from ferry.server.glob import expand as expand_glob
 from ferry.server.jail import Entry as JailEntry
-from ferry.server.jail import Jail, ListScan, join_path, parse_path
+from ferry.server.jail import ListScan, join_path, parse_path
 from ferry.server.service import Handler, Service
-from ferry.server.work import in_thread, run_steps
+from ferry.server.work import in_thread
+from ferry.store.api import Node
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode
 
@@ -41,32 +39,22 @@ def to_wire(e: JailEntry, name: str | None = None) -> m.Entry:
     )
 
 
-def stat_entry(jail: Jail, path: str) -> m.Entry:
-    """Wire entry for ``path`` (lstat semantics)."""
-    st = jail.lstat(path)
-    if statmod.S_ISREG(st.st_mode):
-        kind = "file"
-    elif statmod.S_ISDIR(st.st_mode):
-        kind = "dir"
-    elif statmod.S_ISLNK(st.st_mode):
-        kind = "link"
-    else:
-        kind = "other"
-    name = path.rstrip("/").rsplit("/", 1)[-1] if path not in ("", ".") else "."
+def node_to_wire(node: Node) -> m.Entry:
+    """Convert a storage node to its wire form (the home is named ``.``)."""
     return m.Entry(
-        name=name,
-        kind=kind,  # type: ignore[arg-type]
-        size=st.st_size,
-        mtime=m.wire_time(st.st_mtime),
-        mode=statmod.S_IMODE(st.st_mode),
-        target=jail.readlink(path) if kind == "link" else None,
+        name=node.name or ".",
+        kind=node.kind,
+        size=node.size,
+        mtime=m.wire_time(node.mtime),
+        mode=node.mode,
+        target=node.target,
     )
 
 
 async def handle_stat(svc: FilesService, msg: m.Stat) -> None:
     """Reply with the path's metadata."""
     t0 = time.monotonic()
-    entry = await in_thread(stat_entry, svc.jail, msg.path)
+    entry = node_to_wire(await svc.storage.stat(svc.user.name, parse_path(msg.path)))
     await svc.send(m.StatReply(id=msg.id, entry=entry))
     svc.log_op("stat", msg.path, t0)
 
@@ -75,16 +63,16 @@ async def handle_list(svc: FilesService, msg: m.ListDir) -> None:
     """Reply with pages of entries (a single file lists as itself), streamed from the walk: memory
     holds the page being sent and the next one, never the whole listing."""
     t0 = time.monotonic()
-    jail = svc.jail
+    storage = svc.storage
     check = work.current.get().check  # (here: the thread below does not see the context)
 
     def open_listing() -> m.Entry | Listing:
         if msg.glob:  # a pattern: its matches, found as the pages are cut (ferry.server.glob)
-            return expand_glob(jail, msg.path, check)
-        entry = stat_entry(jail, msg.path)
-        if entry.kind != "dir":
-            return entry
-        return jail.list_scan(msg.path, recursive=msg.recursive)
+            return storage.expand_glob(msg.path, check)
+        node = storage.node(msg.path)
+        if node.kind != "dir":
+            return node_to_wire(node)
+        return storage.list_scan(msg.path, recursive=msg.recursive)
 
     async with work.current.get().walk_slot():
         opened = await in_thread(open_listing, release=_close_listing)
@@ -153,8 +141,14 @@ async def handle_mkdir(svc: FilesService, msg: m.Mkdir) -> None:
     """Create a directory."""
     t0 = time.monotonic()
     creations = await svc.creations()  # each folder made counts against the file limit
-    await in_thread(
-        lambda: svc.jail.mkdir(msg.path, parents=msg.parents, exist_ok=msg.parents, creations=creations)
+    # 0o777 minus the server's umask, as mkdir(1) makes folders
+    await svc.storage.mkdir(
+        svc.user.name,
+        parse_path(msg.path),
+        parents=msg.parents,
+        exist_ok=msg.parents,
+        mode=0o777,
+        creations=creations,
     )
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("mkdir", msg.path, t0)
@@ -163,20 +157,17 @@ async def handle_mkdir(svc: FilesService, msg: m.Mkdir) -> None:
 async def handle_remove(svc: FilesService, msg: m.Remove) -> None:
     """Remove a file, link or (recursively) a directory."""
     t0 = time.monotonic()
-    jail = svc.jail
-    st = await in_thread(jail.lstat, msg.path)
-    if msg.recursive and statmod.S_ISDIR(st.st_mode):
-        session_work = work.current.get()
-        try:
-            async with session_work.walk_slot():
-                removed = await run_steps(jail.remove_walk(msg.path)) or 0
-        except BaseException:
+    storage, user, path = svc.storage, svc.user.name, parse_path(msg.path)
+    node = await storage.stat(user, path)
+    try:
+        # (counted: the file-count quota must stay exact; the interface's remove does not count)
+        removed = await storage.remove_counted(path, recursive=msg.recursive and node.kind == "dir")
+    except BaseException:
+        if msg.recursive and node.kind == "dir":
             # Some of it may be gone (rm -r stops at its first error): count again before trusting it.
-            svc.ctx.usage.invalidate_all(svc.user.name)
-            raise
-    else:
-        removed = await in_thread(lambda: jail.remove(msg.path, recursive=msg.recursive))
-    svc.account_removed(msg.path, st, removed)
+            svc.ctx.usage.invalidate_all(user)
+        raise
+    svc.account_removed(path, node, removed)
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("rm", msg.path, t0)
 
@@ -184,15 +175,16 @@ async def handle_remove(svc: FilesService, msg: m.Remove) -> None:
 async def handle_rename(svc: FilesService, msg: m.Rename) -> None:
     """Rename inside the home."""
     t0 = time.monotonic()
-    jail = svc.jail
-    replaced = await in_thread(lambda: jail.exists(msg.dst) and jail.exists(msg.src))
-    await in_thread(lambda: jail.rename(msg.src, msg.dst))
+    storage = svc.storage
+    replaced = await in_thread(lambda: storage.exists(msg.dst) and storage.exists(msg.src))
+    src, dst = parse_path(msg.src), parse_path(msg.dst)
+    await storage.rename(svc.user.name, src, dst)
     usage = svc.ctx.usage
     usage.invalidate(svc.user.name)  # an overwritten target changes usage
     if replaced:  # one entry fewer (a race with another session only makes the count high)
         usage.add(svc.user.name, 0, entries=-1)
-    # (partial names can be neither end: jail.rename refuses them; a folder takes its partials along)
-    usage.moved_tree(svc.user.name, join_path(parse_path(msg.src)), join_path(parse_path(msg.dst)))
+    # (partial names can be neither end: the jail refuses them; a folder takes its partials along)
+    usage.moved_tree(svc.user.name, join_path(src), join_path(dst))
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("mv", f"{msg.src} -> {msg.dst}", t0)
 
@@ -202,15 +194,14 @@ async def handle_df(svc: FilesService, msg: m.Df) -> None:
     used = await svc.current_usage()
     name, usage = svc.user.name, svc.ctx.usage
     # Uploads running now hold bytes on disk too: what they have written so far.
-    writing = [up for (h, _), up in svc.ctx.uploads.items() if h == svc.jail.home]
+    writing = [up for (h, _), up in svc.ctx.uploads.items() if h == svc.storage.home]
     being_written = sum(getattr(up, "pos", 0) for up in writing)
-    vfs = os.statvfs(svc.user.home)
     await svc.send(
         m.DfReply(
             id=msg.id,
             used=used + being_written,
             quota=svc.user.quota,
-            free=vfs.f_bavail * vfs.f_frsize,
+            free=svc.storage.free_space(),
             partial=usage.partial_bytes(name) + being_written,
             partials=len(usage.partials(name)) + len(writing),
             files=usage.entries(name) or 0,

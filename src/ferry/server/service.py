@@ -22,8 +22,6 @@ a command cannot share one): :class:`Requests` is that registry, owned by the se
 
 from __future__ import annotations
 
-import os
-import stat as statmod
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -31,7 +29,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from ferry.fskit import is_partial_name
 from ferry.server import work
 from ferry.server.context import FileLimit
-from ferry.server.jail import HomeUsage, Jail, join_path, parse_path
+from ferry.server.folder import FolderStorage
+from ferry.server.jail import HomeUsage, join_path
+from ferry.store.api import Node, Parts
 from ferry.wire import Connection, Data, RemoteProtocolError
 from ferry.wire import messages as m
 
@@ -133,17 +133,17 @@ class ServiceHost(Protocol):
 
 
 class Service:
-    """The base of a request service: one instance per session, built at login, with the session's
-    jail (the user's home)."""
+    """The base of a request service: one instance per session, built at login, with the storage the
+    session opened for its account (the only way a service reaches files)."""
 
     #: requests this service answers through the session's ordered worker
     worker_handlers: ClassVar[Mapping[type[m.Message], Handler]] = {}
     #: messages this service handles in the session's reader, in arrival order
     reader_handlers: ClassVar[Mapping[type[m.Message], Handler]] = {}
 
-    def __init__(self, host: ServiceHost, jail: Jail) -> None:
+    def __init__(self, host: ServiceHost, storage: FolderStorage) -> None:
         self.host = host
-        self.jail = jail
+        self.storage = storage
         self.ctx = host.ctx
         self.requests = host.requests
 
@@ -199,28 +199,28 @@ class Service:
             if known is None:
                 usage.begin_walk(name)
                 async with work.current.get().walk_slot():
-                    tally = await work.run_steps(self.jail.usage_walk()) or HomeUsage()
+                    tally = await work.run_steps(self.storage.usage_walk()) or HomeUsage()
                 # The partials uploads are writing now are theirs (their reservations count them).
-                writing = {rel for (h, rel) in self.ctx.uploads if h == self.jail.home}
+                writing = {rel for (h, rel) in self.ctx.uploads if h == self.storage.home}
                 usage.set(name, tally, writing)
                 # (if a rm -r invalidated it meanwhile, this count still answers this one request)
                 known = tally.bytes + sum(n for p, n in tally.partials.items() if p not in writing)
             return known
 
-    def account_removed(self, path: str, st: os.stat_result, entries: int) -> None:
-        """Usage after ``path`` (whose status before was ``st``) was removed with ``entries``
-        entries (see :meth:`~ferry.server.jail.Jail.remove_walk`): a file's bytes are freed, a
+    def account_removed(self, path: Parts, node: Node, entries: int) -> None:
+        """Usage after ``path`` (``node`` before) was removed with ``entries`` entries (see
+        :meth:`~ferry.server.folder.FolderStorage.remove_counted`): a file's bytes are freed, a
         partial leaves the idle ones, a folder's bytes are recounted when next needed."""
         usage, name = self.ctx.usage, self.user.name
-        rel = join_path(parse_path(path))
-        if statmod.S_ISREG(st.st_mode) and is_partial_name(rel.rpartition("/")[2]):
+        rel = join_path(path)
+        if node.kind == "file" and is_partial_name(rel.rpartition("/")[2]):
             usage.claim(name, rel)
-        elif statmod.S_ISREG(st.st_mode):
-            usage.add(name, -st.st_size, entries=-entries)
+        elif node.kind == "file":
+            usage.add(name, -node.size, entries=-entries)
         else:
             usage.add(name, 0, entries=-entries)
             usage.invalidate(name)
-            if statmod.S_ISDIR(st.st_mode):
+            if node.kind == "dir":
                 usage.removed_tree(name, rel)
 
     async def creations(self) -> FileLimit | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,7 +31,8 @@ from ferry.server.admission import Refused, Ticket
 from ferry.server.auth import Login, LoginThrottled
 from ferry.server.delta import DeltaService
 from ferry.server.files import FilesService
-from ferry.server.jail import Jail, translate_oserror
+from ferry.server.folder import FolderStorage
+from ferry.server.jail import translate_oserror
 from ferry.server.service import Requests, Service
 from ferry.server.sync import SyncService
 from ferry.server.transfer import TransferService
@@ -110,7 +110,8 @@ class Session:
         self.checked_rev = 0
         self._end_reason: str | None = None
         self._task: asyncio.Task[Any] | None = None
-        self.jail: Jail | None = None
+        #: the storage of the account, opened at login (ServerContext.open_storage)
+        self.storage: FolderStorage | None = None
         self.plain = writer.get_extra_info("sslcontext") is None
         self.software = ""  #: what the client's Hello says it is (client-controlled text)
         self._wlock = asyncio.Lock()  # held for a whole sendfile block: no frame may interleave
@@ -268,14 +269,14 @@ class Session:
                 await service.close()
         self._out.flush()  # a last Error or Goodbye may still be corked: close() would drop it
         self.writer.close()
-        if self.jail is not None:
+        if self.storage is not None:
             # A handler cancelled while its thread runs leaves that thread using the home's
             # descriptor: closing it now could let the number be reused for another file under the
             # thread's feet. If this wait is cancelled too (shutdown), the last job closes it.
             try:
                 await self.work.wait()
             finally:
-                self.work.after_jobs(self.jail.close)
+                self.work.after_jobs(self.storage.release)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
@@ -373,8 +374,7 @@ class Session:
         user = login.user
         self.login = login
         self.user = user
-        os.makedirs(user.home, mode=0o700, exist_ok=True)
-        self.jail = Jail(user.home, max_depth=self.ctx.limits.max_depth)
+        self.storage = self.ctx.open_storage(user)
         may_exec = user.exec_allowed and not login.read_only
         await self.send(
             m.AuthOk(
@@ -386,7 +386,7 @@ class Session:
                 read_only=login.read_only,
             )
         )
-        self._open_services(self.jail, may_exec)
+        self._open_services(self.storage, may_exec)
         self.ctx.revocation.add(self)
         self.ctx.log.info(
             "session %d login user=%s peer=%s plain=%s software=%s method=%s%s%s",
@@ -400,7 +400,7 @@ class Session:
             " read_only=True" if login.read_only else "",
         )
 
-    def _open_services(self, jail: Jail, may_exec: bool) -> None:
+    def _open_services(self, storage: FolderStorage, may_exec: bool) -> None:
         """Build the services and merge their handler tables (a message type has one owner)."""
         classes = list(SERVICES)
         if may_exec:
@@ -408,7 +408,7 @@ class Session:
 
             classes.append(ExecService)
         self._may_exec = may_exec
-        self.services = [cls(self, jail) for cls in classes]
+        self.services = [cls(self, storage) for cls in classes]
         self._reader_table[m.Cancel] = self._cancel
         if not may_exec:
             for kind in EXEC_MESSAGES:

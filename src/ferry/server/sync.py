@@ -117,15 +117,15 @@ async def handle_scan(svc: SyncService, msg: m.ScanTree) -> None:
 def _single(svc: SyncService, path: str, checksum: bool) -> m.SyncEntry | None:
     """The listing of ``path`` when it is not a folder (a file lists as itself, ``""``), or None
     for a folder (thread). A symbolic link is refused, as everywhere in the jail."""
-    jail = svc.jail
-    st = jail.lstat(path)
+    storage = svc.storage
+    st = storage.lstat(path)
     if statmod.S_ISDIR(st.st_mode):
         return None
     if statmod.S_ISLNK(st.st_mode):
-        jail.open_read(path)  # raises the jail's own "symlink" refusal
+        storage.open_read(path)  # raises the jail's own "symlink" refusal
     if not statmod.S_ISREG(st.st_mode) or not checksum:
         return _wire_entry(_record_of(st))
-    fd = jail.open_read(path)
+    fd = storage.open_read(path)
     try:
         st = os.fstat(fd)
         return _wire_entry(_record_of(st, content_digest(svc.ctx.hash_cache, fd, st)))
@@ -141,7 +141,7 @@ def _record_of(st: os.stat_result, digest: bytes = b"") -> ScanRecord:
 
 async def _scan(svc: SyncService, msg: m.ScanTree) -> None:
     t0 = time.monotonic()
-    jail = svc.jail
+    storage = svc.storage
     filt = _filter(msg.rules)
     single = await work.in_thread(_single, svc, msg.path, msg.checksum)
     if single is not None:
@@ -152,7 +152,7 @@ async def _scan(svc: SyncService, msg: m.ScanTree) -> None:
     digests = (lambda fd, st: content_digest(cache, fd, st)) if msg.checksum else None
     check = work.current.get().check
     scan = await work.in_thread(
-        lambda: jail.scan_entries(msg.path, exclude=filt.excluded if filt else None, digest=digests),
+        lambda: storage.scan_entries(msg.path, exclude=filt.excluded if filt else None, digest=digests),
         release=EntryScan.close,
     )
     entries = 0
@@ -173,10 +173,10 @@ async def _scan(svc: SyncService, msg: m.ScanTree) -> None:
 
 async def handle_get_files(svc: SyncService, msg: m.GetFiles) -> None:
     """Stream the named files under ``msg.path`` as TreeItems (see :func:`serve_records`)."""
-    jail = svc.jail
+    storage = svc.storage
     try:
         async with work.current.get().walk_slot():
-            dirs = await work.in_thread(lambda: jail.tree_dirs(msg.path, create=False), release=TreeDirs.close)
+            dirs = await work.in_thread(lambda: storage.tree_dirs(msg.path, create=False), release=TreeDirs.close)
             inline = msg.inline_max
             records = (dirs.read(name, inline) for name in msg.names)
             await serve_records(
@@ -191,7 +191,7 @@ def _remove_all(
 ) -> tuple[int, int, int, list[m.SyncEntry]]:
     """Remove each name under ``base`` (thread): (removed, bytes freed, entries removed (-1: not
     known, a recursive remove failed half-way), failures)."""
-    jail = svc.jail
+    storage = svc.storage
     done = freed = entries = 0
     errors: list[m.SyncEntry] = []
     for name in names:
@@ -199,7 +199,7 @@ def _remove_all(
         try:
             path = _under(base, name)
             try:
-                st = jail.lstat(path)
+                st = storage.lstat(path)
             except FerryError as exc:
                 if getattr(exc, "code", "") == "not-found":
                     done += 1  # already gone: what was asked for holds
@@ -207,7 +207,7 @@ def _remove_all(
                 raise
             tree = recursive and statmod.S_ISDIR(st.st_mode)
             try:
-                gone = jail.remove(path, recursive=tree)
+                gone = storage.remove_now(path, recursive=tree)
             except FerryError:
                 if tree:
                     entries = -1 << 62  # some of it went: the count is recounted
@@ -255,7 +255,7 @@ async def handle_remove_many(svc: SyncService, msg: m.RemoveMany) -> None:
 def _set_all(
     svc: SyncService, base: str, entries: list[m.SyncEntry], check: Callable[[], None]
 ) -> tuple[int, list[m.SyncEntry]]:
-    jail = svc.jail
+    storage = svc.storage
     done = 0
     errors: list[m.SyncEntry] = []
     for e in entries:
@@ -264,10 +264,7 @@ def _set_all(
             path = _under(base, e.path) if e.path else join_path(parse_path(base))
             if not path:
                 raise ErrorCode.BAD_PATH.error("the attributes of your home folder cannot be changed")
-            if e.mode:
-                jail.chmod(path, e.mode)
-            if e.mtime:
-                jail.utime(path, round(e.mtime * 1e9))
+            storage.set_attrs_now(path, round(e.mtime * 1e9) if e.mtime else None, e.mode)
             done += 1
         except FerryError as exc:
             errors.append(m.SyncEntry(path=_safe(e.path), kind="error", message=str(exc)[:8192]))

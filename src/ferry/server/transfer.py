@@ -32,7 +32,8 @@ from ferry.errors import IntegrityError, RemoteError
 from ferry.fskit import TOKEN_RE, partial_name
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
 from ferry.server.context import FileLimit
-from ferry.server.jail import Jail, join_path, parse_path, translate_oserror
+from ferry.server.folder import FolderStorage
+from ferry.server.jail import join_path, parse_path, translate_oserror
 from ferry.server.service import Service, ServiceHost
 from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError
@@ -58,10 +59,10 @@ async def handle_get(svc: TransferService, msg: m.GetFile) -> None:
 
 async def _serve_get(svc: TransferService, msg: m.GetFile) -> None:
     t0 = time.monotonic()
-    jail = svc.jail
+    storage = svc.storage
     # Small files are served on the loop thread in one go: thread hops would cost more than the
     # few microseconds of page-cache I/O, and a 10,000-file tree must not pay them per file.
-    fd = jail.open_read(msg.path)
+    fd = storage.open_read(msg.path)
     job = _Jobs()
     try:
         st = os.fstat(fd)
@@ -338,13 +339,13 @@ class Upload:
             raise ErrorCode.INTEGRITY.error(
                 f"{msg.path}: chunk {bad} does not match the sender's hash; nothing was kept"
             )
-        fd, partial, jail, creations = self.fd, self.partial, self.svc.jail, self.creations
+        fd, partial, storage, creations = self.fd, self.partial, self.svc.storage, self.creations
 
         def seal() -> None:
             _finalise(fd, msg)
             # overwrite=False was checked at PutFile; the commit repeats it atomically, or a file
             # created while the data was on its way would be replaced.
-            jail.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd, creations=creations)
+            storage.commit(partial, msg.path, overwrite=msg.overwrite, fd=fd, creations=creations)
 
         # Tracked like a write: an upload taking over the partial waits until the rename is done.
         self._pending = start_thread(seal)
@@ -365,7 +366,7 @@ class Upload:
         """Remove the partial file (integrity failure, disk full), unless another upload owns it."""
         if not self.superseded and self.partial and self.fd >= 0:
             with contextlib.suppress(Exception):
-                self.svc.jail.remove_partial(self.partial, self.fd)
+                self.svc.storage.remove_partial(self.partial, self.fd)
             self.kept = False
         self.close()
 
@@ -437,7 +438,7 @@ def _check_quota_now(svc: Service, msg: m.PutFile | m.DeltaPut, used: int, credi
     assert user.quota is not None
     existing = 0
     with contextlib.suppress(Exception):
-        st = svc.jail.lstat(msg.path)
+        st = svc.storage.lstat(msg.path)
         existing = st.st_size
     usage = svc.ctx.usage
     used += usage.reserved(user.name)  # uploads still running count as stored
@@ -464,7 +465,7 @@ async def admit_upload(svc: Service, msg: m.PutFile, prel: str) -> None:
         used = await svc.current_usage()
     if msg.token and not usage.partials_known(user.name):
         used = await svc.current_usage()  # the walk that finds the partials left before this process
-    older = svc.ctx.uploads.get((svc.jail.home, prel))
+    older = svc.ctx.uploads.get((svc.storage.home, prel))
     idle = usage.partials(user.name)
     takes_over = older is not None or prel in idle
     credit = older.reserved if older is not None else idle.get(prel, 0)
@@ -514,14 +515,14 @@ async def _grow_streamed(up: Upload, nbytes: int) -> None:
 
 async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     """Start an upload (or store a small inline file at once)."""
-    jail = svc.jail
+    storage = svc.storage
     if msg.streamed and (msg.token or msg.data is not None or msg.size):
         raise RemoteProtocolError("a streamed upload has no size, token or inline data")
     if msg.data is not None:
         await check_quota(svc, msg)
         await _put_inline(svc, msg)  # checks "exists" atomically itself
         return
-    if not msg.overwrite and jail.exists(msg.path):
+    if not msg.overwrite and storage.exists(msg.path):
         # Refused now, before PutReady: not after the client has sent the whole file. (The commit
         # repeats the check atomically: a file may still appear while the data is on its way.)
         raise ErrorCode.EXISTS.error(f"{msg.path} already exists")
@@ -539,10 +540,10 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     # could commit a file the other one truncated: the newest takes over, the older one stops.
     parts = parse_path(msg.path)
     prel = join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else ""
-    key = (jail.home, prel)
+    key = (storage.home, prel)
     creations = await svc.creations()
     await admit_upload(svc, msg, prel)
-    if creations is not None and not jail.exists(msg.path):
+    if creations is not None and not storage.exists(msg.path):
         # A new name: refused now if the home is full, not after the data came (the commit checks
         # again, under the count's lock: another session may take the last place meanwhile).
         creations.check(msg.path)
@@ -578,7 +579,7 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
         # Released if this request is abandoned while the thread opens it (the partial itself stays
         # for a resume).
         up.fd, up.partial, have = await in_thread(
-            lambda: jail.open_partial(msg.path, token, on_foreign=foreign),
+            lambda: storage.open_partial(msg.path, token, on_foreign=foreign),
             release=lambda opened: os.close(opened[0]),
         )
         # The partial is this upload's now: its bytes count in the reservation, not as idle.
@@ -608,13 +609,17 @@ async def _put_inline(svc: TransferService, msg: m.PutFile) -> None:
     _, digest = hasher.finish()
     if len(data) != msg.size or (msg.digest and digest != msg.digest):
         raise ErrorCode.INTEGRITY.error(f"{msg.path}: inline data does not match its size or hash; nothing was kept")
-    try:
-        # Small: done on the loop thread in one path walk, cheaper than a thread hop per file.
-        replaced = svc.jail.store_small(
-            msg.path, data, mode=msg.mode, mtime=msg.mtime, overwrite=msg.overwrite, creations=creations
-        )
-    except OSError as exc:
-        raise translate_oserror(exc, msg.path) from exc
+    user = svc.user
+    replaced = await svc.storage.store_small(
+        user.name,
+        parse_path(msg.path),
+        data,
+        mode=msg.mode,
+        mtime=msg.mtime,
+        overwrite=msg.overwrite,
+        quota=user.quota,
+        creations=creations,
+    )
     _account(svc, msg.path, len(data), replaced)
     await svc.send(m.Ok(id=msg.id))
     svc.log_op("put", msg.path, t0, nbytes=len(data))
@@ -623,7 +628,7 @@ async def _put_inline(svc: TransferService, msg: m.PutFile) -> None:
 def _existing_size(svc: TransferService, path: str) -> int:
     """Size of the regular file an upload will replace (0 if none): keeps usage incremental."""
     try:
-        st = svc.jail.lstat(path)
+        st = svc.storage.lstat(path)
     except RemoteError:
         return 0
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
@@ -679,8 +684,8 @@ class TransferService(Service):
     worker_handlers = {m.GetFile: handle_get}
     reader_handlers = {m.PutFile: handle_put, m.PutFrom: handle_put_from, m.FileEnd: handle_put_end}
 
-    def __init__(self, host: ServiceHost, jail: Jail) -> None:
-        super().__init__(host, jail)
+    def __init__(self, host: ServiceHost, storage: FolderStorage) -> None:
+        super().__init__(host, storage)
         #: ids of uploads that failed mid-stream (their remaining data and FileEnd are dropped)
         self.failed: set[int] = set()
 

@@ -166,9 +166,9 @@ async def handle_get_tree(svc: TreeService, msg: m.GetTree) -> None:
 
 async def _serve_get_tree(svc: TreeService, msg: m.GetTree) -> None:
     async with work.current.get().walk_slot():
-        jail = svc.jail
+        storage = svc.storage
         scan = await work.in_thread(
-            lambda: jail.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
+            lambda: storage.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
         )
         await serve_records(svc, msg.id, msg.path, msg.hash, scan, scan.close, "get-tree")
 
@@ -479,12 +479,12 @@ async def handle_put_tree(svc: TreeService, msg: m.PutTree) -> None:
     svc.requests.check_id_free(msg.id)
     if sum(isinstance(c, TreeUpload) for c in svc.channels.values()) >= MAX_TREES:
         raise ErrorCode.BUSY.error(f"too many tree uploads on this connection (at most {MAX_TREES})")
-    jail = svc.jail
+    storage = svc.storage
     if svc.user.quota is not None:
         await svc.current_usage()  # computed once, before the first batch needs it
     creations = await svc.creations()  # the folders of the tree's root count too
     dirs = await work.in_thread(
-        lambda: jail.tree_dirs(msg.path, creations=creations), release=TreeDirs.close
+        lambda: storage.tree_dirs(msg.path, creations=creations), release=TreeDirs.close
     )
     svc.channels[msg.id] = TreeUpload(svc, msg, dirs)
 

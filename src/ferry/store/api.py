@@ -1,10 +1,27 @@
 """The storage interface the server stands on: namespace operations, partial uploads, chunk reads and
 writes, usage.
 
-Two implementations: the folder backend (today's jail over a local folder, the zero-configuration
-default; adapted to this interface in phase B of issue 14) and :class:`ferry.store.objects.ObjectStorage`
-(chunks in S3, namespace in PostgreSQL, shared by N servers). docs/scale-out.md maps each jail
-operation onto it.
+Two implementations: the folder backend (:class:`ferry.server.folder.FolderStorage`, the jail over a
+local folder, the zero-configuration default) and :class:`ferry.store.objects.ObjectStorage` (chunks
+in S3, namespace in PostgreSQL, shared by N servers). docs/scale-out.md maps each jail operation onto
+it.
+
+Two layers, because the two backends move file contents differently:
+
+- :class:`Storage` -- what both implement and the server's services call for either backend: the
+  namespace (stat, list, mkdir, remove, rename, attributes), small files in one step, ``close``.
+- :class:`ChunkStorage` -- contents as a list of verified :data:`CHUNK_SIZE` chunks (uploads by
+  chunk, reads by chunk, usage across servers, the sweeper): the object backend's way. The folder
+  backend does not implement it: its contents are one file each, streamed through a descriptor
+  (``sendfile``, ``pwrite`` of whatever the client's chunk size is, hashing with the client's
+  algorithm beside it), and chunking them into 4 MiB BLAKE3 pieces would add a buffer and a second
+  hash to every transfer. Its streaming paths, tree walkers and usage walk are folder-only methods
+  of ``FolderStorage`` (docs/scale-out.md, "The folder backend").
+
+A storage is used for one account at a time by a session (the folder backend is opened on that
+account's home at login, and refuses calls that name another account); the object backend serves
+every account through one pool. Calls name the account either way, so that the services read the
+same for both.
 
 Paths are *already checked* tuples of components relative to the user's home (``()`` is the home):
 the server's path rules (no ``..``, no absolute paths, no empty or ``.`` components, length limits;
@@ -32,7 +49,9 @@ from ferry.wire.codes import ErrorCode
 CHUNK_SIZE: Final = DEFAULT_CHUNK
 
 Parts = tuple[str, ...]
-NodeKind = Literal["file", "dir"]
+#: What a node is: the object backend holds files and folders only; the folder backend also lists
+#: symbolic links and other entries (FIFOs, devices) that local users made there.
+NodeKind = Literal["file", "dir", "link", "other"]
 
 
 def check_parts(parts: Sequence[str]) -> Parts:
@@ -54,7 +73,8 @@ def show(parts: Sequence[str]) -> str:
 @dataclass(frozen=True, slots=True)
 class Node:
     """A file or folder as listed: ``mtime`` in seconds since the epoch, ``mode`` the permission bits,
-    ``digest`` the file's tree digest (empty for folders)."""
+    ``digest`` the file's tree digest (empty for folders, and where the backend does not keep one: the
+    folder backend), ``target`` what a symbolic link says (never followed; folder backend only)."""
 
     name: str
     kind: NodeKind
@@ -62,6 +82,7 @@ class Node:
     mtime: float
     mode: int
     digest: bytes = b""
+    target: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +147,14 @@ class SweepReport:
 
 
 class Storage(Protocol):
-    """Everything the server does to users' files, whatever holds them.
+    """What the server does to users' files through either backend.
 
     All methods are coroutines; they raise :class:`ferry.errors.FerryError` subclasses with the wire
     codes the jail uses (``not-found``, ``exists``, ``not-a-directory``, ``is-a-directory``,
     ``not-empty``, ``quota``, ...) plus ``unavailable`` and ``corrupt`` (:mod:`ferry.wire.codes`).
-    ``quota`` arguments are the user's quota in bytes (None: unlimited), as the accounts hold it.
+    ``quota`` arguments are the user's quota in bytes (None: unlimited), as the accounts hold it;
+    a backend shared by several servers enforces it itself, the folder backend (one server per
+    folder) leaves it to the server's check against its usage count before the call.
     """
 
     #: False when commands cannot run next to the files (the object backend has no local folder).
@@ -171,6 +194,29 @@ class Storage(Protocol):
         """Set the modification time and/or the permission bits (``mode & 0o777``)."""
         ...
 
+    async def store_small(
+        self,
+        user: str,
+        path: Parts,
+        data: bytes,
+        *,
+        mode: int,
+        mtime: float,
+        overwrite: bool,
+        quota: int | None,
+    ) -> int:
+        """Store a file of at most one chunk in one step; returns the size of the file it replaced."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the storage holds (connections; the folder backend: its home descriptor)."""
+        ...
+
+
+class ChunkStorage(Storage, Protocol):
+    """Contents as chunks: uploads and reads by :data:`CHUNK_SIZE` chunk, usage across servers, the
+    sweeper (the object backend; see the module docstring for why the folder backend streams instead)."""
+
     async def usage(self, user: str) -> Usage:
         """The user's usage, the same seen through every server."""
         ...
@@ -209,20 +255,6 @@ class Storage(Protocol):
         """Forget a partial upload (integrity failure, cancelled); its chunks go to the sweeper."""
         ...
 
-    async def store_small(
-        self,
-        user: str,
-        path: Parts,
-        data: bytes,
-        *,
-        mode: int,
-        mtime: float,
-        overwrite: bool,
-        quota: int | None,
-    ) -> int:
-        """Store a file of at most one chunk in one step; returns the size of the file it replaced."""
-        ...
-
     # -- reads --------------------------------------------------------------------------------------
 
     async def open_file(self, user: str, path: Parts) -> FileChunks:
@@ -238,8 +270,4 @@ class Storage(Protocol):
     async def sweep(self, *, partial_max_age: float, grace: float) -> SweepReport:
         """Remove partial uploads untouched for ``partial_max_age`` seconds, then chunks no file and no
         upload has referenced for ``grace`` seconds."""
-        ...
-
-    async def close(self) -> None:
-        """Release connections."""
         ...

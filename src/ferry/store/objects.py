@@ -1,4 +1,4 @@
-"""The object backend: :class:`ObjectStorage` implements :class:`ferry.store.api.Storage` with chunk
+"""The object backend: :class:`ObjectStorage` implements :class:`ferry.store.api.ChunkStorage` with chunk
 objects in S3 (:mod:`ferry.store.chunks`) and the namespace in PostgreSQL (:mod:`ferry.store.namespace`).
 
 Order of writes, which is what makes a crash at any point harmless:
@@ -29,7 +29,17 @@ from typing import TYPE_CHECKING, Final
 import blake3
 
 from ferry.hashing import tree_digest
-from ferry.store.api import CHUNK_SIZE, ChunkRef, FileChunks, Node, Parts, Storage, SweepReport, Upload, Usage
+from ferry.store.api import (
+    CHUNK_SIZE,
+    ChunkRef,
+    ChunkStorage,
+    FileChunks,
+    Node,
+    Parts,
+    SweepReport,
+    Upload,
+    Usage,
+)
 from ferry.store.chunks import ChunkStore
 from ferry.store.namespace import ChunkGone, Namespace
 
@@ -83,7 +93,7 @@ class ObjectStorage:
         await self.namespace.set_attrs(user, path, mtime=mtime, mode=mode)
 
     async def usage(self, user: str) -> Usage:
-        """See :meth:`ferry.store.api.Storage.usage`."""
+        """See :meth:`ferry.store.api.ChunkStorage.usage`."""
         return await self.namespace.usage(user)
 
     # -- uploads ------------------------------------------------------------------------------------
@@ -100,13 +110,13 @@ class ObjectStorage:
         overwrite: bool,
         quota: int | None,
     ) -> Upload:
-        """See :meth:`ferry.store.api.Storage.open_upload`."""
+        """See :meth:`ferry.store.api.ChunkStorage.open_upload`."""
         return await self.namespace.open_upload(
             user, path, token=token, size=size, mode=mode, mtime=mtime, overwrite=overwrite, quota=quota
         )
 
     async def write_chunk(self, upload: Upload, index: int, data: bytes) -> ChunkRef:
-        """See :meth:`ferry.store.api.Storage.write_chunk` (the write order is in the module docstring)."""
+        """See :meth:`ferry.store.api.ChunkStorage.write_chunk` (the write order is in the module docstring)."""
         end = index * CHUNK_SIZE + len(data)
         # Every chunk but the last is whole: chunk i always starts at i * CHUNK_SIZE (resume, ranges).
         if (
@@ -130,11 +140,11 @@ class ObjectStorage:
     async def commit_upload(
         self, upload: Upload, *, digest: bytes, overwrite: bool, quota: int | None
     ) -> int:
-        """See :meth:`ferry.store.api.Storage.commit_upload`."""
+        """See :meth:`ferry.store.api.ChunkStorage.commit_upload`."""
         return await self.namespace.commit_upload(upload, digest=digest, overwrite=overwrite, quota=quota)
 
     async def discard_upload(self, upload: Upload) -> None:
-        """See :meth:`ferry.store.api.Storage.discard_upload`."""
+        """See :meth:`ferry.store.api.ChunkStorage.discard_upload`."""
         await self.namespace.discard_upload(upload)
 
     async def store_small(
@@ -170,11 +180,11 @@ class ObjectStorage:
     # -- reads --------------------------------------------------------------------------------------
 
     async def open_file(self, user: str, path: Parts) -> FileChunks:
-        """See :meth:`ferry.store.api.Storage.open_file`."""
+        """See :meth:`ferry.store.api.ChunkStorage.open_file`."""
         return await self.namespace.open_file(user, path)
 
     async def read_chunk(self, ref: ChunkRef) -> bytes:
-        """See :meth:`ferry.store.api.Storage.read_chunk`."""
+        """See :meth:`ferry.store.api.ChunkStorage.read_chunk`."""
         return await self.chunks.get(ref)
 
     # -- upkeep -------------------------------------------------------------------------------------
@@ -224,5 +234,5 @@ class ObjectStorage:
 
 if TYPE_CHECKING:  # mypy proves that ObjectStorage implements the interface
 
-    def _implements(storage: ObjectStorage) -> Storage:
+    def _implements(storage: ObjectStorage) -> ChunkStorage:
         return storage
