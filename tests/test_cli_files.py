@@ -18,7 +18,7 @@ from cli_inproc import run_inproc
 from conftest import FERRY, free_port
 from ferry.client.transfer import partial_path
 from ferry.fskit import is_partial_name
-from serve_process import ServeProcess, run_ferry
+from serve_process import ServeProcess
 
 MiB = 1 << 20
 
@@ -234,7 +234,7 @@ def test_plain_transfers(plain: Served, tmp_path: Path) -> None:
     ok(s.ferry("get", "-r", "-q", *s.srv.scp("up"), str(tmp_path / "down")))
     same_tree(tree, tmp_path / "down")
     # a TLS client cannot talk to a plain server: a connection error with a hint
-    p = run_ferry(["ls", *s.srv.scp()], s.env)
+    p = run_inproc(["ls", *s.srv.scp()], s.env)
     assert p.returncode == 6 and "--plain" in p.stderr
 
 

@@ -271,7 +271,7 @@ def test_batch_comments_local_commands_and_df_json(
     assert p.stderr == "ferry: local command ended with status 3\n"
     assert p.returncode == 1  # the failed local command
     shell_df = json.loads(lines[1])
-    (cli_df,) = [json.loads(x) for x in run_ferry(["df", "--json", target(srv)], env).stdout.splitlines()]
+    (cli_df,) = [json.loads(x) for x in run_inproc(["df", "--json", target(srv)], env).stdout.splitlines()]
     assert list(shell_df) == list(cli_df) == [
         "used", "quota", "free", "available", "partial", "partials", "files", "max_files"
     ]
