@@ -255,8 +255,12 @@ def one_repetition(e: Env, tools: list[str], rep: int, args: argparse.Namespace,
 
     def case(name: str, **kw: bool) -> None:
         for tool in rotate(tools, rep + CASES.index(name)):
-            if name == "a":
-                prewarm(e.scratch, big_size + args.small * 4096)
+            # Every case that writes a new version of the big file (the first sync, and the deltas
+            # of (c) and (d), which assemble it in a new file) gets warm pages first, or whoever
+            # runs first after a pause pays ~2 s for fresh memory (seen in (c): 4.1-4.5 s for the
+            # first tool of each repetition, 1.4-2.8 s for the others).
+            if name in ("a", "c", "d"):
+                prewarm(e.scratch, big_size + (args.small * 4096 if name == "a" else 0))
             s = run_tool(e, tool, src, "s", **kw)
             if name in timed:
                 res.add(name, tool, s)

@@ -118,6 +118,31 @@ def test_bad_field_type_is_a_named_malformed_message() -> None:
         s.next_event()
 
 
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ({"t": "no-such-type", "id": 1}, r"unknown message type 'no-such-type' - at `\$\.t`"),
+        ({"id": 1, "path": "x"}, r"unknown message type ''"),  # no tag at all
+        ({"t": 7, "id": 1}, r"\$\.t"),  # a tag that is not a string
+        ([1, 2, 3], "invalid message"),  # not a map
+        ({"t": "stat", "id": 1, "path": "x", "extra": [1, {"y": b"z"}]}, None),  # unknown fields: ignored
+    ],
+)
+def test_the_tag_decides_the_type(payload: object, match: str | None) -> None:
+    """Messages are decoded by their tag first, then as that one type (a decoder made on first
+    use): a missing, unknown or ill-typed tag is a MalformedMessage like any other bad field."""
+    import msgspec
+
+    _, s = open_pair()
+    raw = msgspec.msgpack.encode(payload)
+    s.receive_data(message_header(len(raw)) + raw)
+    if match is None:
+        assert s.next_event() == m.Stat(id=1, path="x")
+    else:
+        with pytest.raises(MalformedMessage, match=match):
+            s.next_event()
+
+
 def test_oversized_path_is_refused() -> None:
     import msgspec
 
