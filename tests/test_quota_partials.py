@@ -272,3 +272,29 @@ def test_partials_changed_while_a_usage_walk_runs_are_applied_over_its_result() 
     assert usage.partials("a") == {"y/z/.f.ferry-part-1": 10}  # partials stay known
     usage.removed_tree("a", "y")
     assert usage.partials("a") == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_partial_deleted_while_its_upload_runs_is_not_counted_after_it(tmp_path: Path) -> None:
+    """The sweep (or a local process) may delete a partial while its upload still writes it (the
+    upload took an old partial over): when that upload then stops, nothing is left to count, and
+    df must not keep counting a partial that is gone."""
+    src = tmp_path / "s.bin"
+    write_random(src, 600 * KiB, 11)
+    with running_server(tmp_path / "root") as srv:
+        h = home(srv)
+
+        def delete_partial() -> None:
+            for name in partials(h):
+                (h / name).unlink()
+
+        async def main() -> Usage:
+            with pytest.raises(Interrupt):
+                async with await connect(srv, tmp_path) as c:
+                    await c.put(src, "s.bin", chunk_size=SMALL_CHUNK, progress=interrupt_after(300 * KiB, delete_partial))
+            assert await await_until(lambda: no_sessions(srv), 15)
+            return await _df(srv, tmp_path)
+
+        df = asyncio.run(main())
+        assert partials(h) == []
+        assert (df.partials, df.partial) == (0, 0)

@@ -380,12 +380,15 @@ class Upload:
 
     def close(self) -> None:
         """Close the partial's descriptor (once; after the job in flight) and release the partial."""
+        unlinked = False  # the partial lost its name meanwhile (swept, or removed by its name)
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             pending = self._pending
             if pending is not None and not pending.done():
                 pending.add_done_callback(lambda f: _close_after(f, fd))
             else:
+                with contextlib.suppress(OSError):
+                    unlinked = os.fstat(fd).st_nlink == 0
                 os.close(fd)
         uploads = self.svc.ctx.uploads
         if uploads.get(self.key) is self:
@@ -395,7 +398,7 @@ class Upload:
             usage.release(name, self.reserved)
             self.reserved = 0
         if self.partial and not self.superseded:
-            if self.resumable and self.kept:
+            if self.resumable and self.kept and not unlinked:
                 # Stopped, the partial kept for a resume: it counts against the quota as idle
                 # from now on (its bytes were this upload's reservation until now).
                 usage.park(name, self.partial, self.pos if self.started else self.have)
