@@ -227,6 +227,18 @@ SIZE = _Size()
 @_count_option("--max-sessions", 1000, "Logged-in sessions at once; further logins are refused as busy.")
 @_count_option("--max-sessions-per-user", 100, "Logged-in sessions of one user at once.")
 @_count_option(
+    "--max-uploads-per-user",
+    64,
+    "Unfinished uploads of one user at once, over all their connections (each holds a file open); "
+    "more are refused as busy.",
+)
+@_count_option(
+    "--max-downloads-per-user",
+    64,
+    "Downloads of one user in progress at once, over all their connections (each holds a file "
+    "open); more are refused as busy.",
+)
+@_count_option(
     "--max-pending-logins", 1024, "Connections that have not logged in yet, from all addresses together."
 )
 @_count_option(
@@ -289,6 +301,8 @@ def serve(
     max_partial_bytes: int,
     max_sessions: int,
     max_sessions_per_user: int,
+    max_uploads_per_user: int,
+    max_downloads_per_user: int,
     max_pending_logins: int,
     max_pending_logins_per_address: int,
     login_threads: int | None,
@@ -322,6 +336,8 @@ def serve(
             max_partial_bytes=max_partial_bytes,
             max_sessions=max_sessions,
             max_sessions_per_user=max_sessions_per_user,
+            max_uploads_per_user=max_uploads_per_user,
+            max_downloads_per_user=max_downloads_per_user,
             max_pending_logins=max_pending_logins,
             max_pending_logins_per_address=max_pending_logins_per_address,
             login_timeout=login_timeout,

@@ -23,6 +23,7 @@ from ferry.server.auth import Authenticator
 from ferry.server.folder import FolderStorage
 from ferry.server.jail import MAX_DEPTH, HomeUsage
 from ferry.server.login_queue import LoginQueue
+from ferry.server.openlimits import OpenTransfers
 from ferry.server.pwcache import VerifiedPasswords
 from ferry.server.revocation import Revocation
 from ferry.server.throttle import Throttle
@@ -61,7 +62,12 @@ class Limits:
     #: password checks at once, each in a login thread (an argon2id check takes 19 MiB and ~22 ms of
     #: a core): one per core, since a check keeps its core busy for its whole duration
     auth_concurrency: int = field(default_factory=lambda: os.cpu_count() or 2)
-    max_uploads: int = 128  #: unfinished uploads per connection (each holds an open partial file)
+    max_uploads: int = 32  #: unfinished uploads per connection (each holds an open partial file)
+    #: open uploads of one user across all their sessions (each holds a partial file open);
+    #: more are refused with ``busy`` for that request (ferry.server.openlimits)
+    max_uploads_per_user: int = 64
+    #: open downloads of one user across all their sessions (each holds the file it sends open)
+    max_downloads_per_user: int = 64
     #: interrupted uploads not resumed within this many seconds are deleted (0: keep for ever)
     partial_max_age: float = 7 * 86400.0
     sweep_interval: float = 3600.0  #: seconds between two sweeps for stale partial uploads
@@ -417,6 +423,8 @@ class ServerContext:
     work: WorkPools = field(init=False)
     admission: Admission = field(init=False)
     logins: LoginQueue = field(init=False)
+    #: per-user counts of open uploads and downloads (ferry.server.openlimits)
+    transfers: OpenTransfers = field(init=False)
     #: the ``SHA256:...`` fingerprint of the TLS certificate (None with --plain): key logins sign it
     fingerprint: str | None = None
     #: the failed-login slowdown (a test may pass one with another policy or clock)
@@ -438,6 +446,7 @@ class ServerContext:
             sessions=lim.max_sessions,
             per_user=lim.max_sessions_per_user,
         )
+        self.transfers = OpenTransfers(uploads=lim.max_uploads_per_user, downloads=lim.max_downloads_per_user)
         self.logins = LoginQueue(workers=lim.auth_concurrency, max_waiting=lim.max_login_queue, max_wait=lim.login_wait)
         self.auth = Authenticator(
             self.accounts,

@@ -34,6 +34,7 @@ from ferry.errors import FerryError, RemoteError
 from ferry.fskit import partial_name
 from ferry.server.context import FileLimit
 from ferry.server.jail import join_path, parse_path, translate_oserror
+from ferry.server.openlimits import Hold, Kind
 from ferry.server.service import Service
 from ferry.server.transfer import check_quota
 from ferry.server.work import in_thread, start_thread
@@ -137,6 +138,8 @@ class DeltaUpload:
         self.creations: FileLimit | None = None  # the file-count quota its commit answers to
         self._job: asyncio.Future[Any] | None = None
         self.dead = False
+        #: its place in the user's open uploads (taken by handle_delta_put, given back by close)
+        self.hold: Hold | None = None
 
     def open(self) -> None:
         """Open the basis (the current file) and the partial to build in (thread)."""
@@ -247,6 +250,8 @@ class DeltaUpload:
             # A usage walk that ran meanwhile may have taken its partial for an idle one: it is gone.
             self.svc.ctx.usage.claim(self.svc.user.name, self.prel)
             self.prel = ""
+        if self.hold is not None:
+            self.hold.release()
         if self.svc.channels.get(self.msg.id) is self:
             del self.svc.channels[self.msg.id]
 
@@ -264,6 +269,7 @@ async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
     await check_quota(svc, msg, prel)
     up = DeltaUpload(svc, msg)
     up.creations = creations
+    up.hold = svc.hold(Kind.UPLOAD)  # no await since: nothing can leak it before the try
     svc.ctx.usage.reserve(svc.user.name, msg.size)
     up.reserved = msg.size
     try:
@@ -308,6 +314,8 @@ class DeltaSend:
         self.parts: list[bytes] = []
         self.count = 0
         self.task: asyncio.Task[None] | None = None
+        #: its place in the user's open downloads, held until it ends (busy if there is none)
+        self.hold = svc.hold(Kind.DOWNLOAD)
 
     async def on_data(self, ev: Data) -> None:
         """A data frame for a download is a client bug."""
@@ -340,6 +348,7 @@ class DeltaSend:
             with contextlib.suppress(Exception):
                 await svc.send(reply_for(self.msg.id, err))
         finally:
+            self.hold.release()
             if svc.channels.get(self.msg.id) is self:
                 del svc.channels[self.msg.id]
 
@@ -349,6 +358,7 @@ class DeltaSend:
             self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
+        self.hold.release()  # (a download whose basis never arrived has no task to do it)
 
 
 async def _serve_delta(svc: DeltaService, msg: m.DeltaGet, basis: bytes) -> None:

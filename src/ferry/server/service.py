@@ -31,6 +31,7 @@ from ferry.server import work
 from ferry.server.context import FileLimit
 from ferry.server.folder import FolderStorage
 from ferry.server.jail import HomeUsage, join_path
+from ferry.server.openlimits import Hold, Kind
 from ferry.store.api import Node, Parts
 from ferry.wire import Connection, Data, RemoteProtocolError
 from ferry.wire import messages as m
@@ -167,6 +168,11 @@ class Service:
     async def send(self, msg: m.Message) -> None:
         """Send one message to the client."""
         await self.host.send(msg)
+
+    def hold(self, kind: Kind) -> Hold:
+        """A place for one more open transfer of the user (per-user caps on open uploads and
+        downloads, :mod:`ferry.server.openlimits`), or ``busy`` for this request."""
+        return self.ctx.transfers.take(self.user.name, kind)
 
     async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:
         """Send one data frame to the client."""

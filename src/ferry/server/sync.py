@@ -34,6 +34,7 @@ from ferry import cdc
 from ferry.errors import FerryError, RemoteError, UsageError
 from ferry.server import work
 from ferry.server.jail import EntryScan, ScanRecord, TreeDirs, join_path, parse_path
+from ferry.server.openlimits import Kind
 from ferry.server.service import Service
 from ferry.server.tree import serve_records
 from ferry.syncfilter import Filter
@@ -175,13 +176,16 @@ async def handle_get_files(svc: SyncService, msg: m.GetFiles) -> None:
     """Stream the named files under ``msg.path`` as TreeItems (see :func:`serve_records`)."""
     storage = svc.storage
     try:
-        async with work.current.get().walk_slot():
-            dirs = await work.in_thread(lambda: storage.tree_dirs(msg.path, create=False), release=TreeDirs.close)
-            inline = msg.inline_max
-            records = (dirs.read(name, inline) for name in msg.names)
-            await serve_records(
-                svc, msg.id, msg.path, msg.hash, records, dirs.close, "get-files", pack=msg.compress
-            )
+        with svc.hold(Kind.DOWNLOAD):  # it holds a file and folders open until it ends
+            async with work.current.get().walk_slot():
+                dirs = await work.in_thread(
+                    lambda: storage.tree_dirs(msg.path, create=False), release=TreeDirs.close
+                )
+                inline = msg.inline_max
+                records = (dirs.read(name, inline) for name in msg.names)
+                await serve_records(
+                    svc, msg.id, msg.path, msg.hash, records, dirs.close, "get-files", pack=msg.compress
+                )
     finally:
         svc.requests.download_done(msg.id)  # (serve_records does it too, unless it never started)
 

@@ -34,6 +34,7 @@ from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_dig
 from ferry.server.context import FileLimit
 from ferry.server.folder import FolderStorage
 from ferry.server.jail import join_path, parse_path, translate_oserror
+from ferry.server.openlimits import Hold, Kind
 from ferry.server.service import Service, ServiceHost
 from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError
@@ -52,7 +53,8 @@ SENDFILE_BLOCK = 1 << 26  # plain TCP: one data frame per 64 MiB handed to sendf
 async def handle_get(svc: TransferService, msg: m.GetFile) -> None:
     """Stream a file to the client (resuming after the chunks it proves it has)."""
     try:
-        await _serve_get(svc, msg)
+        with svc.hold(Kind.DOWNLOAD):  # busy when the user has too many downloads open
+            await _serve_get(svc, msg)
     finally:
         svc.requests.download_done(msg.id)
 
@@ -248,6 +250,7 @@ class Upload:
     kept: bool = True  # False once the partial is committed or removed
     #: the file-count quota the commit answers to, if the final name is new (ferry.server.jail.Creations)
     creations: FileLimit | None = None
+    hold: Hold | None = None  # this upload's place in its user's open uploads (ferry.server.openlimits)
 
     def start(self, offset: int) -> None:
         """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
@@ -409,6 +412,8 @@ class Upload:
         if self.resumable:
             self.resumable = False
             usage.end_upload(name, self.msg.size)
+        if self.hold is not None:
+            self.hold.release()
 
 
 def _close_after(job: asyncio.Future[Any], fd: int) -> None:
@@ -550,6 +555,9 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
         # A new name: refused now if the home is full, not after the data came (the commit checks
         # again, under the count's lock: another session may take the last place meanwhile).
         creations.check(msg.path)
+    # Nor may one user's many connections hold too many (busy for this request; released by
+    # Upload.close). Taken before anything of an older upload of this partial is touched.
+    place = svc.hold(Kind.UPLOAD)
     # No await since the checks: reserve now, so parallel uploads see this one's share.
     name = svc.user.name
     usage, uploads = svc.ctx.usage, svc.ctx.uploads
@@ -557,7 +565,7 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     if older is not None and older.reserved:
         usage.release(name, older.reserved)  # (the newcomer's reservation replaces it)
         older.reserved = 0
-    up = Upload(svc, msg, -1, "", [], time.monotonic(), key=key, creations=creations)
+    up = Upload(svc, msg, -1, "", [], time.monotonic(), key=key, creations=creations, hold=place)
     usage.reserve(name, msg.size)
     up.reserved = msg.size
     if msg.token:

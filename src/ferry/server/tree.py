@@ -31,6 +31,7 @@ from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
 from ferry.server import work
 from ferry.server.jail import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
+from ferry.server.openlimits import Hold, Kind
 from ferry.server.service import Service
 from ferry.wire import Data, ProtocolError, RemoteProtocolError
 from ferry.wire import messages as m
@@ -165,12 +166,13 @@ async def handle_get_tree(svc: TreeService, msg: m.GetTree) -> None:
 
 
 async def _serve_get_tree(svc: TreeService, msg: m.GetTree) -> None:
-    async with work.current.get().walk_slot():
-        storage = svc.storage
-        scan = await work.in_thread(
-            lambda: storage.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
-        )
-        await serve_records(svc, msg.id, msg.path, msg.hash, scan, scan.close, "get-tree")
+    with svc.hold(Kind.DOWNLOAD):  # it holds a file and folders open until it ends
+        async with work.current.get().walk_slot():
+            storage = svc.storage
+            scan = await work.in_thread(
+                lambda: storage.scan_tree(msg.path, inline_max=msg.inline_max), release=TreeScan.close
+            )
+            await serve_records(svc, msg.id, msg.path, msg.hash, scan, scan.close, "get-tree")
 
 
 async def serve_records(
@@ -261,10 +263,11 @@ class TreeUpload:
     """A tree upload in progress, registered in the session's channels under its id (so Cancel and
     the end of the session abort it like any upload)."""
 
-    def __init__(self, svc: Service, msg: m.PutTree, dirs: TreeDirs) -> None:
+    def __init__(self, svc: Service, msg: m.PutTree, dirs: TreeDirs, place: Hold) -> None:
         self.svc = svc
         self.msg = msg
         self.dirs = dirs
+        self.hold = place  #: its place in the user's open uploads, given back with the folders
         self.t0 = time.monotonic()
         self.files = 0
         self.bytes = 0
@@ -434,6 +437,7 @@ class TreeUpload:
         if self.svc.channels.get(self.msg.id) is self:
             del self.svc.channels[self.msg.id]
         self.dirs.close()
+        self.hold.release()
         self.svc.log_op(
             "put-tree",
             self.msg.path,
@@ -483,10 +487,15 @@ async def handle_put_tree(svc: TreeService, msg: m.PutTree) -> None:
     if svc.user.quota is not None:
         await svc.current_usage()  # computed once, before the first batch needs it
     creations = await svc.creations()  # the folders of the tree's root count too
-    dirs = await work.in_thread(
-        lambda: storage.tree_dirs(msg.path, creations=creations), release=TreeDirs.close
-    )
-    svc.channels[msg.id] = TreeUpload(svc, msg, dirs)
+    place = svc.hold(Kind.UPLOAD)  # its folders stay open until the tree ends
+    try:
+        dirs = await work.in_thread(
+            lambda: storage.tree_dirs(msg.path, creations=creations), release=TreeDirs.close
+        )
+    except BaseException:
+        place.release()
+        raise
+    svc.channels[msg.id] = TreeUpload(svc, msg, dirs, place)
 
 
 async def handle_tree_items(svc: TreeService, msg: m.TreeItems) -> None:

@@ -1,0 +1,200 @@
+"""Issue 10, break 3 (the per-user part): one user cannot use up the server's descriptors with
+open transfers.
+
+The attack of the report: one user with 8 connections held 989 streamed uploads open without
+sending a byte, and the server (1,024 descriptors) refused every new login. Here a real
+``ferry serve`` process runs with a soft and hard ``RLIMIT_NOFILE`` of 1,024 (so raising the soft
+limit gains nothing) and the same attack runs against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ferry.client.aclient import AsyncClient
+from ferry.client.known_hosts import KnownHosts
+from ferry.client.mux import Route
+from ferry.errors import RemoteError, ServerBusy
+from ferry.server.accounts import Accounts
+from ferry.server.context import Limits
+from ferry.wire import messages as m
+from ferry_server import PASSWORD as CHEAP_PASSWORD
+from ferry_server import ServerThread
+from serve_process import ServeProcess
+
+PASSWORD = "a long and honest password"
+NOFILE = 1024  # the common service limit of the report
+CONNECTIONS = 8
+PER_CONNECTION = 128  # what each connection tries to hold open: 1,024 in all, the report's attack
+MiB = 1 << 20
+
+
+def service_descriptor_limit() -> None:
+    """preexec_fn: soft and hard limit 1,024, as a service started with the common default."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def start(tmp_path: Path, args: list[str] | None = None) -> ServeProcess:
+    env = dict(os.environ, FERRY_HOME=str(tmp_path / "client-home"), PYTHONUNBUFFERED="1")
+    root = tmp_path / "root"
+    acc = Accounts(root)
+    try:
+        acc.add("mallory", PASSWORD)
+        acc.add("bob", PASSWORD)
+    finally:
+        acc.close()
+    return ServeProcess(root, env, args=args, preexec_fn=service_descriptor_limit).start()
+
+
+async def login(port: int, tmp_path: Path, user: str, password: str = PASSWORD) -> AsyncClient:
+    return await AsyncClient.connect(
+        "127.0.0.1", port, user=user, password=password, known_hosts=KnownHosts(tmp_path / "known_hosts")
+    )
+
+
+def streamed(req_id: int, path: str) -> m.PutFile:
+    """A streamed upload (size unknown, as from a pipe): the server opens its partial at once."""
+    return m.PutFile(id=req_id, path=path, size=0, mtime=0.0, mode=0o644, streamed=True)
+
+
+async def hold_uploads(c: AsyncClient, prefix: str, count: int) -> tuple[list[int], list[RemoteError]]:
+    """Open ``count`` streamed uploads on one connection (pipelined) and send no data: the ids the
+    server opened, and its refusals."""
+    routes: list[tuple[int, Route]] = [c.mux.open() for _ in range(count)]
+    for i, (req_id, _route) in enumerate(routes):
+        await c.mux.send(streamed(req_id, f"{prefix}-{i}"))
+    held: list[int] = []
+    refused: list[RemoteError] = []
+    for req_id, route in routes:
+        try:
+            await c.mux.expect(route, m.PutReady)
+            held.append(req_id)
+        except RemoteError as exc:
+            refused.append(exc)
+    return held, refused
+
+
+@pytest.mark.timeout(180)
+def test_one_user_cannot_hold_the_servers_descriptors_with_open_uploads(tmp_path: Path) -> None:
+    srv = start(tmp_path)
+    assert srv.proc is not None
+    pid = srv.proc.pid
+    assert resource.prlimit(pid, resource.RLIMIT_NOFILE) == (NOFILE, NOFILE)
+    cap = Limits().max_uploads_per_user
+    payload = os.urandom(MiB)  # large enough to be a real (non-inline) upload holding a partial
+    (tmp_path / "payload").write_bytes(payload)
+    try:
+
+        async def main() -> None:
+            attack = [await login(srv.port, tmp_path, "mallory") for _ in range(CONNECTIONS)]
+            try:
+                before = open_fds(pid)
+                results = await asyncio.gather(
+                    *(hold_uploads(c, f"hold{k}", PER_CONNECTION) for k, c in enumerate(attack))
+                )
+                held = sum(len(h) for h, _ in results)
+                refusals = [e for _, r in results for e in r]
+                fds = open_fds(pid)
+                print(f"attack: {held} uploads held, {len(refusals)} refused; descriptors {before} -> {fds}")
+                assert held == cap, held  # the per-user cap, over all 8 connections
+                assert len(refusals) == CONNECTIONS * PER_CONNECTION - cap
+                assert all(isinstance(e, ServerBusy) and e.code == "busy" for e in refusals)
+                per_user = [e for e in refusals if "all connections" in str(e)]
+                assert per_user, refusals[:3]  # the per-user cap refused some, and says which it is
+                assert f"allows {cap} at once" in str(per_user[0]) and "mallory" in str(per_user[0])
+                assert fds < NOFILE // 4, fds  # well below the limit: 1,023 before the fix
+                for c in attack:  # busy failed the requests, not the connections
+                    assert (await c.stat("")).kind == "dir"
+
+                t0 = time.monotonic()
+                async with await login(srv.port, tmp_path, "bob") as bob:
+                    t_login = time.monotonic() - t0
+                    await bob.put(tmp_path / "payload", "p")
+                    t_put = time.monotonic() - t0 - t_login
+                    await bob.get("p", tmp_path / "back")
+                    t_all = time.monotonic() - t0
+                print(f"second user: login {t_login:.3f} s, +put {t_put:.3f} s, login+put+get {t_all:.3f} s")
+                assert (tmp_path / "back").read_bytes() == payload
+                assert t_all < 1.0, t_all
+
+                # Closing uploads gives their places back: the attacker may open as many again.
+                await attack[0].close()
+                deadline = time.monotonic() + 10
+                while True:
+                    held_again, _ = await hold_uploads(attack[1], "again", 1)
+                    if held_again:
+                        break
+                    assert time.monotonic() < deadline, "the closed connection's uploads were never released"
+                    await asyncio.sleep(0.1)
+            finally:
+                for c in attack:
+                    await c.close()
+
+        asyncio.run(main())
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0
+
+
+async def stalled_get(c: AsyncClient, path: str) -> tuple[int, Route]:
+    """Ask for ``path`` and never read it: once the route's one-event queue is full the client stops
+    reading its socket, and the server's download waits on the full connection with its file open."""
+    req_id, route = c.mux.open(1)
+    await c.mux.send(m.GetFile(id=req_id, path=path))
+    return req_id, route
+
+
+@pytest.mark.timeout(120)
+def test_downloads_held_open_are_capped_per_user(tmp_path: Path) -> None:
+    cap = 2
+    srv = ServerThread(tmp_path / "root", limits=Limits(max_downloads_per_user=cap))
+    home = srv.add_user("mallory")
+    (srv.add_user("bob") / "own").write_bytes(b"b" * 1000)
+    with open(home / "big", "wb") as f:
+        f.truncate(256 * MiB)  # sparse: far more than the socket buffers and the 1 MiB write buffer
+    (home / "small").write_bytes(b"x" * 1000)
+    srv.start()
+    try:
+
+        async def main() -> None:
+            stalled = [await login(srv.port, tmp_path, "mallory", CHEAP_PASSWORD) for _ in range(cap)]
+            other = await login(srv.port, tmp_path, "mallory", CHEAP_PASSWORD)
+            try:
+                for c in stalled:
+                    _, route = await stalled_get(c, "big")
+                    assert isinstance(await c.mux.recv(route, timeout=10), m.FileInfo)  # it is running
+                t0 = time.monotonic()
+                with pytest.raises(ServerBusy, match="too many open downloads") as info:
+                    await other.get("small", tmp_path / "small")
+                assert time.monotonic() - t0 < 1.0
+                assert f"allows {cap} at once" in str(info.value)
+                assert (await other.stat("")).kind == "dir"  # the request failed, not the connection
+                async with await login(srv.port, tmp_path, "bob", CHEAP_PASSWORD) as bob:
+                    await bob.get("own", tmp_path / "own")  # another user's downloads: not capped
+                await stalled.pop(0).close()  # the stalled download ends with its connection
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        await other.get("small", tmp_path / "small")
+                        break
+                    except ServerBusy:
+                        assert time.monotonic() < deadline, "the closed connection's download was never released"
+                        await asyncio.sleep(0.1)
+                assert (tmp_path / "small").read_bytes() == b"x" * 1000
+            finally:
+                for c in [*stalled, other]:
+                    await c.close()
+
+        asyncio.run(main())
+    finally:
+        srv.stop()
