@@ -21,7 +21,9 @@ import pytest
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
 from ferry.client.mux import Route
-from ferry.errors import RemoteError, ServerBusy
+from ferry.client.transfer import upload_token
+from ferry.errors import RemoteError, RemoteTransferError, ServerBusy
+from ferry.hashing import DEFAULT_CHUNK, ChunkHasher
 from ferry.server.accounts import Accounts
 from ferry.server.context import Limits
 from ferry.wire import messages as m
@@ -198,3 +200,79 @@ def test_downloads_held_open_are_capped_per_user(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(120)
+def test_an_idle_upload_is_closed_its_partial_kept_and_a_slow_one_is_not(tmp_path: Path) -> None:
+    """``--upload-idle-timeout``: an upload that receives nothing is closed (its place and its
+    descriptor given back, its partial kept for a resume, the client told why); one that receives
+    a little at a time is not."""
+    timeout = 1.0
+    srv = start(tmp_path, ["--upload-idle-timeout", str(timeout), "--max-uploads-per-user", "1"])
+    assert srv.proc is not None
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * DEFAULT_CHUNK))
+    st = os.stat(src)
+    data = src.read_bytes()
+    try:
+
+        async def main() -> None:
+            async with await login(srv.port, tmp_path, "mallory") as c:
+                c.read_timeout = 3 * timeout + 5  # without the fix: no answer at all
+                req_id, route = c.mux.open()
+                await c.mux.send(
+                    m.PutFile(
+                        id=req_id,
+                        path="f",
+                        size=len(data),
+                        mtime=m.wire_time(st.st_mtime),
+                        mode=0o644,
+                        token=upload_token("f", st),
+                        chunk_size=DEFAULT_CHUNK,
+                    )
+                )
+                await c.mux.expect(route, m.PutReady)
+                await c.mux.send(m.PutFrom(id=req_id, offset=0))
+                for i in range(2):  # two whole chunks, then silence (a client that hangs)
+                    await c.mux.send_data(req_id, m.STDIN, data[i * DEFAULT_CHUNK : (i + 1) * DEFAULT_CHUNK])
+                with pytest.raises(ServerBusy):  # the idle upload holds the user's only place
+                    await c.put(src, "other")
+                t0 = time.monotonic()
+                with pytest.raises(RemoteTransferError) as info:
+                    await c.mux.expect(route, m.Ok)
+                closed_after = time.monotonic() - t0
+                c.mux.close_route(req_id)
+                print(f"idle upload closed {closed_after:.2f} s after its last data (timeout {timeout} s): {info.value}")
+                assert info.value.code == "cancelled"
+                assert f"no data for {timeout:g} s" in str(info.value) and "partial file is kept" in str(info.value)
+                assert closed_after < timeout + 3
+                home = srv.root / "homes" / "mallory"
+                partials = [p for p in home.iterdir() if ".ferry-part-" in p.name]
+                assert len(partials) == 1 and partials[0].stat().st_size >= 2 * DEFAULT_CHUNK, partials
+                # The place is free again, and the same put resumes after the two chunks it sent.
+                result = await c.put(src, "f")
+                assert result.resumed_from == 2 * DEFAULT_CHUNK, result
+                assert (home / "f").read_bytes() == data
+
+                # A slow upload is not an idle one: 512 KiB in 64 KiB pieces over ~3 s.
+                slow = os.urandom(8 * 65536)
+                hasher = ChunkHasher("blake3", DEFAULT_CHUNK)
+                hasher.update(slow)
+                hashes, digest = hasher.finish()
+                req_id, route = c.mux.open()
+                await c.mux.send(
+                    m.PutFile(id=req_id, path="slow", size=len(slow), mtime=0.0, mode=0o644, token="slowtoken")
+                )
+                await c.mux.expect(route, m.PutReady)
+                await c.mux.send(m.PutFrom(id=req_id, offset=0))
+                for i in range(8):
+                    await asyncio.sleep(timeout * 0.4)
+                    await c.mux.send_data(req_id, m.STDIN, slow[i * 65536 : (i + 1) * 65536])
+                await c.mux.send(m.FileEnd(id=req_id, size=len(slow), chunk_hashes=hashes, digest=digest))
+                await c.mux.expect(route, m.Ok)
+                c.mux.close_route(req_id)
+                assert (home / "slow").read_bytes() == slow
+
+        asyncio.run(main())
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0

@@ -238,6 +238,15 @@ SIZE = _Size()
     "Downloads of one user in progress at once, over all their connections (each holds a file "
     "open); more are refused as busy.",
 )
+@click.option(
+    "--upload-idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close an unfinished upload that receives no data for this long (its partial is kept, so "
+    "the same put resumes).",
+)
 @_count_option(
     "--max-pending-logins", 1024, "Connections that have not logged in yet, from all addresses together."
 )
@@ -303,6 +312,7 @@ def serve(
     max_sessions_per_user: int,
     max_uploads_per_user: int,
     max_downloads_per_user: int,
+    upload_idle_timeout: float,
     max_pending_logins: int,
     max_pending_logins_per_address: int,
     login_threads: int | None,
@@ -338,6 +348,7 @@ def serve(
             max_sessions_per_user=max_sessions_per_user,
             max_uploads_per_user=max_uploads_per_user,
             max_downloads_per_user=max_downloads_per_user,
+            upload_idle_timeout=upload_idle_timeout,
             max_pending_logins=max_pending_logins,
             max_pending_logins_per_address=max_pending_logins_per_address,
             login_timeout=login_timeout,

@@ -62,6 +62,9 @@ class Limits:
     #: password checks at once, each in a login thread (an argon2id check takes 19 MiB and ~22 ms of
     #: a core): one per core, since a check keeps its core busy for its whole duration
     auth_concurrency: int = field(default_factory=lambda: os.cpu_count() or 2)
+    #: seconds an unfinished upload may go without data (counted while the server waits for the
+    #: client) before the server closes it, keeping its partial for a resume
+    upload_idle_timeout: float = 300.0
     max_uploads: int = 32  #: unfinished uploads per connection (each holds an open partial file)
     #: open uploads of one user across all their sessions (each holds a partial file open);
     #: more are refused with ``busy`` for that request (ferry.server.openlimits)

@@ -115,6 +115,12 @@ class ServiceHost(Protocol):
         """Send one message (waits for the transport buffer to drain below its high-water mark)."""
         ...
 
+    def read_waited(self) -> float:
+        """Seconds the session's reader has spent waiting for the client to send something, since
+        the session began (a clock that stands still while the server itself holds the reader up:
+        an upload is idle only by the client's doing)."""
+        ...
+
     async def write_frames(self, frames: list[bytes]) -> None:
         """Write several already-encoded frames at once."""
         ...

@@ -118,6 +118,9 @@ class Session:
         self._out = CorkedWriter(writer)
         self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
         self._last_rx = time.monotonic()
+        #: seconds spent waiting in reads, and when the read now waiting began (None: not waiting)
+        self._waited = 0.0
+        self._wait_start: float | None = None
         self._worker_task: asyncio.Task[None] | None = None
         #: thread jobs of this session: pools, fair share, per-session slots, cancellation
         self.work = SessionWork(ctx.work, ctx.limits.walks_per_session)
@@ -291,9 +294,19 @@ class Session:
                 return None
             if ev is not NEED_DATA:
                 return ev  # type: ignore[return-value]
-            data = await self.reader.read(self.ctx.limits.read_size)
-            self._last_rx = time.monotonic()
+            self._wait_start = time.monotonic()
+            try:
+                data = await self.reader.read(self.ctx.limits.read_size)
+            finally:
+                self._last_rx = time.monotonic()
+                self._waited += self._last_rx - self._wait_start
+                self._wait_start = None
             self.conn.receive_data(data)
+
+    def read_waited(self) -> float:
+        """Seconds the reader has waited for the client so far (see ServiceHost.read_waited)."""
+        waiting = self._wait_start
+        return self._waited + (time.monotonic() - waiting if waiting is not None else 0.0)
 
     async def _handshake_message(self, expected: type[M] | tuple[type[M], ...], during: str) -> M:
         """The next handshake message: pings are answered and pongs ignored here (the protocol allows
@@ -539,11 +552,14 @@ class Session:
     async def _watchdog(self) -> None:
         idle = self.ctx.limits.idle_timeout
         stall = self.ctx.limits.stall_timeout
+        upload_idle = self.ctx.limits.upload_idle_timeout
         transport = self.writer.transport
         last_size, last_change = 0, time.monotonic()
         while True:
-            await asyncio.sleep(min(idle / 4, stall / 4, 10.0))
+            await asyncio.sleep(min(idle / 4, stall / 4, upload_idle / 4, 10.0))
             now = time.monotonic()
+            if self._transfer is not None:
+                await self._transfer.expire_idle(upload_idle)
             # A peer that stops reading leaves our output buffer full and unchanging: the session
             # is only waiting on drain(). Drop it after stall_timeout, or it would live forever.
             size = transport.get_write_buffer_size() + _unsent(transport)

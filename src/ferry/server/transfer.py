@@ -251,10 +251,13 @@ class Upload:
     #: the file-count quota the commit answers to, if the final name is new (ferry.server.jail.Creations)
     creations: FileLimit | None = None
     hold: Hold | None = None  # this upload's place in its user's open uploads (ferry.server.openlimits)
+    #: the session's read_waited() at this upload's last sign of life (opened, PutFrom, data)
+    active_at: float = 0.0
 
     def start(self, offset: int) -> None:
         """Continue from ``offset`` (a chunk boundary within what the partial holds)."""
         self._check_owner()
+        self.active_at = self.svc.host.read_waited()
         if self.started:  # a second start would truncate under a write still in flight
             raise RemoteProtocolError("put_from sent twice for one upload")
         chunk = self.msg.chunk_size
@@ -270,6 +273,7 @@ class Upload:
         if not self.started:
             raise RemoteProtocolError("upload data before put_from")
         self._check_owner()
+        self.active_at = self.svc.host.read_waited()
         if self.msg.streamed:
             await _grow_streamed(self, len(ev.data))
         elif self.pos + self._buffered + len(ev.data) > self.msg.size:
@@ -538,6 +542,7 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     if not TOKEN_RE.fullmatch(token):
         raise RemoteProtocolError("bad upload token")
     svc.requests.check_id_free(msg.id)  # a second upload under one id would leak the first one's fd
+    svc.failed.discard(msg.id)  # an id the client reuses after a failed upload names this one now
     cap = svc.ctx.limits.max_uploads
     if sum(isinstance(c, Upload) for c in svc.channels.values()) >= cap:
         # Each holds a descriptor: one connection must not exhaust the server's.
@@ -607,6 +612,7 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     except BaseException:
         up.close()
         raise
+    up.active_at = svc.host.read_waited()  # its idle clock starts when it may receive data
     svc.channels[msg.id] = up
     await svc.send(m.PutReady(id=msg.id, chunk_hashes=up.held))
 
@@ -658,6 +664,8 @@ def _upload(svc: TransferService, req_id: int) -> Upload:
 
 async def handle_put_from(svc: TransferService, msg: m.PutFrom) -> None:
     """The client chose where to continue."""
+    if msg.id in svc.failed:
+        return  # closed by the server meanwhile (idle): the client has its Error, or will soon
     _upload(svc, msg.id).start(msg.offset)
 
 
@@ -699,6 +707,40 @@ class TransferService(Service):
         super().__init__(host, storage)
         #: ids of uploads that failed mid-stream (their remaining data and FileEnd are dropped)
         self.failed: set[int] = set()
+
+    async def expire_idle(self, timeout: float) -> None:
+        """Close the uploads that received nothing for ``timeout`` seconds of the reader waiting
+        for the client (issue 10, break 3: each holds a partial file open). The partial of a
+        resumable upload is kept, so the same put resumes; the client is told why."""
+        waited = self.host.read_waited()
+        for req_id, up in list(self.channels.items()):
+            if not isinstance(up, Upload) or up.svc is not self or waited - up.active_at <= timeout:
+                continue
+            if up._pending is not None and not up._pending.done():
+                continue  # the server is still writing: not the client's silence
+            del self.channels[req_id]
+            self.failed.add(req_id)  # its late data, PutFrom and FileEnd are dropped
+            await up.abort()
+            kept = "nothing was kept"
+            if up.msg.token:
+                kept = "its partial file is kept: the same put resumes where it stopped"
+            self.ctx.log.info(
+                "put user=%s path=%s: no data for %.0f s: upload closed (%s bytes received)",
+                self.user.name,
+                up.msg.path,
+                timeout,
+                up.pos,
+            )
+            # Bounded: the caller is the session's watchdog, which must go on watching a client
+            # that has stopped reading as well (the Error then is lost with the connection).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self.send(
+                        ErrorCode.CANCELLED.reply(
+                            req_id,
+                            f"{up.msg.path}: no data for {timeout:g} s, so the server closed this upload; {kept}",
+                        )
+                    )
 
     def fail_upload(self, req_id: int) -> None:
         """An upload's data could not be written: drop it and remember the id, so its remaining data
