@@ -238,14 +238,12 @@ SIZE = _Size()
     "Downloads of one user in progress at once, over all their connections (each holds a file "
     "open); more are refused as busy.",
 )
-@click.option(
+@_seconds_option(
     "--upload-idle-timeout",
-    type=click.FloatRange(min=0.1),
-    default=300.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Close an unfinished upload that receives no data for this long (its partial is kept, so "
-    "the same put resumes).",
+    300.0,
+    0.1,
+    "Close an unfinished upload that receives no data for this long (its partial is kept, so the "
+    "same put resumes).",
 )
 @_count_option(
     "--max-pending-logins", 1024, "Connections that have not logged in yet, from all addresses together."
