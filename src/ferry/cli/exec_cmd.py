@@ -11,6 +11,7 @@ script can tell a remote failure from a ferry failure.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 EXIT_TIMEOUT = 124
 #: Exit status when ferry itself failed (as ssh).
 EXIT_FERRY = 255
+#: The status of a command killed by SIGXFSZ (a file reached the size limit the server set).
+EXIT_FILE_SIZE = 128 + signal.SIGXFSZ
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -192,6 +195,13 @@ async def _run(
     if proc.timed_out:
         click.echo(f"ferry: the command timed out after {timeout:g} s and was killed", err=True)
         return EXIT_TIMEOUT
+    if code == EXIT_FILE_SIZE:  # otherwise silent (no shell reports it): say what the limit is
+        click.echo(
+            f"ferry: the command stopped with status {code} (SIGXFSZ): a file it wrote reached the file "
+            "size limit; for a user with a quota the server limits each file a command writes to what "
+            "was left of the quota when it started",
+            err=True,
+        )
     return code
 
 

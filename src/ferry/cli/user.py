@@ -37,8 +37,15 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# --- sizes ---------------------------------------------------------------------------------------
+#: What --exec means for the quota (the help of user add and user mod).
+_EXEC_QUOTA = (
+    " Programs run with the server's rights and their writes are not counted against --quota; with a "
+    "quota, each file a program writes is limited to what is left of the quota when it starts "
+    "(RLIMIT_FSIZE: per file, not in total; see docs/exec.md)."
+)
 
+
+# --- sizes ---------------------------------------------------------------------------------------
 
 # GNU coreutils conventions: a bare letter or an "iB" suffix is binary (K = KiB = 1024), "kB"/"KB"
 # etc. is decimal (1000). Case-insensitive, with or without a space, with a fraction ("1.5G").
@@ -316,7 +323,9 @@ def user() -> None:
     metavar="N",
     help="Most files and folders the home may hold, like an inode quota (default: unlimited).",
 )
-@click.option("--exec/--no-exec", "exec_", default=None, help="May the user run programs? (default: no)")
+@click.option(
+    "--exec/--no-exec", "exec_", default=None, help="May the user run programs? (default: no)." + _EXEC_QUOTA
+)
 @click.option(
     "--allow",
     "allow",
@@ -418,7 +427,7 @@ def passwd_cmd(name: str, root: Path | None, db: str | None, password_stdin: boo
     metavar="N|none",
     help="Most files and folders the home may hold (e.g. 100000), or 'none' for unlimited.",
 )
-@click.option("--exec/--no-exec", "exec_", default=None, help="Allow or forbid running programs.")
+@click.option("--exec/--no-exec", "exec_", default=None, help="Allow or forbid running programs." + _EXEC_QUOTA)
 @click.option(
     "--allow",
     "allow",

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import os
 import re
+import resource
 import shlex
 import signal
 import struct
@@ -211,6 +212,22 @@ def _take_ctty() -> None:  # pragma: no cover - runs in the child between fork a
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _child_setup(take_ctty: bool, max_file_size: int | None) -> Callable[[], None] | None:
+    """What the child runs between fork and exec, or None (a ``preexec_fn`` disables the faster
+    vfork, so only when needed): take the PTY as controlling terminal, and cap the size of the
+    files it writes (``RLIMIT_FSIZE``, soft and hard, so the command cannot raise it again)."""
+    if max_file_size is None:
+        return _take_ctty if take_ctty else None
+    limits = (max_file_size, max_file_size)
+
+    def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # one C call, as _take_ctty
+        if take_ctty:
+            _take_ctty()
+
+    return setup
+
+
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -320,8 +337,9 @@ class Command:
 
     # --- start ---------------------------------------------------------------------------------
 
-    def spawn(self, cwd_fd: int) -> None:
-        """Start the process in directory ``cwd_fd`` (closed by the caller); raises OSError."""
+    def spawn(self, cwd_fd: int, max_file_size: int | None = None) -> None:
+        """Start the process in directory ``cwd_fd`` (closed by the caller), each file it writes
+        limited to ``max_file_size`` bytes (None: no limit); raises OSError."""
         child_fds: list[int] = []
         try:
             if self.pty is not None:
@@ -331,9 +349,9 @@ class Command:
                 self.in_fd = master
                 _set_winsize(slave, self.pty.rows, self.pty.cols)
                 stdio = (slave, slave, slave)
-                # preexec_fn (which disables vfork) only for PTYs: TIOCSCTTY must run in the child
-                # after setsid, and it calls a single C function, nothing that takes Python locks.
-                preexec: Callable[[], None] | None = _take_ctty
+                # preexec_fn (which disables vfork) only when needed: TIOCSCTTY must run in the
+                # child after setsid, and it calls a single C function, nothing that takes Python locks.
+                preexec = _child_setup(True, max_file_size)
             else:
                 in_r, in_w = os.pipe2(os.O_CLOEXEC)
                 out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -344,7 +362,7 @@ class Command:
                     with contextlib.suppress(OSError):  # capped by fs.pipe-max-size: best effort
                         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
                 stdio = (in_r, out_w, err_w)
-                preexec = None
+                preexec = _child_setup(False, max_file_size)
             for fd in (self.in_fd, *self.out_fds.values()):
                 os.set_blocking(fd, False)
             self.proc = subprocess.Popen(
@@ -787,11 +805,12 @@ class ExecService(Service):
                 exc.message,
             )
             raise
+        max_file_size = await self._max_file_size()
         cwd_fd = storage.open_dir(msg.cwd)  # NotFound / PathRefused (symlink, .., absolute) as usual
         cmd = Command(self, msg, argv, env)
         cwd = _fd_path(cwd_fd)
         try:
-            cmd.spawn(cwd_fd)
+            cmd.spawn(cwd_fd, max_file_size)
         except OSError as exc:
             if exc.filename == cwd:  # the child's chdir failed: no /proc?
                 raise ErrorCode.EXEC_FAILED.error(
@@ -809,6 +828,19 @@ class ExecService(Service):
         await self.send(m.ExecStarted(id=msg.id, pid=cmd.pid))
         await self.send(m.Window(id=msg.id, stream=m.STDIN, increment=STDIN_WINDOW))
         cmd.start_task()
+
+    async def _max_file_size(self) -> int | None:
+        """The most bytes one file written by a command of this user may reach: what is left of the
+        quota when the command starts (a command's writes are not counted against the quota, so
+        this bounds each file, not the total); None without a quota."""
+        quota = self.user.quota
+        if quota is None:
+            return None
+        used = await self.current_usage() + self.ctx.usage.reserved(self.user.name)
+        left = max(0, quota - used)
+        _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        # A child cannot raise its hard limit: never ask for more than the server has.
+        return left if hard == resource.RLIM_INFINITY else min(left, hard)
 
     async def _failed_start(self, cmd: Command, program: str, exc: OSError) -> None:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
