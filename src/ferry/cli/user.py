@@ -39,9 +39,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: What --exec means for the quota (the help of user add and user mod).
 _EXEC_QUOTA = (
-    " Programs run with the server's rights and their writes are not counted against --quota; with a "
-    "quota, each file a program writes is limited to what is left of the quota when it starts "
-    "(RLIMIT_FSIZE: per file, not in total; see docs/exec.md)."
+    " Programs run with the server's rights and their writes are not counted against --quota or "
+    "--max-files; with a quota, each file a program writes is limited to what is left of the quota "
+    "when it starts (RLIMIT_FSIZE: per file, not in total; see docs/exec.md)."
 )
 
 
