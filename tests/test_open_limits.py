@@ -23,13 +23,13 @@ from ferry.client.known_hosts import KnownHosts
 from ferry.client.mux import Route
 from ferry.client.transfer import upload_token
 from ferry.errors import RemoteError, RemoteTransferError, ServerBusy
-from ferry.hashing import DEFAULT_CHUNK, ChunkHasher
+from ferry.hashing import DEFAULT_CHUNK, ChunkHasher, small_digest
 from ferry.server.accounts import Accounts
 from ferry.server.context import Limits
 from ferry.wire import messages as m
 from ferry_server import PASSWORD as CHEAP_PASSWORD
-from ferry_server import ServerThread
 from serve_process import ServeProcess
+from transfer_support import RawClient, running_server
 
 PASSWORD = "a long and honest password"
 NOFILE = 1024  # the common service limit of the report
@@ -159,14 +159,13 @@ async def stalled_get(c: AsyncClient, path: str) -> tuple[int, Route]:
 @pytest.mark.timeout(120)
 def test_downloads_held_open_are_capped_per_user(tmp_path: Path) -> None:
     cap = 2
-    srv = ServerThread(tmp_path / "root", limits=Limits(max_downloads_per_user=cap))
-    home = srv.add_user("mallory")
-    (srv.add_user("bob") / "own").write_bytes(b"b" * 1000)
-    with open(home / "big", "wb") as f:
-        f.truncate(256 * MiB)  # sparse: far more than the socket buffers and the 1 MiB write buffer
-    (home / "small").write_bytes(b"x" * 1000)
-    srv.start()
-    try:
+    with running_server(
+        tmp_path / "root", limits=Limits(max_downloads_per_user=cap), users=("mallory", "bob")
+    ) as srv:
+        with open(srv.root / "homes" / "mallory" / "big", "wb") as f:
+            f.truncate(256 * MiB)  # sparse: far more than the socket buffers and the 1 MiB write buffer
+        (srv.root / "homes" / "mallory" / "small").write_bytes(b"x" * 1000)
+        (srv.root / "homes" / "bob" / "own").write_bytes(b"b" * 1000)
 
         async def main() -> None:
             stalled = [await login(srv.port, tmp_path, "mallory", CHEAP_PASSWORD) for _ in range(cap)]
@@ -198,8 +197,6 @@ def test_downloads_held_open_are_capped_per_user(tmp_path: Path) -> None:
                     await c.close()
 
         asyncio.run(main())
-    finally:
-        srv.stop()
 
 
 @pytest.mark.timeout(120)
@@ -276,3 +273,35 @@ def test_an_idle_upload_is_closed_its_partial_kept_and_a_slow_one_is_not(tmp_pat
         asyncio.run(main())
     finally:
         assert srv.stop(signal.SIGTERM) == 0
+
+
+def process_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(60)
+def test_a_tree_upload_waiting_for_its_next_batch_keeps_one_folder_open(tmp_path: Path) -> None:
+    """A tree upload counts once against the user's open uploads, so what it holds while its client
+    is silent must be small: it used to keep up to 32 of the tree's folders open between batches."""
+    with running_server(tmp_path / "root", plain=True) as srv:
+        raw = RawClient(srv.port)
+        raw.login("alice")
+        try:
+            before = process_fds()  # the server runs in this process: its descriptors are ours
+            raw.send(m.PutTree(id=1, path="up"))
+            raw.send(m.TreeItems(id=1, items=[tree_file(f"d{i}/f", b"one") for i in range(40)], end=False))
+            ack = raw.reply(1)
+            assert isinstance(ack, m.TreeAck) and ack.files == 40, ack
+            held = process_fds() - before
+            print(f"a tree upload between batches holds {held} descriptor(s)")
+            assert held <= 2, held  # the tree's root (before the fix: 33, the root and 32 folders)
+            raw.send(m.TreeItems(id=1, items=[tree_file(f"d{i}/g", b"two") for i in range(40)], end=True))
+            ack = raw.reply(1)
+            assert isinstance(ack, m.TreeAck) and ack.files == 80 and ack.errors == [], ack
+            assert (srv.root / "homes" / "alice" / "up" / "d39" / "g").read_bytes() == b"two"
+        finally:
+            raw.close()
+
+
+def tree_file(path: str, data: bytes) -> m.TreeItem:
+    return m.TreeItem(path=path, kind="file", size=len(data), data=data, digest=small_digest("blake3", data))

@@ -229,10 +229,16 @@ class DirCache:
                 return fd
             end = nxt
 
-    def close(self) -> None:
-        """Close every descriptor, the root's too (idempotent)."""
+    def trim(self) -> None:
+        """Close every descriptor but the root's: whoever waits between uses of the cache (a tree
+        upload waiting for its next batch) holds one descriptor, not ``limit``. Folders are opened
+        again when next needed."""
         while self._fds:
             os.close(self._fds.popitem()[1])
+
+    def close(self) -> None:
+        """Close every descriptor, the root's too (idempotent)."""
+        self.trim()
         if self.root >= 0:
             os.close(self.root)
             self.root = -1

@@ -1556,6 +1556,10 @@ class TreeDirs:
             return TreeFailure(rel, exc)
         return _read_file_at(pfd, parts[-1], rel, path, inline_max)
 
+    def trim(self) -> None:
+        """Close the folders kept open, all but the tree's root (between batches)."""
+        self._dirs.trim()
+
     def close(self) -> None:
         """Close every descriptor (idempotent)."""
         self._dirs.close()
