@@ -305,3 +305,36 @@ def test_a_tree_upload_waiting_for_its_next_batch_keeps_one_folder_open(tmp_path
 
 def tree_file(path: str, data: bytes) -> m.TreeItem:
     return m.TreeItem(path=path, kind="file", size=len(data), data=data, digest=small_digest("blake3", data))
+
+
+@pytest.mark.timeout(60)
+def test_idle_tree_and_delta_uploads_are_closed_too(tmp_path: Path) -> None:
+    """Tree and delta uploads hold files too (folders, a partial and its basis): one whose client
+    sends nothing more is closed like a file upload, and its place is given back."""
+    limits = Limits(upload_idle_timeout=0.5, max_uploads_per_user=1)
+    with running_server(tmp_path / "root", plain=True, limits=limits) as srv:
+        raw = RawClient(srv.port)
+        raw.login("alice")
+        try:
+            raw.send(m.PutTree(id=1, path="up"))
+            raw.send(m.TreeItems(id=1, items=[tree_file("a/f", b"one")], end=False))
+            assert isinstance(raw.reply(1), m.TreeAck)
+            raw.send(m.DeltaPut(id=2, path="d", size=10, mtime=0.0, token="t1"))
+            busy = raw.reply(2)  # the tree holds the user's only place
+            assert isinstance(busy, m.Error) and busy.code == "busy", busy
+            t0 = time.monotonic()
+            err = raw.reply(1)
+            assert isinstance(err, m.Error) and err.code == "cancelled", err
+            assert "no data for 0.5 s" in err.message and "files stored so far stay" in err.message, err
+            assert time.monotonic() - t0 < 3
+            assert (srv.root / "homes" / "alice" / "up" / "a" / "f").read_bytes() == b"one"
+            raw.send(m.TreeItems(id=1, items=[tree_file("a/g", b"late")], end=True))  # dropped
+            raw.send(m.DeltaPut(id=3, path="d", size=10, mtime=0.0, token="t2"))  # the place is free
+            err = raw.reply(3)
+            assert isinstance(err, m.Error) and err.code == "cancelled", err
+            assert "delta upload; nothing was kept" in err.message, err
+            assert not (srv.root / "homes" / "alice" / "up" / "a" / "g").exists()
+            raw.send(m.Stat(id=4, path="up"))  # the connection goes on
+            assert isinstance(raw.reply(4), m.StatReply)
+        finally:
+            raw.close()

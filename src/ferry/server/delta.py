@@ -140,6 +140,8 @@ class DeltaUpload:
         self.dead = False
         #: its place in the user's open uploads (taken by handle_delta_put, given back by close)
         self.hold: Hold | None = None
+        #: the session's read_waited() at its last batch (ferry.server.service.Upload)
+        self.active_at = 0.0
 
     def open(self) -> None:
         """Open the basis (the current file) and the partial to build in (thread)."""
@@ -180,6 +182,7 @@ class DeltaUpload:
     async def add(self, batch: m.DeltaData) -> None:
         """Apply one batch (in a thread; the reader waits, so TCP holds the client back)."""
         assert self.assembler is not None
+        self.active_at = self.svc.host.read_waited()
         self._job = start_thread(self.assembler.apply, batch.ops, batch.data)
         await asyncio.shield(self._job)
         self._job = None
@@ -216,6 +219,19 @@ class DeltaUpload:
             self.t0,
             f"ok copied={assembler.copied} received={assembler.received}",
             msg.size,
+        )
+
+    def working(self) -> bool:
+        """A batch or the commit is being written (see :class:`ferry.server.service.Upload`)."""
+        return self._job is not None and not self._job.done()
+
+    async def expire(self, timeout: float) -> m.Error:
+        """No batch for ``timeout`` seconds: stop, drop the partial, say so."""
+        await self.abort()
+        self.svc.log_op("delta-put", self.msg.path, self.t0, "idle")
+        return ErrorCode.CANCELLED.reply(
+            self.msg.id,
+            f"{self.msg.path}: no data for {timeout:g} s, so the server closed this delta upload; nothing was kept",
         )
 
     async def abort(self) -> None:
@@ -279,6 +295,7 @@ async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
         raise
     up.prel = up.partial
     svc.ctx.usage.claim(svc.user.name, up.partial)  # removed or committed when it ends
+    up.active_at = svc.host.read_waited()
     svc.channels[msg.id] = up
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ferry.fskit import is_partial_name
 from ferry.server import work
@@ -54,6 +54,25 @@ class Channel(Protocol):
 
     async def abort(self) -> None:
         """Cancelled, or the session ends: stop and release what it holds."""
+        ...
+
+
+@runtime_checkable
+class Upload(Protocol):
+    """A request that receives the client's data (a file, delta or tree upload): closed by the
+    session when nothing comes for ``upload_idle_timeout`` (issue 10, break 3: each holds files)."""
+
+    #: the session's :meth:`ServiceHost.read_waited` when it last received something (or opened)
+    active_at: float
+
+    def working(self) -> bool:
+        """True while the server itself works on it (a write in flight): then its silence is not
+        the client's."""
+        ...
+
+    async def expire(self, timeout: float) -> m.Error:
+        """It received nothing for ``timeout`` seconds and was unregistered: stop it as an abort
+        would (a resumable upload keeps its partial) and return the Error that tells the client."""
         ...
 
 

@@ -34,6 +34,7 @@ from ferry.server.files import FilesService
 from ferry.server.folder import FolderStorage
 from ferry.server.jail import translate_oserror
 from ferry.server.service import Requests, Service
+from ferry.server.service import Upload as ServiceUpload
 from ferry.server.sync import SyncService
 from ferry.server.transfer import TransferService
 from ferry.server.tree import TreeService
@@ -549,6 +550,25 @@ class Session:
                 return
             await self._guarded(self._worker_table[type(msg)], msg)
 
+    async def _expire_uploads(self, timeout: float) -> None:
+        """Close the uploads that received nothing for ``timeout`` seconds of the reader waiting
+        for the client (:meth:`read_waited`: a clock that stands still while the server holds the
+        reader up), so a silent client gives back the files it holds; the client is told why."""
+        waited = self.read_waited()
+        channels = self.requests.channels
+        for req_id, up in list(channels.items()):
+            if channels.get(req_id) is not up or not isinstance(up, ServiceUpload):
+                continue  # (ended meanwhile, or a command: commands are not uploads)
+            if waited - up.active_at <= timeout or up.working():
+                continue
+            del channels[req_id]
+            reply = await up.expire(timeout)
+            # Bounded: this is the watchdog, which must go on watching a client that has stopped
+            # reading as well (the Error is then lost with the connection).
+            with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+                async with asyncio.timeout(5):
+                    await self.send(reply)
+
     async def _watchdog(self) -> None:
         idle = self.ctx.limits.idle_timeout
         stall = self.ctx.limits.stall_timeout
@@ -558,8 +578,7 @@ class Session:
         while True:
             await asyncio.sleep(min(idle / 4, stall / 4, upload_idle / 4, 10.0))
             now = time.monotonic()
-            if self._transfer is not None:
-                await self._transfer.expire_idle(upload_idle)
+            await self._expire_uploads(upload_idle)
             # A peer that stops reading leaves our output buffer full and unchanging: the session
             # is only waiting on drain(). Drop it after stall_timeout, or it would live forever.
             size = transport.get_write_buffer_size() + _unsent(transport)

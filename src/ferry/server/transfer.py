@@ -359,6 +359,29 @@ class Upload:
         await self._settle()
         self.kept = False  # renamed to its final name: no partial any more
 
+    def working(self) -> bool:
+        """A write (or the commit) is in flight (see :class:`ferry.server.service.Upload`)."""
+        return self._pending is not None and not self._pending.done()
+
+    async def expire(self, timeout: float) -> m.Error:
+        """No data for ``timeout`` seconds: stop as an abort would (a resumable upload keeps its
+        partial), drop what still comes for it, and say so (ferry.server.service.Upload)."""
+        self.svc.failed.add(self.msg.id)  # its late data, PutFrom and FileEnd are dropped
+        await self.abort()
+        kept = "nothing was kept"
+        if self.msg.token:
+            kept = "its partial file is kept: the same put resumes where it stopped"
+        self.svc.ctx.log.info(
+            "put user=%s path=%s: no data for %.0f s: upload closed (%d bytes received)",
+            self.svc.user.name,
+            self.msg.path,
+            timeout,
+            self.pos,
+        )
+        return ErrorCode.CANCELLED.reply(
+            self.msg.id, f"{self.msg.path}: no data for {timeout:g} s, so the server closed this upload; {kept}"
+        )
+
     async def abort(self) -> None:
         """Connection lost or cancelled: stop, keep the verified partial for a later resume."""
         with contextlib.suppress(Exception):
@@ -707,40 +730,6 @@ class TransferService(Service):
         super().__init__(host, storage)
         #: ids of uploads that failed mid-stream (their remaining data and FileEnd are dropped)
         self.failed: set[int] = set()
-
-    async def expire_idle(self, timeout: float) -> None:
-        """Close the uploads that received nothing for ``timeout`` seconds of the reader waiting
-        for the client (issue 10, break 3: each holds a partial file open). The partial of a
-        resumable upload is kept, so the same put resumes; the client is told why."""
-        waited = self.host.read_waited()
-        for req_id, up in list(self.channels.items()):
-            if not isinstance(up, Upload) or up.svc is not self or waited - up.active_at <= timeout:
-                continue
-            if up._pending is not None and not up._pending.done():
-                continue  # the server is still writing: not the client's silence
-            del self.channels[req_id]
-            self.failed.add(req_id)  # its late data, PutFrom and FileEnd are dropped
-            await up.abort()
-            kept = "nothing was kept"
-            if up.msg.token:
-                kept = "its partial file is kept: the same put resumes where it stopped"
-            self.ctx.log.info(
-                "put user=%s path=%s: no data for %.0f s: upload closed (%s bytes received)",
-                self.user.name,
-                up.msg.path,
-                timeout,
-                up.pos,
-            )
-            # Bounded: the caller is the session's watchdog, which must go on watching a client
-            # that has stopped reading as well (the Error then is lost with the connection).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await self.send(
-                        ErrorCode.CANCELLED.reply(
-                            req_id,
-                            f"{up.msg.path}: no data for {timeout:g} s, so the server closed this upload; {kept}",
-                        )
-                    )
 
     def fail_upload(self, req_id: int) -> None:
         """An upload's data could not be written: drop it and remember the id, so its remaining data

@@ -268,6 +268,8 @@ class TreeUpload:
         self.msg = msg
         self.dirs = dirs
         self.hold = place  #: its place in the user's open uploads, given back with the folders
+        #: the session's read_waited() at its last batch (ferry.server.service.Upload)
+        self.active_at = svc.host.read_waited()
         self.t0 = time.monotonic()
         self.files = 0
         self.bytes = 0
@@ -286,6 +288,7 @@ class TreeUpload:
 
     async def add(self, batch: m.TreeItems) -> None:
         """Store ``batch`` in a thread (after the previous batch has been stored and acknowledged)."""
+        self.active_at = self.svc.host.read_waited()
         if self._acker is not None:
             await self._acker  # never raises: it reports failures itself
         if self.dead:
@@ -448,6 +451,19 @@ class TreeUpload:
             self.t0,
             f"{result} files={self.files} errors={self.errors}",
             self.bytes,
+        )
+
+    def working(self) -> bool:
+        """A batch is being stored or acknowledged (see :class:`ferry.server.service.Upload`)."""
+        return any(f is not None and not f.done() for f in (self._job, self._acker))
+
+    async def expire(self, timeout: float) -> m.Error:
+        """No batch for ``timeout`` seconds: stop; the files stored so far stay; say so."""
+        await self.abort()
+        return ErrorCode.CANCELLED.reply(
+            self.msg.id,
+            f"{self.msg.path}: no data for {timeout:g} s, so the server closed this tree upload; the files "
+            "stored so far stay (run it again to send the rest)",
         )
 
     async def abort(self) -> None:
