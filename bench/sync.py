@@ -42,6 +42,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,23 @@ class Env:
         return cpu_with_children(self.rsyncd_pid) if self.rsyncd_pid else None
 
 
+def wait_servers_idle(e: Env, tools: list[str], quiet: float = 0.3, limit: float = 20.0) -> float:
+    """Wait (at most ``limit`` seconds) until no server process of ``tools`` used CPU for ``quiet``
+    seconds; returns the seconds waited. A ferry server indexes a large file a sync uploaded just
+    after the upload (for the next delta): without this, that second of CPU lands in whichever
+    run comes next (on a 2-core machine: the no-op (b) took 0.39-0.56 s instead of 0.24-0.27 s
+    in the repetitions where it followed a ferry first sync closely)."""
+    t0 = time.monotonic()
+    last = [e.server_cpu(t) for t in tools]
+    while time.monotonic() - t0 < limit:
+        time.sleep(quiet)
+        now = [e.server_cpu(t) for t in tools]
+        if now == last:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def run_tool(e: Env, tool: str, src: Path, case_set: str, *, delete: bool = False, compress: bool = False) -> Sample:
     target, _local = e.dest(tool, case_set)
     if tool.startswith("ferry"):
@@ -255,6 +273,9 @@ def one_repetition(e: Env, tools: list[str], rep: int, args: argparse.Namespace,
 
     def case(name: str, **kw: bool) -> None:
         for tool in rotate(tools, rep + CASES.index(name)):
+            waited = wait_servers_idle(e, tools)
+            if waited > 1:
+                log(f"rep {rep} ({name}): waited {waited:.1f} s for the servers to be idle")
             # Every case that writes a new version of the big file (the first sync, and the deltas
             # of (c) and (d), which assemble it in a new file) gets warm pages first, or whoever
             # runs first after a pause pays ~2 s for fresh memory (seen in (c): 4.1-4.5 s for the
@@ -304,6 +325,7 @@ def one_repetition(e: Env, tools: list[str], rep: int, args: argparse.Namespace,
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True, exist_ok=True)
     for tool in rotate(tools, rep):
+        wait_servers_idle(e, tools)
         prewarm(e.scratch, args.logs_mib * MiB)
         s = run_tool(e, tool, logs, "f", compress=True)
         res.add("f", tool, s)
