@@ -42,7 +42,7 @@ from ferry.errors import (
     TransferError,
 )
 from ferry.fskit import MAX_NAME_BYTES, is_partial_name, partial_name
-from ferry.server import jail as jail_mod
+from ferry.server import jailcore as jail_mod
 from ferry.server.jail import MAX_PATH_BYTES, Entry, HomeUsage, Jail, parse_path, translate_oserror
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the jail targets Linux")

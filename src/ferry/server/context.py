@@ -21,12 +21,13 @@ from ferry.server.accounts import Accounts, User
 from ferry.server.admission import Admission
 from ferry.server.auth import Authenticator
 from ferry.server.folder import FolderStorage
-from ferry.server.jail import MAX_DEPTH, HomeUsage
 from ferry.server.login_queue import LoginQueue
 from ferry.server.openlimits import OpenTransfers
+from ferry.server.pathrules import MAX_DEPTH
 from ferry.server.pwcache import VerifiedPasswords
 from ferry.server.revocation import Revocation
 from ferry.server.throttle import Throttle
+from ferry.server.usage import HomeUsage
 from ferry.server.work import WorkPools
 from ferry.wire.codes import ErrorCode
 

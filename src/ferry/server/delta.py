@@ -33,8 +33,9 @@ from ferry.delta import Assembler, BasisChanged, BasisFile, DeltaEncoder, basis_
 from ferry.errors import FerryError, RemoteError
 from ferry.fskit import partial_name
 from ferry.server.context import FileLimit
-from ferry.server.jail import join_path, parse_path, translate_oserror
 from ferry.server.openlimits import Hold, Kind
+from ferry.server.oserrors import translate_oserror
+from ferry.server.pathrules import join_path, parse_path
 from ferry.server.service import Service
 from ferry.server.transfer import check_quota
 from ferry.server.work import in_thread, start_thread

@@ -13,9 +13,10 @@ from collections.abc import Callable, Generator
 from typing import ClassVar
 
 from ferry.server import work
-from ferry.server.jail import Entry as JailEntry
-from ferry.server.jail import ListScan, join_path, parse_path
+from ferry.server.jailcore import Entry as JailEntry
+from ferry.server.pathrules import join_path, parse_path
 from ferry.server.service import Handler, Service
+from ferry.server.walkers import ListScan
 from ferry.server.work import in_thread
 from ferry.store.api import Node
 from ferry.wire import messages as m

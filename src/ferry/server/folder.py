@@ -36,18 +36,12 @@ from typing import TYPE_CHECKING
 
 from ferry.server import work
 from ferry.server.glob import expand as expand_glob
-from ferry.server.jail import (
-    Creations,
-    Entry,
-    EntryScan,
-    HomeUsage,
-    Jail,
-    ListScan,
-    TreeDirs,
-    TreeScan,
-    join_path,
-    translate_oserror,
-)
+from ferry.server.jail import Jail
+from ferry.server.jailcore import Creations, Entry
+from ferry.server.oserrors import translate_oserror
+from ferry.server.pathrules import join_path
+from ferry.server.usage import HomeUsage
+from ferry.server.walkers import EntryScan, ListScan, TreeDirs, TreeScan
 from ferry.store.api import Node, NodeKind, Parts
 
 if TYPE_CHECKING:

@@ -26,7 +26,9 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Final
 
 from ferry.errors import NotADirectory, NotFound, PermissionDenied
-from ferry.server.jail import Entry, Jail, parse_path
+from ferry.server.jail import Jail
+from ferry.server.jailcore import Entry
+from ferry.server.pathrules import parse_path
 from ferry.wire.codes import ErrorCode
 
 #: Most matches one pattern may give: beyond, the client is asked to narrow it (a listing of the

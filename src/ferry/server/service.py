@@ -30,8 +30,9 @@ from ferry.fskit import is_partial_name
 from ferry.server import work
 from ferry.server.context import FileLimit
 from ferry.server.folder import FolderStorage
-from ferry.server.jail import HomeUsage, join_path
 from ferry.server.openlimits import Hold, Kind
+from ferry.server.pathrules import join_path
+from ferry.server.usage import HomeUsage
 from ferry.store.api import Node, Parts
 from ferry.wire import Connection, Data, RemoteProtocolError
 from ferry.wire import messages as m

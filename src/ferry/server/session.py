@@ -32,7 +32,7 @@ from ferry.server.auth import Login, LoginThrottled
 from ferry.server.delta import DeltaService
 from ferry.server.files import FilesService
 from ferry.server.folder import FolderStorage
-from ferry.server.jail import translate_oserror
+from ferry.server.oserrors import translate_oserror
 from ferry.server.service import Requests, Service
 from ferry.server.service import Upload as ServiceUpload
 from ferry.server.sync import SyncService

@@ -33,10 +33,11 @@ import msgspec
 from ferry import cdc
 from ferry.errors import FerryError, RemoteError, UsageError
 from ferry.server import work
-from ferry.server.jail import EntryScan, ScanRecord, TreeDirs, join_path, parse_path
 from ferry.server.openlimits import Kind
+from ferry.server.pathrules import join_path, parse_path
 from ferry.server.service import Service
 from ferry.server.tree import serve_records
+from ferry.server.walkers import EntryScan, ScanRecord, TreeDirs
 from ferry.syncfilter import Filter
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode

@@ -33,8 +33,9 @@ from ferry.fskit import TOKEN_RE, partial_name
 from ferry.hashing import ChunkHasher, hash_fd_chunks, matching_prefix, tree_digest
 from ferry.server.context import FileLimit
 from ferry.server.folder import FolderStorage
-from ferry.server.jail import join_path, parse_path, translate_oserror
 from ferry.server.openlimits import Hold, Kind
+from ferry.server.oserrors import translate_oserror
+from ferry.server.pathrules import join_path, parse_path
 from ferry.server.service import Service, ServiceHost
 from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError

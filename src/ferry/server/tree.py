@@ -30,9 +30,9 @@ from ferry.compress import tree_batch, tree_records
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
 from ferry.server import work
-from ferry.server.jail import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
 from ferry.server.openlimits import Hold, Kind
 from ferry.server.service import Service
+from ferry.server.walkers import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
 from ferry.wire import Data, ProtocolError, RemoteProtocolError
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode, code_of, reply_for
