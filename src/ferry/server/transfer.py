@@ -580,9 +580,10 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
     key = (storage.home, prel)
     creations = await svc.creations()
     await admit_upload(svc, msg, prel)
-    if creations is not None and not storage.exists(msg.path):
+    if creations is not None and creations.limit is not None and not storage.exists(msg.path):
         # A new name: refused now if the home is full, not after the data came (the commit checks
         # again, under the count's lock: another session may take the last place meanwhile).
+        # Without a limit there is nothing to refuse: no path walk for it on every put.
         creations.check(msg.path)
     # Nor may one user's many connections hold too many (busy for this request; released by
     # Upload.close). Taken before anything of an older upload of this partial is touched.
