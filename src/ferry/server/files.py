@@ -28,8 +28,9 @@ PAGE = 1000  # entries per ListReply page
 PAGE_BYTES = 1 << 18
 
 
-def to_wire(e: JailEntry, name: str | None = None) -> m.Entry:
-    """Convert a jail entry to its wire form."""
+def to_wire(e: JailEntry | Node, name: str | None = None) -> m.Entry:
+    """Convert a jail entry or a storage node (the same fields) to its wire form, named ``name``
+    if given."""
     return m.Entry(
         name=name if name is not None else e.name,
         kind=e.kind,
@@ -42,14 +43,7 @@ def to_wire(e: JailEntry, name: str | None = None) -> m.Entry:
 
 def node_to_wire(node: Node) -> m.Entry:
     """Convert a storage node to its wire form (the home is named ``.``)."""
-    return m.Entry(
-        name=node.name or ".",
-        kind=node.kind,
-        size=node.size,
-        mtime=m.wire_time(node.mtime),
-        mode=node.mode,
-        target=node.target,
-    )
+    return to_wire(node, node.name or ".")
 
 
 async def handle_stat(svc: FilesService, msg: m.Stat) -> None:

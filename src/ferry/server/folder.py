@@ -30,7 +30,6 @@ interface), and removals report how many entries went (:meth:`FolderStorage.remo
 from __future__ import annotations
 
 import os
-import stat as statmod
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
@@ -42,24 +41,15 @@ from ferry.server.oserrors import translate_oserror
 from ferry.server.pathrules import join_path
 from ferry.server.usage import HomeUsage
 from ferry.server.walkers import EntryScan, ListScan, TreeDirs, TreeScan
-from ferry.store.api import Node, NodeKind, Parts
+from ferry.store.api import Node, Parts
 
 if TYPE_CHECKING:
     from ferry.store.api import Storage
 
-_KINDS: dict[int, NodeKind] = {statmod.S_IFREG: "file", statmod.S_IFDIR: "dir", statmod.S_IFLNK: "link"}
 
-
-def node_of(name: str, st: os.stat_result, target: str | None = None) -> Node:
-    """A node from an ``lstat`` result (``target``: what a link says)."""
-    return Node(
-        name=name,
-        kind=_KINDS.get(statmod.S_IFMT(st.st_mode), "other"),
-        size=st.st_size,
-        mtime=st.st_mtime,
-        mode=statmod.S_IMODE(st.st_mode),
-        target=target,
-    )
+def _node(e: Entry) -> Node:
+    """The interface's node for a jail entry (the same fields)."""
+    return Node(e.name, e.kind, e.size, e.mtime, e.mode, target=e.target)
 
 
 class FolderStorage:
@@ -101,7 +91,7 @@ class FolderStorage:
             entries = sorted(
                 (e for e in self._jail.iter_dir(folder) if e.name > after), key=lambda e: e.name
             )[:limit]
-            return [Node(e.name, e.kind, e.size, e.mtime, e.mode, target=e.target) for e in entries]
+            return [_node(e) for e in entries]
 
         return await work.in_thread(page)
 
@@ -189,9 +179,10 @@ class FolderStorage:
 
     def node(self, path: str) -> Node:
         """:meth:`stat` of client path ``path``, blocking; the home is named ``""``."""
-        st = self._jail.lstat(path)
-        target = self._jail.readlink(path) if statmod.S_ISLNK(st.st_mode) else None
-        return node_of(path.rsplit("/", 1)[-1] if path not in ("", ".") else "", st, target)
+        entry = Entry.from_stat(path.rsplit("/", 1)[-1] if path not in ("", ".") else "", self._jail.lstat(path))
+        if entry.kind == "link":
+            entry = entry.with_target(self._jail.readlink(path))
+        return _node(entry)
 
     def lstat(self, path: str) -> os.stat_result:
         """The status of ``path`` itself (a final link is described, not followed)."""
@@ -281,7 +272,7 @@ class FolderStorage:
         return vfs.f_bavail * vfs.f_frsize
 
 
-__all__ = ["FolderStorage", "node_of"]
+__all__ = ["FolderStorage"]
 
 
 if TYPE_CHECKING:  # mypy proves that FolderStorage implements the interface
