@@ -54,6 +54,7 @@ from ferry.errors import (
 )
 from ferry.fskit import safe_relative
 from ferry.hashing import HashName
+from ferry.syncfilter import build_rules
 from ferry.syncplan import Item, Listed, Node, Plan, plan
 from ferry.textsafe import safe_name
 from ferry.wire import messages as m
@@ -815,8 +816,6 @@ async def sync(
     the items' ``error``); a missing source, a quota or a lost connection raise.
     ``local_listing`` is the local side listed ahead (see :func:`local_listing_for`).
     """
-    from ferry.syncfilter import build_rules
-
     push, s, d = split_remote(os.fspath(src), os.fspath(dest))
     all_rules = build_rules(rules, exclude, include)
     opts = SyncOptions(
@@ -862,6 +861,4 @@ def local_listing_for(
         name = _clean_remote(s).rsplit("/", 1)[-1]
         if not contents_of(s) and name:
             root = os.path.join(root, name)
-    from ferry.syncfilter import build_rules
-
     return LocalListing(Path(root), build_rules(rules), checksum)

@@ -177,10 +177,6 @@ class LocalListing:
         """The listing (None: ``root`` does not exist), once the thread has it."""
         return await asyncio.wrap_future(self._future)
 
-    def wait(self) -> None:
-        """Block until the thread is done (its result or error stays for :meth:`result`)."""
-        concurrent.futures.wait([self._future])
-
 
 # --- local changes (pull) ------------------------------------------------------------------------
 
