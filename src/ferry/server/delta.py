@@ -31,13 +31,11 @@ from ferry import cdc
 from ferry.aio import close_after
 from ferry.delta import Assembler, BasisChanged, BasisFile, DeltaEncoder, basis_id
 from ferry.errors import FerryError, RemoteError
-from ferry.fskit import partial_name
 from ferry.server.context import FileLimit
 from ferry.server.openlimits import Hold, Kind
 from ferry.server.oserrors import translate_oserror
-from ferry.server.pathrules import join_path, parse_path
 from ferry.server.service import Service
-from ferry.server.transfer import check_quota
+from ferry.server.transfer import check_quota, partial_path
 from ferry.server.work import in_thread, start_thread
 from ferry.textsafe import safe_text
 from ferry.wire import Data, RemoteProtocolError
@@ -278,10 +276,9 @@ async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
     _admit(svc, msg.id)
     if not _TOKEN.match(msg.token):
         raise RemoteProtocolError("bad upload token")
-    parts = parse_path(msg.path)
     # The partial it builds in: an interrupted put of the same source may have left it (idle,
     # counted); it is truncated and reused, so its bytes are this upload's own.
-    prel = join_path((*parts[:-1], partial_name(parts[-1], msg.token))) if parts else ""
+    prel = partial_path(msg.path, msg.token)
     creations = await svc.creations()
     await check_quota(svc, msg, prel)
     up = DeltaUpload(svc, msg)

@@ -456,6 +456,13 @@ def _finalise(fd: int, msg: m.PutFile) -> None:
     os.fsync(fd)  # data on disk before the name appears: a crash cannot expose a torn file
 
 
+def partial_path(path: str, token: str) -> str:
+    """The home-relative path of the partial file an upload of client path ``path`` with
+    ``token`` writes (``""`` for the home itself, which no upload can target)."""
+    parts = parse_path(path)
+    return join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else ""
+
+
 async def check_quota(svc: Service, msg: m.PutFile | m.DeltaPut, takes_over: str = "") -> None:
     """Refuse (DiskFull, code ``quota``) an upload of ``msg.size`` bytes to ``msg.path`` that the
     user's quota cannot take, counting idle partial uploads, uploads still running and the file it
@@ -575,8 +582,7 @@ async def handle_put(svc: TransferService, msg: m.PutFile) -> None:
         )
     # Two uploads writing one partial (a retry while the server still serves the first connection)
     # could commit a file the other one truncated: the newest takes over, the older one stops.
-    parts = parse_path(msg.path)
-    prel = join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else ""
+    prel = partial_path(msg.path, token)
     key = (storage.home, prel)
     creations = await svc.creations()
     await admit_upload(svc, msg, prel)
