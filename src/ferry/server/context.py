@@ -463,6 +463,11 @@ class ServerContext:
         )
         self.revocation = Revocation(self.accounts, interval=self.limits.revocation_interval)
 
+    def uploads_in(self, home: str) -> dict[str, Any]:
+        """The uploads writing in ``home`` now, by their partial's home-relative path (a snapshot:
+        the loop thread registers and unregisters them)."""
+        return {rel: up for (h, rel), up in self.uploads.items() if h == home}
+
     def user_home(self, user: User) -> Path:
         """The home folder of ``user``."""
         return user.home

@@ -189,8 +189,8 @@ async def handle_df(svc: FilesService, msg: m.Df) -> None:
     used = await svc.current_usage()
     name, usage = svc.user.name, svc.ctx.usage
     # Uploads running now hold bytes on disk too: what they have written so far.
-    writing = [up for (h, _), up in svc.ctx.uploads.items() if h == svc.storage.home]
-    being_written = sum(getattr(up, "pos", 0) for up in writing)
+    writing = svc.ctx.uploads_in(svc.storage.home)
+    being_written = sum(getattr(up, "pos", 0) for up in writing.values())
     await svc.send(
         m.DfReply(
             id=msg.id,

@@ -233,7 +233,7 @@ class Service:
                 async with work.current.get().walk_slot():
                     tally = await work.run_steps(self.storage.usage_walk()) or HomeUsage()
                 # The partials uploads are writing now are theirs (their reservations count them).
-                writing = {rel for (h, rel) in self.ctx.uploads if h == self.storage.home}
+                writing = self.ctx.uploads_in(self.storage.home).keys()
                 usage.set(name, tally, writing)
                 # (if a rm -r invalidated it meanwhile, this count still answers this one request)
                 known = tally.bytes + sum(n for p, n in tally.partials.items() if p not in writing)

@@ -80,7 +80,7 @@ async def sweep_once(ctx: ServerContext) -> SweepResult:
     for user in ctx.accounts.list():
         home = os.fspath(user.home)
         # Snapshot the partials being written now (on the loop thread, where uploads register).
-        active = {rel for (h, rel) in ctx.uploads if h == home}
+        active = set(ctx.uploads_in(home))
         result = await asyncio.to_thread(sweep_home, home, max_age, active)
         for path in result.paths:
             ctx.usage.claim(user.name, path)  # no longer held: the quota has that room again
