@@ -162,13 +162,34 @@ class CliServer:
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Send ``sig`` and wait for the exit status."""
+        """Send ``sig`` and wait for the exit status (a server that does not stop fails with what
+        its threads were doing and its signal masks, read from /proc before it is killed)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"server {self.pid} did not exit within {timeout} s of signal {sig}:\n{self._where()}\n"
+                f"stderr: {self.stderr()}"
+            ) from None
         finally:
             self.kill()
+
+    def _where(self) -> str:
+        """Each thread's state, wait channel and system call, and the process's signal masks."""
+        lines = []
+        task = Path(f"/proc/{self.pid}/task")
+        try:
+            for tid in sorted(task.iterdir()):
+                fields = {name: (tid / name).read_text().strip() for name in ("comm", "wchan", "syscall")}
+                state = (tid / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                lines.append(f"thread {tid.name} {fields['comm']} state {state} wchan {fields['wchan']} syscall {fields['syscall']}")
+            status = (Path(f"/proc/{self.pid}/status")).read_text().splitlines()
+            lines += [line for line in status if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        except OSError as exc:
+            lines.append(f"(/proc not readable: {exc})")
+        return "\n".join(lines)
 
     def kill(self) -> None:
         """Last resort (fixture teardown): SIGKILL our server and its children by PID, reap it."""
