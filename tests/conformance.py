@@ -11,7 +11,14 @@ and the event loop both ends run on (``asyncio`` or ``uvloop``). The fixtures in
   by transport (sendfile against TLS blocks: faults, resume, integrity).
 - ``pytest.mark.cell(transport="plain")`` (any fields): that one cell, for tests about one transport
   detail (raw wire bytes, sendfile).
-- no mark: the default cell (TLS, async, asyncio) only.
+- ``pytest.mark.backends``: the default cell on each storage backend (``folder``, ``object``) (2).
+  Tests of behaviour both backends must give the same (the object backend: files in SeaweedFS,
+  namespace and accounts in PostgreSQL, docs/scale-out.md).
+- no mark: the default cell (TLS, async, asyncio) only, on the folder backend.
+
+The matrix runs the folder backend on all 8 cells and the object backend on two of them (TLS, async,
+asyncio and plain, sync, uvloop): the backend is below the transport, so two cells cover its pairing
+with both transports, both clients and both loops.
 
 A test body is written once against a *blocking* client interface: the ``sync`` cells hand it a
 :class:`ferry.Client` (its loop in a thread of its own), the ``async`` cells a :class:`LoopClient`
@@ -47,16 +54,24 @@ LOOPS = ("asyncio", "uvloop")
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of the matrix: ``transport`` x ``client`` x ``loop``."""
+    """One cell of the matrix: ``transport`` x ``client`` x ``loop``, and the server's storage
+    ``backend`` (``folder``, the default, or ``object``)."""
 
     transport: str = "tls"
     client: str = "async"
     loop: str = "asyncio"
+    backend: str = "folder"
 
     @property
     def id(self) -> str:
-        """The test-id suffix, e.g. ``tls-sync-uvloop``."""
-        return f"{self.transport}-{self.client}-{self.loop}"
+        """The test-id suffix, e.g. ``tls-sync-uvloop`` (``-object`` added on the object backend)."""
+        base = f"{self.transport}-{self.client}-{self.loop}"
+        return base if self.backend == "folder" else f"{base}-{self.backend}"
+
+    @property
+    def objects(self) -> bool:
+        """True when the server keeps files in the object store."""
+        return self.backend == "object"
 
     @property
     def plain(self) -> bool:
@@ -70,18 +85,26 @@ class Cell:
 
 
 DEFAULT = Cell()
+OBJECT = Cell(backend="object")
+#: The object backend's cells of the matrix (added to it once that backend serves every request the
+#: matrix makes: transfers, trees and sync are on their way, docs/scale-out.md).
+OBJECT_CELLS = [OBJECT, Cell("plain", "sync", "uvloop", "object")]
 MATRIX = [Cell(t, c, lp) for t, c, lp in itertools.product(TRANSPORTS, CLIENTS, LOOPS)]
 BY_TRANSPORT = [Cell(t) for t in TRANSPORTS]
+BY_BACKEND = [DEFAULT, OBJECT]
 
 
 def cells_for(item: pytest.Function | Any) -> list[Cell]:
     """The cells a test runs on, by its closest mark (the rule in this module's docstring):
-    ``matrix``, ``transports``, or ``cell(transport=..., client=..., loop=...)`` for one cell."""
+    ``matrix``, ``transports``, ``backends``, or ``cell(transport=..., client=..., loop=...,
+    backend=...)`` for one cell."""
     for mark in item.iter_markers():  # the test's own marks first, then its class's and module's
         if mark.name == "matrix":
             return MATRIX
         if mark.name == "transports":
             return BY_TRANSPORT
+        if mark.name == "backends":
+            return BY_BACKEND
         if mark.name == "cell":
             return [Cell(**mark.kwargs)]
     return [DEFAULT]

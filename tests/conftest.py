@@ -25,9 +25,12 @@ FERRY = [sys.executable, "-m", "ferry"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "matrix: run on every cell of the conformance matrix (tests/README.md)")
+    config.addinivalue_line(
+        "markers", "matrix: run on every cell of the conformance matrix (tests/README.md)"
+    )
     config.addinivalue_line("markers", "transports: run over TLS and plain (async client, asyncio)")
-    config.addinivalue_line("markers", "cell(transport, client, loop): run on that one cell")
+    config.addinivalue_line("markers", "backends: run on the folder and the object backend (default cell)")
+    config.addinivalue_line("markers", "cell(transport, client, loop, backend): run on that one cell")
     config.addinivalue_line("markers", "shared_server(NAME={options}): the module's tests share one server")
 
 
@@ -54,13 +57,27 @@ def server(request: pytest.FixtureRequest, cell: Cell, tmp_path: Path) -> Iterat
     if request.node.get_closest_marker("shared_server") is not None:
         yield request.getfixturevalue("module_server")
         return
-    with running_server(tmp_path / "root", plain=cell.plain, loop=cell.loop, exec_allowed=True) as srv:
-        assert (srv.loop is not None) and (type(srv.loop).__module__.startswith("uvloop") == (cell.loop == "uvloop"))
+    backend: dict[str, Any] = {}
+    if cell.objects:  # files in the real SeaweedFS, namespace and accounts in a schema of their own
+        from store_support import s3_config
+
+        backend = {
+            "db": request.getfixturevalue("pg_dsn"),
+            "store": s3_config(request.getfixturevalue("weed"), request.getfixturevalue("s3_prefix")),
+        }
+    with running_server(
+        tmp_path / "root", plain=cell.plain, loop=cell.loop, exec_allowed=True, **backend
+    ) as srv:
+        assert (srv.loop is not None) and (
+            type(srv.loop).__module__.startswith("uvloop") == (cell.loop == "uvloop")
+        )
         yield srv
 
 
 @pytest.fixture(scope="module")
-def module_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def module_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread]:
     """One server (the default cell) for all tests of a module marked ``shared_server(NAME={...})``:
     for tests that leave nothing behind that another would see (most CLI tests), one start instead
     of one a test. User ``alice`` as in ``server``, plus each NAME of the mark with those options

@@ -17,6 +17,7 @@ from argon2 import PasswordHasher
 from ferry.server.accounts import Accounts
 from ferry.server.app import ServeConfig, Server
 from ferry.server.context import Limits
+from ferry.store.config import S3Config
 
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 PASSWORD = "correct horse battery staple"
@@ -44,6 +45,8 @@ class ServerThread:
         limits: Limits | None = None,
         server_cls: type[Server] = Server,
         loop: str = "asyncio",
+        db: str | None = None,
+        store: S3Config | None = None,
     ) -> None:
         self.root = root
         self.loop_kind = loop
@@ -56,6 +59,8 @@ class ServerThread:
             limits=limits or Limits(),
             log_to_console=False,
             hasher=CHEAP_HASHER,
+            db=db,
+            store=store,
         )
         self.server = server_cls(self.config)
         self.port = 0
@@ -66,7 +71,7 @@ class ServerThread:
         self._error: BaseException | None = None
 
     def add_user(self, name: str, password: str = PASSWORD, **kw: Any) -> Path:
-        acc = Accounts(self.root, hasher=CHEAP_HASHER)
+        acc = Accounts(self.root, hasher=CHEAP_HASHER, db=self.config.db)
         try:
             return acc.add(name, password, **kw).home
         finally:

@@ -1,6 +1,6 @@
 """Several ``ferry serve`` processes sharing one PostgreSQL accounts database (``--db``), one
-certificate (``--cert/--key``) and one address (HAProxy in front); and ``--store``, checked and
-refused until the object backend serves files. Real processes, real PostgreSQL, weed and HAProxy.
+certificate (``--cert/--key``) and one address (HAProxy in front); and ``--store``: its checks, and
+two servers serving one namespace. Real processes, real PostgreSQL, weed and HAProxy.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from components import Weed
 from conftest import free_port
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
-from ferry.errors import AuthError
+from ferry.errors import AuthError, PermissionDenied
 from ferry.server.tls import generate_certificate
 from login_support import REVOCATION_WITHIN, ended
 from serve_process import ServeProcess, run_ferry
@@ -118,12 +118,11 @@ def serve_fails(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[int, s
     return r.returncode, r.stderr
 
 
-def test_store_options_are_checked_then_refused(
+def test_store_options_are_checked(
     tmp_path: Path, ferry_env: dict[str, str], pg_dsn: str, weed: Weed, s3_prefix: str
 ) -> None:
-    """--store fails fast with what to fix (no --db, a bad URL, missing credentials, an unreachable
-    database or store) and, with everything reachable, refuses clearly: files in an object store are
-    not served yet."""
+    """--store fails fast with what to fix: no --db, a bad URL, missing credentials, an unreachable
+    database or store."""
     store = f"s3://{weed.bucket}/{s3_prefix}"
     env = {**ferry_env, **weed.env()}
     code, err = serve_fails(tmp_path, env, "--store", store)
@@ -140,8 +139,42 @@ def test_store_options_are_checked_then_refused(
     gone = f"http://127.0.0.1:{free_port()}"
     code, err = serve_fails(tmp_path, env, "--store", store, "--db", pg_dsn, "--s3-endpoint", gone)
     assert code == 1 and f"cannot use the object store {store}" in err and gone in err, err
-    code, err = serve_fails(tmp_path, env, "--store", store, "--db", pg_dsn)  # endpoint from FERRY_S3_ENDPOINT
-    assert code == 2 and "not yet supported" in err and "answered" in err, err
+
+
+def test_two_store_servers_serve_one_namespace(
+    tmp_path: Path, ferry_env: dict[str, str], pg_dsn: str, weed: Weed, s3_prefix: str, certificate: tuple[Path, Path]
+) -> None:
+    """``ferry serve --store --db`` (the endpoint from FERRY_S3_ENDPOINT) serves; a folder made through
+    one server is listed through the other at once, and commands are refused clearly."""
+    env = {**ferry_env, **weed.env()}
+    cert, key = certificate
+    args = ["--db", pg_dsn, "--store", f"s3://{weed.bucket}/{s3_prefix}", "--cert", str(cert), "--key", str(key)]
+    a = ServeProcess(tmp_path / "root-a", env, args=args).start()
+    try:
+        b = ServeProcess(tmp_path / "root-b", env, args=args).start()
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        assert a.password is not None and b.password is None  # one shared first user
+
+        async def main() -> None:
+            on_a = await connect(a.port, tmp_path, "ferry", a.password or "")
+            on_b = await connect(b.port, tmp_path, "ferry", a.password or "")
+            try:
+                await on_a.mkdir("made-through-a/sub", parents=True)
+                assert [e.name for e in await on_b.listdir("", recursive=True)] == ["made-through-a", "made-through-a/sub"]
+                with pytest.raises(PermissionDenied, match="object store"):
+                    await on_b.run(["true"])
+            finally:
+                await on_a.close()
+                await on_b.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert not any((s.root / "homes" / "ferry").exists() and any((s.root / "homes" / "ferry").iterdir()) for s in (a, b))
+    finally:
+        for s in (a, b):
+            s.stop()
 
 
 def test_cert_and_key_options_are_checked(tmp_path: Path, ferry_env: dict[str, str], certificate: tuple[Path, Path]) -> None:

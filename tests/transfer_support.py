@@ -24,6 +24,7 @@ from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
 from ferry.server.context import Limits
 from ferry.server.session import Session
+from ferry.store.config import S3Config
 from ferry.wire import CONNECTION_ENDED, NEED_DATA, Connection, Data, Role
 from ferry.wire import messages as m
 from ferry_server import PASSWORD, ServerThread
@@ -41,10 +42,13 @@ def running_server(
     users: tuple[str, ...] = ("alice",),
     loop: str = "asyncio",
     exec_allowed: bool = False,
+    db: str | None = None,
+    store: S3Config | None = None,
 ) -> Iterator[ServerThread]:
     """A started :class:`ServerThread` with ``users`` (password :data:`PASSWORD`, commands allowed
-    when ``exec_allowed``) on a ``loop`` event loop; stopped on exit."""
-    srv = ServerThread(root, plain=plain, limits=limits, loop=loop)
+    when ``exec_allowed``) on a ``loop`` event loop; stopped on exit. With ``db`` the accounts are in
+    that PostgreSQL database, with ``store`` (and ``db``) the files are on the object backend."""
+    srv = ServerThread(root, plain=plain, limits=limits, loop=loop, db=db, store=store)
     for u in users:
         srv.add_user(u, exec_allowed=exec_allowed)
     srv.start()
@@ -55,7 +59,10 @@ def running_server(
 
 
 def home(srv: ServerThread, user: str = "alice") -> Path:
-    """The home folder of ``user`` on ``srv``."""
+    """The home folder of ``user`` on ``srv`` (a folder-backend server: the object backend has none,
+    so a test that looks at files on disk must say which backend it runs on)."""
+    if srv.config.store is not None:
+        raise AssertionError("an object-backend server has no home folder: check through a client")
     return srv.root / "homes" / user
 
 

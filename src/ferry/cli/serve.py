@@ -207,7 +207,14 @@ SIZE = _Size()
     3600.0,
     0.1,
     "How often every home is searched for interrupted uploads older than --keep-partials "
-    "(the first search runs a second after start).",
+    "(the first search runs a second after start). With --store: how often the object store is swept.",
+)
+@_seconds_option(
+    "--chunk-grace",
+    3600.0,
+    0.0,
+    "With --store: how long a chunk no file or upload references any more is kept before the sweeper "
+    "deletes it (downloads of a file removed meanwhile can finish).",
 )
 @_count_option(
     "--max-partials",
@@ -288,7 +295,8 @@ SIZE = _Size()
     metavar="s3://BUCKET/PREFIX",
     default=None,
     help="Keep the files in this S3 bucket (with --db; credentials from AWS_ACCESS_KEY_ID and "
-    "AWS_SECRET_ACCESS_KEY). Not yet supported: the store and the database are checked, then refused.",
+    "AWS_SECRET_ACCESS_KEY); the namespace and the accounts are in --db. Every server given the same "
+    "--store and --db serves the same files (docs/scale-out.md). Remote commands are not available.",
 )
 @click.option(
     "--s3-endpoint",
@@ -304,6 +312,7 @@ def serve(
     plain: bool,
     keep_partials: float,
     sweep_interval: float,
+    chunk_grace: float,
     max_partials: int,
     max_partial_bytes: int,
     max_sessions: int,
@@ -340,6 +349,7 @@ def serve(
         limits=Limits(
             partial_max_age=keep_partials * 86400,
             sweep_interval=sweep_interval,
+            chunk_grace=chunk_grace,
             max_partials=max_partials,
             max_partial_bytes=max_partial_bytes,
             max_sessions=max_sessions,

@@ -15,18 +15,19 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ferry import __version__, paths
 from ferry.aio import ChunkStream
-from ferry.errors import FerryError, UsageError
+from ferry.errors import UsageError
 from ferry.server.accounts import Accounts
 from ferry.server.admission import Refused, Ticket, address_key
 from ferry.server.context import Limits, ServerContext
 from ferry.server.listener import DescriptorBudget, Listener, bind_sockets, raise_descriptor_limit
 from ferry.server.log import setup_logging
+from ferry.server.objectsvc.upkeep import open_objects, sweep_objects_forever
 from ferry.server.session import Session
 from ferry.store.config import S3Config
 from ferry.wire import Connection, Role
@@ -64,7 +65,8 @@ class ServeConfig:
     #: the certificate generated under the root
     cert: Path | None = None
     key: Path | None = None
-    #: the object store of ``--store`` (checked at start, then refused: not served yet)
+    #: the object store of ``--store``: files as chunks there, their namespace in ``db`` (the object
+    #: backend); None: the folder backend under ``root``
     store: S3Config | None = None
 
 
@@ -79,15 +81,6 @@ class Banner:
     first_user: tuple[str, str] | None  # (name, password) when just created
     #: the shared accounts database (its URL without the password), None with users.db
     accounts: str | None = None
-
-
-#: What ``ferry serve --store`` says once it has checked the database and the store (phase C2 of
-#: docs/scale-out.md serves files from them).
-STORE_NOT_SUPPORTED = (
-    "--store: serving files from an object store is not yet supported by this ferry (the store {store} "
-    "and the database answered); run 'ferry serve --db URL' meanwhile: shared accounts, files under "
-    "each server's --root"
-)
 
 
 class Server:
@@ -118,12 +111,15 @@ class Server:
         log = setup_logging(root, cfg.log_to_console)
         self.descriptors = raise_descriptor_limit()
         accounts = Accounts(root, hasher=cfg.hasher, db=cfg.db)  # an unreachable database fails here
+        objects = None
         try:
             if cfg.store is not None:
-                await _check_store(cfg.store)
-                raise UsageError(STORE_NOT_SUPPORTED.format(store=cfg.store.url))
+                assert cfg.db is not None  # (the command line requires --db with --store)
+                objects = await open_objects(cfg.db, cfg.store)
             first = accounts.ensure_first_user()
         except BaseException:
+            if objects is not None:
+                await objects.close()
             accounts.close()
             raise
         ssl_ctx = None
@@ -142,6 +138,7 @@ class Server:
             limits=cfg.limits,
             software=f"ferry/{__version__}",
             fingerprint=fp,
+            objects=objects,
         )
         try:
             sockets = bind_sockets(cfg.host, cfg.port, backlog=_BACKLOG)
@@ -179,7 +176,10 @@ class Server:
             lim.partial_max_age,
             lim.sweep_interval,
         )
-        if cfg.limits.partial_max_age > 0:
+        if objects is not None:
+            log.info("files in the object store %s, namespace in the database %s", cfg.store.url if cfg.store else "", accounts.where)
+            self._sweeper = asyncio.create_task(sweep_objects_forever(objects, lim, log))
+        elif cfg.limits.partial_max_age > 0:
             from ferry.server.sweeper import sweep_forever
 
             self._sweeper = asyncio.create_task(sweep_forever(self.ctx))
@@ -303,25 +303,13 @@ class Server:
         if self.ctx is not None:
             self.ctx.work.shutdown()
             self.ctx.logins.close()
+            if self.ctx.objects is not None:
+                with contextlib.suppress(Exception):  # (a database already gone has nothing to close)
+                    await self.ctx.objects.close()
             self.ctx.accounts.close()
             for h in list(self.ctx.log.handlers):
                 self.ctx.log.removeHandler(h)
                 h.close()
-
-
-async def _check_store(config: S3Config) -> None:
-    """Fail fast, naming what is wrong, when the object store of ``--store`` cannot be written."""
-    try:
-        from ferry.store.chunks import ChunkStore  # obstore: only with --store
-    except ImportError as exc:
-        raise FerryError("--store needs the object store client: pip install 'ferry-transfer[scale]'") from exc
-    # Few retries: at start, an unreachable store should be reported in seconds, not retried for long.
-    quick = replace(config, max_retries=1, retry_timeout=5.0, connect_timeout=3.0, request_timeout=10.0)
-    where = f"{config.url} at {config.endpoint or 'AWS'}"
-    try:
-        await ChunkStore.from_config(quick).check()
-    except FerryError as exc:
-        raise FerryError(f"cannot use the object store {where}: {exc}") from exc
 
 
 async def _connect(

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.cdc import ChunkIndex
 from ferry.server.accounts import Accounts, User
@@ -30,6 +30,9 @@ from ferry.server.throttle import Throttle
 from ferry.server.usage import HomeUsage
 from ferry.server.work import WorkPools
 from ferry.wire.codes import ErrorCode
+
+if TYPE_CHECKING:
+    from ferry.store.objects import ObjectStorage
 
 
 @dataclass
@@ -75,6 +78,9 @@ class Limits:
     #: interrupted uploads not resumed within this many seconds are deleted (0: keep for ever)
     partial_max_age: float = 7 * 86400.0
     sweep_interval: float = 3600.0  #: seconds between two sweeps for stale partial uploads
+    #: object backend: seconds a chunk nothing references any more is kept before the sweeper
+    #: deletes it (downloads of a just-removed file finish; see ferry.store.objects)
+    chunk_grace: float = 3600.0
     #: unfinished uploads (partial files) one user may hold, interrupted and running ones together;
     #: a new resumable upload beyond it is refused (code quota) until some are resumed or removed
     max_partials: int = 64
@@ -423,6 +429,9 @@ class ServerContext:
     #: uploads in progress by (home, partial path): one writer per partial file (ferry.server.transfer)
     uploads: dict[tuple[str, str], Any] = field(default_factory=dict)
     software: str = "ferry"
+    #: the object backend (``ferry serve --store``): one storage for every session of this server;
+    #: None: the folder backend (each session opens its home)
+    objects: ObjectStorage | None = None
     #: the thread pools for blocking file work (ferry.server.work); shut down with the server
     work: WorkPools = field(init=False)
     admission: Admission = field(init=False)
@@ -472,7 +481,10 @@ class ServerContext:
         """The home folder of ``user``."""
         return user.home
 
-    def open_storage(self, user: User) -> FolderStorage:
-        """The storage a session of ``user`` reaches files through, opened at its login: the folder
-        backend on the account's home (created if missing). The one place that picks the backend."""
+    def open_storage(self, user: User) -> FolderStorage | ObjectStorage:
+        """The storage a session of ``user`` reaches files through, opened at its login: the server's
+        object storage, or the folder backend on the account's home (created if missing). The one
+        place that picks the backend."""
+        if self.objects is not None:
+            return self.objects
         return FolderStorage(user.home, user.name, max_depth=self.limits.max_depth)

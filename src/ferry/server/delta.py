@@ -34,7 +34,7 @@ from ferry.errors import FerryError, RemoteError
 from ferry.server.context import FileLimit
 from ferry.server.openlimits import Hold, Kind
 from ferry.server.oserrors import translate_oserror
-from ferry.server.service import Service
+from ferry.server.service import FolderService
 from ferry.server.transfer import check_quota, partial_path
 from ferry.server.work import in_thread, start_thread
 from ferry.textsafe import safe_text
@@ -431,7 +431,7 @@ async def handle_chunks(svc: DeltaService, msg: m.Chunks) -> None:
     target.add(msg)
 
 
-class DeltaService(Service):
+class DeltaService(FolderService):
     """Delta transfers of one session, both directions (registered as channels while they run)."""
 
     worker_handlers = {m.GetChunks: handle_get_chunks}

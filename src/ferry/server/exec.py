@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Final
 
 from ferry.errors import RemoteError
 from ferry.server.folder import FolderStorage
-from ferry.server.service import Service, ServiceHost
+from ferry.server.service import FolderService, ServiceHost
 from ferry.textsafe import safe_text
 from ferry.wire import Data
 from ferry.wire import messages as m
@@ -758,7 +758,7 @@ async def _handle_command_input(svc: ExecService, msg: m.Window | m.Eof | m.Sign
     svc.command_input(msg)
 
 
-class ExecService(Service):
+class ExecService(FolderService):
     """Routes Exec/Window/Eof/Signal/Resize of one session to its commands; kills them at the end."""
 
     reader_handlers = {

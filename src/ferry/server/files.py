@@ -15,7 +15,7 @@ from typing import ClassVar
 from ferry.server import work
 from ferry.server.jailcore import Entry as JailEntry
 from ferry.server.pathrules import join_path, parse_path
-from ferry.server.service import Handler, Service
+from ferry.server.service import FolderService, Handler
 from ferry.server.walkers import ListScan
 from ferry.server.work import in_thread
 from ferry.store.api import Node
@@ -205,7 +205,7 @@ async def handle_df(svc: FilesService, msg: m.Df) -> None:
     )
 
 
-class FilesService(Service):
+class FilesService(FolderService):
     """Stat, list, mkdir, rm, mv and df of one session (no state of its own)."""
 
     worker_handlers: ClassVar[dict[type[m.Message], Handler]] = {

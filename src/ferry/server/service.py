@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from ferry.fskit import is_partial_name
 from ferry.server import work
@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 #: A request handler: called with the service that declared it and the message.
 Handler = Callable[[Any, Any], Awaitable[None]]
+#: The storage a service stands on: :class:`~ferry.server.folder.FolderStorage` for the folder
+#: backend's services, :class:`~ferry.store.objects.ObjectStorage` for the object backend's
+#: (:mod:`ferry.server.objectsvc`).
+S = TypeVar("S")
 
 
 class Channel(Protocol):
@@ -74,6 +78,16 @@ class Upload(Protocol):
     async def expire(self, timeout: float) -> m.Error:
         """It received nothing for ``timeout`` seconds and was unregistered: stop it as an abort
         would (a resumable upload keeps its partial) and return the Error that tells the client."""
+        ...
+
+
+@runtime_checkable
+class FailsUploads(Protocol):
+    """The service whose uploads receive data frames (one per backend): told when one of them could
+    not take its data (the session sends the Error)."""
+
+    def fail_upload(self, req_id: int) -> None:
+        """Drop upload ``req_id`` and ignore what still comes for it (its data and FileEnd)."""
         ...
 
 
@@ -159,16 +173,17 @@ class ServiceHost(Protocol):
         ...
 
 
-class Service:
+class Service(Generic[S]):
     """The base of a request service: one instance per session, built at login, with the storage the
-    session opened for its account (the only way a service reaches files)."""
+    session opened for its account (the only way a service reaches files). What does not depend on
+    the backend is here; :class:`FolderService` adds the folder backend's usage bookkeeping."""
 
     #: requests this service answers through the session's ordered worker
     worker_handlers: ClassVar[Mapping[type[m.Message], Handler]] = {}
     #: messages this service handles in the session's reader, in arrival order
     reader_handlers: ClassVar[Mapping[type[m.Message], Handler]] = {}
 
-    def __init__(self, host: ServiceHost, storage: FolderStorage) -> None:
+    def __init__(self, host: ServiceHost, storage: S) -> None:
         self.host = host
         self.storage = storage
         self.ctx = host.ctx
@@ -218,6 +233,14 @@ class Service:
             result,
         )
 
+    async def close(self) -> None:
+        """The session ends (after its requests were aborted): release what the service holds."""
+
+
+class FolderService(Service[FolderStorage]):
+    """A service of the folder backend: the home's usage is counted by a walk once, then tracked in
+    the server's :class:`~ferry.server.context.Usage` (the object backend keeps usage in its database)."""
+
     async def current_usage(self) -> int:
         """Bytes counted against the user's quota: complete files and idle partial uploads
         (computed once by a walk, then tracked; see :class:`~ferry.server.context.Usage`)."""
@@ -266,6 +289,3 @@ class Service:
         if limit is None and count.used is None:
             return None
         return FileLimit(count, limit)
-
-    async def close(self) -> None:
-        """The session ends (after its requests were aborted): release what the service holds."""

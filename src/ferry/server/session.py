@@ -32,8 +32,9 @@ from ferry.server.auth import Login, LoginThrottled
 from ferry.server.delta import DeltaService
 from ferry.server.files import FilesService
 from ferry.server.folder import FolderStorage
+from ferry.server.objectsvc import OBJECT_MESSAGES, OBJECT_SERVICES
 from ferry.server.oserrors import translate_oserror
-from ferry.server.service import Requests, Service
+from ferry.server.service import FailsUploads, Requests, Service
 from ferry.server.service import Upload as ServiceUpload
 from ferry.server.sync import SyncService
 from ferry.server.transfer import TransferService
@@ -56,6 +57,7 @@ from ferry.wire.codes import ErrorCode, reply_for
 
 if TYPE_CHECKING:
     from ferry.server.context import ServerContext
+    from ferry.store.objects import ObjectStorage
 
 #: A handler bound to the service (or session) that serves it: called with the message.
 Bound = Callable[[Any], Awaitable[None]]
@@ -65,7 +67,7 @@ _session_ids = itertools.count(1)
 _PAD_PIECE = 1 << 20  # zeros written per step when a file shrank under sendfile
 
 #: The services every logged-in session has (exec is added for users who may run programs).
-SERVICES: tuple[type[Service], ...] = (FilesService, TransferService, TreeService, SyncService, DeltaService)
+SERVICES: tuple[type[Service[Any]], ...] = (FilesService, TransferService, TreeService, SyncService, DeltaService)
 
 #: The messages of remote commands: served by ferry.server.exec.ExecService, or refused.
 EXEC_MESSAGES: tuple[type[m.Message], ...] = (m.Exec, m.Window, m.Eof, m.Signal, m.Resize)
@@ -112,7 +114,7 @@ class Session:
         self._end_reason: str | None = None
         self._task: asyncio.Task[Any] | None = None
         #: the storage of the account, opened at login (ServerContext.open_storage)
-        self.storage: FolderStorage | None = None
+        self.storage: FolderStorage | ObjectStorage | None = None
         self.plain = writer.get_extra_info("sslcontext") is None
         self.software = ""  #: what the client's Hello says it is (client-controlled text)
         self._wlock = asyncio.Lock()  # held for a whole sendfile block: no frame may interleave
@@ -129,8 +131,9 @@ class Session:
         #: the requests in progress by id, shared by the services
         self.requests = Requests()
         #: the services, built at login (ferry.server.service)
-        self.services: list[Service] = []
-        self._transfer: TransferService | None = None
+        self.services: list[Service[Any]] = []
+        #: the service whose uploads receive data frames (told when one of them fails to take data)
+        self._transfer: FailsUploads | None = None
         #: whether the user may run programs (an exec service exists)
         self._may_exec = False
         #: message type -> handler, merged from the services' tables at login
@@ -280,7 +283,8 @@ class Session:
             try:
                 await self.work.wait()
             finally:
-                self.work.after_jobs(self.storage.release)
+                if isinstance(self.storage, FolderStorage):  # (the object backend's is the server's)
+                    self.work.after_jobs(self.storage.release)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
@@ -389,7 +393,8 @@ class Session:
         self.login = login
         self.user = user
         self.storage = self.ctx.open_storage(user)
-        may_exec = user.exec_allowed and not login.read_only
+        # No commands next to files kept in an object store: there is no folder to run them in.
+        may_exec = user.exec_allowed and not login.read_only and self.storage.exec_supported
         await self.send(
             m.AuthOk(
                 user=user.name,
@@ -414,9 +419,14 @@ class Session:
             " read_only=True" if login.read_only else "",
         )
 
-    def _open_services(self, storage: FolderStorage, may_exec: bool) -> None:
-        """Build the services and merge their handler tables (a message type has one owner)."""
-        classes = list(SERVICES)
+    def _open_services(self, storage: FolderStorage | ObjectStorage, may_exec: bool) -> None:
+        """Build the services of the storage's backend and merge their handler tables (a message
+        type has one owner)."""
+        classes = list(SERVICES if isinstance(storage, FolderStorage) else OBJECT_SERVICES)
+        if not isinstance(storage, FolderStorage):
+            # Requests the object backend does not serve yet get a clear error, not silence.
+            for kind in OBJECT_MESSAGES:
+                self._reader_table[kind] = self._unsupported
         if may_exec:
             from ferry.server.exec import ExecService  # imported only for exec users (pty, termios)
 
@@ -428,11 +438,12 @@ class Session:
             for kind in EXEC_MESSAGES:
                 self._reader_table[kind] = self._exec_denied
         for service in self.services:
-            if isinstance(service, TransferService):
+            if isinstance(service, FailsUploads):
                 self._transfer = service
             for table, handlers in ((self._worker_table, service.worker_handlers), (self._reader_table, service.reader_handlers)):
                 for kind, handler in handlers.items():
-                    assert kind not in self._worker_table and kind not in self._reader_table, kind
+                    assert kind not in self._worker_table, kind
+                    self._reader_table.pop(kind, None)  # (served after all: not unsupported)
                     table[kind] = partial(handler, service)
 
     async def _cancel(self, msg: m.Cancel) -> None:
@@ -443,7 +454,26 @@ class Session:
             await target.abort()
         await self.send(m.Ok(id=msg.id))
 
+    async def _unsupported(self, msg: m.Message) -> None:
+        req_id = getattr(msg, "id", 0)
+        await self.send(
+            ErrorCode.INVALID.reply(
+                req_id,
+                f"{type(msg).__name__} is not supported by this server: it keeps files in an object store",
+            )
+        )
+
     async def _exec_denied(self, msg: m.Exec | m.Window | m.Eof | m.Signal | m.Resize) -> None:
+        assert self.storage is not None
+        if not self.storage.exec_supported:
+            await self.send(
+                ErrorCode.EXEC_DENIED.reply(
+                    msg.id,
+                    "remote commands are not available on this server: it keeps files in an object "
+                    "store, so there is no folder to run them in",
+                )
+            )
+            return
         await self.send(
             ErrorCode.EXEC_DENIED.reply(
                 msg.id,

@@ -35,7 +35,7 @@ from ferry.errors import FerryError, RemoteError, UsageError
 from ferry.server import work
 from ferry.server.openlimits import Kind
 from ferry.server.pathrules import join_path, parse_path
-from ferry.server.service import Service
+from ferry.server.service import FolderService
 from ferry.server.tree import serve_records
 from ferry.server.walkers import EntryScan, ScanRecord, TreeDirs
 from ferry.syncfilter import Filter
@@ -288,7 +288,7 @@ async def handle_set_attrs(svc: SyncService, msg: m.SetAttrs) -> None:
     svc.log_op("set-attrs", msg.path, t0, f"ok changed={done} errors={len(errors)}")
 
 
-class SyncService(Service):
+class SyncService(FolderService):
     """What a sync asks of one session: listings to compare, files by name, batched deletions and
     attribute changes."""
 

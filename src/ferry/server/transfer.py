@@ -36,7 +36,7 @@ from ferry.server.folder import FolderStorage
 from ferry.server.openlimits import Hold, Kind
 from ferry.server.oserrors import translate_oserror
 from ferry.server.pathrules import join_path, parse_path
-from ferry.server.service import Service, ServiceHost
+from ferry.server.service import FolderService, ServiceHost
 from ferry.server.work import in_thread, start_thread
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
@@ -463,7 +463,7 @@ def partial_path(path: str, token: str) -> str:
     return join_path((*parts[:-1], partial_name(parts[-1], token))) if parts else ""
 
 
-async def check_quota(svc: Service, msg: m.PutFile | m.DeltaPut, takes_over: str = "") -> None:
+async def check_quota(svc: FolderService, msg: m.PutFile | m.DeltaPut, takes_over: str = "") -> None:
     """Refuse (DiskFull, code ``quota``) an upload of ``msg.size`` bytes to ``msg.path`` that the
     user's quota cannot take, counting idle partial uploads, uploads still running and the file it
     replaces. ``takes_over``: the idle partial (home-relative) the upload reuses, whose bytes its
@@ -476,7 +476,7 @@ async def check_quota(svc: Service, msg: m.PutFile | m.DeltaPut, takes_over: str
     _check_quota_now(svc, msg, used, credit)
 
 
-def _check_quota_now(svc: Service, msg: m.PutFile | m.DeltaPut, used: int, credit: int) -> None:
+def _check_quota_now(svc: FolderService, msg: m.PutFile | m.DeltaPut, used: int, credit: int) -> None:
     user = svc.user
     assert user.quota is not None
     existing = 0
@@ -494,7 +494,7 @@ def _check_quota_now(svc: Service, msg: m.PutFile | m.DeltaPut, used: int, credi
         )
 
 
-async def admit_upload(svc: Service, msg: m.PutFile, prel: str) -> None:
+async def admit_upload(svc: FolderService, msg: m.PutFile, prel: str) -> None:
     """Refuse (code ``quota``) an upload the quota cannot take (:func:`check_quota`) or, if it is
     resumable (the client's token), one that would add a partial beyond the user's
     ``--max-partials`` or ``--max-partial-bytes`` (idle ones kept for a resume and running ones at
@@ -728,7 +728,7 @@ async def handle_put_end(svc: TransferService, msg: m.FileEnd) -> None:
     svc.log_op("put", up.msg.path, up.t0, nbytes=up.pos)
 
 
-class TransferService(Service):
+class TransferService(FolderService):
     """Downloads and uploads of one session; owns the ids of uploads that failed mid-stream."""
 
     worker_handlers = {m.GetFile: handle_get}

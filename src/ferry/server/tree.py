@@ -31,7 +31,7 @@ from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
 from ferry.server import work
 from ferry.server.openlimits import Hold, Kind
-from ferry.server.service import Service
+from ferry.server.service import FolderService
 from ferry.server.walkers import TreeDir, TreeDirs, TreeFailure, TreeFile, TreeScan
 from ferry.wire import Data, ProtocolError, RemoteProtocolError
 from ferry.wire import messages as m
@@ -176,7 +176,7 @@ async def _serve_get_tree(svc: TreeService, msg: m.GetTree) -> None:
 
 
 async def serve_records(
-    svc: Service,
+    svc: FolderService,
     req_id: int,
     path: str,
     hash: HashName,
@@ -263,7 +263,7 @@ class TreeUpload:
     """A tree upload in progress, registered in the session's channels under its id (so Cancel and
     the end of the session abort it like any upload)."""
 
-    def __init__(self, svc: Service, msg: m.PutTree, dirs: TreeDirs, place: Hold) -> None:
+    def __init__(self, svc: FolderService, msg: m.PutTree, dirs: TreeDirs, place: Hold) -> None:
         self.svc = svc
         self.msg = msg
         self.dirs = dirs
@@ -531,7 +531,7 @@ async def handle_tree_items(svc: TreeService, msg: m.TreeItems) -> None:
     await up.add(msg)
 
 
-class TreeService(Service):
+class TreeService(FolderService):
     """Tree downloads and uploads of one session (its uploads are registered as channels)."""
 
     worker_handlers = {m.GetTree: handle_get_tree}
