@@ -389,11 +389,15 @@ def add_cmd(
 @click.option(
     "--remove-home",
     is_flag=True,
-    help="Also delete the user's home folder and all files in it (not with --db: homes are on each server).",
+    help="Also delete the user's home folder and all files in it. With --db: the user's files on the "
+    "object backend (servers with --store); homes under each server's own root are not reached from here.",
 )
 def del_cmd(name: str, root: Path | None, db: str | None, remove_home: bool) -> None:
     """Delete user NAME (its home folder is kept unless --remove-home)."""
     place = _place(root, db)
+    if place.db is not None and remove_home:
+        _del_shared(place, name)
+        return
     with _open(place) as accounts, _naming(place):
         home = accounts.home_of(name)
         accounts.delete(name, remove_home=remove_home)
@@ -403,6 +407,31 @@ def del_cmd(name: str, root: Path | None, db: str | None, remove_home: bool) -> 
         click.echo(f"deleted user {name} from {place} (servers keep its home folder, homes/{name} under their root)")
     else:
         click.echo(f"deleted user {name} from {place} (home folder kept: {home})")
+
+
+def _del_shared(place: Place, name: str) -> None:
+    """``del --remove-home --db``: the account, then its files on the object backend (the namespace
+    shares the accounts' database). Refused, deleting nothing, when the database holds no namespace:
+    the servers then keep homes under their own roots, out of this command's reach."""
+    import asyncio
+
+    # The object backend's driver (the 'scale' extra): only this command needs it.
+    from ferry.store.namespace import empty_home_in, holds_namespace
+
+    assert place.db is not None
+    if not asyncio.run(holds_namespace(place.db)):
+        raise UsageError(
+            "with shared accounts (--db) each server keeps the homes under its own root: the user "
+            f"was not deleted; delete it without --remove-home, then remove homes/{name} on each server"
+        )
+    with _open(place) as accounts, _naming(place):
+        # The account first: its sessions end (revocation) and nothing new is written meanwhile.
+        accounts.delete(name)
+    files, freed = asyncio.run(empty_home_in(place.db, name))
+    click.echo(
+        f"deleted user {name} from {place} and its {files} files ({freed} bytes) from the object store "
+        "(their space comes back at the next sweep after --chunk-grace)"
+    )
 
 
 @user.command("passwd")

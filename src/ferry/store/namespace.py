@@ -234,6 +234,36 @@ class Namespace:
         self._owners[user] = oid
         return oid
 
+    async def empty_home(self, user: str) -> tuple[int, int]:
+        """Delete every file, folder and unfinished upload of ``user`` in one transaction (``ferry user
+        del --remove-home`` with shared accounts); returns (files, bytes) removed. The owner row and
+        the empty home stay, so servers that cached its id stay right; the chunks go to the sweeper
+        after its grace period, as a removal's do."""
+        oid = await self._run(lambda conn: conn.fetchval("SELECT id FROM owners WHERE name = $1", user))
+        if oid is None:
+            return 0, 0  # never logged in on the object backend: nothing stored
+
+        async def op(conn: Conn) -> tuple[int, int]:
+            await self._lock_owner(conn, oid)
+            files = int(await conn.fetchval("SELECT files FROM owners WHERE id = $1", oid))
+            freed = 0
+            children = await conn.fetch(
+                "SELECT n.id FROM nodes n JOIN nodes h ON n.parent_id = h.id WHERE h.owner_id = $1 AND h.parent_id IS NULL",
+                oid,
+            )
+            for row in children:
+                freed += await self._delete_node(conn, oid, row["id"])
+            # What is left: the uploads into the home itself (those into folders went with them).
+            await conn.execute(
+                "UPDATE chunks SET last_ref = now() WHERE id IN (SELECT uc.chunk_id FROM upload_chunks uc "
+                "JOIN uploads u ON u.id = uc.upload_id WHERE u.owner_id = $1)",
+                oid,
+            )
+            await conn.execute("DELETE FROM uploads WHERE owner_id = $1", oid)
+            return files, freed
+
+        return await self._run(op)
+
     @staticmethod
     async def _walk(conn: Conn, owner: int, path: Parts) -> list[asyncpg.Record]:
         return list(await conn.fetch(_WALK, owner, list(path)))
@@ -791,6 +821,27 @@ class Namespace:
             return {int(r["id"]) for r in rows}
 
         return await self._run(op, tx=False)
+
+
+async def holds_namespace(dsn: str) -> bool:
+    """Whether the database at ``dsn`` holds an object-backend namespace (else: accounts only)."""
+    try:
+        probe = await asyncpg.connect(dsn, timeout=10.0)
+    except _CONNECTION_ERRORS as exc:
+        raise _db_down(exc) from exc
+    try:
+        return bool(await probe.fetchval("SELECT to_regclass('owners') IS NOT NULL"))
+    finally:
+        await probe.close()
+
+
+async def empty_home_in(dsn: str, user: str) -> tuple[int, int]:
+    """:meth:`Namespace.empty_home` in the database at ``dsn`` (``ferry user del --remove-home --db``)."""
+    ns = await Namespace.connect(dsn, min_size=1, max_size=1)
+    try:
+        return await ns.empty_home(user)
+    finally:
+        await ns.close()
 
 
 class ChunkGone(Exception):
