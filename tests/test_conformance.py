@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.matrix, pytest.mark.timeout(60)]
 MiB = 1 << 20
 
 
-def test_put_get_roundtrip_small_and_large(server: ServerThread, client: Any, tmp_path: Path) -> None:
+def test_put_get_roundtrip_small_and_large(
+    cell: Cell, server: ServerThread, client: Any, tmp_path: Path
+) -> None:
     small = tmp_path / "small.txt"
     small.write_bytes(b"hello ferry\n")
     big = tmp_path / "big.bin"
@@ -43,7 +45,8 @@ def test_put_get_roundtrip_small_and_large(server: ServerThread, client: Any, tm
     assert names["big.bin"].kind == "file"
     assert not any(".ferry-part" in n for n in names)
     assert not list(out.glob(".*ferry-part*"))
-    assert (home(server) / "big.bin").read_bytes() == big.read_bytes()
+    if not cell.objects:  # (the object backend has no folder: the get above read it back)
+        assert (home(server) / "big.bin").read_bytes() == big.read_bytes()
 
 
 def test_mkdir_ls_stat_mv_rm_df_glob(client: Any, tmp_path: Path) -> None:
@@ -184,6 +187,8 @@ def test_quota_is_enforced_and_nothing_is_left(cell: Cell, server: ServerThread,
             c.put(f, "big")
         c.put(small, "small")  # still serving
         assert [e.name for e in c.listdir("")] == ["small"]
+        assert c.df().partial == 0  # nothing set aside for the refused upload
     finally:
         c.close()
-    assert sorted(os.listdir(bob)) == ["small"]
+    if not cell.objects:  # (no hidden partial either: the object backend has no folder to look in)
+        assert sorted(os.listdir(bob)) == ["small"]
