@@ -13,16 +13,21 @@ here), in one run, round-robin, medians of ``--reps``:
   release) and the object-store requests, and its time sequentially and with 16 in flight; the same
   with the pool's reset query turned off; stat and a listing page; and a batching lower bound (100
   node rows in one ``INSERT ... SELECT unnest(...)`` in one transaction);
-* ``servers``: 1 and 3 ``ferry serve --db --cert --key`` processes sharing one PostgreSQL accounts
+* ``servers``: 1 and 3 ``ferry serve --db --cert --key [--store]`` processes sharing one PostgreSQL
   database and one certificate behind HAProxy (TCP, round robin), alternating: C clients (default
   200, an account each) started within one second log in with a password, get and put 4 KiB;
   ok/failed, login and client p50/p99, the servers' CPU per client and the database transactions
   per client (pg_stat_database); the servers run with ``--password-cache 0``, so every login pays
-  its argon2id check (the worst case: a burst of new logins). Files are on the folder backend (each server its own root) until
-  the object backend serves sessions, so this measures the front ends and the shared accounts.
+  its argon2id check (the worst case: a burst of new logins). By default the files are on the object
+  backend (one namespace for all servers); ``--servers-backend folder`` measures the front ends alone;
+* ``backends``: the folder backend against the object backend through the ferry CLI (plain TCP): a
+  1 GiB put and get and a 10,000 x 4 KiB tree put -r and get -r, round-robin, alternating which goes
+  first; per operation the server's CPU, the store's (weed's) CPU, database round trips (a counting
+  relay in front of PostgreSQL) and S3 requests (weed's Prometheus counter).
 
     flock /work/bench.lock .venv/bin/python bench/scale.py                    # everything, 3 reps
     .venv/bin/python bench/scale.py --parts store --reps 5 --big 32
+    .venv/bin/python bench/scale.py --parts backends --size-mib 64 --tree 500 --reps 1   # smoke run
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -45,7 +53,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import blake3
 
-from _common import FerryServer, KiB, cpu_seconds, fmt_num, is_tmpfs, log, median, table
+from _common import (
+    FERRY,
+    FerryServer,
+    KiB,
+    cpu_seconds,
+    ferry_add_user,
+    fmt_num,
+    is_tmpfs,
+    log,
+    make_big_file,
+    make_tree,
+    median,
+    table,
+    wait_quiet,
+)
 from components import Weed, create_database, drop_database, run_sql, start_haproxy, start_weed
 from ferry.server.accounts import Accounts, default_hasher
 from ferry.server.tls import generate_certificate
@@ -58,11 +80,11 @@ from store_support import s3_config
 
 
 @contextlib.contextmanager
-def weed_at(base: Path, label: str) -> Iterator[Weed]:
+def weed_at(base: Path, label: str, args: list[str] | None = None) -> Iterator[Weed]:
     """``weed mini`` with its data under ``base`` (stopped, and its folder removed, afterwards)."""
     folder = Path(tempfile.mkdtemp(prefix=f"ferry-bench-weed-{label}-", dir=base))
     log(f"starting weed mini in {folder} ({'tmpfs' if is_tmpfs(folder) else 'disk'})")
-    weed = start_weed(folder)
+    weed = start_weed(folder, args=args or ())
     try:
         yield weed
     finally:
@@ -453,6 +475,22 @@ def part_namespace(opts: argparse.Namespace) -> None:
 # --- servers: 1 and 3 ferry serve behind HAProxy, a burst of clients -----------------------------------
 
 
+async def _seed(port: int, names: list[str], f4k: Path, base: Path) -> None:
+    """Put ``f4k`` into every account's home (object backend: one namespace for all servers)."""
+    from ferry.client.aclient import AsyncClient
+    from ferry.client.known_hosts import KnownHosts
+
+    known = KnownHosts(base / "seed_known_hosts")
+    slots = asyncio.Semaphore(8)
+
+    async def one(user: str) -> None:
+        async with slots, await AsyncClient.connect("127.0.0.1", port, user=user, password=PASSWORD, known_hosts=known) as c:
+            await c.put(f4k, "f4k")
+
+    await one(names[0])  # pins the certificate once
+    await asyncio.gather(*(one(n) for n in names[1:]))
+
+
 def _pg_transactions(dbname: str) -> int:
     """Committed + rolled-back transactions of ``dbname`` so far (pg_stat_database)."""
     return int(run_sql(f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{dbname}'")[0])
@@ -477,17 +515,19 @@ def part_servers(opts: argparse.Namespace) -> None:
     put) through HAProxy in front of 1 and of 3 ``ferry serve`` processes that share one PostgreSQL
     accounts database and one certificate, alternating 1 and 3 for ``opts.reps`` rounds.
 
-    Files are on the folder backend (each server its own ``--root``: the object backend does not
-    serve sessions yet), so this measures the front ends: TLS, login (argon2id, the verified-password
-    cache), sessions, and the shared accounts database. Every account gets the same 4 KiB file in its
-    home on every server, so a client may land on any of them.
+    ``--servers-backend object`` (the default): the servers share one namespace too (``--store`` on a
+    weed of this run, ``--db``), every account's 4 KiB file put once through a client beforehand.
+    ``folder``: each server its own ``--root``, the file written into every home on every server, so
+    this measures the front ends alone (TLS, login, sessions, the shared accounts).
     """
     name, dsn = create_database()
     servers: list[FerryServer] = []
     proxies: list[Any] = []
+    objects = opts.servers_backend == "object"
     try:
-        with tempfile.TemporaryDirectory(prefix="ferry-scale-servers-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ferry-scale-servers-") as tmp, contextlib.ExitStack() as stack:
             base = Path(tmp)
+            weed = stack.enter_context(weed_at(Path("/dev/shm"), "servers")) if objects else None
             cert_pem, key_pem = generate_certificate()
             (base / "cert.pem").write_bytes(cert_pem)
             (base / "key.pem").write_bytes(key_pem)
@@ -515,12 +555,20 @@ def part_servers(opts: argparse.Namespace) -> None:
                 "0",
             ]
             common = ["--db", dsn, "--cert", str(base / "cert.pem"), "--key", str(base / "key.pem"), *limits]
+            env = dict(os.environ)
+            if weed is not None:
+                common += ["--store", f"s3://{weed.bucket}/servers/"]
+                env.update(weed.env())
             for i in range(4):  # one alone, then three together
                 root = base / f"root{i}"
-                for n in names:
+                for n in names if weed is None else ():
                     (root / "homes" / n).mkdir(parents=True, mode=0o700)
                     (root / "homes" / n / "f4k").write_bytes(f4k)
-                servers.append(FerryServer(root, False, args=common).start())
+                servers.append(FerryServer(root, False, env=env, args=common).start())
+            if weed is not None:
+                (base / "f4k").write_bytes(f4k)
+                log(f"servers: putting f4k for {len(names)} accounts into the shared namespace...")
+                asyncio.run(_seed(servers[0].port, names, base / "f4k", base))
             sets = {1: servers[:1], 3: servers[1:]}
             for count, members in sets.items():
                 proxies.append(
@@ -587,8 +635,8 @@ def part_servers(opts: argparse.Namespace) -> None:
                     ]
                 )
             print(
-                f"\n## servers behind HAProxy ({opts.clients} clients within 1 s, {len(names)} accounts, "
-                f"{opts.reps} reps, medians)\n"
+                f"\n## servers behind HAProxy ({opts.servers_backend} backend, {opts.clients} clients within 1 s, "
+                f"{len(names)} accounts, {opts.reps} reps, medians)\n"
             )
             print(
                 table(
@@ -615,12 +663,223 @@ def part_servers(opts: argparse.Namespace) -> None:
         drop_database(name)
 
 
+# --- part 4: the folder backend against the object backend -------------------------------------------
+
+
+class CountingRelay:
+    """A TCP relay (its own thread and loop) in front of PostgreSQL that counts *round trips*: the
+    times a client sent something after having received an answer (pipelined statements sent in
+    one go count once, which is what a round trip is). Point a server's ``--db`` at :attr:`port`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.round_trips = 0
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> CountingRelay:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the counting relay did not start")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            async with server:
+                await server.serve_forever()
+
+        with contextlib.suppress(Exception):
+            self._loop.run_until_complete(main())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(*self.target)
+        turn = {"answered": True}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(1 << 16):
+                    if upstream and turn["answered"]:
+                        self.round_trips += 1
+                    turn["answered"] = not upstream
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_w, True), pump(up_r, writer, False))
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def s3_requests(metrics_port: int) -> int:
+    """Requests the S3 gateway has answered so far (its Prometheus counter)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("SeaweedFS_s3_request_total")))
+
+
+def _vary(path: Path, rep: int) -> None:
+    """Make ``path``'s every 4 MiB chunk new for repetition ``rep`` (8 bytes at each chunk start): the
+    object backend de-duplicates per user, so a put of the same bytes again would store nothing."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2)
+        for off in range(0, size, CHUNK_SIZE):
+            f.seek(off)
+            f.write(rep.to_bytes(8, "little"))
+
+
+def part_backends(opts: argparse.Namespace) -> None:
+    """1 GiB put and get and a tree of ``opts.tree`` x 4 KiB put -r and get -r through the ferry CLI,
+    plain TCP, against one ``ferry serve`` on the folder backend and one on the object backend
+    (``--store`` on weed with its volumes on tmpfs, ``--db`` through a round-trip-counting relay),
+    round-robin, alternating which backend goes first; per operation the server's CPU, the store's
+    CPU, database round trips and S3 requests."""
+    name, dsn = create_database()
+    relay = CountingRelay("127.0.0.1", 5432).start()
+    relay_dsn = dsn.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+    assert relay_dsn != dsn, dsn
+    servers: dict[str, FerryServer] = {}
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    try:
+        with tempfile.TemporaryDirectory(prefix="ferry-scale-backends-", dir=shm) as tmp, weed_at(
+            shm, "backends", args=[f"-s3.metricsPort={(metrics := _free_port())}"]
+        ) as weed:
+            base = Path(tmp)
+            big = base / "big.bin"
+            make_big_file(big, opts.size_mib << 20)
+            tree = base / "tree"
+            make_tree(tree, opts.tree, 4 * KiB)
+            env = dict(os.environ, FERRY_HOME=str(base / "client-home"), FERRY_PASSWORD=PASSWORD, FERRY_USER="bench",
+                       PYTHONUNBUFFERED="1", **weed.env())  # fmt: skip
+            env.pop("FERRY_DB", None)
+            (base / "folder").mkdir()
+            ferry_add_user(base / "folder", "bench", PASSWORD, env)
+            r = subprocess.run([*FERRY, "user", "add", "bench", "--db", dsn, "--password-stdin"], input=PASSWORD + "\n",
+                               capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
+            if r.returncode != 0:
+                raise RuntimeError(f"ferry user add --db failed: {r.stderr}")
+            servers["folder"] = FerryServer(base / "folder", True, env=env).start()
+            store = ["--db", relay_dsn, "--store", f"s3://{weed.bucket}/bench/"]
+            servers["object"] = FerryServer(base / "object", True, env=env, args=store).start()
+            cases = ["put", "get", "put -r", "get -r"]
+            samples: dict[tuple[str, str], list[dict[str, float]]] = {}
+            for rep in range(opts.reps):
+                _vary(big, rep + 1)
+                for f in sorted(tree.rglob("*"))[: opts.tree]:
+                    if f.is_file():
+                        _vary(f, rep + 1)
+                order = ["folder", "object"] if rep % 2 == 0 else ["object", "folder"]
+                for case in cases:
+                    for backend in order:
+                        srv = servers[backend]
+                        local_dst = base / f"got-{backend}"
+                        shutil.rmtree(local_dst, ignore_errors=True)
+                        remote = "big.bin" if "-r" not in case else "tree"
+                        loc = f"bench@127.0.0.1:{remote}"
+                        verb, *flags = case.split()
+                        src_dst = [str(big if not flags else tree), loc] if verb == "put" else [loc, str(local_dst)]
+                        argv = [*FERRY, verb, *flags, "--plain", "--port", str(srv.port), *src_dst]
+                        wait_quiet(10)
+                        cpu0, weed0 = srv.cpu() or 0.0, cpu_seconds(weed.proc.pid) or 0.0
+                        rt0, s30 = relay.round_trips, s3_requests(metrics)
+                        t0 = time.perf_counter()
+                        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800, check=False)
+                        wall = time.perf_counter() - t0
+                        if done.returncode != 0:
+                            raise RuntimeError(f"{backend} {case} failed: {done.stderr.strip()}")
+                        if verb == "get":
+                            got = local_dst
+                            nbytes = sum(p.stat().st_size for p in got.rglob("*") if p.is_file()) if got.is_dir() else got.stat().st_size
+                            want = big.stat().st_size if not flags else opts.tree * 4 * KiB
+                            if nbytes != want:
+                                raise RuntimeError(f"{backend} {case}: got {nbytes} bytes, expected {want}")
+                        ops = 1 if not flags else opts.tree
+                        sample = {
+                            "wall": wall,
+                            "server_cpu": (srv.cpu() or 0.0) - cpu0,
+                            "store_cpu": (cpu_seconds(weed.proc.pid) or 0.0) - weed0 if backend == "object" else 0.0,
+                            "db_rt": (relay.round_trips - rt0) / ops if backend == "object" else 0.0,
+                            "s3": (s3_requests(metrics) - s30) / ops if backend == "object" else 0.0,
+                            "ops": ops,
+                        }
+                        samples.setdefault((case, backend), []).append(sample)
+                        log(f"backends: rep {rep + 1} {case:6} {backend:6} {wall:.2f} s")
+                        shutil.rmtree(local_dst, ignore_errors=True)
+            rows = []
+            for case in cases:
+                walls = {b: median(x["wall"] for x in samples[(case, b)]) for b in ("folder", "object")}
+                for b in ("folder", "object"):
+                    xs = samples[(case, b)]
+                    ops = xs[0]["ops"]
+                    rows.append(
+                        [
+                            case if "-r" not in case else f"{case} ({opts.tree:,} files)",
+                            b,
+                            fmt_num(walls[b], 2, " s"),
+                            fmt_num(walls["folder"] / walls[b], 2) if b == "object" else "1",
+                            fmt_num(1000 * median(x["server_cpu"] for x in xs) / ops, 2, " ms"),
+                            fmt_num(1000 * median(x["store_cpu"] for x in xs) / ops, 2, " ms") if b == "object" else "-",
+                            fmt_num(median(x["db_rt"] for x in xs), 1) if b == "object" else "-",
+                            fmt_num(median(x["s3"] for x in xs), 1) if b == "object" else "-",
+                        ]
+                    )
+            size = f"{opts.size_mib / 1024:g} GiB" if opts.size_mib >= 1024 else f"{opts.size_mib} MiB"
+            print(f"\n## folder vs object backend ({size} file, {opts.tree:,} x 4 KiB tree, plain TCP, {opts.reps} reps, medians)\n")
+            print(
+                table(
+                    [
+                        "operation",
+                        "backend",
+                        "wall",
+                        "speed vs folder",
+                        "server CPU / op",
+                        "store CPU / op",
+                        "DB round trips / op",
+                        "S3 requests / op",
+                    ],
+                    rows,
+                    markdown=True,
+                )
+            )
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        relay.stop()
+        drop_database(name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 # --- main ------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="store,namespace,servers", help="comma-separated: store, namespace, servers")
+    ap.add_argument(
+        "--parts", default="store,namespace,servers,backends", help="comma-separated: store, namespace, servers, backends"
+    )
+    ap.add_argument(
+        "--servers-backend", choices=["object", "folder"], default="object", help="the servers part's storage backend"
+    )
+    ap.add_argument("--size-mib", type=int, default=1024, help="MiB of the big file in the backends part")
+    ap.add_argument("--tree", type=int, default=10_000, help="4 KiB files of the tree in the backends part")
     ap.add_argument("--clients", type=int, default=200, help="clients per burst in the servers part")
     ap.add_argument("--users", type=int, default=200, help="accounts in the servers part (one per client)")
     ap.add_argument("--reps", type=int, default=3)
@@ -635,7 +894,7 @@ def main() -> None:
     )
     opts = ap.parse_args()
     parts = {p.strip() for p in opts.parts.split(",") if p.strip()}
-    unknown = parts - {"store", "namespace", "servers"}
+    unknown = parts - {"store", "namespace", "servers", "backends"}
     if unknown:
         raise SystemExit(f"unknown part(s): {', '.join(sorted(unknown))}")
     if "store" in parts:
@@ -644,6 +903,8 @@ def main() -> None:
         part_namespace(opts)
     if "servers" in parts:
         part_servers(opts)
+    if "backends" in parts:
+        part_backends(opts)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from cli_inproc import run_cli
 from components import run_sql
 from conformance import Cell, open_client
 from ferry.errors import PermissionDenied
-from ferry_server import ServerThread
+from ferry_server import PASSWORD, ServerThread
 
 pytestmark = [pytest.mark.cell(backend="object"), pytest.mark.timeout(60)]
 
@@ -60,3 +60,18 @@ def test_user_del_remove_home_empties_the_users_namespace(
     assert run_sql(left.format("bob"), dsn) == [2]
     r = run_cli(["user", "del", "alice", "--db", dsn, "--remove-home"], env={"FERRY_DB": None})
     assert r.code != 0 and "no such user" in r.stderr, r.stderr
+
+
+
+def test_df_says_unlimited_where_the_store_has_no_free_space_to_measure(server: ServerThread, tmp_path: Path) -> None:
+    """An object store has no free space to read: ``df`` shows "unlimited" for it (and what the quota
+    leaves as available), never a made-up number."""
+    server.add_user("qu", quota=1 << 20)
+    env = {"FERRY_HOME": str(tmp_path / "ferry-home"), "FERRY_PASSWORD": PASSWORD, "FERRY_USER": None}
+    r = run_cli(["df", "-P", str(server.port), "qu@127.0.0.1:"], env=env)
+    assert r.code == 0, r
+    head, values = r.stdout.splitlines()[:2]
+    assert head.split() == ["used", "partial", "quota", "available", "server", "free", "files"]
+    assert values.split() == ["0", "B", "0", "B", "1.0", "MiB", "1.0", "MiB", "unlimited", "0"], values
+    r = run_cli(["df", "-P", str(server.port), "alice@127.0.0.1:"], env={**env, "FERRY_PASSWORD": PASSWORD})
+    assert r.stdout.splitlines()[1].split()[4:6] == ["unlimited", "unlimited"], r.stdout

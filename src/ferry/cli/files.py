@@ -55,6 +55,7 @@ from ferry.errtext import os_reason
 from ferry.paths import DEFAULT_PORT
 from ferry.ratelimit import parse_rate
 from ferry.textsafe import safe_name
+from ferry.wire.messages import FREE_UNMETERED
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient, Usage
@@ -965,11 +966,13 @@ def df_lines(
     """Human ``df`` output; ``partial`` is the part of ``used`` held by unfinished uploads, ``files``
     the files and folders of the home (of at most ``max_files``)."""
     left = free if quota is None else max(min(quota - used, free), 0)
+    unmetered = free >= FREE_UNMETERED  # (an object store: no free space to measure)
     file_text = f"{files:,}" if max_files is None else f"{files:,} of {max_files:,}"
     return [
         f"{'used':<12}{'partial':<12}{'quota':<12}{'available':<12}{'server free':<12}files",
-        f"{human_size(used):<12}{human_size(partial):<12}{human_size(quota):<12}{human_size(left):<12}"
-        f"{human_size(free):<12}{file_text}",
+        f"{human_size(used):<12}{human_size(partial):<12}{human_size(quota):<12}"
+        f"{human_size(None if unmetered and quota is None else left):<12}"
+        f"{human_size(None if unmetered else free):<12}{file_text}",
     ]
 
 

@@ -259,8 +259,14 @@ class Df(Message, tag="df"):
     id: U32
 
 
+#: ``DfReply.free`` of a server whose storage has no free space to measure (an object store): at least
+#: this much means "no limit but the quota" (half the largest U64, so a client adding to it cannot overflow).
+FREE_UNMETERED = 1 << 62
+
+
 class DfReply(Message, tag="df_reply"):
-    """Usage of the home in bytes, the quota (None: unlimited) and free space on the server's disk.
+    """Usage of the home in bytes, the quota (None: unlimited) and free space on the server's disk
+    (:data:`FREE_UNMETERED` or more: unmetered).
     ``used`` counts everything the quota counts; ``partial`` is the part of it held by unfinished
     uploads (``partials`` of them: interrupted ones kept for a resume, and those running now)."""
 

@@ -7,8 +7,8 @@ a recursive listing: a folder's entries, then its sub-folders' in the order they
 client cannot tell the backends apart. What differs, and why:
 
 - ``df`` reports the usage the database keeps (exact across servers; ``partial`` is what uploads in
-  progress have set aside). ``free`` is what the quota leaves, or, without a quota, :data:`NO_LIMIT`:
-  an object store has no free space to read.
+  progress have set aside). ``free`` is :data:`~ferry.wire.messages.FREE_UNMETERED`: an object store
+  has no free space to read (the client shows "unlimited"; the quota still limits).
 - A recursive listing keeps the queue of folders still to list (names only, never their entries):
   memory grows with the number of folders of the tree, not with its files.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, ClassVar
 
 from ferry.errors import NotADirectory, NotFound
 from ferry.server.files import PAGE, PAGE_BYTES, node_to_wire, to_wire
@@ -31,11 +31,6 @@ from ferry.wire.codes import ErrorCode
 
 if TYPE_CHECKING:
     from ferry.store.objects import ObjectStorage
-
-#: ``df``'s free space without a quota (the largest count the wire carries, halved: a client adding
-#: to it must not overflow): the store's capacity is not ferry's to know.
-NO_LIMIT: Final = 1 << 62
-
 
 class ObjectService(Service["ObjectStorage"]):
     """A service of the object backend (the storage is the server's one :class:`ObjectStorage`,
@@ -184,13 +179,12 @@ async def handle_df(svc: ObjectService, msg: m.Df) -> None:
     usage = await svc.storage.usage(svc.user.name)
     quota = svc.user.quota
     used = usage.used + usage.reserved
-    free = max(0, quota - used) if quota is not None else NO_LIMIT
     await svc.send(
         m.DfReply(
             id=msg.id,
             used=used,
             quota=quota,
-            free=free,
+            free=m.FREE_UNMETERED,
             partial=usage.reserved,
             files=usage.files,
             max_files=svc.user.max_files,
