@@ -13,7 +13,9 @@ and the event loop both ends run on (``asyncio`` or ``uvloop``). The fixtures in
   detail (raw wire bytes, sendfile).
 - ``pytest.mark.backends``: the default cell on each storage backend (``folder``, ``object``) (2).
   Tests of behaviour both backends must give the same (the object backend: files in SeaweedFS,
-  namespace and accounts in PostgreSQL, docs/scale-out.md).
+  namespace and accounts in PostgreSQL, docs/scale-out.md). Together with ``transports`` (a test
+  marked ``backends`` in a module marked ``transports``): both transports on the folder backend and
+  the default cell on the object backend (3).
 - no mark: the default cell (TLS, async, asyncio) only, on the folder backend.
 
 The matrix runs the folder backend on all 8 cells and the object backend on two of them (TLS, async,
@@ -98,6 +100,11 @@ def cells_for(item: pytest.Function | Any) -> list[Cell]:
     """The cells a test runs on, by its closest mark (the rule in this module's docstring):
     ``matrix``, ``transports``, ``backends``, or ``cell(transport=..., client=..., loop=...,
     backend=...)`` for one cell."""
+    marks = [mk.name for mk in item.iter_markers() if mk.name in ("matrix", "transports", "backends", "cell")]
+    if marks[:2] in (["backends", "transports"], ["transports", "backends"]):
+        # Both (e.g. a test marked backends in a module marked transports): the folder backend over
+        # both transports, the object backend on the default cell (it has no sendfile path).
+        return [*BY_TRANSPORT, OBJECT]
     for mark in item.iter_markers():  # the test's own marks first, then its class's and module's
         if mark.name == "matrix":
             return MATRIX

@@ -22,7 +22,11 @@ from transfer_support import (
     connect,
     home,
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
-    partials,
+    on_objects,
+    place,
+    random_bytes,
+    remote_bytes,
+    unfinished_uploads,
     write_random,
 )
 
@@ -74,18 +78,20 @@ async def sendfile_in_frames(self: Session, channel: int, fileobj: Any, offset: 
     return sent
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("nth", [1, 3])
 def test_download_corrupted_on_the_wire_is_detected(
     server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nth: int
 ) -> None:
-    data = write_random(home(server) / "f.bin", SIZE, 1)
+    data = random_bytes(SIZE, 1)
     flipper = Flipper(nth)
-    corrupt_server_sends(monkeypatch, flipper)
     dest = tmp_path / "f.bin"
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
+            await place(server, c, tmp_path, "f.bin", data)
+            corrupt_server_sends(monkeypatch, flipper)
             with pytest.raises(IntegrityError):
                 await c.get("f.bin", dest, chunk_size=SMALL_CHUNK)
             assert flipper.flipped == 1
@@ -99,6 +105,7 @@ def test_download_corrupted_on_the_wire_is_detected(
     assert dest.read_bytes() == data
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("nth", [1, 4])
 def test_upload_corrupted_on_the_wire_is_refused(
@@ -113,28 +120,27 @@ def test_upload_corrupted_on_the_wire_is_refused(
         await original(self, channel, stream, flipper(payload))
 
     monkeypatch.setattr(Mux, "send_data", send_data)
-    h = home(server)
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
             with pytest.raises(IntegrityError):
                 await c.put(src, "f.bin", chunk_size=SMALL_CHUNK)
             assert flipper.flipped == 1
-            assert not (h / "f.bin").exists()
-            assert partials(h) == []  # the corrupt partial was removed, not kept for resume
             assert await c.listdir("") == []
+            # The corrupt partial was removed, not kept for resume.
+            assert await unfinished_uploads(server, c) == 0
             r = await c.put(src, "f.bin", chunk_size=SMALL_CHUNK)
             assert r.resumed_from == 0
+            assert await remote_bytes(server, c, tmp_path, "f.bin") == data
+            assert await unfinished_uploads(server, c) == 0
 
     asyncio.run(main())
-    assert (h / "f.bin").read_bytes() == data
-    assert partials(h) == []
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_inline_upload_with_a_wrong_digest_is_refused(server: ServerThread, tmp_path: Path) -> None:
     """Small files travel inside PutFile with their digest: a mismatch stores nothing."""
-    h = home(server)
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
@@ -149,15 +155,17 @@ def test_inline_upload_with_a_wrong_digest_is_refused(server: ServerThread, tmp_
             with pytest.raises(IntegrityError):  # size that does not match the data
                 await c.mux.call(lambda i: m.PutFile(id=i, path="small", size=999, mtime=0.0, data=data), m.Ok)
             assert await c.listdir("") == []
+            assert await unfinished_uploads(server, c) == 0
 
     asyncio.run(main())
-    assert os.listdir(h) == []
+    if not on_objects(server):
+        assert os.listdir(home(server)) == []
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_upload_with_wrong_final_hashes_is_refused(server: ServerThread, tmp_path: Path) -> None:
     """The server checks the FileEnd hashes against what it received, not against itself."""
-    h = home(server)
     data = os.urandom(2 * MiB)
 
     async def main() -> None:
@@ -186,9 +194,11 @@ def test_upload_with_wrong_final_hashes_is_refused(server: ServerThread, tmp_pat
             assert isinstance(reply, m.Error)
             assert "integrity" in reply.code
             assert await c.listdir("") == []
+            assert await unfinished_uploads(server, c) == 0
 
     asyncio.run(main())
-    assert os.listdir(h) == []
+    if not on_objects(server):
+        assert os.listdir(home(server)) == []
 
 
 @pytest.mark.timeout(60)

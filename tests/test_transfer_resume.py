@@ -2,6 +2,8 @@
 ends, corrupted partial data is re-sent from the bad chunk on, and changed sources restart from zero.
 
 Interruptions are a progress callback that raises (optionally after aborting the client's transport).
+Tests marked ``backends`` also run on the object backend (tests/conformance.py); its uploads resume
+by stored 4 MiB chunk, so they use that chunk size there (:func:`put_chunking`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 from ferry.client.aclient import AsyncClient
 from ferry.client.transfer import partial_path, upload_token
 from ferry.errors import ConnectionBroken
-from ferry.hashing import ChunkHasher
+from ferry.hashing import DEFAULT_CHUNK, ChunkHasher
 from ferry.wire import messages as m
 from ferry_server import ServerThread
 from transfer_support import (
@@ -30,8 +32,12 @@ from transfer_support import (
     interrupt_after,
     no_logged_errors,  # noqa: F401 (a fixture: see pytestmark)
     no_sessions,
+    on_objects,
     partials,
+    place,
     random_bytes,
+    remote_bytes,
+    unfinished_uploads,
     wait_until,
     write_random,
 )
@@ -39,6 +45,12 @@ from transfer_support import (
 pytestmark = [pytest.mark.usefixtures("no_logged_errors"), pytest.mark.transports]
 
 SIZE = 8 * MiB + 12345  # not a multiple of the chunk size: the last chunk is short
+
+
+def put_chunking(server: ServerThread) -> tuple[int, int]:
+    """(chunk size, bytes after which to interrupt) for an upload that must resume: the object
+    backend resumes uploads only in its own 4 MiB chunks, so it is interrupted after more than one."""
+    return (DEFAULT_CHUNK, 6 * MiB) if on_objects(server) else (SMALL_CHUNK, 4 * MiB)
 
 
 def flip(path: Path, offset: int) -> None:
@@ -53,13 +65,15 @@ def flip(path: Path, offset: int) -> None:
 # --- downloads -----------------------------------------------------------------------------------
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_get_resumes_on_the_same_connection(server: ServerThread, tmp_path: Path) -> None:
-    data = write_random(home(server) / "big.bin", SIZE, 1)
+    data = random_bytes(SIZE, 1)
     dest = tmp_path / "big.bin"
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
+            await place(server, c, tmp_path, "big.bin", data)
             with pytest.raises(Interrupt):
                 await c.get("big.bin", dest, chunk_size=SMALL_CHUNK, progress=interrupt_after(3 * MiB))
             assert not dest.exists()
@@ -78,14 +92,16 @@ def test_get_resumes_on_the_same_connection(server: ServerThread, tmp_path: Path
     assert not partial_path(dest).exists()
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_get_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path: Path) -> None:
-    data = write_random(home(server) / "big.bin", SIZE, 2)
+    data = random_bytes(SIZE, 2)
     dest = tmp_path / "big.bin"
 
     async def main() -> None:
         c = await connect(server, tmp_path)
         try:
+            await place(server, c, tmp_path, "big.bin", data)
             with pytest.raises((Interrupt, ConnectionBroken)):
                 await c.get(
                     "big.bin",
@@ -106,16 +122,18 @@ def test_get_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path:
     assert wait_until(lambda: no_sessions(server))
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_get_resends_from_a_corrupted_chunk_of_the_local_partial(
     server: ServerThread, tmp_path: Path
 ) -> None:
     chunk = 1 << 18
-    data = write_random(home(server) / "big.bin", SIZE, 3)
+    data = random_bytes(SIZE, 3)
     dest = tmp_path / "big.bin"
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
+            await place(server, c, tmp_path, "big.bin", data)
             with pytest.raises(Interrupt):
                 await c.get("big.bin", dest, chunk_size=chunk, progress=interrupt_after(6 * MiB))
             part = partial_path(dest)
@@ -129,18 +147,19 @@ def test_get_resends_from_a_corrupted_chunk_of_the_local_partial(
     assert dest.read_bytes() == data
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_get_restarts_when_the_remote_file_changed(server: ServerThread, tmp_path: Path) -> None:
-    src = home(server) / "big.bin"
-    write_random(src, SIZE, 4)
     dest = tmp_path / "big.bin"
 
     async def main() -> bytes:
         async with await connect(server, tmp_path) as c:
+            await place(server, c, tmp_path, "big.bin", random_bytes(SIZE, 4))
             with pytest.raises(Interrupt):
                 await c.get("big.bin", dest, chunk_size=SMALL_CHUNK, progress=interrupt_after(3 * MiB))
             assert partial_path(dest).stat().st_size > SMALL_CHUNK
-            new = write_random(src, SIZE - 1000, 40)  # replaced by a different file
+            new = random_bytes(SIZE - 1000, 40)
+            await place(server, c, tmp_path, "big.bin", new)  # replaced by a different file
             r = await c.get("big.bin", dest, chunk_size=SMALL_CHUNK)
             assert r.resumed_from == 0
             assert r.sent == r.size == SIZE - 1000
@@ -176,35 +195,40 @@ def test_get_after_an_in_place_rewrite_that_kept_size_and_mtime(server: ServerTh
 # --- uploads -------------------------------------------------------------------------------------
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_put_resumes_on_the_same_connection(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
     data = write_random(src, SIZE, 6)
-    h = home(server)
+    chunk, cut = put_chunking(server)
 
     async def main() -> None:
         async with await connect(server, tmp_path) as c:
             with pytest.raises(Interrupt):
-                await c.put(src, "big.bin", chunk_size=SMALL_CHUNK, progress=interrupt_after(4 * MiB))
-            assert not (h / "big.bin").exists()
+                await c.put(src, "big.bin", chunk_size=chunk, progress=interrupt_after(cut))
             assert await c.listdir("") == []  # the partial is hidden
-            r = await c.put(src, "big.bin", chunk_size=SMALL_CHUNK)
+            r = await c.put(src, "big.bin", chunk_size=chunk)
             assert r.resumed_from > 0
             assert r.sent == SIZE - r.resumed_from < SIZE
 
+    async def check() -> None:
+        # After the session ended (and cleaned up everything it held), the file is still the source.
+        async with await connect(server, tmp_path) as c:
+            assert await remote_bytes(server, c, tmp_path, "big.bin") == data
+            assert (await c.stat("big.bin")).mtime == pytest.approx(src.stat().st_mtime, abs=1e-6)
+            assert await unfinished_uploads(server, c) == 0
+
     asyncio.run(main())
     assert wait_until(lambda: no_sessions(server))
-    # After the session ended (and cleaned up everything it held), the file is still the source.
-    assert (h / "big.bin").read_bytes() == data
-    assert (h / "big.bin").stat().st_mtime == pytest.approx(src.stat().st_mtime, abs=1e-6)
-    assert partials(h) == []
+    asyncio.run(check())
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_put_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
     data = write_random(src, SIZE, 7)
-    h = home(server)
+    chunk, cut = put_chunking(server)
 
     async def main() -> None:
         c = await connect(server, tmp_path)
@@ -213,22 +237,22 @@ def test_put_resumes_after_the_connection_is_cut(server: ServerThread, tmp_path:
                 await c.put(
                     src,
                     "big.bin",
-                    chunk_size=SMALL_CHUNK,
-                    progress=interrupt_after(5 * MiB, c.mux.transport.abort),
+                    chunk_size=chunk,
+                    progress=interrupt_after(cut + MiB, c.mux.transport.abort),
                 )
         finally:
             await c.close()
         assert await await_until(lambda: no_sessions(server))
-        assert len(partials(h)) == 1
         async with await connect(server, tmp_path) as c2:
+            assert await unfinished_uploads(server, c2) > 0  # kept for the resume
             assert await c2.listdir("") == []
-            r = await c2.put(src, "big.bin", chunk_size=SMALL_CHUNK)
-        assert r.resumed_from > 0
-        assert r.sent == SIZE - r.resumed_from
+            r = await c2.put(src, "big.bin", chunk_size=chunk)
+            assert r.resumed_from > 0
+            assert r.sent == SIZE - r.resumed_from
+            assert await remote_bytes(server, c2, tmp_path, "big.bin") == data
+            assert await unfinished_uploads(server, c2) == 0
 
     asyncio.run(main())
-    assert (h / "big.bin").read_bytes() == data
-    assert partials(h) == []
 
 
 @pytest.mark.timeout(60)
@@ -265,24 +289,24 @@ def test_put_resends_from_a_corrupted_chunk_of_the_server_partial(
     assert (h / "big.bin").read_bytes() == data
 
 
+@pytest.mark.backends
 @pytest.mark.timeout(60)
 def test_put_restarts_when_the_local_file_changed(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
     write_random(src, SIZE, 9)
-    h = home(server)
+    chunk, cut = put_chunking(server)
 
-    async def main() -> bytes:
+    async def main() -> None:
         async with await connect(server, tmp_path) as c:
             with pytest.raises(Interrupt):
-                await c.put(src, "big.bin", chunk_size=SMALL_CHUNK, progress=interrupt_after(4 * MiB))
+                await c.put(src, "big.bin", chunk_size=chunk, progress=interrupt_after(cut))
             new = write_random(src, SIZE, 90)
-            r = await c.put(src, "big.bin", chunk_size=SMALL_CHUNK)
+            r = await c.put(src, "big.bin", chunk_size=chunk)
             assert r.resumed_from == 0
             assert r.sent == SIZE
-            return new
+            assert await remote_bytes(server, c, tmp_path, "big.bin") == new
 
-    new = asyncio.run(main())
-    assert (h / "big.bin").read_bytes() == new
+    asyncio.run(main())
 
 
 @pytest.mark.cell(transport="plain")

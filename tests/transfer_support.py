@@ -90,6 +90,46 @@ async def connect(
     return c
 
 
+def on_objects(srv: ServerThread) -> bool:
+    """True when ``srv`` keeps files on the object backend (no home folder to look in)."""
+    return srv.config.store is not None
+
+
+async def place(srv: ServerThread, c: AsyncClient, tmp_path: Path, name: str, data: bytes) -> None:
+    """Make file ``name`` hold ``data`` on the server: written into the home on the folder backend
+    (as a local user of the server would), put through ``c`` on the object backend."""
+    if not on_objects(srv):
+        (home(srv) / name).write_bytes(data)
+        return
+    local = tmp_path / f"placed-{secrets.token_hex(4)}"
+    local.write_bytes(data)
+    try:
+        await c.put(local, name)
+    finally:
+        local.unlink()
+
+
+async def remote_bytes(srv: ServerThread, c: AsyncClient, tmp_path: Path, name: str) -> bytes:
+    """The bytes of file ``name`` on the server: read from the home on the folder backend, fetched
+    through ``c`` on the object backend."""
+    if not on_objects(srv):
+        return (home(srv) / name).read_bytes()
+    local = tmp_path / f"fetched-{secrets.token_hex(4)}"
+    try:
+        await c.get(name, local)
+        return local.read_bytes()
+    finally:
+        local.unlink(missing_ok=True)
+
+
+async def unfinished_uploads(srv: ServerThread, c: AsyncClient) -> int:
+    """What the server keeps of unfinished uploads: partial files in the home (folder backend), or
+    the bytes the database sets aside for them (object backend; ``df``'s ``partial``). 0: nothing."""
+    if not on_objects(srv):
+        return len(partials(home(srv)))
+    return (await c.df()).partial
+
+
 def connect_with(srv: ServerThread, tmp_path: Path, user: str = "alice", **credentials: Any) -> Awaitable[AsyncClient]:
     """:func:`connect` with only the credentials given (no password unless passed): for login tests."""
     return connect(srv, tmp_path, user, password=credentials.pop("password", None), **credentials)

@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 
 #: Files up to this size are read, hashed and sent in one step (as the folder backend does).
 SMALL: Final = 1 << 18
+#: Bytes per data frame of a download (as the folder backend's TLS path): the transport's buffer
+#: drains between frames, so a chunk in memory is not also copied whole into the transport's.
+BLOCK: Final = 1 << 20
 #: Chunks a download reads ahead of the one being sent (each up to 4 MiB in memory): enough to keep
 #: the network busy across the store's latency, few enough to bound memory per download.
 PREFETCH: Final = 3
@@ -188,8 +191,8 @@ async def _serve_get(svc: ObjectTransferService, msg: m.GetFile) -> None:
                     await asyncio.shield(hashing)
                 # In a thread (hashlib and blake3 release the GIL), while this block is sent.
                 hashing = start_thread(hasher.update, view)
-            if len(view):
-                await svc.send_data(msg.id, m.STDOUT, view)
+            for pos in range(0, len(view), BLOCK):
+                await svc.send_data(msg.id, m.STDOUT, view[pos : pos + BLOCK])
         if hashing is not None:
             await asyncio.shield(hashing)
     finally:
@@ -345,13 +348,13 @@ class ObjectUpload:
         if not self.started:
             raise RemoteProtocolError("file_end before put_from")
         msg = self.msg
-        if self._buffered or (msg.size == 0 and self._next == 0):
-            await self._submit()  # the last, short chunk (an empty file is one empty chunk)
-        await self._settle()
         if self.pos != msg.size or end.size != msg.size:
             raise ErrorCode.INTEGRITY.error(
                 f"{msg.path}: received {self.pos} bytes, expected {msg.size}; nothing was kept"
             )
+        if self._buffered or (msg.size == 0 and self._next == 0):
+            await self._submit()  # the last, short chunk (an empty file is one empty chunk)
+        await self._settle()
         first = self.resumed // CHUNK_SIZE
         stored = self.offered[:first] + [self.written[i] for i in range(first, self._next)]
         if self.hasher is None:
