@@ -51,11 +51,20 @@ PYTHON = (
 )
 #: argv prefix that runs the ferry CLI.
 FERRY = [PYTHON, "-m", "ferry"]
-#: What the ``ferry`` console script does (the generated script in the venv's bin/ is these lines):
-#: what a user runs. ``python -m ferry`` also imports runpy (a few ms more per command).
+#: The command line itself, as the console script ran it before the resident connection (and as
+#: it still runs when there is no resident process, after a check of ~1-2 ms): older revisions
+#: (``--rev``) have nothing else. ``python -m ferry`` also imports runpy (a few ms more per command).
 CONSOLE = "import sys; from ferry.cli import main; sys.exit(main())"
+#: What the ``ferry`` console script does now (the generated script in the venv's bin/ is these
+#: lines): hand the command to a resident process if there is one (ferry.resident.thin), else the above.
+CONSOLE_THIN = "import sys; from ferry.resident.thin import main; sys.exit(main())"
 #: argv prefix that runs the ferry CLI as its console script does.
-FERRY_SCRIPT = [PYTHON, "-c", CONSOLE]
+FERRY_SCRIPT = [PYTHON, "-c", CONSOLE_THIN]
+
+# A benchmark's ferry commands connect directly and leave no resident process behind (it would
+# log in and idle beside the next timed runs) unless it turns that on for its own commands, as
+# bench/sync.py does for its "ferry" tool (docs/cli.md, "The resident connection").
+os.environ.setdefault("FERRY_RESIDENT", "0")
 
 
 # --- statistics and output ----------------------------------------------------------------------

@@ -9,9 +9,18 @@ Cases (issue 11), each run by every tool in rotating order, repeated; medians ar
 (e) 10% of the small files deleted at the source, with ``--delete``;
 (f) a first sync of text logs (default 200 MiB) with ``-z`` (``rsync -z``).
 
-Tools: ``ferry`` (TLS) and ``ferry-plain`` (``--plain``) against ``rsync-ssh`` (``rsync -a -e ssh``,
-the private loopback sshd from ``../shared/peers/sshd-loopback.sh``) and ``rsyncd`` (the daemon from
-``../shared/peers/rsyncd-loopback.sh``). All push (local source, destination on the server).
+Tools: ``ferry`` (TLS, through its resident connection: docs/cli.md), ``ferry-direct`` (TLS, each
+command connecting and logging in itself, ``FERRY_RESIDENT=0``) and ``ferry-plain`` (``--plain``,
+direct) against ``rsync-ssh`` (``rsync -a -e ssh``, the private loopback sshd from
+``../shared/peers/sshd-loopback.sh``), ``rsync-ssh-cm`` (the same over an OpenSSH ControlMaster
+connection kept by ControlPersist: ssh's own resident connection, for comparison; not part of
+the targets) and ``rsyncd`` (the daemon from ``../shared/peers/rsyncd-loopback.sh``). All push
+(local source, destination on the server).
+
+The resident process of ``ferry`` is warmed (started, logged in) before each of its timed runs,
+untimed (``ferry resident start``: a no-op when it is there), as the ssh master of
+``rsync-ssh-cm`` is by the untimed runs before. Its CPU time counts as the client's: the
+command's work runs there.
 
 Per run: wall time; bytes on the wire (ferry: the client socket's TCP counters, TLS included; rsync:
 its ``--stats`` totals sent + received, the rsync protocol's bytes *before* ssh's framing and
@@ -39,6 +48,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,6 +91,10 @@ CASE_TEXT = {
     "e": "10% deleted, --delete",
     "f": "text logs, -z",
 }
+
+
+#: Seconds the resident process of the ``ferry`` tool stays idle between runs.
+RESIDENT_PERSIST = 900
 
 
 def cpu_with_children(pid: int) -> float | None:
@@ -178,23 +192,24 @@ class Env:
     def dest(self, tool: str, case_set: str) -> tuple[str, Path]:
         """(the tool's destination argument, the local path that holds it)."""
         if tool.startswith("ferry"):
-            srv = self.ferry_tls if tool == "ferry" else self.ferry_plain
+            srv = self.ferry_plain if tool == "ferry-plain" else self.ferry_tls
             assert srv is not None
-            local = srv.root / "homes" / USER / case_set
-            return f"ferry://{USER}@127.0.0.1:{srv.port}/{case_set}", local
-        if tool == "rsync-ssh":
-            local = self.scratch / "rsync-ssh" / case_set
+            name = f"{case_set}-direct" if tool == "ferry-direct" else case_set  # (the same server)
+            local = srv.root / "homes" / USER / name
+            return f"ferry://{USER}@127.0.0.1:{srv.port}/{name}", local
+        if tool.startswith("rsync-ssh"):
+            local = self.scratch / tool / case_set
             assert self.ssh is not None
             return self.ssh.target(f"{local}/"), local
         local = self.scratch / "rsyncd" / case_set
         return f"rsync://127.0.0.1:{self.rsyncd_port}/data/{case_set}/", local
 
     def server_cpu(self, tool: str) -> float | None:
-        if tool == "ferry":
+        if tool in ("ferry", "ferry-direct"):
             return self.ferry_tls.cpu() if self.ferry_tls else None
         if tool == "ferry-plain":
             return self.ferry_plain.cpu() if self.ferry_plain else None
-        if tool == "rsync-ssh":
+        if tool.startswith("rsync-ssh"):
             return cpu_with_children(self.sshd_pid) if self.sshd_pid else None
         return cpu_with_children(self.rsyncd_pid) if self.rsyncd_pid else None
 
@@ -216,26 +231,62 @@ def wait_servers_idle(e: Env, tools: list[str], quiet: float = 0.3, limit: float
     return time.monotonic() - t0
 
 
+def tool_env(e: Env, tool: str) -> dict[str, str]:
+    """The environment of a tool's command: only ``ferry`` has its resident connection on."""
+    return dict(e.env, FERRY_RESIDENT=str(RESIDENT_PERSIST) if tool == "ferry" else "0")
+
+
+def warm_resident(e: Env) -> int | None:
+    """Start the ``ferry`` tool's resident process unless it is there (untimed); its pid."""
+    assert e.ferry_tls is not None
+    env = tool_env(e, "ferry")
+    dest = f"ferry://{USER}@127.0.0.1:{e.ferry_tls.port}/"
+    subprocess.run([*FERRY_SCRIPT, "resident", "start", "-q", dest], env=env, timeout=120, check=True)
+    out = subprocess.run([*FERRY_SCRIPT, "resident", "list", "--json"], env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout  # fmt: skip
+    pids = [json.loads(line)["pid"] for line in out.splitlines() if f'"port": {e.ferry_tls.port}' in line]
+    return int(pids[0]) if pids else None
+
+
+def ssh_cm_cmd(e: Env) -> str:
+    """``ssh ...`` with an OpenSSH master connection that stays (ControlMaster/ControlPersist)."""
+    assert e.ssh is not None
+    path = f"/tmp/fb-cm-{os.getpid()}-%C"  # short: a Unix socket path
+    return e.ssh.ssh_cmd + f" -o ControlMaster=auto -o ControlPath={path} -o ControlPersist={RESIDENT_PERSIST}"
+
+
 def run_tool(e: Env, tool: str, src: Path, case_set: str, *, delete: bool = False, compress: bool = False) -> Sample:
     target, _local = e.dest(tool, case_set)
+    resident: int | None = None
     if tool.startswith("ferry"):
         argv = [*FERRY_SCRIPT, "sync", "--json", "-q", f"{src}/", target]
         if tool == "ferry-plain":
             argv.append("--plain")
+        if tool == "ferry":
+            resident = warm_resident(e)
+            if resident is None:
+                raise SystemExit("ferry: no resident process after 'ferry resident start'")
     else:
         argv = ["rsync", "-a", "--stats", f"{src}/", target]
         if tool == "rsync-ssh":
             assert e.ssh is not None
             argv[1:1] = ["-e", e.ssh.ssh_cmd]
+        elif tool == "rsync-ssh-cm":
+            argv[1:1] = ["-e", ssh_cm_cmd(e)]
     if delete:
         argv.insert(len(argv) - 2, "--delete")
     if compress:
         argv.insert(len(argv) - 2, "-z")
     cpu0 = e.server_cpu(tool)
-    r = run_timed(argv, timeout=900, env=e.env)
+    rcpu0 = cpu_with_children(resident) if resident else None
+    r = run_timed(argv, timeout=900, env=tool_env(e, tool))
     cpu1 = e.server_cpu(tool)
+    rcpu1 = cpu_with_children(resident) if resident else None
     if not r.ok:
         raise SystemExit(f"{tool}: {r.describe_failure()}")
+    client_cpu = r.cpu_seconds
+    if rcpu0 is not None and rcpu1 is not None:  # the work ran in the resident process
+        client_cpu += rcpu1 - rcpu0
     wire: int | None = None
     if tool.startswith("ferry"):
         summary = [json.loads(x) for x in r.stdout.splitlines() if '"summary"' in x]
@@ -246,7 +297,7 @@ def run_tool(e: Env, tool: str, src: Path, case_set: str, *, delete: bool = Fals
         if sent and got:
             wire = int(sent.group(1).replace(",", "")) + int(got.group(1).replace(",", ""))
     server = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
-    return Sample(r.seconds, wire, r.cpu_seconds, server)
+    return Sample(r.seconds, wire, client_cpu, server)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -361,7 +412,7 @@ def report(res: Results, tools: list[str], markdown: bool, big_size: int) -> Non
             rows.append([f"({c}) {CASE_TEXT[c]}", t, cell(c, t, "seconds"), fmt_num(wire), cell(c, t, "client_cpu"), cell(c, t, "server_cpu")])
     print(table(headers, rows, markdown=markdown))
     print()
-    pairs = [("ferry", "rsync-ssh"), ("ferry-plain", "rsyncd")]
+    pairs = [("ferry", "rsync-ssh"), ("ferry-direct", "rsync-ssh"), ("ferry", "rsync-ssh-cm"), ("ferry-plain", "rsyncd")]
     headers = ["case", "pair", "time ratio", "wire ratio", "target"]
     targets = {"a": "time <= 1", "b": "time <= 0.5", "c": "time <= 1, wire <= 1.5 and < 2% of big",
                "d": "time <= 1, wire <= 1.5 and < 2% of big", "e": "time <= 1", "f": "time <= 1, wire <= 1.2"}  # fmt: skip
@@ -374,7 +425,8 @@ def report(res: Results, tools: list[str], markdown: bool, big_size: int) -> Non
                 continue
             wr = f"{wa / wb:.2f}" if wa and wb else "-"
             extra = f" ({100 * wa / big_size:.2f}% of big)" if c in ("c", "d") and wa else ""
-            rows.append([f"({c})", f"{a} / {b}", f"{ta / tb:.2f}", wr + extra, targets[c]])
+            target = targets[c] if b != "rsync-ssh-cm" else "(for comparison)"
+            rows.append([f"({c})", f"{a} / {b}", f"{ta / tb:.2f}", wr + extra, target])
     print(table(headers, rows, markdown=markdown))
 
 
@@ -384,7 +436,7 @@ def main() -> None:
     ap.add_argument("--big-mib", type=int, default=1024, help="size of the big file")
     ap.add_argument("--logs-mib", type=int, default=200, help="text logs for case (f)")
     ap.add_argument("--reps", type=int, default=3, help="round-robin repetitions (medians)")
-    ap.add_argument("--tools", default="ferry,ferry-plain,rsync-ssh,rsyncd")
+    ap.add_argument("--tools", default="ferry,ferry-direct,ferry-plain,rsync-ssh,rsync-ssh-cm,rsyncd")
     ap.add_argument("--cases", default=",".join(CASES), help="cases to time, e.g. b,e (default: all)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
@@ -395,7 +447,10 @@ def main() -> None:
     big = args.big_mib * MiB
     need = big * 2 + args.logs_mib * MiB + len(tools) * (big + args.logs_mib * MiB + args.small * 8192) + GiB // 2
     with scratch_dir(need, prefix="ferry-bench-sync-") as scratch:
-        env = dict(os.environ, FERRY_HOME=str(scratch / "client-home"), FERRY_PASSWORD=PASSWORD, PYTHONUNBUFFERED="1")
+        run_dir = scratch / "run"  # the resident process's socket, away from the user's own
+        run_dir.mkdir(mode=0o700)
+        env = dict(os.environ, FERRY_HOME=str(scratch / "client-home"), FERRY_PASSWORD=PASSWORD, PYTHONUNBUFFERED="1",
+                   FERRY_RUNTIME_DIR=str(run_dir))  # fmt: skip
         e = Env(scratch, env)
         compile_source(PROJECT / "src")
         log(f"ferry {source_version()}; data: {args.small} x 4 KiB + {args.big_mib} MiB, logs {args.logs_mib} MiB; "
@@ -409,15 +464,16 @@ def main() -> None:
         servers: list[Callable[[], None]] = []
         try:
             for tool in tools:
-                if tool.startswith("ferry"):
-                    root = scratch / f"root-{tool}"
-                    ferry_add_user(root, USER, PASSWORD, env=env)
-                    srv = FerryServer(root, plain=tool == "ferry-plain", env=env).start()
-                    servers.append(srv.stop)
-                    if tool == "ferry":
-                        e.ferry_tls = srv
-                    else:
-                        e.ferry_plain = srv
+                if not tool.startswith("ferry") or (tool != "ferry-plain" and e.ferry_tls is not None):
+                    continue  # ("ferry" and "ferry-direct" share one TLS server)
+                root = scratch / ("root-ferry-plain" if tool == "ferry-plain" else "root-ferry")
+                ferry_add_user(root, USER, PASSWORD, env=env)
+                srv = FerryServer(root, plain=tool == "ferry-plain", env=env).start()
+                servers.append(srv.stop)
+                if tool == "ferry-plain":
+                    e.ferry_plain = srv
+                else:
+                    e.ferry_tls = srv
             if "rsyncd" in tools:
                 rdir = scratch / "rsyncd-run"
                 renv = dict(env, PEER_RSYNCD_DIR=str(rdir))
@@ -428,9 +484,9 @@ def main() -> None:
                 servers.append(lambda: subprocess.run(["bash", str(RSYNCD_SCRIPT), "stop"], env=renv,
                                                       capture_output=True, timeout=60, check=False))  # fmt: skip
             with ssh_peer() as peer:
-                if "rsync-ssh" in tools:
+                if "rsync-ssh" in tools or "rsync-ssh-cm" in tools:
                     if peer is None:
-                        tools.remove("rsync-ssh")
+                        tools[:] = [t for t in tools if not t.startswith("rsync-ssh")]
                     else:
                         e.ssh = peer
                         e.sshd_pid = int(Path(peer.peer_dir, "sshd.pid").read_text())
@@ -440,6 +496,12 @@ def main() -> None:
                 report(res, tools, args.markdown, big)
                 print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         finally:
+            if e.ssh is not None and "rsync-ssh-cm" in tools:  # the ssh master of rsync-ssh-cm
+                subprocess.run([*shlex.split(ssh_cm_cmd(e)), "-O", "exit", "root@127.0.0.1"], env=env,
+                               capture_output=True, timeout=30, check=False)  # fmt: skip
+            if e.ferry_tls is not None and "ferry" in tools:
+                subprocess.run([*FERRY_SCRIPT, "resident", "stop"], env=tool_env(e, "ferry"),
+                               capture_output=True, timeout=60, check=False)  # fmt: skip
             for stop in servers:
                 stop()
 

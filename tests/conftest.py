@@ -23,6 +23,10 @@ from transfer_support import running_server
 
 FERRY = [sys.executable, "-m", "ferry"]
 
+# No test's `ferry` process leaves a resident connection behind (or uses one a user has): each
+# would hold a session on a test server for minutes. tests/test_resident.py turns it on for itself.
+os.environ["FERRY_RESIDENT"] = "0"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

@@ -60,4 +60,5 @@ def test_license_and_distribution_name_agree_with_the_readme() -> None:
     name = project["name"]
     assert name != "ferry"
     assert f"pip install {name} " in README.read_text(encoding="utf-8")
-    assert project["scripts"] == {"ferry": "ferry.cli:main"}  # the command keeps its name
+    # the command keeps its name; its entry looks for a resident connection first (ferry.resident.thin)
+    assert project["scripts"] == {"ferry": "ferry.resident.thin:main"}

@@ -1,6 +1,6 @@
-"""``python -m ferry`` runs the command line."""
+"""``python -m ferry`` runs the command line (through a resident process when there is one)."""
 
-from ferry.cli import main
+from ferry.resident.thin import main
 
 if __name__ == "__main__":
     main()

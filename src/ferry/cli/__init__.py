@@ -19,6 +19,7 @@ import click
 
 from ferry import __version__
 from ferry.errors import ExitCode, FerryError
+from ferry.resident import context as resident_context
 
 # name -> "module:attribute" of a click command; imported only when used.
 _COMMANDS: dict[str, str] = {
@@ -37,6 +38,7 @@ _COMMANDS: dict[str, str] = {
     "shell": "ferry.cli.shell:shell",
     "known-hosts": "ferry.cli.known_hosts:known_hosts",
     "sync": "ferry.cli.sync_cmd:sync",
+    "resident": "ferry.cli.resident_cmd:resident",
 }
 
 #: Commands that have nothing left for the interpreter's teardown when they return (connection
@@ -88,7 +90,7 @@ def cli(ctx: click.Context) -> None:
 
 def _config_defaults(command: str | None) -> dict[str, dict[str, object]] | None:
     """click defaults from the config file's ``[defaults]`` for ``command`` (None without a file)."""
-    if command is None or command in ("user", "serve", "net", "known-hosts"):
+    if command is None or command in ("user", "serve", "net", "known-hosts", "resident"):
         return None
     from ferry.client.config import load_config
 
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     assert isinstance(cli, LazyGroup)
     cli.invoked = None
     if argv is None:
+        resident_context.program = True  # (a command may leave a resident connection behind)
         _sanitise_std_fds()
     code: object = 0
     try:

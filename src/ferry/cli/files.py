@@ -54,11 +54,17 @@ from ferry.errors import (
 from ferry.errtext import os_reason
 from ferry.paths import DEFAULT_PORT
 from ferry.ratelimit import parse_rate
+from ferry.resident import context as resident_context
+from ferry.resident import runtime
+from ferry.resident.runtime import RESIDENT_COMMANDS
+from ferry.resident.spawn import Spec, creds_digest, persist_seconds
+from ferry.resident.spawn import start as start_resident
 from ferry.textsafe import safe_name
 from ferry.wire.messages import FREE_UNMETERED
 
 if TYPE_CHECKING:
     from ferry.client.aclient import AsyncClient, Usage
+    from ferry.client.auth import LoginOptions
     from ferry.hashing import HashName
     from ferry.wire.messages import Entry
 
@@ -80,6 +86,8 @@ class Common:
     identities: tuple[str, ...] = ()
     token_file: str | None = None
     verbose: bool = False
+    #: --no-resident: connect directly, and leave no resident process behind (docs/cli.md)
+    no_resident: bool = False
 
     def output(self) -> Output:
         """The printing policy these options ask for (progress bars: the config file's
@@ -114,6 +122,11 @@ def common_options(f: F, *, short_identity: bool = True) -> F:
     @functools.partial(login_options, short_identity=short_identity)
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
     @click.option("--json", "json_mode", is_flag=True, help="One JSON object per result on standard output.")
+    @click.option(
+        "--no-resident",
+        is_flag=True,
+        help="Connect directly: neither use nor leave a resident connection (also FERRY_RESIDENT=0).",
+    )
     @functools.wraps(f)
     def wrapper(
         *args: Any,
@@ -125,9 +138,10 @@ def common_options(f: F, *, short_identity: bool = True) -> F:
         identities: tuple[str, ...],
         token_file: str | None,
         verbose: bool,
+        no_resident: bool,
         **kwargs: Any,
     ) -> Any:
-        common = Common(port, plain, password_file, quiet, json_mode, identities, token_file, verbose)
+        common = Common(port, plain, password_file, quiet, json_mode, identities, token_file, verbose, no_resident)
         return f(*args, common=common, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -280,7 +294,10 @@ def run(coro: Coroutine[Any, Any, T], *, bulk: bool = True, resumable: bool = Fa
     """
     from ferry.aio import run as aio_run
 
+    session = resident_context.current()
     try:
+        if session is not None:  # in a resident process: on its loop, where its connection lives
+            return session.run(coro)
         return aio_run(coro, use_uvloop=bulk)
     except KeyboardInterrupt:
         click.echo(interrupted_message("get" if resumable else None), err=True)
@@ -298,28 +315,89 @@ async def connected(loc: Location, common: Common) -> AsyncIterator[AsyncClient]
 
     When ``loc``'s path is a bare number (``ferry ls host:7374``), no port was given and nothing
     answers on the default port, the error adds how to write a port: after the colon comes a path.
-    """
-    from ferry.cli.common import open_client
 
-    number = number_after_colon(loc, common.port)
-    hint = "" if number is None else f" ({number} is a path here; for port {number} write {port_hint(loc, number)})"
-    try:
-        client = await open_client(
+    In a resident process this is the resident's connection (or :class:`~ferry.resident.context.Fallback`
+    when the command wants another one). A direct connection of a command run as the program
+    leaves a resident process behind when it is done (:func:`leave_resident`).
+    """
+    from ferry.cli.common import login_options, open_client
+
+    session = resident_context.current()
+    if session is not None:
+        yield await session.client_for(
             loc,
             plain=common.plain,
-            password_file=common.password_file,
-            token_file=common.token_file,
             identities=common.identities,
+            token_file=common.token_file,
+            password_file=common.password_file,
             verbose=common.verbose,
         )
+        return
+    number = number_after_colon(loc, common.port)
+    hint = "" if number is None else f" ({number} is a path here; for port {number} write {port_hint(loc, number)})"
+    login = login_options(
+        password_file=common.password_file,
+        token_file=common.token_file,
+        identities=common.identities,
+        verbose=common.verbose,
+    )
+    try:
+        client = await open_client(loc, plain=common.plain, verbose=common.verbose, login=login)
     except ConnectionBroken as exc:
         if not hint:
             raise
         raise ConnectionBroken(f"{exc}{hint}") from exc
+    completed = False
     try:
         yield client
+        completed = True
+    except FerryError:  # the command failed, the login worked: a resident is still worth having
+        completed = True
+        raise
     finally:
         await client.close()
+        if completed:
+            leave_resident(loc, common, client, login)
+
+
+def leave_resident(loc: Location, common: Common, client: AsyncClient, login: LoginOptions) -> None:
+    """Start a resident process for ``loc`` after a direct command of the program, if the
+    feature is on and none is there (see :mod:`ferry.resident.spawn`); never fails the command."""
+    if not resident_context.program or resident_context.current() is not None:
+        return
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.info_name not in RESIDENT_COMMANDS:
+        return
+    try:
+        persist = persist_seconds(common.no_resident)
+        if persist is not None:
+            start_resident(resident_spec(loc, common, client, login, persist))
+    except Exception:
+        pass
+
+
+def resident_spec(loc: Location, common: Common, client: AsyncClient, login: LoginOptions, persist: int) -> Spec:
+    """What a resident process for ``client``'s connection needs (the credentials that worked)."""
+    from ferry.cli.common import default_user
+
+    user = loc.user or default_user()
+    env = os.environ
+    return Spec(
+        key=runtime.key_string(runtime.client_home(env), user, loc.host, loc.port, client.plain),
+        host=loc.host,
+        port=loc.port,
+        user=user,
+        plain=client.plain,
+        persist=persist,
+        fingerprint=client.info.fingerprint if client.info is not None else None,
+        creds=creds_digest(common.identities, common.token_file, common.password_file, env),
+        password=login.password,
+        token=login.token,
+        identities=tuple(os.path.abspath(os.path.expanduser(os.fspath(i))) for i in login.identities),
+        agent=login.agent,
+        default_keys=login.default_keys,
+        passphrase=login.passphrase,
+    )
 
 
 def run_connected(loc: Location, common: Common, action: Callable[[AsyncClient], Awaitable[None]]) -> None:

@@ -6,6 +6,7 @@ Example (every key is optional; docs/cli.md "The config file" documents each)::
     hash = "blake3"          # --hash of get, put, shell
     bwlimit = "10M"          # --bwlimit of the commands that have it
     progress = false         # progress bars on a terminal (true/false)
+    resident = 600           # the resident connection: false, true, or seconds it stays idle
 
     [hosts.box]
     host = "files.example.org"
@@ -35,7 +36,7 @@ from ferry.ratelimit import parse_rate
 __all__ = ["Config", "ConfigError", "Defaults", "HostAlias", "config_file", "load_config"]
 
 _HOST_KEYS: Final = {"host", "port", "user", "identity", "plain"}
-_DEFAULT_KEYS: Final = {"hash", "bwlimit", "progress"}
+_DEFAULT_KEYS: Final = {"hash", "bwlimit", "progress", "resident"}
 _ALIAS_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -62,6 +63,8 @@ class Defaults:
     hash: str | None = None
     bwlimit: str | None = None
     progress: bool | None = None
+    #: the resident connection (docs/cli.md): False (off), True (on), or seconds it stays idle
+    resident: bool | int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ def _parse(path: Path, text: str) -> Config:
             raise fail("defaults", key, f"unknown key {key!r} in [defaults] (known: {', '.join(sorted(_DEFAULT_KEYS))})")
         if key == "progress" and not isinstance(value, bool):
             raise fail("defaults", key, "progress must be true or false")
+        if key == "resident" and not (isinstance(value, bool) or (isinstance(value, int) and value > 0)):
+            raise fail("defaults", key, "resident must be true, false or a number of seconds")
         if key == "hash" and value not in ("blake3", "md5"):
             raise fail("defaults", key, "hash must be \"blake3\" or \"md5\"")
         if key == "bwlimit" and not _is_rate(value):
@@ -160,7 +165,12 @@ def _parse(path: Path, text: str) -> Config:
     return Config(
         path,
         hosts,
-        Defaults(defaults.get("hash"), None if bwlimit is None else str(bwlimit), defaults.get("progress")),
+        Defaults(
+            defaults.get("hash"),
+            None if bwlimit is None else str(bwlimit),
+            defaults.get("progress"),
+            defaults.get("resident"),
+        ),
     )
 
 

@@ -203,6 +203,13 @@ class Mux:
         if self._task is None:
             self._task = asyncio.create_task(self._read_loop())
 
+    async def wait_ended(self) -> None:
+        """Return once the connection has ended (the server closed it, it broke, or it was
+        closed): a resident process (ferry.resident.daemon) leaves then. Cancelling the wait
+        leaves the connection alone."""
+        if self._task is not None:
+            await asyncio.wait([self._task])
+
     # --- the reader task ----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
