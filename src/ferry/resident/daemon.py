@@ -105,6 +105,8 @@ class Resident:
         self.commands = 0
         self.started = time.time()
         self.last_used = time.monotonic()
+        #: how long the last command took here, from its acceptance to its exit status
+        self.last_seconds = 0.0
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
 
@@ -297,6 +299,7 @@ class Resident:
             "idle": 0.0 if self.busy else round(time.monotonic() - self.last_used, 1),
             "busy": self.busy,
             "commands": self.commands,
+            "last_seconds": round(self.last_seconds, 4),
             "started": self.started,
             "login": self.client.info.login_detail if self.client is not None else "",
         }
@@ -310,10 +313,12 @@ class Resident:
             conn.sendall(runtime.FALLBACK)
             return
         status: int | None = None
+        t0 = time.perf_counter()
         try:
             conn.sendall(runtime.ACCEPTED)
             status = self._execute(conn, argv, env, umask, fds)
         finally:
+            self.last_seconds = time.perf_counter() - t0
             with self.lock:
                 self.busy = False
                 self.commands += status is not None  # (a command sent back to run itself is not one)

@@ -14,7 +14,7 @@ the commands connect directly)::
     $XDG_RUNTIME_DIR/ferry        if XDG_RUNTIME_DIR is set (systemd's /run/user/UID), else
     /tmp/ferry-UID
 
-One socket per destination, named by a 64-bit FNV-1a hash of its key: the client folder
+One socket per destination, named by a 64-bit FNV-1a hash of its key: ferry's version, the client folder
 (``$FERRY_HOME``: known_hosts and the config differ per folder), the user, the host as written
 (after a config alias), the port and TLS or plain. The name is only a lookup: the resident checks
 the full key, the credentials and the pinned fingerprint again for every command.
@@ -25,6 +25,8 @@ from __future__ import annotations
 import _socket
 import os
 import sys
+
+from ferry import __version__
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~8 ms, and mypy reads this name alike
 if TYPE_CHECKING:
@@ -120,8 +122,10 @@ def runtime_dir(env: Mapping[str, str], *, create: bool = False) -> str | None:
 
 
 def key_string(home: str, user: str, host: str, port: int, plain: bool) -> str:
-    """The identity of one resident connection (see the module docstring)."""
-    return "\0".join((home, user, host, str(port), "plain" if plain else "tls"))
+    """The identity of one resident connection (see the module docstring). The version of ferry
+    is part of it: after an upgrade, commands do not hand themselves to a process running the
+    old code (it idles out)."""
+    return "\0".join((__version__, home, user, host, str(port), "plain" if plain else "tls"))
 
 
 def socket_name(key: str) -> str:

@@ -197,6 +197,10 @@ def command_key(argv: list[str], env: Mapping[str, str]) -> str | None:
             next(it, None)
         elif not arg.startswith("-") or arg == "-":
             operands.append(arg)
+    if command == "put" and "-" in operands:
+        # Standard input: a cancelled upload would leave a reader of the caller's terminal or
+        # pipe behind in the resident process, taking input meant for the shell.
+        return None
     targets = {t for t in (remote_target(op) for op in operands) if t is not None}
     if not targets and command == "df" and operands:
         one = remote_target(operands[0] if ":" in operands[0] else operands[0] + ":")
