@@ -221,6 +221,43 @@ def index_bytes(data: bytes | bytearray | memoryview) -> ChunkIndex:
     return ChunkIndex(len(data), lengths, b"".join(parts))
 
 
+class Indexer:
+    """Builds the chunk index of a stream handed over piece by piece (the object backend's stored
+    4 MiB chunks, read one at a time): same chunks as :func:`index_fd` of the whole file.
+
+    A cut point depends only on the bytes from its chunk's start, so every piece of a buffer but
+    the last ends at a true boundary; the last may have been cut by the buffer's end and is
+    chunked again with the next piece (it is at most :data:`MAX_SIZE` bytes)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._lengths = array("I")
+        self._parts: list[bytes] = []
+        self._tail = b""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add the next ``data`` of the stream (CPU-bound: call it in a thread for large pieces)."""
+        buf = self._tail + bytes(data) if self._tail else data
+        last: memoryview | None = None
+        for _off, piece in chunk_buffer(buf):
+            if last is not None:
+                self._add(last)
+            last = piece
+        self._tail = bytes(last) if last is not None else b""
+
+    def finish(self) -> ChunkIndex:
+        """The index of everything fed."""
+        if self._tail:
+            self._add(memoryview(self._tail))  # the stream's end: a true boundary
+            self._tail = b""
+        return ChunkIndex(self.size, self._lengths, b"".join(self._parts))
+
+    def _add(self, piece: memoryview) -> None:
+        self._lengths.append(len(piece))
+        self._parts.append(blake3.blake3(piece).digest())
+        self.size += len(piece)
+
+
 def small_content_digest(data: bytes | bytearray | memoryview) -> bytes:
     """:func:`index_digest` of a buffer no larger than :data:`MIN_SIZE` (always one chunk): the
     fast path for comparing small files by content."""

@@ -63,19 +63,21 @@ def content_digest(cache: HashCache, fd: int, st: os.stat_result) -> bytes:
     return index.digest
 
 
-_encode_entries = msgspec.msgpack.Encoder().encode
+#: msgpack of a list of SyncEntry records (a packed ScanItems page, before zlib)
+encode_entries = msgspec.msgpack.Encoder().encode
 
 
 def _wire_entry(rec: ScanRecord) -> m.SyncEntry:
     if rec.error is not None:
         code = rec.error.code if isinstance(rec.error, RemoteError) else "error"
-        return m.SyncEntry(path=_safe(rec.path), kind="error", message=f"{code}: {rec.error}"[:8192])
+        return m.SyncEntry(path=safe_path(rec.path), kind="error", message=f"{code}: {rec.error}"[:8192])
     return m.SyncEntry(
         path=rec.path, kind=rec.kind, size=rec.size, mtime=m.wire_time(rec.mtime), mode=rec.mode, digest=rec.digest
     )
 
 
-def _safe(path: str) -> str:
+def safe_path(path: str) -> str:
+    """``path`` as valid UTF-8 cut to what a wire path may hold (for a record that only names it)."""
     text = path.encode("utf-8", "backslashreplace").decode("utf-8") if not path.isascii() else path
     return text[: m.MAX_PATH_CHARS]
 
@@ -102,7 +104,8 @@ def _next_page(scan: EntryScan, check: Callable[[], None]) -> tuple[list[m.SyncE
     return out, True
 
 
-def _filter(rules: list[str]) -> Filter:
+def scan_filter(rules: list[str]) -> Filter:
+    """The filter of a ScanTree's rules (``bad-request`` if they do not parse)."""
     try:
         return Filter(rules)
     except UsageError as exc:
@@ -144,7 +147,7 @@ def _record_of(st: os.stat_result, digest: bytes = b"") -> ScanRecord:
 async def _scan(svc: SyncService, msg: m.ScanTree) -> None:
     t0 = time.monotonic()
     storage = svc.storage
-    filt = _filter(msg.rules)
+    filt = scan_filter(msg.rules)
     single = await work.in_thread(_single, svc, msg.path, msg.checksum)
     if single is not None:
         await svc.send(m.ScanItems(id=msg.id, entries=[single], end=True))
@@ -162,7 +165,7 @@ async def _scan(svc: SyncService, msg: m.ScanTree) -> None:
     def next_page() -> tuple[m.ScanItems, bool]:
         page, done = _next_page(scan, check)
         if msg.packed:  # packed in the walk pool too, not on the event loop
-            return m.ScanItems(id=msg.id, packed=zlib.compress(_encode_entries(page), 1), end=done), done
+            return m.ScanItems(id=msg.id, packed=zlib.compress(encode_entries(page), 1), end=done), done
         return m.ScanItems(id=msg.id, entries=page, end=done), done
 
     # The next page is read (and packed) while this one is sent.
@@ -202,7 +205,7 @@ def _remove_all(
     for name in names:
         check()
         try:
-            path = _under(base, name)
+            path = under(base, name)
             try:
                 st = storage.lstat(path)
             except FerryError as exc:
@@ -224,11 +227,11 @@ def _remove_all(
             elif statmod.S_ISDIR(st.st_mode) and recursive:
                 freed = -1 << 62  # unknown: usage is recomputed
         except FerryError as exc:
-            errors.append(m.SyncEntry(path=_safe(name), kind="error", message=str(exc)[:8192]))
+            errors.append(m.SyncEntry(path=safe_path(name), kind="error", message=str(exc)[:8192]))
     return done, freed, entries, errors
 
 
-def _under(base: str, name: str) -> str:
+def under(base: str, name: str) -> str:
     """``base/name`` after checking that ``name`` is a plain relative path (no way out of ``base``)."""
     parts = parse_path(name)
     if not parts:
@@ -266,13 +269,13 @@ def _set_all(
     for e in entries:
         check()
         try:
-            path = _under(base, e.path) if e.path else join_path(parse_path(base))
+            path = under(base, e.path) if e.path else join_path(parse_path(base))
             if not path:
                 raise ErrorCode.BAD_PATH.error("the attributes of your home folder cannot be changed")
             storage.set_attrs_now(path, round(e.mtime * 1e9) if e.mtime else None, e.mode)
             done += 1
         except FerryError as exc:
-            errors.append(m.SyncEntry(path=_safe(e.path), kind="error", message=str(exc)[:8192]))
+            errors.append(m.SyncEntry(path=safe_path(e.path), kind="error", message=str(exc)[:8192]))
     return done, errors
 
 

@@ -50,7 +50,8 @@ MAX_TREES = 16
 ACK_ERROR_BYTES = 1 << 19
 
 
-def _error_item(path: str, exc: BaseException) -> m.TreeItem:
+def error_item(path: str, exc: BaseException) -> m.TreeItem:
+    """The ``error`` record that reports ``path`` failed with ``exc`` (both backends)."""
     return m.TreeItem(
         path=_wire_path(path), kind="error", code=code_of(exc).value, message=_wire_text(str(exc))[:8192]
     )
@@ -64,7 +65,7 @@ def _wire_path(path: str) -> str:
     return text
 
 
-def _wire_cost(item: m.TreeItem) -> int:
+def wire_cost(item: m.TreeItem) -> int:
     """An upper bound of the encoded size of ``item`` without its data (UTF-8: 4 bytes a character
     at most)."""
     cost = 64 + len(item.path) * (1 if item.path.isascii() else 4) + len(item.code)
@@ -84,42 +85,23 @@ def _wire_text(text: str) -> str:
 # --- download ------------------------------------------------------------------------------
 
 
-class _Batches:
-    """Turns tree records (a :class:`TreeScan`, or named files) into TreeItems batches (called in a
-    thread, one call at a time)."""
+class RecordItems:
+    """Turns tree records (:class:`TreeFile`, :class:`TreeDir`, :class:`TreeFailure`) into wire
+    records, counting the files, bytes and errors of one tree (both backends' tree downloads)."""
 
-    def __init__(
-        self, scan: Iterator[TreeFile | TreeDir | TreeFailure], hash: HashName, check: Callable[[], None]
-    ) -> None:
-        self.scan = scan
+    def __init__(self, hash: HashName) -> None:
         self.hash = hash
-        self.check = check
         self.files = 0
         self.errors = 0
         self.bytes = 0
 
-    def next(self) -> tuple[list[m.TreeItem], bool]:
-        """The next batch, and whether the scan is complete."""
-        items: list[m.TreeItem] = []
-        size = 0
-        check = self.check
-        for rec in self.scan:
-            check()
-            item = self._item(rec)
-            items.append(item)
-            size += _wire_cost(item)  # error messages count too: they may repeat a long path
-            if item.data is not None:
-                size += len(item.data)
-            if size >= BATCH_BYTES or len(items) >= BATCH_ITEMS:
-                return items, False
-        return items, True
-
-    def _item(self, rec: TreeFile | TreeDir | TreeFailure) -> m.TreeItem:
+    def item(self, rec: TreeFile | TreeDir | TreeFailure) -> m.TreeItem:
+        """The wire record of ``rec`` (an error record when it cannot travel as it is)."""
         if not isinstance(rec, TreeFailure) and len(rec.path) > m.MAX_PATH_CHARS:
             # Legal on disk (a folder renamed into a deep one), but the client would have to reject
             # the whole message: report it instead.
             self.errors += 1
-            return _error_item(
+            return error_item(
                 rec.path,
                 ErrorCode.BAD_PATH.error(f"the path is too long to send (at most {m.MAX_PATH_CHARS})"),
             )
@@ -130,7 +112,7 @@ class _Batches:
                     path.encode("utf-8")
                 except UnicodeEncodeError:
                     self.errors += 1
-                    return _error_item(path, ErrorCode.BAD_PATH.error("the name is not valid UTF-8"))
+                    return error_item(path, ErrorCode.BAD_PATH.error("the name is not valid UTF-8"))
             self.files += 1
             self.bytes += rec.size
             if rec.data is None:
@@ -151,10 +133,48 @@ class _Batches:
                 rec.path.encode("utf-8")
             except UnicodeEncodeError:
                 self.errors += 1
-                return _error_item(rec.path, ErrorCode.BAD_PATH.error("the name is not valid UTF-8"))
+                return error_item(rec.path, ErrorCode.BAD_PATH.error("the name is not valid UTF-8"))
             return m.TreeItem(path=rec.path, kind="dir")
         self.errors += 1
-        return _error_item(rec.path, rec.error)
+        return error_item(rec.path, rec.error)
+
+
+def batch_full(items: list[m.TreeItem], size: int) -> bool:
+    """True when a TreeItems batch of ``items`` (``size``: their :func:`wire_cost` plus data) is
+    full: the one rule both backends cut their tree downloads by."""
+    return size >= BATCH_BYTES or len(items) >= BATCH_ITEMS
+
+
+def item_size(item: m.TreeItem) -> int:
+    """What ``item`` adds to a batch: its :func:`wire_cost` (error messages count too: they may
+    repeat a long path) and its data."""
+    return wire_cost(item) + (len(item.data) if item.data is not None else 0)
+
+
+class _Batches(RecordItems):
+    """Turns tree records (a :class:`TreeScan`, or named files) into TreeItems batches (called in a
+    thread, one call at a time)."""
+
+    def __init__(
+        self, scan: Iterator[TreeFile | TreeDir | TreeFailure], hash: HashName, check: Callable[[], None]
+    ) -> None:
+        super().__init__(hash)
+        self.scan = scan
+        self.check = check
+
+    def next(self) -> tuple[list[m.TreeItem], bool]:
+        """The next batch, and whether the scan is complete."""
+        items: list[m.TreeItem] = []
+        size = 0
+        check = self.check
+        for rec in self.scan:
+            check()
+            item = self.item(rec)
+            items.append(item)
+            size += item_size(item)
+            if batch_full(items, size):
+                return items, False
+        return items, True
 
 
 async def handle_get_tree(svc: TreeService, msg: m.GetTree) -> None:
@@ -219,7 +239,7 @@ async def serve_records(
 
 
 @dataclass
-class _Stored:
+class StoredBatch:
     """What one batch job did."""
 
     files: int = 0
@@ -232,7 +252,7 @@ class _Stored:
 
     def fail(self, item: m.TreeItem) -> None:
         """Record a failed record, as long as the acknowledgement stays within its message limit."""
-        cost = _wire_cost(item)
+        cost = wire_cost(item)
         if self.unlisted or self.error_bytes + cost > ACK_ERROR_BYTES:
             if not self.unlisted:
                 self.errors.append(item)  # placeholder, replaced by the summary in finish()
@@ -259,6 +279,25 @@ class _Stored:
         return len(self.errors) + max(self.unlisted - 1, 0)
 
 
+def record_data(it: m.TreeItem, hash: HashName, client_path: Callable[[str], str]) -> bytes | None:
+    """The data of tree upload record ``it``, checked (None for a folder record): ``bad-request``
+    for a record that is neither a folder nor a file with its data (a broken client: the tree
+    ends), ``integrity`` when the data does not match its size and digest. ``client_path`` names
+    the record's path in messages (both backends)."""
+    if it.kind == "dir":
+        return None
+    data = it.data
+    if it.kind != "file" or data is None:
+        raise ErrorCode.BAD_REQUEST.error(
+            f"{it.path}: a tree upload record must be a folder or a file with its data",
+        )
+    if len(data) != it.size or small_digest(hash, data) != it.digest:
+        raise ErrorCode.INTEGRITY.error(
+            f"{client_path(it.path)}: received data does not match its hash; nothing was kept for it"
+        )
+    return data
+
+
 class TreeUpload:
     """A tree upload in progress, registered in the session's channels under its id (so Cancel and
     the end of the session abort it like any upload)."""
@@ -275,7 +314,7 @@ class TreeUpload:
         self.bytes = 0
         self.errors = 0
         self.dead = False  # failed or aborted: later batches are dropped
-        self._job: asyncio.Future[_Stored] | None = None
+        self._job: asyncio.Future[StoredBatch] | None = None
         self._acker: asyncio.Task[None] | None = None
         self._reserved = 0
         self._job_tracked = True
@@ -324,28 +363,19 @@ class TreeUpload:
         if batch.end:
             await self._acker
 
-    def _store(self, items: list[m.TreeItem], budget: list[int] | None, track: bool) -> _Stored:
+    def _store(self, items: list[m.TreeItem], budget: list[int] | None, track: bool) -> StoredBatch:
         """Write one batch (thread). Stops at the first fatal error (quota, disk full, integrity)."""
-        out = _Stored()
+        out = StoredBatch()
         dirs, hash, overwrite = self.dirs, self.msg.hash, self.msg.overwrite
         quota = self.svc.user.quota if self.svc.user else None
         for it in items:
             if self._stop:  # aborted (Cancel, connection lost): leave the rest of the batch
                 break
             try:
-                if it.kind == "dir":
+                data = record_data(it, hash, dirs.client_path)
+                if data is None:
                     dirs.mkdir(it.path)
                     continue
-                data = it.data
-                if it.kind != "file" or data is None:
-                    raise ErrorCode.BAD_REQUEST.error(
-                        f"{it.path}: a tree upload record must be a folder or a file with its data",
-                    )
-                if len(data) != it.size or small_digest(hash, data) != it.digest:
-                    raise ErrorCode.INTEGRITY.error(
-                        f"{dirs.client_path(it.path)}: received data does not match its hash; nothing was "
-                        "kept for it"
-                    )
 
                 def admit(replaced: int, it: m.TreeItem = it) -> None:
                     assert budget is not None
@@ -377,9 +407,9 @@ class TreeUpload:
                 if exc.code == ErrorCode.BAD_REQUEST:  # a broken client: the rest is no better
                     out.fatal = exc
                     break
-                out.fail(_error_item(it.path, exc))
+                out.fail(error_item(it.path, exc))
             except FerryError as exc:
-                out.fail(_error_item(it.path, exc))
+                out.fail(error_item(it.path, exc))
         # Between batches the tree holds its root folder only: a client that stops sending must
         # not keep 32 folders open per tree upload (issue 10, break 3). Reopening a batch's
         # folders costs one openat each, against a batch of up to 1,024 records.
@@ -387,7 +417,7 @@ class TreeUpload:
         out.finish()
         return out
 
-    async def _ack(self, job: asyncio.Future[_Stored], end: bool, track: bool) -> None:
+    async def _ack(self, job: asyncio.Future[StoredBatch], end: bool, track: bool) -> None:
         """Account for a finished batch and report it (TreeAck), or end the tree on a fatal error."""
         svc = self.svc
         try:
@@ -395,7 +425,7 @@ class TreeUpload:
                 out = await asyncio.shield(job)
             except Exception as exc:  # a bug in the job: fail this tree, keep the session
                 svc.ctx.log.exception("internal error storing a tree batch")
-                out = _Stored(fatal=ErrorCode.INTERNAL.error(f"internal server error ({type(exc).__name__})"))
+                out = StoredBatch(fatal=ErrorCode.INTERNAL.error(f"internal server error ({type(exc).__name__})"))
             self._account(out, track)
             if self._job is job:
                 self._job = None  # accounted: an abort from now on must not count it again
@@ -412,7 +442,7 @@ class TreeUpload:
             self.dead = True
             svc.ctx.log.debug("tree upload %d: %s", self.msg.id, exc)
 
-    def _account(self, out: _Stored, track: bool = True) -> None:
+    def _account(self, out: StoredBatch, track: bool = True) -> None:
         user = self.svc.user
         usage = self.svc.ctx.usage
         if self._reserved:
@@ -489,7 +519,7 @@ class TreeUpload:
                 # What the thread stored still counts towards usage.
                 self._account(job.result(), self._job_tracked)
             elif self._reserved:
-                self._account(_Stored())
+                self._account(StoredBatch())
             self._finish("aborted")
 
         if job is not None and not job.done():

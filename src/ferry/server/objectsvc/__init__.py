@@ -16,12 +16,19 @@ from __future__ import annotations
 from typing import Any
 
 from ferry.server.objectsvc.files import ObjectFilesService
+from ferry.server.objectsvc.sync import ObjectSyncService
 from ferry.server.objectsvc.transfer import ObjectTransferService
+from ferry.server.objectsvc.tree import ObjectTreeService
 from ferry.server.service import Service
 from ferry.wire import messages as m
 
 #: The services of a session on the object backend.
-OBJECT_SERVICES: tuple[type[Service[Any]], ...] = (ObjectFilesService, ObjectTransferService)
+OBJECT_SERVICES: tuple[type[Service[Any]], ...] = (
+    ObjectFilesService,
+    ObjectTransferService,
+    ObjectTreeService,
+    ObjectSyncService,
+)
 
 #: Every file request: those no service in :data:`OBJECT_SERVICES` declares are refused as unsupported.
 OBJECT_MESSAGES: tuple[type[m.Message], ...] = (
