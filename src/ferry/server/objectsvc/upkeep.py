@@ -42,7 +42,10 @@ async def open_objects(db: str, store: S3Config) -> ObjectStorage:
     except FerryError as exc:
         raise FerryError(f"cannot use the object store {where}: {exc}") from exc
     try:
-        namespace = await Namespace.connect(db)
+        # No connection floor: asyncpg restores a floor in the background and logs each failed
+        # attempt with a traceback while the database is away; without one, the pool connects on
+        # the next request, which then fails with a clear `unavailable` instead.
+        namespace = await Namespace.connect(db, min_size=0)
     except FerryError as exc:
         raise FerryError(f"cannot keep the namespace in the database: {exc}") from exc
     return ObjectStorage(namespace, ChunkStore.from_config(store))
