@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
+import subprocess
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -23,18 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 
 from components import HAProxy, Weed, dsn_with, run_sql, start_haproxy
+from conftest import FERRY
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
-from ferry.errors import AlreadyExists, StoreUnavailable
+from ferry.client.transfer import partial_path
+from ferry.errors import AlreadyExists, ChunkDamaged, DiskFull, FerryError, StoreUnavailable
 from ferry.server.accounts import Accounts
 from ferry.server.tls import generate_certificate
 from ferry.store.api import CHUNK_SIZE
+from ferry.store.chunks import open_store
 from ferry.store.objects import ObjectStorage
 from serve_process import ServeProcess
-from store_support import object_keys, open_storage, put_file, run
+from store_support import object_keys, open_storage, put_file, run, s3_config
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -204,6 +210,34 @@ async def owner_keys(st: ObjectStorage, user: str) -> set[str]:
     return await object_keys(st, await st.namespace.owner_id(user))
 
 
+# --- 1. visible everywhere at once --------------------------------------------------------------
+
+
+def test_put_through_a_is_listed_and_read_through_b_at_once(fleet: Fleet, tmp_path: Path) -> None:
+    """A small (inline) and a chunked file put through A: B lists and stats them with the first
+    request after A's reply, and B and the proxy serve them byte-identical with the same digest."""
+    user = fleet.add_user()
+    a, b, _ = fleet.ports()
+    small = random_file(tmp_path / "small", 100_000)
+    big = random_file(tmp_path / "big", 2 * CHUNK_SIZE + 12345)
+
+    async def main() -> None:
+        async with fleet.clients(user, a, b, fleet.proxy_port) as (on_a, on_b, via_proxy):
+            for name, data in (("small", small), ("big", big)):
+                await on_a.mkdir("d", parents=True)
+                put = await on_a.put(tmp_path / name, f"d/{name}.bin")
+                st = await on_b.stat(f"d/{name}.bin")  # at once: no wait, no retry
+                assert (st.kind, st.size) == ("file", len(data))
+                assert f"{name}.bin" in [e.name for e in await on_b.listdir("d")]
+                for i, c in enumerate((on_b, via_proxy)):
+                    dest = tmp_path / f"{name}-{i}.out"
+                    got = await c.get(f"d/{name}.bin", dest)
+                    assert dest.read_bytes() == data
+                    assert got.digest == put.digest and got.size == len(data)
+
+    run(main(), 90)
+
+
 # --- 2. mv is atomic and copies nothing --------------------------------------------------------
 
 
@@ -279,6 +313,200 @@ def test_racing_mkdir_through_two_servers_exactly_one_wins(fleet: Fleet) -> None
             assert sorted(e.name for e in await on_a.listdir("")) == sorted(f"r{i}" for i in range(15))
 
     run(main(), 60)
+
+
+@pytest.mark.parametrize("size", [1000, CHUNK_SIZE + 5000], ids=["inline", "chunked"])
+def test_racing_put_without_overwrite_exactly_one_wins(fleet: Fleet, tmp_path: Path, size: int) -> None:
+    """Two clients put different bytes to one new path through A and B with ``overwrite=False``:
+    one wins, the other gets ``exists``, and the file holds the winner's bytes, whole."""
+    user = fleet.add_user()
+    a, b, _ = fleet.ports()
+
+    async def main() -> None:
+        async with fleet.clients(user, a, b) as (on_a, on_b):
+            for i in range(4):
+                srcs = [tmp_path / f"src{i}{side}" for side in "ab"]
+                contents = [random_file(p, size) for p in srcs]
+                results = await asyncio.gather(
+                    on_a.put(srcs[0], f"p{i}", overwrite=False),
+                    on_b.put(srcs[1], f"p{i}", overwrite=False),
+                    return_exceptions=True,
+                )
+                won = [k for k, r in enumerate(results) if not isinstance(r, BaseException)]
+                assert len(won) == 1, results
+                loss = results[1 - won[0]]
+                assert isinstance(loss, AlreadyExists) and loss.code == "exists", repr(loss)
+                dest = tmp_path / f"got{i}"
+                await on_a.get(f"p{i}", dest)
+                assert dest.read_bytes() == contents[won[0]]
+
+    run(main(), 90)
+
+
+# --- 4. quota across servers -------------------------------------------------------------------
+
+
+def test_quota_holds_across_servers(fleet: Fleet, tmp_path: Path) -> None:
+    """Uploads through A, B and C at once that together exceed the user's quota: what is stored
+    never exceeds it, the refused ones get ``quota``, and the usage matches the files."""
+    quota = 20 * MiB
+    user = fleet.add_user(quota=quota)
+    size = 8 * MiB  # three of them: 24 MiB > 20 MiB, two fit
+
+    async def main() -> None:
+        async with fleet.clients(user, *fleet.ports()) as clients:
+            srcs = [tmp_path / f"q{i}" for i in range(3)]
+            for p in srcs:
+                random_file(p, size)
+            results = await asyncio.gather(
+                *(c.put(p, p.name) for c, p in zip(clients, srcs, strict=True)), return_exceptions=True
+            )
+            refused = [r for r in results if isinstance(r, BaseException)]
+            assert refused, f"all three uploads were stored: {results}"
+            assert all(isinstance(r, DiskFull) and r.code == "quota" for r in refused), refused
+            listed = await clients[2].listdir("")
+            stored = sum(e.size for e in listed)
+            assert stored <= quota
+            assert len(listed) == 3 - len(refused)
+            usage = await clients[1].df()
+            assert usage.used == stored and usage.quota == quota
+            assert usage.partial == 0  # the refused uploads hold no reservation afterwards
+
+    run(main(), 90)
+
+
+# --- 5. interrupted uploads resume elsewhere ---------------------------------------------------
+
+
+async def wait_for_objects(
+    st: ObjectStorage, user: str, count: int, unless: Any, timeout: float = 30.0
+) -> set[str]:
+    """Poll the bucket (bounded) until ``user`` has ``count`` chunk objects; fail if ``unless()``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        keys = await owner_keys(st, user)
+        if len(keys) >= count:
+            return keys
+        assert not unless(), "the upload ended before it could be interrupted"
+        assert time.monotonic() < deadline, f"only {len(keys)} chunk objects after {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+def test_server_killed_mid_upload_resumes_through_another(fleet: Fleet, tmp_path: Path) -> None:
+    """A 48 MiB put to server D; D is killed with SIGKILL once a few chunks are in the bucket. The same
+    put through B resumes: it sends only what was not stored, writes only the missing chunk objects,
+    and C serves the whole file with the same digest."""
+    user = fleet.add_user()
+    _, b, c = fleet.ports()
+    data = random_file(tmp_path / "big", 48 * MiB)
+    chunks = len(data) // CHUNK_SIZE
+    d = fleet.start_server("d")
+
+    async def main() -> None:
+        async with fleet.storage() as st:
+            on_d = await fleet.connect(d.port, user)
+            task = asyncio.create_task(on_d.put(tmp_path / "big", "big.bin"))
+            try:
+                await wait_for_objects(st, user[0], 3, task.done)
+                fleet.stop_server(d, signal.SIGKILL)
+                with pytest.raises(FerryError):
+                    await asyncio.wait_for(task, 30)
+            finally:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await on_d.close()
+            held = await owner_keys(st, user[0])
+            assert 3 <= len(held) < chunks
+            async with fleet.clients(user, b, c) as (on_b, on_c):
+                r = await on_b.put(tmp_path / "big", "big.bin")
+                assert r.resumed_from >= CHUNK_SIZE, r
+                assert r.sent == len(data) - r.resumed_from, r
+                written = await owner_keys(st, user[0]) - held
+                assert len(written) == chunks - len(held), (len(written), chunks, len(held))
+                got = await on_c.get("big.bin", tmp_path / "out")
+                assert got.digest == r.digest
+                assert (tmp_path / "out").read_bytes() == data
+
+    run(main(), 100)
+
+
+def test_client_killed_mid_upload_resumes_through_another_server(fleet: Fleet, tmp_path: Path) -> None:
+    """``ferry put`` (a real process, slowed with --bwlimit) to A is killed with SIGKILL after a few
+    chunks are stored; ``ferry put`` of the same file through B resumes from there."""
+    user = fleet.add_user()
+    a, b, _ = fleet.ports()
+    data = random_file(tmp_path / "big", 32 * MiB)
+    chunks = len(data) // CHUNK_SIZE
+    env = fleet.ferry_env(user)
+
+    def put_args(port: int, *more: str) -> list[str]:
+        return [*FERRY, "put", *more, str(tmp_path / "big"), f"ferry://{user[0]}@127.0.0.1:{port}/big.bin"]
+
+    async def main() -> None:
+        async with fleet.storage() as st:
+            proc = subprocess.Popen(
+                put_args(a, "--bwlimit", "8M", "-q"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            try:
+                await wait_for_objects(st, user[0], 3, lambda: proc.poll() is not None)
+            finally:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.communicate(timeout=10)
+            held = await owner_keys(st, user[0])
+            assert 3 <= len(held) < chunks
+            r = await asyncio.to_thread(
+                subprocess.run, put_args(b, "--json"), env=env, capture_output=True, text=True, timeout=60
+            )
+            assert r.returncode == 0, r.stderr
+            rec = json.loads(r.stdout.splitlines()[-1])
+            assert rec["resumed_from"] >= CHUNK_SIZE, rec
+            assert rec["sent"] == len(data) - rec["resumed_from"], rec
+            assert len(await owner_keys(st, user[0]) - held) == chunks - len(held)
+            async with fleet.clients(user, fleet.proxy_port) as (c,):
+                await c.get("big.bin", tmp_path / "out")
+            assert (tmp_path / "out").read_bytes() == data
+
+    run(main(), 100)
+
+
+# --- 6. damaged or missing chunk objects --------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["deleted", "damaged"])
+def test_missing_or_damaged_chunk_fails_get_clearly_and_keeps_no_file(
+    fleet: Fleet, tmp_path: Path, damage: str
+) -> None:
+    """The middle chunk of a 3-chunk file is deleted from the bucket, or overwritten with other bytes
+    of its size: a get through any server fails with ``corrupt``, and the client has no file under
+    the final name (and whatever it keeps to resume is a true prefix of the file)."""
+    user = fleet.add_user()
+    data = random_file(tmp_path / "src", 3 * CHUNK_SIZE - 77)
+
+    async def main() -> None:
+        async with fleet.clients(user, *fleet.ports(), fleet.proxy_port) as clients:
+            await clients[0].put(tmp_path / "src", "f.bin")
+            async with fleet.storage() as st:
+                ref = (await st.open_file(user[0], ("f.bin",))).chunks[1]
+                raw = open_store(s3_config(fleet.weed, fleet.prefix))
+                key = st.chunks.key(ref)
+                if damage == "deleted":
+                    await obstore.delete_async(raw, key)
+                else:
+                    await obstore.put_async(raw, key, os.urandom(ref.size))
+            for i, c in enumerate(clients):
+                dest = tmp_path / f"out{i}.bin"
+                with pytest.raises(ChunkDamaged) as err:
+                    await c.get("f.bin", dest)
+                assert err.value.code == "corrupt"
+                assert ("missing" if damage == "deleted" else "does not match") in str(err.value)
+                assert not dest.exists()
+                part = partial_path(dest)
+                if part.exists():
+                    kept = part.read_bytes()
+                    assert data.startswith(kept), "the client kept bytes that are not the file's"
+                await c.ping()  # the session goes on
+
+    run(main(), 90)
 
 
 # --- 7. the database or the store going away ----------------------------------------------------
@@ -362,3 +590,92 @@ def test_database_going_away_gives_clear_errors_then_recovers(
             assert (await again.stat("after")).kind == "dir"
 
     run(main(), 100)
+
+
+def test_object_store_going_away_gives_clear_errors_then_recovers(
+    fleet: Fleet, relayed: tuple[list[ServeProcess], Any, Any, Any], tmp_path: Path
+) -> None:
+    """With the store unreachable, gets and puts fail with ``unavailable`` (the client keeps no file,
+    the namespace still answers); once it is back, both servers serve again without a restart, and
+    the file acknowledged before reads back whole."""
+    (e, f), _, s3_relay, restart = relayed
+    user = fleet.add_user()
+    data = random_file(tmp_path / "kept", 2 * CHUNK_SIZE + 1)
+    random_file(tmp_path / "new", CHUNK_SIZE + 1)
+
+    async def main() -> None:
+        async with fleet.clients(user, e.port, f.port) as (on_e, on_f):
+            await on_e.put(tmp_path / "kept", "kept.bin")
+            s3_relay().stop()
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable) as err:
+                await on_f.get("kept.bin", tmp_path / "out")
+            assert err.value.code == "unavailable" and time.monotonic() - t0 < 25
+            assert not (tmp_path / "out").exists()
+            with pytest.raises(StoreUnavailable):
+                await on_e.put(tmp_path / "new", "new.bin")
+            assert (await on_f.stat("kept.bin")).size == len(data)  # the namespace still answers
+            with pytest.raises(FerryError):
+                await on_f.stat("new.bin")  # the failed put left nothing visible
+            restart("s3")
+            deadline = time.monotonic() + 20
+            for c in (on_f, on_e):
+                while True:
+                    try:
+                        await c.get("kept.bin", tmp_path / "out")
+                        break
+                    except StoreUnavailable:
+                        assert time.monotonic() < deadline, "the store came back but is not served"
+                        await asyncio.sleep(0.2)
+                assert (tmp_path / "out").read_bytes() == data
+                (tmp_path / "out").unlink()
+            await on_e.put(tmp_path / "new", "new.bin")
+            assert (await on_f.stat("new.bin")).size == CHUNK_SIZE + 1
+
+    run(main(), 100)
+
+
+# --- 8. the sweeper ----------------------------------------------------------------------------
+
+
+def test_sweeper_removes_chunks_of_removed_files_and_keeps_shared_ones(fleet: Fleet, tmp_path: Path) -> None:
+    """With --chunk-grace 2 s: the chunk objects of a removed file leave the bucket after the grace;
+    content the same user keeps under another name keeps its objects (and reads back), and the same
+    content held by another user keeps that user's objects (de-duplication is per user)."""
+    user, other = fleet.add_user(), fleet.add_user()
+    # Every chunk above the size kept inline in the database (the last one too): each is an object.
+    kept = random_file(tmp_path / "kept", CHUNK_SIZE + MiB)
+    random_file(tmp_path / "gone", 2 * CHUNK_SIZE + MiB)
+    a, b, c = fleet.ports()
+
+    async def main() -> None:
+        async with (
+            fleet.storage() as st,
+            fleet.clients(user, a, b) as (on_a, on_b),
+            fleet.clients(other, c) as (on_c,),
+        ):
+            await on_a.put(tmp_path / "kept", "one")
+            await on_b.put(tmp_path / "kept", "two")  # same content, same user: no new object
+            await on_a.put(tmp_path / "gone", "gone")
+            await on_c.put(tmp_path / "gone", "theirs")
+            mine = await owner_keys(st, user[0])
+            theirs = await owner_keys(st, other[0])
+            assert (len(mine), len(theirs)) == (2 + 3, 3)
+            gone_refs = (await st.open_file(user[0], ("gone",))).chunks
+            gone_keys = {st.chunks.key(r) for r in gone_refs}
+            await on_b.remove("gone")
+            await on_a.remove("one")
+            t0 = time.monotonic()
+            while (await owner_keys(st, user[0])) & gone_keys:  # bounded: grace + a few sweeps
+                assert time.monotonic() - t0 < CHUNK_GRACE + 15, "chunks of a removed file were not swept"
+                await asyncio.sleep(0.2)
+            assert time.monotonic() - t0 >= CHUNK_GRACE - 0.5, "swept before the grace ended"
+            await asyncio.sleep(2 * SWEEP_INTERVAL)  # more sweeps: what is referenced must stay
+            assert await owner_keys(st, user[0]) == mine - gone_keys
+            assert await owner_keys(st, other[0]) == theirs
+            await on_a.get("two", tmp_path / "two.out")
+            assert (tmp_path / "two.out").read_bytes() == kept
+            await on_c.get("theirs", tmp_path / "theirs.out")
+            assert (tmp_path / "theirs.out").read_bytes() == (tmp_path / "gone").read_bytes()
+
+    run(main(), 90)
