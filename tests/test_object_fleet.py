@@ -282,7 +282,7 @@ def test_mv_is_atomic_and_copies_no_data(fleet: Fleet) -> None:
                 bad = [s for s in seen if s not in (("one",), ("two",))]
                 assert not bad, f"{len(bad)} of {len(seen)} listings saw both names or neither: {bad[:5]}"
                 assert {s[0] for s in seen} == {"one", "two"}  # it saw the renames happen
-                assert slowest < 2.0, slowest
+                assert slowest < 5.0, slowest  # a database round trip (generous: a loaded machine)
                 assert (await on_b.stat("m/one")).size == len(data)  # 40 renames: back at "one"
             assert await owner_keys(st, user[0]) == before_keys
             after = (await st.open_file(user[0], ("m", "one"))).chunks
@@ -393,32 +393,43 @@ async def wait_for_objects(
 
 
 def test_server_killed_mid_upload_resumes_through_another(fleet: Fleet, tmp_path: Path) -> None:
-    """A 48 MiB put to server D; D is killed with SIGKILL once a few chunks are in the bucket. The same
-    put through B resumes: it sends only what was not stored, writes only the missing chunk objects,
-    and C serves the whole file with the same digest."""
+    """``ferry put`` of 48 MiB to server D (slowed with --bwlimit, so that the kill lands mid-upload
+    on a loaded machine too); D is killed with SIGKILL once a few chunks are in the bucket, and the
+    put fails. The same put through B resumes: it sends only what was not stored, writes only the
+    missing chunk objects, and C serves the whole file with the same digest."""
     user = fleet.add_user()
     _, b, c = fleet.ports()
     data = random_file(tmp_path / "big", 48 * MiB)
     chunks = len(data) // CHUNK_SIZE
     d = fleet.start_server("d")
+    argv = [
+        *FERRY,
+        "put",
+        "-q",
+        "--bwlimit",
+        "16M",
+        str(tmp_path / "big"),
+        f"ferry://{user[0]}@127.0.0.1:{d.port}/big.bin",
+    ]
 
     async def main() -> None:
         async with fleet.storage() as st:
-            on_d = await fleet.connect(d.port, user)
-            task = asyncio.create_task(on_d.put(tmp_path / "big", "big.bin"))
+            proc = subprocess.Popen(
+                argv, env=fleet.ferry_env(user), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             try:
-                await wait_for_objects(st, user[0], 3, task.done)
+                await wait_for_objects(st, user[0], 3, lambda: proc.poll() is not None)
                 fleet.stop_server(d, signal.SIGKILL)
-                with pytest.raises(FerryError):
-                    await asyncio.wait_for(task, 30)
+                _, err = await asyncio.to_thread(proc.communicate, timeout=30)
             finally:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await on_d.close()
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+            assert proc.returncode != 0 and "Traceback" not in err, err
             held = await owner_keys(st, user[0])
             assert 3 <= len(held) < chunks
             async with fleet.clients(user, b, c) as (on_b, on_c):
-                r = await on_b.put(tmp_path / "big", "big.bin")
+                r = await on_b.put(tmp_path / "big", "big.bin")  # the same token as the CLI's
                 assert r.resumed_from >= CHUNK_SIZE, r
                 assert r.sent == len(data) - r.resumed_from, r
                 written = await owner_keys(st, user[0]) - held
