@@ -8,8 +8,10 @@ store's, resume through another server, damaged and missing chunks, the quota th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ import obstore
 import pytest
 
 from components import Weed
-from ferry.client.transfer import partial_path, upload_token
+from ferry.client.aclient import AsyncClient
+from ferry.client.stdio import put_stream
+from ferry.client.transfer import TransferResult, partial_path, upload_token
 from ferry.errors import ChunkDamaged, ConnectionBroken, DiskFull, RemoteTransferError, ServerBusy
 from ferry.hashing import ChunkHasher
 from ferry.paths import log_file
@@ -28,7 +32,15 @@ from ferry.store.chunks import open_store
 from ferry.wire import messages as m
 from ferry_server import ServerThread
 from store_support import open_storage, s3_config
-from transfer_support import Interrupt, await_until, connect, interrupt_after, no_sessions, running_server
+from transfer_support import (
+    Interrupt,
+    await_until,
+    connect,
+    interrupt_after,
+    no_sessions,
+    remote_bytes,
+    running_server,
+)
 
 pytestmark = [pytest.mark.cell(backend="object"), pytest.mark.timeout(90)]
 
@@ -274,3 +286,47 @@ def test_an_idle_upload_is_closed_and_the_same_put_resumes_after_what_it_stored(
 
         asyncio.run(main())
     assert (tmp_path / "back").read_bytes() == data
+
+
+def pipe_of(data: bytes) -> tuple[int, threading.Thread]:
+    """The read end of a pipe a thread writes ``data`` into (then closes); a reader that stops early
+    closes its end, and the writer ends on the broken pipe."""
+    r, w = os.pipe()
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), open(w, "wb") as f:
+            f.write(data)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    return r, t
+
+
+def test_a_streamed_upload_grows_within_the_quota(server: ServerThread, tmp_path: Path) -> None:
+    """An upload of unknown size (``ferry put -``) is stored chunk by chunk as it comes; the quota
+    stops it while the data comes and nothing of it is kept."""
+    server.add_user("bob", quota=10 * MiB)
+    first = os.urandom(2 * CHUNK_SIZE + 777)
+
+    async def streamed(c: AsyncClient, data: bytes, name: str) -> TransferResult:
+        r, t = pipe_of(data)
+        try:
+            return await put_stream(c.mux, r, name)
+        finally:
+            os.close(r)
+            t.join(10)
+
+    async def main() -> None:
+        async with await connect(server, tmp_path, "bob") as c:
+            res = await streamed(c, first, "piped")
+            assert res.size == len(first)
+            assert await remote_bytes(server, c, tmp_path, "piped") == first
+            assert (await streamed(c, b"", "empty")).size == 0
+            assert (await c.stat("empty")).size == 0
+            with pytest.raises(DiskFull, match="quota"):
+                await streamed(c, os.urandom(3 * CHUNK_SIZE), "more")
+            assert sorted(e.name for e in await c.listdir("")) == ["empty", "piped"]
+            df = await c.df()
+            assert (df.used, df.partial) == (len(first), 0)
+
+    asyncio.run(main())

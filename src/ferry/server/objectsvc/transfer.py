@@ -22,8 +22,9 @@ hash and the digest are compared (a mismatch discards the upload: nothing is kep
 idle) keeps its stored chunks for a resume through any server, unless the server chose its token.
 Small files travel inline in ``PutFile`` (``store_small``).
 
-Not served here yet: streamed uploads (size unknown in advance, e.g. ``ferry put -``): the namespace
-records an upload's size when it starts; they are refused with a clear ``invalid`` error.
+A streamed upload (size unknown in advance, e.g. ``ferry put -``) starts as an upload of 0 bytes and
+grows before each chunk is written (``open_upload`` again with the larger size, which checks the
+quota across servers): the quota stops it while the data comes, as on the folder backend.
 
 Each operation logs one line with its bytes and seconds (:meth:`Service.log_op`), which is what a
 benchmark reads.
@@ -292,7 +293,7 @@ class ObjectUpload:
             raise RemoteProtocolError("upload data before put_from")
         self.active_at = self.svc.host.read_waited()
         size = len(ev.data)
-        if self.pos + size > self.msg.size:
+        if not self.msg.streamed and self.pos + size > self.msg.size:
             raise RemoteProtocolError(f"more data than the announced {self.msg.size} bytes")
         self.pos += size
         if self._buffered + size < CHUNK_SIZE:  # the common case: a piece of the chunk being filled
@@ -314,6 +315,8 @@ class ObjectUpload:
         piece = first if len(self._buf) == 1 and isinstance(first, bytes) else b"".join(self._buf)
         self._buf, self._buffered = [], 0
         index, self._next = self._next, self._next + 1
+        if self.msg.streamed:
+            await self._grow(index * CHUNK_SIZE + len(piece))
         if self.hasher is not None:
             if self._hashing is not None:
                 await asyncio.shield(self._hashing)  # in order: one hash job at a time
@@ -322,6 +325,24 @@ class ObjectUpload:
         self._writes.append((index, task))
         while len(self._writes) >= WRITES:
             await self._settle_one()
+
+    async def _grow(self, size: int) -> None:
+        """A streamed upload is to hold ``size`` bytes: record that size (the quota checked across
+        servers, the target again) before its chunk is written."""
+        if size <= self.stored.size:
+            return
+        up, user = self.stored, self.svc.user
+        # The same (path, token): the stored upload and its chunks stay, its size grows.
+        self.stored = await self.svc.storage.open_upload(
+            user.name,
+            up.path,
+            token=up.token,
+            size=size,
+            mode=up.mode,
+            mtime=up.mtime,
+            overwrite=self.msg.overwrite,
+            quota=user.quota,
+        )
 
     async def _settle_one(self) -> None:
         index, task = self._writes[0]
@@ -348,17 +369,18 @@ class ObjectUpload:
         if not self.started:
             raise RemoteProtocolError("file_end before put_from")
         msg = self.msg
-        if self.pos != msg.size or end.size != msg.size:
+        size = end.size if msg.streamed else msg.size  # streamed: the size is known only now
+        if self.pos != size or end.size != size:
             raise ErrorCode.INTEGRITY.error(
-                f"{msg.path}: received {self.pos} bytes, expected {msg.size}; nothing was kept"
+                f"{msg.path}: received {self.pos} bytes, expected {size}; nothing was kept"
             )
-        if self._buffered or (msg.size == 0 and self._next == 0):
+        if self._buffered or (size == 0 and self._next == 0):
             await self._submit()  # the last, short chunk (an empty file is one empty chunk)
         await self._settle()
         first = self.resumed // CHUNK_SIZE
         stored = self.offered[:first] + [self.written[i] for i in range(first, self._next)]
         if self.hasher is None:
-            hashes, digest = stored, tree_digest("blake3", msg.size, stored)
+            hashes, digest = stored, tree_digest("blake3", size, stored)
         else:
             hashes, digest = self.hasher.finish()
         if hashes != end.chunk_hashes or digest != end.digest:
@@ -369,7 +391,7 @@ class ObjectUpload:
         user = self.svc.user
         return await self.svc.storage.commit_upload(
             self.stored,
-            digest=tree_digest("blake3", msg.size, stored),
+            digest=tree_digest("blake3", size, stored),
             overwrite=msg.overwrite,
             quota=user.quota,
         )
@@ -430,13 +452,8 @@ class ObjectUpload:
 
 async def handle_put(svc: ObjectTransferService, msg: m.PutFile) -> None:
     """Start an upload (or store a small inline file at once)."""
-    if msg.streamed:
-        if msg.token or msg.data is not None or msg.size:
-            raise RemoteProtocolError("a streamed upload has no size, token or inline data")
-        raise ErrorCode.INVALID.error(
-            f"{msg.path}: uploads of unknown size (from a pipe) are not supported by this server: it "
-            "keeps files in an object store; save the data to a file and put that"
-        )
+    if msg.streamed and (msg.token or msg.data is not None or msg.size):
+        raise RemoteProtocolError("a streamed upload has no size, token or inline data")
     if msg.data is not None:
         await _put_inline(svc, msg)
         return
@@ -454,7 +471,8 @@ async def handle_put(svc: ObjectTransferService, msg: m.PutFile) -> None:
     place = svc.hold(Kind.UPLOAD)  # busy when the user has too many uploads open
     try:
         user = svc.user
-        # Checks the target (exists, a folder) and the quota across servers now: before any data.
+        # Checks the target (exists, a folder) and the quota across servers now: before any data
+        # (a streamed upload starts at 0 bytes and grows: ObjectUpload._grow).
         stored = await svc.storage.open_upload(
             user.name,
             parse_path(msg.path),
