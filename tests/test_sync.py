@@ -309,19 +309,14 @@ def test_progress_counts_the_whole_job(server: ServerThread, tmp_path: Path) -> 
     assert res.sent_files == 1 and isinstance(res, SyncResult)
 
 
-def test_server_batches_stay_inside_and_deltas_are_verified(tmp_path: Path) -> None:
-    """Hostile or broken requests to the new server handlers: names that leave the folder, a basis
-    that is not the server's, a digest that does not match. Nothing outside moves, nothing corrupt
-    lands, no partial is left behind."""
-    from ferry import cdc
-    from ferry.delta import basis_id
+def test_server_batches_stay_inside(tmp_path: Path) -> None:
+    """Hostile or broken batches to the server: names that leave the folder move nothing."""
     from ferry.wire import messages as m
 
     with running_server(tmp_path / "srv") as srv:
         h = home(srv)
         (h / "d").mkdir()
         (h / "outside.txt").write_text("keep")
-        (h / "d" / "f").write_bytes(rand(3 * MiB, 40))
 
         async def main() -> None:
             c = await connect(srv, tmp_path)
@@ -332,26 +327,116 @@ def test_server_batches_stay_inside_and_deltas_are_verified(tmp_path: Path) -> N
                 )
                 assert reply.done == 0 and len(reply.errors) == 4
                 assert (h / "outside.txt").read_text() == "keep"
-                # a basis the server does not have: refused before anything is written
-                req_id, route = c.mux.open(4)
-                await c.send(m.DeltaPut(id=req_id, path="d/f", size=10, mtime=1.0, basis=b"x" * 32, token="t1"))
-                ev = await c.mux.recv(route)
-                assert isinstance(ev, m.Error) and ev.code == "changed"
-                c.mux.close_route(req_id)
-                # the right basis, a wrong digest: nothing committed, no partial left
-                hashes = cdc.index_bytes((h / "d" / "f").read_bytes()).hashes
-                req_id, route = c.mux.open(4)
-                await c.send(m.DeltaPut(id=req_id, path="d/f", size=100, mtime=1.0, basis=basis_id(hashes), token="t2"))
-                await c.send(m.DeltaData(id=req_id, ops=[1, 100, 0], data=b"y" * 100, end=True, digest=b"z" * 32))
-                ev = await c.mux.recv(route)
-                assert isinstance(ev, m.Error) and ev.code == "integrity", ev
-                c.mux.close_route(req_id)
             finally:
                 await c.close()
 
         run(main())
-        assert len((h / "d" / "f").read_bytes()) == 3 * MiB
-        assert sorted(p.name for p in (h / "d").iterdir()) == ["f"]  # no partial left
+
+
+async def _read_back(c: Any, remote: str, tmp_path: Path) -> bytes:
+    """The content of ``remote`` through the client (a delta download without basis: what every
+    backend serves), read into a fresh local file."""
+    from ferry.client.delta import delta_get
+
+    dest = tmp_path / f"back-{time.monotonic_ns()}"
+    await delta_get(c.mux, remote, dest, use_basis=False)
+    data = dest.read_bytes()
+    dest.unlink()
+    return data
+
+
+@pytest.mark.backends
+def test_deltas_are_verified(server: ServerThread, cell: Any, tmp_path: Path) -> None:
+    """Broken delta uploads: a basis that is not the server's, a digest that does not match, a copy
+    of chunks the basis lacks. Nothing corrupt lands, the file keeps its old content, and no
+    partial upload is left behind (checked through the client: ls lists partials on neither
+    backend, so the folder's own listing is checked on disk too)."""
+    from ferry import cdc
+    from ferry.client.delta import delta_put
+    from ferry.delta import basis_id
+    from ferry.wire import messages as m
+
+    old = rand(3 * MiB, 40)
+    (tmp_path / "f").write_bytes(old)
+
+    async def main() -> None:
+        c = await connect(server, tmp_path)
+        try:
+            await c.mkdir("d")
+            await delta_put(c.mux, tmp_path / "f", "d/f")
+            # a basis the server does not have: refused before anything is written
+            req_id, route = c.mux.open(4)
+            await c.send(m.DeltaPut(id=req_id, path="d/f", size=10, mtime=1.0, basis=b"x" * 32, token="t1"))
+            ev = await c.mux.recv(route)
+            assert isinstance(ev, m.Error) and ev.code == "changed"
+            c.mux.close_route(req_id)
+            # the right basis, a wrong digest: nothing committed
+            hashes = cdc.index_bytes(old).hashes
+            for ops, data, code in (([1, 100, 0], b"y" * 100, "integrity"), ([0, len(hashes) // 32, 1], b"", "integrity")):
+                req_id, route = c.mux.open(4)
+                await c.send(m.DeltaPut(id=req_id, path="d/f", size=100, mtime=1.0, basis=basis_id(hashes), token="t2"))
+                await c.send(m.DeltaData(id=req_id, ops=ops, data=data, end=True, digest=b"z" * 32))
+                ev = await c.mux.recv(route)
+                assert isinstance(ev, m.Error) and ev.code == code, ev
+                c.mux.close_route(req_id)
+            assert [e.name for e in await c.listdir("d")] == ["f"]
+            assert (await c.stat("d/f")).size == len(old)
+            assert await _read_back(c, "d/f", tmp_path) == old
+            usage = await c.df()
+            assert usage.partial == 0  # no upload left holding space
+        finally:
+            await c.close()
+
+    run(main())
+    if not cell.objects:
+        assert sorted(p.name for p in (home(server) / "d").iterdir()) == ["f"]  # no partial left
+
+
+@pytest.mark.backends
+def test_delta_transfers_move_only_the_changes_both_ways(server: ServerThread, tmp_path: Path) -> None:
+    """A file several stored pieces long (the object backend stores 4 MiB pieces, delta uses ~64 KiB
+    content-defined chunks): uploaded whole, then with bytes inserted (only the chunks around the
+    insertion travel), downloaded against the old version (the same), and compressed; the server's
+    copy is the new one byte for byte each time."""
+    from ferry.client.delta import delta_get, delta_put
+
+    old = rand(9 * MiB + 12345, 90)
+    new = old[: 5 * MiB] + b"inserted bytes" + old[5 * MiB :]
+    near = 2 * 256 * 1024 + 14  # the changed chunk and a neighbour at most
+
+    async def main() -> None:
+        c = await connect(server, tmp_path)
+        try:
+            local = tmp_path / "big"
+            local.write_bytes(old)
+            moved = await delta_put(c.mux, local, "big")  # nothing there yet: all of it
+            assert moved.literal == len(old)
+            local.write_bytes(new)
+            os.utime(local, (1_700_000_000, 1_700_000_000))
+            moved = await delta_put(c.mux, local, "big")
+            assert 0 < moved.literal <= near, moved
+            entry = await c.stat("big")
+            assert entry.size == len(new) and entry.mtime == 1_700_000_000
+            assert await _read_back(c, "big", tmp_path) == new
+            # a download against the old version
+            pulled = tmp_path / "pulled"
+            pulled.write_bytes(old)
+            moved = await delta_get(c.mux, "big", pulled)
+            assert pulled.read_bytes() == new and 0 < moved.literal <= near, moved
+            # unchanged: nothing but the index travels, both ways
+            assert (await delta_put(c.mux, local, "big")).literal == 0
+            assert (await delta_get(c.mux, "big", pulled)).literal == 0
+            # compressed, no basis
+            text = b"".join(b"line %d of a repetitive log\n" % (i % 100) for i in range(100_000))
+            (tmp_path / "t.log").write_bytes(text)
+            moved = await delta_put(c.mux, tmp_path / "t.log", "t.log", use_basis=False, compress=True)
+            assert moved.wire < len(text) // 10
+            moved = await delta_get(c.mux, "t.log", tmp_path / "t2.log", use_basis=False, compress=True)
+            assert moved.wire < len(text) // 10 and (tmp_path / "t2.log").read_bytes() == text
+        finally:
+            await c.close()
+
+    run(main())
 
 
 def test_sync_into_the_home_itself(server: ServerThread, tmp_path: Path) -> None:

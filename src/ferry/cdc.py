@@ -33,7 +33,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import blake3
 
@@ -138,11 +138,31 @@ class ChunkIndex:
         return cls(size, array("I", lengths), b"".join(hashes))
 
 
+class Source(Protocol):
+    """Random access to the bytes of a file that is not a descriptor (a file of the object backend,
+    read by stored chunk): what chunking, delta encoding and assembling need of a file."""
+
+    def preadv(self, buffers: list[memoryview], offset: int) -> int:
+        """Read into ``buffers`` from ``offset`` as :func:`os.preadv` does (fewer bytes at the end)."""
+        ...
+
+
+#: A file to read: an open descriptor, or a :class:`Source`.
+Readable = int | Source
+
+
+def preadv(f: Readable, buffers: list[memoryview], offset: int) -> int:
+    """:func:`os.preadv` on a descriptor or a :class:`Source`."""
+    if isinstance(f, int):
+        return os.preadv(f, buffers, offset)
+    return f.preadv(buffers, offset)
+
+
 class _PreadReader:
     """A ``readinto`` over ``fd`` with ``pread`` from a moving offset (no seek: the descriptor may be
     shared), stopping at ``end``."""
 
-    def __init__(self, fd: int, start: int, end: int, on_read: Callable[[int], None] | None) -> None:
+    def __init__(self, fd: Readable, start: int, end: int, on_read: Callable[[int], None] | None) -> None:
         self.fd, self.pos, self.end = fd, start, end
         self.on_read = on_read
 
@@ -150,7 +170,7 @@ class _PreadReader:
         want = min(len(b), self.end - self.pos, 1 << 20)
         if want <= 0:
             return 0
-        n = os.preadv(self.fd, [b[:want]], self.pos)
+        n = preadv(self.fd, [b[:want]], self.pos)
         self.pos += n
         if self.on_read is not None and n:
             self.on_read(n)
@@ -158,7 +178,7 @@ class _PreadReader:
 
 
 def iter_chunks(
-    fd: int, size: int, *, start: int = 0, on_read: Callable[[int], None] | None = None
+    fd: Readable, size: int, *, start: int = 0, on_read: Callable[[int], None] | None = None
 ) -> Iterator[tuple[int, memoryview]]:
     """``(offset, data)`` of each content-defined chunk of bytes ``[start, size)`` of ``fd``.
 
@@ -182,13 +202,14 @@ def chunk_buffer(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, me
 
 
 def index_fd(
-    fd: int,
+    fd: Readable,
     size: int | None = None,
     *,
     on_read: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> ChunkIndex:
-    """Chunk and hash the file open as ``fd`` (its first ``size`` bytes, default: all of it).
+    """Chunk and hash the file open as ``fd`` (its first ``size`` bytes, default: all of it; a
+    :class:`Source` needs ``size``).
 
     With ``stop``, the work ends at the first chunk boundary after it is set: the index then
     covers a prefix of the file (its ``size`` says how much), and :func:`iter_chunks` can go on
@@ -196,6 +217,8 @@ def index_fd(
     shrank meanwhile).
     """
     if size is None:
+        if not isinstance(fd, int):
+            raise TypeError("index_fd of a Source needs its size")
         size = os.fstat(fd).st_size
     lengths = array("I")
     parts: list[bytes] = []

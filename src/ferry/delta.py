@@ -26,10 +26,21 @@ import os
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import blake3
 
-from ferry.cdc import HASH_SIZE, MAX_SIZE, ChunkIndex, FileChanged, index_digest, iter_chunks, truncate
+from ferry.cdc import (
+    HASH_SIZE,
+    MAX_SIZE,
+    ChunkIndex,
+    FileChanged,
+    Readable,
+    index_digest,
+    iter_chunks,
+    preadv,
+    truncate,
+)
 from ferry.compress import RAW, ZSTD, Compressor, Decompressor
 from ferry.errors import IntegrityError, TransferError
 
@@ -45,6 +56,15 @@ COPY_FLUSH = 32 << 20
 #: Most bytes of basis chunks copied with one read (a run of chunks contiguous in one file; one
 #: chunk is at most 256 KiB, so a run always holds at least one).
 _RUN = 4 << 20
+
+
+class Sink(Protocol):
+    """Where an :class:`Assembler` writes the new version when it is not a descriptor (an upload of
+    the object backend, stored by chunk): written in order, from offset 0 on."""
+
+    def pwrite(self, data: memoryview, offset: int) -> int:
+        """Write ``data`` at ``offset`` as :func:`os.pwrite` does; returns the bytes taken."""
+        ...
 
 
 class BasisChanged(TransferError):
@@ -76,7 +96,7 @@ class DeltaEncoder:
 
     def __init__(
         self,
-        fd: int,
+        fd: Readable,
         size: int,
         basis: bytes,
         *,
@@ -119,7 +139,7 @@ class DeltaEncoder:
             h = index.hash(i)
             data: bytes = b""
             if self._lookup(h) is None:
-                data = os.pread(self._fd, n, pos)
+                data = _pread(self._fd, n, pos)
                 if len(data) != n or blake3.blake3(data).digest() != h:
                     raise FileChanged(f"the file changed since it was indexed (at byte {pos})")
             yield n, data, h
@@ -172,16 +192,27 @@ class DeltaEncoder:
         return batch, True
 
 
+def _pread(f: Readable, n: int, pos: int) -> bytes:
+    """Up to ``n`` bytes of ``f`` at ``pos`` (fewer at its end)."""
+    if isinstance(f, int):
+        return os.pread(f, n, pos)
+    buf = bytearray(n)
+    got = preadv(f, [memoryview(buf)], pos)
+    return bytes(buf[:got])
+
+
 @dataclass
 class BasisFile:
-    """One file of a receiver's basis: an open descriptor and its chunk index."""
+    """One file of a receiver's basis: an open descriptor (or a :class:`~ferry.cdc.Source`) and its
+    chunk index."""
 
-    fd: int
+    fd: Readable
     index: ChunkIndex
 
 
 class Assembler:
-    """Builds the new version in ``out_fd`` (an empty temp file) from ops, basis chunks and literals.
+    """Builds the new version in ``out_fd`` (an empty temp file, or a :class:`Sink`) from ops, basis
+    chunks and literals.
 
     ``basis`` are the files whose chunks were announced, in the order announced (chunk numbers run on
     from one file to the next). Call :meth:`apply` per batch (in a thread; one at a time), then
@@ -191,7 +222,7 @@ class Assembler:
 
     def __init__(
         self,
-        out_fd: int,
+        out_fd: int | Sink,
         size: int,
         basis: Sequence[BasisFile] = (),
         *,
@@ -275,7 +306,7 @@ class Assembler:
             view = self._buffer()[:span]
             got = 0
             while got < span:
-                n = os.preadv(self._fds[k], [view[got:]], first + got)
+                n = preadv(self._fds[k], [view[got:]], first + got)
                 if n <= 0:
                     raise BasisChanged("the old version of the file changed while the new one was being built")
                 got += n
@@ -302,8 +333,9 @@ class Assembler:
             raise IntegrityError(f"malformed delta: more than the announced {self.size} bytes")
         view = memoryview(data)
         pos = self.pos
+        out = self.out_fd
         while view:
-            n = os.pwrite(self.out_fd, view, pos)
+            n = os.pwrite(out, view, pos) if isinstance(out, int) else out.pwrite(view, pos)
             view, pos = view[n:], pos + n
         if self.on_write is not None:
             self.on_write(pos - self.pos)

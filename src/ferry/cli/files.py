@@ -48,6 +48,7 @@ from ferry.errors import (
     FerryError,
     IsADirectory,
     NotFound,
+    RemoteError,
     TransferError,
     UsageError,
 )
@@ -464,9 +465,10 @@ async def do_get(
             raise UsageError(f"{local}: no such local folder to download into")
         try:
             with out.progress(safe_name(remote_basename(rpath))) as cb:
+                result = None
                 if compress and supports_sync(client):
                     result = await _compressed(client, rpath, dest, cb, upload=False)
-                else:
+                if result is None:
                     result = await client.get(
                         rpath, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
                     )
@@ -518,19 +520,25 @@ def _raise_failures(result: Any) -> None:
 
 async def _compressed(client: AsyncClient, src: str | Path, dst: str | Path, cb: Any, *, upload: bool) -> Any:
     """``get -z`` / ``put -z`` of one file: a delta transfer with zstd-packed chunks (an older copy
-    at the destination, or an interrupted download's partial, is its basis)."""
+    at the destination, or an interrupted download's partial, is its basis). None if the server
+    does not do delta transfers: the caller then transfers the file whole, uncompressed."""
     import time as _time
 
-    from ferry.client.delta import delta_get, delta_put
+    from ferry.client.delta import delta_get, delta_put, delta_refused
     from ferry.client.transfer import TransferResult
 
     t0 = _time.monotonic()
-    if upload:
-        size = Path(src).stat().st_size
-        moved = await delta_put(client.mux, Path(src), str(dst), compress=True, progress=cb)
-    else:
-        moved = await delta_get(client.mux, str(src), Path(dst), compress=True, progress=cb)
-        size = Path(dst).stat().st_size
+    try:
+        if upload:
+            size = Path(src).stat().st_size
+            moved = await delta_put(client.mux, Path(src), str(dst), compress=True, progress=cb)
+        else:
+            moved = await delta_get(client.mux, str(src), Path(dst), compress=True, progress=cb)
+            size = Path(dst).stat().st_size
+    except RemoteError as exc:
+        if delta_refused(exc):
+            return None
+        raise
     # "sent": what crossed the network (packed), as for any transfer
     return TransferResult(str(dst if upload else src), size, moved.wire, 0, _time.monotonic() - t0, "")
 
@@ -582,9 +590,10 @@ async def do_put(
                     result = await client.put_tree(p, dest, hash=as_hash(hash_name), progress=cb)
         else:
             with out.progress(safe_name(name)) as cb:
+                result = None
                 if compress and supports_sync(client):
                     result = await _compressed(client, p, dest, cb, upload=True)
-                else:
+                if result is None:
                     result = await client.put(
                         p, dest, resume=resume, hash=as_hash(hash_name), progress=cb, checksum=out.json
                     )

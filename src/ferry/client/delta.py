@@ -26,11 +26,11 @@ from ferry.aio import close_after
 from ferry.client.mux import Mux
 from ferry.client.transfer import raise_if_refused
 from ferry.delta import Assembler, BasisFile, DeltaEncoder, basis_id
-from ferry.errors import ConnectionBroken, NotFound, TransferError
+from ferry.errors import ConnectionBroken, NotFound, RemoteError, TransferError
 from ferry.fskit import partial_name
 from ferry.textsafe import safe_name
 from ferry.wire import messages as m
-from ferry.wire.codes import from_wire
+from ferry.wire.codes import ErrorCode, from_wire
 
 Progress = Callable[[int, int], None]
 
@@ -44,6 +44,13 @@ class Moved:
     wire: int
 
 
+
+
+def delta_refused(exc: BaseException) -> bool:
+    """True if ``exc`` is a server's refusal of the delta requests themselves (``invalid``: a
+    server, or a storage backend, that does not do delta transfers): the caller sends the file
+    whole instead. Nothing was changed on either side."""
+    return isinstance(exc, RemoteError) and exc.code == ErrorCode.INVALID
 
 
 async def get_chunks(mux: Mux, path: str, width: int = cdc.BASIS_WIDTH) -> bytes | None:
@@ -200,8 +207,10 @@ async def delta_get(
         except OSError as exc:
             raise TransferError(f"cannot write {safe_name(str(dest))}: {exc.strerror or exc}") from exc
         fds.append(old_part)
+        moved_aside = False
         if os.fstat(old_part).st_size:
             os.replace(part, aside)  # the lock moves with the file; a new partial takes the name
+            moved_aside = True
             out = _open_partial(part, dest)
         else:
             aside.unlink(missing_ok=True)  # a stale one from a run killed after the move
@@ -226,7 +235,12 @@ async def delta_get(
             info = await mux.recv(route)
             if isinstance(info, m.Error):
                 ended = True
-                raise from_wire(info)
+                err = from_wire(info)
+                if moved_aside and delta_refused(err):
+                    # Nothing was written: the interrupted download's partial goes back in its
+                    # place, for the whole-file download the caller falls back to to resume.
+                    os.replace(aside, part)
+                raise err
             if not isinstance(info, m.FileInfo):
                 raise ConnectionBroken(f"unexpected {type(info).__name__} in a delta download")
             asm = Assembler(out, info.size, basis)

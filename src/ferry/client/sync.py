@@ -428,6 +428,9 @@ class _Job:
         self.on_item = on_item
         self.progress = JobProgress(0, None, None)
         self.errors = self.result.notes
+        #: the server answered a delta request with ``invalid``: it does not do delta transfers
+        #: (yet), so the remaining large files go whole at once
+        self.no_delta = False
 
     def report(self, it: Item, *, sent: int = 0, error: str = "") -> None:
         """Record (and pass on) one item that is done, failed, or (dry run) planned."""
@@ -542,8 +545,10 @@ def _attr_items(p: Plan) -> list[Item]:
 
 async def _move_large(job: _Job, it: Item) -> int:
     """Send one large file (either direction): as a delta when the destination has an older
-    version (or with -z), else streamed whole (resumable). Returns the content bytes that moved."""
-    from ferry.client.delta import delta_get, delta_put
+    version (or with -z), else streamed whole (resumable). Returns the content bytes that moved.
+    A server that does not do delta transfers (``invalid``: an older one, or a backend without
+    them) gets the file whole instead."""
+    from ferry.client.delta import delta_get, delta_put, delta_refused
     from ferry.client.transfer import get_file, put_file
 
     client, opts = job.client, job.opts
@@ -552,23 +557,34 @@ async def _move_large(job: _Job, it: Item) -> int:
     cb = job.progress.file(it.path or local.name)
     dst = it.dst
     use_delta = opts.delta and dst is not None and dst.kind == "file" and dst.size > 0
+    by_delta = (use_delta or opts.compress) and not job.no_delta
     if job.push:
-        if use_delta or opts.compress:
-            moved = await delta_put(
-                client.mux, local, remote, use_basis=use_delta, compress=opts.compress, progress=cb
-            )
-            return moved.literal
+        if by_delta:
+            try:
+                moved = await delta_put(
+                    client.mux, local, remote, use_basis=use_delta, compress=opts.compress, progress=cb
+                )
+                return moved.literal
+            except RemoteError as exc:
+                if not delta_refused(exc):
+                    raise
+                job.no_delta = True
         sent = int((await put_file(client.mux, local, remote, hash=opts.hash, progress=cb)).sent)
-        if it.size >= PREFETCH_MIN and supports_prefetch(client):
+        if it.size >= PREFETCH_MIN and supports_prefetch(client) and not job.no_delta:
             # Let the server index the new file now, while it is idle: the next delta of it then
             # starts at once instead of waiting for the server to read its old version.
             await client.mux.call(functools.partial(_prefetch, remote), m.Ok)
         return sent
-    if use_delta or opts.compress:
-        moved = await delta_get(
-            client.mux, remote, local, use_basis=use_delta, compress=opts.compress, progress=cb
-        )
-        return moved.literal
+    if by_delta:
+        try:
+            moved = await delta_get(
+                client.mux, remote, local, use_basis=use_delta, compress=opts.compress, progress=cb
+            )
+            return moved.literal
+        except RemoteError as exc:
+            if not delta_refused(exc):
+                raise
+            job.no_delta = True
     return int((await get_file(client.mux, remote, local, hash=opts.hash, progress=cb)).sent)
 
 

@@ -34,7 +34,7 @@ from ferry.errors import FerryError, RemoteError
 from ferry.server.context import FileLimit
 from ferry.server.openlimits import Hold, Kind
 from ferry.server.oserrors import translate_oserror
-from ferry.server.service import FolderService
+from ferry.server.service import FolderService, Service
 from ferry.server.transfer import check_quota, partial_path
 from ferry.server.work import in_thread, start_thread
 from ferry.textsafe import safe_text
@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 MAX_DELTAS = 8
 #: Most basis chunks a client may announce for a download (1 TiB of 64 KiB chunks).
 MAX_BASIS = 1 << 24
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: What an upload token may be (it names the partial upload: a file name part, a database key).
+TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def file_index(cache: HashCache, fd: int, st: os.stat_result) -> cdc.ChunkIndex:
@@ -64,17 +65,19 @@ def file_index(cache: HashCache, fd: int, st: os.stat_result) -> cdc.ChunkIndex:
     return index
 
 
-def _count(svc: DeltaService) -> int:
-    return sum(isinstance(c, DeltaUpload | DeltaSend) for c in svc.channels.values())
+class DeltaTransfer:
+    """A delta transfer in progress, of either backend (counted against :data:`MAX_DELTAS`)."""
 
 
-def _admit(svc: DeltaService, req_id: int) -> None:
+def admit(svc: Service[Any], req_id: int) -> None:
+    """Refuse a new delta transfer whose id is in use, or past :data:`MAX_DELTAS` on the connection."""
     svc.requests.check_id_free(req_id)
-    if _count(svc) >= MAX_DELTAS:
+    if sum(isinstance(c, DeltaTransfer) for c in svc.channels.values()) >= MAX_DELTAS:
         raise ErrorCode.BUSY.error(f"too many delta transfers on this connection (at most {MAX_DELTAS})")
 
 
-def _changed(exc: BaseException, path: str) -> RemoteError | None:
+def changed_error(exc: BaseException, path: str) -> RemoteError | None:
+    """The ``changed`` error to send for ``exc`` if it says a file changed while it was read."""
     if isinstance(exc, BasisChanged | cdc.FileChanged):
         return ErrorCode.CHANGED.error(f"{path} changed while it was being transferred; nothing was kept, try again")
     return None
@@ -120,7 +123,7 @@ async def handle_get_chunks(svc: DeltaService, msg: m.GetChunks) -> None:
 # --- upload -----------------------------------------------------------------------------------
 
 
-class DeltaUpload:
+class DeltaUpload(DeltaTransfer):
     """A delta upload in progress, registered in ``svc.channels`` under its id."""
 
     def __init__(self, svc: DeltaService, msg: m.DeltaPut) -> None:
@@ -273,8 +276,8 @@ class DeltaUpload:
 
 async def handle_delta_put(svc: DeltaService, msg: m.DeltaPut) -> None:
     """Start a delta upload (no reply until it ends: Ok, or an Error at the first problem)."""
-    _admit(svc, msg.id)
-    if not _TOKEN.match(msg.token):
+    admit(svc, msg.id)
+    if not TOKEN.match(msg.token):
         raise RemoteProtocolError("bad upload token")
     # The partial it builds in: an interrupted put of the same source may have left it (idle,
     # counted); it is truncated and reused, so its bytes are this upload's own.
@@ -309,7 +312,7 @@ async def handle_delta_data(svc: DeltaService, msg: m.DeltaData) -> None:
     except Exception as exc:
         up.discard()
         svc.log_op("delta-put", up.msg.path, up.t0, "failed")
-        changed = _changed(exc, up.msg.path)
+        changed = changed_error(exc, up.msg.path)
         if changed is not None:
             raise changed from exc
         if isinstance(exc, OSError):
@@ -320,10 +323,11 @@ async def handle_delta_data(svc: DeltaService, msg: m.DeltaData) -> None:
 # --- download ---------------------------------------------------------------------------------
 
 
-class DeltaSend:
-    """A delta download: collects the client's basis (``Chunks`` pages), then streams the file."""
+class DeltaSend(DeltaTransfer):
+    """A delta download: collects the client's basis (``Chunks`` pages), then streams the file
+    (:meth:`serve`; the object backend's subclass reads the file from the store)."""
 
-    def __init__(self, svc: DeltaService, msg: m.DeltaGet) -> None:
+    def __init__(self, svc: Service[Any], msg: m.DeltaGet) -> None:
         self.svc = svc
         self.msg = msg
         self.parts: list[bytes] = []
@@ -353,11 +357,11 @@ class DeltaSend:
     async def _run(self) -> None:
         svc = self.svc
         try:
-            await _serve_delta(svc, self.msg, b"".join(self.parts))
+            await self.serve(b"".join(self.parts))
         except (ConnectionError, RemoteProtocolError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            err = _changed(exc, self.msg.path) or exc
+            err = changed_error(exc, self.msg.path) or exc
             if not isinstance(err, FerryError):
                 svc.ctx.log.exception("internal error in a delta download")
             with contextlib.suppress(Exception):
@@ -366,6 +370,11 @@ class DeltaSend:
             self.hold.release()
             if svc.channels.get(self.msg.id) is self:
                 del svc.channels[self.msg.id]
+
+    async def serve(self, basis: bytes) -> None:
+        """Send ``FileInfo`` and the ``DeltaData`` batches of the file against ``basis``."""
+        assert isinstance(self.svc, DeltaService)
+        await _serve_delta(self.svc, self.msg, basis)
 
     async def abort(self) -> None:
         """Cancelled or the connection ended: stop sending."""
@@ -417,11 +426,11 @@ def _close_after(job: asyncio.Future[Any] | None, fd: int) -> None:
 
 async def handle_delta_get(svc: DeltaService, msg: m.DeltaGet) -> None:
     """Register a delta download; it starts once the client's basis has arrived."""
-    _admit(svc, msg.id)
+    admit(svc, msg.id)
     svc.channels[msg.id] = DeltaSend(svc, msg)
 
 
-async def handle_chunks(svc: DeltaService, msg: m.Chunks) -> None:
+async def handle_chunks(svc: Service[Any], msg: m.Chunks) -> None:
     """A page of a delta download's basis."""
     target = svc.channels.get(msg.id)
     if target is None:
@@ -444,7 +453,14 @@ class DeltaService(FolderService):
 
 
 __all__ = [
+    "MAX_BASIS",
+    "MAX_DELTAS",
+    "TOKEN",
+    "DeltaSend",
     "DeltaService",
+    "DeltaTransfer",
+    "admit",
+    "changed_error",
     "file_index",
     "handle_chunks",
     "handle_delta_data",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ferry.server.objectsvc.delta import ObjectDeltaService
 from ferry.server.objectsvc.files import ObjectFilesService
 from ferry.server.objectsvc.sync import ObjectSyncService
 from ferry.server.objectsvc.transfer import ObjectTransferService
@@ -28,6 +29,7 @@ OBJECT_SERVICES: tuple[type[Service[Any]], ...] = (
     ObjectTransferService,
     ObjectTreeService,
     ObjectSyncService,
+    ObjectDeltaService,
 )
 
 #: Every file request: those no service in :data:`OBJECT_SERVICES` declares are refused as unsupported.
