@@ -439,6 +439,32 @@ def test_delta_transfers_move_only_the_changes_both_ways(server: ServerThread, t
     run(main())
 
 
+@pytest.mark.cell(backend="object")
+def test_a_server_without_delta_transfers_gets_files_whole(
+    server: ServerThread, tmp_path: Path, ferry_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that answers the delta requests with ``invalid`` (a backend without them, as the
+    object backend was before its delta service, or an older server): ``put -z`` and ``get -z``
+    transfer the file whole instead of failing, and the server's copy is right."""
+    import ferry.server.session as session
+    from cli_inproc import run_cli
+    from ferry.server.objectsvc.delta import ObjectDeltaService
+    from transfer_support import PASSWORD
+
+    monkeypatch.setattr(session, "OBJECT_SERVICES", tuple(s for s in session.OBJECT_SERVICES if s is not ObjectDeltaService))
+    data = rand(300_000, 7)
+    (tmp_path / "f").write_bytes(data)
+    url = f"ferry://alice@127.0.0.1:{server.port}"
+    env = {**ferry_env, "FERRY_PASSWORD": PASSWORD}
+    r = run_cli(["put", "-z", str(tmp_path / "f"), f"{url}/f"], env=env)
+    assert r.code == 0, r
+    r = run_cli(["get", "-z", f"{url}/f", str(tmp_path / "back")], env=env)
+    assert r.code == 0, r
+    assert (tmp_path / "back").read_bytes() == data
+    log = (server.root / "logs" / "ferry.log").read_text()
+    assert "op=put path=f" in log and "op=get path=f" in log and "op=delta" not in log
+
+
 def test_sync_into_the_home_itself(server: ServerThread, tmp_path: Path) -> None:
     """The home as the destination root: files land, and no error about the home's own attributes."""
     src = tmp_path / "src"
