@@ -1,5 +1,6 @@
 """Benchmark (not a test): case (d) of ``bench/sync.py`` -- 100 bytes inserted at one third of a big
-file -- sent as a delta to a folder-backend and to an object-backend ``ferry serve``, and pulled back.
+file -- sent as a delta to a folder-backend and to an object-backend ``ferry serve``, and pulled back
+(``--case c``: case (c)'s change of the big file instead, 1 MiB overwritten in the middle).
 
 One run starts its own ``weed mini`` (SeaweedFS, from the dev extra) and PostgreSQL database, and two
 servers on loopback: ``ferry serve --db`` (files in a folder) and ``ferry serve --db --store``
@@ -58,17 +59,22 @@ def write_random(path: Path, size: int) -> None:
             left -= n
 
 
-def insert_at_third(src: Path, dst: Path) -> None:
-    """``dst`` = ``src`` with :data:`INSERT` random bytes inserted at one third of it."""
+def change(src: Path, dst: Path, case: str) -> None:
+    """``dst`` = ``src`` with :data:`INSERT` random bytes inserted at one third of it (case d), or
+    with 1 MiB in the middle overwritten (case c: nothing shifts)."""
     size = src.stat().st_size
-    at = size // 3
+    at = size // 3 if case == "d" else size // 2
     with open(src, "rb") as f, open(dst, "wb") as out:
         left = at
         while left:
             block = f.read(min(BLOCK, left))
             out.write(block)
             left -= len(block)
-        out.write(os.urandom(INSERT))
+        if case == "d":
+            out.write(os.urandom(INSERT))
+        else:
+            out.write(os.urandom(MiB))
+            f.seek(MiB, os.SEEK_CUR)
         while block := f.read(BLOCK):
             out.write(block)
 
@@ -122,6 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--big-mib", type=int, default=1024, help="size of the big file (MiB)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--case", choices=["d", "c"], default="d", help="d: 100 B inserted at one third; c: 1 MiB overwritten in the middle")
     opts = ap.parse_args()
     size = opts.big_mib * MiB
     name, dsn = create_database()
@@ -155,7 +162,7 @@ def main() -> None:
             order = list(servers)
             for rep in range(opts.reps):
                 new = tmp / f"v{rep + 1}"
-                insert_at_third(current, new)
+                change(current, new, opts.case)
                 for backend in order if rep % 2 == 0 else order[::-1]:
                     srv = servers[backend]
                     wp = weed_pid if backend == "object" else None
@@ -185,7 +192,7 @@ def main() -> None:
                 )
             print(
                 table(
-                    ["case (d)", "backend", "seconds", "wire KiB", "literal KiB", "server CPU s", "weed CPU s"],
+                    [f"case ({opts.case})", "backend", "seconds", "wire KiB", "literal KiB", "server CPU s", "weed CPU s"],
                     rows,
                 )
             )

@@ -393,7 +393,7 @@ def test_deltas_are_verified(server: ServerThread, cell: Any, tmp_path: Path) ->
 
 
 @pytest.mark.backends
-def test_delta_transfers_move_only_the_changes_both_ways(server: ServerThread, tmp_path: Path) -> None:
+def test_delta_transfers_move_only_the_changes_both_ways(server: ServerThread, cell: Any, tmp_path: Path) -> None:
     """A file several stored pieces long (the object backend stores 4 MiB pieces, delta uses ~64 KiB
     content-defined chunks): uploaded whole, then with bytes inserted (only the chunks around the
     insertion travel), downloaded against the old version (the same), and compressed; the server's
@@ -426,6 +426,12 @@ def test_delta_transfers_move_only_the_changes_both_ways(server: ServerThread, t
             # unchanged: nothing but the index travels, both ways
             assert (await delta_put(c.mux, local, "big")).literal == 0
             assert (await delta_get(c.mux, "big", pulled)).literal == 0
+            # changed in place (nothing shifts): the stored pieces around the change are reused
+            edited = new[: 6 * MiB] + rand(100, 91) + new[6 * MiB + 100 :]
+            local.write_bytes(edited)
+            moved = await delta_put(c.mux, local, "big")
+            assert 0 < moved.literal <= near, moved
+            assert await _read_back(c, "big", tmp_path) == edited
             # compressed, no basis
             text = b"".join(b"line %d of a repetitive log\n" % (i % 100) for i in range(100_000))
             (tmp_path / "t.log").write_bytes(text)
@@ -433,6 +439,44 @@ def test_delta_transfers_move_only_the_changes_both_ways(server: ServerThread, t
             assert moved.wire < len(text) // 10
             moved = await delta_get(c.mux, "t.log", tmp_path / "t2.log", use_basis=False, compress=True)
             assert moved.wire < len(text) // 10 and (tmp_path / "t2.log").read_bytes() == text
+        finally:
+            await c.close()
+
+    run(main())
+    if cell.objects:
+        # Pieces of the new version equal to stored pieces of the old one at the same place were
+        # linked, not read and stored again: the first 4 MiB after the insertion at 5 MiB, all three
+        # when nothing changed, the first and the last around the edit at 6 MiB.
+        log = (server.root / "logs" / "ferry.log").read_text()
+        reused = [line.rpartition("reused=")[2].split()[0] for line in log.splitlines() if "op=delta-put" in line]
+        assert reused == ["0", "1", "3", "2", "0"], reused
+
+
+@pytest.mark.backends
+def test_a_delta_upload_answers_to_the_quota(server: ServerThread, tmp_path: Path) -> None:
+    """A delta upload that would take the user past the quota is refused, counting the old
+    version it replaces; the old content stays and nothing is left set aside."""
+    from ferry.client.delta import delta_put
+    from ferry.errors import DiskFull
+
+    server.add_user("quinn", quota=5 * MiB)
+    old = rand(3 * MiB, 60)
+    local = tmp_path / "f"
+    local.write_bytes(old)
+
+    async def main() -> None:
+        c = await connect(server, tmp_path, user="quinn")
+        try:
+            await delta_put(c.mux, local, "f")
+            local.write_bytes(old + rand(2 * MiB + 1, 61))  # 5 MiB + 1: one byte too many
+            with pytest.raises(DiskFull, match="quota"):
+                await delta_put(c.mux, local, "f")
+            local.write_bytes(old + rand(2 * MiB, 61))  # exactly the quota, replacing 3 MiB: fine
+            moved = await delta_put(c.mux, local, "f")
+            assert moved.literal <= 2 * MiB + 2 * 256 * 1024
+            assert await _read_back(c, "f", tmp_path) == local.read_bytes()
+            usage = await c.df()
+            assert usage.partial == 0 and usage.used == 5 * MiB
         finally:
             await c.close()
 

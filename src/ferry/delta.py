@@ -26,7 +26,7 @@ import os
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import blake3
 
@@ -64,6 +64,18 @@ class Sink(Protocol):
 
     def pwrite(self, data: memoryview, offset: int) -> int:
         """Write ``data`` at ``offset`` as :func:`os.pwrite` does; returns the bytes taken."""
+        ...
+
+
+@runtime_checkable
+class RangeSink(Sink, Protocol):
+    """A :class:`Sink` that also takes copies of *trusted* basis files (:attr:`BasisFile.trusted`)
+    by reference, without their bytes being read: the object backend reuses a stored piece of the
+    old version that the new one holds at the same place instead of reading and storing it again."""
+
+    def copy(self, basis: int, start: int, length: int, offset: int) -> None:
+        """Bytes ``[start, start + length)`` of basis file number ``basis`` go at ``offset`` (in order,
+        as :meth:`Sink.pwrite` data does)."""
         ...
 
 
@@ -208,6 +220,10 @@ class BasisFile:
 
     fd: Readable
     index: ChunkIndex
+    #: its bytes are known to be those its index describes (a stored file, immutable and read by
+    #: verified pieces, indexed under its content digest): copies of it need no read and re-hash
+    #: where the output takes them by reference (:class:`RangeSink`)
+    trusted: bool = False
 
 
 class Assembler:
@@ -236,6 +252,9 @@ class Assembler:
         self._offsets: array[int] = array("Q")
         self._lengths: array[int] = array("I")
         self._fds = [b.fd for b in basis]
+        # Copies of trusted basis files go to the sink by reference when it takes them so.
+        self._ranges = out_fd if isinstance(out_fd, RangeSink) else None
+        self._trusted = [b.trusted and self._ranges is not None for b in basis]
         hashes: list[bytes] = []
         for k, b in enumerate(basis):
             off = 0
@@ -296,8 +315,11 @@ class Assembler:
         files, offsets, lengths = self._files, self._offsets, self._lengths
         i, end = start, start + count
         while i < end:
-            # Read a run of chunks that are contiguous in one basis file with one pread (<= 4 MiB).
             k, first = files[i], offsets[i]
+            if self._trusted[k]:
+                i = self._copy_trusted(i, end)
+                continue
+            # Read a run of chunks that are contiguous in one basis file with one pread (<= 4 MiB).
             j, span = i, 0
             while j < end and files[j] == k and offsets[j] == first + span and span + lengths[j] <= _RUN:
                 span += lengths[j]
@@ -322,6 +344,29 @@ class Assembler:
             self._write(view)
             self.copied += span
             i = j
+
+    def _copy_trusted(self, i: int, end: int) -> int:
+        """Hand a run of chunks contiguous in one trusted basis file to the sink by reference (their
+        hashes are the index's); returns where the run ended."""
+        files, offsets, lengths = self._files, self._offsets, self._lengths
+        k, first = files[i], offsets[i]
+        j, span = i, 0
+        while j < end and files[j] == k and offsets[j] == first + span:
+            span += lengths[j]
+            j += 1
+        if self.pos + span > self.size:
+            raise IntegrityError(f"malformed delta: more than the announced {self.size} bytes")
+        assert self._ranges is not None
+        self._ranges.copy(k, first, span, self.pos)
+        hashes = self._basis_hashes
+        for c in range(i, j):
+            self._new_lengths.append(lengths[c])
+            self._new_hashes.append(hashes[c * HASH_SIZE : (c + 1) * HASH_SIZE])
+        if self.on_write is not None:
+            self.on_write(span)
+        self.pos += span
+        self.copied += span
+        return j
 
     def _buffer(self) -> memoryview:
         if self._buf is None:

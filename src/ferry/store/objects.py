@@ -131,11 +131,35 @@ class ObjectStorage:
             await self.chunks.put(ref, data)
             await self.namespace.mark_stored(ref)
             ref = replace(ref, stored=True)
+        self._held(upload, index, ref)
+        return ref
+
+    async def link_chunk(self, upload: Upload, index: int, ref: ChunkRef) -> ChunkRef | None:
+        """Make chunk ``index`` of ``upload`` the stored chunk ``ref`` of the same user without its
+        bytes (a delta upload whose new version holds a piece of the old one at the same place):
+        one database statement, no read and no write of the object. None if that chunk is not
+        stored any more (swept after its file went): the caller writes the bytes instead."""
+        end = index * CHUNK_SIZE + ref.size
+        if (
+            ref.owner != upload.owner
+            or index < 0
+            or end > upload.size
+            or (end < upload.size and ref.size != CHUNK_SIZE)
+        ):
+            raise ValueError(f"chunk {ref.id} of {ref.size} bytes does not fit chunk {index} of this upload")
+        claimed = await self.namespace.claim_chunk(upload, index, ref.hash, ref.size)
+        if not claimed.stored:
+            return None
+        self._held(upload, index, claimed)
+        return claimed
+
+    @staticmethod
+    def _held(upload: Upload, index: int, ref: ChunkRef) -> None:
+        """Count a stored chunk in ``upload.held`` (the stored prefix, as a resume sees it)."""
         if index == len(upload.held):
             upload.held.append(ref)
         elif index < len(upload.held):
             upload.held[index] = ref
-        return ref
 
     async def commit_upload(
         self, upload: Upload, *, digest: bytes, overwrite: bool, quota: int | None

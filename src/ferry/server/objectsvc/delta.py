@@ -18,7 +18,11 @@ So:
   stored digest): atomic (readers see the old file or the new one), counted against the quota
   across servers, and resumable as a whole-file upload is — an interrupted delta upload stays as a
   partial upload under its token, and pieces already stored are not written to the store again
-  (per-user de-duplication: a piece equal to one of the old file's is never re-written either).
+  (per-user de-duplication). Copies of the old file are taken by reference
+  (:class:`~ferry.delta.RangeSink`): a 4 MiB piece of the new version that *is* a stored piece of
+  the old one at the same place (everything before an insertion, everything but the changed piece
+  of an edit in place) is linked to the upload in one statement, never read, hashed or written;
+  only pieces that mix old and new bytes, or whose old bytes moved, are assembled and stored.
 - **A delta download** (``DeltaGet``) runs the :class:`~ferry.delta.DeltaEncoder` over the stored
   pieces; with the file's index in the cache, only the pieces holding chunks the client lacks are
   fetched.
@@ -107,7 +111,8 @@ class StoredFile:
 
     def __init__(self, storage: ObjectStorage, chunks: tuple[ChunkRef, ...], size: int, bridge: Bridge) -> None:
         self._storage = storage
-        self._refs = chunks
+        #: its stored pieces, in order
+        self.refs = chunks
         self.size = size
         self._bridge = bridge
         self._index = -1
@@ -135,7 +140,7 @@ class StoredFile:
     def _piece(self, k: int) -> bytes:
         if k == self._index:
             return self._data
-        if k >= len(self._refs):
+        if k >= len(self.refs):
             raise ErrorCode.CORRUPT.error(f"stored piece {k} is missing from the file's chunk list")
         forward = k == self._index + 1
         fut = self._ahead.pop(k, None)
@@ -143,12 +148,12 @@ class StoredFile:
             stale.cancel()
         self._ahead.clear()
         if fut is None:
-            fut = self._bridge.submit(self._storage.read_chunk(self._refs[k]))
+            fut = self._bridge.submit(self._storage.read_chunk(self.refs[k]))
         self._data = b""  # (the old piece goes before the new one arrives)
         self._data = self._bridge.wait(fut)
         self._index = k
-        if forward and k + 1 < len(self._refs):
-            self._ahead[k + 1] = self._bridge.submit(self._storage.read_chunk(self._refs[k + 1]))
+        if forward and k + 1 < len(self.refs):
+            self._ahead[k + 1] = self._bridge.submit(self._storage.read_chunk(self.refs[k + 1]))
         return self._data
 
     def close(self) -> None:
@@ -160,49 +165,138 @@ class StoredFile:
 
 
 class UploadSink:
-    """The new version as an :class:`~ferry.delta.Sink`: cut into :data:`CHUNK_SIZE` pieces, each
-    stored with ``write_chunk`` while the next is assembled (at most :data:`_WRITES_IN_FLIGHT` at
-    once). :attr:`refs` are the stored pieces in order once :meth:`close` returned."""
+    """The new version as a :class:`~ferry.delta.RangeSink`, cut into :data:`CHUNK_SIZE` pieces.
 
-    def __init__(self, storage: ObjectStorage, upload: Upload, bridge: Bridge) -> None:
+    A piece that is exactly a stored piece of the old version at the same place (copies of it by
+    reference, :attr:`~ferry.delta.BasisFile.trusted`) is *linked*: one database statement, no read
+    and no write of its object. Any other piece is assembled (copied ranges read from the old
+    version's verified pieces) and stored with ``write_chunk`` while the next one is assembled; at
+    most :data:`_WRITES_IN_FLIGHT` pieces are in flight. :attr:`refs` are the stored pieces in order
+    once :meth:`close` returned; :attr:`reused` counts the linked ones.
+    """
+
+    def __init__(self, storage: ObjectStorage, upload: Upload, bridge: Bridge, basis: StoredFile | None) -> None:
         self._storage = storage
         self._upload = upload
         self._bridge = bridge
-        self._buf = bytearray()
+        self._basis = basis
+        #: the piece being assembled: literal bytes, and ranges (start, length) of the old version
+        self._parts: list[bytes | tuple[int, int]] = []
+        self._fill = 0
         self._next = 0  # the index of the next piece
         self.pos = 0
-        self._writing: collections.deque[concurrent.futures.Future[ChunkRef]] = collections.deque()
+        #: pieces in flight: index, the ranges a link stands for (to write them if it fails), result
+        self._writing: collections.deque[
+            tuple[int, list[bytes | tuple[int, int]] | None, concurrent.futures.Future[ChunkRef | None]]
+        ] = collections.deque()
         self.refs: list[ChunkRef] = []
+        self.reused = 0
 
     def pwrite(self, data: memoryview, offset: int) -> int:
-        """Take ``data`` (written in order); store each piece that is complete."""
-        if offset != self.pos:
-            raise ValueError(f"the new version is written in order (at {self.pos}, not {offset})")
-        self._buf += data
-        self.pos += len(data)
-        while len(self._buf) >= CHUNK_SIZE:
-            piece = bytes(self._buf[:CHUNK_SIZE])
-            del self._buf[:CHUNK_SIZE]
-            self._store(piece)
+        """Take literal bytes (written in order); store each piece that is complete."""
+        self._check(offset)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), CHUNK_SIZE - self._fill)
+            self._parts.append(bytes(view[:take]))
+            view = view[take:]
+            self._advance(take)
         return len(data)
 
-    def _store(self, piece: bytes) -> None:
-        if len(self._writing) >= _WRITES_IN_FLIGHT:
-            self.refs.append(self._bridge.wait(self._writing.popleft()))
-        self._writing.append(self._bridge.submit(self._storage.write_chunk(self._upload, self._next, piece)))
+    def copy(self, basis: int, start: int, length: int, offset: int) -> None:
+        """Take bytes ``[start, start + length)`` of the old version by reference (the one basis)."""
+        self._check(offset)
+        if basis != 0 or self._basis is None or start + length > self._basis.size:
+            raise ValueError(f"a copy of bytes {start}..{start + length} of basis {basis}")
+        while length:
+            take = min(length, CHUNK_SIZE - self._fill)
+            last = self._parts[-1] if self._parts else None
+            if isinstance(last, tuple) and last[0] + last[1] == start:
+                self._parts[-1] = (last[0], last[1] + take)
+            else:
+                self._parts.append((start, take))
+            start += take
+            length -= take
+            self._advance(take)
+
+    def _check(self, offset: int) -> None:
+        if offset != self.pos:
+            raise ValueError(f"the new version is written in order (at {self.pos}, not {offset})")
+
+    def _advance(self, n: int) -> None:
+        self._fill += n
+        self.pos += n
+        if self._fill == CHUNK_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Store (or link) the piece assembled so far."""
+        parts, self._parts, self._fill = self._parts, [], 0
+        index = self._next
         self._next += 1
+        while len(self._writing) >= _WRITES_IN_FLIGHT:
+            self._settle()
+        same = self._stored_piece(parts)
+        if same is not None:
+            fut: concurrent.futures.Future[ChunkRef | None] = self._bridge.submit(
+                self._storage.link_chunk(self._upload, index, same)
+            )
+            self._writing.append((index, parts, fut))
+        else:
+            data = self._materialize(parts)
+            self._writing.append((index, None, self._bridge.submit(self._write(index, data))))
+
+    async def _write(self, index: int, data: bytes) -> ChunkRef | None:
+        return await self._storage.write_chunk(self._upload, index, data)
+
+    def _stored_piece(self, parts: list[bytes | tuple[int, int]]) -> ChunkRef | None:
+        """The old version's stored piece that ``parts`` are exactly (one range starting at a piece
+        boundary, as long as that piece), if any."""
+        if self._basis is None or len(parts) != 1 or not isinstance(parts[0], tuple):
+            return None
+        start, length = parts[0]
+        if start % CHUNK_SIZE:
+            return None
+        ref = self._basis.refs[start // CHUNK_SIZE]
+        return ref if ref.size == length else None
+
+    def _materialize(self, parts: list[bytes | tuple[int, int]]) -> bytes:
+        """The bytes of a piece: literals as they are, ranges read from the old version."""
+        out = bytearray()
+        for part in parts:
+            if isinstance(part, bytes):
+                out += part
+                continue
+            assert self._basis is not None
+            start, length = part
+            buf = bytearray(length)
+            if self._basis.preadv([memoryview(buf)], start) != length:
+                raise ErrorCode.CORRUPT.error("the old version is shorter than its chunk index says")
+            out += buf
+        return bytes(out)
+
+    def _settle(self) -> None:
+        """Wait for the oldest piece in flight (a link that failed: write its bytes instead)."""
+        index, parts, fut = self._writing.popleft()
+        ref = self._bridge.wait(fut)
+        if ref is None:  # the old piece was swept meanwhile (its file went long ago): store the bytes
+            assert parts is not None
+            ref = self._bridge.wait(self._bridge.submit(self._write(index, self._materialize(parts))))
+            assert ref is not None
+        elif parts is not None:
+            self.reused += 1
+        self.refs.append(ref)
 
     def close(self) -> None:
         """Store the last (shorter) piece and wait until every piece is stored."""
-        if self._buf:
-            self._store(bytes(self._buf))
-            self._buf = bytearray()
+        if self._parts:
+            self._flush()
         while self._writing:
-            self.refs.append(self._bridge.wait(self._writing.popleft()))
+            self._settle()
 
     def cancel(self) -> None:
         """Stop waiting for the pieces in flight (the transfer failed or was stopped)."""
-        for fut in self._writing:
+        for _index, _parts, fut in self._writing:
             fut.cancel()
         self._writing.clear()
 
@@ -310,7 +404,9 @@ class ObjectDeltaUpload(DeltaTransfer):
                     f"{msg.path} changed since its chunks were listed; nothing was kept, try again"
                 )
             self.basis = StoredFile(storage, fc.chunks, fc.node.size, self.bridge)
-            basis.append(BasisFile(self.basis, index))
+            # Trusted: a stored file never changes, its pieces are verified as they are read, and
+            # its index is that of its digest, so copies of it are taken by reference (UploadSink).
+            basis.append(BasisFile(self.basis, index, trusted=True))
         self.upload = await storage.open_upload(
             user,
             self.path,
@@ -321,7 +417,7 @@ class ObjectDeltaUpload(DeltaTransfer):
             overwrite=msg.overwrite,
             quota=svc.user.quota,
         )
-        self.sink = UploadSink(storage, self.upload, self.bridge)
+        self.sink = UploadSink(storage, self.upload, self.bridge, self.basis)
         self.assembler = Assembler(self.sink, msg.size, basis)
 
     async def on_data(self, ev: Data) -> None:
@@ -360,7 +456,7 @@ class ObjectDeltaUpload(DeltaTransfer):
             "delta-put",
             msg.path,
             self.t0,
-            f"ok copied={assembler.copied} received={assembler.received}",
+            f"ok copied={assembler.copied} received={assembler.received} reused={sink.reused}",
             msg.size,
         )
 
