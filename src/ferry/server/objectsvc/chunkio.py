@@ -4,9 +4,9 @@ A file on the object backend is a list of verified 4 MiB chunks (:class:`~ferry.
 :func:`chunk_data` reads them in order with a few reads in flight (memory: that many chunks, whatever
 the file's size); :func:`content_index` builds the file's content-defined chunk index
 (:mod:`ferry.cdc`: what ``sync -c`` compares and deltas are made of) from that stream, and caches it
-in the server's hash cache under the file's stored BLAKE3 tree digest: a digest names the content,
-so an index once built serves every later request for the same bytes, under any name, until the
-cache drops it.
+in the server's hash cache under the file's owner and stored BLAKE3 tree digest: a digest names the
+content, so an index once built serves every later request of that user for the same bytes, under
+any name, until the cache drops it.
 """
 
 from __future__ import annotations
@@ -56,17 +56,19 @@ async def chunk_data(
                 await task
 
 
-def index_key(digest: bytes, size: int) -> tuple[object, ...]:
-    """The hash-cache key of the content index of stored content ``digest`` (never equal to a folder
-    file's key, which starts with its device and inode numbers)."""
-    return ("object", digest, size, cdc.SCHEME)
+def index_key(user: str, digest: bytes, size: int) -> tuple[object, ...]:
+    """The hash-cache key of the content index of ``user``'s stored content ``digest`` (never equal
+    to a folder file's key, which starts with its device and inode numbers). Per user, as chunks are
+    de-duplicated per user: an entry shared by all would tell one user, by how fast a ``sync -c`` or
+    a delta answers, whether another holds the same content."""
+    return ("object", user, digest, size, cdc.SCHEME)
 
 
-async def content_index(storage: ObjectStorage, file: FileChunks, cache: HashCache) -> cdc.ChunkIndex:
-    """The content-defined chunk index of stored ``file``, read chunk by chunk (cut and hashed in the
-    session's file threads), from ``cache`` when this content was indexed before."""
+async def content_index(storage: ObjectStorage, user: str, file: FileChunks, cache: HashCache) -> cdc.ChunkIndex:
+    """The content-defined chunk index of ``user``'s stored ``file``, read chunk by chunk (cut and
+    hashed in the session's file threads), from ``cache`` when this content was indexed before."""
     node = file.node
-    key = index_key(node.digest, node.size) if node.digest else None
+    key = index_key(user, node.digest, node.size) if node.digest else None
     if key is not None:
         known = cache.get_index(key)
         if known is not None:

@@ -6,11 +6,12 @@ Two chunkings meet here. Stored files are lists of fixed :data:`~ferry.store.api
 BLAKE3 pieces; delta transfers describe files by content-defined chunks (:mod:`ferry.cdc`, ~64 KiB).
 So:
 
-- **The chunk index** of a stored file is computed by streaming its pieces through the CDC chunker
-  in a worker thread (bounded memory: the piece being chunked and the next one being fetched), and
-  cached in the server's :class:`~ferry.server.context.HashCache` under the file's stored digest,
-  which names its content exactly (no stat key can go stale: a stored file never changes in place).
-  The key also names the user, so a cache hit never tells one user what another stored.
+- **The chunk index** of a stored file is the one ``sync -c`` uses
+  (:func:`~ferry.server.objectsvc.chunkio.content_index`): its pieces streamed through the CDC
+  chunker (bounded memory), cached in the server's :class:`~ferry.server.context.HashCache` under
+  the owner and the file's stored digest, which names its content exactly (no stat key can go
+  stale: a stored file never changes in place). A committed delta upload caches the new version's
+  index at once.
 - **A delta upload** (``DeltaPut``) is assembled by the same :class:`~ferry.delta.Assembler` as on
   the folder backend, reading copied chunks from the old file's stored pieces (each verified by
   :meth:`~ferry.store.objects.ObjectStorage.read_chunk`) and writing the new version as an ordinary
@@ -48,11 +49,12 @@ from ferry.delta import Assembler, BasisFile, DeltaEncoder, basis_id
 from ferry.hashing import tree_digest
 from ferry.server import work
 from ferry.server.delta import TOKEN, DeltaSend, DeltaTransfer, admit, changed_error, handle_chunks
+from ferry.server.objectsvc.chunkio import content_index, index_key
 from ferry.server.objectsvc.files import ObjectService
 from ferry.server.openlimits import Hold, Kind
 from ferry.server.pathrules import parse_path
-from ferry.server.service import Handler
-from ferry.store.api import CHUNK_SIZE, ChunkRef, FileChunks, Upload
+from ferry.server.service import Handler, ServiceHost
+from ferry.store.api import CHUNK_SIZE, ChunkRef, FileChunks, Node, Upload
 from ferry.wire import Data, RemoteProtocolError
 from ferry.wire import messages as m
 from ferry.wire.codes import ErrorCode
@@ -301,36 +303,15 @@ class UploadSink:
         self._writing.clear()
 
 
-def index_key(user: str, digest: bytes) -> tuple[object, ...]:
-    """The hash-cache key of the chunk index of a stored file: its owner and its stored digest (the
-    content, exactly), beside the folder backend's stat keys."""
-    return ("object", user, digest, cdc.SCHEME)
+def stored_index(svc: ObjectService, fc: FileChunks) -> Coroutine[Any, Any, cdc.ChunkIndex]:
+    """The chunk index of the stored file ``fc``: from the cache, else computed (and cached) by
+    :func:`~ferry.server.objectsvc.chunkio.content_index`, which ``sync -c`` shares."""
+    return content_index(svc.storage, svc.user.name, fc, svc.ctx.hash_cache)
 
 
-def _index_stored(src: StoredFile) -> cdc.ChunkIndex:
-    """Chunk and hash a stored file (in a worker thread), streaming its pieces."""
-    try:
-        return cdc.index_fd(src, src.size)
-    finally:
-        src.close()
-
-
-async def stored_index(svc: ObjectService, fc: FileChunks) -> cdc.ChunkIndex:
-    """The chunk index of the stored file ``fc``: from the cache, else computed (and cached)."""
-    cache = svc.ctx.hash_cache
-    key = index_key(svc.user.name, fc.node.digest)
-    index = cache.get_index(key) if fc.node.digest else None
-    if index is not None:
-        return index
-    bridge = Bridge()
-    job = work.start_thread(_index_stored, StoredFile(svc.storage, fc.chunks, fc.node.size, bridge))
-    try:
-        index = await asyncio.shield(job)
-    finally:
-        bridge.stop()  # (a cancelled wait must not leave the thread fetching the rest)
-    if fc.node.digest:
-        cache.put_index(key, index)
-    return index
+def cache_key(svc: ObjectService, node: Node) -> tuple[object, ...] | None:
+    """The hash-cache key of the index of the user's stored ``node`` (None: no digest to name it)."""
+    return index_key(svc.user.name, node.digest, node.size) if node.digest else None
 
 
 # --- the index --------------------------------------------------------------------------------
@@ -342,14 +323,13 @@ async def handle_get_chunks(svc: ObjectService, msg: m.GetChunks) -> None:
     t0 = time.monotonic()
     fc = await svc.storage.open_file(svc.user.name, parse_path(msg.path))
     if msg.prefetch:
-        key = index_key(svc.user.name, fc.node.digest)
-        started = bool(fc.node.digest) and svc.ctx.hash_cache.get_index(key) is None
+        key = cache_key(svc, fc.node)
+        started = key is not None and svc.ctx.hash_cache.get_index(key) is None
         if started:
             # In the background; its only result is the cache entry, and its errors are dropped
-            # (the session ending stops it: Bridge).
-            bridge = Bridge()
-            job = work.start_thread(_index_stored, StoredFile(svc.storage, fc.chunks, fc.node.size, bridge))
-            job.add_done_callback(lambda f: _cache_result(svc, key, f))
+            # (the service cancels it when the session ends).
+            assert isinstance(svc, ObjectDeltaService)
+            svc.prefetch(stored_index(svc, fc))
         await svc.send(m.Ok(id=msg.id))
         svc.log_op("chunks", msg.path, t0, "ok prefetch" if started else "ok cached")
         return
@@ -361,11 +341,6 @@ async def handle_get_chunks(svc: ObjectService, msg: m.GetChunks) -> None:
         end = i + step >= len(hashes)
         await svc.send(m.Chunks(id=msg.id, size=index.size, hashes=page, end=end, width=msg.width))
     svc.log_op("chunks", msg.path, t0, f"ok chunks={index.count}")
-
-
-def _cache_result(svc: ObjectService, key: tuple[object, ...], fut: asyncio.Future[cdc.ChunkIndex]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        svc.ctx.hash_cache.put_index(key, fut.result())
 
 
 # --- upload -----------------------------------------------------------------------------------
@@ -448,8 +423,8 @@ class ObjectDeltaUpload(DeltaTransfer):
         self._job = None
         stored = tree_digest("blake3", msg.size, [ref.hash for ref in sink.refs])
         await svc.storage.commit_upload(upload, digest=stored, overwrite=msg.overwrite, quota=svc.user.quota)
-        # The new version's index is known: the next delta of this file needs no read of it.
-        svc.ctx.hash_cache.put_index(index_key(svc.user.name, stored), index)
+        # The new version's index is known: the next delta (or sync -c) of it needs no read of it.
+        svc.ctx.hash_cache.put_index(index_key(svc.user.name, stored, msg.size), index)
         self.close()
         await svc.send(m.Ok(id=msg.id))
         svc.log_op(
@@ -555,8 +530,8 @@ class ObjectDeltaSend(DeltaSend):
         node = fc.node
         await svc.send(m.FileInfo(id=msg.id, size=node.size, mtime=m.wire_time(node.mtime), mode=node.mode & 0o7777))
         cache = svc.ctx.hash_cache
-        key = index_key(svc.user.name, node.digest)
-        cached = cache.get_index(key) if node.digest else None
+        key = cache_key(svc, node)
+        cached = cache.get_index(key) if key is not None else None
         bridge = Bridge()
         src = StoredFile(svc.storage, fc.chunks, node.size, bridge)
         enc = DeltaEncoder(src, node.size, basis, width=msg.width, compress=msg.compress, index=cached)
@@ -571,7 +546,7 @@ class ObjectDeltaSend(DeltaSend):
                     await svc.send(m.DeltaData(id=msg.id, ops=batch.ops, data=bytes(batch.data)))
                     continue
                 assert enc.index is not None
-                if node.digest:
+                if key is not None:
                     cache.put_index(key, enc.index)
                 await svc.send(
                     m.DeltaData(id=msg.id, ops=batch.ops, data=bytes(batch.data), end=True, digest=enc.digest)
@@ -596,6 +571,27 @@ async def handle_delta_get(svc: ObjectService, msg: m.DeltaGet) -> None:
 class ObjectDeltaService(ObjectService):
     """Delta transfers of one session on the object backend, both directions."""
 
+    def __init__(self, host: ServiceHost, storage: ObjectStorage) -> None:
+        super().__init__(host, storage)
+        self._prefetches: set[asyncio.Task[cdc.ChunkIndex]] = set()
+
+    def prefetch(self, job: Coroutine[Any, Any, cdc.ChunkIndex]) -> None:
+        """Run ``job`` (an index into the cache) in the background; its errors are dropped."""
+        task = asyncio.ensure_future(job)
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetched)
+
+    def _prefetched(self, task: asyncio.Task[cdc.ChunkIndex]) -> None:
+        self._prefetches.discard(task)
+        if not task.cancelled():
+            task.exception()  # (retrieved: a failed prefetch only means no cache entry)
+
+    async def close(self) -> None:
+        """The session ends: stop indexing for it."""
+        for task in list(self._prefetches):
+            task.cancel()
+        await asyncio.gather(*self._prefetches, return_exceptions=True)
+
     worker_handlers: ClassVar[dict[type[m.Message], Handler]] = {m.GetChunks: handle_get_chunks}
     reader_handlers: ClassVar[dict[type[m.Message], Handler]] = {
         m.DeltaPut: handle_delta_put,
@@ -612,6 +608,6 @@ __all__ = [
     "ObjectDeltaUpload",
     "StoredFile",
     "UploadSink",
-    "index_key",
+    "cache_key",
     "stored_index",
 ]

@@ -77,12 +77,12 @@ async def content_digests(
         elif node.size <= cdc.MIN_SIZE:
             small.append(i)
         else:
-            known = cache.get_index(index_key(node.digest, node.size)) if node.digest else None
+            known = cache.get_index(index_key(user, node.digest, node.size)) if node.digest else None
             if known is not None:
                 out[i] = known.digest
                 continue
             try:
-                out[i] = (await content_index(storage, await storage.open_file(user, path), cache)).digest
+                out[i] = (await content_index(storage, user, await storage.open_file(user, path), cache)).digest
             except StoreUnavailable:
                 raise
             except RemoteError as exc:
