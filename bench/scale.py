@@ -753,7 +753,7 @@ def part_backends(opts: argparse.Namespace) -> None:
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     try:
         with tempfile.TemporaryDirectory(prefix="ferry-scale-backends-", dir=shm) as tmp, weed_at(
-            shm, "backends", args=[f"-s3.metricsPort={(metrics := _free_port())}"]
+            shm, "backends", args=[f"-metricsPort={(metrics := _free_port())}"]
         ) as weed:
             base = Path(tmp)
             big = base / "big.bin"
@@ -772,7 +772,7 @@ def part_backends(opts: argparse.Namespace) -> None:
             servers["folder"] = FerryServer(base / "folder", True, env=env).start()
             store = ["--db", relay_dsn, "--store", f"s3://{weed.bucket}/bench/"]
             servers["object"] = FerryServer(base / "object", True, env=env, args=store).start()
-            cases = ["put", "get", "put -r", "get -r"]
+            cases = [c.strip() for c in opts.backend_cases.split(",") if c.strip()]
             samples: dict[tuple[str, str], list[dict[str, float]]] = {}
             for rep in range(opts.reps):
                 _vary(big, rep + 1)
@@ -878,6 +878,7 @@ def main() -> None:
     ap.add_argument(
         "--servers-backend", choices=["object", "folder"], default="object", help="the servers part's storage backend"
     )
+    ap.add_argument("--backend-cases", default="put,get,put -r,get -r", help="the backends part's operations")
     ap.add_argument("--size-mib", type=int, default=1024, help="MiB of the big file in the backends part")
     ap.add_argument("--tree", type=int, default=10_000, help="4 KiB files of the tree in the backends part")
     ap.add_argument("--clients", type=int, default=200, help="clients per burst in the servers part")
