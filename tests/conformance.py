@@ -6,7 +6,8 @@ and the event loop both ends run on (``asyncio`` or ``uvloop``). The fixtures in
 (``cell``, ``server``, ``client``) are built from this module; which tests run which cells
 (tests/README.md):
 
-- ``pytest.mark.matrix``: every cell (8). The client operations' conformance (tests/test_conformance.py).
+- ``pytest.mark.matrix``: every cell (10). The client operations' conformance (tests/test_conformance.py);
+  ``matrix(backend="folder")`` for a behaviour of one backend (commands, symbolic links on disk).
 - ``pytest.mark.transports``: TLS and plain, async client, asyncio (2). Tests of data paths that differ
   by transport (sendfile against TLS blocks: faults, resume, integrity).
 - ``pytest.mark.cell(transport="plain")`` (any fields): that one cell, for tests about one transport
@@ -91,7 +92,7 @@ OBJECT = Cell(backend="object")
 #: The object backend's cells of the matrix (added to it once that backend serves every request the
 #: matrix makes: transfers, trees and sync are on their way, docs/scale-out.md).
 OBJECT_CELLS = [OBJECT, Cell("plain", "sync", "uvloop", "object")]
-MATRIX = [Cell(t, c, lp) for t, c, lp in itertools.product(TRANSPORTS, CLIENTS, LOOPS)]
+MATRIX = [Cell(t, c, lp) for t, c, lp in itertools.product(TRANSPORTS, CLIENTS, LOOPS)] + OBJECT_CELLS
 BY_TRANSPORT = [Cell(t) for t in TRANSPORTS]
 BY_BACKEND = [DEFAULT, OBJECT]
 
@@ -106,8 +107,8 @@ def cells_for(item: pytest.Function | Any) -> list[Cell]:
         # both transports, the object backend on the default cell (it has no sendfile path).
         return [*BY_TRANSPORT, OBJECT]
     for mark in item.iter_markers():  # the test's own marks first, then its class's and module's
-        if mark.name == "matrix":
-            return MATRIX
+        if mark.name == "matrix":  # matrix(backend="folder"): the cells with those fields
+            return [c for c in MATRIX if all(getattr(c, k) == v for k, v in mark.kwargs.items())]
         if mark.name == "transports":
             return BY_TRANSPORT
         if mark.name == "backends":

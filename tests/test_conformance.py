@@ -134,6 +134,7 @@ def test_sync_both_ways_sends_only_what_changed(server: ServerThread, client: An
     assert (back / "a.txt").read_text() == "alpha, changed\n"
 
 
+@pytest.mark.matrix(backend="folder")  # (the object backend refuses commands: tests/test_object_backend.py)
 def test_remote_commands_run_stream_start(client: Any) -> None:
     """run/stream/start: coroutines block, async iterators and context managers come back as
     blocking proxies (the same for both clients)."""
@@ -152,6 +153,7 @@ def test_remote_commands_run_stream_start(client: Any) -> None:
         assert proc.wait() == 0
 
 
+@pytest.mark.matrix(backend="folder")  # (symbolic links made on disk; the object backend: test_object_backend.py)
 def test_jail_escapes_are_refused_over_the_wire(server: ServerThread, client: Any, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

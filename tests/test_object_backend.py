@@ -15,7 +15,7 @@ import pytest
 from cli_inproc import run_cli
 from components import run_sql
 from conformance import Cell, open_client
-from ferry.errors import PermissionDenied
+from ferry.errors import PathRefused, PermissionDenied
 from ferry_server import PASSWORD, ServerThread
 
 pytestmark = [pytest.mark.cell(backend="object"), pytest.mark.timeout(60)]
@@ -75,3 +75,15 @@ def test_df_says_unlimited_where_the_store_has_no_free_space_to_measure(server: 
     assert values.split() == ["0", "B", "0", "B", "1.0", "MiB", "1.0", "MiB", "unlimited", "0"], values
     r = run_cli(["df", "-P", str(server.port), "alice@127.0.0.1:"], env={**env, "FERRY_PASSWORD": PASSWORD})
     assert r.stdout.splitlines()[1].split()[4:6] == ["unlimited", "unlimited"], r.stdout
+
+
+def test_paths_that_leave_the_home_are_refused(client: Any, tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    for bad in ["../x", "/etc/passwd", "a/../../x", "a/./b", ""]:
+        with pytest.raises(PathRefused):
+            client.put(src, bad) if bad else client.stat("a//b")
+        with pytest.raises(PathRefused):
+            client.get(bad or "a//b", tmp_path / "got")
+    assert not (tmp_path / "got").exists()
+    assert client.listdir("") == []
