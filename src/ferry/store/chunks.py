@@ -75,6 +75,11 @@ def open_store(config: S3Config) -> S3Store:
         access_key_id=config.access_key,
         secret_access_key=config.secret_key,
         region=config.region,
+        # The request is still signed (who may write), but not its body's SHA-256: every chunk is
+        # verified against its BLAKE3 hash on every read, so a body changed on its way is caught
+        # there (and TLS to the store prevents it). Measured per GiB put (bench by otransfer): server
+        # CPU 2.83 -> 1.60 s, the store's 11.1 -> 9.4 s: hashing each body twice was the cost.
+        unsigned_payload=True,
         client_options=options,
         retry_config=retry,
     )
