@@ -763,6 +763,8 @@ def part_backends(opts: argparse.Namespace) -> None:
             env = dict(os.environ, FERRY_HOME=str(base / "client-home"), FERRY_PASSWORD=PASSWORD, FERRY_USER="bench",
                        PYTHONUNBUFFERED="1", **weed.env())  # fmt: skip
             env.pop("FERRY_DB", None)
+            # Each operation a fresh command for both backends: no resident connection in between.
+            env["FERRY_RESIDENT"] = "0"
             (base / "folder").mkdir()
             ferry_add_user(base / "folder", "bench", PASSWORD, env)
             r = subprocess.run([*FERRY, "user", "add", "bench", "--db", dsn, "--password-stdin"], input=PASSWORD + "\n",
