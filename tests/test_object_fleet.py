@@ -33,7 +33,7 @@ from conftest import FERRY
 from ferry.client.aclient import AsyncClient
 from ferry.client.known_hosts import KnownHosts
 from ferry.client.transfer import partial_path
-from ferry.errors import AlreadyExists, ChunkDamaged, DiskFull, FerryError, StoreUnavailable
+from ferry.errors import AlreadyExists, ChunkDamaged, DiskFull, FerryError, NotFound, StoreUnavailable
 from ferry.server.accounts import Accounts
 from ferry.server.tls import generate_certificate
 from ferry.store.api import CHUNK_SIZE
@@ -243,11 +243,12 @@ def test_put_through_a_is_listed_and_read_through_b_at_once(fleet: Fleet, tmp_pa
 
 def test_mv_is_atomic_and_copies_no_data(fleet: Fleet) -> None:
     """A renames a 3-chunk file back and forth; B lists the folder in a loop meanwhile: every listing
-    (one request, one snapshot) shows exactly one of the two names. The file keeps its chunk records
+    (one request, one snapshot) shows exactly one of the two names; C stats both names in a loop:
+    each is the whole file or not there, never a file being filled. The file keeps its chunk records
     and the bucket its objects (nothing written, nothing deleted), and each rename takes a database
     round trip, not the time of moving 12 MiB."""
     user = fleet.add_user()
-    a, b, _ = fleet.ports()
+    a, b, c = fleet.ports()
     data = os.urandom(3 * CHUNK_SIZE - 1000)
 
     async def main() -> None:
@@ -258,16 +259,26 @@ def test_mv_is_atomic_and_copies_no_data(fleet: Fleet) -> None:
             before_keys = await owner_keys(st, user[0])
             before_refs = (await st.open_file(user[0], ("m", "one"))).chunks
             assert len(before_keys) == 3
-            async with fleet.clients(user, a, b) as (on_a, on_b):
+            async with fleet.clients(user, a, b, c) as (on_a, on_b, on_c):
                 stop = asyncio.Event()
                 seen: list[tuple[str, ...]] = []
+                stats: list[tuple[str, int | None]] = []
+                names = ("one", "two")
 
                 async def reader() -> None:
                     while not stop.is_set() and len(seen) < 5000:
                         seen.append(tuple(sorted(e.name for e in await on_b.listdir("m"))))
 
-                task = asyncio.create_task(reader())
-                names = ("one", "two")
+                async def stat_reader() -> None:
+                    while not stop.is_set() and len(stats) < 5000:
+                        for n in names:
+                            try:
+                                e = await on_c.stat(f"m/{n}")
+                                stats.append((n, e.size if e.kind == "file" else -1))
+                            except NotFound:
+                                stats.append((n, None))
+
+                task = asyncio.gather(reader(), stat_reader())
                 slowest = 0.0
                 try:
                     for i in range(40):
@@ -282,6 +293,8 @@ def test_mv_is_atomic_and_copies_no_data(fleet: Fleet) -> None:
                 bad = [s for s in seen if s not in (("one",), ("two",))]
                 assert not bad, f"{len(bad)} of {len(seen)} listings saw both names or neither: {bad[:5]}"
                 assert {s[0] for s in seen} == {"one", "two"}  # it saw the renames happen
+                assert {size for _, size in stats} <= {len(data), None}, stats
+                assert {n for n, size in stats if size == len(data)} == {"one", "two"}
                 assert slowest < 5.0, slowest  # a database round trip (generous: a loaded machine)
                 assert (await on_b.stat("m/one")).size == len(data)  # 40 renames: back at "one"
             assert await owner_keys(st, user[0]) == before_keys
