@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from components import Weed
 from ferry.hashing import tree_digest
-from ferry.store.api import CHUNK_SIZE, Upload
+from ferry.store.api import CHUNK_SIZE, INLINE_MAX, Upload
 from ferry.store.chunks import ChunkStore
 from ferry.store.config import S3Config
 from ferry.store.namespace import Namespace
@@ -32,11 +32,22 @@ def s3_config(weed: Weed, prefix: str, endpoint: str | None = None, **kw: Any) -
 
 
 async def open_storage(
-    weed: Weed, prefix: str, dsn: str, *, endpoint: str | None = None, upload_lease: float = 900.0, **s3: Any
+    weed: Weed,
+    prefix: str,
+    dsn: str,
+    *,
+    endpoint: str | None = None,
+    upload_lease: float = 900.0,
+    inline_max: int = INLINE_MAX,
+    **s3: Any,
 ) -> ObjectStorage:
-    """One "server": its own database pool and S3 client over the shared database and bucket."""
+    """One "server": its own database pool and S3 client over the shared database and bucket.
+    ``inline_max=-1`` keeps every chunk in the store (tests about objects: damage, sweeping, the store
+    going away)."""
     namespace = await Namespace.connect(dsn, max_size=4, upload_lease=upload_lease)
-    return ObjectStorage(namespace, ChunkStore.from_config(s3_config(weed, prefix, endpoint, **s3)))
+    return ObjectStorage(
+        namespace, ChunkStore.from_config(s3_config(weed, prefix, endpoint, **s3)), inline_max=inline_max
+    )
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:

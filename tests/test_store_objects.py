@@ -17,7 +17,7 @@ import pytest
 
 from components import Weed
 from ferry.errors import ChunkDamaged, DiskFull, StoreUnavailable, UploadGone
-from ferry.store.api import CHUNK_SIZE
+from ferry.store.api import CHUNK_SIZE, INLINE_MAX
 from ferry.store.chunks import open_store
 from ferry.store.objects import chunk_hash
 from store_support import (
@@ -73,7 +73,7 @@ def test_identical_chunks_are_stored_once_per_user(weed: Weed, s3_prefix: str, p
     data = os.urandom(CHUNK_SIZE + 1000)
 
     async def main() -> None:
-        st = await open_storage(weed, s3_prefix, pg_dsn)
+        st = await open_storage(weed, s3_prefix, pg_dsn, inline_max=-1)  # every chunk an object
         try:
             await put_file(st, "alice", ("one",), data)
             await put_file(st, "alice", ("two",), data)
@@ -188,7 +188,7 @@ def test_quota_holds_across_servers(weed: Weed, s3_prefix: str, pg_dsn: str) -> 
 
 def test_missing_or_damaged_chunk_is_detected_on_read(weed: Weed, s3_prefix: str, pg_dsn: str) -> None:
     async def main() -> None:
-        st = await open_storage(weed, s3_prefix, pg_dsn)
+        st = await open_storage(weed, s3_prefix, pg_dsn, inline_max=-1)  # the chunk is an object
         try:
             await st.store_small(
                 "alice", ("f",), b"precious bytes", mode=0o644, mtime=1.0, overwrite=True, quota=None
@@ -216,7 +216,7 @@ def test_sweeper_gives_space_back_and_keeps_what_is_referenced(
     partial = os.urandom(CHUNK_SIZE + 20)
 
     async def main() -> None:
-        st = await open_storage(weed, s3_prefix, pg_dsn)
+        st = await open_storage(weed, s3_prefix, pg_dsn, inline_max=-1)  # objects (inline: test_store_small)
         try:
             await put_file(st, "alice", ("kept",), kept)
             await put_file(st, "alice", ("gone",), gone)
@@ -342,7 +342,10 @@ def test_store_and_database_going_away_give_clear_errors_then_recover(
     endpoint = f"http://127.0.0.1:{s3_proxy.port}"
 
     async def main() -> None:
-        st = await open_storage(weed, s3_prefix, dsn, endpoint=endpoint, max_retries=1, retry_timeout=2.0)
+        # Every chunk an object: a small file's bytes would not need the store.
+        st = await open_storage(
+            weed, s3_prefix, dsn, endpoint=endpoint, max_retries=1, retry_timeout=2.0, inline_max=-1
+        )
         try:
             await st.store_small(
                 "alice", ("before",), b"acknowledged", mode=0o644, mtime=1.0, overwrite=True, quota=None
@@ -411,7 +414,7 @@ def test_upload_of_a_process_killed_with_sigkill_resumes_elsewhere(
     import sys
     from pathlib import Path
 
-    data = os.urandom(2 * CHUNK_SIZE + 99)
+    data = os.urandom(2 * CHUNK_SIZE + INLINE_MAX + 99)  # the last chunk an object too
     src = tmp_path / "data"
     src.write_bytes(data)
     tests = str(Path(__file__).parent)

@@ -42,11 +42,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
+from ferry.errors import RemoteError
 from ferry.hashing import DEFAULT_CHUNK
 from ferry.wire.codes import ErrorCode
 
 #: Bytes per stored chunk (the last chunk of a file is shorter). Equal to the default transfer chunk.
 CHUNK_SIZE: Final = DEFAULT_CHUNK
+
+#: Chunks of at most this many bytes keep their bytes in the database (the chunk row's ``data``)
+#: instead of an object in the store. Below it a store request's fixed cost (a round trip, an HTTP
+#: exchange, the store's per-object bookkeeping: ~1-8 ms here) dwarfs the cost of the bytes, while
+#: in the database they cost a copy inside a transaction that is made anyway; above it the bytes
+#: would start to dominate the database (its size, its WAL, its backups, its cache), which is meant
+#: to hold the namespace, not the contents. 64 KiB puts most files of a typical tree (source, text,
+#: configuration: median sizes of a few KiB) in the database and nearly all bytes in the store.
+#: Measurements and the reasoning: docs/scale-out.md, "Small files".
+INLINE_MAX: Final = 64 * 1024
 
 Parts = tuple[str, ...]
 #: What a node is: the object backend holds files and folders only; the folder backend also lists
@@ -89,13 +100,16 @@ class Node:
 class ChunkRef:
     """One stored chunk: its record ``id`` (part of its object key), its ``owner`` (the de-duplication
     scope), the BLAKE3 ``hash`` of its bytes and its ``size``. ``stored`` is False while the object is
-    still being written."""
+    still being written. ``data`` holds the chunk's bytes when the database keeps them (an *inline*
+    chunk, at most :data:`INLINE_MAX` bytes; not yet verified: ``read_chunk`` checks them against
+    ``hash``), None when they are an object in the store."""
 
     id: int
     owner: int
     hash: bytes
     size: int
     stored: bool = True
+    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +148,50 @@ class Usage:
     used: int
     files: int
     reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class SmallFile:
+    """One file of a batch (:meth:`ChunkStorage.store_small_many`): its ``path``, its bytes (at most
+    :data:`CHUNK_SIZE`), its permission bits (``mode & 0o777`` is kept) and ``mtime`` (seconds)."""
+
+    path: Parts
+    data: bytes
+    mode: int = 0o644
+    mtime: float = 0.0
+
+
+@dataclass(slots=True)
+class SmallBatch:
+    """What :meth:`ChunkStorage.store_small_many` did, item by item in the order given.
+
+    ``results[i]`` is the size of the file item ``i`` replaced (0: none) if it was stored, else the
+    error of that item (:class:`~ferry.errors.RemoteError`). ``fatal`` is the quota error that stopped
+    the batch: the item that would have exceeded the quota and every later one carry it and were not
+    stored; the items before were. ``stored``/``bytes`` count the files stored and their bytes,
+    ``delta`` is the change of the user's usage (bytes stored minus bytes replaced).
+    """
+
+    results: list[int | RemoteError]
+    fatal: RemoteError | None = None
+    stored: int = 0
+    bytes: int = 0
+    delta: int = 0
+
+    @property
+    def failed(self) -> list[tuple[int, RemoteError]]:
+        """``(index, error)`` of every item that was not stored (those stopped by ``fatal`` too)."""
+        return [(i, r) for i, r in enumerate(self.results) if not isinstance(r, int)]
+
+
+@dataclass(frozen=True, slots=True)
+class SmallRead:
+    """A file read by :meth:`ChunkStorage.read_small_many`: its metadata and, if it is at most the
+    call's ``max_size``, its bytes (verified against its chunk hash); ``data`` is None for a bigger
+    file (read it with ``open_file`` and ``read_chunk``)."""
+
+    node: Node
+    data: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +321,46 @@ class ChunkStorage(Storage, Protocol):
 
     async def read_chunk(self, ref: ChunkRef) -> bytes:
         """The bytes of one chunk, verified against its hash (``corrupt`` if missing or damaged)."""
+        ...
+
+    # -- many small files at once (tree transfers, sync) ---------------------------------------------
+
+    async def store_small_many(
+        self,
+        user: str,
+        items: Sequence[SmallFile],
+        *,
+        overwrite: bool,
+        quota: int | None,
+        parents: bool = False,
+        dir_mode: int = 0o755,
+    ) -> SmallBatch:
+        """Store many files of at most one chunk each in one transaction (one lock of the user's usage,
+        a few statements whatever their number). Items are taken in order, as :meth:`store_small` one
+        after the other would: an item's own failure (``exists`` without ``overwrite`` or made meanwhile
+        by another server, ``is-a-directory``, ``not-a-directory``, ``not-found`` parent without
+        ``parents``, ``bad-path``) is reported in its result and the others go on; the first item
+        that would exceed ``quota`` stops the batch (:attr:`SmallBatch.fatal`), the items before it
+        are stored. ``parents``: missing folders above the files are made (mode ``dir_mode``), as a
+        tree upload does. Raises (nothing of the batch stored) when the database or store is away,
+        ``ValueError`` for an item over :data:`CHUNK_SIZE`."""
+        ...
+
+    async def mkdir_many(
+        self, user: str, paths: Sequence[Parts], *, mode: int = 0o755
+    ) -> list[RemoteError | None]:
+        """Make sure each folder of ``paths`` exists, with its parents (``mkdir -p``), in one
+        transaction; per path None, or its error (``exists`` if a file is there, ``not-a-directory``
+        if one is above it)."""
+        ...
+
+    async def read_small_many(
+        self, user: str, paths: Sequence[Parts], *, max_size: int = INLINE_MAX
+    ) -> list[SmallRead | RemoteError]:
+        """The files at ``paths`` (metadata, and the bytes of those of at most ``max_size`` bytes, which
+        may not exceed :data:`CHUNK_SIZE`) read in one snapshot with one query; bytes held in the
+        store are fetched concurrently. Per path the result or its error (``not-found``,
+        ``not-a-directory``, ``is-a-directory``, ``corrupt``)."""
         ...
 
     # -- upkeep -------------------------------------------------------------------------------------

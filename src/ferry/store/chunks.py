@@ -137,12 +137,7 @@ class ChunkStore:
                 ) from exc
             except Exception as exc:
                 raise _unavailable("read", key, exc) from exc
-        if len(data) != ref.size or blake3.blake3(data).digest() != ref.hash:
-            raise ErrorCode.CORRUPT.error(
-                f"chunk {ref.hash.hex()[:16]} in the object store does not match its hash (damaged in the "
-                "store); the file cannot be read (nothing was sent); restore it from a copy"
-            )
-        return data
+        return verified(ref, data, "the object store")
 
     async def check(self) -> None:
         """Write and delete one small object under the prefix: proves that the endpoint answers, the
@@ -173,6 +168,17 @@ class ChunkStore:
                 yield [StoredObject(o["path"], o["size"], o["last_modified"]) for o in page]
         except Exception as exc:
             raise _unavailable("list", prefix, exc) from exc
+
+
+def verified(ref: ChunkRef, data: bytes, where: str) -> bytes:
+    """``data`` if its size and BLAKE3 hash are ``ref``'s, else ``corrupt`` (read from ``where``: the
+    object store, or the database for an inline chunk)."""
+    if len(data) != ref.size or blake3.blake3(data).digest() != ref.hash:
+        raise ErrorCode.CORRUPT.error(
+            f"chunk {ref.hash.hex()[:16]} in {where} does not match its hash (damaged there); the file "
+            "cannot be read (nothing was sent); restore it from a copy"
+        )
+    return data
 
 
 def _why(exc: BaseException) -> str:

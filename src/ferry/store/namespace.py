@@ -37,7 +37,19 @@ import asyncpg
 from ferry.errors import (
     RemoteError,
 )
-from ferry.store.api import ChunkRef, FileChunks, Node, Parts, Upload, Usage, check_parts, show
+from ferry.hashing import tree_digest
+from ferry.store.api import (
+    ChunkRef,
+    FileChunks,
+    Node,
+    Parts,
+    SmallBatch,
+    SmallFile,
+    Upload,
+    Usage,
+    check_parts,
+    show,
+)
 from ferry.store.schema import migrate
 from ferry.wire.codes import ErrorCode
 
@@ -81,6 +93,63 @@ WITH RECURSIVE sub AS (
   UNION ALL
     SELECT n.id FROM nodes n JOIN sub ON n.parent_id = sub.id
 )
+"""
+
+
+# What a claim does to a chunk row that exists already (de-duplication): it is touched and keeps what
+# it has, except that an inline claim fills a row whose object is not written yet (an upload of the
+# same bytes in progress elsewhere): the row then reads from its bytes, and the object written later
+# is one the row does not need, which the sweeper's orphan pass removes once the row is gone.
+_ON_CLAIMED: Final = """
+ON CONFLICT (owner_id, hash) DO UPDATE SET last_ref = now(),
+    data = CASE WHEN chunks.stored THEN chunks.data ELSE EXCLUDED.data END,
+    stored = chunks.stored OR EXCLUDED.stored
+"""
+
+
+def _claim(data: str) -> str:
+    """The statement that creates or touches the chunk row of owner $1, hash $2, size $3; ``data``
+    names the parameter holding the bytes of an inline chunk (NULL: the bytes go to the store). An
+    inline chunk's row is stored from its first insert."""
+    return (
+        "INSERT INTO chunks (owner_id, hash, size, stored, data) "
+        f"VALUES ($1, $2, $3, {data}::bytea IS NOT NULL, {data}::bytea)" + _ON_CLAIMED
+    )
+
+
+# The same for many chunks of owner $1 at once: hashes $2, sizes $3, bytes $4 (NULL where the bytes
+# go to the store). The hashes must be distinct (one statement may not update a row twice).
+_CLAIM_MANY: Final = (
+    "INSERT INTO chunks (owner_id, hash, size, stored, data) "
+    "SELECT $1, h, s, d IS NOT NULL, d FROM unnest($2::bytea[], $3::int[], $4::bytea[]) AS t(h, s, d)"
+    + _ON_CLAIMED
+    + " RETURNING id, hash, stored"
+)
+
+# For each path $2[i] ('/'-joined components; '' is the home) of owner $1: the deepest node of the
+# chain from the home down along it (``depth`` components matched; the whole path if depth equals
+# ``plen``), with the chunk of a file of at most $3 bytes (one chunk: $3 <= CHUNK_SIZE) when the whole
+# path matched. One query for a whole batch: names never hold a '/' (check_parts).
+_WALK_MANY: Final = """
+WITH RECURSIVE p AS (
+    SELECT t.i, string_to_array(t.path, '/') AS parts FROM unnest($2::text[]) WITH ORDINALITY AS t(path, i)
+), walk AS (
+    SELECT p.i, p.parts, n.id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, 0 AS depth
+    FROM p JOIN nodes n ON n.owner_id = $1 AND n.parent_id IS NULL
+  UNION ALL
+    SELECT w.i, w.parts, n.id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, w.depth + 1
+    FROM walk w JOIN nodes n ON n.parent_id = w.id AND n.name = w.parts[w.depth + 1]
+    WHERE w.kind = 'd' AND w.depth < cardinality(w.parts)
+), deepest AS (
+    SELECT DISTINCT ON (i) i, id, kind, name, size, mtime_ns, mode, digest, depth, cardinality(parts) AS plen
+    FROM walk ORDER BY i, depth DESC
+)
+SELECT d.*, c.id AS chunk_id, c.hash, c.size AS chunk_size, c.data
+FROM deepest d
+LEFT JOIN file_chunks fc ON fc.node_id = d.id AND d.kind = 'f' AND d.depth = d.plen AND d.size <= $3
+    AND fc.idx = 0
+LEFT JOIN chunks c ON c.id = fc.chunk_id
+ORDER BY d.i
 """
 
 _CONNECTION_ERRORS: Final = (
@@ -555,18 +624,18 @@ class Namespace:
             raise ErrorCode.EXISTS.error(f"{show(path)} already exists")
         return int(row["size"])
 
-    async def claim_chunk(self, upload: Upload, index: int, digest: bytes, size: int) -> ChunkRef:
+    async def claim_chunk(
+        self, upload: Upload, index: int, digest: bytes, size: int, data: bytes | None = None
+    ) -> ChunkRef:
         """Record chunk ``index`` of ``upload`` (hash ``digest``): one statement that creates or touches
         the user's chunk row and links it to the upload. ``stored`` in the result says whether its
-        object exists already (de-duplication: then it is not written again)."""
+        object exists already (de-duplication: then it is not written again). With ``data`` (an
+        inline chunk) the row holds the bytes and is stored at once."""
 
         async def op(conn: Conn) -> ChunkRef:
             row = await conn.fetchrow(
-                """
-                WITH c AS (
-                    INSERT INTO chunks (owner_id, hash, size) VALUES ($1, $2, $3)
-                    ON CONFLICT (owner_id, hash) DO UPDATE SET last_ref = now()
-                    RETURNING id, stored),
+                f"""
+                WITH c AS ({_claim("$6")} RETURNING id, stored),
                 u AS (UPDATE uploads SET touched_at = now() WHERE id = $4 RETURNING id),
                 l AS (INSERT INTO upload_chunks (upload_id, idx, chunk_id) SELECT u.id, $5, c.id FROM u, c
                       ON CONFLICT (upload_id, idx) DO UPDATE SET chunk_id = EXCLUDED.chunk_id RETURNING 1)
@@ -577,6 +646,7 @@ class Namespace:
                 size,
                 upload.id,
                 index,
+                data,
             )
             assert row is not None
             if not row["linked"]:
@@ -585,17 +655,16 @@ class Namespace:
 
         return await self._run(op, tx=False)
 
-    async def claim_loose_chunk(self, owner: int, digest: bytes, size: int) -> ChunkRef:
+    async def claim_loose_chunk(
+        self, owner: int, digest: bytes, size: int, data: bytes | None = None
+    ) -> ChunkRef:
         """Create or touch a chunk row not (yet) linked to anything (a small file, committed next by
-        :meth:`commit_small`; the grace period keeps the sweeper away until then)."""
+        :meth:`commit_small`; the grace period keeps the sweeper away until then). ``data``: an
+        inline chunk (see :meth:`claim_chunk`)."""
 
         async def op(conn: Conn) -> ChunkRef:
             row = await conn.fetchrow(
-                "INSERT INTO chunks (owner_id, hash, size) VALUES ($1, $2, $3) "
-                "ON CONFLICT (owner_id, hash) DO UPDATE SET last_ref = now() RETURNING id, stored",
-                owner,
-                digest,
-                size,
+                _claim("$4") + " RETURNING id, stored", owner, digest, size, data
             )
             assert row is not None
             return ChunkRef(row["id"], owner, digest, size, row["stored"])
@@ -755,14 +824,367 @@ class Namespace:
             if row["kind"] == "d":
                 raise ErrorCode.IS_A_DIRECTORY.error(f"{show(path)} is a folder, not a file")
             chunks = await conn.fetch(
-                "SELECT c.id, c.hash, c.size FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id "
+                "SELECT c.id, c.hash, c.size, c.data FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id "
                 "WHERE fc.node_id = $1 ORDER BY fc.idx",
                 row["id"],
             )
-            refs = tuple(ChunkRef(c["id"], owner, c["hash"], c["size"]) for c in chunks)
+            refs = tuple(ChunkRef(c["id"], owner, c["hash"], c["size"], data=c["data"]) for c in chunks)
             return FileChunks(_node(row), refs)
 
         return await self._run(op, readonly=True)
+
+    # -- many small files at once ---------------------------------------------------------------------
+
+    async def _folders(
+        self, conn: Conn, owner: int, paths: Sequence[Parts], *, create: bool, mode: int, exact_file: str
+    ) -> dict[Parts, int | RemoteError]:
+        """The folder node of each of ``paths`` (one query for all), or its error: ``not-a-directory``
+        if a file is on the way, ``not-found`` if it is missing and not ``create``. With ``create``,
+        missing folders are made level by level (one statement per level for all paths). A file at
+        the path itself is ``exact_file``: ``"exists"`` (mkdir: it is the thing being made) or
+        ``"not-a-directory"`` (the folder of a file to store)."""
+        wanted = list(dict.fromkeys(paths))
+        out: dict[Parts, int | RemoteError] = {}
+        if not wanted:
+            return out
+        rows = await conn.fetch(_WALK_MANY, owner, ["/".join(p) for p in wanted], 0)
+        known: dict[Parts, int] = {}  # folders that exist, by path
+        missing: set[Parts] = set()  # folders to make
+        for path, row in zip(wanted, rows, strict=True):
+            depth = row["depth"]
+            if row["kind"] != "d":
+                if depth == len(path) and exact_file == "exists":
+                    out[path] = _exists(path, "f")
+                else:
+                    out[path] = ErrorCode.NOT_A_DIRECTORY.error(f"{show(path[:depth])} is not a folder")
+                continue
+            known[path[:depth]] = row["id"]
+            if depth == len(path):
+                out[path] = row["id"]
+            elif not create:
+                out[path] = ErrorCode.NOT_FOUND.error(f"{show(path)}: no such file or folder")
+            else:
+                missing.update(path[:n] for n in range(depth + 1, len(path) + 1))
+        failed: dict[Parts, RemoteError] = {}
+        now = time.time_ns()
+        for level in sorted({len(p) for p in missing}):
+            todo = [p for p in missing if len(p) == level and p[:-1] in known]
+            for p in missing:
+                if len(p) == level and p[:-1] in failed:
+                    failed[p] = failed[p[:-1]]
+            if not todo:
+                continue
+            parents = [known[p[:-1]] for p in todo]
+            names = [p[-1] for p in todo]
+            made = await conn.fetch(
+                "INSERT INTO nodes (owner_id, parent_id, name, kind, mtime_ns, mode) "
+                "SELECT $1, p, n, 'd', $4, $5 FROM unnest($2::bigint[], $3::text[]) AS t(p, n) "
+                "ON CONFLICT (parent_id, name) DO NOTHING RETURNING id, parent_id, name",
+                owner, parents, names, now, mode & 0o777,
+            )  # fmt: skip
+            ids = {(r["parent_id"], r["name"]): r["id"] for r in made}
+            if len(ids) < len(todo):  # made meanwhile by another server: the constraint decided
+                others = await conn.fetch(
+                    "SELECT n.id, n.parent_id, n.name, n.kind FROM nodes n "
+                    "JOIN unnest($1::bigint[], $2::text[]) AS t(p, nm) ON n.parent_id = t.p AND n.name = t.nm",
+                    parents,
+                    names,
+                )
+                for r in others:
+                    key = (r["parent_id"], r["name"])
+                    if key not in ids:
+                        ids[key] = r["id"] if r["kind"] == "d" else -1
+            for p, parent, name in zip(todo, parents, names, strict=True):
+                node = ids.get((parent, name), -1)
+                if node < 0:
+                    failed[p] = _exists(p, "f")
+                else:
+                    known[p] = node
+        for path in wanted:
+            if path in out:
+                continue
+            if path in known:
+                out[path] = known[path]
+                continue
+            # The first folder on the way that could not be made: a file took its name meanwhile.
+            for n in range(1, len(path) + 1):
+                if path[:n] in failed:
+                    error = failed[path[:n]]
+                    if n < len(path) or exact_file != "exists":
+                        error = ErrorCode.NOT_A_DIRECTORY.error(f"{show(path[:n])} is not a folder")
+                    out[path] = error
+                    break
+            else:  # pragma: no cover - every missing path is made or failed above
+                raise AssertionError(f"folder {path} neither made nor failed")
+        return out
+
+    async def mkdir_many(
+        self, user: str, paths: Sequence[Parts], *, mode: int = 0o755
+    ) -> list[RemoteError | None]:
+        """Make sure each folder exists, with its parents (see
+        :meth:`ferry.store.api.ChunkStorage.mkdir_many`)."""
+        owner = await self.owner_id(user)
+        checked: list[Parts | RemoteError] = []
+        for path in paths:
+            try:
+                checked.append(check_parts(path))
+            except RemoteError as exc:
+                checked.append(exc)
+
+        async def op(conn: Conn) -> list[RemoteError | None]:
+            found = await self._folders(
+                conn, owner, [p for p in checked if isinstance(p, tuple)], create=True, mode=mode,
+                exact_file="exists",
+            )  # fmt: skip
+            out: list[RemoteError | None] = []
+            for p in checked:
+                got = found[p] if isinstance(p, tuple) else p
+                out.append(got if isinstance(got, RemoteError) else None)
+            return out
+
+        return await self._run(op)
+
+    async def claim_chunks(
+        self, owner: int, chunks: Sequence[tuple[bytes, int, bytes | None]]
+    ) -> dict[bytes, ChunkRef]:
+        """Create or touch the chunk rows of ``(hash, size, inline bytes or None)``, not linked to
+        anything yet (small files committed next by :meth:`commit_small_many`; the grace period keeps
+        the sweeper away until then), in one statement; the refs by hash."""
+        unique = {h: (h, size, data) for h, size, data in chunks}
+
+        async def op(conn: Conn) -> dict[bytes, ChunkRef]:
+            return await self._claim_many(conn, owner, list(unique.values()))
+
+        return await self._run(op, tx=False)
+
+    @staticmethod
+    async def _claim_many(
+        conn: Conn, owner: int, chunks: Sequence[tuple[bytes, int, bytes | None]]
+    ) -> dict[bytes, ChunkRef]:
+        rows = await conn.fetch(
+            _CLAIM_MANY, owner, [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks]
+        )
+        sizes = {c[0]: c[1] for c in chunks}
+        return {r["hash"]: ChunkRef(r["id"], owner, r["hash"], sizes[r["hash"]], r["stored"]) for r in rows}
+
+    async def mark_stored_many(self, refs: Sequence[ChunkRef]) -> None:
+        """The objects of ``refs`` have been written (one statement)."""
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE chunks SET stored = true WHERE id = ANY($1::bigint[]) AND NOT stored", [r.id for r in refs]
+            )
+
+        await self._run(op, tx=False)
+
+    async def commit_small_many(
+        self,
+        user: str,
+        items: Sequence[SmallFile],
+        hashes: Sequence[bytes],
+        refs: dict[bytes, ChunkRef],
+        *,
+        inline_max: int,
+        overwrite: bool,
+        quota: int | None,
+        parents: bool,
+        dir_mode: int,
+    ) -> SmallBatch:
+        """Make the files of ``items`` in one transaction (see
+        :meth:`ferry.store.api.ChunkStorage.store_small_many`); ``hashes[i]`` is the BLAKE3 hash of
+        ``items[i].data``. The chunks of files over ``inline_max`` bytes must be stored already, their
+        refs in ``refs`` by hash; the smaller ones are claimed inline here. Raises
+        :class:`ChunkGone` if one of ``refs`` was swept meanwhile (claim them again)."""
+        owner = await self.owner_id(user)
+        checked: list[Parts | RemoteError] = []
+        for it in items:
+            try:
+                path = check_parts(it.path)
+                checked.append(
+                    path if path else ErrorCode.BAD_PATH.error("a file needs a name, not your home folder")
+                )
+            except RemoteError as exc:
+                checked.append(exc)
+
+        async def op(conn: Conn) -> SmallBatch:
+            used = await self._lock_owner(conn, owner)
+            folders = await self._folders(
+                conn, owner, [p[:-1] for p in checked if isinstance(p, tuple)], create=parents,
+                mode=dir_mode, exact_file="not-a-directory",
+            )  # fmt: skip
+            results: list[int | RemoteError] = []
+            keys: list[tuple[int, str] | None] = []  # (folder node, name) of each item still in play
+            for p in checked:
+                where = p if isinstance(p, RemoteError) else folders[p[:-1]]
+                if isinstance(where, RemoteError):
+                    results.append(where)
+                    keys.append(None)
+                else:
+                    assert isinstance(p, tuple)
+                    results.append(0)
+                    keys.append((where, p[-1]))
+            targets = [k for k in keys if k is not None]
+            rows = await conn.fetch(
+                "SELECT n.id, n.parent_id, n.name, n.kind, n.size FROM nodes n "
+                "JOIN unnest($1::bigint[], $2::text[]) AS t(p, nm) ON n.parent_id = t.p AND n.name = t.nm",
+                [k[0] for k in targets],
+                [k[1] for k in targets],
+            )
+            # What is at each name as the items are taken in order: ("node", id, size) as found,
+            # ("dir",) a folder, ("item", index) a file of this batch.
+            state: dict[tuple[int, str], tuple[Any, ...]] = {
+                (r["parent_id"], r["name"]): ("dir",) if r["kind"] == "d" else ("node", r["id"], r["size"])
+                for r in rows
+            }
+            batch = SmallBatch(results)
+            delta = 0
+            for i, key in enumerate(keys):
+                if key is None:
+                    continue
+                path = checked[i]
+                assert isinstance(path, tuple)
+                cur = state.get(key)
+                if cur is not None and cur[0] == "dir":
+                    results[i] = ErrorCode.IS_A_DIRECTORY.error(f"{show(path)} is a folder")
+                    continue
+                if cur is not None and not overwrite:
+                    results[i] = ErrorCode.EXISTS.error(f"{show(path)} already exists")
+                    continue
+                if cur is None:
+                    replaced = 0
+                elif cur[0] == "node":
+                    replaced = int(cur[2])
+                else:
+                    replaced = len(items[cur[1]].data)
+                size = len(items[i].data)
+                if quota is not None and used + delta - replaced + size > quota:
+                    batch.fatal = _quota_error(path, size, used + delta - replaced, quota)
+                    for j in range(i, len(results)):
+                        results[j] = batch.fatal
+                    break
+                delta += size - replaced
+                results[i] = replaced
+                state[key] = ("item", i)
+            # The final state: the nodes found that are replaced, the items that become files.
+            doomed = [
+                r["id"] for r in rows if state.get((r["parent_id"], r["name"]), ("",))[0] == "item"
+            ]
+            placed = [v[1] for v in state.values() if v[0] == "item"]
+            inline = {
+                hashes[i]: (hashes[i], len(items[i].data), items[i].data)
+                for i in placed
+                if len(items[i].data) <= inline_max
+            }
+            chunk_of = dict(refs)
+            if inline:
+                chunk_of.update(await self._claim_many(conn, owner, list(inline.values())))
+            freed = files_gone = 0
+            if doomed:
+                gone = await conn.fetchrow(
+                    "WITH d AS (DELETE FROM nodes WHERE id = ANY($1::bigint[]) RETURNING id, size), "
+                    "t AS (UPDATE chunks SET last_ref = now() WHERE id IN ("
+                    "SELECT chunk_id FROM file_chunks WHERE node_id = ANY($1::bigint[])) RETURNING 1) "
+                    "SELECT coalesce(sum(size), 0)::bigint AS freed, count(*) AS files FROM d",
+                    doomed,
+                )
+                assert gone is not None
+                freed, files_gone = int(gone["freed"]), int(gone["files"])
+            place = [keys[i] for i in placed]
+            made = await conn.fetch(
+                "INSERT INTO nodes (owner_id, parent_id, name, kind, size, mtime_ns, mode, digest) "
+                "SELECT $1, p, n, 'f', s, t, m, d FROM unnest($2::bigint[], $3::text[], $4::bigint[], "
+                "$5::bigint[], $6::int[], $7::bytea[]) AS u(p, n, s, t, m, d) "
+                "ON CONFLICT (parent_id, name) DO NOTHING RETURNING id, parent_id, name",
+                owner,
+                [k[0] for k in place if k is not None],
+                [k[1] for k in place if k is not None],
+                [len(items[i].data) for i in placed],
+                [_ns(items[i].mtime) for i in placed],
+                [items[i].mode & 0o777 for i in placed],
+                [tree_digest("blake3", len(items[i].data), [hashes[i]]) for i in placed],
+            )
+            node_of = {(r["parent_id"], r["name"]): r["id"] for r in made}
+            linked: list[int] = []
+            chunk_ids: list[int] = []
+            added = 0
+            for i in placed:
+                key, path = keys[i], checked[i]
+                assert key is not None and isinstance(path, tuple)
+                node = node_of.get(key)
+                if node is None:  # a folder or file made meanwhile by another server (mkdir)
+                    results[i] = ErrorCode.EXISTS.error(f"{show(path)} already exists")
+                    continue
+                linked.append(node)
+                chunk_ids.append(chunk_of[hashes[i]].id)
+                added += len(items[i].data)
+            if linked:
+                await conn.execute(
+                    "INSERT INTO file_chunks (node_id, idx, chunk_id) "
+                    "SELECT n, 0, c FROM unnest($1::bigint[], $2::bigint[]) AS t(n, c)",
+                    linked,
+                    chunk_ids,
+                )
+            if linked or doomed:
+                await conn.execute(
+                    "UPDATE owners SET used = used + $2, files = files + $3 WHERE id = $1",
+                    owner,
+                    added - freed,
+                    len(linked) - files_gone,
+                )
+            batch.stored = sum(isinstance(r, int) for r in results)
+            batch.bytes = sum(len(items[i].data) for i, r in enumerate(results) if isinstance(r, int))
+            batch.delta = added - freed
+            return batch
+
+        try:
+            return await self._run(op)
+        except asyncpg.exceptions.ForeignKeyViolationError as exc:
+            if not refs:  # inline claims are made in the same transaction: they cannot be swept
+                raise
+            raise ChunkGone(next(iter(refs.values()))) from exc
+
+    async def read_small_many(
+        self, user: str, paths: Sequence[Parts], *, max_size: int
+    ) -> list[tuple[Node, ChunkRef | None] | RemoteError]:
+        """Per path the file's node and, if it is at most ``max_size`` bytes, its one chunk (with the
+        bytes if inline); or the path's error. One query, one snapshot."""
+        owner = await self.owner_id(user)
+        checked: list[Parts | RemoteError] = []
+        for path in paths:
+            try:
+                checked.append(check_parts(path))
+            except RemoteError as exc:
+                checked.append(exc)
+        wanted = [p for p in checked if isinstance(p, tuple)]
+
+        async def op(conn: Conn) -> list[asyncpg.Record]:
+            return list(await conn.fetch(_WALK_MANY, owner, ["/".join(p) for p in wanted], max_size))
+
+        rows = iter(await self._run(op, tx=False) if wanted else [])
+        out: list[tuple[Node, ChunkRef | None] | RemoteError] = []
+        for item in checked:
+            if isinstance(item, RemoteError):
+                out.append(item)
+                continue
+            path, row = item, next(rows)
+            depth = row["depth"]
+            if depth < len(path):
+                out.append(
+                    ErrorCode.NOT_A_DIRECTORY.error(f"{show(path[:depth])} is not a folder")
+                    if row["kind"] != "d"
+                    else ErrorCode.NOT_FOUND.error(f"{show(path)}: no such file or folder")
+                )
+            elif row["kind"] == "d":
+                out.append(ErrorCode.IS_A_DIRECTORY.error(f"{show(path)} is a folder, not a file"))
+            else:
+                ref = None
+                if row["chunk_id"] is not None:
+                    ref = ChunkRef(row["chunk_id"], owner, row["hash"], row["chunk_size"], data=row["data"])
+                elif row["size"] <= max_size:
+                    out.append(ErrorCode.CORRUPT.error(f"{show(path)}: the file's chunk list is missing"))
+                    continue
+                out.append((_node(row), ref))
+        return out
 
     # -- the sweeper's database half ----------------------------------------------------------------
 
@@ -795,21 +1217,26 @@ class Namespace:
 
         return await self._run(op, tx=False)
 
-    async def forget_chunk(self, ref: ChunkRef, grace: float) -> bool:
-        """Delete the chunk's row if it is still unreferenced and untouched for ``grace`` seconds; True
-        if deleted (then, and only then, its object may be deleted). A reference taken meanwhile, even
-        one not yet committed, makes the foreign key refuse the delete."""
+    async def forget_chunk(self, ref: ChunkRef, grace: float) -> Forgotten:
+        """Delete the chunk's row if it is still unreferenced and untouched for ``grace`` seconds.
+        ``"object"``: deleted, and its object may now be deleted (then, and only then);
+        ``"inline"``: deleted, its bytes were in the row (no object to delete); ``"kept"``: not
+        deleted. A reference taken meanwhile, even one not yet committed, makes the foreign key
+        refuse the delete."""
 
-        async def op(conn: Conn) -> bool:
+        async def op(conn: Conn) -> Forgotten:
             try:
-                status = await conn.execute(
-                    "DELETE FROM chunks WHERE id = $1 AND last_ref < now() - make_interval(secs => $2)",
+                inline = await conn.fetchval(
+                    "DELETE FROM chunks WHERE id = $1 AND last_ref < now() - make_interval(secs => $2) "
+                    "RETURNING data IS NOT NULL",
                     ref.id,
                     grace,
                 )
             except asyncpg.exceptions.ForeignKeyViolationError:
-                return False
-            return status == "DELETE 1"
+                return "kept"
+            if inline is None:
+                return "kept"
+            return "inline" if inline else "object"
 
         return await self._run(op, tx=False)
 
@@ -842,6 +1269,10 @@ async def empty_home_in(dsn: str, user: str) -> tuple[int, int]:
         return await ns.empty_home(user)
     finally:
         await ns.close()
+
+
+#: What :meth:`Namespace.forget_chunk` did.
+Forgotten = Literal["kept", "object", "inline"]
 
 
 class ChunkGone(Exception):

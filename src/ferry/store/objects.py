@@ -13,6 +13,13 @@ A crash between 2 and 3 leaves a row whose object is missing and not marked stor
 it again. A crash after 3 leaves an object the row knows. An object whose row was swept (the sweeper
 crashed between deleting the row and the object) is found by the orphan pass of :meth:`sweep`.
 
+Small chunks (at most :data:`~ferry.store.api.INLINE_MAX` bytes) skip steps 3 and the store
+altogether: their bytes go into the chunk row at its claim (the row is stored from the start), and
+reads verify them against the hash like any object. Many small files are stored in one transaction
+by :meth:`ObjectStorage.store_small_many` and read in one query by
+:meth:`ObjectStorage.read_small_many` (tree transfers and sync): a file then costs a share of a few
+statements instead of a transaction and a store request of its own.
+
 Space comes back in :meth:`ObjectStorage.sweep`: stale partial uploads are deleted, then chunk rows
 nothing references (and untouched for the grace period) are deleted one by one, each followed by its
 object; then objects without a row are deleted. See docs/scale-out.md for why this never removes a
@@ -22,25 +29,32 @@ same content race on two servers.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 import blake3
 
+from ferry.errors import ChunkDamaged, RemoteError
 from ferry.hashing import tree_digest
 from ferry.store.api import (
     CHUNK_SIZE,
+    INLINE_MAX,
     ChunkRef,
     ChunkStorage,
     FileChunks,
     Node,
     Parts,
+    SmallBatch,
+    SmallFile,
+    SmallRead,
     SweepReport,
     Upload,
     Usage,
 )
-from ferry.store.chunks import ChunkStore
+from ferry.store.chunks import ChunkStore, verified
 from ferry.store.namespace import ChunkGone, Namespace
 
 #: Seconds an unreferenced chunk is kept before the sweeper deletes it: downloads of a file removed
@@ -58,9 +72,11 @@ class ObjectStorage:
 
     exec_supported = False
 
-    def __init__(self, namespace: Namespace, chunks: ChunkStore) -> None:
+    def __init__(self, namespace: Namespace, chunks: ChunkStore, *, inline_max: int = INLINE_MAX) -> None:
         self.namespace = namespace
         self.chunks = chunks
+        #: Chunks of at most this many bytes are kept in the database (-1: none; benchmarks compare).
+        self.inline_max = inline_max
 
     # -- namespace (delegated) ----------------------------------------------------------------------
 
@@ -126,7 +142,8 @@ class ObjectStorage:
             or (end < upload.size and len(data) < CHUNK_SIZE)
         ):
             raise ValueError(f"chunk {index} of {len(data)} bytes does not fit an upload of {upload.size}")
-        ref = await self.namespace.claim_chunk(upload, index, chunk_hash(data), len(data))
+        inline = bytes(data) if len(data) <= self.inline_max else None
+        ref = await self.namespace.claim_chunk(upload, index, chunk_hash(data), len(data), inline)
         if not ref.stored:
             await self.chunks.put(ref, data)
             await self.namespace.mark_stored(ref)
@@ -189,7 +206,8 @@ class ObjectStorage:
         digest = chunk_hash(data)
         whole = tree_digest("blake3", len(data), [digest])
         for _ in range(3):  # the chunk row can only be swept in between after a grace period: rare
-            ref = await self.namespace.claim_loose_chunk(owner, digest, len(data))
+            inline = data if len(data) <= self.inline_max else None
+            ref = await self.namespace.claim_loose_chunk(owner, digest, len(data), inline)
             if not ref.stored:
                 await self.chunks.put(ref, data)
                 await self.namespace.mark_stored(ref)
@@ -208,8 +226,96 @@ class ObjectStorage:
         return await self.namespace.open_file(user, path)
 
     async def read_chunk(self, ref: ChunkRef) -> bytes:
-        """See :meth:`ferry.store.api.ChunkStorage.read_chunk`."""
+        """See :meth:`ferry.store.api.ChunkStorage.read_chunk` (an inline chunk's bytes came with its
+        ref; they are verified the same way)."""
+        if ref.data is not None:
+            return verified(ref, ref.data, "the database")
         return await self.chunks.get(ref)
+
+    # -- many small files at once -------------------------------------------------------------------
+
+    async def store_small_many(
+        self,
+        user: str,
+        items: Sequence[SmallFile],
+        *,
+        overwrite: bool,
+        quota: int | None,
+        parents: bool = False,
+        dir_mode: int = 0o755,
+    ) -> SmallBatch:
+        """See :meth:`ferry.store.api.ChunkStorage.store_small_many`. Files over ``inline_max`` are
+        written to the store first (concurrently; their rows claimed in one statement), then every
+        file of the batch is committed in one transaction."""
+        if any(len(it.data) > CHUNK_SIZE for it in items):
+            raise ValueError("store_small_many is for files of at most one chunk")
+        if not items:
+            return SmallBatch([])
+        owner = await self.namespace.owner_id(user)
+        hashes = [chunk_hash(it.data) for it in items]
+        big = {h: it.data for h, it in zip(hashes, items, strict=True) if len(it.data) > self.inline_max}
+        for _ in range(3):  # a claimed chunk can only be swept before its commit after a grace period
+            refs: dict[bytes, ChunkRef] = {}
+            if big:
+                refs = await self.namespace.claim_chunks(owner, [(h, len(d), None) for h, d in big.items()])
+                todo = [r for r in refs.values() if not r.stored]
+                failures = await asyncio.gather(
+                    *(self.chunks.put(r, big[r.hash]) for r in todo), return_exceptions=True
+                )
+                for failure in failures:
+                    if isinstance(failure, BaseException):
+                        raise failure
+                if todo:
+                    await self.namespace.mark_stored_many(todo)
+            try:
+                return await self.namespace.commit_small_many(
+                    user, items, hashes, refs, inline_max=self.inline_max, overwrite=overwrite,
+                    quota=quota, parents=parents, dir_mode=dir_mode,
+                )  # fmt: skip
+            except ChunkGone:
+                continue
+        raise AssertionError("a chunk was swept three times between its claim and its commit")
+
+    async def mkdir_many(
+        self, user: str, paths: Sequence[Parts], *, mode: int = 0o755
+    ) -> list[RemoteError | None]:
+        """See :meth:`ferry.store.api.ChunkStorage.mkdir_many`."""
+        return await self.namespace.mkdir_many(user, paths, mode=mode)
+
+    async def read_small_many(
+        self, user: str, paths: Sequence[Parts], *, max_size: int = INLINE_MAX
+    ) -> list[SmallRead | RemoteError]:
+        """See :meth:`ferry.store.api.ChunkStorage.read_small_many`: one query; the bytes of inline
+        chunks come with it, the others are fetched from the store concurrently."""
+        if max_size > CHUNK_SIZE:
+            raise ValueError("read_small_many reads files of at most one chunk")
+        found = await self.namespace.read_small_many(user, paths, max_size=max_size)
+        out: list[SmallRead | RemoteError] = []
+        fetch: list[tuple[int, Node, ChunkRef]] = []
+        for entry in found:
+            if isinstance(entry, RemoteError):
+                out.append(entry)
+                continue
+            node, ref = entry
+            if ref is None:
+                out.append(SmallRead(node, None))
+            elif ref.data is None:
+                fetch.append((len(out), node, ref))
+                out.append(SmallRead(node, None))  # replaced below
+            else:
+                try:
+                    out.append(SmallRead(node, verified(ref, ref.data, "the database")))
+                except ChunkDamaged as exc:
+                    out.append(exc)
+        got = await asyncio.gather(*(self.chunks.get(ref) for _, _, ref in fetch), return_exceptions=True)
+        for (i, node, _), data in zip(fetch, got, strict=True):
+            if isinstance(data, ChunkDamaged):
+                out[i] = data
+            elif isinstance(data, BaseException):
+                raise data  # the store is away: the whole read fails, as one file's read would
+            else:
+                out[i] = SmallRead(node, data)
+        return out
 
     # -- upkeep -------------------------------------------------------------------------------------
 
@@ -224,11 +330,14 @@ class ObjectStorage:
             for ref in refs:
                 # Row first, object second: once the row is gone no new reference can reach this key
                 # (a new upload of the same bytes gets a new row and key).
-                if await self.namespace.forget_chunk(ref, grace):
-                    chunks += 1
+                forgotten = await self.namespace.forget_chunk(ref, grace)
+                if forgotten == "kept":
+                    continue
+                chunks += 1
+                nbytes += ref.size
+                if forgotten == "object":  # an inline chunk has none
                     await self.chunks.delete(self.chunks.key(ref))
                     objects += 1
-                    nbytes += ref.size
             if len(refs) < 500:
                 break
         orphans, orphan_bytes = await self.sweep_orphans(grace)

@@ -21,6 +21,12 @@ Tables (version 1):
                   against the quota while ``touched_at`` is recent).
 ``upload_chunks`` chunks stored so far for each partial upload (resume through any server).
 
+Version 2: ``chunks.data`` holds the bytes of a chunk of at most :data:`ferry.store.api.INLINE_MAX`
+bytes (an *inline* chunk: no object in the store; the row is ``stored`` from its first insert). The
+same id, hash, owner and reference rules apply to both kinds, so de-duplication, usage, quotas and
+the sweeper do not tell them apart; only reading (the bytes come with the row) and the sweeper's
+object delete (none to delete) do.
+
 References from ``file_chunks`` and ``upload_chunks`` to ``chunks`` are foreign keys without cascade:
 PostgreSQL itself refuses to delete a chunk row that a committed or in-flight transaction references,
 which is what makes the sweeper safe against a concurrent upload of the same content.
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
     Conn = PoolConnectionProxy[asyncpg.Record]
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _V1: Final = """
 CREATE TABLE owners (
@@ -105,8 +111,16 @@ CREATE TABLE upload_chunks (
 CREATE INDEX upload_chunks_chunk ON upload_chunks (chunk_id);
 """
 
+# Inline chunks. Existing rows keep data NULL (their objects stay in the store). A row with data is
+# always stored; its size is its bytes' (what a read checks, with the hash).
+_V2: Final = """
+ALTER TABLE chunks ADD COLUMN data bytea;
+ALTER TABLE chunks ADD CONSTRAINT chunks_inline_stored
+    CHECK (data IS NULL OR (stored AND octet_length(data) = size));
+"""
+
 #: ``MIGRATIONS[n]`` takes a database from version ``n`` to ``n + 1``.
-MIGRATIONS: Final[tuple[str, ...]] = (_V1,)
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2)
 
 # An arbitrary constant: the advisory lock that serialises migrations of one database.
 _LOCK_KEY: Final = 0x66657272  # "ferr"
