@@ -19,7 +19,7 @@ from typing import Any
 import obstore
 import pytest
 
-from components import Weed
+from components import Weed, run_sql
 from ferry.client.aclient import AsyncClient
 from ferry.client.stdio import put_stream
 from ferry.client.transfer import TransferResult, partial_path, upload_token
@@ -163,9 +163,10 @@ async def await_until_async(get: Any, ok: Any, timeout: float = 10.0) -> bool:
 def test_a_damaged_or_missing_chunk_ends_the_download_and_the_client_keeps_no_bad_copy(
     server: ServerThread, tmp_path: Path, pg_dsn: str, weed: Weed, s3_prefix: str
 ) -> None:
-    """A chunk object changed or removed in the store is found before any of its bytes is sent:
-    ``corrupt``, the destination never appears, and what the client kept (the hidden partial of a
-    resumable download) holds only bytes verified before the bad chunk."""
+    """A chunk object changed in the store, or a small file's bytes changed in the database (its
+    chunk is inline), is found before any of its bytes is sent: ``corrupt``, the destination never
+    appears, and what the client kept (the hidden partial of a resumable download) holds only bytes
+    verified before the bad chunk."""
     size = 3 * CHUNK_SIZE + 99
     data = os.urandom(size)
     src = tmp_path / "src"
@@ -186,13 +187,19 @@ def test_a_damaged_or_missing_chunk_ends_the_download_and_the_client_keeps_no_ba
             damaged = bytearray(await storage.read_chunk(big.chunks[1]))
             damaged[12345] ^= 1
             await obstore.put_async(store, keys[1], bytes(damaged))  # chunk 1: bytes changed
-            await obstore.delete_async(store, storage.chunks.key(tiny.chunks[0]))  # small: gone
+            # A small file's bytes are in its chunk row (inline): changed there, same size.
+            assert tiny.chunks[0].data is not None
+            await asyncio.to_thread(
+                run_sql,
+                f"UPDATE chunks SET data = decode('{os.urandom(1000).hex()}', 'hex') WHERE id = {tiny.chunks[0].id}",
+                pg_dsn,
+            )
         finally:
             await storage.close()
         async with await connect(server, tmp_path) as c:
             for name, params in (("big", {}), ("big", {"hash": "md5", "chunk_size": 1 << 16}), ("small", {})):
                 dest = tmp_path / f"got-{name}"
-                with pytest.raises(ChunkDamaged, match="object store"):
+                with pytest.raises(ChunkDamaged, match="object store" if name == "big" else "database"):
                     await c.get(name, dest, **params)
                 assert not dest.exists()
                 part = partial_path(dest)

@@ -22,6 +22,7 @@ from ferry.errors import (
     RemoteError,
 )
 from ferry.store.api import CHUNK_SIZE, INLINE_MAX, SmallFile, SmallRead
+from ferry.store.objects import chunk_hash
 from ferry.store.schema import SCHEMA_VERSION
 from store_support import digest_of, object_keys, open_storage, put_file, read_file, run
 
@@ -311,3 +312,36 @@ def test_batches_racing_on_two_servers_create_each_path_once(weed: Weed, s3_pref
                 await s.close()
 
     run(main(), timeout=90)
+
+
+def test_an_inline_claim_fills_a_row_whose_object_is_still_being_written(
+    weed: Weed, s3_prefix: str, pg_dsn: str
+) -> None:
+    """Server A (objects only) has claimed a chunk row and not written its object yet when server B
+    stores the same bytes as a small file: B's row holds the bytes and is readable at once; A's late
+    object is one nothing needs, which the sweeper's orphan pass removes once the row is gone."""
+    data = os.urandom(5000)
+
+    async def main() -> None:
+        a = await open_storage(weed, s3_prefix, pg_dsn, inline_max=-1)
+        b = await open_storage(weed, s3_prefix, pg_dsn)
+        try:
+            owner = await a.namespace.owner_id("alice")
+            ref = await a.namespace.claim_loose_chunk(owner, chunk_hash(data), len(data))
+            assert not ref.stored
+            await b.store_small("alice", ("f",), data, mode=0o644, mtime=1.0, overwrite=True, quota=None)
+            (inline,) = (await b.open_file("alice", ("f",))).chunks
+            assert inline.id == ref.id and inline.data == data  # the same row, now with the bytes
+            await a.chunks.put(ref, data)  # A goes on: its object arrives late
+            await a.namespace.mark_stored(ref)
+            assert await read_file(a, "alice", ("f",)) == data
+            await b.remove("alice", ("f",))
+            report = await a.sweep(partial_max_age=3600, grace=0)
+            # The row went as an inline one (no object delete for it); the orphan pass found A's object.
+            assert (report.chunks, report.objects) == (1, 1)
+            assert await object_keys(a) == set()
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main())

@@ -127,21 +127,22 @@ _CLAIM_MANY: Final = (
 )
 
 # For each path $2[i] ('/'-joined components; '' is the home) of owner $1: the deepest node of the
-# chain from the home down along it (``depth`` components matched; the whole path if depth equals
+# chain from the home down along it (with its folder, ``parent_id``) (``depth`` components matched; the whole path if depth equals
 # ``plen``), with the chunk of a file of at most $3 bytes (one chunk: $3 <= CHUNK_SIZE) when the whole
 # path matched. One query for a whole batch: names never hold a '/' (check_parts).
 _WALK_MANY: Final = """
 WITH RECURSIVE p AS (
     SELECT t.i, string_to_array(t.path, '/') AS parts FROM unnest($2::text[]) WITH ORDINALITY AS t(path, i)
 ), walk AS (
-    SELECT p.i, p.parts, n.id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, 0 AS depth
+    SELECT p.i, p.parts, n.id, n.parent_id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, 0 AS depth
     FROM p JOIN nodes n ON n.owner_id = $1 AND n.parent_id IS NULL
   UNION ALL
-    SELECT w.i, w.parts, n.id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, w.depth + 1
+    SELECT w.i, w.parts, n.id, n.parent_id, n.kind, n.name, n.size, n.mtime_ns, n.mode, n.digest, w.depth + 1
     FROM walk w JOIN nodes n ON n.parent_id = w.id AND n.name = w.parts[w.depth + 1]
     WHERE w.kind = 'd' AND w.depth < cardinality(w.parts)
 ), deepest AS (
-    SELECT DISTINCT ON (i) i, id, kind, name, size, mtime_ns, mode, digest, depth, cardinality(parts) AS plen
+    SELECT DISTINCT ON (i) i, id, parent_id, kind, name, size, mtime_ns, mode, digest, depth,
+        cardinality(parts) AS plen
     FROM walk ORDER BY i, depth DESC
 )
 SELECT d.*, c.id AS chunk_id, c.hash, c.size AS chunk_size, c.data
@@ -151,6 +152,32 @@ LEFT JOIN file_chunks fc ON fc.node_id = d.id AND d.kind = 'f' AND d.depth = d.p
 LEFT JOIN chunks c ON c.id = fc.chunk_id
 ORDER BY d.i
 """
+
+# The files of a batch in one statement: claim the inline chunks of owner $1 (hashes $2, bytes $3;
+# distinct), insert the file nodes (folder $4, name $5, size $6, mtime $7, mode $8, digest $9, chunk
+# hash $10, and $11 the id of a chunk claimed and stored beforehand, NULL for an inline one), link
+# each new node to its chunk, and add to the owner's usage what was made plus $12 bytes and $13
+# files (what a replacement freed). Names taken meanwhile (by another server's mkdir) are skipped:
+# the rows returned are the files made. The rows of one statement see each other's inserts at its
+# end, when the foreign keys are checked.
+_COMMIT_MANY: Final = (
+    "WITH c AS (INSERT INTO chunks (owner_id, hash, size, stored, data) "
+    "SELECT $1, h, octet_length(d), true, d FROM unnest($2::bytea[], $3::bytea[]) AS t(h, d)"
+    + _ON_CLAIMED
+    + """ RETURNING id, hash),
+x AS (SELECT * FROM unnest($4::bigint[], $5::text[], $6::bigint[], $7::bigint[], $8::int[], $9::bytea[],
+                           $10::bytea[], $11::bigint[]) AS x(parent, name, size, mtime, mode, digest, hash, chunk)),
+n AS (INSERT INTO nodes (owner_id, parent_id, name, kind, size, mtime_ns, mode, digest)
+      SELECT $1, parent, name, 'f', size, mtime, mode, digest FROM x
+      ON CONFLICT (parent_id, name) DO NOTHING RETURNING id, parent_id, name, size),
+f AS (INSERT INTO file_chunks (node_id, idx, chunk_id)
+      SELECT n.id, 0, coalesce(x.chunk, c.id) FROM n JOIN x ON x.parent = n.parent_id AND x.name = n.name
+      LEFT JOIN c ON x.chunk IS NULL AND c.hash = x.hash),
+o AS (UPDATE owners SET used = used + $12::bigint + (SELECT coalesce(sum(size), 0) FROM n),
+      files = files + $13::bigint + (SELECT count(*) FROM n) WHERE id = $1)
+SELECT parent_id, name FROM n
+"""
+)
 
 _CONNECTION_ERRORS: Final = (
     OSError,
@@ -1001,21 +1028,47 @@ class Namespace:
             try:
                 path = check_parts(it.path)
                 checked.append(
-                    path if path else ErrorCode.BAD_PATH.error("a file needs a name, not your home folder")
+                    path if path else ErrorCode.BAD_PATH.error("an upload needs a file name, not your home folder")
                 )
             except RemoteError as exc:
                 checked.append(exc)
 
         async def op(conn: Conn) -> SmallBatch:
             used = await self._lock_owner(conn, owner)
-            folders = await self._folders(
-                conn, owner, [p[:-1] for p in checked if isinstance(p, tuple)], create=parents,
-                mode=dir_mode, exact_file="not-a-directory",
-            )  # fmt: skip
+            # One walk along every item's whole path finds what is at it and the folder it goes in.
+            full = list(dict.fromkeys(p for p in checked if isinstance(p, tuple)))
+            found = await conn.fetch(_WALK_MANY, owner, ["/".join(p) for p in full], 0)
+            folder_of: dict[Parts, int | RemoteError] = {}
+            # What is at each name as the items are taken in order: ("node", id, size) as found,
+            # ("dir",) a folder, ("item", index) a file of this batch.
+            state: dict[tuple[int, str], tuple[Any, ...]] = {}
+            found_ids: dict[tuple[int, str], int] = {}
+            absent: list[Parts] = []  # folders that are missing
+            for whole, row in zip(full, found, strict=True):
+                depth, kind = row["depth"], row["kind"]
+                if depth == len(whole):
+                    at = (row["parent_id"], whole[-1])
+                    folder_of[whole[:-1]] = row["parent_id"]
+                    state[at] = ("dir",) if kind == "d" else ("node", row["id"], row["size"])
+                    found_ids[at] = row["id"]
+                elif kind != "d":
+                    folder_of.setdefault(
+                        whole[:-1], ErrorCode.NOT_A_DIRECTORY.error(f"{show(whole[:depth])} is not a folder")
+                    )
+                elif depth == len(whole) - 1:
+                    folder_of[whole[:-1]] = row["id"]
+                else:
+                    absent.append(whole[:-1])
+            if absent:  # made here with ``parents`` (the files in them are new), else not-found
+                folder_of.update(
+                    await self._folders(
+                        conn, owner, absent, create=parents, mode=dir_mode, exact_file="not-a-directory"
+                    )
+                )
             results: list[int | RemoteError] = []
             keys: list[tuple[int, str] | None] = []  # (folder node, name) of each item still in play
             for p in checked:
-                where = p if isinstance(p, RemoteError) else folders[p[:-1]]
+                where = p if isinstance(p, RemoteError) else folder_of[p[:-1]]
                 if isinstance(where, RemoteError):
                     results.append(where)
                     keys.append(None)
@@ -1023,19 +1076,6 @@ class Namespace:
                     assert isinstance(p, tuple)
                     results.append(0)
                     keys.append((where, p[-1]))
-            targets = [k for k in keys if k is not None]
-            rows = await conn.fetch(
-                "SELECT n.id, n.parent_id, n.name, n.kind, n.size FROM nodes n "
-                "JOIN unnest($1::bigint[], $2::text[]) AS t(p, nm) ON n.parent_id = t.p AND n.name = t.nm",
-                [k[0] for k in targets],
-                [k[1] for k in targets],
-            )
-            # What is at each name as the items are taken in order: ("node", id, size) as found,
-            # ("dir",) a folder, ("item", index) a file of this batch.
-            state: dict[tuple[int, str], tuple[Any, ...]] = {
-                (r["parent_id"], r["name"]): ("dir",) if r["kind"] == "d" else ("node", r["id"], r["size"])
-                for r in rows
-            }
             batch = SmallBatch(results)
             delta = 0
             for i, key in enumerate(keys):
@@ -1065,21 +1105,13 @@ class Namespace:
                 delta += size - replaced
                 results[i] = replaced
                 state[key] = ("item", i)
-            # The final state: the nodes found that are replaced, the items that become files.
-            doomed = [
-                r["id"] for r in rows if state.get((r["parent_id"], r["name"]), ("",))[0] == "item"
-            ]
+            # The final state: the files found that are replaced, the items that become files.
+            doomed = [node for key, node in found_ids.items() if state[key][0] == "item"]
             placed = [v[1] for v in state.values() if v[0] == "item"]
-            inline = {
-                hashes[i]: (hashes[i], len(items[i].data), items[i].data)
-                for i in placed
-                if len(items[i].data) <= inline_max
-            }
-            chunk_of = dict(refs)
-            if inline:
-                chunk_of.update(await self._claim_many(conn, owner, list(inline.values())))
             freed = files_gone = 0
             if doomed:
+                # Apart from the insert below: a row deleted and a row inserted under the same name
+                # in one statement would race inside it.
                 gone = await conn.fetchrow(
                     "WITH d AS (DELETE FROM nodes WHERE id = ANY($1::bigint[]) RETURNING id, size), "
                     "t AS (UPDATE chunks SET last_ref = now() WHERE id IN ("
@@ -1089,48 +1121,36 @@ class Namespace:
                 )
                 assert gone is not None
                 freed, files_gone = int(gone["freed"]), int(gone["files"])
-            place = [keys[i] for i in placed]
+            inline = {hashes[i]: items[i].data for i in placed if len(items[i].data) <= inline_max}
+            place = [k for k in (keys[i] for i in placed) if k is not None]
+            if not placed:  # nothing to make (and so nothing replaced)
+                batch.stored = batch.bytes = batch.delta = 0
+                return batch
             made = await conn.fetch(
-                "INSERT INTO nodes (owner_id, parent_id, name, kind, size, mtime_ns, mode, digest) "
-                "SELECT $1, p, n, 'f', s, t, m, d FROM unnest($2::bigint[], $3::text[], $4::bigint[], "
-                "$5::bigint[], $6::int[], $7::bytea[]) AS u(p, n, s, t, m, d) "
-                "ON CONFLICT (parent_id, name) DO NOTHING RETURNING id, parent_id, name",
+                _COMMIT_MANY,
                 owner,
-                [k[0] for k in place if k is not None],
-                [k[1] for k in place if k is not None],
+                list(inline),
+                list(inline.values()),
+                [k[0] for k in place],
+                [k[1] for k in place],
                 [len(items[i].data) for i in placed],
                 [_ns(items[i].mtime) for i in placed],
                 [items[i].mode & 0o777 for i in placed],
                 [tree_digest("blake3", len(items[i].data), [hashes[i]]) for i in placed],
+                [hashes[i] for i in placed],
+                [refs[hashes[i]].id if hashes[i] in refs else None for i in placed],
+                -freed,
+                -files_gone,
             )
-            node_of = {(r["parent_id"], r["name"]): r["id"] for r in made}
-            linked: list[int] = []
-            chunk_ids: list[int] = []
+            made_keys = {(r["parent_id"], r["name"]) for r in made}
             added = 0
             for i in placed:
                 key, path = keys[i], checked[i]
                 assert key is not None and isinstance(path, tuple)
-                node = node_of.get(key)
-                if node is None:  # a folder or file made meanwhile by another server (mkdir)
+                if key not in made_keys:  # a folder or file made meanwhile by another server (mkdir)
                     results[i] = ErrorCode.EXISTS.error(f"{show(path)} already exists")
                     continue
-                linked.append(node)
-                chunk_ids.append(chunk_of[hashes[i]].id)
                 added += len(items[i].data)
-            if linked:
-                await conn.execute(
-                    "INSERT INTO file_chunks (node_id, idx, chunk_id) "
-                    "SELECT n, 0, c FROM unnest($1::bigint[], $2::bigint[]) AS t(n, c)",
-                    linked,
-                    chunk_ids,
-                )
-            if linked or doomed:
-                await conn.execute(
-                    "UPDATE owners SET used = used + $2, files = files + $3 WHERE id = $1",
-                    owner,
-                    added - freed,
-                    len(linked) - files_gone,
-                )
             batch.stored = sum(isinstance(r, int) for r in results)
             batch.bytes = sum(len(items[i].data) for i, r in enumerate(results) if isinstance(r, int))
             batch.delta = added - freed

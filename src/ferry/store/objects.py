@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Final
 import blake3
 
 from ferry.errors import ChunkDamaged, RemoteError
-from ferry.hashing import tree_digest
 from ferry.store.api import (
     CHUNK_SIZE,
     INLINE_MAX,
@@ -199,25 +198,15 @@ class ObjectStorage:
         overwrite: bool,
         quota: int | None,
     ) -> int:
-        """See :meth:`ferry.store.api.Storage.store_small`."""
-        if len(data) > CHUNK_SIZE:
-            raise ValueError("store_small is for files of at most one chunk")
-        owner = await self.namespace.owner_id(user)
-        digest = chunk_hash(data)
-        whole = tree_digest("blake3", len(data), [digest])
-        for _ in range(3):  # the chunk row can only be swept in between after a grace period: rare
-            inline = data if len(data) <= self.inline_max else None
-            ref = await self.namespace.claim_loose_chunk(owner, digest, len(data), inline)
-            if not ref.stored:
-                await self.chunks.put(ref, data)
-                await self.namespace.mark_stored(ref)
-            try:
-                return await self.namespace.commit_small(
-                    user, path, ref, digest=whole, mode=mode, mtime=mtime, overwrite=overwrite, quota=quota
-                )
-            except ChunkGone:
-                continue
-        raise AssertionError("a chunk was swept three times between its claim and its commit")
+        """See :meth:`ferry.store.api.Storage.store_small`: a batch of one (one transaction of five
+        statements for a file kept inline; a larger one also pays its object's put first)."""
+        batch = await self.store_small_many(
+            user, [SmallFile(path, data, mode, mtime)], overwrite=overwrite, quota=quota
+        )
+        result = batch.results[0]
+        if isinstance(result, RemoteError):
+            raise result
+        return result
 
     # -- reads --------------------------------------------------------------------------------------
 
