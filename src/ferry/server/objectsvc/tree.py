@@ -55,6 +55,10 @@ from ferry.wire.codes import ErrorCode, reply_for
 T = TypeVar("T")
 Record = TreeFile | TreeDir | TreeFailure
 
+#: Batches of a tree download made ahead of the one being sent (~256 KiB each): the database and
+#: the store answer in milliseconds, so reading only one batch ahead left the connection idle
+#: while the next group of files was read.
+AHEAD_BATCHES = 8
 #: Entries per folder listing query.
 LIST_PAGE = 1000
 #: Small files whose bytes one query fetches, and the bytes they may add up to (by their listed
@@ -170,26 +174,35 @@ async def walk_tree(storage: ObjectStorage, user: str, top: Parts, inline_max: i
         stack.append((sub, subdirs[::-1]))
 
 
-async def read_ahead(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
-    """``source``'s items, the next one made while the caller works on the current one (one item
-    ahead, no more)."""
+async def read_ahead(source: AsyncIterator[T], depth: int = 1) -> AsyncGenerator[T, None]:
+    """``source``'s items, made by a task of their own while the caller works on earlier ones: at
+    most ``depth`` made and not yet taken (the memory bound), one more being made."""
+    queue: asyncio.Queue[tuple[bool, T | None, BaseException | None]] = asyncio.Queue(max(1, depth))
 
-    async def step() -> T:
-        return await anext(source)
+    async def produce() -> None:
+        try:
+            async for item in source:
+                await queue.put((True, item, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the caller, who raises it in its own task
+            await queue.put((False, None, exc))
+            return
+        await queue.put((False, None, None))
 
-    nxt: asyncio.Task[T] = asyncio.ensure_future(step())
+    task = asyncio.ensure_future(produce())
     try:
         while True:
-            try:
-                item = await nxt
-            except StopAsyncIteration:
+            more, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if not more:
                 return
-            nxt = asyncio.ensure_future(step())
-            yield item
+            yield item  # type: ignore[misc]  # (an item whenever ``more``)
     finally:
-        nxt.cancel()
+        task.cancel()
         with contextlib.suppress(BaseException):
-            await nxt
+            await task
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(BaseException):
@@ -235,7 +248,8 @@ async def serve_records(
     items = RecordItems(hash)
     result = "ok"
     try:
-        async with contextlib.aclosing(read_ahead(_batches(req_id, records, items, pack))) as batches:
+        batches_ahead = read_ahead(_batches(req_id, records, items, pack), AHEAD_BATCHES)
+        async with contextlib.aclosing(batches_ahead) as batches:
             async for batch in batches:
                 if req_id in svc.requests.cancelled:
                     result = "cancelled"
