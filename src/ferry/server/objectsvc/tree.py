@@ -59,6 +59,9 @@ Record = TreeFile | TreeDir | TreeFailure
 #: the store answer in milliseconds, so reading only one batch ahead left the connection idle
 #: while the next group of files was read.
 AHEAD_BATCHES = 8
+#: Batches of a tree upload stored together at most (the client's window: ferry.client.tree.WINDOW),
+#: and received ahead of the group being stored before the reader waits.
+GROUP_BATCHES = 8
 #: Entries per folder listing query.
 LIST_PAGE = 1000
 #: Small files whose bytes one query fetches, and the bytes they may add up to (by their listed
@@ -298,14 +301,15 @@ def record_parts(root: Parts, rel: str, *, file: bool) -> Parts:
 
 
 class _Ops:
-    """The valid records of one batch, in order, as runs of folder and file operations."""
+    """The valid records of a group of batches, in order (keyed by batch and record), as runs of
+    folder and file operations."""
 
     def __init__(self) -> None:
-        self.runs: list[tuple[str, list[tuple[int, Parts, SmallFile | None]]]] = []
+        self.runs: list[tuple[str, list[tuple[tuple[int, int], Parts, SmallFile | None]]]] = []
         self.files: set[Parts] = set()
         self.conflict = False  # a folder record at or below a file record of the same batch
 
-    def add(self, index: int, parts: Parts, data: bytes | None, it: m.TreeItem) -> None:
+    def add(self, key: tuple[int, int], parts: Parts, data: bytes | None, it: m.TreeItem) -> None:
         kind = "dir" if data is None else "file"
         if data is None:
             self.conflict = self.conflict or any(parts[:n] in self.files for n in range(1, len(parts) + 1))
@@ -315,9 +319,9 @@ class _Ops:
             op = SmallFile(parts, data, mode=it.mode & 0o777 or 0o644, mtime=it.mtime)
         if not self.runs or self.runs[-1][0] != kind:
             self.runs.append((kind, []))
-        self.runs[-1][1].append((index, parts, op))
+        self.runs[-1][1].append((key, parts, op))
 
-    def ordered(self) -> list[tuple[str, list[tuple[int, Parts, SmallFile | None]]]]:
+    def ordered(self) -> list[tuple[str, list[tuple[tuple[int, int], Parts, SmallFile | None]]]]:
         """The runs to carry out: all folders first, then all files (two statements for a batch), unless
         a folder record lies at or below a file record, where the order decides which one fails."""
         if self.conflict:
@@ -343,8 +347,11 @@ class ObjectTreeUpload:
         self.bytes = 0
         self.errors = 0
         self.dead = False  # failed or aborted: later batches are dropped
-        self._job: asyncio.Task[StoredBatch] | None = None
-        self._acker: asyncio.Task[None] | None = None
+        self._job: asyncio.Task[list[StoredBatch]] | None = None
+        self._acker: asyncio.Task[None] | None = None  # stores and acknowledges what is queued
+        #: batches received, not yet being stored (see add: stored together when they pile up)
+        self._queue: list[m.TreeItems] = []
+        self._room = asyncio.Event()  # set when the queue has room (the reader may go on)
         self._stop = False
         self._finished = False
 
@@ -353,95 +360,124 @@ class ObjectTreeUpload:
         raise RemoteProtocolError(f"data frame for tree upload {self.msg.id}")
 
     async def add(self, batch: m.TreeItems) -> None:
-        """Store ``batch`` (after the previous batch has been stored and acknowledged); the reader
-        goes on receiving the next one meanwhile."""
+        """Queue ``batch`` to be stored and acknowledged; the reader goes on receiving meanwhile.
+
+        Group commit: the batches that arrive while one group is being stored are stored together
+        next, in one call (one transaction), and acknowledged one by one. A fast database takes
+        them one at a time; a slow one (every commit waits for its log to reach the disk) takes
+        up to the client's whole window at once instead of paying a commit per batch."""
         self.active_at = self.svc.host.read_waited()
-        if self._acker is not None:
-            await self._acker  # never raises: it reports failures itself
+        while len(self._queue) >= GROUP_BATCHES and not self.dead:  # the reader waits: TCP pushes back
+            self._room.clear()
+            await self._room.wait()
         if self.dead:
             return
-        self._job = asyncio.ensure_future(self._store(batch.items))
-        self._acker = asyncio.ensure_future(self._ack(self._job, batch.end))
+        self._queue.append(batch)
+        if self._acker is None or self._acker.done():
+            self._acker = asyncio.ensure_future(self._drain())
         if batch.end:
-            await self._acker
+            await self._acker  # never raises: it reports failures itself
 
     def _client_path(self, rel: str) -> str:
         return join_path((*self.root, rel)) if self.root else rel
 
-    async def _store(self, items: list[m.TreeItem]) -> StoredBatch:
-        """Store one batch in a few transactions. Stops at the first fatal error (quota,
-        integrity, a broken record); what came before it is stored."""
-        out = StoredBatch()
-        ops = _Ops()
-        fatal: FerryError | None = None
-        for i, it in enumerate(items):
-            try:
-                data = record_data(it, self.msg.hash, self._client_path)
-                ops.add(i, record_parts(self.root, it.path, file=data is not None), data, it)
-            except (DiskFull, IntegrityError) as exc:
-                fatal = exc
-                break
-            except RemoteError as exc:
-                if exc.code == ErrorCode.BAD_REQUEST:  # a broken client: the rest is no better
-                    fatal = exc
-                    break
-                out.fail(error_item(it.path, exc))
-            except FerryError as exc:
-                out.fail(error_item(it.path, exc))
-        storage, user = self.svc.storage, self.svc.user
-        for kind, run in ops.ordered():
-            if self._stop:  # aborted (Cancel, connection lost): leave the rest of the batch
-                break
-            if kind == "dir":
-                made = await mkdir_many(storage, user.name, [parts for _i, parts, _op in run])
-                for (i, _parts, _op), err in zip(run, made, strict=True):
-                    if err is not None:
-                        out.fail(error_item(items[i].path, err))
-                continue
-            files = [op for _i, _parts, op in run if op is not None]
-            done = await store_small_many(
-                storage, user.name, files, overwrite=self.msg.overwrite, quota=user.quota, parents=True
-            )
-            out.files += done.stored
-            out.bytes += done.bytes
-            for (i, _parts, _op), res in zip(run, done.results, strict=True):
-                if isinstance(res, RemoteError) and res is not done.fatal:
-                    out.fail(error_item(items[i].path, res))
-            if done.fatal is not None:
-                fatal = done.fatal
-                break
-        out.fatal = fatal
-        out.finish()
-        return out
-
-    async def _ack(self, job: asyncio.Future[StoredBatch], end: bool) -> None:
-        """Report a stored batch (TreeAck), or end the tree on a fatal error."""
+    async def _drain(self) -> None:
+        """Store and acknowledge the queued batches, a group at a time, until none is left."""
         svc = self.svc
         try:
-            try:
-                out = await asyncio.shield(job)
-            except StoreUnavailable as exc:  # the database or the store went away mid-batch
-                out = StoredBatch(fatal=exc)
-            except Exception as exc:  # a bug: fail this tree, keep the session
-                svc.ctx.log.exception("internal error storing a tree batch")
-                out = StoredBatch(
-                    fatal=ErrorCode.INTERNAL.error(f"internal server error ({type(exc).__name__})")
-                )
-            self.files += out.files
-            self.bytes += out.bytes
-            self.errors += out.failed
-            if out.fatal is not None:
-                await self._fail(out.fatal)
-                return
-            await svc.send(
-                m.TreeAck(id=self.msg.id, files=self.files, bytes=self.bytes, errors=out.errors, end=end)
-            )
-            if end:
-                self._finish("ok")
+            while self._queue and not self.dead:
+                group = self._queue[:GROUP_BATCHES]
+                del self._queue[: len(group)]
+                self._room.set()
+                self._job = asyncio.ensure_future(self._store([b.items for b in group]))
+                try:
+                    outs = await asyncio.shield(self._job)
+                except StoreUnavailable as exc:  # the database or the store went away mid-group
+                    outs = [StoredBatch(fatal=exc)]
+                except Exception as exc:  # a bug: fail this tree, keep the session
+                    svc.ctx.log.exception("internal error storing a tree batch")
+                    outs = [
+                        StoredBatch(
+                            fatal=ErrorCode.INTERNAL.error(f"internal server error ({type(exc).__name__})")
+                        )
+                    ]
+                for batch, out in zip(group, outs, strict=False):  # (outs ends at a fatal error)
+                    self.files += out.files
+                    self.bytes += out.bytes
+                    self.errors += out.failed
+                    if out.fatal is not None:
+                        await self._fail(out.fatal)
+                        return
+                    await svc.send(
+                        m.TreeAck(
+                            id=self.msg.id,
+                            files=self.files,
+                            bytes=self.bytes,
+                            errors=out.errors,
+                            end=batch.end,
+                        )
+                    )
+                    if batch.end:
+                        self._finish("ok")
         except (ConnectionError, OSError, ProtocolError) as exc:
             # The session is ending: its cleanup calls abort(), which releases the upload's place.
             self.dead = True
             svc.ctx.log.debug("tree upload %d: %s", self.msg.id, exc)
+
+    async def _store(self, batches: list[list[m.TreeItem]]) -> list[StoredBatch]:
+        """Store a group of batches in a few statements; what each did, in order. Stops at the first
+        fatal error (quota, integrity, a broken record): what came before it is stored, and the
+        list ends with the batch that holds it (its ``fatal`` set)."""
+        outs = [StoredBatch() for _ in batches]
+        ops = _Ops()
+        fatal: tuple[int, FerryError] | None = None
+        for b, items in enumerate(batches):
+            for i, it in enumerate(items):
+                try:
+                    data = record_data(it, self.msg.hash, self._client_path)
+                    ops.add((b, i), record_parts(self.root, it.path, file=data is not None), data, it)
+                except (DiskFull, IntegrityError) as exc:
+                    fatal = (b, exc)
+                    break
+                except RemoteError as exc:
+                    if exc.code == ErrorCode.BAD_REQUEST:  # a broken client: the rest is no better
+                        fatal = (b, exc)
+                        break
+                    outs[b].fail(error_item(it.path, exc))
+                except FerryError as exc:
+                    outs[b].fail(error_item(it.path, exc))
+            if fatal is not None:
+                break
+        storage, user = self.svc.storage, self.svc.user
+        for kind, run in ops.ordered():
+            if self._stop:  # aborted (Cancel, connection lost): leave the rest
+                break
+            if kind == "dir":
+                made = await mkdir_many(storage, user.name, [parts for _k, parts, _op in run])
+                for ((b, i), _parts, _op), err in zip(run, made, strict=True):
+                    if err is not None:
+                        outs[b].fail(error_item(batches[b][i].path, err))
+                continue
+            files = [op for _k, _parts, op in run if op is not None]
+            done = await store_small_many(
+                storage, user.name, files, overwrite=self.msg.overwrite, quota=user.quota, parents=True
+            )
+            for ((b, i), _parts, op), res in zip(run, done.results, strict=True):
+                if isinstance(res, int):
+                    outs[b].files += 1
+                    outs[b].bytes += len(op.data) if op is not None else 0
+                elif res is not done.fatal:
+                    outs[b].fail(error_item(batches[b][i].path, res))
+                elif done.fatal is not None and (fatal is None or fatal[0] > b):
+                    fatal = (b, done.fatal)  # the first file the quota stopped: before any later fatal
+            if done.fatal is not None:
+                break
+        if fatal is not None:
+            outs = outs[: fatal[0] + 1]
+            outs[-1].fatal = fatal[1]
+        for out in outs:
+            out.finish()
+        return outs
 
     async def _fail(self, exc: FerryError) -> None:
         reply = reply_for(self.msg.id, exc)
@@ -454,6 +490,8 @@ class ObjectTreeUpload:
         if self._finished:
             return
         self._finished = True
+        self._queue.clear()
+        self._room.set()  # (a reader waiting for room drops its batch: the tree is over)
         if self.svc.channels.get(self.msg.id) is self:
             del self.svc.channels[self.msg.id]
         self.hold.release()
@@ -484,6 +522,8 @@ class ObjectTreeUpload:
             return
         self.dead = True
         self._stop = True  # the job stops before its next statement
+        self._queue.clear()
+        self._room.set()
         if self._acker is not None and not self._acker.done():
             self._acker.cancel()
             with contextlib.suppress(BaseException):
