@@ -64,7 +64,9 @@ def index_key(user: str, digest: bytes, size: int) -> tuple[object, ...]:
     return ("object", user, digest, size, cdc.SCHEME)
 
 
-async def content_index(storage: ObjectStorage, user: str, file: FileChunks, cache: HashCache) -> cdc.ChunkIndex:
+async def content_index(
+    storage: ObjectStorage, user: str, file: FileChunks, cache: HashCache
+) -> cdc.ChunkIndex:
     """The content-defined chunk index of ``user``'s stored ``file``, read chunk by chunk (cut and
     hashed in the session's file threads), from ``cache`` when this content was indexed before."""
     node = file.node

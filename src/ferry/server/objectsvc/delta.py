@@ -111,7 +111,9 @@ class StoredFile:
     verified pieces, fetched by the loop. Holds the piece being read and, when reading goes
     forward piece by piece, the next one (fetched ahead): at most two pieces of memory."""
 
-    def __init__(self, storage: ObjectStorage, chunks: tuple[ChunkRef, ...], size: int, bridge: Bridge) -> None:
+    def __init__(
+        self, storage: ObjectStorage, chunks: tuple[ChunkRef, ...], size: int, bridge: Bridge
+    ) -> None:
         self._storage = storage
         #: its stored pieces, in order
         self.refs = chunks
@@ -177,7 +179,9 @@ class UploadSink:
     once :meth:`close` returned; :attr:`reused` counts the linked ones.
     """
 
-    def __init__(self, storage: ObjectStorage, upload: Upload, bridge: Bridge, basis: StoredFile | None) -> None:
+    def __init__(
+        self, storage: ObjectStorage, upload: Upload, bridge: Bridge, basis: StoredFile | None
+    ) -> None:
         self._storage = storage
         self._upload = upload
         self._bridge = bridge
@@ -528,7 +532,9 @@ class ObjectDeltaSend(DeltaSend):
         t0 = time.monotonic()
         fc = await svc.storage.open_file(svc.user.name, parse_path(msg.path))
         node = fc.node
-        await svc.send(m.FileInfo(id=msg.id, size=node.size, mtime=m.wire_time(node.mtime), mode=node.mode & 0o7777))
+        await svc.send(
+            m.FileInfo(id=msg.id, size=node.size, mtime=m.wire_time(node.mtime), mode=node.mode & 0o7777)
+        )
         cache = svc.ctx.hash_cache
         key = cache_key(svc, node)
         cached = cache.get_index(key) if key is not None else None

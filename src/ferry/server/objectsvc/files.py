@@ -32,6 +32,7 @@ from ferry.wire.codes import ErrorCode
 if TYPE_CHECKING:
     from ferry.store.objects import ObjectStorage
 
+
 class ObjectService(Service["ObjectStorage"]):
     """A service of the object backend (the storage is the server's one :class:`ObjectStorage`,
     shared by every session; usage lives in its database, not in the server's memory)."""

@@ -18,6 +18,7 @@ the cache holds it, whatever its name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import zlib
@@ -29,7 +30,17 @@ from ferry.errors import FerryError, NotFound, RemoteError, StoreUnavailable
 from ferry.server import work
 from ferry.server.objectsvc.chunkio import content_index, index_key
 from ferry.server.objectsvc.files import ObjectService
-from ferry.server.objectsvc.tree import LIST_PAGE, Record, file_record, read_ahead, read_group, serve_records
+from ferry.server.objectsvc.tree import (
+    LIST_PAGE,
+    READS_AHEAD,
+    Pending,
+    Record,
+    file_record,
+    in_order,
+    read_ahead,
+    read_group,
+    serve_records,
+)
 from ferry.server.openlimits import Kind
 from ferry.server.pathrules import join_path, parse_path
 from ferry.server.service import Handler
@@ -82,7 +93,9 @@ async def content_digests(
                 out[i] = known.digest
                 continue
             try:
-                out[i] = (await content_index(storage, user, await storage.open_file(user, path), cache)).digest
+                out[i] = (
+                    await content_index(storage, user, await storage.open_file(user, path), cache)
+                ).digest
             except StoreUnavailable:
                 raise
             except RemoteError as exc:
@@ -225,27 +238,39 @@ async def handle_scan(svc: ObjectSyncService, msg: m.ScanTree) -> None:
 # --- files by name ---------------------------------------------------------------------------
 
 
-async def _named(
+def _named(
     storage: ObjectStorage, user: str, base: Parts, names: Sequence[str], inline_max: int
 ) -> AsyncIterator[Record]:
-    """Records of the files ``names`` under ``base``, in order (a few reads per query); what cannot
-    be read is an error record."""
-    for start in range(0, len(names), NAMED_READ):
-        group = names[start : start + NAMED_READ]
-        paths: list[Parts] = []
-        refused: dict[int, FerryError] = {}
-        for i, name in enumerate(group):
-            try:
-                parts = parse_path(name)
-                if not parts:
-                    raise ErrorCode.BAD_PATH.error("a file name is needed, not the folder itself")
-                paths.append((*base, *parts))
-            except FerryError as exc:
-                refused[i] = exc
-        reads = iter(await read_group(storage, user, paths, inline_max))
-        for i, name in enumerate(group):
-            err = refused.get(i)
-            yield TreeFailure(name, err) if err is not None else file_record(name, next(reads))
+    """Records of the files ``names`` under ``base``, in order (a few reads per query, several
+    queries at once); what cannot be read is an error record."""
+
+    async def groups() -> AsyncIterator[Pending]:
+        for start in range(0, len(names), NAMED_READ):
+            yield asyncio.ensure_future(
+                _named_group(storage, user, base, names[start : start + NAMED_READ], inline_max)
+            )
+
+    return in_order(groups(), READS_AHEAD)
+
+
+async def _named_group(
+    storage: ObjectStorage, user: str, base: Parts, group: Sequence[str], inline_max: int
+) -> list[Record]:
+    paths: list[Parts] = []
+    refused: dict[int, FerryError] = {}
+    for i, name in enumerate(group):
+        try:
+            parts = parse_path(name)
+            if not parts:
+                raise ErrorCode.BAD_PATH.error("a file name is needed, not the folder itself")
+            paths.append((*base, *parts))
+        except FerryError as exc:
+            refused[i] = exc
+    reads = iter(await read_group(storage, user, paths, inline_max))
+    return [
+        TreeFailure(name, err) if (err := refused.get(i)) is not None else file_record(name, next(reads))
+        for i, name in enumerate(group)
+    ]
 
 
 async def handle_get_files(svc: ObjectSyncService, msg: m.GetFiles) -> None:

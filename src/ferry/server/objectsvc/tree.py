@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import ClassVar, TypeVar
 
@@ -67,7 +68,9 @@ LIST_PAGE = 1000
 #: Small files whose bytes one query fetches, and the bytes they may add up to (by their listed
 #: sizes): bounds the memory of a read group whatever the folder holds.
 READ_FILES = 1000
-READ_BYTES = 8 << 20
+READ_BYTES = 4 << 20
+#: Groups of files read at once in a tree download (memory: this many times READ_BYTES at most).
+READS_AHEAD = 4
 
 
 # --- download ------------------------------------------------------------------------------
@@ -100,11 +103,55 @@ def file_record(rel: str, res: SmallRead | RemoteError) -> Record:
     return TreeFile(rel, node.size, node.mtime, node.mode, res.data)
 
 
+#: The records of a group of files, being read (see :func:`in_order`).
+Pending = asyncio.Task[list[Record]]
+
+
+async def in_order(units: AsyncIterator[Record | Pending], depth: int) -> AsyncIterator[Record]:
+    """The records of ``units`` in their order, where a unit is a record or a group of them being
+    read: up to ``depth`` groups are read at once, ahead of the one whose records are handed out
+    (the database and the store answer a group in milliseconds; one at a time, a tree download
+    waited for each in turn)."""
+    window: deque[Record | Pending] = deque()
+    pending = 0
+    try:
+        async for unit in units:
+            window.append(unit)
+            if isinstance(unit, asyncio.Future):
+                pending += 1
+            while window and (not isinstance(window[0], asyncio.Future) or pending > depth):
+                first = window.popleft()
+                if isinstance(first, asyncio.Future):
+                    pending -= 1
+                    for rec in await first:
+                        yield rec
+                else:
+                    yield first
+        while window:
+            first = window.popleft()
+            if isinstance(first, asyncio.Future):
+                for rec in await first:
+                    yield rec
+            else:
+                yield first
+    finally:
+        started = [u for u in window if isinstance(u, asyncio.Future)]
+        for task in started:  # the caller stopped early (an error, a cancel): drop the reads
+            task.cancel()
+        for task in started:
+            with contextlib.suppress(BaseException):
+                await task
+        aclose = getattr(units, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()
+
+
 async def _folder_records(
     storage: ObjectStorage, user: str, folder: Parts, rel: str, inline_max: int, subdirs: list[str]
-) -> AsyncIterator[Record]:
+) -> AsyncIterator[Pending]:
     """The file records of ``folder`` (``rel`` below the tree's root), names sorted, small ones with
-    their bytes; its subfolders' names are appended to ``subdirs``."""
+    their bytes, as groups being read; its subfolders' names are appended to ``subdirs``."""
     prefix = f"{rel}/" if rel else ""
     after = ""
     while True:
@@ -121,11 +168,10 @@ async def _folder_records(
             if node.size <= inline_max:
                 small += node.size
             if len(group) >= READ_FILES or small >= READ_BYTES:
-                async for rec in _group_records(storage, user, folder, prefix, group, inline_max):
-                    yield rec
+                yield asyncio.ensure_future(_group_records(storage, user, folder, prefix, group, inline_max))
                 group, small = [], 0
-        async for rec in _group_records(storage, user, folder, prefix, group, inline_max):
-            yield rec
+        if group:
+            yield asyncio.ensure_future(_group_records(storage, user, folder, prefix, group, inline_max))
         if len(page) < LIST_PAGE:
             return
         after = page[-1].name
@@ -133,24 +179,33 @@ async def _folder_records(
 
 async def _group_records(
     storage: ObjectStorage, user: str, folder: Parts, prefix: str, group: list[Node], inline_max: int
-) -> AsyncIterator[Record]:
+) -> list[Record]:
     """Records of the listed files ``group`` in order: large ones announced as listed, small ones
     read (many per query) as they are now."""
     small = [n for n in group if n.size <= inline_max]
     reads = await read_group(storage, user, [(*folder, n.name) for n in small], inline_max)
     found = dict(zip((n.name for n in small), reads, strict=True))
+    out: list[Record] = []
     for node in group:
         res = found.get(node.name)
         if res is None:
-            yield TreeFile(prefix + node.name, node.size, node.mtime, node.mode, None)
+            out.append(TreeFile(prefix + node.name, node.size, node.mtime, node.mode, None))
         else:
-            yield file_record(prefix + node.name, res)
+            out.append(file_record(prefix + node.name, res))
+    return out
 
 
-async def walk_tree(storage: ObjectStorage, user: str, top: Parts, inline_max: int) -> AsyncIterator[Record]:
+def walk_tree(storage: ObjectStorage, user: str, top: Parts, inline_max: int) -> AsyncIterator[Record]:
     """The records of folder ``top`` in the folder backend's order (see
     :class:`ferry.server.walkers.TreeScan`): a folder's files, then for each subfolder its record
-    and its contents, depth first. A subfolder that vanished midway is an error record."""
+    and its contents, depth first. A subfolder that vanished midway is an error record. Folders are
+    listed while the files of earlier ones are read (:data:`READS_AHEAD` groups at once)."""
+    return in_order(_walk_units(storage, user, top, inline_max), READS_AHEAD)
+
+
+async def _walk_units(
+    storage: ObjectStorage, user: str, top: Parts, inline_max: int
+) -> AsyncIterator[Record | Pending]:
     subdirs: list[str] = []
     async for rec in _folder_records(storage, user, top, "", inline_max, subdirs):
         yield rec
