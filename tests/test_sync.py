@@ -14,11 +14,14 @@ from typing import Any
 
 import pytest
 
+from conformance import BY_TRANSPORT, OBJECT, Cell
 from ferry.client.sync import SyncItem, SyncResult
 from ferry_server import ServerThread
 from transfer_support import MiB, connect, home, no_logged_errors, running_server  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
+#: TLS and plain TCP on either backend.
+TRANSPORTS_AND_BACKENDS = [*BY_TRANSPORT, OBJECT, Cell("plain", backend="object")]
 
 
 def rand(n: int, seed: int) -> bytes:
@@ -90,33 +93,74 @@ def changes(items: list[SyncItem]) -> dict[str, str]:
     return {i.path: i.action for i in items if i.action != "skip"}
 
 
-@pytest.mark.parametrize("plain", [False, True], ids=["tls", "plain"])
-def test_push_then_noop_then_changes(tmp_path: Path, plain: bool) -> None:
+def file_changes(items: list[SyncItem]) -> dict[str, str]:
+    """:func:`changes` of files only."""
+    return {i.path: i.action for i in items if i.action != "skip" and i.kind == "file"}
+
+
+def remote_content(srv: Any, tmp_path: Path, remote: str) -> dict[str, Any]:
+    """:func:`content` of the server's ``remote`` on either backend: pulled by a sync into a fresh
+    folder (files keep their bytes, modes and mtimes, folders their modes)."""
+    dest = tmp_path / f"pulled-{time.monotonic_ns()}"
+    r, _ = run(_sync(srv, tmp_path, f":{remote}/" if remote else ":", f"{dest}"))
+    assert r.failed == 0, r
+    return content(dest)
+
+
+async def _client_call(srv: Any, tmp_path: Path, fn: Any) -> Any:
+    c = await connect(srv, tmp_path)
+    try:
+        return await fn(c)
+    finally:
+        await c.close()
+
+
+def on_client(srv: Any, tmp_path: Path, fn: Any) -> Any:
+    """``await fn(client)`` with a client of its own (how a test changes the server's side)."""
+    return run(_client_call(srv, tmp_path, fn))
+
+
+def put_local(srv: Any, tmp_path: Path, remote: str, files: dict[str, bytes | tuple[bytes, float]]) -> None:
+    """Write ``files`` (relative path -> bytes, or (bytes, mtime)) into the server's ``remote`` with a
+    tree upload (existing files are replaced, others stay)."""
+    src = tmp_path / f"put-{time.monotonic_ns()}"
+    for rel, spec in files.items():
+        data, mtime = spec if isinstance(spec, tuple) else (spec, None)
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+        if mtime is not None:
+            os.utime(src / rel, (mtime, mtime))
+    src.mkdir(exist_ok=True)
+    on_client(srv, tmp_path, lambda c: c.put_tree(src, remote))
+
+
+@pytest.mark.parametrize("cell", TRANSPORTS_AND_BACKENDS, ids=[c.id for c in TRANSPORTS_AND_BACKENDS])
+def test_push_then_noop_then_changes(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
-    with running_server(tmp_path / "srv", plain=plain) as srv:
-        dst = home(srv) / "backup"
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
-        assert same(content(dst), content(src))
-        assert r.failed == 0 and r.sent_files == r.files == 33 and r.sent_bytes == r.bytes
-        assert r.wire_bytes > r.bytes
-        # a re-run is a no-op: nothing sent, and only the listing on the wire
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
-        assert changes(items) == {} and r.sent_files == 0 and r.wire_bytes < 64 * 1024
-        # change a small file, 100 KiB in the middle of the big one, and a mode
-        (src / "sub" / "s1.txt").write_bytes(b"changed\n")
-        data = bytearray((src / "big.bin").read_bytes())
-        data[MiB : MiB + 100_000] = rand(100_000, 3)
-        (src / "big.bin").write_bytes(bytes(data))
-        os.chmod(src / "sub" / "s2.txt", 0o640)
-        r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
-        assert changes(items) == {"sub/s1.txt": "update", "big.bin": "update", "sub/s2.txt": "attrs"}
-        assert same(content(dst), content(src))
-        big = next(i for i in items if i.path == "big.bin")
-        assert 100_000 <= big.sent <= 100_000 + 2 * 256 * 1024  # only the changed chunks
-        assert r.wire_bytes < 1 * MiB  # and the chunk index of 3 MiB: ~1.5 KiB
+    srv = server
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
+    assert r.failed == 0 and r.sent_files == r.files == 33 and r.sent_bytes == r.bytes
+    assert r.wire_bytes > r.bytes
+    assert same(remote_content(srv, tmp_path, "backup"), content(src))
+    # a re-run is a no-op: nothing sent, and only the listing on the wire
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
+    assert changes(items) == {} and r.sent_files == 0 and r.wire_bytes < 64 * 1024
+    # change a small file, 100 KiB in the middle of the big one, and a mode
+    (src / "sub" / "s1.txt").write_bytes(b"changed\n")
+    data = bytearray((src / "big.bin").read_bytes())
+    data[MiB : MiB + 100_000] = rand(100_000, 3)
+    (src / "big.bin").write_bytes(bytes(data))
+    os.chmod(src / "sub" / "s2.txt", 0o640)
+    r, items = run(_sync(srv, tmp_path, f"{src}/", ":backup"))
+    assert changes(items) == {"sub/s1.txt": "update", "big.bin": "update", "sub/s2.txt": "attrs"}
+    big = next(i for i in items if i.path == "big.bin")
+    assert 100_000 <= big.sent <= 100_000 + 2 * 256 * 1024  # only the changed chunks
+    assert r.wire_bytes < 1 * MiB  # and the chunk index of 3 MiB: ~1.5 KiB
+    assert same(remote_content(srv, tmp_path, "backup"), content(src))
 
 
+@pytest.mark.backends
 def test_after_deletions_folder_times_match_and_the_next_sync_is_a_no_op(server: ServerThread, tmp_path: Path) -> None:
     """Deletions run before the attributes: a folder whose entries were deleted gets the source's
     mtime (set after the deletion moved it), so the next sync finds nothing to do; both ways."""
@@ -126,6 +170,12 @@ def test_after_deletions_folder_times_match_and_the_next_sync_is_a_no_op(server:
     def dir_times(root: Path) -> dict[str, int]:
         return {d: (root / d).stat().st_mtime_ns for d in ("sub", "sub/deep")}
 
+    def remote_times(remote: str) -> dict[str, int]:
+        async def stat_all(c: Any) -> dict[str, int]:
+            return {d: round((await c.stat(f"{remote}/{d}")).mtime * 1e9) for d in ("sub", "sub/deep")}
+
+        return on_client(srv, tmp_path, stat_all)
+
     def close(a: dict[str, int], b: dict[str, int]) -> bool:
         return all(abs(a[k] - b[k]) <= 2000 for k in a)
 
@@ -134,18 +184,22 @@ def test_after_deletions_folder_times_match_and_the_next_sync_is_a_no_op(server:
     (src / "sub" / "s1.txt").unlink()
     (src / "sub" / "deep" / "zero").unlink()
     r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
-    assert r.deleted == 2 and close(dir_times(home(srv) / "t"), dir_times(src))
+    assert r.deleted == 2 and close(remote_times("t"), dir_times(src))
     r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
     assert changes(items) == {} and r.deleted == 0
     # a pull: the local folders
     back = tmp_path / "back"
     run(_sync(srv, tmp_path, ":t/", f"{back}"))
-    (home(srv) / "t" / "sub" / "s2.txt").unlink()
-    (home(srv) / "t" / "sub" / "deep" / "gone").write_bytes(b"")
-    os.unlink(home(srv) / "t" / "sub" / "deep" / "gone")
+    put_local(srv, tmp_path, "t/sub/deep", {"gone": b""})
+
+    async def remove(c: Any) -> None:
+        await c.remove("t/sub/s2.txt")
+        await c.remove("t/sub/deep/gone")
+
+    on_client(srv, tmp_path, remove)
     (back / "sub" / "deep" / "extra").write_bytes(b"x")  # only in the destination: deleted
     r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
-    assert r.deleted == 2 and close(dir_times(back), dir_times(home(srv) / "t"))
+    assert r.deleted == 2 and close(dir_times(back), remote_times("t"))
     r, items = run(_sync(srv, tmp_path, ":t/", f"{back}", delete=True))
     assert changes(items) == {}
 
@@ -176,22 +230,24 @@ def test_pull_delta_and_insertion(server: ServerThread, tmp_path: Path) -> None:
     assert not list((dst / "data").glob(".*ferry-part*"))
 
 
+@pytest.mark.backends
 def test_delete_dry_run_and_filters(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
     (src / "skip.log").write_text("log")
     srv = server
-    dst = home(srv) / "m"
     run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"]))
-    assert not (dst / "skip.log").exists()
-    (dst / "extra").mkdir()
-    (dst / "extra" / "x").write_text("x")
-    (dst / "old.txt").write_text("old")
-    (dst / "kept.log").write_text("excluded on the receiver: protected")
+    assert "skip.log" not in remote_content(srv, tmp_path, "m")
+    put_local(
+        srv,
+        tmp_path,
+        "m",
+        {"extra/x": b"x", "old.txt": b"old", "kept.log": b"excluded on the receiver: protected"},
+    )
     for n in range(5):
         (src / "sub" / f"s{n}.txt").unlink()
     (src / "new.txt").write_text("new")
-    before_src, before_dst = snapshot(src), snapshot(dst)
+    before_src, before_dst = snapshot(src), remote_content(srv, tmp_path, "m")
     log = srv.root / "logs" / "ferry.log"
     log_size = log.stat().st_size
     r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True, dry_run=True))
@@ -203,18 +259,21 @@ def test_delete_dry_run_and_filters(server: ServerThread, tmp_path: Path) -> Non
         "sub": "attrs",  # its mtime moved when files were deleted from it
         **{f"sub/s{n}.txt": "delete" for n in range(5)},
     }
-    assert snapshot(src) == before_src and snapshot(dst) == before_dst  # byte for byte, modes, mtimes
     ops = [line.split("op=")[1].split()[0] for line in log.read_text()[log_size:].splitlines() if " op=" in line]
     assert ops == ["scan"]  # the server only listed
+    assert snapshot(src) == before_src  # byte for byte, modes, mtimes
+    assert remote_content(srv, tmp_path, "m") == before_dst
     r, items = run(_sync(srv, tmp_path, f"{src}/", ":m", exclude=["*.log"], delete=True))
     assert r.deleted == 8 and r.failed == 0
-    assert (dst / "kept.log").exists()
+    after = remote_content(srv, tmp_path, "m")
+    assert "kept.log" in after
     assert same(
-        {k: v for k, v in content(dst).items() if k != "kept.log"},
+        {k: v for k, v in after.items() if k != "kept.log"},
         {k: v for k, v in content(src).items() if not k.endswith(".log")},
     )
 
 
+@pytest.mark.backends
 def test_missing_source_deletes_nothing(server: ServerThread, tmp_path: Path) -> None:
     srv = server
     dst = tmp_path / "dst"
@@ -227,6 +286,7 @@ def test_missing_source_deletes_nothing(server: ServerThread, tmp_path: Path) ->
     assert (dst / "precious").read_text() == "keep me"
 
 
+@pytest.mark.backends
 def test_unreadable_source_folder_suppresses_deletion(server: ServerThread, tmp_path: Path) -> None:
     if os.geteuid() == 0:
         # root reads everything: make the folder unreadable another way (a name that is not UTF-8)
@@ -241,7 +301,7 @@ def test_unreadable_source_folder_suppresses_deletion(server: ServerThread, tmp_
     (src / "big.bin").unlink()
     r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True))
     assert any(i.action == "skip" and i.kind == "error" for i in items)
-    assert (home(srv) / "t" / "big.bin").exists()  # not deleted: the source had read errors
+    assert "big.bin" in remote_content(srv, tmp_path, "t")  # not deleted: the source had read errors
     assert r.deleted == 0
 
 
@@ -262,20 +322,29 @@ def test_links_and_fifos_are_reported_as_skipped(server: ServerThread, tmp_path:
     assert {i.path for i in items if i.action == "skip"} == {"slink"}
 
 
+@pytest.mark.backends
 def test_checksum_finds_same_size_same_mtime_change(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
+    (src / "mid2.bin").write_bytes(rand(100_000, 5))  # several content chunks (larger than one)
     srv = server
     run(_sync(srv, tmp_path, f"{src}/", ":c"))
-    target = home(srv) / "c" / "sub" / "s5.txt"
-    st = target.stat()
-    target.write_bytes(b"X" * st.st_size)  # same size ...
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... same mtime
+    # on the server: same size, same mtime, other bytes
+    st, st2 = (src / "sub" / "s5.txt").stat(), (src / "mid2.bin").stat()
+    put_local(
+        srv,
+        tmp_path,
+        "c",
+        {"sub/s5.txt": (b"X" * st.st_size, st.st_mtime), "mid2.bin": (rand(100_000, 6), st2.st_mtime)},
+    )
     _, items = run(_sync(srv, tmp_path, f"{src}/", ":c"))
-    assert changes(items) == {}  # the quick check cannot see it
+    # the quick check cannot see it (the upload moved the folder's time: only that is set)
+    assert file_changes(items) == {}
     _r, items = run(_sync(srv, tmp_path, f"{src}/", ":c", checksum=True))
-    assert changes(items) == {"sub/s5.txt": "update"}
-    assert same(content(home(srv) / "c"), content(src))
+    assert file_changes(items) == {"sub/s5.txt": "update", "mid2.bin": "update"}
+    assert same(remote_content(srv, tmp_path, "c"), content(src))
+    _r, items = run(_sync(srv, tmp_path, f"{src}/", ":c", checksum=True))
+    assert changes(items) == {}
 
 
 @pytest.mark.backends
@@ -292,6 +361,7 @@ def test_compressed_transfers_shrink_text(server: ServerThread, tmp_path: Path) 
     assert r.wire_bytes < len(text) / 4
 
 
+@pytest.mark.backends
 def test_progress_counts_the_whole_job(server: ServerThread, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
@@ -516,6 +586,7 @@ def test_a_server_without_delta_transfers_gets_files_whole(
     assert "op=put path=f" in log and "op=get path=f" in log and "op=delta" not in log
 
 
+@pytest.mark.backends
 def test_sync_into_the_home_itself(server: ServerThread, tmp_path: Path) -> None:
     """The home as the destination root: files land, and no error about the home's own attributes."""
     src = tmp_path / "src"
@@ -526,9 +597,10 @@ def test_sync_into_the_home_itself(server: ServerThread, tmp_path: Path) -> None
     (src / "sub" / "s0.txt").write_text("again")
     r, items = run(_sync(srv, tmp_path, f"{src}/", ":"))
     assert changes(items) == {"sub/s0.txt": "update"} and not r.notes, r.notes
-    assert same(content(home(srv)), content(src))
+    assert same(remote_content(srv, tmp_path, ""), content(src))
 
 
+@pytest.mark.backends
 def test_compressed_small_files_travel_packed(server: ServerThread, tmp_path: Path) -> None:
     """-z packs the batches of small files too (both ways), and leaves random data as it is."""
     src = tmp_path / "src"
@@ -539,7 +611,6 @@ def test_compressed_small_files_travel_packed(server: ServerThread, tmp_path: Pa
     srv = server
     r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
     assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
-    assert same(content(home(srv) / "z"), content(src))
     r, _ = run(_sync(srv, tmp_path, ":z/", f"{tmp_path / 'back'}", compress=True))
     assert r.sent_files == 300 and r.wire_bytes < total / 3, (r.wire_bytes, total)
     assert same(content(tmp_path / "back"), content(src))
@@ -548,7 +619,7 @@ def test_compressed_small_files_travel_packed(server: ServerThread, tmp_path: Pa
         (src / "rand" / f"r{i}").write_bytes(rand(50_000, 100 + i))
     r, _ = run(_sync(srv, tmp_path, f"{src}/", ":z", compress=True))
     assert r.sent_files == 20 and r.wire_bytes >= 20 * 50_000  # nothing to gain: sent as it is
-    assert same(content(home(srv) / "z"), content(src))
+    assert same(remote_content(srv, tmp_path, "z"), content(src))
 
 
 @pytest.mark.parametrize("name", ["../escape", "/etc/evil", "a/../../b", "a//b", "./a"])
@@ -608,20 +679,25 @@ def test_a_large_upload_is_indexed_for_the_next_delta(server: ServerThread, tmp_
     assert "op=chunks path=p/big" in log and "ok prefetch" in log
 
 
-def test_a_file_time_beyond_the_wire_range_does_not_fail_the_listing(server: ServerThread, tmp_path: Path) -> None:
+@pytest.mark.backends
+def test_a_file_time_beyond_the_wire_range_does_not_fail_the_listing(server: ServerThread, cell: Cell, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src)
     os.utime(src / "sub" / "s1.txt", (1e12, 1e12))  # year ~33,658: outside what the wire carries
     srv = server
-    os.makedirs(home(srv) / "far")
-    (home(srv) / "far" / "f").write_text("far")
-    os.utime(home(srv) / "far" / "f", (1e12, 1e12))
+    if cell.objects:  # (its times come from the wire, which clamps them: no such file there)
+        put_local(srv, tmp_path, "far", {"f": (b"far", 1e12)})
+    else:
+        os.makedirs(home(srv) / "far")
+        (home(srv) / "far" / "f").write_text("far")
+        os.utime(home(srv) / "far" / "f", (1e12, 1e12))
     r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t"))
-    assert r.failed == 0 and (home(srv) / "t" / "sub" / "s1.txt").exists()
+    assert r.failed == 0 and "sub/s1.txt" in remote_content(srv, tmp_path, "t")
     r, _ = run(_sync(srv, tmp_path, ":far/", f"{tmp_path / 'back'}"))
     assert r.failed == 0 and (tmp_path / "back" / "f").read_text() == "far"
 
 
+@pytest.mark.backends
 def test_a_local_listing_made_ahead_is_used_once(server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command line lists the local side before it connects (``local_listing_for``): the sync
     uses that listing instead of listing again, and lists again when it was made for another root
@@ -643,7 +719,6 @@ def test_a_local_listing_made_ahead_is_used_once(server: ServerThread, tmp_path:
     ahead = local_listing_for(f"{src}/", ":t")
     r, _ = run(_sync(srv, tmp_path, f"{src}/", ":t", local_listing=ahead))
     assert scans == [src] and r.sent_files == r.files > 0
-    assert same(content(home(srv) / "t"), content(src))
     # made for a pull into "back/" (a folder "t" there): fits the pull of "t" into "back"
     ahead = local_listing_for(":t", tmp_path / "back")
     r, _ = run(_sync(srv, tmp_path, ":t", f"{tmp_path / 'back'}", local_listing=ahead))
@@ -658,6 +733,7 @@ def test_a_local_listing_made_ahead_is_used_once(server: ServerThread, tmp_path:
     assert scans[4:] == [tmp_path, src]
 
 
+@pytest.mark.backends
 def test_a_local_listing_that_fails_late_stops_the_sync_before_any_deletion(
     server: ServerThread,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -675,7 +751,7 @@ def test_a_local_listing_that_fails_late_stops_the_sync_before_any_deletion(
     make_source(src)
     srv = server
     run(_sync(srv, tmp_path, f"{src}/", ":t"))
-    before = content(home(srv) / "t")
+    before = remote_content(srv, tmp_path, "t")
     (src / "big.bin").unlink()
     (src / "sub" / "s1.txt").unlink()
     remote_listed = threading.Event()
@@ -697,12 +773,13 @@ def test_a_local_listing_that_fails_late_stops_the_sync_before_any_deletion(
     with pytest.raises(PermissionError):
         run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
     assert remote_listed.is_set()
-    assert content(home(srv) / "t") == before  # nothing deleted, nothing sent
-    # an entry that cannot be read (a name that is not UTF-8): listed as an error, no deletion
     monkeypatch.undo()
+    assert remote_content(srv, tmp_path, "t") == before  # nothing deleted, nothing sent
+    # an entry that cannot be read (a name that is not UTF-8): listed as an error, no deletion
     with open(os.fsencode(src / "sub") + b"/\xff-not-utf8", "wb") as f:
         f.write(b"x")
     ahead = local_listing_for(f"{src}/", ":t")
     r, items = run(_sync(srv, tmp_path, f"{src}/", ":t", delete=True, local_listing=ahead))
     assert r.deleted == 0 and any(i.kind == "error" for i in items)
-    assert (home(srv) / "t" / "big.bin").exists() and (home(srv) / "t" / "sub" / "s1.txt").exists()
+    after = remote_content(srv, tmp_path, "t")
+    assert "big.bin" in after and "sub/s1.txt" in after

@@ -200,8 +200,15 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """The pool's reset hook: nothing to reset (see :meth:`Namespace.connect`)."""
 
 
+#: The range of a ``bigint`` column of nanoseconds (years 1677 to 2262).
+_NS_MIN: Final = -(1 << 63)
+_NS_MAX: Final = (1 << 63) - 1
+
+
 def _ns(mtime: float) -> int:
-    return round(mtime * 1e9)
+    # Clamped as a file system clamps what it cannot hold: the wire carries times up to the year
+    # 9999, and one such time must not fail a whole batch with an integer overflow.
+    return min(max(round(mtime * 1e9), _NS_MIN), _NS_MAX)
 
 
 def _node(row: asyncpg.Record) -> Node:
