@@ -86,7 +86,7 @@ def main() -> None:
         make_big_file(src / "big.bin", args.big_mib * MiB)
         root = scratch / "root"
         ferry_add_user(root, USER, PASSWORD, env=env)
-        with FerryServer(root, env=env) as srv:
+        with FerryServer(root, plain=False, env=env) as srv:
             dest = f"ferry://{USER}@127.0.0.1:{srv.port}/"
             sync = [*FERRY_SCRIPT, "sync", "-q", f"{src}/", dest + "s"]
             subprocess.run([*sync, "--no-resident"], env=env, check=True, timeout=900)

@@ -336,13 +336,16 @@ class Resident:
         saved_streams = sys.stdin, sys.stdout, sys.stderr
         session = CommandSession(self, conn)
         try:
-            os.fchdir(cwd)
-            os.environ.clear()
-            os.environ.update(env)
-            time.tzset()  # times print in the caller's zone
-            for target, fd in enumerate(std):
-                os.dup2(fd, target)
-            sys.stdin, sys.stdout, sys.stderr = _std_streams(env)
+            try:
+                os.fchdir(cwd)
+                os.environ.clear()
+                os.environ.update(env)
+                time.tzset()  # times print in the caller's zone
+                for target, fd in enumerate(std):
+                    os.dup2(fd, target)
+                sys.stdin, sys.stdout, sys.stderr = _std_streams(env)
+            except (OSError, ValueError):  # nothing has run yet: the caller runs it itself
+                return None
             context.set_current(session)
             asyncio.run_coroutine_threadsafe(session.watch(), self.loop).result()
             return _invoke(argv)
