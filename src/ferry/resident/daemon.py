@@ -343,6 +343,13 @@ class Resident:
                 time.tzset()  # times print in the caller's zone
                 for target, fd in enumerate(std):
                     os.dup2(fd, target)
+                if os.isatty(0):
+                    # No command here reads a terminal (no prompts: the login is done; `put -`
+                    # runs directly), and a read that outlived a cancelled command would take
+                    # the user's keystrokes from the shell.
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.close(null)
                 sys.stdin, sys.stdout, sys.stderr = _std_streams(env)
             except (OSError, ValueError):  # nothing has run yet: the caller runs it itself
                 return None
