@@ -786,7 +786,7 @@ def part_backends(opts: argparse.Namespace) -> None:
                     for backend in order:
                         srv = servers[backend]
                         local_dst = base / f"got-{backend}"
-                        shutil.rmtree(local_dst, ignore_errors=True)
+                        _remove(local_dst)
                         remote = "big.bin" if "-r" not in case else "tree"
                         loc = f"bench@127.0.0.1:{remote}"
                         verb, *flags = case.split()
@@ -817,7 +817,7 @@ def part_backends(opts: argparse.Namespace) -> None:
                         }
                         samples.setdefault((case, backend), []).append(sample)
                         log(f"backends: rep {rep + 1} {case:6} {backend:6} {wall:.2f} s")
-                        shutil.rmtree(local_dst, ignore_errors=True)
+                        _remove(local_dst)
             rows = []
             for case in cases:
                 walls = {b: median(x["wall"] for x in samples[(case, b)]) for b in ("folder", "object")}
@@ -859,6 +859,14 @@ def part_backends(opts: argparse.Namespace) -> None:
             srv.stop()
         relay.stop()
         drop_database(name)
+
+
+def _remove(path: Path) -> None:
+    """Remove what a get left at ``path`` (a file or a folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
