@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -160,7 +160,7 @@ class ChunkStore:
             except Exception as exc:
                 raise _unavailable("delete", key, exc) from exc
 
-    async def list_chunks(self, owner: int | None = None) -> AsyncIterator[list[StoredObject]]:
+    async def list_chunks(self, owner: int | None = None) -> AsyncGenerator[list[StoredObject], None]:
         """Every chunk object (of one ``owner``, or all), page by page (bounded memory)."""
         prefix = f"{self.prefix}c/" if owner is None else f"{self.prefix}c/{owner}/"
         try:

@@ -30,6 +30,7 @@ same content race on two servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 from collections.abc import Sequence
 from dataclasses import replace
@@ -338,15 +339,19 @@ class ObjectStorage:
         its row exists, so a missing row means the chunk was swept."""
         cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=grace)
         count = nbytes = 0
-        async for page in self.chunks.list_chunks():
-            ids = {o.key: self.chunks.parse_key(o.key) for o in page}
-            known = await self.namespace.known_chunk_ids([i for i in ids.values() if i is not None])
-            for obj in page:
-                cid = ids[obj.key]
-                if cid is not None and cid not in known and obj.last_modified < cutoff:
-                    await self.chunks.delete(obj.key)
-                    count += 1
-                    nbytes += obj.size
+        # Closed here whatever happens: a listing left suspended (the database failing between two
+        # pages) would hold obstore's stream until the garbage collector finalised it outside the
+        # runtime it belongs to (seen once as a Rust panic at a server's exit).
+        async with contextlib.aclosing(self.chunks.list_chunks()) as pages:
+            async for page in pages:
+                ids = {o.key: self.chunks.parse_key(o.key) for o in page}
+                known = await self.namespace.known_chunk_ids([i for i in ids.values() if i is not None])
+                for obj in page:
+                    cid = ids[obj.key]
+                    if cid is not None and cid not in known and obj.last_modified < cutoff:
+                        await self.chunks.delete(obj.key)
+                        count += 1
+                        nbytes += obj.size
         return count, nbytes
 
     async def close(self) -> None:

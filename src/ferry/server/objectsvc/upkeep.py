@@ -62,7 +62,12 @@ async def sweep_objects_forever(
         delay = limits.sweep_interval
         try:
             report = await objects.sweep(partial_max_age=limits.partial_max_age, grace=limits.chunk_grace)
-        except Exception as exc:  # a sweep must never take the server down; say why and go on
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a sweep must never end the sweeping silently:
+            # the store's client reports a Rust panic as a BaseException (pyo3's PanicException)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
             log.warning("object sweep failed (tried again in %gs): %r", limits.sweep_interval, exc)
             continue
         if report.uploads or report.chunks or report.objects:
