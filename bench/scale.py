@@ -787,7 +787,9 @@ def part_backends(opts: argparse.Namespace) -> None:
                         srv = servers[backend]
                         local_dst = base / f"got-{backend}"
                         _remove(local_dst)
-                        remote = "big.bin" if "-r" not in case else "tree"
+                        # A tree of its own per repetition: a put -r into an existing folder puts the
+                        # tree inside it (as cp -r does), and the get -r would then get both.
+                        remote = "big.bin" if "-r" not in case else f"tree-{rep}"
                         loc = f"bench@127.0.0.1:{remote}"
                         verb, *flags = case.split()
                         src_dst = [str(big if not flags else tree), loc] if verb == "put" else [loc, str(local_dst)]
