@@ -730,13 +730,14 @@ def s3_requests(metrics_port: int) -> int:
 
 
 def _vary(path: Path, rep: int) -> None:
-    """Make ``path``'s every 4 MiB chunk new for repetition ``rep`` (8 bytes at each chunk start): the
-    object backend de-duplicates per user, so a put of the same bytes again would store nothing."""
+    """Make ``path``'s every 4 MiB chunk unique, and new for repetition ``rep`` (16 bytes at each chunk
+    start: the repetition and the offset): the object backend de-duplicates per user, so a put of bytes
+    it holds (the big file repeats one random block) would store nothing."""
     with open(path, "r+b") as f:
         size = f.seek(0, 2)
         for off in range(0, size, CHUNK_SIZE):
             f.seek(off)
-            f.write(rep.to_bytes(8, "little"))
+            f.write(rep.to_bytes(8, "little") + off.to_bytes(8, "little"))
 
 
 def part_backends(opts: argparse.Namespace) -> None:
@@ -808,7 +809,7 @@ def part_backends(opts: argparse.Namespace) -> None:
                             want = big.stat().st_size if not flags else opts.tree * 4 * KiB
                             if nbytes != want:
                                 raise RuntimeError(f"{backend} {case}: got {nbytes} bytes, expected {want}")
-                        ops = 1 if not flags else opts.tree
+                        ops = 1  # (a tree is one operation: its per-file figures would round to 0)
                         sample = {
                             "wall": wall,
                             "server_cpu": (srv.cpu() or 0.0) - cpu0,
