@@ -77,6 +77,57 @@ async def gather_all(coros: list[Any]) -> None:
         raise
 
 
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel ``tasks`` and wait until each has ended, however it ends (its failure is retrieved,
+    not raised: the caller is dropping it).
+
+    The caller's own cancellation is never swallowed: if the caller is cancelled during the wait,
+    it still waits for the tasks (cleanup finishes), then raises ``CancelledError``. The pattern
+    this replaces, ``task.cancel()`` then ``await task`` under ``suppress(BaseException)``, also
+    suppressed a cancel aimed at the caller: a session's worker cancelled while a handler cleaned
+    up went back to waiting for the next request, and the session never ended.
+    """
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    interrupted = False
+    for t in live:
+        while not t.done():
+            try:
+                await asyncio.wait([t])  # (unlike ``await t``, never raises t's own outcome)
+            except asyncio.CancelledError:  # (not passed on: t's cleanup is under way)
+                interrupted = True
+        if not t.cancelled():
+            t.exception()
+    if interrupted:
+        raise asyncio.CancelledError
+
+
+async def settle(job: asyncio.Future[Any]) -> None:
+    """Wait until ``job`` has ended, without cancelling it (a thread's work cannot be stopped
+    mid-way) and without raising its outcome (retrieved here). A cancel of the caller is raised
+    at once: callers that must release something once the job ends do it in a ``finally``."""
+    await asyncio.wait([job])
+    if not job.cancelled():
+        job.exception()
+
+
+async def aclose_quietly(source: object) -> None:
+    """Close async iterator ``source`` if it can be closed, ignoring what its cleanup raises,
+    except a cancel of the caller (re-raised, see :func:`cancel_and_wait`)."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise
+    except Exception:  # the iteration already ended for a reason of its own
+        pass
+
+
 def close_after(job: asyncio.Future[Any] | None, close: Callable[[], object]) -> None:
     """Run ``close`` now, or once ``job`` (a thread job still using the resource) has finished.
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from ferry.aio import cancel_and_wait
 from ferry.client.mux import Mux, Route
 from ferry.errors import FerryError, FerryTimeout, UsageError
 from ferry.wire import Data
@@ -370,11 +371,10 @@ class RemoteProcess:
             with contextlib.suppress(TimeoutError, FerryError):
                 async with asyncio.timeout(grace):
                     await self.wait()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-        self._finish()
+        try:
+            await cancel_and_wait(self._task)
+        finally:
+            self._finish()
 
     async def __aenter__(self) -> RemoteProcess:
         return self

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ferry.aio import CorkedWriter
+from ferry.aio import CorkedWriter, cancel_and_wait
 from ferry.client.receive import RawPayload
 from ferry.client.stream import ClientStream
 from ferry.errors import ConnectionBroken, ConnectionClosed, FerryError, FerryTimeout
@@ -397,10 +397,7 @@ class Mux:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await self._write(self._conn.send(m.Goodbye(reason="client done")))
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        await cancel_and_wait(self._task)
         self._writer.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry import __version__, paths
-from ferry.aio import ChunkStream
+from ferry.aio import ChunkStream, cancel_and_wait
 from ferry.errors import UsageError
 from ferry.server.accounts import Accounts
 from ferry.server.admission import Refused, Ticket, address_key
@@ -287,11 +287,7 @@ class Server:
         self._closing = True
         if self.listener is not None:
             self.listener.close()
-        for background in (self._sweeper, self._revoker):
-            if background is not None:
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
+        await cancel_and_wait(self._sweeper, self._revoker)
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:

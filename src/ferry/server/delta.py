@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ferry import cdc
-from ferry.aio import close_after
+from ferry.aio import cancel_and_wait, close_after, settle
 from ferry.delta import Assembler, BasisChanged, BasisFile, DeltaEncoder, basis_id
 from ferry.errors import FerryError, RemoteError
 from ferry.server.context import FileLimit
@@ -239,10 +239,11 @@ class DeltaUpload(DeltaTransfer):
     async def abort(self) -> None:
         """Cancelled, failed or the connection ended: drop the partial (it holds no verified data)."""
         job = self._job
-        if job is not None and not job.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(job)
-        self.discard()
+        try:
+            if job is not None:
+                await settle(job)
+        finally:  # (once the thread no longer writes to the partial, if this wait was cancelled)
+            close_after(job, self.discard)
 
     def discard(self) -> None:
         """Remove the partial (only if its name still holds this upload's file), close everything."""
@@ -378,11 +379,10 @@ class DeltaSend(DeltaTransfer):
 
     async def abort(self) -> None:
         """Cancelled or the connection ended: stop sending."""
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(BaseException):
-                await self.task
-        self.hold.release()  # (a download whose basis never arrived has no task to do it)
+        try:
+            await cancel_and_wait(self.task)
+        finally:
+            self.hold.release()  # (a download whose basis never arrived has no task to do it)
 
 
 async def _serve_delta(svc: DeltaService, msg: m.DeltaGet, basis: bytes) -> None:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ferry.aio import ChunkStream, CorkedWriter
+from ferry.aio import ChunkStream, CorkedWriter, cancel_and_wait
 from ferry.errors import AuthError, FerryError
 from ferry.server.accounts import User
 from ferry.server.admission import Refused, Ticket
@@ -244,11 +244,7 @@ class Session:
             raise
         finally:
             self.work.close()  # threads stop walking before their next entry; queued walks are dropped
-            for task in (worker, watchdog):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+            await cancel_and_wait(worker, watchdog)
             self.ctx.revocation.discard(self)
             await self._cleanup()
             log.info(
@@ -620,10 +616,7 @@ class Session:
                 )
                 # Cancel the worker first: aborting a transport under a running loop.sendfile
                 # trips an asyncio InvalidStateError; a cancelled sendfile hands the socket back.
-                if self._worker_task is not None:
-                    self._worker_task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await self._worker_task
+                await cancel_and_wait(self._worker_task)
                 transport.abort()
                 return
             quiet = now - self._last_rx

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from ferry.aio import cancel_and_wait, settle
 from ferry.compress import tree_batch, tree_records
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError
 from ferry.hashing import HashName, small_digest
@@ -502,17 +503,19 @@ class TreeUpload:
             return
         self.dead = True
         self._stop = True  # the thread stops before its next file
-        if self._acker is not None and not self._acker.done():
-            self._acker.cancel()
-            with contextlib.suppress(BaseException):
-                await self._acker
         job = self._job
-        if job is not None and not job.done():
-            # Wait (at most one file) so that once a Cancel is answered nothing more is written:
-            # no temp file of this tree can appear afterwards. Shielded: if this wait is itself
-            # cancelled (server shutdown), the callback below still releases everything.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(job)
+        try:
+            await cancel_and_wait(self._acker)
+            if job is not None:
+                # Wait (at most one file) so that once a Cancel is answered nothing more is
+                # written: no temp file of this tree can appear afterwards. If this wait is itself
+                # cancelled (server shutdown), the callback below still releases everything.
+                await settle(job)
+        finally:
+            self._release_after(job)
+
+    def _release_after(self, job: asyncio.Future[StoredBatch] | None) -> None:
+        """Release what the aborted upload holds, now or once its thread's job has ended."""
 
         def release() -> None:
             if job is not None and job.done() and not job.cancelled() and job.exception() is None:

@@ -12,12 +12,12 @@ any name, until the cache drops it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 from ferry import cdc
+from ferry.aio import cancel_and_wait
 from ferry.server import work
 from ferry.store.api import ChunkRef, FileChunks
 from ferry.wire.codes import ErrorCode
@@ -49,11 +49,7 @@ async def chunk_data(
                 pending.append(asyncio.ensure_future(storage.read_chunk(nxt)))
             yield data
     finally:
-        for task in pending:  # the caller stopped early (an error, a cancel): drop the reads ahead
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*pending)  # the caller stopped early (an error, a cancel): drop the reads ahead
 
 
 def index_key(user: str, digest: bytes, size: int) -> tuple[object, ...]:

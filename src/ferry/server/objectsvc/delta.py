@@ -45,6 +45,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 from ferry import cdc
+from ferry.aio import close_after, settle
 from ferry.delta import Assembler, BasisFile, DeltaEncoder, basis_id
 from ferry.hashing import tree_digest
 from ferry.server import work
@@ -458,10 +459,11 @@ class ObjectDeltaUpload(DeltaTransfer):
         pieces are verified; the sweeper removes it if it is never resumed)."""
         self.bridge.stop()
         job = self._job
-        if job is not None and not job.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(job)
-        self.close()
+        try:
+            if job is not None:
+                await settle(job)
+        finally:  # (once the thread no longer uses the buffers, if this wait was cancelled)
+            close_after(job, self.close)
 
     async def fail(self) -> None:
         """The upload failed (integrity, basis changed, quota): stop, and forget the partial upload."""

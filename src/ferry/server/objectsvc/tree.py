@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import ClassVar, TypeVar
 
+from ferry.aio import aclose_quietly, cancel_and_wait, settle
 from ferry.compress import tree_batch, tree_records
 from ferry.errors import DiskFull, FerryError, IntegrityError, RemoteError, StoreUnavailable
 from ferry.hashing import HashName
@@ -135,16 +136,9 @@ async def in_order(units: AsyncIterator[Record | Pending], depth: int) -> AsyncI
             else:
                 yield first
     finally:
-        started = [u for u in window if isinstance(u, asyncio.Future)]
-        for task in started:  # the caller stopped early (an error, a cancel): drop the reads
-            task.cancel()
-        for task in started:
-            with contextlib.suppress(BaseException):
-                await task
-        aclose = getattr(units, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(BaseException):
-                await aclose()
+        # The caller stopped early (an error, a cancel): drop the reads.
+        await cancel_and_wait(*(u for u in window if isinstance(u, asyncio.Future)))
+        await aclose_quietly(units)
 
 
 async def _folder_records(
@@ -258,13 +252,8 @@ async def read_ahead(source: AsyncIterator[T], depth: int = 1) -> AsyncGenerator
                 return
             yield item  # type: ignore[misc]  # (an item whenever ``more``)
     finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(BaseException):
-                await aclose()
+        await cancel_and_wait(task)
+        await aclose_quietly(source)
 
 
 async def _batches(
@@ -579,21 +568,19 @@ class ObjectTreeUpload:
         self._stop = True  # the job stops before its next statement
         self._queue.clear()
         self._room.set()
-        if self._acker is not None and not self._acker.done():
-            self._acker.cancel()
-            with contextlib.suppress(BaseException):
-                await self._acker
         job = self._job
-        if job is not None and not job.done():
-            # Wait for the statement in flight (one transaction) so that once a Cancel is answered
-            # nothing more is stored. Shielded: if this wait is itself cancelled (server shutdown),
-            # the callback still releases the upload's place.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(job)
-        if job is not None and not job.done():
-            job.add_done_callback(lambda _f: self._finish("aborted"))
-        else:
-            self._finish("aborted")
+        try:
+            await cancel_and_wait(self._acker)
+            if job is not None:
+                # Wait for the statement in flight (one transaction) so that once a Cancel is
+                # answered nothing more is stored. If this wait is itself cancelled (server
+                # shutdown), the callback below still releases the upload's place.
+                await settle(job)
+        finally:
+            if job is not None and not job.done():
+                job.add_done_callback(lambda _f: self._finish("aborted"))
+            else:
+                self._finish("aborted")
 
 
 async def handle_put_tree(svc: ObjectTreeService, msg: m.PutTree) -> None:
