@@ -172,8 +172,10 @@ def test_connections_the_database_closed_are_replaced_without_a_failed_call(pg_d
     with Accounts(None, hasher=HASHER, db=pg_dsn) as acc:
         acc.add("ann", "pw")
         assert acc.get("ann") is not None
+        # With a timeout, pg_terminate_backend returns once each backend has exited (its socket
+        # closed); without one it only signals them, and a login could race the dying backend.
         killed = run_sql(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
             f"WHERE application_name = '{APPLICATION}' AND datname = current_database()",
             pg_dsn,
         )
