@@ -420,7 +420,8 @@ def test_the_hopeless_tail_of_a_burst_is_refused_long_before_its_wait_runs_out(t
         refused = {i: a for i, a in answers.items() if isinstance(a[1], m.Error)}
         assert all(e.code == "refused" for _, e in refused.values()), [e for _, e in refused.values()]  # type: ignore[attr-defined]
         assert len(refused) >= count // 4, (len(refused), count)
-        # the last ones, the most hopeless, heard it within ~3-5 s, not after 8
+        # the last ones, the most hopeless, heard it within ~3-6 s (5.0-6.1 s seen in a loaded
+        # full run), not when their 8 s ran out: without the pruning they would hear it at >= 8 s
         late = [answers[i][0] for i in range(count - 5, count)]
         assert all(isinstance(answers[i][1], m.Error) for i in range(count - 5, count)), late
-        assert max(late) < 0.75 * max_wait, late
+        assert max(late) < max_wait - 1.0, late
