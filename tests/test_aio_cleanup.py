@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ferry.aio import aclose_quietly, cancel_and_wait, settle
+from ferry.aio import aclose_quietly, cancel_and_wait, settle, uninterrupted
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -121,5 +121,38 @@ def test_aclose_quietly_lets_the_callers_cancel_out() -> None:
         await aclose_quietly(broken)  # a cleanup of its own finishing normally: no error
         assert broken_ended == ["closed"]
         await aclose_quietly(iter([]))  # not closable: nothing to do
+
+    asyncio.run(main())
+
+
+def test_uninterrupted_runs_the_cleanup_to_its_end_then_raises_the_cancel() -> None:
+    """The session's end (abort the uploads, record their partials, close the home) runs whole even
+    when a server shutdown cancels the session meanwhile (seen: a partial's chunk list not written,
+    so a resume after a restart started from zero)."""
+
+    async def cleanup(steps: list[str]) -> str:
+        steps.append("abort uploads")
+        await asyncio.sleep(0.2)
+        steps.append("close the home")
+        return "ended"
+
+    async def session(steps: list[str]) -> str:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await uninterrupted(cleanup(steps))
+        return "unreachable"
+
+    async def main() -> None:
+        steps: list[str] = []
+        task = asyncio.ensure_future(session(steps))
+        await asyncio.sleep(0.01)
+        task.cancel()  # the client went away
+        await asyncio.sleep(0.05)
+        task.cancel()  # and the server shuts down during the cleanup
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == ["abort uploads", "close the home"]
+        assert await uninterrupted(cleanup([])) == "ended"
 
     asyncio.run(main())

@@ -92,15 +92,36 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
         t.cancel()
     interrupted = False
     for t in live:
-        while not t.done():
-            try:
-                await asyncio.wait([t])  # (unlike ``await t``, never raises t's own outcome)
-            except asyncio.CancelledError:  # (not passed on: t's cleanup is under way)
-                interrupted = True
+        interrupted |= await _wait_through_cancels(t)
         if not t.cancelled():
             t.exception()
     if interrupted:
         raise asyncio.CancelledError
+
+
+async def _wait_through_cancels(task: asyncio.Future[Any]) -> bool:
+    """Wait until ``task`` has ended, even if the caller is cancelled meanwhile (the cancel is not
+    passed on to ``task``: its cleanup is under way); whether the caller was cancelled."""
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])  # (unlike ``await task``, never raises task's own outcome)
+        except asyncio.CancelledError:
+            interrupted = True
+    return interrupted
+
+
+async def uninterrupted(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` (cleanup that must run to its end: aborting uploads, closing a home) in a task
+    of its own and wait for it even if the caller is cancelled meanwhile; then raise that cancel.
+    A cancel arriving during a cleanup would otherwise skip the rest of it (a partial upload's state
+    never written, descriptors never closed)."""
+    task = asyncio.ensure_future(coro)
+    if await _wait_through_cancels(task):
+        if not task.cancelled():
+            task.exception()  # (the cancel is what the caller hears about)
+        raise asyncio.CancelledError
+    return task.result()
 
 
 async def settle(job: asyncio.Future[Any]) -> None:

@@ -397,8 +397,10 @@ class Mux:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await self._write(self._conn.send(m.Goodbye(reason="client done")))
-        await cancel_and_wait(self._task)
-        self._writer.close()
+        try:
+            await cancel_and_wait(self._task)
+        finally:
+            self._writer.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):
                 await self._writer.wait_closed()

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ferry.aio import ChunkStream, CorkedWriter, cancel_and_wait
+from ferry.aio import ChunkStream, CorkedWriter, cancel_and_wait, uninterrupted
 from ferry.errors import AuthError, FerryError
 from ferry.server.accounts import User
 from ferry.server.admission import Refused, Ticket
@@ -203,7 +203,6 @@ class Session:
 
     async def run(self) -> None:
         """Serve the connection; always closes it and releases every resource."""
-        log = self.ctx.log
         started = time.monotonic()
         worker: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
@@ -243,18 +242,26 @@ class Session:
                 await self._try_send(m.Goodbye(reason="server shutting down"))
             raise
         finally:
-            self.work.close()  # threads stop walking before their next entry; queued walks are dropped
-            await cancel_and_wait(worker, watchdog)
-            self.ctx.revocation.discard(self)
-            await self._cleanup()
-            log.info(
-                "session %d end user=%s peer=%s seconds=%.3f result=%s",
-                self.sid,
-                self.user.name if self.user else "-",
-                self.peer,
-                time.monotonic() - started,
-                reason,
-            )
+            # All of it, even if a shutdown cancels this task meanwhile: the uploads' aborts record
+            # what their partials hold, and the home's descriptor is released.
+            await uninterrupted(self._end(worker, watchdog, started, reason))
+
+    async def _end(
+        self, worker: asyncio.Task[None] | None, watchdog: asyncio.Task[None] | None, started: float, reason: str
+    ) -> None:
+        """Stop the worker and the watchdog, abort what is open, close, log the session's end."""
+        self.work.close()  # threads stop walking before their next entry; queued walks are dropped
+        await cancel_and_wait(worker, watchdog)
+        self.ctx.revocation.discard(self)
+        await self._cleanup()
+        self.ctx.log.info(
+            "session %d end user=%s peer=%s seconds=%.3f result=%s",
+            self.sid,
+            self.user.name if self.user else "-",
+            self.peer,
+            time.monotonic() - started,
+            reason,
+        )
 
     async def _try_send(self, msg: m.Message) -> None:
         with contextlib.suppress(Exception):

@@ -137,8 +137,10 @@ async def in_order(units: AsyncIterator[Record | Pending], depth: int) -> AsyncI
                 yield first
     finally:
         # The caller stopped early (an error, a cancel): drop the reads.
-        await cancel_and_wait(*(u for u in window if isinstance(u, asyncio.Future)))
-        await aclose_quietly(units)
+        try:
+            await cancel_and_wait(*(u for u in window if isinstance(u, asyncio.Future)))
+        finally:
+            await aclose_quietly(units)
 
 
 async def _folder_records(
@@ -252,8 +254,10 @@ async def read_ahead(source: AsyncIterator[T], depth: int = 1) -> AsyncGenerator
                 return
             yield item  # type: ignore[misc]  # (an item whenever ``more``)
     finally:
-        await cancel_and_wait(task)
-        await aclose_quietly(source)
+        try:
+            await cancel_and_wait(task)
+        finally:
+            await aclose_quietly(source)
 
 
 async def _batches(
