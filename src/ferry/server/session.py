@@ -118,6 +118,10 @@ class Session:
         self.plain = writer.get_extra_info("sslcontext") is None
         self.software = ""  #: what the client's Hello says it is (client-controlled text)
         self._wlock = asyncio.Lock()  # held for a whole sendfile block: no frame may interleave
+        #: set with the session's last message (an Error or Goodbye before it closes): the worker,
+        #: still running until it is stopped, must not send a frame after it (the client would see
+        #: a frame cut short by the close instead of the reason)
+        self._said_last = False
         self._out = CorkedWriter(writer)
         self._queue: asyncio.Queue[m.Message | None] = asyncio.Queue(maxsize=256)
         self._last_rx = time.monotonic()
@@ -147,12 +151,19 @@ class Session:
     async def send(self, msg: m.Message) -> None:
         """Send one message and wait until the transport buffer is below its high-water mark."""
         async with self._wlock:  # only contended while a sendfile block is going out
+            self._check_open()
             self._out.write(self.conn.send(msg))
         await self._out.drain()
+
+    def _check_open(self) -> None:
+        """Raise if the session's last message has been sent (call with the write lock held)."""
+        if self._said_last:
+            raise ConnectionResetError("the session is ending")
 
     async def write_frames(self, frames: list[bytes]) -> None:
         """Write several already-encoded frames at once (one drain)."""
         async with self._wlock:
+            self._check_open()
             for f in frames:
                 self._out.write(f)
         await self._out.drain()
@@ -160,6 +171,7 @@ class Session:
     async def send_data(self, channel: int, stream: int, data: bytes | memoryview) -> None:
         """Send one data frame (header and payload in one write)."""
         async with self._wlock:
+            self._check_open()
             self._out.write(self.conn.data_header(channel, stream, len(data)))
             self._out.write(data)
         await self._out.drain()
@@ -178,6 +190,7 @@ class Session:
         framing stays intact (the caller then reports the change instead of a digest)."""
         loop = asyncio.get_running_loop()
         async with self._wlock:
+            self._check_open()
             self._out.write(self.conn.data_header(channel, m.STDOUT, count))
             self._out.flush()  # sendfile waits for the transport buffer to empty, then takes over
             try:
@@ -264,9 +277,15 @@ class Session:
         )
 
     async def _try_send(self, msg: m.Message) -> None:
+        """Send the session's last message (why it ends), if that can be done within a second:
+        after the frame going out, and with nothing after it."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):
-                await self.send(msg)
+                async with self._wlock:
+                    self._check_open()
+                    self._out.write(self.conn.send(msg))
+                    self._said_last = True
+                await self._out.drain()
 
     async def _cleanup(self) -> None:
         channels = self.requests.channels
