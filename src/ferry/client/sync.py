@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from ferry import cdc
 from ferry.aio import gather_all
+from ferry.client.delta import delta_get, delta_put, delta_refused
 from ferry.client.synclocal import (
     LocalListing,
     local_node,
@@ -44,6 +46,9 @@ from ferry.client.synclocal import (
     local_set_attrs,
     makedirs,
 )
+from ferry.client.transfer import get_file, put_file
+from ferry.client.tree import BATCH_BYTES, BATCH_ITEMS, _Failures, get_tree, put_tree, read_small
+from ferry.delta import BasisChanged
 from ferry.errors import (
     ConnectionBroken,
     DiskFull,
@@ -340,8 +345,6 @@ class _NamedBatches:
     written meanwhile is reported (``changed``), never sent half old, half new."""
 
     def __init__(self, root: Path, items: list[Item], hash: HashName) -> None:
-        from ferry.client.tree import BATCH_BYTES, BATCH_ITEMS, _Failures
-
         self._batch_bytes, self._batch_items = BATCH_BYTES, BATCH_ITEMS
         self.root = root
         self.hash = hash
@@ -371,9 +374,6 @@ class _NamedBatches:
         return items, True
 
     def _file(self, rel: str) -> m.TreeItem | None:
-        from ferry import cdc
-        from ferry.client.tree import read_small
-
         path = os.path.join(self.root, rel)
         try:
             item = read_small(path, rel, self.hash)
@@ -548,9 +548,6 @@ async def _move_large(job: _Job, it: Item) -> int:
     version (or with -z), else streamed whole (resumable). Returns the content bytes that moved.
     A server that does not do delta transfers (``invalid``: an older one, or a backend without
     them) gets the file whole instead."""
-    from ferry.client.delta import delta_get, delta_put, delta_refused
-    from ferry.client.transfer import get_file, put_file
-
     client, opts = job.client, job.opts
     local = job.local / it.path if it.path else job.local
     remote = job.remote_path(it.path)
@@ -558,33 +555,25 @@ async def _move_large(job: _Job, it: Item) -> int:
     dst = it.dst
     use_delta = opts.delta and dst is not None and dst.kind == "file" and dst.size > 0
     by_delta = (use_delta or opts.compress) and not job.no_delta
+    if by_delta:
+        try:
+            moved = await (
+                delta_put(client.mux, local, remote, use_basis=use_delta, compress=opts.compress, progress=cb)
+                if job.push
+                else delta_get(client.mux, remote, local, use_basis=use_delta, compress=opts.compress, progress=cb)
+            )
+            return moved.literal
+        except RemoteError as exc:
+            if not delta_refused(exc):
+                raise
+            job.no_delta = True  # this server does not do delta transfers: whole files from now on
     if job.push:
-        if by_delta:
-            try:
-                moved = await delta_put(
-                    client.mux, local, remote, use_basis=use_delta, compress=opts.compress, progress=cb
-                )
-                return moved.literal
-            except RemoteError as exc:
-                if not delta_refused(exc):
-                    raise
-                job.no_delta = True
         sent = int((await put_file(client.mux, local, remote, hash=opts.hash, progress=cb)).sent)
         if it.size >= PREFETCH_MIN and supports_prefetch(client) and not job.no_delta:
             # Let the server index the new file now, while it is idle: the next delta of it then
             # starts at once instead of waiting for the server to read its old version.
             await client.mux.call(functools.partial(_prefetch, remote), m.Ok)
         return sent
-    if by_delta:
-        try:
-            moved = await delta_get(
-                client.mux, remote, local, use_basis=use_delta, compress=opts.compress, progress=cb
-            )
-            return moved.literal
-        except RemoteError as exc:
-            if not delta_refused(exc):
-                raise
-            job.no_delta = True
     return int((await get_file(client.mux, remote, local, hash=opts.hash, progress=cb)).sent)
 
 
@@ -592,9 +581,6 @@ async def _large(job: _Job, items: list[Item], one: Callable[[_Job, Item], Any])
     """Run ``one(job, item)`` for each large file, a few at a time; failures are reported, not raised."""
     if not items:
         return
-    from ferry import cdc
-    from ferry.delta import BasisChanged
-
     sem = asyncio.Semaphore(PARALLEL)
 
     async def run(it: Item) -> None:
@@ -656,8 +642,6 @@ async def _execute_push(job: _Job, p: Plan) -> None:
 async def _push_small(job: _Job, items: list[Item], grown: list[Item] | None = None) -> None:
     """Upload folders and small files as one tree stream; report each. Files that grew past the
     inline limit since they were listed are added to ``grown`` (sent on their own after)."""
-    from ferry.client.tree import put_tree
-
     opts = job.opts
     batches = _NamedBatches(job.local, items, opts.hash)
     try:
@@ -730,8 +714,6 @@ async def _remote_batch(
 
 
 async def _execute_pull(job: _Job, p: Plan) -> None:
-    from ferry.client.tree import get_tree
-
     client, opts, root = job.client, job.opts, job.local
     loop = asyncio.get_running_loop()
     for it in p.replace:
