@@ -148,11 +148,13 @@ class Session:
 
     # --- output ----------------------------------------------------------------------------
 
-    async def send(self, msg: m.Message) -> None:
-        """Send one message and wait until the transport buffer is below its high-water mark."""
+    async def send(self, msg: m.Message, *, last: bool = False) -> None:
+        """Send one message and wait until the transport buffer is below its high-water mark.
+        ``last``: the session's last message; nothing may be sent after it."""
         async with self._wlock:  # only contended while a sendfile block is going out
             self._check_open()
             self._out.write(self.conn.send(msg))
+            self._said_last = last
         await self._out.drain()
 
     def _check_open(self) -> None:
@@ -281,11 +283,7 @@ class Session:
         after the frame going out, and with nothing after it."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):
-                async with self._wlock:
-                    self._check_open()
-                    self._out.write(self.conn.send(msg))
-                    self._said_last = True
-                await self._out.drain()
+                await self.send(msg, last=True)
 
     async def _cleanup(self) -> None:
         channels = self.requests.channels
